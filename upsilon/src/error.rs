@@ -1,0 +1,166 @@
+//! The runner's errors and reports.
+
+use std::fmt;
+use std::time::Duration;
+
+use semver::Version;
+
+use crate::backend::{BackendError, Holder};
+use crate::registry::{RegistryError, TaskKey};
+
+/// What the runner can fail with. A failure that happens after tasks ran
+/// carries the partial [`Report`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The builder was given settings that make no sense.
+    #[error("invalid Upsilon configuration: {0}")]
+    Config(String),
+    /// The registered tasks conflict, or a task is above the app version.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The backend failed (after bounded retries for transient errors).
+    #[error("{during} failed: {source}")]
+    Backend {
+        /// What the runner was doing.
+        during: &'static str,
+        /// The backend's error.
+        #[source]
+        source: BackendError,
+    },
+    /// Another node held the lease for longer than the builder's `max_wait`.
+    #[error("gave up after waiting {waited:?} for the upgrade lease of service `{service}`{}; if that node is gone its lease expires within its TTL, otherwise raise `max_wait`", holder.as_ref().map(|h| format!(", held by {h}")).unwrap_or_default())]
+    WaitTimeout {
+        /// The service.
+        service: String,
+        /// Who held the lease when the runner gave up.
+        holder: Option<Holder>,
+        /// How long it waited.
+        waited: Duration,
+    },
+    /// The lease was lost while this node held it: renewal was refused, the
+    /// local deadline passed, or the store saw a newer fence. Work stopped.
+    #[error("lost the upgrade lease of service `{}`: {reason}; the running task was cancelled and nothing more was written", report.service)]
+    LeaseLost {
+        /// Why.
+        reason: String,
+        /// What was done before.
+        report: Box<Report>,
+    },
+    /// A task failed after the retry policy's attempts. The data version
+    /// stays where it was; the lease was released.
+    #[error("{}", failed_message(report))]
+    TaskFailed {
+        /// What was done, what failed, what was rolled back.
+        report: Box<Report>,
+    },
+    /// The data version is above the app version and the policy refuses.
+    #[error("the data version {data} of service `{service}` is ahead of the app version {app}, and the data-ahead policy is `Fail`")]
+    DataAhead {
+        /// The service.
+        service: String,
+        /// The store's data version.
+        data: Version,
+        /// This binary's version.
+        app: Version,
+    },
+}
+
+fn failed_message(report: &Report) -> String {
+    match &report.failed {
+        Some(t) => format!(
+            "task {} failed on attempt {}: {}{}",
+            t.key,
+            t.attempt,
+            t.error.as_deref().unwrap_or("unknown error"),
+            if report.rolled_back.is_empty() {
+                String::new()
+            } else {
+                format!("; rolled back {} task(s)", report.rolled_back.len())
+            }
+        ),
+        None => "an upgrade task failed".to_owned(),
+    }
+}
+
+impl Error {
+    /// The partial report, for failures that happen after tasks ran.
+    pub fn report(&self) -> Option<&Report> {
+        match self {
+            Error::LeaseLost { report, .. } | Error::TaskFailed { report } => Some(report),
+            _ => None,
+        }
+    }
+}
+
+/// What a node did under the lease.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    /// The service.
+    pub service: String,
+    /// The data version read after taking the lease.
+    pub from: Option<Version>,
+    /// The data version when the node let go.
+    pub to: Option<Version>,
+    /// The version the store was baselined at by this run, if any.
+    pub baselined: Option<Version>,
+    /// Tasks run to completion, in order.
+    pub completed: Vec<TaskReport>,
+    /// The task that failed, if any.
+    pub failed: Option<TaskReport>,
+    /// Rollbacks run after the failure, in order.
+    pub rolled_back: Vec<TaskReport>,
+    /// The fence the node worked under.
+    pub fence: u64,
+}
+
+/// One task's run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskReport {
+    /// The task.
+    pub key: TaskKey,
+    /// Its description.
+    pub description: String,
+    /// The history row number of the final attempt.
+    pub attempt: u32,
+    /// Run time of the final attempt.
+    pub duration: Duration,
+    /// The error, for a failure.
+    pub error: Option<String>,
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let v = |v: &Option<Version>| v.as_ref().map_or("none".to_owned(), |v| v.to_string());
+        write!(
+            f,
+            "service `{}` from data version {} to {} under fence {}",
+            self.service,
+            v(&self.from),
+            v(&self.to),
+            self.fence
+        )?;
+        if let Some(b) = &self.baselined {
+            write!(f, "\n  baselined the empty store at {b}")?;
+        }
+        for t in &self.completed {
+            write!(f, "\n  ran {} (attempt {}) in {:?}", t.key, t.attempt, t.duration)?;
+        }
+        if let Some(t) = &self.failed {
+            write!(
+                f,
+                "\n  FAILED {} (attempt {}): {}",
+                t.key,
+                t.attempt,
+                t.error.as_deref().unwrap_or("")
+            )?;
+        }
+        for t in &self.rolled_back {
+            write!(f, "\n  rolled back {}", t.key)?;
+            if let Some(e) = &t.error {
+                write!(f, " (rollback failed: {e})")?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,414 @@
+//! The tasks known to this binary: collected at link time from every
+//! `#[upsilon::task]`, or given explicitly to the builder.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use semver::Version;
+
+use crate::context::TaskContext;
+use crate::version::parse_version;
+
+/// The error a task returns: anything that converts into a boxed error.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// The future a task body returns once boxed.
+pub type TaskFuture<'a> = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send + 'a>>;
+
+/// The shape every task body and rollback has once erased: what
+/// `#[upsilon::task]` generates, and what [`Task::new`] takes.
+pub type TaskFn = for<'a> fn(&'a mut TaskContext) -> TaskFuture<'a>;
+
+type TaskBody = Arc<dyn for<'a> Fn(&'a mut TaskContext) -> TaskFuture<'a> + Send + Sync>;
+
+/// A registration emitted by `#[upsilon::task]`. Not public API.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct TaskDef {
+    pub id: &'static str,
+    pub version: &'static str,
+    pub order: u32,
+    pub description: &'static str,
+    pub run: TaskFn,
+    pub rollback: Option<TaskFn>,
+    pub file: &'static str,
+    pub line: u32,
+    pub module_path: &'static str,
+}
+
+inventory::collect!(TaskDef);
+
+/// Where a task was defined, for messages that name both sides of a conflict.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Location {
+    /// Source file as `file!()` gives it.
+    pub file: String,
+    /// 1-based line of the task fn's name.
+    pub line: u32,
+    /// `module_path!()` of the task fn; its first segment is the crate.
+    pub module_path: String,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.file, self.line)
+    }
+}
+
+/// The identity of a task in a store: its version and its id.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TaskKey {
+    /// The version the task belongs to.
+    pub version: Version,
+    /// The task's id (the fn name unless `id = "..."` was given).
+    pub id: String,
+}
+
+impl fmt::Display for TaskKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.id, self.version)
+    }
+}
+
+/// One upgrade task: what to run, at which version, in which order.
+#[derive(Clone)]
+pub struct Task {
+    key: TaskKey,
+    order: u32,
+    description: String,
+    location: Location,
+    run: TaskBody,
+    rollback: Option<TaskBody>,
+}
+
+impl fmt::Debug for Task {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Task")
+            .field("version", &self.key.version.to_string())
+            .field("order", &self.order)
+            .field("id", &self.key.id)
+            .field("location", &self.location.to_string())
+            .field("rollback", &self.rollback.is_some())
+            .finish()
+    }
+}
+
+impl Task {
+    /// A task built in code rather than by `#[upsilon::task]`, for tests and
+    /// for generated task sets. `version` takes the same literals as the macro.
+    #[track_caller]
+    pub fn new<F>(version: &str, order: u32, id: &str, body: F) -> Result<Task, RegistryError>
+    where
+        F: for<'a> Fn(&'a mut TaskContext) -> TaskFuture<'a> + Send + Sync + 'static,
+    {
+        let caller = std::panic::Location::caller();
+        let version = parse_version(version).map_err(|e| RegistryError {
+            problems: vec![Problem::BadVersion {
+                id: id.to_owned(),
+                error: e.to_string(),
+            }],
+        })?;
+        if id.is_empty() {
+            return Err(RegistryError {
+                problems: vec![Problem::EmptyId {
+                    location: caller.to_string(),
+                }],
+            });
+        }
+        Ok(Task {
+            key: TaskKey {
+                version,
+                id: id.to_owned(),
+            },
+            order,
+            description: String::new(),
+            location: Location {
+                file: caller.file().to_owned(),
+                line: caller.line(),
+                module_path: String::new(),
+            },
+            run: Arc::new(body),
+            rollback: None,
+        })
+    }
+
+    /// Sets the description shown in plans, status and history.
+    pub fn with_description(mut self, description: impl Into<String>) -> Task {
+        self.description = description.into();
+        self
+    }
+
+    /// Sets the rollback run when this task's version must be undone.
+    pub fn with_rollback<F>(mut self, rollback: F) -> Task
+    where
+        F: for<'a> Fn(&'a mut TaskContext) -> TaskFuture<'a> + Send + Sync + 'static,
+    {
+        self.rollback = Some(Arc::new(rollback));
+        self
+    }
+
+    fn from_def(def: &'static TaskDef) -> Result<Task, Problem> {
+        let version = parse_version(def.version).map_err(|e| Problem::BadVersion {
+            id: def.id.to_owned(),
+            error: e.to_string(),
+        })?;
+        Ok(Task {
+            key: TaskKey {
+                version,
+                id: def.id.to_owned(),
+            },
+            order: def.order,
+            description: def.description.to_owned(),
+            location: Location {
+                file: def.file.to_owned(),
+                line: def.line,
+                module_path: def.module_path.to_owned(),
+            },
+            run: Arc::new(def.run),
+            rollback: def.rollback.map(|f| Arc::new(f) as TaskBody),
+        })
+    }
+
+    /// The task's identity in the store.
+    pub fn key(&self) -> &TaskKey {
+        &self.key
+    }
+    /// The version the task belongs to.
+    pub fn version(&self) -> &Version {
+        &self.key.version
+    }
+    /// The task's id.
+    pub fn id(&self) -> &str {
+        &self.key.id
+    }
+    /// Its order within its version.
+    pub fn order(&self) -> u32 {
+        self.order
+    }
+    /// The fn's doc comment, or what [`Task::with_description`] set.
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+    /// Where the task was defined.
+    pub fn location(&self) -> &Location {
+        &self.location
+    }
+    /// Whether the task has a rollback.
+    pub fn has_rollback(&self) -> bool {
+        self.rollback.is_some()
+    }
+
+    pub(crate) fn run<'a>(&self, ctx: &'a mut TaskContext) -> TaskFuture<'a> {
+        (self.run)(ctx)
+    }
+
+    pub(crate) fn run_rollback<'a>(&self, ctx: &'a mut TaskContext) -> Option<TaskFuture<'a>> {
+        self.rollback.as_ref().map(|f| f(ctx))
+    }
+
+    /// Plan order: semver, then `order`, then id.
+    pub(crate) fn plan_cmp(&self, other: &Task) -> std::cmp::Ordering {
+        self.key
+            .version
+            .cmp(&other.key.version)
+            .then(self.order.cmp(&other.order))
+            .then_with(|| self.key.id.cmp(&other.key.id))
+    }
+}
+
+/// The validated, ordered set of tasks a runner works from.
+#[derive(Clone, Debug, Default)]
+pub struct Registry {
+    tasks: Vec<Task>,
+}
+
+impl Registry {
+    /// Every task registered with `#[upsilon::task]` in this binary, validated.
+    pub fn collect() -> Result<Registry, RegistryError> {
+        let mut problems = Vec::new();
+        let mut tasks = Vec::new();
+        for def in inventory::iter::<TaskDef> {
+            match Task::from_def(def) {
+                Ok(task) => tasks.push(task),
+                Err(problem) => problems.push(problem),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(RegistryError { problems });
+        }
+        Registry::new(tasks)
+    }
+
+    /// A registry of the given tasks, validated: no two tasks of a version
+    /// share an `order` or an id.
+    pub fn new(mut tasks: Vec<Task>) -> Result<Registry, RegistryError> {
+        tasks.sort_by(|a, b| a.plan_cmp(b));
+        let mut problems = Vec::new();
+        let mut by_order: BTreeMap<(&Version, u32), &Task> = BTreeMap::new();
+        let mut by_id: BTreeMap<&TaskKey, &Task> = BTreeMap::new();
+        for task in &tasks {
+            if let Some(first) = by_order.insert((&task.key.version, task.order), task) {
+                problems.push(Problem::DuplicateOrder {
+                    version: task.key.version.clone(),
+                    order: task.order,
+                    first: (first.key.id.clone(), first.location.clone()),
+                    second: (task.key.id.clone(), task.location.clone()),
+                });
+            }
+            if let Some(first) = by_id.insert(&task.key, task) {
+                problems.push(Problem::DuplicateId {
+                    key: task.key.clone(),
+                    first: first.location.clone(),
+                    second: task.location.clone(),
+                });
+            }
+        }
+        if problems.is_empty() {
+            Ok(Registry { tasks })
+        } else {
+            Err(RegistryError { problems })
+        }
+    }
+
+    /// The tasks in plan order (semver, then order, then id).
+    pub fn tasks(&self) -> &[Task] {
+        &self.tasks
+    }
+
+    /// The tasks whose version is above `app`: they cannot run in this binary.
+    pub fn above<'a>(&'a self, app: &'a Version) -> impl Iterator<Item = &'a Task> + 'a {
+        self.tasks.iter().filter(move |t| t.version() > app)
+    }
+
+    /// Fails when a task's version is above `app`, naming each one.
+    pub fn check_not_above(&self, app: &Version) -> Result<(), RegistryError> {
+        let problems: Vec<Problem> = self
+            .above(app)
+            .map(|t| Problem::AboveApp {
+                key: t.key.clone(),
+                location: t.location.clone(),
+                app: app.clone(),
+            })
+            .collect();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(RegistryError { problems })
+        }
+    }
+
+    /// The crates (first segment of each task's module path) that registered tasks.
+    pub fn crates(&self) -> BTreeMap<String, usize> {
+        let mut crates = BTreeMap::new();
+        for task in &self.tasks {
+            let name = task
+                .location
+                .module_path
+                .split("::")
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            *crates.entry(name).or_insert(0) += 1;
+        }
+        crates
+    }
+}
+
+/// Everything wrong with a set of tasks, all at once.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{}", self.render())]
+pub struct RegistryError {
+    problems: Vec<Problem>,
+}
+
+impl RegistryError {
+    /// The problems found.
+    pub fn problems(&self) -> &[Problem] {
+        &self.problems
+    }
+
+    fn render(&self) -> String {
+        let mut out = format!(
+            "{} problem{} in the registered upgrade tasks:",
+            self.problems.len(),
+            if self.problems.len() == 1 { "" } else { "s" }
+        );
+        for p in &self.problems {
+            out.push_str("\n  - ");
+            out.push_str(&p.to_string());
+        }
+        out
+    }
+}
+
+/// One problem in a set of tasks.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Problem {
+    /// Two tasks of one version have the same `order`.
+    #[error("tasks `{}` ({}) and `{}` ({}) both have version {version} and order {order}; give one of them another `order`", first.0, first.1, second.0, second.1)]
+    DuplicateOrder {
+        /// The version.
+        version: Version,
+        /// The shared order.
+        order: u32,
+        /// The first task's id and location.
+        first: (String, Location),
+        /// The second task's id and location.
+        second: (String, Location),
+    },
+    /// Two tasks of one version have the same id.
+    #[error("two tasks have id `{}` in version {} ({first} and {second}); ids are what stores record, so give one of them `id = \"...\"`", key.id, key.version)]
+    DuplicateId {
+        /// The shared identity.
+        key: TaskKey,
+        /// The first definition.
+        first: Location,
+        /// The second definition.
+        second: Location,
+    },
+    /// A task's version is above the app version.
+    #[error("task `{}` ({location}) has version {}, above the app version {app}; it cannot run in this binary: raise the app version or lower the task's", key.id, key.version)]
+    AboveApp {
+        /// The task.
+        key: TaskKey,
+        /// Where it was defined.
+        location: Location,
+        /// The app version.
+        app: Version,
+    },
+    /// A task's version literal does not parse.
+    #[error("task `{id}`: {error}")]
+    BadVersion {
+        /// The task id.
+        id: String,
+        /// What is wrong with the version.
+        error: String,
+    },
+    /// A task was built with an empty id.
+    #[error("a task built at {location} has an empty id")]
+    EmptyId {
+        /// Where.
+        location: String,
+    },
+}
+
+pub(crate) fn problem_involves(problem: &Problem, version: &str, id: &str) -> bool {
+    let Ok(version) = parse_version(version) else {
+        return false;
+    };
+    match problem {
+        Problem::DuplicateOrder {
+            version: v,
+            first,
+            second,
+            ..
+        } => *v == version && (first.0 == id || second.0 == id),
+        Problem::DuplicateId { key, .. } => key.version == version && key.id == id,
+        Problem::BadVersion { id: i, .. } => i == id,
+        _ => false,
+    }
+}
