@@ -2,9 +2,10 @@
 
 use proc_macro::TokenStream;
 
+mod task;
+
 /// Registers an async fn as an upgrade task. See `upsilon::task`.
 #[proc_macro_attribute]
 pub fn task(args: TokenStream, item: TokenStream) -> TokenStream {
-    let _ = args;
-    item
+    task::expand(args.into(), item.into()).into()
 }
