@@ -298,6 +298,13 @@ fn compact(expr: &Expr) -> String {
 
 fn version_value(cx: &Ctxt, expr: &Expr) -> Option<String> {
     if let Some(Lit::Str(lit)) = as_lit(expr) {
+        if lit.value().trim().is_empty() {
+            cx.error_spanned_by(
+                lit,
+                "`version` must not be empty; give the release this task belongs to, like `version = \"1.1\"`",
+            );
+            return None;
+        }
         return match normalize_version(&lit.value()) {
             Ok(version) => Some(version),
             Err(why) => {
@@ -596,27 +603,34 @@ fn check_generics(cx: &Ctxt, sig: &Signature) {
 }
 
 fn check_inputs(cx: &Ctxt, sig: &Signature) {
-    let mut inputs = sig.inputs.iter();
-    match inputs.next() {
-        None => cx.error_at(
+    let mut typed = Vec::new();
+    for input in &sig.inputs {
+        match input {
+            FnArg::Receiver(receiver) => cx.error_spanned_by(
+                receiver,
+                format!("a task cannot take `self`; make it a free fn: `{SHAPE}`"),
+            ),
+            FnArg::Typed(arg) => typed.push(arg),
+        }
+    }
+    match typed.split_first() {
+        None if sig.inputs.is_empty() => cx.error_at(
             sig.paren_token.span.join(),
             format!("a task takes one argument, its context: `{SHAPE}`"),
         ),
-        Some(FnArg::Receiver(receiver)) => cx.error_spanned_by(
-            receiver,
-            format!("a task cannot take `self`; make it a free fn: `{SHAPE}`"),
-        ),
-        Some(FnArg::Typed(arg)) => check_context_type(cx, &arg.ty),
-    }
-    let extra: Vec<&FnArg> = inputs.collect();
-    if !extra.is_empty() {
-        cx.error_spanned_by(
-            quote!(#(#extra),*),
-            format!(
-                "a task takes exactly one argument, its context: `{SHAPE}`; remove the other{}",
-                if extra.len() == 1 { "" } else { "s" }
-            ),
-        );
+        None => {}
+        Some((first, extra)) => {
+            check_context_type(cx, &first.ty);
+            if !extra.is_empty() {
+                cx.error_spanned_by(
+                    quote!(#(#extra),*),
+                    format!(
+                        "a task takes exactly one argument, its context: `{SHAPE}`; remove the other{}",
+                        if extra.len() == 1 { "" } else { "s" }
+                    ),
+                );
+            }
+        }
     }
 }
 
@@ -741,6 +755,7 @@ impl Task<'_> {
         // is reported there rather than on the attribute.
         let call = |target: &Path, span: Span| {
             let box_task = respan(quote!(#p::box_task), span);
+            let ctx = Ident::new("ctx", Span::mixed_site().located_at(span));
             quote_spanned!(span=> #box_task(#target(#ctx)))
         };
         let run = call(&Path::from(name.clone()), name.span());

@@ -1,0 +1,8 @@
+use upsilon::TaskContext;
+
+#[upsilon::task(version = "1.0", order = 1)]
+async fn task(ctx: &mut TaskContext) {
+    let _ = ctx;
+}
+
+fn main() {}

@@ -1,0 +1,9 @@
+use upsilon::TaskContext;
+
+#[upsilon::task(version = "1.x", order = 1)]
+async fn task(ctx: &mut TaskContext) -> Result<(), std::io::Error> {
+    let _ = ctx;
+    Ok(())
+}
+
+fn main() {}

@@ -1,0 +1,12 @@
+use upsilon::TaskContext;
+
+#[upsilon::task(version = "1.0", order = 1)]
+async fn task(ctx: &mut TaskContext) -> Result<(), std::io::Error>
+where
+    u8: Copy,
+{
+    let _ = ctx;
+    Ok(())
+}
+
+fn main() {}
