@@ -1,6 +1,10 @@
 use upsilon::TaskContext;
 
-#[upsilon::task(version = "1.0", order = 1, id = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa")]
+#[upsilon::task(
+    version = "1.0",
+    order = 1,
+    id = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+)]
 async fn task(ctx: &mut TaskContext) -> Result<(), std::io::Error> {
     let _ = ctx;
     Ok(())

@@ -1,7 +1,7 @@
 // A crate that re-exports upsilon under its own path, as a framework would.
 mod framework {
     pub mod tasks {
-        pub use ::upsilon::{TaskContext, __private};
+        pub use ::upsilon::{__private, TaskContext};
     }
 }
 

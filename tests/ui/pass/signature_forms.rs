@@ -19,7 +19,9 @@ pub async fn public_mut_binding(mut ctx: &mut ctx::TaskContext) -> std::io::Resu
 }
 
 #[upsilon::task(version = "1", order = 3)]
-pub(crate) async fn boxed_error(_: &mut upsilon::TaskContext) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+pub(crate) async fn boxed_error(
+    _: &mut upsilon::TaskContext,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     Ok(())
 }
 
