@@ -784,8 +784,17 @@ impl Task<'_> {
             line => Literal::u32_unsuffixed(line as u32).into_token_stream(),
         };
         let check = format_ident!("__upsilon_registry_check_{}", name.unraw());
+        // A `#[cfg]` below the attribute removes the fn after this macro has
+        // run: the registration must go with it.
+        let cfgs: Vec<&syn::Attribute> = self
+            .func
+            .attrs
+            .iter()
+            .filter(|a| a.path().is_ident("cfg"))
+            .collect();
 
         quote! {
+            #(#cfgs)*
             #[doc(hidden)]
             const _: () = {
                 fn __upsilon_run<'a>(#ctx: &'a mut #p::TaskContext) -> #p::TaskFuture<'a> {
@@ -808,6 +817,7 @@ impl Task<'_> {
             };
 
             // Makes two tasks that clash fail the defining crate's own tests.
+            #(#cfgs)*
             #[cfg(test)]
             #[#p::core::prelude::v1::test]
             #[doc(hidden)]

@@ -71,9 +71,18 @@ async fn second(ctx: &mut ::upsilon::TaskContext) -> ::std::result::Result<(), :
     ::std::result::Result::Ok(())
 }
 
+mod without_prelude {
+    #![no_implicit_prelude]
+
+    #[::upsilon::task(version = "1.0", order = 3)]
+    async fn third(_: &mut ::upsilon::TaskContext) -> ::std::io::Result<()> {
+        ::std::result::Result::Ok(())
+    }
+}
+
 fn main() {
     let registry = ::upsilon::Registry::collect().unwrap();
-    ::std::assert_eq!(registry.tasks().len(), 2);
+    ::std::assert_eq!(registry.tasks().len(), 3);
     ::std::assert!(registry.tasks()[0].has_rollback());
     let _: Outcome = ::std::result::Result::Ok(());
 }
