@@ -49,18 +49,23 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     };
     let attrs = args.map(|args| Attrs::from_args(&cx, args));
     check_signature(&cx, &func.sig);
-    let id = match attrs.as_ref().and_then(|a| a.id.clone()) {
-        Some(id) => id,
-        None => default_id(&cx, &func.sig.ident),
-    };
-    match attrs {
+    let id = match &attrs {
         Some(Attrs {
-            version: Some(version),
-            order: Some(order),
-            rollback,
-            krate,
-            ..
-        }) if cx.is_clean() => {
+            id, id_given: true, ..
+        }) => id.clone(),
+        _ => default_id(&cx, &func.sig.ident),
+    };
+    match (attrs, id) {
+        (
+            Some(Attrs {
+                version: Some(version),
+                order: Some(order),
+                rollback,
+                krate,
+                ..
+            }),
+            Some(id),
+        ) if cx.is_clean() => {
             cx.check().expect("no errors were recorded");
             let task = Task {
                 func: &func,
@@ -229,6 +234,8 @@ struct Attrs {
     version: Option<String>,
     order: Option<u32>,
     id: Option<String>,
+    /// Whether `id` was given, valid or not: if not, the fn name is the id.
+    id_given: bool,
     rollback: Option<Path>,
     krate: Option<Path>,
 }
@@ -259,6 +266,7 @@ impl Attrs {
             );
         }
         Attrs {
+            id_given: slots.id.is_some(),
             version: slots.version.and_then(|v| version_value(cx, &v)),
             order: slots.order.and_then(|v| order_value(cx, &v)),
             id: slots.id.and_then(|v| id_value(cx, &v)),
@@ -405,15 +413,18 @@ fn id_value(cx: &Ctxt, expr: &Expr) -> Option<String> {
 }
 
 /// The id a task gets when `id` is not given: its fn name.
-fn default_id(cx: &Ctxt, name: &Ident) -> String {
+fn default_id(cx: &Ctxt, name: &Ident) -> Option<String> {
     let id = name.unraw().to_string();
-    if let Err(why) = check_id(&id) {
-        cx.error_spanned_by(
-            name,
-            format!("the fn name `{id}` cannot be a task id: an id {why}; give the task one with `id = \"...\"`"),
-        );
+    match check_id(&id) {
+        Ok(()) => Some(id),
+        Err(why) => {
+            cx.error_spanned_by(
+                name,
+                format!("the fn name `{id}` cannot be a task id: an id {why}; give the task one with `id = \"...\"`"),
+            );
+            None
+        }
     }
-    id
 }
 
 /// What stores accept as a task id: 1 to 128 bytes of `[A-Za-z0-9_.-]`.
@@ -964,6 +975,20 @@ mod tests {
         assert_eq!(errs.len(), 2, "{errs:#?}");
         assert!(errs[0].starts_with("missing `version`"));
         assert!(errs[1].starts_with("missing `order`"));
+    }
+
+    #[test]
+    fn a_given_id_replaces_the_fn_name() {
+        let item: TokenStream = "async fn café(ctx: &mut TaskContext) -> Result<(), E> {}"
+            .parse()
+            .unwrap();
+        let errs = errors(quote!(version = "1", order = 1, id = ""), item.clone());
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert!(errs[0].starts_with("`id` must not be empty"));
+        let errs = errors(quote!(version = "1", order = 1), item.clone());
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert!(errs[0].starts_with("the fn name `café` cannot be a task id"));
+        assert!(errors(quote!(version = "1", order = 1, id = "cafe"), item).is_empty());
     }
 
     #[test]
