@@ -1,0 +1,9 @@
+use upsilon::TaskContext;
+
+#[upsilon::task(version = "1.0", order = 1)]
+async fn task(ctx: &'static mut TaskContext) -> Result<(), std::io::Error> {
+    let _ = ctx;
+    Ok(())
+}
+
+fn main() {}
