@@ -535,7 +535,12 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// Atomically checks `changes` with [`Snapshot::check`] against the
     /// current state and writes them, or writes nothing.
-    async fn apply(&self, service: &str, fence: u64, changes: &[Change]) -> Result<(), BackendError>;
+    async fn apply(
+        &self,
+        service: &str,
+        fence: u64,
+        changes: &[Change],
+    ) -> Result<(), BackendError>;
 
     /// Every history row of `service`, oldest first.
     async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>, BackendError>;

@@ -144,7 +144,11 @@ impl fmt::Display for Report {
             write!(f, "\n  baselined the empty store at {b}")?;
         }
         for t in &self.completed {
-            write!(f, "\n  ran {} (attempt {}) in {:?}", t.key, t.attempt, t.duration)?;
+            write!(
+                f,
+                "\n  ran {} (attempt {}) in {:?}",
+                t.key, t.attempt, t.duration
+            )?;
         }
         if let Some(t) = &self.failed {
             write!(

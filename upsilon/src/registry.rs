@@ -150,10 +150,12 @@ impl Task {
         self
     }
 
-    fn from_def(def: &'static TaskDef) -> Result<Task, Problem> {
-        let version = parse_version(def.version).map_err(|e| Problem::BadVersion {
-            id: def.id.to_owned(),
-            error: e.to_string(),
+    fn from_def(def: &'static TaskDef) -> Result<Task, Box<Problem>> {
+        let version = parse_version(def.version).map_err(|e| {
+            Box::new(Problem::BadVersion {
+                id: def.id.to_owned(),
+                error: e.to_string(),
+            })
         })?;
         Ok(Task {
             key: TaskKey {
@@ -233,7 +235,7 @@ impl Registry {
         for def in inventory::iter::<TaskDef> {
             match Task::from_def(def) {
                 Ok(task) => tasks.push(task),
-                Err(problem) => problems.push(problem),
+                Err(problem) => problems.push(*problem),
             }
         }
         if !problems.is_empty() {

@@ -82,7 +82,11 @@ impl RetryPolicy {
 
     fn backoff(&self, failed_attempts: u32) -> Duration {
         let factor = 2u32.saturating_pow(failed_attempts.saturating_sub(1));
-        jitter(self.initial_backoff.saturating_mul(factor).min(self.max_backoff))
+        jitter(
+            self.initial_backoff
+                .saturating_mul(factor)
+                .min(self.max_backoff),
+        )
     }
 }
 
@@ -128,7 +132,11 @@ impl fmt::Display for Outcome {
         let v = |v: Option<&Version>| v.map_or("none".to_owned(), |v| v.to_string());
         match self {
             Outcome::UpToDate { data_version } => {
-                write!(f, "already up to date at data version {}", v(data_version.as_ref()))
+                write!(
+                    f,
+                    "already up to date at data version {}",
+                    v(data_version.as_ref())
+                )
             }
             Outcome::Upgraded { report } => write!(f, "upgraded {report}"),
             Outcome::WaitedForOther {
@@ -366,8 +374,8 @@ impl Builder {
                 "no app version; call `.app_version(env!(\"CARGO_PKG_VERSION\"))`".to_owned(),
             )
         })?;
-        let app = parse_version(app_text)
-            .map_err(|e| Error::Config(format!("app version: {e}")))?;
+        let app =
+            parse_version(app_text).map_err(|e| Error::Config(format!("app version: {e}")))?;
         let lock = self
             .lock
             .take()
@@ -710,7 +718,10 @@ impl Inner {
 
     fn preflight(&self, snapshot: &Snapshot, plan: &Plan) -> Result<(), Error> {
         if plan.data_ahead {
-            let data = snapshot.data_version.clone().unwrap_or_else(|| self.app.clone());
+            let data = snapshot
+                .data_version
+                .clone()
+                .unwrap_or_else(|| self.app.clone());
             match self.config.data_ahead {
                 DataAheadPolicy::Fail => {
                     return Err(Error::DataAhead {
@@ -763,7 +774,9 @@ impl Inner {
                 .await;
             match released {
                 Ok(()) => info!(fence = current.fence, "lease released"),
-                Err(e) => warn!(error = %e, "releasing the lease failed; it expires within its TTL"),
+                Err(e) => {
+                    warn!(error = %e, "releasing the lease failed; it expires within its TTL")
+                }
             }
         }
         let result = result.map_err(|e| match e {
@@ -777,6 +790,13 @@ impl Inner {
             Failure::Other(e) => e,
         });
         result?;
+        if report.completed.is_empty() && report.baselined.is_none() {
+            // Another node finished between our read and our grant: the
+            // re-read under the lease found nothing to do.
+            return Ok(Outcome::UpToDate {
+                data_version: report.to,
+            });
+        }
         Ok(Outcome::Upgraded { report })
     }
 
@@ -784,14 +804,21 @@ impl Inner {
     async fn upgrade(&self, held: &Held, report: &mut Report) -> Result<(), Failure> {
         let fence = report.fence;
         let mut snapshot = self
-            .retry("claiming the store", || self.store.claim(&self.service, fence))
+            .retry("claiming the store", || {
+                self.store.claim(&self.service, fence)
+            })
             .await
             .map_err(|e| self.lost_or(held, e))?;
         report.from = snapshot.data_version.clone();
         report.to = snapshot.data_version.clone();
         if let Some(b) = self.config.baseline.clone().filter(|_| snapshot.is_empty()) {
-            self.write(held, &mut snapshot, fence, vec![Change::Baseline(b.clone())])
-                .await?;
+            self.write(
+                held,
+                &mut snapshot,
+                fence,
+                vec![Change::Baseline(b.clone())],
+            )
+            .await?;
             info!(version = %b, "baselined the empty store");
             report.baselined = Some(b);
             report.to = snapshot.data_version.clone();
@@ -846,12 +873,24 @@ impl Inner {
                 match ran {
                     Ran::Ok => {
                         info!(task = %task.key(), ?duration, "task completed");
-                        pending.push(finish(task, attempt, AttemptState::Completed, None, duration));
+                        pending.push(finish(
+                            task,
+                            attempt,
+                            AttemptState::Completed,
+                            None,
+                            duration,
+                        ));
                         break task_report;
                     }
                     Ran::Cancelled(reason) => {
                         warn!(task = %task.key(), %reason, "task cancelled: the lease was lost");
-                        pending.push(finish(task, attempt, AttemptState::Cancelled, None, duration));
+                        pending.push(finish(
+                            task,
+                            attempt,
+                            AttemptState::Cancelled,
+                            None,
+                            duration,
+                        ));
                         // Best effort: the store refuses it if another node took over.
                         let _ = self.write(held, &mut snapshot, fence, pending).await;
                         return Err(Failure::Lost(reason));
@@ -872,7 +911,8 @@ impl Inner {
                             task_report.error = Some(message);
                             report.failed = Some(task_report);
                             if self.config.rollback_on_failure {
-                                self.roll_back(held, &mut snapshot, &plan, i, report).await?;
+                                self.roll_back(held, &mut snapshot, &plan, i, report)
+                                    .await?;
                             }
                             return Err(Failure::Task);
                         }
@@ -892,10 +932,15 @@ impl Inner {
                 .is_none_or(|next| next.task.version() != task.version());
             if version_done {
                 let mut after = snapshot.clone();
-                after.check(fence, &pending).map_err(|e| self.lost_or(held, Error::Backend {
-                    during: "recording a completion",
-                    source: e,
-                }))?;
+                after.check(fence, &pending).map_err(|e| {
+                    self.lost_or(
+                        held,
+                        Error::Backend {
+                            during: "recording a completion",
+                            source: e,
+                        },
+                    )
+                })?;
                 if let Some(v) = planner::reached_version(&self.registry, &after, &self.app) {
                     if snapshot.data_version.as_ref() != Some(&v) {
                         pending.push(Change::DataVersion(v));
@@ -995,7 +1040,13 @@ impl Inner {
         Ok(())
     }
 
-    async fn run_one(&self, held: &Held, task: &Task, info: TaskInfo, rollback: bool) -> (Ran, Duration) {
+    async fn run_one(
+        &self,
+        held: &Held,
+        task: &Task,
+        info: TaskInfo,
+        rollback: bool,
+    ) -> (Ran, Duration) {
         let span = info_span!("upsilon.task", task = %task.id(), version = %task.version(),
             attempt = info.attempt, rollback);
         let mut ctx = TaskContext {
@@ -1201,7 +1252,12 @@ impl Drop for ReleaseGuard {
         if !self.armed || self.held.lost.is_cancelled() {
             return;
         }
-        let lease = self.held.lease.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let lease = self
+            .held
+            .lease
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         self.held.lose("the run was cancelled".into());
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let lock = self.lock.clone();

@@ -32,9 +32,7 @@ mod tests {
     fn jitter_stays_in_range_and_varies() {
         let base = Duration::from_millis(100);
         let samples: Vec<Duration> = (0..200).map(|_| jitter(base)).collect();
-        assert!(samples
-            .iter()
-            .all(|d| *d >= base / 2 && *d < base * 3 / 2));
+        assert!(samples.iter().all(|d| *d >= base / 2 && *d < base * 3 / 2));
         assert!(samples.iter().any(|d| *d != samples[0]));
     }
 }

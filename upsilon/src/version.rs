@@ -72,10 +72,7 @@ mod tests {
         assert_eq!(parse_version("1").unwrap(), Version::new(1, 0, 0));
         assert_eq!(parse_version("1.1").unwrap(), Version::new(1, 1, 0));
         assert_eq!(parse_version("1.1.3").unwrap(), Version::new(1, 1, 3));
-        assert_eq!(
-            parse_version("2.0.0-rc.1").unwrap().pre.as_str(),
-            "rc.1"
-        );
+        assert_eq!(parse_version("2.0.0-rc.1").unwrap().pre.as_str(), "rc.1");
     }
 
     #[test]

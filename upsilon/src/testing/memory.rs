@@ -1,0 +1,423 @@
+//! The in-memory backend with fault injection.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::backend::{
+    Acquire, AttemptState, BackendError, Change, HistoryEntry, Holder, Lease, LeaseInfo, Lock,
+    Snapshot, Store,
+};
+
+/// A backend operation, for fault injection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// [`Lock::try_acquire`].
+    Acquire,
+    /// [`Lock::renew`].
+    Renew,
+    /// [`Lock::release`].
+    Release,
+    /// [`Store::load`].
+    Load,
+    /// [`Store::claim`].
+    Claim,
+    /// [`Store::apply`].
+    Apply,
+}
+
+/// What an injected fault does to a call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// The call fails with a transient error and has no effect.
+    Unavailable,
+    /// The call fails with a permanent error and has no effect.
+    Broken,
+    /// The call waits this long (tokio time) first, then proceeds.
+    Delay(Duration),
+    /// The call takes effect, then fails with a transient error: a lost reply.
+    LoseReply,
+}
+
+#[derive(Debug)]
+struct Rule {
+    op: Op,
+    /// Calls of `op` still to let through before the fault fires.
+    skip: u64,
+    /// Times it fires (`u64::MAX`: for ever).
+    times: u64,
+    fault: Fault,
+}
+
+/// The faults armed on a [`MemoryBackend`].
+#[derive(Debug, Default)]
+pub struct Faults {
+    rules: Mutex<Vec<Rule>>,
+    calls: Mutex<HashMap<Op, u64>>,
+}
+
+impl Faults {
+    /// The `nth` call of `op` from now on (1-based) gets `fault`, once.
+    pub fn nth(&self, op: Op, nth: u64, fault: Fault) {
+        assert!(nth >= 1, "calls are counted from 1");
+        lock(&self.rules).push(Rule {
+            op,
+            skip: nth - 1,
+            times: 1,
+            fault,
+        });
+    }
+
+    /// Every call of `op` from now on gets `fault`, until [`Faults::clear`].
+    pub fn always(&self, op: Op, fault: Fault) {
+        lock(&self.rules).push(Rule {
+            op,
+            skip: 0,
+            times: u64::MAX,
+            fault,
+        });
+    }
+
+    /// Disarms every fault.
+    pub fn clear(&self) {
+        lock(&self.rules).clear();
+    }
+
+    /// How many calls of `op` the backend has served (faulted ones included).
+    pub fn calls(&self, op: Op) -> u64 {
+        lock(&self.calls).get(&op).copied().unwrap_or(0)
+    }
+
+    fn take(&self, op: Op) -> Option<Fault> {
+        *lock(&self.calls).entry(op).or_insert(0) += 1;
+        let mut rules = lock(&self.rules);
+        let mut fired = None;
+        for rule in rules.iter_mut().filter(|r| r.op == op) {
+            if rule.skip > 0 {
+                rule.skip -= 1;
+            } else if fired.is_none() && rule.times > 0 {
+                rule.times -= 1;
+                fired = Some(rule.fault.clone());
+            }
+        }
+        rules.retain(|r| r.times > 0);
+        fired
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[derive(Debug, Default)]
+struct Service {
+    /// Holder, fence and expiry of the current grant.
+    lease: Option<(Holder, u64, i64)>,
+    /// Fences granted so far; never decreases.
+    granted: u64,
+    snapshot: Snapshot,
+    history: Vec<HistoryEntry>,
+    corrupt: bool,
+}
+
+/// An in-memory [`Lock`] + [`Store`] for tests, with fault injection.
+///
+/// Its clock is tokio's, so `tokio::time::pause` and `advance` drive lease
+/// expiry; [`MemoryBackend::jump_clock`] moves it by hand. Waiters are woken
+/// at once on release and on every write.
+pub struct MemoryBackend {
+    services: Mutex<BTreeMap<String, Service>>,
+    faults: Faults,
+    notify: Notify,
+    origin: Instant,
+    origin_ms: i64,
+    jump_ms: Mutex<i64>,
+}
+
+impl fmt::Debug for MemoryBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryBackend")
+            .field("services", &lock(&self.services).len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for MemoryBackend {
+    fn default() -> Self {
+        MemoryBackend {
+            services: Mutex::default(),
+            faults: Faults::default(),
+            notify: Notify::new(),
+            origin: Instant::now(),
+            origin_ms: 1_700_000_000_000,
+            jump_ms: Mutex::new(0),
+        }
+    }
+}
+
+impl MemoryBackend {
+    /// A new, empty backend.
+    pub fn new() -> Arc<MemoryBackend> {
+        Arc::new(MemoryBackend::default())
+    }
+
+    /// The faults armed on this backend.
+    pub fn faults(&self) -> &Faults {
+        &self.faults
+    }
+
+    /// The backend's clock, in ms since the epoch.
+    pub fn now_ms(&self) -> i64 {
+        self.origin_ms + self.origin.elapsed().as_millis() as i64 + *lock(&self.jump_ms)
+    }
+
+    /// Moves the backend's clock by `ms` (negative: back).
+    pub fn jump_clock(&self, ms: i64) {
+        *lock(&self.jump_ms) += ms;
+    }
+
+    /// Makes the current lease of `service` expire now: its holder loses it
+    /// at its next renewal.
+    pub fn expire_lease(&self, service: &str) {
+        let now = self.now_ms();
+        if let Some(s) = lock(&self.services).get_mut(service) {
+            if let Some(lease) = &mut s.lease {
+                lease.2 = now;
+            }
+        }
+        self.notify.notify_waiters();
+    }
+
+    /// Marks the stored data of `service` as unparsable (or parsable again).
+    pub fn set_corrupt(&self, service: &str, corrupt: bool) {
+        lock(&self.services)
+            .entry(service.to_owned())
+            .or_default()
+            .corrupt = corrupt;
+    }
+
+    async fn fault(&self, op: Op) -> Result<bool, BackendError> {
+        match self.faults.take(op) {
+            None => Ok(false),
+            Some(Fault::Unavailable) => Err(BackendError::unavailable(format!(
+                "injected fault: {op:?} unavailable"
+            ))),
+            Some(Fault::Broken) => Err(BackendError::other(format!(
+                "injected fault: {op:?} broken"
+            ))),
+            Some(Fault::Delay(d)) => {
+                tokio::time::sleep(d).await;
+                Ok(false)
+            }
+            Some(Fault::LoseReply) => Ok(true),
+        }
+    }
+
+    fn lose_reply<T>(
+        lost: bool,
+        op: Op,
+        result: Result<T, BackendError>,
+    ) -> Result<T, BackendError> {
+        match (lost, result) {
+            (true, Ok(_)) => Err(BackendError::unavailable(format!(
+                "injected fault: the reply of {op:?} was lost"
+            ))),
+            (_, r) => r,
+        }
+    }
+
+    fn with_service<T>(
+        &self,
+        service: &str,
+        f: impl FnOnce(&mut Service, i64) -> Result<T, BackendError>,
+    ) -> Result<T, BackendError> {
+        let now = self.now_ms();
+        let mut services = lock(&self.services);
+        let s = services.entry(service.to_owned()).or_default();
+        f(s, now)
+    }
+
+    fn readable(s: &Service) -> Result<(), BackendError> {
+        if s.corrupt {
+            Err(BackendError::corrupt("the data version is not a version"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn lost(what: &str, lease: &Lease) -> BackendError {
+    BackendError::LeaseLost(format!(
+        "{what}: the lease of `{}` is no longer held by {} with fence {}",
+        lease.service, lease.holder, lease.fence
+    ))
+}
+
+#[async_trait]
+impl Lock for MemoryBackend {
+    async fn try_acquire(
+        &self,
+        service: &str,
+        holder: &Holder,
+        ttl: Duration,
+    ) -> Result<Acquire, BackendError> {
+        let lost_reply = self.fault(Op::Acquire).await?;
+        let r = self.with_service(service, |s, now| {
+            if let Some((h, fence, exp)) = &s.lease {
+                if *exp > now {
+                    return Ok(Acquire::Held(LeaseInfo {
+                        holder: h.clone(),
+                        fence: *fence,
+                        expires_at_ms: *exp,
+                        now_ms: now,
+                    }));
+                }
+            }
+            s.granted += 1;
+            let exp = now + ttl.as_millis() as i64;
+            s.lease = Some((holder.clone(), s.granted, exp));
+            Ok(Acquire::Granted(Lease {
+                service: service.to_owned(),
+                holder: holder.clone(),
+                fence: s.granted,
+                expires_at_ms: exp,
+                ttl,
+            }))
+        });
+        Self::lose_reply(lost_reply, Op::Acquire, r)
+    }
+
+    async fn renew(&self, lease: &Lease) -> Result<Lease, BackendError> {
+        let lost_reply = self.fault(Op::Renew).await?;
+        let r = self.with_service(&lease.service, |s, now| match &mut s.lease {
+            Some((h, fence, exp)) if *h == lease.holder && *fence == lease.fence && *exp > now => {
+                *exp = now + lease.ttl.as_millis() as i64;
+                Ok(Lease {
+                    expires_at_ms: *exp,
+                    ..lease.clone()
+                })
+            }
+            _ => Err(lost("renew", lease)),
+        });
+        Self::lose_reply(lost_reply, Op::Renew, r)
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<(), BackendError> {
+        let lost_reply = self.fault(Op::Release).await?;
+        let r = self.with_service(&lease.service, |s, now| match &s.lease {
+            Some((h, fence, exp)) if *h == lease.holder && *fence == lease.fence && *exp > now => {
+                s.lease = None;
+                Ok(())
+            }
+            _ => Err(lost("release", lease)),
+        });
+        self.notify.notify_waiters();
+        Self::lose_reply(lost_reply, Op::Release, r)
+    }
+
+    async fn current(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
+        self.with_service(service, |s, now| {
+            Ok(s.lease.as_ref().and_then(|(h, fence, exp)| {
+                (*exp > now).then(|| LeaseInfo {
+                    holder: h.clone(),
+                    fence: *fence,
+                    expires_at_ms: *exp,
+                    now_ms: now,
+                })
+            }))
+        })
+    }
+
+    async fn wait(&self, _service: &str, timeout: Duration) -> Result<(), BackendError> {
+        let _ = tokio::time::timeout(timeout, self.notify.notified()).await;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for MemoryBackend {
+    async fn load(&self, service: &str) -> Result<Snapshot, BackendError> {
+        let lost_reply = self.fault(Op::Load).await?;
+        let r = self.with_service(service, |s, _| {
+            Self::readable(s)?;
+            Ok(s.snapshot.clone())
+        });
+        Self::lose_reply(lost_reply, Op::Load, r)
+    }
+
+    async fn claim(&self, service: &str, fence: u64) -> Result<Snapshot, BackendError> {
+        let lost_reply = self.fault(Op::Claim).await?;
+        let r = self.with_service(service, |s, _| {
+            Self::readable(s)?;
+            if fence < s.snapshot.fence {
+                return Err(BackendError::StaleFence {
+                    presented: fence,
+                    current: s.snapshot.fence,
+                });
+            }
+            s.snapshot.fence = fence;
+            Ok(s.snapshot.clone())
+        });
+        Self::lose_reply(lost_reply, Op::Claim, r)
+    }
+
+    async fn apply(
+        &self,
+        service: &str,
+        fence: u64,
+        changes: &[Change],
+    ) -> Result<(), BackendError> {
+        let lost_reply = self.fault(Op::Apply).await?;
+        let r = self.with_service(service, |s, now| {
+            Self::readable(s)?;
+            let mut next = s.snapshot.clone();
+            for change in next.check(fence, changes)? {
+                match change {
+                    Change::Start(a) => s.history.push(HistoryEntry {
+                        key: a.key.clone(),
+                        description: a.description.clone(),
+                        attempt: a.attempt,
+                        kind: a.kind,
+                        state: AttemptState::Running,
+                        fence,
+                        holder: a.holder.clone(),
+                        started_at_ms: now,
+                        finished_at_ms: None,
+                        duration: None,
+                        error: None,
+                    }),
+                    Change::Finish(f) => {
+                        if let Some(row) = s
+                            .history
+                            .iter_mut()
+                            .rev()
+                            .find(|r| r.key == f.key && r.attempt == f.attempt)
+                        {
+                            row.state = f.state;
+                            row.finished_at_ms = Some(now);
+                            row.duration = Some(f.duration);
+                            row.error = f.error.clone();
+                        }
+                    }
+                    Change::DataVersion(_) | Change::Baseline(_) => {}
+                }
+            }
+            s.snapshot = next;
+            Ok(())
+        });
+        self.notify.notify_waiters();
+        Self::lose_reply(lost_reply, Op::Apply, r)
+    }
+
+    async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>, BackendError> {
+        self.with_service(service, |s, _| {
+            Self::readable(s)?;
+            Ok(s.history.clone())
+        })
+    }
+}

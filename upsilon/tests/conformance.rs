@@ -1,0 +1,31 @@
+//! The in-memory backend passes the conformance suite every backend runs.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use upsilon::testing::conformance::{self, Harness};
+use upsilon::testing::MemoryBackend;
+use upsilon::{Lock, Store};
+
+struct Memory(Arc<MemoryBackend>);
+
+#[async_trait]
+impl Harness for Memory {
+    fn lock(&self) -> Arc<dyn Lock> {
+        self.0.clone()
+    }
+    fn store(&self) -> Arc<dyn Store> {
+        self.0.clone()
+    }
+    async fn corrupt(&self, service: &str) {
+        self.0.set_corrupt(service, true);
+    }
+    async fn repair(&self, service: &str) {
+        self.0.set_corrupt(service, false);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn memory_backend_conforms() {
+    conformance::run_all(&Memory(MemoryBackend::new())).await;
+}

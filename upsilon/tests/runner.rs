@@ -1,0 +1,987 @@
+//! The runner against the in-memory backend: the protocol's steps and
+//! invariants as a user sees them (outcomes, status, history rows).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use upsilon::backend::{AttemptKind, AttemptState};
+use upsilon::testing::{self, Fault, MemoryBackend, Op};
+use upsilon::{
+    Acquire, BackendError, Builder, DataAheadPolicy, Error, Lock, Outcome, RetryPolicy, Status,
+    Store, Task, TaskContext, TaskFuture, Upsilon,
+};
+
+/// Which node ran which task, in order.
+#[derive(Clone, Default)]
+struct Log(Arc<Mutex<Vec<(String, String)>>>);
+
+impl Log {
+    fn push(&self, ctx: &TaskContext) {
+        let what = if ctx.task().rollback {
+            format!("undo {}", ctx.task().id)
+        } else {
+            ctx.task().id.clone()
+        };
+        self.0
+            .lock()
+            .unwrap()
+            .push((ctx.holder().host.clone(), what));
+    }
+    fn tasks(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, t)| t.clone())
+            .collect()
+    }
+    fn nodes(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+}
+
+fn logged(log: &Log, version: &str, order: u32, id: &str) -> Task {
+    let log = log.clone();
+    Task::new(
+        version,
+        order,
+        id,
+        move |ctx: &mut TaskContext| -> TaskFuture<'_> {
+            log.push(ctx);
+            Box::pin(async { Ok(()) })
+        },
+    )
+    .unwrap()
+}
+
+fn failing(log: &Log, version: &str, order: u32, id: &str, fail_times: usize) -> Task {
+    let log = log.clone();
+    let calls = Arc::new(Mutex::new(0));
+    Task::new(
+        version,
+        order,
+        id,
+        move |ctx: &mut TaskContext| -> TaskFuture<'_> {
+            log.push(ctx);
+            let mut c = calls.lock().unwrap();
+            *c += 1;
+            let fail = *c <= fail_times;
+            Box::pin(async move {
+                if fail {
+                    Err("disk full".into())
+                } else {
+                    Ok(())
+                }
+            })
+        },
+    )
+    .unwrap()
+}
+
+fn undo(
+    log: &Log,
+) -> impl for<'a> Fn(&'a mut TaskContext) -> TaskFuture<'a> + Send + Sync + 'static {
+    let log = log.clone();
+    move |ctx: &mut TaskContext| -> TaskFuture<'_> {
+        log.push(ctx);
+        Box::pin(async { Ok(()) })
+    }
+}
+
+fn standard(log: &Log) -> Vec<Task> {
+    vec![
+        logged(log, "1.0", 1, "create_tables"),
+        logged(log, "1.1", 2, "check_accounts"),
+        logged(log, "1.1", 1, "backfill_accounts"),
+        logged(log, "1.1.1", 1, "fix_index"),
+        logged(log, "1.2", 1, "future_task"),
+    ]
+}
+
+fn node(backend: &Arc<MemoryBackend>, n: usize, app: &str, tasks: Vec<Task>) -> Builder {
+    Upsilon::builder()
+        .service("svc")
+        .app_version(app)
+        .backend(backend.clone())
+        .holder(testing::holder(n))
+        .ttl(Duration::from_secs(3))
+        .poll_interval(Duration::from_millis(50))
+        .tasks(tasks)
+}
+
+#[tokio::test]
+async fn fresh_store_runs_every_task_in_order_and_records_it() {
+    let backend = MemoryBackend::new();
+    let log = Log::default();
+    let up = node(&backend, 1, "1.1.1", standard(&log)).build().unwrap();
+    let outcome = up.run().await.unwrap();
+    assert_eq!(
+        log.tasks(),
+        [
+            "create_tables",
+            "backfill_accounts",
+            "check_accounts",
+            "fix_index"
+        ]
+    );
+    let Outcome::Upgraded { report } = &outcome else {
+        panic!("expected an upgrade, got {outcome:?}")
+    };
+    assert_eq!(report.from, None);
+    assert_eq!(report.to, Some(upsilon::parse_version("1.1.1").unwrap()));
+    assert_eq!(report.completed.len(), 4);
+    let history = backend.history("svc").await.unwrap();
+    assert_eq!(history.len(), 4);
+    assert!(history
+        .iter()
+        .all(|r| r.state == AttemptState::Completed && r.attempt == 1 && r.fence == 1));
+    assert!(up.probe().ready());
+    assert_eq!(
+        up.probe().status(),
+        Status::Ready {
+            data_version: Some(upsilon::parse_version("1.1.1").unwrap())
+        }
+    );
+    assert_eq!(
+        backend.current("svc").await.unwrap(),
+        None,
+        "lease released"
+    );
+}
+
+#[tokio::test]
+async fn up_to_date_node_takes_no_lease_and_writes_nothing() {
+    let backend = MemoryBackend::new();
+    let log = Log::default();
+    node(&backend, 1, "1.1", standard(&log))
+        .build()
+        .unwrap()
+        .run()
+        .await
+        .unwrap();
+    let acquires = backend.faults().calls(Op::Acquire);
+    let applies = backend.faults().calls(Op::Apply);
+    let loads = backend.faults().calls(Op::Load);
+    let outcome = node(&backend, 2, "1.1", standard(&log))
+        .build()
+        .unwrap()
+        .run()
+        .await
+        .unwrap();
+    assert!(matches!(outcome, Outcome::UpToDate { .. }), "{outcome:?}");
+    assert_eq!(backend.faults().calls(Op::Acquire), acquires, "no lease");
+    assert_eq!(backend.faults().calls(Op::Apply), applies, "no write");
+    assert_eq!(backend.faults().calls(Op::Load), loads + 1, "one read");
+    assert_eq!(log.tasks().len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_nodes_run_each_task_exactly_once() {
+    for round in 0..20 {
+        let backend = MemoryBackend::new();
+        let log = Log::default();
+        let nodes = (0..8)
+            .map(|n| node(&backend, n, "1.1.1", standard(&log)).build().unwrap())
+            .collect();
+        let results = testing::run_nodes(nodes).await;
+        let mut upgraded = 0;
+        for r in &results {
+            match r {
+                Ok(Outcome::Upgraded { .. }) => upgraded += 1,
+                Ok(Outcome::WaitedForOther { .. } | Outcome::UpToDate { .. }) => {}
+                other => panic!("round {round}: {other:?}"),
+            }
+        }
+        assert_eq!(upgraded, 1, "round {round}: exactly one node upgrades");
+        let mut tasks = log.tasks();
+        tasks.sort();
+        assert_eq!(
+            tasks,
+            [
+                "backfill_accounts",
+                "check_accounts",
+                "create_tables",
+                "fix_index"
+            ],
+            "round {round}: every task exactly once"
+        );
+        let nodes = log.nodes();
+        assert!(
+            nodes.iter().all(|n| *n == nodes[0]),
+            "one node did all the work"
+        );
+        let history = backend.history("svc").await.unwrap();
+        assert_eq!(history.len(), 4, "one history row per task");
+    }
+}
+
+/// A task that parks until released, to hold a node mid-task.
+fn parked(
+    log: &Log,
+    version: &str,
+    order: u32,
+    id: &str,
+    gate: Arc<Notify>,
+    entered: Arc<Notify>,
+) -> Task {
+    let log = log.clone();
+    Task::new(
+        version,
+        order,
+        id,
+        move |ctx: &mut TaskContext| -> TaskFuture<'_> {
+            log.push(ctx);
+            let (gate, entered) = (gate.clone(), entered.clone());
+            Box::pin(async move {
+                entered.notify_one();
+                gate.notified().await;
+                Ok(())
+            })
+        },
+    )
+    .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiters_become_ready_without_taking_the_lease() {
+    let backend = MemoryBackend::new();
+    let log = Log::default();
+    let (gate, entered) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let tasks = vec![
+        logged(&log, "1.0", 1, "a"),
+        parked(&log, "1.1", 1, "slow", gate.clone(), entered.clone()),
+    ];
+    let canary = node(&backend, 1, "1.1", tasks.clone()).build().unwrap();
+    let canary_run = tokio::spawn({
+        let c = canary.clone();
+        async move { c.run().await }
+    });
+    entered.notified().await;
+    let waiters: Vec<Upsilon> = (2..5)
+        .map(|n| node(&backend, n, "1.1", tasks.clone()).build().unwrap())
+        .collect();
+    let mut statuses: Vec<_> = waiters.iter().map(|w| w.status()).collect();
+    let runs: Vec<_> = waiters
+        .iter()
+        .map(|w| {
+            let w = w.clone();
+            tokio::spawn(async move { w.run().await })
+        })
+        .collect();
+    for s in &mut statuses {
+        let st = s
+            .wait_for(|st| matches!(st, Status::Waiting { .. }))
+            .await
+            .unwrap()
+            .clone();
+        assert_eq!(
+            st,
+            Status::Waiting {
+                holder: Some(testing::holder(1))
+            }
+        );
+    }
+    assert!(matches!(
+        canary.probe().status(),
+        Status::Upgrading {
+            index: 2,
+            total: 2,
+            ..
+        }
+    ));
+    assert!(waiters.iter().all(|w| !w.probe().ready() && w.probe().up()));
+    gate.notify_one();
+    assert!(matches!(
+        canary_run.await.unwrap().unwrap(),
+        Outcome::Upgraded { .. }
+    ));
+    for r in runs {
+        match r.await.unwrap().unwrap() {
+            Outcome::WaitedForOther {
+                holder,
+                data_version,
+                ..
+            } => {
+                assert_eq!(holder, Some(testing::holder(1)));
+                assert_eq!(data_version, Some(upsilon::parse_version("1.1").unwrap()));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(waiters.iter().all(|w| w.probe().ready()));
+    assert_eq!(
+        backend.load("svc").await.unwrap().fence,
+        1,
+        "no waiter was granted the lease"
+    );
+    assert_eq!(log.tasks(), ["a", "slow"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dead_holder_is_resumed_without_rerunning_completed_tasks() {
+    let backend = MemoryBackend::new();
+    let log = Log::default();
+    let (gate, entered) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let tasks = vec![
+        logged(&log, "1.1", 1, "first"),
+        parked(&log, "1.1", 2, "second", gate.clone(), entered.clone()),
+        logged(&log, "1.1", 3, "third"),
+    ];
+    // Node 1 dies mid-task: its process is gone, nothing is released.
+    backend.faults().always(Op::Release, Fault::Broken);
+    let dead = tokio::spawn({
+        let n = node(&backend, 1, "1.1", tasks.clone()).build().unwrap();
+        async move { n.run().await }
+    });
+    entered.notified().await;
+    dead.abort();
+    let _ = dead.await;
+    backend.faults().clear();
+    let started = tokio::time::Instant::now();
+    gate.notify_one(); // the second run of `second` goes through
+    let outcome = node(&backend, 2, "1.1", tasks)
+        .build()
+        .unwrap()
+        .run()
+        .await
+        .unwrap();
+    assert!(matches!(outcome, Outcome::Upgraded { .. }), "{outcome:?}");
+    // L1: taken over within the TTL (3 s) plus a poll.
+    assert!(started.elapsed() <= Duration::from_secs(3) + Duration::from_millis(200));
+    assert_eq!(log.tasks(), ["first", "second", "second", "third"]);
+    let history = backend.history("svc").await.unwrap();
+    let rows: Vec<_> = history
+        .iter()
+        .map(|r| {
+            (
+                r.key.id.as_str(),
+                r.attempt,
+                r.state,
+                r.holder.host.as_str(),
+                r.fence,
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("first", 1, AttemptState::Completed, "node-1", 1),
+            ("second", 1, AttemptState::Running, "node-1", 1),
+            ("second", 2, AttemptState::Completed, "node-2", 2),
+            ("third", 1, AttemptState::Completed, "node-2", 2),
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_holder_whose_lease_expired_cannot_write() {
+    let backend = MemoryBackend::new();
+    let log = Log::default();
+    let (gate, entered) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let tasks = vec![parked(
+        &log,
+        "1.1",
+        1,
+        "slow",
+        gate.clone(),
+        entered.clone(),
+    )];
+    // Node 1 cannot reach the backend to renew, but is not told: its renewals hang.
+    let old = tokio::spawn({
+        let n = node(&backend, 1, "1.1", tasks.clone())
+            .safety_margin(Duration::ZERO)
+            .renew_every(Duration::from_secs(1))
+            .build()
+            .unwrap();
+        async move { n.run().await }
+    });
+    entered.notified().await;
+    backend
+        .faults()
+        .always(Op::Renew, Fault::Delay(Duration::from_secs(3600)));
+    backend.expire_lease("svc");
+    // Node 2 takes over and claims the store with fence 2.
+    let lock: &dyn Lock = &*backend;
+    let Acquire::Granted(lease) = lock
+        .try_acquire("svc", &testing::holder(2), Duration::from_secs(60))
+        .await
+        .unwrap()
+    else {
+        panic!("takeover")
+    };
+    backend.claim("svc", lease.fence).await.unwrap();
+    // Node 1's task finishes now; its completion must be refused.
+    gate.notify_one();
+    let err = old.await.unwrap().unwrap_err();
+    let Error::LeaseLost { reason, .. } = &err else {
+        panic!("{err}")
+    };
+    assert!(
+        reason.contains("fence 1 is stale: the store has seen fence 2"),
+        "{reason}"
+    );
+    let snap = backend.load("svc").await.unwrap();
+    assert!(
+        !snap.tasks.values().any(|t| t.completed),
+        "the stale completion did not commit"
+    );
+    assert_eq!(snap.data_version, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn losing_the_lease_cancels_the_running_task() {
+    let backend = MemoryBackend::new();
+    let cancelled = Arc::new(Notify::new());
+    let seen = cancelled.clone();
+    let task = Task::new(
+        "1.1",
+        1,
+        "long",
+        move |ctx: &mut TaskContext| -> TaskFuture<'_> {
+            let seen = seen.clone();
+            // Work the task handed to another tokio task sees the token fire;
+            // the task's own future is dropped.
+            let token = ctx.cancellation().clone();
+            tokio::spawn(async move {
+                token.cancelled().await;
+                seen.notify_one();
+            });
+            Box::pin(std::future::pending())
+        },
+    )
+    .unwrap();
+    let up = node(&backend, 1, "1.1", vec![task]).build().unwrap();
+    backend.faults().nth(Op::Renew, 2, Fault::Broken);
+    let err = up.run().await.unwrap_err();
+    let Error::LeaseLost { reason, .. } = &err else {
+        panic!("{err}")
+    };
+    assert!(reason.contains("renewal refused"), "{reason}");
+    let history = backend.history("svc").await.unwrap();
+    assert_eq!(history[0].state, AttemptState::Cancelled);
+    assert!(matches!(up.probe().status(), Status::Failed { .. }));
+    assert!(!up.probe().ready());
+    cancelled.notified().await; // the task saw its cancellation token fire
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_local_deadline_cancels_when_renewals_hang() {
+    let backend = MemoryBackend::new();
+    let task = Task::new(
+        "1.1",
+        1,
+        "long",
+        |_ctx: &mut TaskContext| -> TaskFuture<'_> {
+            Box::pin(async {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Ok(())
+            })
+        },
+    )
+    .unwrap();
+    backend
+        .faults()
+        .always(Op::Renew, Fault::Delay(Duration::from_secs(3600)));
+    let started = tokio::time::Instant::now();
+    let err = node(&backend, 1, "1.1", vec![task])
+        .build()
+        .unwrap()
+        .run()
+        .await
+        .unwrap_err();
+    let Error::LeaseLost { reason, .. } = &err else {
+        panic!("{err}")
+    };
+    assert!(reason.contains("not renewed within"), "{reason}");
+    // TTL 3 s minus the default margin (TTL/5): 2.4 s.
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(2400) && took < Duration::from_millis(2500),
+        "{took:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_task_is_recorded_and_the_data_version_stays() {
+    let backend = MemoryBackend::new();
+    let log = Log::default();
+    let tasks = vec![
+        logged(&log, "1.0", 1, "base"),
+        logged(&log, "1.1", 1, "ok"),
+        failing(&log, "1.1", 2, "broken", usize::MAX),
+        logged(&log, "1.1", 3, "never"),
+    ];
+    let up = node(&backend, 1, "1.1", tasks).build().unwrap();
+    let err = up.run().await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "task broken@1.1.0 failed on attempt 1: disk full"
+    );
+    let report = err.report().unwrap();
+    assert_eq!(report.completed.len(), 2);
+    assert_eq!(report.to, Some(upsilon::parse_version("1.0").unwrap()));
+    assert_eq!(log.tasks(), ["base", "ok", "broken"]);
+    let snap = backend.load("svc").await.unwrap();
+    assert_eq!(
+        snap.data_version,
+        Some(upsilon::parse_version("1.0").unwrap())
+    );
+    let row = backend.history("svc").await.unwrap().pop().unwrap();
+    assert_eq!(
+        (row.key.id.as_str(), row.state),
+        ("broken", AttemptState::Failed)
+    );
+    assert_eq!(row.error.as_deref(), Some("disk full"));
+    assert_eq!(row.holder, testing::holder(1));
+    assert!(row.duration.is_some());
+    assert_eq!(
+        backend.current("svc").await.unwrap(),
+        None,
+        "released after the failure"
+    );
+    assert_eq!(
+        up.probe().status(),
+        Status::Failed {
+            error: err.to_string()
+        }
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_retry_policy_retries_with_backoff() {
+    let backend = MemoryBackend::new();
+    let log = Log::default();
+    let up = node(
+        &backend,
+        1,
+        "1.1",
+        vec![failing(&log, "1.1", 1, "flaky", 2)],
+    )
+    .retry(RetryPolicy::attempts(3, Duration::from_secs(1)))
+    .build()
+    .unwrap();
+    let started = tokio::time::Instant::now();
+    up.run().await.unwrap();
+    // Backoff 1 s then 2 s, each jittered by ±50 %.
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    let states: Vec<_> = backend
+        .history("svc")
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.attempt, r.state))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            (1, AttemptState::Failed),
+            (2, AttemptState::Failed),
+            (3, AttemptState::Completed)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn rollbacks_run_in_reverse_and_the_history_says_so() {
+    let backend = MemoryBackend::new();
+    let log = Log::default();
+    let tasks = vec![
+        logged(&log, "1.0", 1, "old"),
+        logged(&log, "1.1", 1, "add_column").with_rollback(undo(&log)),
+        logged(&log, "1.1", 2, "no_undo"),
+        failing(&log, "1.1", 3, "backfill", usize::MAX).with_rollback(undo(&log)),
+    ];
+    let err = node(&backend, 1, "1.1", tasks.clone())
+        .rollback_on_failure(true)
+        .build()
+        .unwrap()
+        .run()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().ends_with("rolled back 2 task(s)"), "{err}");
+    assert_eq!(
+        log.tasks(),
+        [
+            "old",
+            "add_column",
+            "no_undo",
+            "backfill",
+            "undo backfill",
+            "undo add_column"
+        ]
+    );
+    let snap = backend.load("svc").await.unwrap();
+    let done = |id: &str| {
+        snap.is_completed(&upsilon::TaskKey {
+            version: upsilon::parse_version("1.1").unwrap(),
+            id: id.into(),
+        })
+    };
+    assert!(!done("add_column"), "a rolled back task is owed again");
+    assert!(done("no_undo"));
+    assert_eq!(
+        snap.data_version,
+        Some(upsilon::parse_version("1.0").unwrap())
+    );
+    let rollbacks: Vec<_> = backend
+        .history("svc")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.kind == AttemptKind::Rollback)
+        .map(|r| (r.key.id, r.state))
+        .collect();
+    assert_eq!(
+        rollbacks,
+        [
+            ("backfill".to_owned(), AttemptState::Completed),
+            ("add_column".to_owned(), AttemptState::Completed)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_panicking_task_fails_the_upgrade_and_releases_the_lease() {
+    let backend = MemoryBackend::new();
+    let task = Task::new(
+        "1.1",
+        1,
+        "panics",
+        |_ctx: &mut TaskContext| -> TaskFuture<'_> {
+            Box::pin(async { panic!("index out of bounds") })
+        },
+    )
+    .unwrap();
+    let err = node(&backend, 1, "1.1", vec![task])
+        .build()
+        .unwrap()
+        .run()
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("panicked: index out of bounds"),
+        "{err}"
+    );
+    assert_eq!(backend.current("svc").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn baselining_adopts_an_existing_deployment() {
+    let backend = MemoryBackend::new();
+    let log = Log::default();
+    let up = node(&backend, 1, "1.1.1", standard(&log))
+        .baseline("1.1")
+        .build()
+        .unwrap();
+    let Outcome::Upgraded { report } = up.run().await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        report.baselined,
+        Some(upsilon::parse_version("1.1").unwrap())
+    );
+    assert_eq!(
+        log.tasks(),
+        ["fix_index"],
+        "tasks up to the baseline are not run"
+    );
+    // The operator's function leaves a store that is not empty alone.
+    let other = MemoryBackend::new();
+    assert!(
+        upsilon::baseline(other.clone(), other.clone(), "svc", "2.0")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !upsilon::baseline(other.clone(), other.clone(), "svc", "3.0")
+            .await
+            .unwrap()
+    );
+    let snap = other.load("svc").await.unwrap();
+    assert_eq!(
+        snap.data_version,
+        Some(upsilon::parse_version("2.0").unwrap())
+    );
+    assert_eq!(snap.baseline, snap.data_version);
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiting_gives_up_naming_the_holder() {
+    let backend = MemoryBackend::new();
+    let log = Log::default();
+    let lock: &dyn Lock = &*backend;
+    lock.try_acquire("svc", &testing::holder(9), Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let err = node(&backend, 1, "1.1", standard(&log))
+        .max_wait(Duration::from_secs(5))
+        .build()
+        .unwrap()
+        .run()
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, Error::WaitTimeout { .. }), "{text}");
+    assert!(text.contains("held by node-9 (pid"), "{text}");
+    assert!(log.tasks().is_empty());
+}
+
+#[tokio::test]
+async fn resources_reach_tasks_and_a_missing_one_is_named() {
+    let backend = MemoryBackend::new();
+    struct Pool(&'static str);
+    let task = Task::new(
+        "1.1",
+        1,
+        "uses_pool",
+        |ctx: &mut TaskContext| -> TaskFuture<'_> {
+            Box::pin(async move {
+                assert_eq!(ctx.resource::<Pool>()?.0, "pool");
+                ctx.resource::<u64>()?;
+                Ok(())
+            })
+        },
+    )
+    .unwrap();
+    let err = node(&backend, 1, "1.1", vec![task])
+        .resource(Pool("pool"))
+        .build()
+        .unwrap()
+        .run()
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains(
+            "asked for a resource of type `u64` that was never registered; add `.resource(value)`"
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn data_ahead_of_the_app_follows_the_policy() {
+    let backend = MemoryBackend::new();
+    let log = Log::default();
+    node(&backend, 1, "1.2", standard(&log))
+        .build()
+        .unwrap()
+        .run()
+        .await
+        .unwrap();
+    let older = node(&backend, 2, "1.1", standard(&log))
+        .build()
+        .unwrap()
+        .run()
+        .await
+        .unwrap();
+    assert!(matches!(older, Outcome::UpToDate { .. }));
+    let err = node(&backend, 2, "1.1", standard(&log))
+        .data_ahead(DataAheadPolicy::Fail)
+        .build()
+        .unwrap()
+        .run()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("data version 1.2.0"), "{err}");
+}
+
+#[tokio::test]
+async fn tasks_added_out_of_order_are_reported_and_run_only_when_asked() {
+    let backend = MemoryBackend::new();
+    let log = Log::default();
+    node(&backend, 1, "1.1", vec![logged(&log, "1.1", 1, "a")])
+        .build()
+        .unwrap()
+        .run()
+        .await
+        .unwrap();
+    let late = vec![logged(&log, "1.1", 1, "a"), logged(&log, "1.0", 5, "late")];
+    let up = node(&backend, 1, "1.1", late.clone()).build().unwrap();
+    let plan = up.plan().await.unwrap();
+    assert!(plan.is_empty());
+    assert_eq!(plan.out_of_order.len(), 1);
+    up.run().await.unwrap();
+    assert_eq!(log.tasks(), ["a"]);
+    node(&backend, 1, "1.1", late)
+        .run_out_of_order(true)
+        .build()
+        .unwrap()
+        .run()
+        .await
+        .unwrap();
+    assert_eq!(log.tasks(), ["a", "late"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn lost_replies_and_transient_errors_are_retried_without_rerunning() {
+    let backend = MemoryBackend::new();
+    let log = Log::default();
+    backend.faults().nth(Op::Load, 1, Fault::Unavailable);
+    backend.faults().nth(Op::Acquire, 1, Fault::LoseReply);
+    backend.faults().nth(Op::Apply, 2, Fault::LoseReply);
+    backend.faults().nth(Op::Apply, 3, Fault::Unavailable);
+    let up = node(&backend, 1, "1.1.1", standard(&log)).build().unwrap();
+    let outcome = up.run().await;
+    // The lost acquire reply left a lease granted to us that we never saw:
+    // the runner waits for it to expire and then takes it over.
+    let outcome = outcome.unwrap();
+    assert!(
+        matches!(
+            outcome,
+            Outcome::Upgraded { .. } | Outcome::WaitedForOther { .. }
+        ),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        log.tasks(),
+        [
+            "create_tables",
+            "backfill_accounts",
+            "check_accounts",
+            "fix_index"
+        ]
+    );
+    assert_eq!(backend.history("svc").await.unwrap().len(), 4);
+}
+
+#[tokio::test]
+async fn a_broken_backend_is_a_clear_error_never_nothing_to_do() {
+    let backend = MemoryBackend::new();
+    backend.faults().always(Op::Load, Fault::Broken);
+    let err = node(&backend, 1, "1.1", vec![])
+        .build()
+        .unwrap()
+        .run()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Backend {
+                during: "reading the store",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    backend.faults().clear();
+    backend.faults().always(Op::Load, Fault::Unavailable);
+    let err = node(&backend, 1, "1.1", vec![])
+        .backend_attempts(3)
+        .build()
+        .unwrap()
+        .run()
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        Error::Backend {
+            source: BackendError::Unavailable { .. },
+            ..
+        }
+    ));
+    assert_eq!(backend.faults().calls(Op::Load), 4);
+}
+
+#[test]
+fn nonsense_settings_are_refused_when_building() {
+    let backend = MemoryBackend::new();
+    let build = |b: Builder| b.build().unwrap_err().to_string();
+    let base = || node(&backend, 1, "1.1", vec![]);
+    assert!(build(Upsilon::builder().backend(backend.clone())).contains("no app version"));
+    assert!(build(base().app_version("v2")).contains("`v2` is not a version"));
+    assert!(build(base().ttl(Duration::from_millis(10))).contains("too short"));
+    assert!(build(base().renew_every(Duration::from_secs(2))).contains("renew at most every"));
+    assert!(build(base().safety_margin(Duration::from_secs(5)))
+        .contains("must be shorter than the ttl"));
+    assert!(build(base().service("has space")).contains("service name"));
+    assert!(build(base().baseline("2.0")).contains("above the app version"));
+    assert!(
+        build(base().require_tasks_from("billing_tasks")).contains("add `use billing_tasks as _;`")
+    );
+    assert!(build(Upsilon::builder().app_version("1.0")).contains("no lock"));
+}
+
+#[test]
+fn conflicting_tasks_are_refused_before_any_lock_naming_both() {
+    let backend = MemoryBackend::new();
+    let log = Log::default();
+    let tasks = vec![
+        logged(&log, "1.1", 1, "a"),
+        logged(&log, "1.1", 1, "b"),
+        logged(&log, "1.1.0", 2, "a"),
+        logged(&log, "2.0", 1, "too_new"),
+    ];
+    let err = node(&backend, 1, "1.1", tasks.clone())
+        .tasks_above_app(upsilon::AboveAppPolicy::Error)
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("2 problems in the registered upgrade tasks"),
+        "{err}"
+    );
+    assert!(err.contains("tasks `a` (upsilon/tests/runner.rs:"), "{err}");
+    assert!(err.contains("both have version 1.1.0 and order 1"), "{err}");
+    assert!(
+        err.contains("two tasks have id `a` in version 1.1.0"),
+        "{err}"
+    );
+    let err = node(&backend, 1, "1.1", vec![tasks[3].clone()])
+        .tasks_above_app(upsilon::AboveAppPolicy::Error)
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("has version 2.0.0, above the app version 1.1.0"),
+        "{err}"
+    );
+    assert_eq!(backend.faults().calls(Op::Acquire), 0);
+}
+
+#[tokio::test]
+async fn progress_is_visible_in_the_status() {
+    let backend = MemoryBackend::new();
+    let (seen_tx, seen_rx) = tokio::sync::oneshot::channel::<()>();
+    let seen = Arc::new(Mutex::new(Some(seen_tx)));
+    let gate = Arc::new(Notify::new());
+    let g = gate.clone();
+    let task = Task::new(
+        "1.1",
+        1,
+        "copy",
+        move |ctx: &mut TaskContext| -> TaskFuture<'_> {
+            let (seen, g) = (seen.clone(), g.clone());
+            Box::pin(async move {
+                ctx.progress(40, 100, "copying rows");
+                let _ = seen.lock().unwrap().take().unwrap().send(());
+                g.notified().await;
+                Ok(())
+            })
+        },
+    )
+    .unwrap();
+    let up = node(&backend, 1, "1.1", vec![task]).build().unwrap();
+    let run = tokio::spawn({
+        let up = up.clone();
+        async move { up.run().await }
+    });
+    seen_rx.await.unwrap();
+    let status = up.probe().status();
+    assert_eq!(
+        status.to_string(),
+        "upgrading: task 1 of 1 (copy@1.1.0), 40/100 copying rows"
+    );
+    gate.notify_one();
+    run.await.unwrap().unwrap();
+}
