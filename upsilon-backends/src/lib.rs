@@ -1,1 +1,88 @@
-//! Backends for Upsilon.
+//! Lock and store backends for [Upsilon](upsilon), one module per backend
+//! behind one feature each:
+//!
+//! | feature | backend | lease | wake-up |
+//! |---|---|---|---|
+//! | `sqlite` (default) | [`sqlite::SqliteBackend`]: one database file, one host | row, `BEGIN IMMEDIATE` | poll |
+//!
+//! [`connect`] opens a backend from a URL.
+#![warn(missing_docs)]
+
+use std::sync::Arc;
+
+use upsilon::{Backend, BackendError};
+
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+
+/// Opens the backend a URL names:
+/// - `sqlite:PATH` or `sqlite://PATH` (`sqlite:///abs/path.db`), feature `sqlite`.
+pub async fn connect(url: &str) -> Result<Arc<dyn Backend>, BackendError> {
+    let scheme = url.split_once(':').map(|(s, _)| s).unwrap_or_default();
+    match scheme {
+        #[cfg(feature = "sqlite")]
+        "sqlite" => {
+            let path = url
+                .strip_prefix("sqlite://")
+                .or_else(|| url.strip_prefix("sqlite:"))
+                .unwrap_or_default();
+            Ok(Arc::new(sqlite::SqliteBackend::open(path).await?))
+        }
+        _ => Err(BackendError::other(format!(
+            "no backend for {:?}: expected a URL starting with one of {}",
+            redact(url),
+            enabled_schemes().join(", ")
+        ))),
+    }
+}
+
+fn enabled_schemes() -> Vec<&'static str> {
+    #[allow(unused_mut)]
+    let mut schemes = Vec::new();
+    #[cfg(feature = "sqlite")]
+    schemes.push("`sqlite:`");
+    schemes
+}
+
+/// The URL with any password replaced, for messages.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, tail) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}{tail}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_reach_messages() {
+        assert_eq!(
+            redact("postgres://app:s3cret@db:5432/x"),
+            "postgres://app:***@db:5432/x"
+        );
+        assert_eq!(redact("sqlite:///tmp/a.db"), "sqlite:///tmp/a.db");
+    }
+
+    #[tokio::test]
+    async fn unknown_schemes_are_named() {
+        let err = connect("mysql://u:pw@h/db")
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("\"mysql://u:***@h/db\""), "{err}");
+        assert!(!err.contains("pw"), "{err}");
+    }
+}

@@ -546,6 +546,13 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>, BackendError>;
 }
 
+/// A backend that is both the [`Lock`] and the [`Store`], as
+/// [`Builder::backend`](crate::Builder::backend) takes it. Implemented for
+/// every type that implements both.
+pub trait Backend: Lock + Store {}
+
+impl<T: Lock + Store + ?Sized> Backend for T {}
+
 /// What a backend can fail with. Driver errors are boxed behind `source`, so
 /// `upsilon` names no driver type.
 #[derive(Debug, thiserror::Error)]

@@ -63,7 +63,7 @@ pub mod testing;
 mod util;
 mod version;
 
-pub use backend::{Acquire, BackendError, Change, Holder, Lease, Lock, Snapshot, Store};
+pub use backend::{Acquire, Backend, BackendError, Change, Holder, Lease, Lock, Snapshot, Store};
 pub use context::{MissingResource, Resources, TaskContext, TaskInfo};
 pub use error::{Error, Report, TaskReport};
 pub use registry::{

@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::backend::{
-    Acquire, AttemptKind, AttemptState, BackendError, Change, FinishAttempt, Holder, Lease, Lock,
-    Snapshot, StartAttempt, Store,
+    Acquire, AttemptKind, AttemptState, Backend, BackendError, Change, FinishAttempt, Holder,
+    Lease, Lock, Snapshot, StartAttempt, Store,
 };
 use crate::context::{Resources, TaskContext, TaskInfo};
 use crate::error::{Error, Report, TaskReport};
@@ -233,7 +233,7 @@ impl Builder {
     }
 
     /// One backend that is both the lock and the store.
-    pub fn backend<B: Lock + Store + 'static>(mut self, backend: Arc<B>) -> Self {
+    pub fn backend(mut self, backend: Arc<dyn Backend>) -> Self {
         self.lock = Some(backend.clone());
         self.store = Some(backend);
         self

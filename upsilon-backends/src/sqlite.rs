@@ -1,0 +1,606 @@
+//! The embedded default: lease, fence, state and history in one SQLite file.
+//!
+//! Safe across processes on one host: every operation is one
+//! `BEGIN IMMEDIATE` transaction, so SQLite's file lock serialises them, and
+//! the lease's expiry is judged by the host's clock. Use a local disk: SQLite's
+//! locking is not reliable on network file systems. Waiting nodes poll.
+//!
+//! Tables (`upsilon_` prefix, shared by every service in the file):
+//! - `upsilon_meta(key, value)`: the stored format (`format` = 1);
+//! - `upsilon_state(service, data_version, baseline, store_fence, granted,
+//!   lease_holder, lease_fence, lease_expires_ms)`: one row per service;
+//! - `upsilon_history(...)`: one row per task attempt.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+use upsilon::backend::{
+    Acquire, AttemptKind, AttemptState, Change, HistoryEntry, LastRow, LeaseInfo, Snapshot,
+    TaskSummary,
+};
+use upsilon::{BackendError, Holder, Lease, Lock, Store, TaskKey};
+
+/// The stored format this build writes and reads.
+pub const FORMAT: u32 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS upsilon_meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS upsilon_state (
+    service          TEXT PRIMARY KEY,
+    data_version     TEXT,
+    baseline         TEXT,
+    store_fence      INTEGER NOT NULL DEFAULT 0,
+    granted          INTEGER NOT NULL DEFAULT 0,
+    lease_holder     TEXT,
+    lease_fence      INTEGER,
+    lease_expires_ms INTEGER
+);
+CREATE TABLE IF NOT EXISTS upsilon_history (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    service      TEXT NOT NULL,
+    version      TEXT NOT NULL,
+    task_id      TEXT NOT NULL,
+    attempt      INTEGER NOT NULL,
+    kind         TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    fence        INTEGER NOT NULL,
+    holder       TEXT NOT NULL,
+    description  TEXT NOT NULL,
+    started_ms   INTEGER NOT NULL,
+    finished_ms  INTEGER,
+    duration_ms  INTEGER,
+    error        TEXT,
+    UNIQUE (service, version, task_id, attempt)
+);
+";
+
+/// The host's clock in ms, as SQLite computes it, so every process agrees.
+const NOW_MS: &str = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
+
+/// Lock and store in one SQLite database file.
+#[derive(Debug, Clone)]
+pub struct SqliteBackend {
+    conn: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+fn driver(e: rusqlite::Error) -> BackendError {
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(
+                f.code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            ) =>
+        {
+            BackendError::unavailable(e)
+        }
+        _ => BackendError::other(e),
+    }
+}
+
+impl SqliteBackend {
+    /// Opens (creating if needed) the database at `path`, creates Upsilon's
+    /// tables and checks the stored format.
+    pub async fn open(path: impl AsRef<Path>) -> Result<SqliteBackend, BackendError> {
+        let path = path.as_ref().to_path_buf();
+        if path.as_os_str().is_empty() {
+            return Err(BackendError::other(
+                "the SQLite path is empty; give a file path like `sqlite:///var/lib/app/upsilon.db`",
+            ));
+        }
+        let p = path.clone();
+        let conn = tokio::task::spawn_blocking(move || -> Result<Connection, BackendError> {
+            let conn = Connection::open(&p).map_err(|e| {
+                BackendError::other(format!("cannot open SQLite database {}: {e}", p.display()))
+            })?;
+            conn.busy_timeout(Duration::from_secs(10)).map_err(driver)?;
+            conn.pragma_update(None, "journal_mode", "WAL")
+                .map_err(driver)?;
+            conn.pragma_update(None, "synchronous", "NORMAL")
+                .map_err(driver)?;
+            let mut conn = conn;
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(driver)?;
+            tx.execute_batch(SCHEMA).map_err(driver)?;
+            let format: Option<String> = tx
+                .query_row(
+                    "SELECT value FROM upsilon_meta WHERE key = 'format'",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(driver)?;
+            match format {
+                None => {
+                    tx.execute(
+                        "INSERT INTO upsilon_meta (key, value) VALUES ('format', ?1)",
+                        [FORMAT.to_string()],
+                    )
+                    .map_err(driver)?;
+                }
+                Some(f) => check_format(&f)?,
+            }
+            tx.commit().map_err(driver)?;
+            Ok(conn)
+        })
+        .await
+        .map_err(BackendError::other)??;
+        Ok(SqliteBackend {
+            conn: Arc::new(Mutex::new(conn)),
+            path,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` in one `BEGIN IMMEDIATE` transaction on a blocking thread,
+    /// committing if it returns `Ok`.
+    async fn tx<T, F>(&self, f: F) -> Result<T, BackendError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> Result<T, BackendError> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(driver)?;
+            let format: String = tx
+                .query_row(
+                    "SELECT value FROM upsilon_meta WHERE key = 'format'",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(driver)?
+                .ok_or_else(|| BackendError::corrupt("upsilon_meta has no `format` row"))?;
+            check_format(&format)?;
+            let value = f(&tx)?;
+            tx.commit().map_err(driver)?;
+            Ok(value)
+        })
+        .await
+        .map_err(BackendError::other)?
+    }
+}
+
+fn check_format(found: &str) -> Result<(), BackendError> {
+    match found.parse::<u32>() {
+        Ok(FORMAT) => Ok(()),
+        Ok(_) => Err(BackendError::UnsupportedFormat {
+            found: found.to_owned(),
+            supported: FORMAT.to_string(),
+        }),
+        Err(_) => Err(BackendError::corrupt(format!(
+            "upsilon_meta.format is {found:?}, not a number"
+        ))),
+    }
+}
+
+fn now_ms(tx: &Transaction<'_>) -> Result<i64, BackendError> {
+    tx.query_row(&format!("SELECT {NOW_MS}"), [], |r| r.get(0))
+        .map_err(driver)
+}
+
+fn version(text: &str, what: &str) -> Result<semver::Version, BackendError> {
+    semver::Version::parse(text)
+        .map_err(|e| BackendError::corrupt(format!("{what} {text:?} is not a version ({e})")))
+}
+
+/// The state row of `service`, created if missing.
+struct StateRow {
+    data_version: Option<String>,
+    baseline: Option<String>,
+    store_fence: u64,
+    granted: u64,
+    lease: Option<(String, u64, i64)>,
+}
+
+fn state(tx: &Transaction<'_>, service: &str) -> Result<StateRow, BackendError> {
+    tx.execute(
+        "INSERT OR IGNORE INTO upsilon_state (service) VALUES (?1)",
+        [service],
+    )
+    .map_err(driver)?;
+    tx.query_row(
+        "SELECT data_version, baseline, store_fence, granted, lease_holder, lease_fence, lease_expires_ms
+         FROM upsilon_state WHERE service = ?1",
+        [service],
+        |r| {
+            let holder: Option<String> = r.get(4)?;
+            let fence: Option<i64> = r.get(5)?;
+            let exp: Option<i64> = r.get(6)?;
+            Ok(StateRow {
+                data_version: r.get(0)?,
+                baseline: r.get(1)?,
+                store_fence: r.get::<_, i64>(2)? as u64,
+                granted: r.get::<_, i64>(3)? as u64,
+                lease: match (holder, fence, exp) {
+                    (Some(h), Some(f), Some(e)) => Some((h, f as u64, e)),
+                    _ => None,
+                },
+            })
+        },
+    )
+    .map_err(driver)
+}
+
+fn snapshot(tx: &Transaction<'_>, service: &str) -> Result<Snapshot, BackendError> {
+    let row = state(tx, service)?;
+    let mut snap = Snapshot {
+        data_version: row
+            .data_version
+            .as_deref()
+            .map(|v| version(v, "the data version"))
+            .transpose()?,
+        baseline: row
+            .baseline
+            .as_deref()
+            .map(|v| version(v, "the baseline"))
+            .transpose()?,
+        fence: row.store_fence,
+        tasks: BTreeMap::new(),
+    };
+    let mut stmt = tx
+        .prepare_cached(
+            "SELECT version, task_id, attempt, kind, state, fence FROM upsilon_history
+             WHERE service = ?1 ORDER BY id",
+        )
+        .map_err(driver)?;
+    let rows = stmt
+        .query_map([service], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, i64>(5)?,
+            ))
+        })
+        .map_err(driver)?;
+    for row in rows {
+        let (v, id, attempt, kind, st, fence) = row.map_err(driver)?;
+        let key = TaskKey {
+            version: version(&v, "a history row's version")?,
+            id,
+        };
+        let last = LastRow {
+            attempt: attempt as u32,
+            kind: AttemptKind::parse(&kind)?,
+            state: AttemptState::parse(&st)?,
+            fence: fence as u64,
+        };
+        summarise(&mut snap.tasks, key, last);
+    }
+    Ok(snap)
+}
+
+/// Folds one history row, oldest first, into the per-task summaries.
+fn summarise(tasks: &mut BTreeMap<TaskKey, TaskSummary>, key: TaskKey, last: LastRow) {
+    let entry = tasks.entry(key).or_insert(TaskSummary {
+        rows: 0,
+        completed: false,
+        last: last.clone(),
+    });
+    entry.rows += 1;
+    if last.state == AttemptState::Completed {
+        entry.completed = last.kind == AttemptKind::Run;
+    }
+    entry.last = last;
+}
+
+fn lost(what: &str, lease: &Lease) -> BackendError {
+    BackendError::LeaseLost(format!(
+        "{what}: the lease of `{}` is no longer held by {} with fence {}",
+        lease.service, lease.holder, lease.fence
+    ))
+}
+
+#[async_trait]
+impl Lock for SqliteBackend {
+    async fn try_acquire(
+        &self,
+        service: &str,
+        holder: &Holder,
+        ttl: Duration,
+    ) -> Result<Acquire, BackendError> {
+        let (service, holder) = (service.to_owned(), holder.clone());
+        self.tx(move |tx| {
+            let row = state(tx, &service)?;
+            let now = now_ms(tx)?;
+            if let Some((h, fence, exp)) = &row.lease {
+                if *exp > now {
+                    return Ok(Acquire::Held(LeaseInfo {
+                        holder: Holder::decode(h)?,
+                        fence: *fence,
+                        expires_at_ms: *exp,
+                        now_ms: now,
+                    }));
+                }
+            }
+            // The fence never decreases, even if the state row was deleted:
+            // it starts above every fence the history has seen.
+            let history_max: i64 = tx
+                .query_row(
+                    "SELECT COALESCE(MAX(fence), 0) FROM upsilon_history WHERE service = ?1",
+                    [&service],
+                    |r| r.get(0),
+                )
+                .map_err(driver)?;
+            let fence = row.granted.max(row.store_fence).max(history_max as u64) + 1;
+            let exp = now + ttl.as_millis() as i64;
+            tx.execute(
+                "UPDATE upsilon_state SET granted = ?2, lease_holder = ?3, lease_fence = ?2,
+                 lease_expires_ms = ?4 WHERE service = ?1",
+                params![service, fence as i64, holder.encode(), exp],
+            )
+            .map_err(driver)?;
+            Ok(Acquire::Granted(Lease {
+                service,
+                holder,
+                fence,
+                expires_at_ms: exp,
+                ttl,
+            }))
+        })
+        .await
+    }
+
+    async fn renew(&self, lease: &Lease) -> Result<Lease, BackendError> {
+        let lease = lease.clone();
+        self.tx(move |tx| {
+            let ttl_ms = lease.ttl.as_millis() as i64;
+            let exp: Option<i64> = tx
+                .query_row(
+                    &format!(
+                        "UPDATE upsilon_state SET lease_expires_ms = {NOW_MS} + ?4
+                         WHERE service = ?1 AND lease_holder = ?2 AND lease_fence = ?3
+                           AND lease_expires_ms > {NOW_MS}
+                         RETURNING lease_expires_ms"
+                    ),
+                    params![
+                        lease.service,
+                        lease.holder.encode(),
+                        lease.fence as i64,
+                        ttl_ms
+                    ],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(driver)?;
+            match exp {
+                Some(expires_at_ms) => Ok(Lease {
+                    expires_at_ms,
+                    ..lease
+                }),
+                None => Err(lost("renew", &lease)),
+            }
+        })
+        .await
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<(), BackendError> {
+        let lease = lease.clone();
+        self.tx(move |tx| {
+            let n = tx
+                .execute(
+                    &format!(
+                        "UPDATE upsilon_state SET lease_holder = NULL, lease_fence = NULL,
+                         lease_expires_ms = NULL
+                         WHERE service = ?1 AND lease_holder = ?2 AND lease_fence = ?3
+                           AND lease_expires_ms > {NOW_MS}"
+                    ),
+                    params![lease.service, lease.holder.encode(), lease.fence as i64],
+                )
+                .map_err(driver)?;
+            if n == 1 {
+                Ok(())
+            } else {
+                Err(lost("release", &lease))
+            }
+        })
+        .await
+    }
+
+    async fn current(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
+        let service = service.to_owned();
+        self.tx(move |tx| {
+            let row = state(tx, &service)?;
+            let now = now_ms(tx)?;
+            match row.lease {
+                Some((h, fence, exp)) if exp > now => Ok(Some(LeaseInfo {
+                    holder: Holder::decode(&h)?,
+                    fence,
+                    expires_at_ms: exp,
+                    now_ms: now,
+                })),
+                _ => Ok(None),
+            }
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Store for SqliteBackend {
+    async fn load(&self, service: &str) -> Result<Snapshot, BackendError> {
+        let service = service.to_owned();
+        self.tx(move |tx| snapshot(tx, &service)).await
+    }
+
+    async fn claim(&self, service: &str, fence: u64) -> Result<Snapshot, BackendError> {
+        let service = service.to_owned();
+        self.tx(move |tx| {
+            let mut snap = snapshot(tx, &service)?;
+            if fence < snap.fence {
+                return Err(BackendError::StaleFence {
+                    presented: fence,
+                    current: snap.fence,
+                });
+            }
+            tx.execute(
+                "UPDATE upsilon_state SET store_fence = ?2 WHERE service = ?1",
+                params![service, fence as i64],
+            )
+            .map_err(driver)?;
+            snap.fence = fence;
+            Ok(snap)
+        })
+        .await
+    }
+
+    async fn apply(
+        &self,
+        service: &str,
+        fence: u64,
+        changes: &[Change],
+    ) -> Result<(), BackendError> {
+        let service = service.to_owned();
+        let changes = changes.to_vec();
+        self.tx(move |tx| {
+            let mut snap = snapshot(tx, &service)?;
+            let todo = snap.check(fence, &changes)?;
+            let now = now_ms(tx)?;
+            for change in todo {
+                write(tx, &service, fence, now, change)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>, BackendError> {
+        let service = service.to_owned();
+        self.tx(move |tx| {
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT version, task_id, attempt, kind, state, fence, holder, description,
+                            started_ms, finished_ms, duration_ms, error
+                     FROM upsilon_history WHERE service = ?1 ORDER BY id",
+                )
+                .map_err(driver)?;
+            let rows = stmt
+                .query_map([&service], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, String>(4)?,
+                        r.get::<_, i64>(5)?,
+                        r.get::<_, String>(6)?,
+                        r.get::<_, String>(7)?,
+                        r.get::<_, i64>(8)?,
+                        r.get::<_, Option<i64>>(9)?,
+                        r.get::<_, Option<i64>>(10)?,
+                        r.get::<_, Option<String>>(11)?,
+                    ))
+                })
+                .map_err(driver)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (
+                    v,
+                    id,
+                    attempt,
+                    kind,
+                    st,
+                    fence,
+                    holder,
+                    description,
+                    started,
+                    finished,
+                    dur,
+                    error,
+                ) = row.map_err(driver)?;
+                out.push(HistoryEntry {
+                    key: TaskKey {
+                        version: version(&v, "a history row's version")?,
+                        id,
+                    },
+                    description,
+                    attempt: attempt as u32,
+                    kind: AttemptKind::parse(&kind)?,
+                    state: AttemptState::parse(&st)?,
+                    fence: fence as u64,
+                    holder: Holder::decode(&holder)?,
+                    started_at_ms: started,
+                    finished_at_ms: finished,
+                    duration: dur.map(|d| Duration::from_millis(d as u64)),
+                    error,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+fn write(
+    tx: &Transaction<'_>,
+    service: &str,
+    fence: u64,
+    now: i64,
+    change: &Change,
+) -> Result<(), BackendError> {
+    match change {
+        Change::Start(a) => tx.execute(
+            "INSERT INTO upsilon_history
+               (service, version, task_id, attempt, kind, state, fence, holder, description, started_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'running', ?6, ?7, ?8, ?9)",
+            params![
+                service,
+                a.key.version.to_string(),
+                a.key.id,
+                a.attempt,
+                a.kind.as_str(),
+                fence as i64,
+                a.holder.encode(),
+                a.description,
+                now
+            ],
+        ),
+        Change::Finish(f) => tx.execute(
+            "UPDATE upsilon_history SET state = ?5, finished_ms = ?6, duration_ms = ?7, error = ?8
+             WHERE service = ?1 AND version = ?2 AND task_id = ?3 AND attempt = ?4",
+            params![
+                service,
+                f.key.version.to_string(),
+                f.key.id,
+                f.attempt,
+                f.state.as_str(),
+                now,
+                f.duration.as_millis() as i64,
+                f.error
+            ],
+        ),
+        Change::DataVersion(v) => tx.execute(
+            "UPDATE upsilon_state SET data_version = ?2 WHERE service = ?1",
+            params![service, v.to_string()],
+        ),
+        Change::Baseline(v) => tx.execute(
+            "UPDATE upsilon_state SET data_version = ?2, baseline = ?2 WHERE service = ?1",
+            params![service, v.to_string()],
+        ),
+        other => {
+            return Err(BackendError::other(format!(
+                "this SQLite backend does not know the change {other:?}"
+            )))
+        }
+    }
+    .map(|_| ())
+    .map_err(driver)
+}

@@ -1,0 +1,292 @@
+//! The SQLite backend: conformance, and several nodes on one file, each with
+//! its own connection as separate processes would have.
+#![cfg(feature = "sqlite")]
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::Connection;
+use upsilon::testing::conformance::{self, Harness};
+use upsilon::testing::{self};
+use upsilon::{BackendError, Lock, Outcome, Store, Task, TaskContext, TaskFuture, Upsilon};
+use upsilon_backends::sqlite::SqliteBackend;
+
+struct Sqlite {
+    backend: Arc<SqliteBackend>,
+    path: PathBuf,
+    saved: Mutex<Option<String>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Sqlite {
+    async fn new() -> Sqlite {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("upsilon.db");
+        Sqlite {
+            backend: Arc::new(SqliteBackend::open(&path).await.unwrap()),
+            path,
+            saved: Mutex::new(None),
+            _dir: dir,
+        }
+    }
+
+    fn raw(&self) -> Connection {
+        let c = Connection::open(&self.path).unwrap();
+        c.busy_timeout(Duration::from_secs(10)).unwrap();
+        c
+    }
+}
+
+#[async_trait]
+impl Harness for Sqlite {
+    fn lock(&self) -> Arc<dyn Lock> {
+        self.backend.clone()
+    }
+    fn store(&self) -> Arc<dyn Store> {
+        self.backend.clone()
+    }
+    async fn corrupt(&self, service: &str) {
+        let c = self.raw();
+        let old: Option<String> = c
+            .query_row(
+                "SELECT data_version FROM upsilon_state WHERE service = ?1",
+                [service],
+                |r| r.get(0),
+            )
+            .unwrap();
+        *self.saved.lock().unwrap() = old;
+        c.execute(
+            "UPDATE upsilon_state SET data_version = 'one point oh' WHERE service = ?1",
+            [service],
+        )
+        .unwrap();
+    }
+    async fn repair(&self, service: &str) {
+        let old = self.saved.lock().unwrap().take();
+        self.raw()
+            .execute(
+                "UPDATE upsilon_state SET data_version = ?2 WHERE service = ?1",
+                rusqlite::params![service, old],
+            )
+            .unwrap();
+    }
+    async fn future_format(&self) -> bool {
+        self.raw()
+            .execute(
+                "UPDATE upsilon_meta SET value = '99' WHERE key = 'format'",
+                [],
+            )
+            .unwrap();
+        true
+    }
+    async fn reset_format(&self) {
+        self.raw()
+            .execute(
+                "UPDATE upsilon_meta SET value = '1' WHERE key = 'format'",
+                [],
+            )
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn sqlite_backend_conforms() {
+    conformance::run_all(&Sqlite::new().await).await;
+}
+
+#[tokio::test]
+async fn a_newer_format_is_refused_at_open_and_nothing_is_written() {
+    let h = Sqlite::new().await;
+    h.future_format().await;
+    let err = SqliteBackend::open(&h.path).await.unwrap_err();
+    assert!(
+        matches!(err, BackendError::UnsupportedFormat { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("format 99"), "{err}");
+    let services: i64 = h
+        .raw()
+        .query_row("SELECT COUNT(*) FROM upsilon_state", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(services, 0);
+}
+
+#[tokio::test]
+async fn deleting_the_state_row_does_not_reset_the_fence() {
+    let h = Sqlite::new().await;
+    let lease = match h
+        .backend
+        .try_acquire("svc", &testing::holder(1), Duration::from_secs(60))
+        .await
+        .unwrap()
+    {
+        upsilon::Acquire::Granted(l) => l,
+        other => panic!("{other:?}"),
+    };
+    h.backend.claim("svc", lease.fence).await.unwrap();
+    h.backend
+        .apply(
+            "svc",
+            lease.fence,
+            &[upsilon::Change::Baseline(
+                upsilon::parse_version("1.0").unwrap(),
+            )],
+        )
+        .await
+        .unwrap();
+    let first = lease.fence;
+    h.backend.release(&lease).await.unwrap();
+    // Grant a few more, then an operator deletes the state row by hand.
+    let mut last = first;
+    for n in 2..5 {
+        if let upsilon::Acquire::Granted(l) = h
+            .backend
+            .try_acquire("svc", &testing::holder(n), Duration::from_secs(60))
+            .await
+            .unwrap()
+        {
+            h.backend.claim("svc", l.fence).await.unwrap();
+            h.backend
+                .apply(
+                    "svc",
+                    l.fence,
+                    &[upsilon::Change::Start(upsilon::backend::StartAttempt {
+                        key: upsilon::TaskKey {
+                            version: upsilon::parse_version("1.1").unwrap(),
+                            id: format!("t{n}"),
+                        },
+                        attempt: 1,
+                        kind: upsilon::backend::AttemptKind::Run,
+                        description: String::new(),
+                        holder: testing::holder(n),
+                    })],
+                )
+                .await
+                .unwrap();
+            last = l.fence;
+            h.backend.release(&l).await.unwrap();
+        }
+    }
+    h.raw().execute("DELETE FROM upsilon_state", []).unwrap();
+    let upsilon::Acquire::Granted(after) = h
+        .backend
+        .try_acquire("svc", &testing::holder(9), Duration::from_secs(60))
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert!(after.fence > last, "fence {} after {last}", after.fence);
+}
+
+fn counting(runs: &Arc<Mutex<Vec<String>>>, version: &str, order: u32, id: &str) -> Task {
+    let runs = runs.clone();
+    Task::new(
+        version,
+        order,
+        id,
+        move |ctx: &mut TaskContext| -> TaskFuture<'_> {
+            runs.lock()
+                .unwrap()
+                .push(format!("{}:{}", ctx.holder().host, ctx.task().id));
+            Box::pin(async {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Ok(())
+            })
+        },
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_nodes_on_one_file_run_each_task_once() {
+    let h = Sqlite::new().await;
+    let runs = Arc::new(Mutex::new(Vec::new()));
+    let tasks = vec![
+        counting(&runs, "1.0", 1, "create"),
+        counting(&runs, "1.1", 1, "backfill"),
+        counting(&runs, "1.1", 2, "check"),
+    ];
+    let mut nodes = Vec::new();
+    for n in 0..6 {
+        // A connection of its own, as a separate process has.
+        let backend = Arc::new(SqliteBackend::open(&h.path).await.unwrap());
+        nodes.push(
+            Upsilon::builder()
+                .service("svc")
+                .app_version("1.1")
+                .backend(backend)
+                .holder(testing::holder(n))
+                .poll_interval(Duration::from_millis(20))
+                .tasks(tasks.clone())
+                .build()
+                .unwrap(),
+        );
+    }
+    let results = testing::run_nodes(nodes).await;
+    let upgraded = results
+        .iter()
+        .filter(|r| matches!(r, Ok(Outcome::Upgraded { .. })))
+        .count();
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    assert_eq!(upgraded, 1);
+    let runs = runs.lock().unwrap().clone();
+    assert_eq!(runs.len(), 3, "{runs:?}");
+    let node = runs[0].split(':').next().unwrap();
+    assert!(
+        runs.iter().all(|r| r.starts_with(&format!("{node}:"))),
+        "{runs:?}"
+    );
+    let snap = h.backend.load("svc").await.unwrap();
+    assert_eq!(
+        snap.data_version,
+        Some(upsilon::parse_version("1.1").unwrap())
+    );
+    assert_eq!(h.backend.history("svc").await.unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn services_share_one_file() {
+    let h = Sqlite::new().await;
+    let runs = Arc::new(Mutex::new(Vec::new()));
+    for service in ["billing", "search"] {
+        Upsilon::builder()
+            .service(service)
+            .app_version("1.0")
+            .backend(h.backend.clone())
+            .tasks(vec![counting(&runs, "1.0", 1, service)])
+            .build()
+            .unwrap()
+            .run()
+            .await
+            .unwrap();
+    }
+    assert_eq!(runs.lock().unwrap().len(), 2);
+    for service in ["billing", "search"] {
+        let snap = h.backend.load(service).await.unwrap();
+        assert_eq!(snap.tasks.len(), 1, "{service}");
+    }
+}
+
+#[tokio::test]
+async fn connect_by_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("x.db").display());
+    let backend = upsilon_backends::connect(&url).await.unwrap();
+    assert!(backend.load("svc").await.unwrap().is_empty());
+    let err = upsilon_backends::connect("sqlite:").await.err().unwrap();
+    assert!(
+        err.to_string().contains("the SQLite path is empty"),
+        "{err}"
+    );
+    let err = SqliteBackend::open("/nonexistent-dir/x/y.db")
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("cannot open SQLite database /nonexistent-dir/x/y.db"),
+        "{err}"
+    );
+}
