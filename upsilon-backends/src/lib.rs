@@ -36,8 +36,9 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Backend>, BackendError> {
     }
 }
 
+// One push per enabled feature, so `vec![]` does not fit.
+#[allow(clippy::vec_init_then_push, unused_mut)]
 fn enabled_schemes() -> Vec<&'static str> {
-    #[allow(unused_mut)]
     let mut schemes = Vec::new();
     #[cfg(feature = "sqlite")]
     schemes.push("`sqlite:`");
