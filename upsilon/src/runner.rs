@@ -46,6 +46,9 @@ pub enum AboveAppPolicy {
     Warn,
     /// Fail when the runner is built, naming each task.
     Error,
+    /// Leave them out silently: for a binary that plays several app versions
+    /// (tests, demos) or ships tasks ahead of their release.
+    Ignore,
 }
 
 /// How often a failing task is tried, and how long to wait between tries.
@@ -437,11 +440,17 @@ impl Builder {
         match self.config.above_app {
             AboveAppPolicy::Error => registry.check_not_above(&app)?,
             AboveAppPolicy::Warn => {
-                for t in registry.above(&app) {
-                    warn!(task = %t.key(), location = %t.location(), app_version = %app,
-                        "task version is above the app version; it is left out of the plan");
+                let above: Vec<String> = registry
+                    .above(&app)
+                    .map(|t| format!("{} ({})", t.key(), t.location()))
+                    .collect();
+                if !above.is_empty() {
+                    warn!(app_version = %app, tasks = %above.join(", "),
+                        "{} task(s) have a version above the app version; they are left out of the plan",
+                        above.len());
                 }
             }
+            AboveAppPolicy::Ignore => {}
         }
         let crates = registry.crates();
         for name in &self.required_crates {
