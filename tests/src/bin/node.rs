@@ -1,0 +1,151 @@
+//! A cluster node for the multi-process tests: runs Upsilon with generated
+//! tasks against a SQLite file, and records every task run in an `audit`
+//! table of the same file (task, node, fence, start, end), so a checker can
+//! tell which node did what under which fence.
+//!
+//! ```text
+//! node --db PATH --name NAME --app-version 1.1 --tasks 1.0:2,1.1:3 [--task-ms 50] [--ttl-ms 1000]
+//! ```
+//! Exit code 0 when the node became READY, 1 otherwise (the error on stderr).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use rusqlite::Connection;
+use upsilon::{AboveAppPolicy, Holder, Outcome, Task, TaskContext, TaskFuture, Upsilon};
+use upsilon_backends::sqlite::SqliteBackend;
+
+struct Args {
+    db: PathBuf,
+    name: String,
+    app_version: String,
+    tasks: Vec<(String, u32)>,
+    task_ms: u64,
+    ttl_ms: u64,
+}
+
+fn parse() -> anyhow::Result<Args> {
+    let mut map = HashMap::new();
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
+        map.insert(flag, value);
+    }
+    let get = |k: &str| map.get(k).cloned().with_context(|| format!("missing {k}"));
+    let tasks = get("--tasks")?
+        .split(',')
+        .map(|spec| {
+            let (v, n) = spec
+                .split_once(':')
+                .context("--tasks takes VERSION:COUNT,...")?;
+            Ok((v.to_owned(), n.parse()?))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(Args {
+        db: get("--db")?.into(),
+        name: get("--name")?,
+        app_version: get("--app-version")?,
+        tasks,
+        task_ms: map.get("--task-ms").map_or(Ok(50), |v| v.parse())?,
+        ttl_ms: map.get("--ttl-ms").map_or(Ok(2000), |v| v.parse())?,
+    })
+}
+
+struct Audit {
+    db: PathBuf,
+    task_ms: u64,
+}
+
+fn audit_task(version: &str, n: u32) -> anyhow::Result<Task> {
+    let id = format!("t{n}");
+    Ok(Task::new(
+        version,
+        n,
+        &id,
+        |ctx: &mut TaskContext| -> TaskFuture<'_> {
+            Box::pin(async move {
+                let audit = ctx.resource::<Audit>()?;
+                let conn = open(&audit.db)?;
+                let row = conn.query_row(
+                    "INSERT INTO audit (task, version, node, fence, started_ms)
+                 VALUES (?1, ?2, ?3, ?4, CAST(unixepoch('subsec') * 1000 AS INTEGER)) RETURNING id",
+                    rusqlite::params![
+                        ctx.task().id,
+                        ctx.task().version.to_string(),
+                        ctx.holder().pod.clone().unwrap_or_default(),
+                        ctx.fence() as i64
+                    ],
+                    |r| r.get::<_, i64>(0),
+                )?;
+                tokio::time::sleep(Duration::from_millis(audit.task_ms)).await;
+                conn.execute(
+                "UPDATE audit SET finished_ms = CAST(unixepoch('subsec') * 1000 AS INTEGER) WHERE id = ?1",
+                [row],
+            )?;
+                Ok(())
+            })
+        },
+    )?)
+}
+
+fn open(db: &std::path::Path) -> rusqlite::Result<Connection> {
+    let c = Connection::open(db)?;
+    c.busy_timeout(Duration::from_secs(10))?;
+    Ok(c)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = parse()?;
+    open(&args.db)?.execute_batch(
+        "CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY, task TEXT NOT NULL,
+         version TEXT NOT NULL, node TEXT NOT NULL, fence INTEGER NOT NULL,
+         started_ms INTEGER NOT NULL, finished_ms INTEGER)",
+    )?;
+    let mut tasks = Vec::new();
+    let mut order = 0;
+    for (version, count) in &args.tasks {
+        for _ in 0..*count {
+            order += 1;
+            tasks.push(audit_task(version, order)?);
+        }
+    }
+    let upsilon = Upsilon::builder()
+        .service("cluster")
+        .app_version(&args.app_version)
+        .backend(Arc::new(SqliteBackend::open(&args.db).await?))
+        .holder(Holder {
+            pod: Some(args.name.clone()),
+            ..Holder::current()
+        })
+        .tasks(tasks)
+        .tasks_above_app(AboveAppPolicy::Ignore)
+        .ttl(Duration::from_millis(args.ttl_ms))
+        .poll_interval(Duration::from_millis(50))
+        .resource(Audit {
+            db: args.db.clone(),
+            task_ms: args.task_ms,
+        })
+        .build()?;
+    match upsilon.run().await {
+        Ok(outcome) => {
+            let kind = match &outcome {
+                Outcome::Upgraded { .. } => "upgraded",
+                Outcome::WaitedForOther { .. } => "waited",
+                _ => "up-to-date",
+            };
+            println!("{} {kind}: {outcome}", args.name);
+            Ok(())
+        }
+        Err(e) => bail!("{} not ready: {e}", args.name),
+    }
+}
