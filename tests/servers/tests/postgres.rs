@@ -1,0 +1,61 @@
+//! The PostgreSQL harness starts, restarts, crashes and stops a real server,
+//! and leaves no process behind.
+
+use std::path::Path;
+
+use upsilon_test_servers::Postgres;
+
+fn running(pid: &str) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+#[test]
+fn starts_restarts_and_stops_a_server() {
+    let mut pg = Postgres::start();
+    assert_eq!(pg.psql("SELECT 1"), "1");
+    let pidfile = pg.dir().join("data/postmaster.pid");
+    let pid = std::fs::read_to_string(&pidfile).unwrap();
+    let pid = pid.lines().next().unwrap().to_owned();
+    assert!(running(&pid));
+    // As root the server runs as `postgres`, never as root.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(!uid.split_whitespace().nth(1).unwrap().eq("0"), "{uid}");
+
+    pg.psql("CREATE TABLE t (x int); INSERT INTO t VALUES (7)");
+    pg.restart();
+    assert_eq!(pg.psql("SELECT x FROM t"), "7");
+    pg.crash();
+    assert!(!pg.is_running());
+    assert!(pg.try_psql_in("postgres", "SELECT 1").is_err());
+    pg.start_again();
+    assert_eq!(pg.psql("SELECT x FROM t"), "7");
+
+    let wrong = std::process::Command::new("psql")
+        .args([
+            "-X",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg.port().to_string(),
+            "-U",
+            "postgres",
+        ])
+        .args(["-c", "SELECT 1"])
+        .env("PGPASSWORD", "wrong")
+        .output()
+        .unwrap();
+    assert!(!wrong.status.success(), "password authentication is on");
+
+    let url = pg.create_database("other");
+    assert!(url.ends_with("/other"), "{url}");
+    let pid = std::fs::read_to_string(&pidfile).unwrap();
+    let pid = pid.lines().next().unwrap().to_owned();
+    let dir = pg.dir().to_owned();
+    drop(pg);
+    assert!(!running(&pid), "the server stopped on drop");
+    assert!(!dir.exists(), "its directory is removed");
+}
