@@ -4,6 +4,10 @@
 //! | feature | backend | lease | wake-up |
 //! |---|---|---|---|
 //! | `sqlite` (default) | [`sqlite::SqliteBackend`]: one database file, one host | row, `BEGIN IMMEDIATE` | poll |
+//! | `postgres` | [`postgres::PostgresBackend`]: the service's own PostgreSQL, any number of hosts; works behind PgBouncer in transaction mode | row judged by the database clock, fence checked under `SELECT ... FOR UPDATE` | `LISTEN`/`NOTIFY`, poll behind a pooler |
+//!
+//! Feature `postgres-rustls` adds TLS to PostgreSQL with rustls;
+//! `all-backends` turns every backend on.
 //!
 //! [`connect`] opens a backend from a URL.
 #![warn(missing_docs)]
@@ -12,11 +16,17 @@ use std::sync::Arc;
 
 use upsilon::{Backend, BackendError};
 
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 
 /// Opens the backend a URL names:
-/// - `sqlite:PATH` or `sqlite://PATH` (`sqlite:///abs/path.db`), feature `sqlite`.
+/// - `sqlite:PATH` or `sqlite://PATH` (`sqlite:///abs/path.db`), feature `sqlite`;
+/// - `postgres://` or `postgresql://` URLs, feature `postgres` (see
+///   [`postgres::PostgresOptions::from_url`] for the options they may carry).
+///
+/// Errors show the URL with its password replaced.
 pub async fn connect(url: &str) -> Result<Arc<dyn Backend>, BackendError> {
     let scheme = url.split_once(':').map(|(s, _)| s).unwrap_or_default();
     match scheme {
@@ -27,6 +37,10 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Backend>, BackendError> {
                 .or_else(|| url.strip_prefix("sqlite:"))
                 .unwrap_or_default();
             Ok(Arc::new(sqlite::SqliteBackend::open(path).await?))
+        }
+        #[cfg(feature = "postgres")]
+        "postgres" | "postgresql" => {
+            Ok(Arc::new(postgres::PostgresBackend::connect_url(url).await?))
         }
         _ => Err(BackendError::other(format!(
             "no backend for {:?}: expected a URL starting with one of {}",
@@ -42,6 +56,8 @@ fn enabled_schemes() -> Vec<&'static str> {
     let mut schemes = Vec::new();
     #[cfg(feature = "sqlite")]
     schemes.push("`sqlite:`");
+    #[cfg(feature = "postgres")]
+    schemes.push("`postgres://`");
     schemes
 }
 

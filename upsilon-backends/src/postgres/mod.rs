@@ -1,0 +1,927 @@
+//! PostgreSQL: lease, fence, state and history in the database the service
+//! already runs on.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use upsilon_backends::postgres::PostgresBackend;
+//!
+//! let backend = PostgresBackend::connect_url("postgres://app:secret@db/app").await?;
+//! let upsilon = upsilon::Upsilon::builder()
+//!     .service("billing")
+//!     .app_version(env!("CARGO_PKG_VERSION"))
+//!     .backend(Arc::new(backend.clone()))
+//!     .resource(backend) // for tasks that use `complete_with`
+//!     .build()?;
+//! upsilon.run().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! How it works:
+//! - The lease is a row, judged by the database's clock
+//!   (`clock_timestamp()`), and holds no session state, so it works behind
+//!   PgBouncer in transaction mode. The fence is a counter in the same row
+//!   that only grows: a grant takes one more than the highest of the row's
+//!   counters and every fence in the history, so neither a forced release nor
+//!   deleting the row resets it.
+//! - Every store write is one transaction that locks the service's state row
+//!   (`SELECT ... FOR UPDATE`), reads the state and the per-task summaries,
+//!   checks the write with [`Snapshot::check`] and writes: two round trips,
+//!   the statements of each sent together (pipelined).
+//! - [`Store::load`], the start-up read of an up-to-date node, is one
+//!   statement: one round trip.
+//! - Waiting nodes `LISTEN`; a release and every data version change
+//!   `NOTIFY` in the same transaction. Without notifications (transaction
+//!   pooling, or a lost session) they poll.
+//! - A holder also keeps a session of its own (the listening connection) and
+//!   records its server process id in the lease row. A node that finds the
+//!   lease held by a session that no longer exists treats it as expired, so a
+//!   killed holder is taken over at the next poll rather than after the TTL.
+//!   Safety never depends on this: the new grant still gets a higher fence.
+//!   Behind a transaction-mode pooler this is off and the TTL decides.
+//!
+//! Tables, in a configurable schema (default `public`):
+//! - `upsilon_meta(key, value)`: the stored format (`format` = 1);
+//! - `upsilon_state(service, data_version, baseline, store_fence, granted,
+//!   lease_holder, lease_fence, lease_expires, lease_pid, lease_server_start)`:
+//!   one row per service;
+//! - `upsilon_history(id, service, version, task_id, attempt, kind, state,
+//!   fence, holder, description, started, finished, duration_ms, error)`:
+//!   one row per task attempt.
+//!
+//! Upsilon creates them (and the schema) when they are missing, and refuses a
+//! store whose format is newer than it knows. See `docs/POSTGRES.md` for the
+//! privileges it needs and for PgBouncer.
+
+mod conn;
+mod options;
+mod sql;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::FromSql;
+use tokio_postgres::Row;
+use tracing::{debug, info};
+use upsilon::backend::{
+    Acquire, AttemptKind, AttemptState, Change, FinishAttempt, HistoryEntry, LastRow, LeaseInfo,
+    Snapshot, TaskSummary,
+};
+use upsilon::{BackendError, Holder, Lease, Lock, Store, TaskContext, TaskKey};
+
+use conn::{
+    first_error, int4, int8, opt_int4, opt_int8, opt_text, pipeline, text, Conn, Connector, Pool,
+    Session, SessionId, Stmt, Wakeups,
+};
+pub use options::{check_identifier, PostgresOptions};
+use sql::Sql;
+
+/// The driver, for the transaction [`PostgresBackend::complete_with`] hands
+/// to a task.
+pub use tokio_postgres;
+
+/// The stored format this build writes and reads.
+pub const FORMAT: u32 = 1;
+
+/// Lock and store in a PostgreSQL database. Cheap to clone: clones share the
+/// pool and the session.
+#[derive(Clone)]
+pub struct PostgresBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    options: PostgresOptions,
+    connector: Connector,
+    pool: Pool,
+    sql: Sql,
+    wakeups: Arc<Wakeups>,
+    session: tokio::sync::Mutex<SessionSlot>,
+}
+
+#[derive(Default)]
+struct SessionSlot {
+    session: Option<Session>,
+    failed_at: Option<Instant>,
+}
+
+impl fmt::Debug for PostgresBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let o = &self.inner.options;
+        f.debug_struct("PostgresBackend")
+            .field("target", &o.target())
+            .field("schema", &o.schema)
+            .field("tables", &[&o.meta_table, &o.state_table, &o.history_table])
+            .field("transaction_pooling", &o.transaction_pooling)
+            .finish_non_exhaustive()
+    }
+}
+
+fn check_format(found: &str) -> Result<(), BackendError> {
+    match found.parse::<u32>() {
+        Ok(FORMAT) => Ok(()),
+        Ok(_) => Err(BackendError::UnsupportedFormat {
+            found: found.to_owned(),
+            supported: FORMAT.to_string(),
+        }),
+        Err(_) => Err(BackendError::corrupt(format!(
+            "the meta table's format is {found:?}, not a number"
+        ))),
+    }
+}
+
+fn format_of(row: &Row, idx: usize) -> Result<(), BackendError> {
+    match get::<Option<String>>(row, idx, "the stored format")? {
+        Some(f) => check_format(&f),
+        None => Err(BackendError::corrupt("the meta table has no `format` row")),
+    }
+}
+
+fn get<'r, T: FromSql<'r>>(row: &'r Row, idx: usize, what: &str) -> Result<T, BackendError> {
+    row.try_get(idx)
+        .map_err(|e| BackendError::corrupt(format!("{what} does not read: {e}")))
+}
+
+fn version(text: &str, what: &str) -> Result<semver::Version, BackendError> {
+    semver::Version::parse(text)
+        .map_err(|e| BackendError::corrupt(format!("{what} {text:?} is not a version ({e})")))
+}
+
+fn fence_of(v: i64) -> u64 {
+    v.max(0) as u64
+}
+
+fn lost(what: &str, lease: &Lease) -> BackendError {
+    BackendError::LeaseLost(format!(
+        "{what}: the lease of `{}` is no longer held by {} with fence {}",
+        lease.service, lease.holder, lease.fence
+    ))
+}
+
+fn timed_out(what: &str, after: Duration) -> BackendError {
+    BackendError::unavailable(format!(
+        "{what} did not finish within {after:?}; the connection was dropped"
+    ))
+}
+
+/// The snapshot from the rows of `Sql::snapshot`.
+fn snapshot_of(rows: &[Row]) -> Result<Snapshot, BackendError> {
+    let first = rows
+        .first()
+        .ok_or_else(|| BackendError::corrupt("the snapshot query returned no row"))?;
+    format_of(first, 0)?;
+    let data_version: Option<String> = get(first, 1, "the data version")?;
+    let baseline: Option<String> = get(first, 2, "the baseline")?;
+    let store_fence: Option<i64> = get(first, 3, "the store fence")?;
+    let mut snap = Snapshot {
+        data_version: data_version
+            .as_deref()
+            .map(|v| version(v, "the data version"))
+            .transpose()?,
+        baseline: baseline
+            .as_deref()
+            .map(|v| version(v, "the baseline"))
+            .transpose()?,
+        fence: fence_of(store_fence.unwrap_or(0)),
+        tasks: BTreeMap::new(),
+    };
+    for row in rows {
+        let Some(v) = get::<Option<String>>(row, 4, "a history row's version")? else {
+            continue;
+        };
+        let key = TaskKey {
+            version: version(&v, "a history row's version")?,
+            id: get(row, 5, "a history row's task id")?,
+        };
+        let n: i64 = get(row, 6, "a task's row count")?;
+        let attempt: i32 = get(row, 7, "an attempt number")?;
+        let kind: String = get(row, 8, "an attempt kind")?;
+        let state: String = get(row, 9, "an attempt state")?;
+        let fence: i64 = get(row, 10, "a history row's fence")?;
+        let done_kind: Option<String> = get(row, 11, "an attempt kind")?;
+        // As the SQLite backend folds rows oldest first: a task is completed
+        // when its newest completed row is a run (not a rollback).
+        let completed = match done_kind {
+            Some(k) => AttemptKind::parse(&k)? == AttemptKind::Run,
+            None => false,
+        };
+        snap.tasks.insert(
+            key,
+            TaskSummary {
+                rows: n as u32,
+                completed,
+                last: LastRow {
+                    attempt: attempt as u32,
+                    kind: AttemptKind::parse(&kind)?,
+                    state: AttemptState::parse(&state)?,
+                    fence: fence_of(fence),
+                },
+            },
+        );
+    }
+    Ok(snap)
+}
+
+impl PostgresBackend {
+    /// Connects from a `postgres://` or `postgresql://` URL; see
+    /// [`PostgresOptions::from_url`].
+    pub async fn connect_url(url: &str) -> Result<PostgresBackend, BackendError> {
+        PostgresBackend::connect(PostgresOptions::from_url(url)?).await
+    }
+
+    /// Connects, creates Upsilon's schema and tables if they are missing, and
+    /// checks the stored format.
+    pub async fn connect(options: PostgresOptions) -> Result<PostgresBackend, BackendError> {
+        options.validate()?;
+        let connector = Connector::new(&options)?;
+        let sql = Sql::new(&options);
+        let pool = Pool::new(options.clone(), connector.clone());
+        let backend = PostgresBackend {
+            inner: Arc::new(Inner {
+                options,
+                connector,
+                pool,
+                sql,
+                wakeups: Arc::new(Wakeups::default()),
+                session: tokio::sync::Mutex::new(SessionSlot::default()),
+            }),
+        };
+        backend.prepare_tables().await?;
+        Ok(backend)
+    }
+
+    /// The options it was connected with.
+    pub fn options(&self) -> &PostgresOptions {
+        &self.inner.options
+    }
+
+    /// The `LISTEN`/`NOTIFY` channel of this schema and state table; the
+    /// payload is the service name.
+    pub fn channel(&self) -> &str {
+        &self.inner.sql.channel
+    }
+
+    async fn conn(&self) -> Result<Conn<'_>, BackendError> {
+        let timeout = self.inner.options.op_timeout;
+        match tokio::time::timeout(timeout, self.inner.pool.get()).await {
+            Ok(r) => r,
+            Err(_) => Err(timed_out("connecting", timeout)),
+        }
+    }
+
+    /// Ends one operation that ran under the operation timeout: on success
+    /// the connection goes back to the pool; on an error any open transaction
+    /// is rolled back first (or the connection closed if that fails); on a
+    /// timeout the connection is closed.
+    async fn settle<T>(
+        &self,
+        conn: &mut Conn<'_>,
+        what: &str,
+        result: Result<Result<T, BackendError>, tokio::time::error::Elapsed>,
+    ) -> Result<T, BackendError> {
+        match result {
+            Err(_) => Err(timed_out(what, self.inner.options.op_timeout)),
+            Ok(Ok(v)) => {
+                conn.done();
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                let rollback = conn.client().batch_execute("ROLLBACK");
+                if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(2), rollback).await {
+                    conn.done();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn timed<T>(
+        &self,
+        op: impl std::future::Future<Output = Result<T, BackendError>>,
+    ) -> Result<Result<T, BackendError>, tokio::time::error::Elapsed> {
+        tokio::time::timeout(self.inner.options.op_timeout, op).await
+    }
+
+    /// Creates what is missing, under a transaction-level advisory lock so
+    /// that nodes starting together do not race; refuses unknown formats.
+    async fn prepare_tables(&self) -> Result<(), BackendError> {
+        let mut conn = self.conn().await?;
+        let sql = &self.inner.sql;
+        let first = conn.client().query_typed(&sql.format, &[]).await;
+        match first {
+            Ok(rows) if !rows.is_empty() => {
+                let f: String = get(&rows[0], 0, "the stored format")?;
+                check_format(&f)?;
+                conn.done();
+                return Ok(());
+            }
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Some(&SqlState::UNDEFINED_TABLE) | Some(&SqlState::INVALID_SCHEMA_NAME)
+                ) => {}
+            Err(e) => return Err(conn::driver_in(e, "reading Upsilon's stored format")),
+        }
+        let o = &self.inner.options;
+        let op = async {
+            let c = conn.client();
+            c.batch_execute("BEGIN").await.map_err(conn::driver)?;
+            c.query_typed(
+                "SELECT pg_advisory_xact_lock($1)",
+                &[(&sql::MIGRATION_LOCK, tokio_postgres::types::Type::INT8)],
+            )
+            .await
+            .map_err(conn::driver)?;
+            let found = c
+                .query_typed(
+                    &sql.inspect,
+                    &[
+                        (&o.schema, tokio_postgres::types::Type::TEXT),
+                        (&sql.meta, tokio_postgres::types::Type::TEXT),
+                        (&sql.state, tokio_postgres::types::Type::TEXT),
+                        (&sql.history, tokio_postgres::types::Type::TEXT),
+                    ],
+                )
+                .await
+                .map_err(conn::driver)?;
+            let row = &found[0];
+            let missing = [
+                !get::<bool>(row, 0, "schema")?,
+                !get::<bool>(row, 1, "meta table")?,
+                !get::<bool>(row, 2, "state table")?,
+                !get::<bool>(row, 3, "history table")?,
+            ];
+            let creating = missing.iter().any(|m| *m);
+            for stmt in sql.create(missing, FORMAT) {
+                c.batch_execute(&stmt).await.map_err(|e| {
+                    conn::driver_in(
+                        e,
+                        &format!("creating Upsilon's tables in schema {}", o.schema),
+                    )
+                })?;
+            }
+            let rows = c
+                .query_typed(&sql.format, &[])
+                .await
+                .map_err(conn::driver)?;
+            let f: Option<String> = match rows.first() {
+                Some(r) => get(r, 0, "the stored format")?,
+                None => None,
+            };
+            check_format(f.as_deref().unwrap_or_default())?;
+            c.batch_execute("COMMIT").await.map_err(conn::driver)?;
+            if creating {
+                info!(schema = %o.schema, "created Upsilon's tables");
+            }
+            Ok(())
+        };
+        let timeout = o.op_timeout;
+        let result = tokio::time::timeout(timeout, op)
+            .await
+            .unwrap_or_else(|_| Err(timed_out("creating Upsilon's tables", timeout)));
+        if result.is_ok() || conn.client().batch_execute("ROLLBACK").await.is_ok() {
+            conn.done();
+        }
+        result
+    }
+
+    /// The session's id, opening the session if needed; `None` when sessions
+    /// are off (transaction pooling) or it cannot be opened (then dead holders
+    /// are taken over after their TTL, and waiting nodes poll).
+    async fn session_id(&self) -> Option<SessionId> {
+        let inner = &self.inner;
+        if inner.options.transaction_pooling {
+            return None;
+        }
+        let mut slot = inner.session.lock().await;
+        if let Some(s) = slot.session.as_ref().filter(|s| s.is_open()) {
+            return Some(s.id);
+        }
+        slot.session = None;
+        if slot
+            .failed_at
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return None;
+        }
+        let opened = conn::open_session(
+            &inner.options,
+            &inner.connector,
+            &inner.sql.channel,
+            inner.wakeups.clone(),
+        )
+        .await;
+        match opened {
+            Ok(s) => {
+                let id = s.id;
+                slot.session = Some(s);
+                slot.failed_at = None;
+                Some(id)
+            }
+            Err(e) => {
+                debug!(error = %e, "no listening session; polling, and dead holders expire by TTL");
+                slot.failed_at = Some(Instant::now());
+                None
+            }
+        }
+    }
+
+    async fn session_open(&self) -> bool {
+        let slot = self.inner.session.lock().await;
+        slot.session.as_ref().is_some_and(|s| s.is_open())
+    }
+
+    /// Clears the lease of `service`, whoever holds it: an operator's tool for
+    /// a holder known to be dead. The fence stays: the next grant gets a
+    /// higher one, and the old holder's renewals and writes are refused.
+    /// Returns the holder and fence that were cleared, if any.
+    pub async fn force_release(
+        &self,
+        service: &str,
+    ) -> Result<Option<(Holder, u64)>, BackendError> {
+        let mut conn = self.conn().await?;
+        let sql = &self.inner.sql;
+        let stmt = [Stmt::Typed(
+            &sql.force_release,
+            vec![text(service), text(sql.channel.clone())],
+        )];
+        let op = async {
+            let rows = first_error(pipeline(conn.client(), &stmt).await).map_err(conn::driver)?;
+            match rows[0].first() {
+                Some(r) => {
+                    let h: String = get(r, 0, "the lease holder")?;
+                    let f: i64 = get(r, 1, "the lease fence")?;
+                    Ok(Some((Holder::decode(&h)?, fence_of(f))))
+                }
+                None => Ok(None),
+            }
+        };
+        let result = self.timed(op).await;
+        self.settle(&mut conn, "force-releasing the lease", result)
+            .await
+    }
+
+    /// Runs `work` in one transaction with the completion record of the task
+    /// that `ctx` belongs to, so that the task's own writes commit exactly
+    /// once: either both commit, or neither (the task then runs again).
+    ///
+    /// The transaction checks that `ctx`'s fence is still the store's newest
+    /// before `work` runs and again, under the state row's lock, before it
+    /// commits; a node that lost its lease commits nothing. `work` gets the
+    /// open transaction; do every write that must happen once through it.
+    ///
+    /// The runner's own completion record that follows is then found already
+    /// written and skipped. Return `Ok` from the task right after this call:
+    /// the task is recorded completed once this returns `Ok`.
+    ///
+    /// ```no_run
+    /// use upsilon_backends::postgres::PostgresBackend;
+    ///
+    /// #[upsilon::task(version = "1.1", order = 1)]
+    /// async fn add_currency(ctx: &mut upsilon::TaskContext) -> Result<(), upsilon::BoxError> {
+    ///     let pg = ctx.resource::<PostgresBackend>()?;
+    ///     pg.complete_with(ctx, async |tx| {
+    ///         tx.batch_execute("ALTER TABLE accounts ADD COLUMN currency text").await?;
+    ///         tx.execute("UPDATE accounts SET currency = 'EUR'", &[]).await?;
+    ///         Ok::<_, upsilon::BoxError>(())
+    ///     })
+    ///     .await
+    /// }
+    /// ```
+    pub async fn complete_with<T, E, F>(&self, ctx: &TaskContext, work: F) -> Result<T, E>
+    where
+        F: AsyncFnOnce(&tokio_postgres::Transaction<'_>) -> Result<T, E>,
+        E: From<BackendError>,
+    {
+        let sql = &self.inner.sql;
+        let service = ctx.service();
+        let fence = ctx.fence();
+        let info = ctx.task();
+        let key = TaskKey {
+            version: info.version.clone(),
+            id: info.id.clone(),
+        };
+        let finish = [Change::Finish(FinishAttempt {
+            key: key.clone(),
+            attempt: info.attempt,
+            state: AttemptState::Completed,
+            error: None,
+            duration: Duration::ZERO,
+        })];
+        let mut conn = self.conn().await?;
+        let timeout = self.inner.options.op_timeout;
+        let tx = tokio::time::timeout(timeout, conn.client_mut().transaction())
+            .await
+            .map_err(|_| timed_out("beginning a transaction", timeout))?
+            .map_err(conn::driver)?;
+        // Before the work: is this attempt still ours to finish?
+        let rows = tokio::time::timeout(
+            timeout,
+            tx.query_typed(
+                &sql.snapshot,
+                &[(&service, tokio_postgres::types::Type::TEXT)],
+            ),
+        )
+        .await
+        .map_err(|_| timed_out("reading the store", timeout))?
+        .map_err(conn::driver)?;
+        let mut snap = snapshot_of(&rows)?;
+        snap.clone().check(fence, &finish)?;
+
+        let value = work(&tx).await?;
+
+        // Lock the state row only now, so that renewals are not held up
+        // while the work runs; then check again and record the completion.
+        let finish_params = || {
+            vec![
+                text(service),
+                text(key.version.to_string()),
+                text(key.id.clone()),
+                int4(info.attempt as i32),
+                text(AttemptState::Completed.as_str()),
+            ]
+        };
+        let context = format!("recording the completion of task {key}");
+        let commit = async {
+            let c = tx.client();
+            let read = [
+                Stmt::Typed(&sql.lock_row, vec![text(service)]),
+                Stmt::Typed(&sql.snapshot, vec![text(service)]),
+            ];
+            let rows =
+                first_error(pipeline(c, &read).await).map_err(|e| conn::driver_in(e, &context))?;
+            snap = snapshot_of(&rows[1])?;
+            if !snap.check(fence, &finish)?.is_empty() {
+                let write = [Stmt::Typed(&sql.finish_now, finish_params())];
+                first_error(pipeline(c, &write).await).map_err(|e| conn::driver_in(e, &context))?;
+            }
+            Ok::<(), BackendError>(())
+        };
+        tokio::time::timeout(timeout, commit)
+            .await
+            .map_err(|_| timed_out("recording the completion", timeout))??;
+        tokio::time::timeout(timeout, tx.commit())
+            .await
+            .map_err(|_| timed_out("committing", timeout))?
+            .map_err(|e| conn::driver_in(e, &context))?;
+        conn.done();
+        Ok(value)
+    }
+}
+
+#[async_trait]
+impl Lock for PostgresBackend {
+    async fn try_acquire(
+        &self,
+        service: &str,
+        holder: &Holder,
+        ttl: Duration,
+    ) -> Result<Acquire, BackendError> {
+        self.inner.wakeups.mark_seen(service);
+        let session = self.session_id().await;
+        let sql = &self.inner.sql;
+        let mut conn = self.conn().await?;
+        let read = [
+            Stmt::Simple("BEGIN"),
+            Stmt::Typed(&sql.ensure_row, vec![text(service)]),
+            Stmt::Typed(&sql.acquire_read, vec![text(service)]),
+        ];
+        let op = async {
+            let c = conn.client();
+            let rows = first_error(pipeline(c, &read).await).map_err(conn::driver)?;
+            let row = rows[2]
+                .first()
+                .ok_or_else(|| BackendError::corrupt("the state row vanished under its lock"))?;
+            format_of(row, 0)?;
+            let granted: i64 = get(row, 1, "the granted fence")?;
+            let store_fence: i64 = get(row, 2, "the store fence")?;
+            let lease_holder: Option<String> = get(row, 3, "the lease holder")?;
+            let lease_fence: Option<i64> = get(row, 4, "the lease fence")?;
+            let expires: Option<i64> = get(row, 5, "the lease expiry")?;
+            let now: i64 = get(row, 6, "the clock")?;
+            let live: bool = get(row, 7, "the lease expiry")?;
+            let gone: bool = get(row, 8, "the holder's session")?;
+            let history_fence: i64 = get(row, 9, "the history's fence")?;
+            if let (Some(h), true) = (&lease_holder, live) {
+                let current = Holder::decode(h)?;
+                if !gone {
+                    first_error(pipeline(c, &[Stmt::Simple("COMMIT")]).await)
+                        .map_err(conn::driver)?;
+                    return Ok(Acquire::Held(LeaseInfo {
+                        holder: current,
+                        fence: fence_of(lease_fence.unwrap_or(0)),
+                        expires_at_ms: expires.unwrap_or(now),
+                        now_ms: now,
+                    }));
+                }
+                info!(%service, holder = %current, "the lease holder's session is gone; taking the lease over");
+            }
+            // The fence never decreases, even if the state row was deleted:
+            // it starts above every fence the history has seen.
+            let fence = granted.max(store_fence).max(history_fence) + 1;
+            let write = [
+                Stmt::Typed(
+                    &sql.grant,
+                    vec![
+                        text(service),
+                        int8(fence),
+                        text(holder.encode()),
+                        int8(ttl.as_millis() as i64),
+                        opt_int4(session.map(|s| s.pid)),
+                        opt_int8(session.map(|s| s.server_start)),
+                    ],
+                ),
+                Stmt::Simple("COMMIT"),
+            ];
+            let rows = first_error(pipeline(c, &write).await).map_err(conn::driver)?;
+            let expires_at_ms: i64 = rows[0]
+                .first()
+                .map(|r| get(r, 0, "the lease expiry"))
+                .transpose()?
+                .ok_or_else(|| BackendError::corrupt("the state row vanished under its lock"))?;
+            Ok(Acquire::Granted(Lease {
+                service: service.to_owned(),
+                holder: holder.clone(),
+                fence: fence_of(fence),
+                expires_at_ms,
+                ttl,
+            }))
+        };
+        let result = self.timed(op).await;
+        self.settle(&mut conn, "acquiring the lease", result).await
+    }
+
+    async fn renew(&self, lease: &Lease) -> Result<Lease, BackendError> {
+        let session = self.session_id().await;
+        let sql = &self.inner.sql;
+        let mut conn = self.conn().await?;
+        let stmt = [Stmt::Typed(
+            &sql.renew,
+            vec![
+                text(lease.service.clone()),
+                text(lease.holder.encode()),
+                int8(lease.fence as i64),
+                int8(lease.ttl.as_millis() as i64),
+                opt_int4(session.map(|s| s.pid)),
+                opt_int8(session.map(|s| s.server_start)),
+            ],
+        )];
+        let op = async {
+            let rows = first_error(pipeline(conn.client(), &stmt).await).map_err(conn::driver)?;
+            match rows[0].first() {
+                Some(r) => Ok(Lease {
+                    expires_at_ms: get(r, 0, "the lease expiry")?,
+                    ..lease.clone()
+                }),
+                None => Err(lost("renew", lease)),
+            }
+        };
+        let result = self.timed(op).await;
+        self.settle(&mut conn, "renewing the lease", result).await
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<(), BackendError> {
+        let sql = &self.inner.sql;
+        let mut conn = self.conn().await?;
+        let stmt = [Stmt::Typed(
+            &sql.release,
+            vec![
+                text(lease.service.clone()),
+                text(lease.holder.encode()),
+                int8(lease.fence as i64),
+                text(sql.channel.clone()),
+            ],
+        )];
+        let op = async {
+            let rows = first_error(pipeline(conn.client(), &stmt).await).map_err(conn::driver)?;
+            if rows[0].len() == 1 {
+                Ok(())
+            } else {
+                Err(lost("release", lease))
+            }
+        };
+        let result = self.timed(op).await;
+        self.settle(&mut conn, "releasing the lease", result).await
+    }
+
+    async fn current(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
+        let sql = &self.inner.sql;
+        let mut conn = self.conn().await?;
+        let stmt = [Stmt::Typed(&sql.current, vec![text(service)])];
+        let op = async {
+            let rows = first_error(pipeline(conn.client(), &stmt).await).map_err(conn::driver)?;
+            let Some(r) = rows[0].first() else {
+                return Ok(None);
+            };
+            if get::<bool>(r, 4, "the holder's session")? {
+                return Ok(None);
+            }
+            Ok(Some(LeaseInfo {
+                holder: Holder::decode(&get::<String>(r, 0, "the lease holder")?)?,
+                fence: fence_of(get(r, 1, "the lease fence")?),
+                expires_at_ms: get(r, 2, "the lease expiry")?,
+                now_ms: get(r, 3, "the clock")?,
+            }))
+        };
+        let result = self.timed(op).await;
+        self.settle(&mut conn, "reading the lease", result).await
+    }
+
+    async fn wait(&self, service: &str, timeout: Duration) -> Result<(), BackendError> {
+        if self.inner.options.transaction_pooling || !self.session_open().await {
+            tokio::time::sleep(timeout).await;
+            return Ok(());
+        }
+        self.inner.wakeups.wait(service, timeout).await;
+        Ok(())
+    }
+}
+
+impl PostgresBackend {
+    /// Opens a transaction, locks the state row of `service` (creating it if
+    /// missing) and reads the snapshot: one round trip.
+    async fn locked_snapshot(
+        &self,
+        c: &tokio_postgres::Client,
+        service: &str,
+    ) -> Result<Snapshot, BackendError> {
+        let sql = &self.inner.sql;
+        let read = [
+            Stmt::Simple("BEGIN"),
+            Stmt::Typed(&sql.ensure_row, vec![text(service)]),
+            Stmt::Typed(&sql.lock_row, vec![text(service)]),
+            Stmt::Typed(&sql.snapshot, vec![text(service)]),
+        ];
+        let rows = first_error(pipeline(c, &read).await).map_err(conn::driver)?;
+        snapshot_of(&rows[3])
+    }
+
+    fn write_stmt<'s>(
+        &'s self,
+        service: &str,
+        fence: u64,
+        change: &Change,
+    ) -> Result<Stmt<'s>, BackendError> {
+        let sql = &self.inner.sql;
+        Ok(match change {
+            Change::Start(a) => Stmt::Typed(
+                &sql.start,
+                vec![
+                    text(service),
+                    text(a.key.version.to_string()),
+                    text(a.key.id.clone()),
+                    int4(a.attempt as i32),
+                    text(a.kind.as_str()),
+                    int8(fence as i64),
+                    text(a.holder.encode()),
+                    text(a.description.clone()),
+                ],
+            ),
+            Change::Finish(f) => Stmt::Typed(
+                &sql.finish,
+                vec![
+                    text(service),
+                    text(f.key.version.to_string()),
+                    text(f.key.id.clone()),
+                    int4(f.attempt as i32),
+                    text(f.state.as_str()),
+                    int8(f.duration.as_millis() as i64),
+                    opt_text(f.error.clone()),
+                ],
+            ),
+            Change::DataVersion(v) => {
+                Stmt::Typed(&sql.data_version, vec![text(service), text(v.to_string())])
+            }
+            Change::Baseline(v) => {
+                Stmt::Typed(&sql.baseline, vec![text(service), text(v.to_string())])
+            }
+            other => {
+                return Err(BackendError::other(format!(
+                    "this PostgreSQL backend does not know the change {other:?}"
+                )))
+            }
+        })
+    }
+}
+
+#[async_trait]
+impl Store for PostgresBackend {
+    async fn load(&self, service: &str) -> Result<Snapshot, BackendError> {
+        let sql = &self.inner.sql;
+        let mut conn = self.conn().await?;
+        let stmt = [Stmt::Typed(&sql.snapshot, vec![text(service)])];
+        let op = async {
+            let rows = first_error(pipeline(conn.client(), &stmt).await).map_err(conn::driver)?;
+            snapshot_of(&rows[0])
+        };
+        let result = self.timed(op).await;
+        self.settle(&mut conn, "reading the store", result).await
+    }
+
+    async fn claim(&self, service: &str, fence: u64) -> Result<Snapshot, BackendError> {
+        let sql = &self.inner.sql;
+        let mut conn = self.conn().await?;
+        let op = async {
+            let c = conn.client();
+            let mut snap = self.locked_snapshot(c, service).await?;
+            if fence < snap.fence {
+                return Err(BackendError::StaleFence {
+                    presented: fence,
+                    current: snap.fence,
+                });
+            }
+            let mut write = Vec::new();
+            if fence > snap.fence {
+                write.push(Stmt::Typed(
+                    &sql.raise_fence,
+                    vec![text(service), int8(fence as i64)],
+                ));
+            }
+            write.push(Stmt::Simple("COMMIT"));
+            first_error(pipeline(c, &write).await).map_err(conn::driver)?;
+            snap.fence = fence;
+            Ok(snap)
+        };
+        let result = self.timed(op).await;
+        self.settle(&mut conn, "claiming the store", result).await
+    }
+
+    async fn apply(
+        &self,
+        service: &str,
+        fence: u64,
+        changes: &[Change],
+    ) -> Result<(), BackendError> {
+        let sql = &self.inner.sql;
+        let mut conn = self.conn().await?;
+        let op = async {
+            let c = conn.client();
+            let mut snap = self.locked_snapshot(c, service).await?;
+            let todo = snap.check(fence, changes)?;
+            let mut write = Vec::with_capacity(todo.len() + 2);
+            let mut notify = false;
+            for change in todo {
+                notify |= matches!(change, Change::DataVersion(_) | Change::Baseline(_));
+                write.push(self.write_stmt(service, fence, change)?);
+            }
+            if notify {
+                write.push(Stmt::Typed(
+                    &sql.notify,
+                    vec![text(sql.channel.clone()), text(service)],
+                ));
+            }
+            write.push(Stmt::Simple("COMMIT"));
+            first_error(pipeline(c, &write).await).map_err(conn::driver)?;
+            Ok(())
+        };
+        let result = self.timed(op).await;
+        self.settle(&mut conn, "writing to the store", result).await
+    }
+
+    async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>, BackendError> {
+        let sql = &self.inner.sql;
+        let mut conn = self.conn().await?;
+        let stmts = [
+            Stmt::Typed(&sql.format, vec![]),
+            Stmt::Typed(&sql.history_rows, vec![text(service)]),
+        ];
+        let op = async {
+            let rows = first_error(pipeline(conn.client(), &stmts).await).map_err(conn::driver)?;
+            match rows[0].first() {
+                Some(r) => format_of(r, 0)?,
+                None => return Err(BackendError::corrupt("the meta table has no `format` row")),
+            }
+            let mut out = Vec::with_capacity(rows[1].len());
+            for r in &rows[1] {
+                let v: String = get(r, 0, "a history row's version")?;
+                let holder: String = get(r, 6, "a history row's holder")?;
+                out.push(HistoryEntry {
+                    key: TaskKey {
+                        version: version(&v, "a history row's version")?,
+                        id: get(r, 1, "a history row's task id")?,
+                    },
+                    description: get(r, 7, "a history row's description")?,
+                    attempt: get::<i32>(r, 2, "an attempt number")? as u32,
+                    kind: AttemptKind::parse(&get::<String>(r, 3, "an attempt kind")?)?,
+                    state: AttemptState::parse(&get::<String>(r, 4, "an attempt state")?)?,
+                    fence: fence_of(get(r, 5, "a history row's fence")?),
+                    holder: Holder::decode(&holder)?,
+                    started_at_ms: get(r, 8, "a start time")?,
+                    finished_at_ms: get(r, 9, "an end time")?,
+                    duration: get::<Option<i64>>(r, 10, "a duration")?
+                        .map(|d| Duration::from_millis(d.max(0) as u64)),
+                    error: get(r, 11, "an error text")?,
+                });
+            }
+            Ok(out)
+        };
+        let result = self.timed(op).await;
+        self.settle(&mut conn, "reading the history", result).await
+    }
+}

@@ -1,0 +1,462 @@
+//! How to reach the server and where Upsilon's tables live.
+
+use std::fmt;
+#[cfg(feature = "postgres-rustls")]
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::Config;
+use upsilon::BackendError;
+
+use crate::redact;
+
+/// Options of a [`PostgresBackend`](super::PostgresBackend): the server (from
+/// a URL or from parts), the schema and table names, TLS, the pool, and
+/// whether session state may be used.
+///
+/// ```
+/// use upsilon_backends::postgres::PostgresOptions;
+/// let from_url = PostgresOptions::from_url("postgres://app:secret@db:5432/app?schema=ops")?;
+/// let from_parts = PostgresOptions::new()
+///     .host("db")
+///     .port(5432)
+///     .user("app")
+///     .password("secret")
+///     .dbname("app")
+///     .schema("ops");
+/// # Ok::<(), upsilon::BackendError>(())
+/// ```
+#[derive(Clone)]
+pub struct PostgresOptions {
+    pub(crate) config: Config,
+    pub(crate) schema: String,
+    pub(crate) meta_table: String,
+    pub(crate) state_table: String,
+    pub(crate) history_table: String,
+    pub(crate) pool_size: usize,
+    pub(crate) op_timeout: Duration,
+    pub(crate) transaction_pooling: bool,
+    pub(crate) tls: TlsChoice,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum TlsChoice {
+    /// Plain TCP (or a Unix socket).
+    Off,
+    /// TLS with rustls, verifying the server's certificate and host name
+    /// against the system's roots and `ca_file`.
+    #[cfg(feature = "postgres-rustls")]
+    Rustls { ca_file: Option<PathBuf> },
+    /// The URL asked for TLS, and this build has no TLS: refused at connect.
+    #[cfg_attr(feature = "postgres-rustls", allow(dead_code))]
+    Unavailable,
+}
+
+impl fmt::Debug for PostgresOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresOptions")
+            .field("target", &self.target())
+            .field("schema", &self.schema)
+            .field("meta_table", &self.meta_table)
+            .field("state_table", &self.state_table)
+            .field("history_table", &self.history_table)
+            .field("pool_size", &self.pool_size)
+            .field("op_timeout", &self.op_timeout)
+            .field("transaction_pooling", &self.transaction_pooling)
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        PostgresOptions::new()
+    }
+}
+
+impl PostgresOptions {
+    /// Options from parts, all defaults: host `localhost`, port 5432, user and
+    /// database `postgres`, schema `public`, tables `upsilon_meta`,
+    /// `upsilon_state` and `upsilon_history`, no TLS.
+    pub fn new() -> PostgresOptions {
+        let mut config = Config::new();
+        config
+            .application_name("upsilon")
+            .connect_timeout(Duration::from_secs(5))
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(30));
+        PostgresOptions {
+            config,
+            schema: "public".into(),
+            meta_table: "upsilon_meta".into(),
+            state_table: "upsilon_state".into(),
+            history_table: "upsilon_history".into(),
+            pool_size: 4,
+            op_timeout: Duration::from_secs(10),
+            transaction_pooling: false,
+            tls: TlsChoice::Off,
+        }
+    }
+
+    /// Options from a `postgres://` or `postgresql://` URL (or a libpq
+    /// `key=value` string). Besides what libpq knows, the query may carry:
+    /// - `schema=NAME`: the schema of Upsilon's tables (default `public`);
+    /// - `pgbouncer=true`: the server is reached through a pooler in
+    ///   transaction mode; see [`PostgresOptions::transaction_pooling`];
+    /// - `sslmode=require|verify-ca|verify-full` (TLS, feature
+    ///   `postgres-rustls`; the certificate is always verified) and
+    ///   `sslrootcert=PATH` (an extra CA file, PEM).
+    ///
+    /// Errors name the URL with its password replaced.
+    pub fn from_url(url: &str) -> Result<PostgresOptions, BackendError> {
+        let bad = |why: String| {
+            BackendError::other(format!("invalid PostgreSQL URL {:?}: {why}", redact(url)))
+        };
+        let mut options = PostgresOptions::new();
+        let (base, query) = match url.split_once('?') {
+            Some((b, q)) => (b, Some(q)),
+            None => (url, None),
+        };
+        let mut kept = Vec::new();
+        let mut sslmode = None;
+        let mut rootcert = None;
+        for pair in query
+            .unwrap_or_default()
+            .split('&')
+            .filter(|p| !p.is_empty())
+        {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let value = percent_decode(value).ok_or_else(|| {
+                bad(format!(
+                    "the value of `{key}` is not valid percent-encoding"
+                ))
+            })?;
+            match key {
+                "schema" => options.schema = value,
+                "pgbouncer" => {
+                    options.transaction_pooling = parse_bool(&value)
+                        .ok_or_else(|| bad(format!("pgbouncer={value:?} is not true or false")))?
+                }
+                "sslmode" => sslmode = Some(value),
+                "sslrootcert" => rootcert = Some(value),
+                _ => kept.push(pair),
+            }
+        }
+        let is_url = base.starts_with("postgres://") || base.starts_with("postgresql://");
+        let rebuilt = if kept.is_empty() {
+            base.to_owned()
+        } else if is_url {
+            format!("{base}?{}", kept.join("&"))
+        } else {
+            return Err(bad(
+                "use a `postgres://` URL to give options after `?`".into()
+            ));
+        };
+        let parsed = Config::from_str(&rebuilt).map_err(|e| bad(e.to_string()))?;
+        let mut config = parsed;
+        if config.get_application_name().is_none() {
+            config.application_name("upsilon");
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        config
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(30));
+        options.config = config;
+        match sslmode.as_deref() {
+            None | Some("disable") | Some("allow") | Some("prefer") => {
+                options.config.ssl_mode(SslMode::Disable);
+                if rootcert.is_some() {
+                    options.tls = tls_choice(rootcert);
+                    options.config.ssl_mode(SslMode::Require);
+                }
+            }
+            Some("require") | Some("verify-ca") | Some("verify-full") => {
+                options.tls = tls_choice(rootcert);
+                options.config.ssl_mode(SslMode::Require);
+            }
+            Some(other) => {
+                return Err(bad(format!(
+                "sslmode={other:?} is not one of disable, prefer, require, verify-ca, verify-full"
+            )))
+            }
+        }
+        Ok(options)
+    }
+
+    /// The server's host name, IP address or Unix socket directory.
+    pub fn host(mut self, host: impl Into<String>) -> Self {
+        self.config.host(host.into());
+        self
+    }
+
+    /// The server's port. Default 5432.
+    pub fn port(mut self, port: u16) -> Self {
+        self.config.port(port);
+        self
+    }
+
+    /// The user to connect as. Default `postgres`.
+    pub fn user(mut self, user: impl Into<String>) -> Self {
+        self.config.user(user.into());
+        self
+    }
+
+    /// The user's password. Never shown in messages or logs.
+    pub fn password(mut self, password: impl AsRef<[u8]>) -> Self {
+        self.config.password(password.as_ref());
+        self
+    }
+
+    /// The database. Default: the user's name.
+    pub fn dbname(mut self, dbname: impl Into<String>) -> Self {
+        self.config.dbname(dbname.into());
+        self
+    }
+
+    /// The `application_name` of Upsilon's connections, as
+    /// `pg_stat_activity` shows it. Default `upsilon`.
+    pub fn application_name(mut self, name: impl Into<String>) -> Self {
+        self.config.application_name(name.into());
+        self
+    }
+
+    /// How long to wait for a connection. Default 5 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.config.connect_timeout(timeout);
+        self
+    }
+
+    /// The schema of Upsilon's tables. Default `public`. Created if missing
+    /// (which needs the `CREATE` privilege on the database).
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// The names of Upsilon's three tables: the format marker, the per-service
+    /// state (lease, fence, data version) and the task history. Defaults
+    /// `upsilon_meta`, `upsilon_state`, `upsilon_history`.
+    pub fn tables(
+        mut self,
+        meta: impl Into<String>,
+        state: impl Into<String>,
+        history: impl Into<String>,
+    ) -> Self {
+        self.meta_table = meta.into();
+        self.state_table = state.into();
+        self.history_table = history.into();
+        self
+    }
+
+    /// How many pooled connections one backend keeps at most. Default 4.
+    pub fn pool_size(mut self, size: usize) -> Self {
+        self.pool_size = size;
+        self
+    }
+
+    /// The longest one operation (one transaction) may take before it is
+    /// abandoned as unavailable and its connection dropped. Default 10 s.
+    pub fn op_timeout(mut self, timeout: Duration) -> Self {
+        self.op_timeout = timeout;
+        self
+    }
+
+    /// The server is reached through a pooler in transaction mode (PgBouncer
+    /// `pool_mode = transaction`), where a connection is not the same server
+    /// session from one transaction to the next. Then Upsilon keeps no session
+    /// of its own: waiting nodes poll instead of `LISTEN`, and a dead holder's
+    /// lease is taken over once its TTL has run out (not as soon as its session
+    /// ends). Default off; `pgbouncer=true` in the URL turns it on.
+    pub fn transaction_pooling(mut self, on: bool) -> Self {
+        self.transaction_pooling = on;
+        self
+    }
+
+    /// Connect with TLS (rustls), verifying the server's certificate and host
+    /// name against the system's root certificates and, if given, the CA
+    /// certificates in `ca_file` (PEM).
+    #[cfg(feature = "postgres-rustls")]
+    pub fn tls(mut self, ca_file: Option<impl Into<PathBuf>>) -> Self {
+        self.tls = TlsChoice::Rustls {
+            ca_file: ca_file.map(Into::into),
+        };
+        self.config.ssl_mode(SslMode::Require);
+        self
+    }
+
+    /// `host:port/db as user`, for messages: never the password.
+    pub(crate) fn target(&self) -> String {
+        let host = match self.config.get_hosts().first() {
+            Some(Host::Tcp(h)) => h.clone(),
+            Some(Host::Unix(p)) => p.display().to_string(),
+            None => "localhost".to_owned(),
+        };
+        let port = self.config.get_ports().first().copied().unwrap_or(5432);
+        let user = self.config.get_user().unwrap_or("postgres");
+        let db = self.config.get_dbname().unwrap_or(user);
+        format!("{host}:{port}/{db} as user `{user}`")
+    }
+
+    /// Checks every identifier; the first bad one is named.
+    pub(crate) fn validate(&self) -> Result<(), BackendError> {
+        check_identifier("schema", &self.schema)?;
+        if self.schema.starts_with("pg_") {
+            return Err(BackendError::other(format!(
+                "schema {:?}: names starting with `pg_` are reserved by PostgreSQL",
+                self.schema
+            )));
+        }
+        check_identifier("meta table", &self.meta_table)?;
+        check_identifier("state table", &self.state_table)?;
+        check_identifier("history table", &self.history_table)?;
+        let names = [&self.meta_table, &self.state_table, &self.history_table];
+        if names[0] == names[1] || names[1] == names[2] || names[0] == names[2] {
+            return Err(BackendError::other(format!(
+                "the meta, state and history tables need three different names, got {:?}, {:?} and {:?}",
+                names[0], names[1], names[2]
+            )));
+        }
+        if self.pool_size == 0 {
+            return Err(BackendError::other("the pool size must be at least 1"));
+        }
+        if self.op_timeout.is_zero() {
+            return Err(BackendError::other(
+                "the operation timeout must not be zero",
+            ));
+        }
+        if self.tls == TlsChoice::Unavailable {
+            return Err(BackendError::other(
+                "the URL asks for TLS (sslmode or sslrootcert), and this build of upsilon-backends has no TLS: enable its `postgres-rustls` feature",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(feature = "postgres-rustls")]
+fn tls_choice(ca_file: Option<String>) -> TlsChoice {
+    TlsChoice::Rustls {
+        ca_file: ca_file.map(PathBuf::from),
+    }
+}
+
+#[cfg(not(feature = "postgres-rustls"))]
+fn tls_choice(_ca_file: Option<String>) -> TlsChoice {
+    TlsChoice::Unavailable
+}
+
+/// `^[a-z_][a-z0-9_]{0,62}$`: an identifier that needs no quoting, though it
+/// is always quoted, and fits PostgreSQL's 63-byte limit untruncated.
+pub fn check_identifier(what: &str, name: &str) -> Result<(), BackendError> {
+    let bytes = name.as_bytes();
+    let ok = !bytes.is_empty()
+        && bytes.len() <= 63
+        && (bytes[0].is_ascii_lowercase() || bytes[0] == b'_')
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(BackendError::other(format!(
+            "{what} name {name:?} is not allowed: use 1 to 63 characters of a-z, 0-9 and `_`, not starting with a digit"
+        )))
+    }
+}
+
+fn parse_bool(value: &str) -> Option<bool> {
+    match value {
+        "true" | "1" | "on" | "yes" => Some(true),
+        "false" | "0" | "off" | "no" => Some(false),
+        _ => None,
+    }
+}
+
+fn percent_decode(value: &str) -> Option<String> {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_are_allow_listed() {
+        for good in ["upsilon_state", "_x", "a", &"a".repeat(63), "t1"] {
+            check_identifier("table", good).unwrap();
+        }
+        for bad in [
+            "",
+            "1abc",
+            "Upsilon",
+            "a-b",
+            "a b",
+            "x\"; DROP TABLE y; --",
+            "tä",
+            &"a".repeat(64),
+        ] {
+            let err = check_identifier("table", bad).unwrap_err().to_string();
+            assert!(err.contains("is not allowed"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn url_options_are_taken_out_and_passwords_never_shown() {
+        let o = PostgresOptions::from_url(
+            "postgresql://app:s3cret@db.example:6432/app?schema=ops&pgbouncer=true&application_name=web",
+        )
+        .unwrap();
+        assert_eq!(o.schema, "ops");
+        assert!(o.transaction_pooling);
+        assert_eq!(o.config.get_application_name(), Some("web"));
+        assert_eq!(o.target(), "db.example:6432/app as user `app`");
+        let shown = format!("{o:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+
+        let err = PostgresOptions::from_url("postgres://app:s3cret@db:notaport/app")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(!err.contains("s3cret"), "{err}");
+        assert!(err.contains("postgres://app:***@db:notaport/app"), "{err}");
+
+        let err = PostgresOptions::from_url("postgres://app:s3cret@db/app?sslmode=sometimes")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("sslmode=\"sometimes\""), "{err}");
+        assert!(!err.contains("s3cret"), "{err}");
+    }
+
+    #[test]
+    fn parts_have_defaults() {
+        let o = PostgresOptions::new().host("h").user("u").dbname("d");
+        assert_eq!(o.target(), "h:5432/d as user `u`");
+        o.validate().unwrap();
+        let same = PostgresOptions::new().tables("t", "t", "h");
+        assert!(same.validate().is_err());
+        let reserved = PostgresOptions::new().schema("pg_catalog");
+        assert!(reserved
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("reserved"));
+    }
+}

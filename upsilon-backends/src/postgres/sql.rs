@@ -1,0 +1,245 @@
+//! Every statement, built once from the validated, quoted table names. Values
+//! are always bound parameters.
+
+use super::options::PostgresOptions;
+
+/// The server's start time in µs: a server process id means something only
+/// together with it (after a restart, old ids are meaningless).
+pub(crate) const SERVER_START: &str =
+    "(extract(epoch FROM pg_postmaster_start_time()) * 1000000)::int8";
+
+/// Serialises Upsilon's table creation and migrations across nodes, per database.
+pub(crate) const MIGRATION_LOCK: i64 = 0x7570_7369_6c6f_6e01;
+
+fn ms(expr: &str) -> String {
+    format!("floor(extract(epoch FROM {expr}) * 1000)::int8")
+}
+
+fn quote(name: &str) -> String {
+    // Names are allow-listed (no quotes in them); quoting keeps keywords safe.
+    format!("\"{name}\"")
+}
+
+/// FNV-1a, 64 bits: a stable hash for the notification channel's name.
+fn fnv1a(text: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+#[derive(Debug)]
+pub(crate) struct Sql {
+    pub(crate) schema: String,
+    pub(crate) meta: String,
+    pub(crate) state: String,
+    pub(crate) history: String,
+    pub(crate) channel: String,
+    pub(crate) format: String,
+    pub(crate) snapshot: String,
+    pub(crate) ensure_row: String,
+    pub(crate) lock_row: String,
+    pub(crate) acquire_read: String,
+    pub(crate) grant: String,
+    pub(crate) renew: String,
+    pub(crate) release: String,
+    pub(crate) current: String,
+    pub(crate) force_release: String,
+    pub(crate) raise_fence: String,
+    pub(crate) start: String,
+    pub(crate) finish: String,
+    pub(crate) finish_now: String,
+    pub(crate) data_version: String,
+    pub(crate) baseline: String,
+    pub(crate) notify: String,
+    pub(crate) history_rows: String,
+    pub(crate) inspect: String,
+}
+
+impl Sql {
+    pub(crate) fn new(o: &PostgresOptions) -> Sql {
+        let schema = quote(&o.schema);
+        let m = format!("{schema}.{}", quote(&o.meta_table));
+        let st = format!("{schema}.{}", quote(&o.state_table));
+        let h = format!("{schema}.{}", quote(&o.history_table));
+        let channel = format!(
+            "upsilon_{:016x}",
+            fnv1a(&format!("{}.{}", o.schema, o.state_table))
+        );
+        let format_col = format!("(SELECT value FROM {m} WHERE key = 'format')");
+        let gone = format!(
+            "coalesce(s.lease_pid IS NOT NULL AND s.lease_server_start = {SERVER_START}
+               AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = s.lease_pid), false)"
+        );
+        let ttl = "clock_timestamp() + $4::float8 * interval '1 millisecond'";
+        Sql {
+            format: format!("SELECT value FROM {m} WHERE key = 'format'"),
+            snapshot: format!(
+                "WITH t AS (
+                   SELECT version, task_id, count(*)::int8 AS n, max(attempt) AS attempt,
+                          (array_agg(kind ORDER BY attempt DESC))[1] AS kind,
+                          (array_agg(state ORDER BY attempt DESC))[1] AS state,
+                          (array_agg(fence ORDER BY attempt DESC))[1] AS fence,
+                          (array_agg(kind ORDER BY attempt DESC)
+                             FILTER (WHERE state = 'completed'))[1] AS done_kind
+                   FROM {h} WHERE service = $1 GROUP BY version, task_id)
+                 SELECT {format_col}, s.data_version, s.baseline, s.store_fence,
+                        t.version, t.task_id, t.n, t.attempt, t.kind, t.state, t.fence, t.done_kind
+                 FROM (VALUES (1)) AS one (x)
+                 LEFT JOIN {st} AS s ON s.service = $1
+                 LEFT JOIN t ON true"
+            ),
+            ensure_row: format!(
+                "INSERT INTO {st} (service) VALUES ($1) ON CONFLICT (service) DO NOTHING"
+            ),
+            lock_row: format!("SELECT 1 FROM {st} WHERE service = $1 FOR UPDATE"),
+            acquire_read: format!(
+                "SELECT {format_col}, s.granted, s.store_fence, s.lease_holder, s.lease_fence,
+                        {}, {}, coalesce(s.lease_expires > c.now, false), {gone},
+                        (SELECT coalesce(max(fence), 0)::int8 FROM {h} WHERE service = $1)
+                 FROM {st} AS s CROSS JOIN LATERAL (SELECT clock_timestamp() AS now) AS c
+                 WHERE s.service = $1 FOR UPDATE OF s",
+                ms("s.lease_expires"),
+                ms("c.now")
+            ),
+            grant: format!(
+                "UPDATE {st} SET granted = $2, lease_holder = $3, lease_fence = $2,
+                        lease_expires = {ttl}, lease_pid = $5, lease_server_start = $6
+                 WHERE service = $1 RETURNING {}",
+                ms("lease_expires")
+            ),
+            renew: format!(
+                "UPDATE {st} SET lease_expires = {ttl}, lease_pid = $5, lease_server_start = $6
+                 WHERE service = $1 AND lease_holder = $2 AND lease_fence = $3
+                   AND lease_expires > clock_timestamp()
+                 RETURNING {}",
+                ms("lease_expires")
+            ),
+            release: format!(
+                "WITH r AS (
+                   UPDATE {st} SET lease_holder = NULL, lease_fence = NULL, lease_expires = NULL,
+                          lease_pid = NULL, lease_server_start = NULL
+                   WHERE service = $1 AND lease_holder = $2 AND lease_fence = $3
+                     AND lease_expires > clock_timestamp()
+                   RETURNING service)
+                 SELECT r.service FROM r CROSS JOIN LATERAL pg_notify($4, r.service) AS n"
+            ),
+            current: format!(
+                "SELECT s.lease_holder, s.lease_fence, {}, {}, {gone}
+                 FROM {st} AS s CROSS JOIN LATERAL (SELECT clock_timestamp() AS now) AS c
+                 WHERE s.service = $1 AND s.lease_holder IS NOT NULL AND s.lease_expires > c.now",
+                ms("s.lease_expires"),
+                ms("c.now")
+            ),
+            force_release: format!(
+                "WITH old AS (
+                   SELECT service, lease_holder, lease_fence FROM {st}
+                   WHERE service = $1 AND lease_holder IS NOT NULL FOR UPDATE),
+                 r AS (
+                   UPDATE {st} AS s SET lease_holder = NULL, lease_fence = NULL,
+                          lease_expires = NULL, lease_pid = NULL, lease_server_start = NULL
+                   FROM old WHERE s.service = old.service
+                   RETURNING old.lease_holder, old.lease_fence)
+                 SELECT r.lease_holder, r.lease_fence
+                 FROM r CROSS JOIN LATERAL pg_notify($2, $1) AS n"
+            ),
+            raise_fence: format!("UPDATE {st} SET store_fence = $2 WHERE service = $1"),
+            start: format!(
+                "INSERT INTO {h} (service, version, task_id, attempt, kind, state, fence, holder,
+                                  description, started)
+                 VALUES ($1, $2, $3, $4, $5, 'running', $6, $7, $8, clock_timestamp())"
+            ),
+            finish: format!(
+                "UPDATE {h} SET state = $5, finished = clock_timestamp(), duration_ms = $6, error = $7
+                 WHERE service = $1 AND version = $2 AND task_id = $3 AND attempt = $4"
+            ),
+            finish_now: format!(
+                "UPDATE {h} SET state = $5, finished = clock_timestamp(), error = NULL,
+                        duration_ms = {}
+                 WHERE service = $1 AND version = $2 AND task_id = $3 AND attempt = $4",
+                ms("clock_timestamp() - started")
+            ),
+            data_version: format!("UPDATE {st} SET data_version = $2 WHERE service = $1"),
+            baseline: format!(
+                "UPDATE {st} SET data_version = $2, baseline = $2 WHERE service = $1"
+            ),
+            notify: "SELECT 1 FROM pg_notify($1, $2) AS n".to_owned(),
+            history_rows: format!(
+                "SELECT version, task_id, attempt, kind, state, fence, holder, description,
+                        {}, {}, duration_ms, error
+                 FROM {h} WHERE service = $1 ORDER BY id",
+                ms("started"),
+                ms("finished")
+            ),
+            inspect: "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1),
+                             to_regclass($2) IS NOT NULL, to_regclass($3) IS NOT NULL,
+                             to_regclass($4) IS NOT NULL"
+                .to_owned(),
+            schema,
+            meta: m,
+            state: st,
+            history: h,
+            channel,
+        }
+    }
+
+    /// The statements that create what `inspect` found missing, then record
+    /// the format if no format is recorded.
+    pub(crate) fn create(&self, missing: [bool; 4], format: u32) -> Vec<String> {
+        let [schema, meta, state, history] = missing;
+        let mut out = Vec::new();
+        if schema {
+            out.push(format!("CREATE SCHEMA {}", self.schema));
+        }
+        if meta {
+            out.push(format!(
+                "CREATE TABLE {} (key text PRIMARY KEY, value text NOT NULL)",
+                self.meta
+            ));
+        }
+        if state {
+            out.push(format!(
+                "CREATE TABLE {} (
+                   service            text PRIMARY KEY,
+                   data_version       text,
+                   baseline           text,
+                   store_fence        bigint NOT NULL DEFAULT 0,
+                   granted            bigint NOT NULL DEFAULT 0,
+                   lease_holder       text,
+                   lease_fence        bigint,
+                   lease_expires      timestamptz,
+                   lease_pid          integer,
+                   lease_server_start bigint)",
+                self.state
+            ));
+        }
+        if history {
+            out.push(format!(
+                "CREATE TABLE {} (
+                   id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                   service     text NOT NULL,
+                   version     text NOT NULL,
+                   task_id     text NOT NULL,
+                   attempt     integer NOT NULL,
+                   kind        text NOT NULL,
+                   state       text NOT NULL,
+                   fence       bigint NOT NULL,
+                   holder      text NOT NULL,
+                   description text NOT NULL,
+                   started     timestamptz NOT NULL,
+                   finished    timestamptz,
+                   duration_ms bigint,
+                   error       text,
+                   UNIQUE (service, version, task_id, attempt))",
+                self.history
+            ));
+        }
+        out.push(format!(
+            "INSERT INTO {} (key, value) VALUES ('format', '{format}') ON CONFLICT (key) DO NOTHING",
+            self.meta
+        ));
+        out
+    }
+}
