@@ -395,6 +395,63 @@ async fn a_wrong_password_gives_a_clear_error_without_the_password() {
     assert!(!format!("{ok:?}").contains(&good));
 }
 
+#[cfg(feature = "postgres-rustls")]
+#[tokio::test]
+async fn tls_verifies_the_server_against_the_given_ca() {
+    let pg = tokio::task::spawn_blocking(Postgres::start_tls)
+        .await
+        .unwrap();
+    let ca = pg.ca_file();
+    let url = format!(
+        "postgres://postgres:{}@localhost:{}/postgres?sslmode=verify-full&sslrootcert={}&application_name=tls_url",
+        pg.password(),
+        pg.port(),
+        ca.display()
+    );
+    let by_url = PostgresBackend::connect_url(&url).await.unwrap();
+    by_url.load("svc").await.unwrap();
+    let by_parts = PostgresBackend::connect(
+        PostgresOptions::new()
+            .host("127.0.0.1")
+            .port(pg.port())
+            .user("postgres")
+            .password(pg.password())
+            .application_name("tls_parts")
+            .tls(Some(&ca)),
+    )
+    .await
+    .unwrap();
+    let lease = granted(
+        by_parts
+            .try_acquire("svc", &testing::holder(1), Duration::from_secs(5))
+            .await
+            .unwrap(),
+    );
+    by_parts.release(&lease).await.unwrap();
+    let encrypted = pg.psql(
+        "SELECT a.application_name || '=' || s.ssl FROM pg_stat_ssl s
+         JOIN pg_stat_activity a USING (pid)
+         WHERE a.application_name LIKE 'tls_%' ORDER BY 1",
+    );
+    assert!(encrypted.contains("tls_url=t"), "{encrypted}");
+    assert!(encrypted.contains("tls_parts=t"), "{encrypted}");
+    assert!(!encrypted.contains("=f"), "{encrypted}");
+
+    // Without the CA the server is not trusted: a clear, permanent error.
+    let err = PostgresBackend::connect_url(&format!(
+        "postgres://postgres:{}@localhost:{}/postgres?sslmode=require",
+        pg.password(),
+        pg.port()
+    ))
+    .await
+    .unwrap_err();
+    assert!(!err.is_transient(), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("TLS"), "{text}");
+    assert!(text.contains("sslrootcert"), "{text}");
+    assert!(!text.contains(pg.password()), "{text}");
+}
+
 // ---------------------------------------------------------------------------
 // Tasks that write to an app table through `complete_with`.
 

@@ -108,6 +108,7 @@ pub struct Postgres {
     port: u16,
     password: String,
     run_as: Option<RunAs>,
+    settings: Vec<String>,
     child: Option<Child>,
     watchdog: Option<Child>,
 }
@@ -117,6 +118,17 @@ impl Postgres {
     /// install command, if the binaries are missing, and with the server's log
     /// if it does not start.
     pub fn start() -> Postgres {
+        Postgres::start_inner(false)
+    }
+
+    /// Like [`Postgres::start`], with TLS on: a throwaway CA (see
+    /// [`Postgres::ca_file`]) signs the server's certificate for `localhost`
+    /// and `127.0.0.1`. Needs the `openssl` command.
+    pub fn start_tls() -> Postgres {
+        Postgres::start_inner(true)
+    }
+
+    fn start_inner(tls: bool) -> Postgres {
         let bin = postgres_bin_dir();
         for tool in ["initdb", "postgres"] {
             assert!(
@@ -164,12 +176,23 @@ impl Postgres {
             String::from_utf8_lossy(&out.stderr)
         );
         let _ = fs::remove_file(&pwfile);
+        let mut settings = Vec::new();
+        if tls {
+            make_certificates(dir.path(), run_as);
+            let d = dir.path().display();
+            settings.extend([
+                "ssl=on".to_owned(),
+                format!("ssl_cert_file={d}/server.crt"),
+                format!("ssl_key_file={d}/server.key"),
+            ]);
+        }
         let mut pg = Postgres {
             bin,
             dir,
             port: 0,
             password,
             run_as,
+            settings,
             child: None,
             watchdog: None,
         };
@@ -221,6 +244,7 @@ impl Postgres {
                 "-c",
                 "shared_buffers=32MB",
             ])
+            .args(self.settings.iter().flat_map(|s| ["-c", s.as_str()]))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log);
@@ -406,6 +430,12 @@ impl Postgres {
         fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// The CA certificate (PEM) that signed the server's certificate, for a
+    /// server from [`Postgres::start_tls`].
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
+    }
+
     /// The temporary directory (data directory, socket, log).
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -415,6 +445,86 @@ impl Postgres {
 impl Drop for Postgres {
     fn drop(&mut self) {
         self.halt(Signal::SIGQUIT);
+    }
+}
+
+/// A CA and a server certificate it signs, for `localhost` and 127.0.0.1.
+fn make_certificates(dir: &Path, run_as: Option<RunAs>) {
+    let steps: [&[&str]; 3] = [
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=upsilon test CA",
+        ],
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ],
+    ];
+    fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .expect("writing the certificate extensions");
+    for args in steps {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run openssl: {e}; apt-get install -y openssl"));
+        assert!(
+            out.status.success(),
+            "openssl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let key = dir.join("server.key");
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).expect("chmod of the key");
+    if let Some(u) = run_as {
+        for f in ["server.key", "server.crt"] {
+            std::os::unix::fs::chown(dir.join(f), Some(u.uid), Some(u.gid))
+                .expect("handing the certificate to the postgres user");
+        }
     }
 }
 

@@ -59,3 +59,11 @@ fn starts_restarts_and_stops_a_server() {
     assert!(!running(&pid), "the server stopped on drop");
     assert!(!dir.exists(), "its directory is removed");
 }
+
+#[test]
+fn a_tls_server_offers_tls_signed_by_its_ca() {
+    let pg = Postgres::start_tls();
+    assert!(pg.ca_file().exists());
+    let out = pg.psql("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()");
+    assert_eq!(out, "t", "psql negotiated TLS");
+}

@@ -212,13 +212,22 @@ pub(crate) async fn open(
     };
     result.map_err(|e| {
         let auth = e.code().is_some_and(|c| c.code().starts_with("28"));
-        let mut err = driver_in(e, &context());
+        // The driver's TLS errors have no kind of their own to match on.
+        let tls = e.code().is_none() && e.to_string().contains("TLS");
+        let err = driver_in(e, &context());
         if auth {
-            err = BackendError::other(PgError {
+            BackendError::other(PgError {
                 message: format!("{err}; check the user name and password"),
-            });
+            })
+        } else if tls {
+            BackendError::other(PgError {
+                message: format!(
+                    "{err}; check that the server's certificate is signed by a trusted CA (`sslrootcert`) and names the host connected to"
+                ),
+            })
+        } else {
+            err
         }
-        err
     })
 }
 
