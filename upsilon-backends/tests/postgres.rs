@@ -395,6 +395,81 @@ async fn a_wrong_password_gives_a_clear_error_without_the_password() {
     assert!(!format!("{ok:?}").contains(&good));
 }
 
+#[tokio::test]
+async fn a_user_with_table_privileges_only_can_run_and_a_user_without_is_told_why() {
+    // An administrator sets Upsilon's tables up once (here: Upsilon itself,
+    // connected as the superuser), then grants the app's user what it needs.
+    let admin = raw(&server().url()).await;
+    backend("granted").await;
+    admin
+        .batch_execute(
+            "CREATE ROLE upsilon_app LOGIN PASSWORD 'app-pw';
+             GRANT USAGE ON SCHEMA granted TO upsilon_app;
+             GRANT SELECT, INSERT, UPDATE ON granted.upsilon_meta, granted.upsilon_state,
+                   granted.upsilon_history TO upsilon_app;
+             CREATE ROLE upsilon_nobody LOGIN PASSWORD 'nobody-pw';",
+        )
+        .await
+        .unwrap();
+    let as_user = |user: &str, pw: &str, schema: &str| {
+        PostgresOptions::new()
+            .host("127.0.0.1")
+            .port(server().port())
+            .user(user)
+            .password(pw)
+            .dbname("postgres")
+            .schema(schema)
+    };
+    let app = PostgresBackend::connect(as_user("upsilon_app", "app-pw", "granted"))
+        .await
+        .unwrap();
+    let runs = Arc::new(Mutex::new(0));
+    let counted = runs.clone();
+    let task = Task::new(
+        "1.0",
+        1,
+        "t",
+        move |_ctx: &mut TaskContext| -> TaskFuture<'_> {
+            *counted.lock().unwrap() += 1;
+            Box::pin(async { Ok(()) })
+        },
+    )
+    .unwrap();
+    let outcome = Upsilon::builder()
+        .service("svc")
+        .app_version("1.0")
+        .backend(Arc::new(app))
+        .tasks([task])
+        .build()
+        .unwrap()
+        .run()
+        .await
+        .unwrap();
+    assert!(matches!(outcome, Outcome::Upgraded { .. }), "{outcome}");
+    assert_eq!(*runs.lock().unwrap(), 1);
+
+    // No CREATE on the database: the schema cannot be created.
+    let err = PostgresBackend::connect(as_user("upsilon_nobody", "nobody-pw", "fresh_schema"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("permission denied for database postgres"),
+        "{err}"
+    );
+    assert!(err.contains("USAGE on the schema"), "{err}");
+    // No privileges on existing tables.
+    let err = PostgresBackend::connect(as_user("upsilon_nobody", "nobody-pw", "granted"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("permission denied for schema granted"),
+        "{err}"
+    );
+    assert!(!err.contains("nobody-pw"), "{err}");
+}
+
 #[cfg(feature = "postgres-rustls")]
 #[tokio::test]
 async fn tls_verifies_the_server_against_the_given_ca() {
