@@ -78,7 +78,7 @@ use conn::{
     first_error, int4, int8, opt_int4, opt_int8, opt_text, pipeline, text, Conn, Connector, Pool,
     Session, SessionId, Stmt, Wakeups,
 };
-pub use options::{check_identifier, PostgresOptions};
+pub use options::PostgresOptions;
 use sql::Sql;
 
 /// The driver, for the transaction [`PostgresBackend::complete_with`] hands
@@ -658,7 +658,12 @@ impl Lock for PostgresBackend {
     }
 
     async fn renew(&self, lease: &Lease) -> Result<Lease, BackendError> {
-        let session = self.session_id().await;
+        // A renewal must not wait long for a session: without one the lease
+        // row names none, and a dead holder is then taken over by its TTL.
+        let session = tokio::time::timeout(Duration::from_millis(500), self.session_id())
+            .await
+            .ok()
+            .flatten();
         let sql = &self.inner.sql;
         let mut conn = self.conn().await?;
         let stmt = [Stmt::Typed(

@@ -351,7 +351,7 @@ fn tls_choice(_ca_file: Option<String>) -> TlsChoice {
 
 /// `^[a-z_][a-z0-9_]{0,62}$`: an identifier that needs no quoting, though it
 /// is always quoted, and fits PostgreSQL's 63-byte limit untruncated.
-pub fn check_identifier(what: &str, name: &str) -> Result<(), BackendError> {
+pub(crate) fn check_identifier(what: &str, name: &str) -> Result<(), BackendError> {
     let bytes = name.as_bytes();
     let ok = !bytes.is_empty()
         && bytes.len() <= 63
