@@ -1056,6 +1056,9 @@ async fn a_server_restart_mid_upgrade_is_ridden_out() {
     })
     .await
     .unwrap();
+    let mid = PostgresBackend::connect(opts()).await.unwrap();
+    let done_at_restart = completions(&mid, "svc").await.len();
+    assert!(done_at_restart < 4, "the restart came mid-upgrade");
     let canary_outcome = canary_run.await.unwrap();
     let follower_outcome = follower_run.await.unwrap();
     let client = raw(&url).await;
