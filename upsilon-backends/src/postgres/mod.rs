@@ -439,7 +439,8 @@ impl PostgresBackend {
 
     /// Clears the lease of `service`, whoever holds it: an operator's tool for
     /// a holder known to be dead. The fence stays: the next grant gets a
-    /// higher one, and the old holder's renewals and writes are refused.
+    /// higher one. The old holder can no longer renew or release, and its
+    /// store writes are refused once the next holder has claimed the store.
     /// Returns the holder and fence that were cleared, if any.
     pub async fn force_release(
         &self,
