@@ -172,6 +172,8 @@ struct Config {
     plan: PlanOptions,
     backend_attempts: u32,
     baseline: Option<Version>,
+    /// Negative control: plan from the read made before the lease.
+    skip_reread: bool,
 }
 
 impl Default for Config {
@@ -190,6 +192,7 @@ impl Default for Config {
             plan: PlanOptions::default(),
             backend_attempts: 5,
             baseline: None,
+            skip_reread: false,
         }
     }
 }
@@ -366,6 +369,15 @@ impl Builder {
     /// before the runner fails. Default 5.
     pub fn backend_attempts(mut self, attempts: u32) -> Self {
         self.config.backend_attempts = attempts;
+        self
+    }
+
+    /// Negative control for simulations: plan from the state read before
+    /// the lease instead of re-reading after the claim. Breaks the protocol on
+    /// purpose; never use it outside a test of the test harness itself.
+    #[cfg(feature = "_negative-controls")]
+    pub fn skip_reread_after_acquire(mut self) -> Self {
+        self.config.skip_reread = true;
         self
     }
 
@@ -722,7 +734,7 @@ impl Inner {
                 });
             }
         };
-        self.hold(lease).await
+        self.hold(lease, snapshot).await
     }
 
     fn preflight(&self, snapshot: &Snapshot, plan: &Plan) -> Result<(), Error> {
@@ -752,7 +764,7 @@ impl Inner {
     }
 
     /// Steps 3-7 while holding `lease`. Releases on every path.
-    async fn hold(&self, lease: Lease) -> Result<Outcome, Error> {
+    async fn hold(&self, lease: Lease, before: Snapshot) -> Result<Outcome, Error> {
         let held = Arc::new(Held {
             lease: Mutex::new(lease.clone()),
             lost: CancellationToken::new(),
@@ -772,7 +784,7 @@ impl Inner {
             fence: lease.fence,
             ..Report::default()
         };
-        let result = self.upgrade(&held, &mut report).await;
+        let result = self.upgrade(&held, &mut report, before).await;
         drop(renewer);
         guard.armed = false;
         let current = held.lease.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -810,7 +822,12 @@ impl Inner {
     }
 
     /// Steps 3, 4 and 6.
-    async fn upgrade(&self, held: &Held, report: &mut Report) -> Result<(), Failure> {
+    async fn upgrade(
+        &self,
+        held: &Held,
+        report: &mut Report,
+        before: Snapshot,
+    ) -> Result<(), Failure> {
         let fence = report.fence;
         let mut snapshot = self
             .retry("claiming the store", || {
@@ -818,6 +835,9 @@ impl Inner {
             })
             .await
             .map_err(|e| self.lost_or(held, e))?;
+        if self.config.skip_reread {
+            snapshot = Snapshot { fence, ..before };
+        }
         report.from = snapshot.data_version.clone();
         report.to = snapshot.data_version.clone();
         if let Some(b) = self.config.baseline.clone().filter(|_| snapshot.is_empty()) {
@@ -928,6 +948,7 @@ impl Inner {
                         let wait = self.config.retry.backoff(failures);
                         info!(task = %task.key(), ?wait, "retrying the task");
                         tokio::select! {
+                            biased;
                             _ = tokio::time::sleep(wait) => {}
                             _ = held.lost.cancelled() => {}
                         }
@@ -1204,6 +1225,7 @@ async fn renew_loop(lock: Arc<dyn Lock>, held: Arc<Held>, config: Config) {
     let mut next = Instant::now() + config.renew_every;
     loop {
         tokio::select! {
+            biased;
             _ = tokio::time::sleep_until(next.min(deadline)) => {}
             _ = held.lost.cancelled() => return,
         }
