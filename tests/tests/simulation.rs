@@ -75,6 +75,9 @@ struct Controls {
     skip_reread: bool,
 }
 
+/// One run of a task body: (task id, fence, node, start, end).
+type Effect = (String, u64, String, Duration, Option<Duration>);
+
 /// What all parts of one trial share.
 struct World {
     start: Instant,
@@ -82,8 +85,8 @@ struct World {
     backend: Arc<MemoryBackend>,
     faults_on: AtomicBool,
     trace: Mutex<Vec<String>>,
-    /// Task body runs: (task id, fence, node, start, end).
-    effects: Mutex<Vec<(String, u64, String, Duration, Option<Duration>)>>,
+    /// Task body runs.
+    effects: Mutex<Vec<Effect>>,
     /// Writes refused as a protocol violation (`Rejected`), with who got it.
     rejected: Mutex<Vec<String>>,
     /// S7 violations seen at READY.
