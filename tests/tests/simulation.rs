@@ -223,8 +223,16 @@ impl Lock for Link {
         let r = self.world.backend.current(service).await;
         self.finish("current", gate, r)
     }
-    async fn wait(&self, service: &str, timeout: Duration) -> Result<(), BackendError> {
-        self.world.backend.wait(service, timeout).await
+    async fn wait(
+        &self,
+        service: &str,
+        seen: &LeaseInfo,
+        timeout: Duration,
+    ) -> Result<(), BackendError> {
+        self.world.backend.wait(service, seen, timeout).await
+    }
+    fn notifies(&self) -> bool {
+        true
     }
 }
 

@@ -170,12 +170,28 @@ pub trait Lock: Send + Sync + fmt::Debug {
     async fn current(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError>;
 
     /// Returns when the lease or the data version of `service` may have
-    /// changed, or after `timeout`. Backends with notifications wake early;
-    /// the default only sleeps (the runner then polls).
-    async fn wait(&self, service: &str, timeout: Duration) -> Result<(), BackendError> {
-        let _ = service;
+    /// changed since the caller read the lease as `seen`, or after `timeout`.
+    /// A backend with notifications returns at once if a change arrived
+    /// since `seen` was read, and otherwise wakes on the next one; the
+    /// default only sleeps (the runner then polls).
+    async fn wait(
+        &self,
+        service: &str,
+        seen: &LeaseInfo,
+        timeout: Duration,
+    ) -> Result<(), BackendError> {
+        let _ = (service, seen);
         tokio::time::sleep(timeout).await;
         Ok(())
+    }
+
+    /// Whether [`Lock::wait`] wakes on release and on data-version changes
+    /// (LISTEN/NOTIFY, pub/sub, watch). Then a waiting node sleeps until a
+    /// notification or the lease's expiry instead of polling, so it makes no
+    /// queries while it waits. May change at run time, for example while a
+    /// notification connection is down.
+    fn notifies(&self) -> bool {
+        false
     }
 }
 

@@ -687,6 +687,7 @@ impl Inner {
         let started = Instant::now();
         let deadline = started + self.config.max_wait;
         let mut last_holder = None;
+        let mut seen;
         let lease = loop {
             let acquired = self
                 .retry("acquiring the lease", || {
@@ -707,7 +708,8 @@ impl Inner {
                             holder: Some(info.holder.clone()),
                         });
                     }
-                    last_holder = Some(info.holder);
+                    last_holder = Some(info.holder.clone());
+                    seen = info;
                 }
             }
             let now = Instant::now();
@@ -718,8 +720,17 @@ impl Inner {
                     waited: now - started,
                 });
             }
-            let nap = jitter(self.config.poll).min(deadline - now);
-            if let Err(e) = self.lock.wait(&self.service, nap).await {
+            let nap = if self.lock.notifies() {
+                // Nothing changes before a notification but the lease running
+                // out: sleep until its expiry (a renewal moves it, and the
+                // next try sees the new one).
+                let left = (seen.expires_at_ms - seen.now_ms).max(0) as u64;
+                Duration::from_millis(left) + jitter(Duration::from_millis(50))
+            } else {
+                jitter(self.config.poll)
+            }
+            .min(deadline - now);
+            if let Err(e) = self.lock.wait(&self.service, &seen, nap).await {
                 debug!(error = %e, "waiting for a lease change failed; polling instead");
                 tokio::time::sleep(nap).await;
             }

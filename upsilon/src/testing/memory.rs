@@ -397,9 +397,30 @@ impl Lock for MemoryBackend {
         })
     }
 
-    async fn wait(&self, _service: &str, timeout: Duration) -> Result<(), BackendError> {
-        let _ = tokio::time::timeout(timeout, self.notify.notified()).await;
+    async fn wait(
+        &self,
+        service: &str,
+        seen: &LeaseInfo,
+        timeout: Duration,
+    ) -> Result<(), BackendError> {
+        let notified = self.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        // A change that happened after `seen` was read: no need to wait.
+        let changed = self.with_service(service, |s, now| {
+            Ok(match &s.lease {
+                Some((h, fence, exp)) => *h != seen.holder || *fence != seen.fence || *exp <= now,
+                None => true,
+            })
+        })?;
+        if !changed {
+            let _ = tokio::time::timeout(timeout, notified).await;
+        }
         Ok(())
+    }
+
+    fn notifies(&self) -> bool {
+        true
     }
 }
 
