@@ -332,10 +332,7 @@ fn tasks(world: &Arc<World>) -> Vec<Task> {
                         tokio::time::sleep(took).await;
                         world.effects.lock().unwrap()[index].4 = Some(world.now());
                         if fail {
-                            world.log(format!(
-                                "{node} task {}: injected task failure",
-                                ctx.task().id
-                            ));
+                            world.log(format!("{node} FAILS task {} (injected)", ctx.task().id));
                             return Err("injected task failure".into());
                         }
                         Ok(())
