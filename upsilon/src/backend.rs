@@ -306,6 +306,21 @@ impl Snapshot {
         self.data_version.is_none() && self.baseline.is_none() && self.tasks.is_empty()
     }
 
+    /// Folds one history row of `key` into the task summaries. Backends that
+    /// keep rows call it for each row, oldest first, to build a snapshot.
+    pub fn fold_row(&mut self, key: TaskKey, row: LastRow) {
+        let entry = self.tasks.entry(key).or_insert(TaskSummary {
+            rows: 0,
+            completed: false,
+            last: row.clone(),
+        });
+        entry.rows += 1;
+        if row.state == AttemptState::Completed {
+            entry.completed = row.kind == AttemptKind::Run;
+        }
+        entry.last = row;
+    }
+
     /// Whether `key` has a live completion.
     pub fn is_completed(&self, key: &TaskKey) -> bool {
         self.tasks.get(key).is_some_and(|t| t.completed)
@@ -625,6 +640,15 @@ impl BackendError {
         BackendError::Corrupt {
             detail: detail.into(),
         }
+    }
+
+    /// A [`BackendError::LeaseLost`] for `what` (renew, release) done with a
+    /// lease that no longer holds.
+    pub fn lease_lost(what: &str, lease: &Lease) -> BackendError {
+        BackendError::LeaseLost(format!(
+            "{what}: the lease of `{}` is no longer held by {} with fence {}",
+            lease.service, lease.holder, lease.fence
+        ))
     }
 
     /// A transient [`BackendError::Unavailable`].

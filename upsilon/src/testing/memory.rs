@@ -309,13 +309,6 @@ impl MemoryBackend {
     }
 }
 
-fn lost(what: &str, lease: &Lease) -> BackendError {
-    BackendError::LeaseLost(format!(
-        "{what}: the lease of `{}` is no longer held by {} with fence {}",
-        lease.service, lease.holder, lease.fence
-    ))
-}
-
 #[async_trait]
 impl Lock for MemoryBackend {
     async fn try_acquire(
@@ -366,7 +359,7 @@ impl Lock for MemoryBackend {
                     ..lease.clone()
                 })
             }
-            _ => Err(lost("renew", lease)),
+            _ => Err(BackendError::lease_lost("renew", lease)),
         });
         Self::lose_reply(lost_reply, Op::Renew, r)
     }
@@ -378,7 +371,7 @@ impl Lock for MemoryBackend {
                 s.lease = None;
                 Ok(())
             }
-            _ => Err(lost("release", lease)),
+            _ => Err(BackendError::lease_lost("release", lease)),
         });
         self.notify.notify_waiters();
         Self::lose_reply(lost_reply, Op::Release, r)
