@@ -6,7 +6,7 @@
 //!   lease, delay, apply a write but lose the reply.
 //! - [`run_nodes`]: several nodes in one process, started together.
 //! - [`conformance`]: the suite every backend passes.
-//! - [`context`]: a [`TaskContext`](crate::TaskContext) for unit-testing a
+//! - [`context`]: a [`TaskContext`] for unit-testing a
 //!   task fn on its own.
 
 pub mod conformance;
