@@ -12,24 +12,18 @@ const NODE: &str = env!("CARGO_BIN_EXE_node");
 
 fn node(db: &Path, name: &str, app: &str, tasks: &str, task_ms: u64) -> Command {
     let mut c = Command::new(NODE);
-    c.args([
-        "--db",
-        &db.display().to_string(),
-        "--name",
-        name,
-        "--app-version",
-        app,
-    ])
-    .args([
-        "--tasks",
-        tasks,
-        "--task-ms",
-        &task_ms.to_string(),
-        "--ttl-ms",
-        "1000",
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    let url = format!("sqlite://{}", db.display());
+    c.args(["--url", &url, "--name", name, "--app-version", app])
+        .args([
+            "--tasks",
+            tasks,
+            "--task-ms",
+            &task_ms.to_string(),
+            "--ttl-ms",
+            "1000",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     c
 }
 

@@ -20,7 +20,6 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use upsilon::backend::{
     Acquire, AttemptKind, AttemptState, Change, HistoryEntry, LastRow, LeaseInfo, Snapshot,
-    TaskSummary,
 };
 use upsilon::{BackendError, Holder, Lease, Lock, Store, TaskKey};
 
@@ -283,30 +282,9 @@ fn snapshot(tx: &Transaction<'_>, service: &str) -> Result<Snapshot, BackendErro
             state: AttemptState::parse(&st)?,
             fence: fence as u64,
         };
-        summarise(&mut snap.tasks, key, last);
+        snap.fold_row(key, last);
     }
     Ok(snap)
-}
-
-/// Folds one history row, oldest first, into the per-task summaries.
-fn summarise(tasks: &mut BTreeMap<TaskKey, TaskSummary>, key: TaskKey, last: LastRow) {
-    let entry = tasks.entry(key).or_insert(TaskSummary {
-        rows: 0,
-        completed: false,
-        last: last.clone(),
-    });
-    entry.rows += 1;
-    if last.state == AttemptState::Completed {
-        entry.completed = last.kind == AttemptKind::Run;
-    }
-    entry.last = last;
-}
-
-fn lost(what: &str, lease: &Lease) -> BackendError {
-    BackendError::LeaseLost(format!(
-        "{what}: the lease of `{}` is no longer held by {} with fence {}",
-        lease.service, lease.holder, lease.fence
-    ))
 }
 
 #[async_trait]
@@ -386,7 +364,7 @@ impl Lock for SqliteBackend {
                     expires_at_ms,
                     ..lease
                 }),
-                None => Err(lost("renew", &lease)),
+                None => Err(BackendError::lease_lost("renew", &lease)),
             }
         })
         .await
@@ -409,7 +387,7 @@ impl Lock for SqliteBackend {
             if n == 1 {
                 Ok(())
             } else {
-                Err(lost("release", &lease))
+                Err(BackendError::lease_lost("release", &lease))
             }
         })
         .await

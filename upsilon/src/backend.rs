@@ -170,12 +170,28 @@ pub trait Lock: Send + Sync + fmt::Debug {
     async fn current(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError>;
 
     /// Returns when the lease or the data version of `service` may have
-    /// changed, or after `timeout`. Backends with notifications wake early;
-    /// the default only sleeps (the runner then polls).
-    async fn wait(&self, service: &str, timeout: Duration) -> Result<(), BackendError> {
-        let _ = service;
+    /// changed since the caller read the lease as `seen`, or after `timeout`.
+    /// A backend with notifications returns at once if a change arrived
+    /// since `seen` was read, and otherwise wakes on the next one; the
+    /// default only sleeps (the runner then polls).
+    async fn wait(
+        &self,
+        service: &str,
+        seen: &LeaseInfo,
+        timeout: Duration,
+    ) -> Result<(), BackendError> {
+        let _ = (service, seen);
         tokio::time::sleep(timeout).await;
         Ok(())
+    }
+
+    /// Whether [`Lock::wait`] wakes on release and on data-version changes
+    /// (LISTEN/NOTIFY, pub/sub, watch). Then a waiting node sleeps until a
+    /// notification or the lease's expiry instead of polling, so it makes no
+    /// queries while it waits. May change at run time, for example while a
+    /// notification connection is down.
+    fn notifies(&self) -> bool {
+        false
     }
 }
 
@@ -288,6 +304,21 @@ impl Snapshot {
     /// Whether the store has no data version, no baseline and no history.
     pub fn is_empty(&self) -> bool {
         self.data_version.is_none() && self.baseline.is_none() && self.tasks.is_empty()
+    }
+
+    /// Folds one history row of `key` into the task summaries. Backends that
+    /// keep rows call it for each row, oldest first, to build a snapshot.
+    pub fn fold_row(&mut self, key: TaskKey, row: LastRow) {
+        let entry = self.tasks.entry(key).or_insert(TaskSummary {
+            rows: 0,
+            completed: false,
+            last: row.clone(),
+        });
+        entry.rows += 1;
+        if row.state == AttemptState::Completed {
+            entry.completed = row.kind == AttemptKind::Run;
+        }
+        entry.last = row;
     }
 
     /// Whether `key` has a live completion.
@@ -609,6 +640,15 @@ impl BackendError {
         BackendError::Corrupt {
             detail: detail.into(),
         }
+    }
+
+    /// A [`BackendError::LeaseLost`] for `what` (renew, release) done with a
+    /// lease that no longer holds.
+    pub fn lease_lost(what: &str, lease: &Lease) -> BackendError {
+        BackendError::LeaseLost(format!(
+            "{what}: the lease of `{}` is no longer held by {} with fence {}",
+            lease.service, lease.holder, lease.fence
+        ))
     }
 
     /// A transient [`BackendError::Unavailable`].

@@ -172,6 +172,8 @@ struct Config {
     plan: PlanOptions,
     backend_attempts: u32,
     baseline: Option<Version>,
+    /// Negative control: plan from the read made before the lease.
+    skip_reread: bool,
 }
 
 impl Default for Config {
@@ -190,6 +192,7 @@ impl Default for Config {
             plan: PlanOptions::default(),
             backend_attempts: 5,
             baseline: None,
+            skip_reread: false,
         }
     }
 }
@@ -366,6 +369,15 @@ impl Builder {
     /// before the runner fails. Default 5.
     pub fn backend_attempts(mut self, attempts: u32) -> Self {
         self.config.backend_attempts = attempts;
+        self
+    }
+
+    /// Negative control for simulations: plan from the state read before
+    /// the lease instead of re-reading after the claim. Breaks the protocol on
+    /// purpose; never use it outside a test of the test harness itself.
+    #[cfg(feature = "_negative-controls")]
+    pub fn skip_reread_after_acquire(mut self) -> Self {
+        self.config.skip_reread = true;
         self
     }
 
@@ -675,6 +687,7 @@ impl Inner {
         let started = Instant::now();
         let deadline = started + self.config.max_wait;
         let mut last_holder = None;
+        let mut seen;
         let lease = loop {
             let acquired = self
                 .retry("acquiring the lease", || {
@@ -695,7 +708,8 @@ impl Inner {
                             holder: Some(info.holder.clone()),
                         });
                     }
-                    last_holder = Some(info.holder);
+                    last_holder = Some(info.holder.clone());
+                    seen = info;
                 }
             }
             let now = Instant::now();
@@ -706,8 +720,17 @@ impl Inner {
                     waited: now - started,
                 });
             }
-            let nap = jitter(self.config.poll).min(deadline - now);
-            if let Err(e) = self.lock.wait(&self.service, nap).await {
+            let nap = if self.lock.notifies() {
+                // Nothing changes before a notification but the lease running
+                // out: sleep until its expiry (a renewal moves it, and the
+                // next try sees the new one).
+                let left = (seen.expires_at_ms - seen.now_ms).max(0) as u64;
+                Duration::from_millis(left) + jitter(Duration::from_millis(50))
+            } else {
+                jitter(self.config.poll)
+            }
+            .min(deadline - now);
+            if let Err(e) = self.lock.wait(&self.service, &seen, nap).await {
                 debug!(error = %e, "waiting for a lease change failed; polling instead");
                 tokio::time::sleep(nap).await;
             }
@@ -722,7 +745,7 @@ impl Inner {
                 });
             }
         };
-        self.hold(lease).await
+        self.hold(lease, snapshot).await
     }
 
     fn preflight(&self, snapshot: &Snapshot, plan: &Plan) -> Result<(), Error> {
@@ -752,7 +775,7 @@ impl Inner {
     }
 
     /// Steps 3-7 while holding `lease`. Releases on every path.
-    async fn hold(&self, lease: Lease) -> Result<Outcome, Error> {
+    async fn hold(&self, lease: Lease, before: Snapshot) -> Result<Outcome, Error> {
         let held = Arc::new(Held {
             lease: Mutex::new(lease.clone()),
             lost: CancellationToken::new(),
@@ -772,7 +795,7 @@ impl Inner {
             fence: lease.fence,
             ..Report::default()
         };
-        let result = self.upgrade(&held, &mut report).await;
+        let result = self.upgrade(&held, &mut report, before).await;
         drop(renewer);
         guard.armed = false;
         let current = held.lease.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -810,7 +833,12 @@ impl Inner {
     }
 
     /// Steps 3, 4 and 6.
-    async fn upgrade(&self, held: &Held, report: &mut Report) -> Result<(), Failure> {
+    async fn upgrade(
+        &self,
+        held: &Held,
+        report: &mut Report,
+        before: Snapshot,
+    ) -> Result<(), Failure> {
         let fence = report.fence;
         let mut snapshot = self
             .retry("claiming the store", || {
@@ -818,6 +846,9 @@ impl Inner {
             })
             .await
             .map_err(|e| self.lost_or(held, e))?;
+        if self.config.skip_reread {
+            snapshot = Snapshot { fence, ..before };
+        }
         report.from = snapshot.data_version.clone();
         report.to = snapshot.data_version.clone();
         if let Some(b) = self.config.baseline.clone().filter(|_| snapshot.is_empty()) {
@@ -928,6 +959,7 @@ impl Inner {
                         let wait = self.config.retry.backoff(failures);
                         info!(task = %task.key(), ?wait, "retrying the task");
                         tokio::select! {
+                            biased;
                             _ = tokio::time::sleep(wait) => {}
                             _ = held.lost.cancelled() => {}
                         }
@@ -1204,6 +1236,7 @@ async fn renew_loop(lock: Arc<dyn Lock>, held: Arc<Held>, config: Config) {
     let mut next = Instant::now() + config.renew_every;
     loop {
         tokio::select! {
+            biased;
             _ = tokio::time::sleep_until(next.min(deadline)) => {}
             _ = held.lost.cancelled() => return,
         }

@@ -985,3 +985,45 @@ async fn progress_is_visible_in_the_status() {
     gate.notify_one();
     run.await.unwrap().unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_notified_waiter_makes_three_queries() {
+    let backend = MemoryBackend::new();
+    let log = Log::default();
+    let (gate, entered) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let tasks = vec![parked(
+        &log,
+        "1.1",
+        1,
+        "slow",
+        gate.clone(),
+        entered.clone(),
+    )];
+    let canary = node(&backend, 1, "1.1", tasks.clone()).build().unwrap();
+    let canary_run = tokio::spawn(async move { canary.run().await });
+    entered.notified().await;
+    let (loads, acquires) = (
+        backend.faults().calls(Op::Load),
+        backend.faults().calls(Op::Acquire),
+    );
+    let waiter = node(&backend, 2, "1.1", tasks).build().unwrap();
+    let mut status = waiter.status();
+    let waiter_run = tokio::spawn({
+        let w = waiter.clone();
+        async move { w.run().await }
+    });
+    status
+        .wait_for(|s| matches!(s, Status::Waiting { .. }))
+        .await
+        .unwrap();
+    gate.notify_one();
+    canary_run.await.unwrap().unwrap();
+    let outcome = waiter_run.await.unwrap().unwrap();
+    assert!(
+        matches!(outcome, Outcome::WaitedForOther { .. }),
+        "{outcome:?}"
+    );
+    // Read, try the lease, then one read after the notification: no polling.
+    assert_eq!(backend.faults().calls(Op::Load) - loads, 2);
+    assert_eq!(backend.faults().calls(Op::Acquire) - acquires, 1);
+}

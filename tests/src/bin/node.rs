@@ -1,25 +1,23 @@
 //! A cluster node for the multi-process tests: runs Upsilon with generated
-//! tasks against a SQLite file, and records every task run in an `audit`
-//! table of the same file (task, node, fence, start, end), so a checker can
-//! tell which node did what under which fence.
+//! tasks against a backend URL, and records every task run in an `audit`
+//! table of the same database (task, node, fence, start, end), so a checker
+//! can tell which node did what under which fence.
 //!
 //! ```text
-//! node --db PATH --name NAME --app-version 1.1 --tasks 1.0:2,1.1:3 [--task-ms 50] [--ttl-ms 1000]
+//! node --url sqlite:///PATH --name NAME --app-version 1.1 --tasks 1.0:2,1.1:3 [--task-ms 50] [--ttl-ms 1000]
 //! ```
 //! Exit code 0 when the node became READY, 1 otherwise (the error on stderr).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use rusqlite::Connection;
 use upsilon::{AboveAppPolicy, Holder, Outcome, Task, TaskContext, TaskFuture, Upsilon};
-use upsilon_backends::sqlite::SqliteBackend;
 
 struct Args {
-    db: PathBuf,
+    url: String,
     name: String,
     app_version: String,
     tasks: Vec<(String, u32)>,
@@ -45,7 +43,7 @@ fn parse() -> anyhow::Result<Args> {
         })
         .collect::<anyhow::Result<_>>()?;
     Ok(Args {
-        db: get("--db")?.into(),
+        url: get("--url")?,
         name: get("--name")?,
         app_version: get("--app-version")?,
         tasks,
@@ -54,9 +52,68 @@ fn parse() -> anyhow::Result<Args> {
     })
 }
 
+/// Where the audit rows go: the same database as the store.
+enum Sink {
+    Sqlite(PathBuf),
+}
+
 struct Audit {
-    db: PathBuf,
+    sink: Sink,
     task_ms: u64,
+}
+
+fn open(db: &Path) -> rusqlite::Result<Connection> {
+    let c = Connection::open(db)?;
+    c.busy_timeout(Duration::from_secs(10))?;
+    Ok(c)
+}
+
+impl Audit {
+    fn for_url(url: &str, task_ms: u64) -> anyhow::Result<Audit> {
+        let sink = match url.split_once("://") {
+            Some(("sqlite", path)) => {
+                let path = PathBuf::from(path);
+                open(&path)?.execute_batch(
+                    "CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY, task TEXT NOT NULL,
+                     version TEXT NOT NULL, node TEXT NOT NULL, fence INTEGER NOT NULL,
+                     started_ms INTEGER NOT NULL, finished_ms INTEGER)",
+                )?;
+                Sink::Sqlite(path)
+            }
+            _ => bail!("no audit table for {url:?}"),
+        };
+        Ok(Audit { sink, task_ms })
+    }
+
+    /// Records the start of a run; returns its row id.
+    async fn start(&self, ctx: &TaskContext) -> anyhow::Result<i64> {
+        match &self.sink {
+            Sink::Sqlite(path) => Ok(open(path)?.query_row(
+                "INSERT INTO audit (task, version, node, fence, started_ms)
+                 VALUES (?1, ?2, ?3, ?4, CAST(unixepoch('subsec') * 1000 AS INTEGER)) RETURNING id",
+                rusqlite::params![
+                    ctx.task().id,
+                    ctx.task().version.to_string(),
+                    ctx.holder().pod.clone().unwrap_or_default(),
+                    ctx.fence() as i64
+                ],
+                |r| r.get(0),
+            )?),
+        }
+    }
+
+    /// Records the end of run `row`.
+    async fn finish(&self, row: i64) -> anyhow::Result<()> {
+        match &self.sink {
+            Sink::Sqlite(path) => {
+                open(path)?.execute(
+                    "UPDATE audit SET finished_ms = CAST(unixepoch('subsec') * 1000 AS INTEGER) WHERE id = ?1",
+                    [row],
+                )?;
+            }
+        }
+        Ok(())
+    }
 }
 
 fn audit_task(version: &str, n: u32) -> anyhow::Result<Task> {
@@ -68,33 +125,13 @@ fn audit_task(version: &str, n: u32) -> anyhow::Result<Task> {
         |ctx: &mut TaskContext| -> TaskFuture<'_> {
             Box::pin(async move {
                 let audit = ctx.resource::<Audit>()?;
-                let conn = open(&audit.db)?;
-                let row = conn.query_row(
-                    "INSERT INTO audit (task, version, node, fence, started_ms)
-                 VALUES (?1, ?2, ?3, ?4, CAST(unixepoch('subsec') * 1000 AS INTEGER)) RETURNING id",
-                    rusqlite::params![
-                        ctx.task().id,
-                        ctx.task().version.to_string(),
-                        ctx.holder().pod.clone().unwrap_or_default(),
-                        ctx.fence() as i64
-                    ],
-                    |r| r.get::<_, i64>(0),
-                )?;
+                let row = audit.start(ctx).await?;
                 tokio::time::sleep(Duration::from_millis(audit.task_ms)).await;
-                conn.execute(
-                "UPDATE audit SET finished_ms = CAST(unixepoch('subsec') * 1000 AS INTEGER) WHERE id = ?1",
-                [row],
-            )?;
+                audit.finish(row).await?;
                 Ok(())
             })
         },
     )?)
-}
-
-fn open(db: &std::path::Path) -> rusqlite::Result<Connection> {
-    let c = Connection::open(db)?;
-    c.busy_timeout(Duration::from_secs(10))?;
-    Ok(c)
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -106,11 +143,7 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = parse()?;
-    open(&args.db)?.execute_batch(
-        "CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY, task TEXT NOT NULL,
-         version TEXT NOT NULL, node TEXT NOT NULL, fence INTEGER NOT NULL,
-         started_ms INTEGER NOT NULL, finished_ms INTEGER)",
-    )?;
+    let audit = Audit::for_url(&args.url, args.task_ms)?;
     let mut tasks = Vec::new();
     let mut order = 0;
     for (version, count) in &args.tasks {
@@ -122,7 +155,7 @@ async fn main() -> anyhow::Result<()> {
     let upsilon = Upsilon::builder()
         .service("cluster")
         .app_version(&args.app_version)
-        .backend(Arc::new(SqliteBackend::open(&args.db).await?))
+        .backend(upsilon_backends::connect(&args.url).await?)
         .holder(Holder {
             pod: Some(args.name.clone()),
             ..Holder::current()
@@ -131,10 +164,7 @@ async fn main() -> anyhow::Result<()> {
         .tasks_above_app(AboveAppPolicy::Ignore)
         .ttl(Duration::from_millis(args.ttl_ms))
         .poll_interval(Duration::from_millis(50))
-        .resource(Audit {
-            db: args.db.clone(),
-            task_ms: args.task_ms,
-        })
+        .resource(audit)
         .build()?;
     match upsilon.run().await {
         Ok(outcome) => {

@@ -114,6 +114,34 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A lease grant, as [`MemoryBackend::grants`] lists them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The service.
+    pub service: String,
+    /// The fence granted.
+    pub fence: u64,
+    /// To whom.
+    pub holder: Holder,
+    /// Backend clock at the grant (ms).
+    pub at_ms: i64,
+}
+
+/// A committed store write, as [`MemoryBackend::commits`] lists them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Commit {
+    /// The service.
+    pub service: String,
+    /// The fence the write carried.
+    pub fence: u64,
+    /// The store's newest fence when it committed (S2: equal to `fence`).
+    pub newest: u64,
+    /// What was written (replays already held by the store left out).
+    pub changes: Vec<Change>,
+    /// The state after the write.
+    pub after: Snapshot,
+}
+
 #[derive(Debug, Default)]
 struct Service {
     /// Holder, fence and expiry of the current grant.
@@ -132,6 +160,9 @@ struct Service {
 /// at once on release and on every write.
 pub struct MemoryBackend {
     services: Mutex<BTreeMap<String, Service>>,
+    grants: Mutex<Vec<Grant>>,
+    commits: Mutex<Vec<Commit>>,
+    skip_fence_check: std::sync::atomic::AtomicBool,
     faults: Faults,
     notify: Notify,
     origin: Instant,
@@ -151,6 +182,9 @@ impl Default for MemoryBackend {
     fn default() -> Self {
         MemoryBackend {
             services: Mutex::default(),
+            grants: Mutex::default(),
+            commits: Mutex::default(),
+            skip_fence_check: Default::default(),
             faults: Faults::default(),
             notify: Notify::new(),
             origin: Instant::now(),
@@ -169,6 +203,30 @@ impl MemoryBackend {
     /// The faults armed on this backend.
     pub fn faults(&self) -> &Faults {
         &self.faults
+    }
+
+    /// Every lease granted so far, oldest first.
+    pub fn grants(&self) -> Vec<Grant> {
+        lock(&self.grants).clone()
+    }
+
+    /// Every store write committed so far, oldest first.
+    pub fn commits(&self) -> Vec<Commit> {
+        lock(&self.commits).clone()
+    }
+
+    /// Negative control for simulations: the store stops checking fences, so
+    /// a stale holder's writes commit. Never use it outside a test of the
+    /// test harness itself.
+    #[cfg(feature = "_negative-controls")]
+    pub fn skip_fence_check(&self) {
+        self.skip_fence_check
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn fence_check_skipped(&self) -> bool {
+        self.skip_fence_check
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The backend's clock, in ms since the epoch.
@@ -251,13 +309,6 @@ impl MemoryBackend {
     }
 }
 
-fn lost(what: &str, lease: &Lease) -> BackendError {
-    BackendError::LeaseLost(format!(
-        "{what}: the lease of `{}` is no longer held by {} with fence {}",
-        lease.service, lease.holder, lease.fence
-    ))
-}
-
 #[async_trait]
 impl Lock for MemoryBackend {
     async fn try_acquire(
@@ -281,6 +332,12 @@ impl Lock for MemoryBackend {
             s.granted += 1;
             let exp = now + ttl.as_millis() as i64;
             s.lease = Some((holder.clone(), s.granted, exp));
+            lock(&self.grants).push(Grant {
+                service: service.to_owned(),
+                fence: s.granted,
+                holder: holder.clone(),
+                at_ms: now,
+            });
             Ok(Acquire::Granted(Lease {
                 service: service.to_owned(),
                 holder: holder.clone(),
@@ -302,7 +359,7 @@ impl Lock for MemoryBackend {
                     ..lease.clone()
                 })
             }
-            _ => Err(lost("renew", lease)),
+            _ => Err(BackendError::lease_lost("renew", lease)),
         });
         Self::lose_reply(lost_reply, Op::Renew, r)
     }
@@ -314,7 +371,7 @@ impl Lock for MemoryBackend {
                 s.lease = None;
                 Ok(())
             }
-            _ => Err(lost("release", lease)),
+            _ => Err(BackendError::lease_lost("release", lease)),
         });
         self.notify.notify_waiters();
         Self::lose_reply(lost_reply, Op::Release, r)
@@ -333,9 +390,30 @@ impl Lock for MemoryBackend {
         })
     }
 
-    async fn wait(&self, _service: &str, timeout: Duration) -> Result<(), BackendError> {
-        let _ = tokio::time::timeout(timeout, self.notify.notified()).await;
+    async fn wait(
+        &self,
+        service: &str,
+        seen: &LeaseInfo,
+        timeout: Duration,
+    ) -> Result<(), BackendError> {
+        let notified = self.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        // A change that happened after `seen` was read: no need to wait.
+        let changed = self.with_service(service, |s, now| {
+            Ok(match &s.lease {
+                Some((h, fence, exp)) => *h != seen.holder || *fence != seen.fence || *exp <= now,
+                None => true,
+            })
+        })?;
+        if !changed {
+            let _ = tokio::time::timeout(timeout, notified).await;
+        }
         Ok(())
+    }
+
+    fn notifies(&self) -> bool {
+        true
     }
 }
 
@@ -354,14 +432,17 @@ impl Store for MemoryBackend {
         let lost_reply = self.fault(Op::Claim).await?;
         let r = self.with_service(service, |s, _| {
             Self::readable(s)?;
-            if fence < s.snapshot.fence {
+            if fence < s.snapshot.fence && !self.fence_check_skipped() {
                 return Err(BackendError::StaleFence {
                     presented: fence,
                     current: s.snapshot.fence,
                 });
             }
-            s.snapshot.fence = fence;
-            Ok(s.snapshot.clone())
+            s.snapshot.fence = s.snapshot.fence.max(fence);
+            Ok(Snapshot {
+                fence,
+                ..s.snapshot.clone()
+            })
         });
         Self::lose_reply(lost_reply, Op::Claim, r)
     }
@@ -376,7 +457,22 @@ impl Store for MemoryBackend {
         let r = self.with_service(service, |s, now| {
             Self::readable(s)?;
             let mut next = s.snapshot.clone();
-            for change in next.check(fence, changes)? {
+            let newest = next.fence;
+            if self.fence_check_skipped() {
+                next.fence = fence;
+            }
+            let todo = next.check(fence, changes)?;
+            next.fence = newest.max(fence);
+            if !todo.is_empty() {
+                lock(&self.commits).push(Commit {
+                    service: service.to_owned(),
+                    fence,
+                    newest,
+                    changes: todo.iter().map(|c| (*c).clone()).collect(),
+                    after: next.clone(),
+                });
+            }
+            for change in todo {
                 match change {
                     Change::Start(a) => s.history.push(HistoryEntry {
                         key: a.key.clone(),

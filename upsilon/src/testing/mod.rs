@@ -6,13 +6,13 @@
 //!   lease, delay, apply a write but lose the reply.
 //! - [`run_nodes`]: several nodes in one process, started together.
 //! - [`conformance`]: the suite every backend passes.
-//! - [`context`]: a [`TaskContext`](crate::TaskContext) for unit-testing a
+//! - [`context`]: a [`TaskContext`] for unit-testing a
 //!   task fn on its own.
 
 pub mod conformance;
 mod memory;
 
-pub use memory::{Fault, Faults, MemoryBackend, Op};
+pub use memory::{Commit, Fault, Faults, Grant, MemoryBackend, Op};
 
 use std::future::Future;
 use std::sync::Arc;
@@ -105,6 +105,13 @@ pub fn block_on<F: Future>(f: F) -> F::Output {
         .build()
         .expect("a tokio runtime")
         .block_on(f)
+}
+
+/// Makes this thread's random choices (run ids, jitter of polls and
+/// backoffs) follow `seed`, so that a simulation on a current-thread runtime
+/// with paused time replays exactly; `None` goes back to real entropy.
+pub fn seed_thread_rng(seed: Option<u64>) {
+    crate::util::seed_thread(seed);
 }
 
 pub(crate) fn v(text: &str) -> Version {
