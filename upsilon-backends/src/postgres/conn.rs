@@ -504,8 +504,8 @@ impl Wakeups {
     }
 
     /// Remembers what the caller has seen of `service`: a wake-up after this
-    /// ends the next [`Wakeups::wait`] at once, so none falls between a read
-    /// and the wait that follows it.
+    /// ends the next wait at once, so none falls between a read and the wait
+    /// that follows it.
     pub(crate) fn mark_seen(&self, service: &str) {
         let g = self.generation(service);
         self.seen
@@ -514,29 +514,44 @@ impl Wakeups {
             .insert(service.to_owned(), g);
     }
 
-    /// Until a wake-up for `service` after the last [`Wakeups::mark_seen`], or
-    /// `timeout`.
-    pub(crate) async fn wait(&self, service: &str, timeout: Duration) {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let seen = self
-            .seen
+    /// The generation the caller last saw of `service` (the current one if it
+    /// never marked any).
+    pub(crate) fn take_seen(&self, service: &str) -> u64 {
+        self.seen
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(service)
-            .unwrap_or_else(|| self.generation(service));
+            .unwrap_or_else(|| self.generation(service))
+    }
+
+    /// Until a wake-up for `service` after generation `seen` (`true`), or
+    /// `timeout` (`false`).
+    pub(crate) async fn wait_since(&self, service: &str, seen: u64, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let notified = self.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             if self.generation(service) != seen {
-                return;
+                return true;
             }
             tokio::select! {
                 _ = notified => {}
-                _ = tokio::time::sleep_until(deadline) => return,
+                _ = tokio::time::sleep_until(deadline) => return false,
             }
         }
     }
+}
+
+/// `base` scaled by a random factor in [0.5, 1.5), so that waiting nodes do
+/// not all ask at once.
+pub(crate) fn jitter(base: Duration) -> Duration {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = RandomState::new().build_hasher();
+    h.write_u64(base.as_nanos() as u64);
+    let unit = (h.finish() >> 11) as f64 / (1u64 << 53) as f64;
+    base.mul_f64(0.5 + unit)
 }
 
 /// The listening session: its server process id and the server's start time,
@@ -549,14 +564,15 @@ pub(crate) struct SessionId {
 
 pub(crate) struct Session {
     pub(crate) id: SessionId,
-    // Kept so that the connection stays open.
-    _client: Client,
+    /// The listening connection; between notifications it also answers
+    /// the waiting node's checks on the lease holder's session.
+    pub(crate) client: Client,
     closed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Session {
     pub(crate) fn is_open(&self) -> bool {
-        !self.closed.load(Ordering::SeqCst) && !self._client.is_closed()
+        !self.closed.load(Ordering::SeqCst) && !self.client.is_closed()
     }
 }
 
@@ -616,7 +632,7 @@ pub(crate) async fn open_session(
             pid: pid as i32,
             server_start,
         },
-        _client: client,
+        client,
         closed,
     })
 }

@@ -31,14 +31,17 @@
 //! - [`Store::load`], the start-up read of an up-to-date node, is one
 //!   statement: one round trip.
 //! - Waiting nodes `LISTEN`; a release and every data version change
-//!   `NOTIFY` in the same transaction. Without notifications (transaction
-//!   pooling, or a lost session) they poll.
+//!   `NOTIFY` in the same transaction, so a waiting node sleeps until a
+//!   notification or the lease's expiry ([`Lock::notifies`]). Without
+//!   notifications (transaction pooling, or a lost session) they poll.
 //! - A holder also keeps a session of its own (the listening connection) and
 //!   records its server process id in the lease row. A node that finds the
-//!   lease held by a session that no longer exists treats it as expired, so a
-//!   killed holder is taken over at the next poll rather than after the TTL.
-//!   Safety never depends on this: the new grant still gets a higher fence.
-//!   Behind a transaction-mode pooler this is off and the TTL decides.
+//!   lease held by a session that no longer exists treats it as expired, and
+//!   a waiting node checks for that about once a second
+//!   ([`PostgresOptions::holder_check_every`]), so a killed holder is taken
+//!   over within about a second rather than after the TTL. Safety never
+//!   depends on this: the new grant still gets a higher fence. Behind a
+//!   transaction-mode pooler this is off and the TTL decides.
 //!
 //! Tables, in a configurable schema (default `public`):
 //! - `upsilon_meta(key, value)`: the stored format (`format` = 1);
@@ -57,7 +60,7 @@ mod conn;
 mod options;
 mod sql;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,12 +68,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::FromSql;
+use tokio_postgres::types::{FromSql, ToSql, Type};
 use tokio_postgres::Row;
 use tracing::{debug, info};
 use upsilon::backend::{
     Acquire, AttemptKind, AttemptState, Change, FinishAttempt, HistoryEntry, LastRow, LeaseInfo,
-    Snapshot, TaskSummary,
+    Snapshot,
 };
 use upsilon::{BackendError, Holder, Lease, Lock, Store, TaskContext, TaskKey};
 
@@ -101,13 +104,13 @@ struct Inner {
     pool: Pool,
     sql: Sql,
     wakeups: Arc<Wakeups>,
-    session: tokio::sync::Mutex<SessionSlot>,
-}
-
-#[derive(Default)]
-struct SessionSlot {
-    session: Option<Session>,
-    failed_at: Option<Instant>,
+    /// The listening session, when one is open.
+    session: std::sync::Mutex<Option<Arc<Session>>>,
+    /// Held while a session is being opened; the time of the last failure.
+    opening: tokio::sync::Mutex<Option<Instant>>,
+    /// Per service: the fence and session of the lease last found held by
+    /// another node, for the waiting node's checks.
+    held_by: std::sync::Mutex<HashMap<String, (u64, Option<SessionId>)>>,
 }
 
 impl fmt::Debug for PostgresBackend {
@@ -156,13 +159,6 @@ fn fence_of(v: i64) -> u64 {
     v.max(0) as u64
 }
 
-fn lost(what: &str, lease: &Lease) -> BackendError {
-    BackendError::LeaseLost(format!(
-        "{what}: the lease of `{}` is no longer held by {} with fence {}",
-        lease.service, lease.holder, lease.fence
-    ))
-}
-
 fn timed_out(what: &str, after: Duration) -> BackendError {
     BackendError::unavailable(format!(
         "{what} did not finish within {after:?}; the connection was dropped"
@@ -198,31 +194,13 @@ fn snapshot_of(rows: &[Row]) -> Result<Snapshot, BackendError> {
             version: version(&v, "a history row's version")?,
             id: get(row, 5, "a history row's task id")?,
         };
-        let n: i64 = get(row, 6, "a task's row count")?;
-        let attempt: i32 = get(row, 7, "an attempt number")?;
-        let kind: String = get(row, 8, "an attempt kind")?;
-        let state: String = get(row, 9, "an attempt state")?;
-        let fence: i64 = get(row, 10, "a history row's fence")?;
-        let done_kind: Option<String> = get(row, 11, "an attempt kind")?;
-        // As the SQLite backend folds rows oldest first: a task is completed
-        // when its newest completed row is a run (not a rollback).
-        let completed = match done_kind {
-            Some(k) => AttemptKind::parse(&k)? == AttemptKind::Run,
-            None => false,
+        let last = LastRow {
+            attempt: get::<i32>(row, 6, "an attempt number")? as u32,
+            kind: AttemptKind::parse(&get::<String>(row, 7, "an attempt kind")?)?,
+            state: AttemptState::parse(&get::<String>(row, 8, "an attempt state")?)?,
+            fence: fence_of(get(row, 9, "a history row's fence")?),
         };
-        snap.tasks.insert(
-            key,
-            TaskSummary {
-                rows: n as u32,
-                completed,
-                last: LastRow {
-                    attempt: attempt as u32,
-                    kind: AttemptKind::parse(&kind)?,
-                    state: AttemptState::parse(&state)?,
-                    fence: fence_of(fence),
-                },
-            },
-        );
+        snap.fold_row(key, last);
     }
     Ok(snap)
 }
@@ -248,7 +226,9 @@ impl PostgresBackend {
                 pool,
                 sql,
                 wakeups: Arc::new(Wakeups::default()),
-                session: tokio::sync::Mutex::new(SessionSlot::default()),
+                session: std::sync::Mutex::new(None),
+                opening: tokio::sync::Mutex::new(None),
+                held_by: std::sync::Mutex::new(HashMap::new()),
             }),
         };
         backend.prepare_tables().await?;
@@ -399,15 +379,14 @@ impl PostgresBackend {
         if inner.options.transaction_pooling {
             return None;
         }
-        let mut slot = inner.session.lock().await;
-        if let Some(s) = slot.session.as_ref().filter(|s| s.is_open()) {
+        if let Some(s) = self.open_session() {
             return Some(s.id);
         }
-        slot.session = None;
-        if slot
-            .failed_at
-            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
-        {
+        let mut failed_at = inner.opening.lock().await;
+        if let Some(s) = self.open_session() {
+            return Some(s.id);
+        }
+        if failed_at.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
             return None;
         }
         let opened = conn::open_session(
@@ -420,21 +399,26 @@ impl PostgresBackend {
         match opened {
             Ok(s) => {
                 let id = s.id;
-                slot.session = Some(s);
-                slot.failed_at = None;
+                *inner.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(s));
+                *failed_at = None;
                 Some(id)
             }
             Err(e) => {
                 debug!(error = %e, "no listening session; polling, and dead holders expire by TTL");
-                slot.failed_at = Some(Instant::now());
+                *failed_at = Some(Instant::now());
                 None
             }
         }
     }
 
-    async fn session_open(&self) -> bool {
-        let slot = self.inner.session.lock().await;
-        slot.session.as_ref().is_some_and(|s| s.is_open())
+    /// The listening session, if one is open.
+    fn open_session(&self) -> Option<Arc<Session>> {
+        self.inner
+            .session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .filter(|s| s.is_open())
     }
 
     /// Clears the lease of `service`, whoever holds it: an operator's tool for
@@ -609,11 +593,25 @@ impl Lock for PostgresBackend {
             let live: bool = get(row, 7, "the lease expiry")?;
             let gone: bool = get(row, 8, "the holder's session")?;
             let history_fence: i64 = get(row, 9, "the history's fence")?;
+            let holder_pid: Option<i32> = get(row, 10, "the holder's session")?;
+            let holder_start: Option<i64> = get(row, 11, "the holder's session")?;
             if let (Some(h), true) = (&lease_holder, live) {
                 let current = Holder::decode(h)?;
                 if !gone {
                     first_error(pipeline(c, &[Stmt::Simple("COMMIT")]).await)
                         .map_err(conn::driver)?;
+                    let session = match (holder_pid, holder_start) {
+                        (Some(pid), Some(server_start)) => Some(SessionId { pid, server_start }),
+                        _ => None,
+                    };
+                    self.inner
+                        .held_by
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(
+                            service.to_owned(),
+                            (fence_of(lease_fence.unwrap_or(0)), session),
+                        );
                     return Ok(Acquire::Held(LeaseInfo {
                         holder: current,
                         fence: fence_of(lease_fence.unwrap_or(0)),
@@ -685,7 +683,7 @@ impl Lock for PostgresBackend {
                     expires_at_ms: get(r, 0, "the lease expiry")?,
                     ..lease.clone()
                 }),
-                None => Err(lost("renew", lease)),
+                None => Err(BackendError::lease_lost("renew", lease)),
             }
         };
         let result = self.timed(op).await;
@@ -709,7 +707,7 @@ impl Lock for PostgresBackend {
             if rows[0].len() == 1 {
                 Ok(())
             } else {
-                Err(lost("release", lease))
+                Err(BackendError::lease_lost("release", lease))
             }
         };
         let result = self.timed(op).await;
@@ -739,13 +737,58 @@ impl Lock for PostgresBackend {
         self.settle(&mut conn, "reading the lease", result).await
     }
 
-    async fn wait(&self, service: &str, timeout: Duration) -> Result<(), BackendError> {
-        if self.inner.options.transaction_pooling || !self.session_open().await {
+    async fn wait(
+        &self,
+        service: &str,
+        seen: &LeaseInfo,
+        timeout: Duration,
+    ) -> Result<(), BackendError> {
+        let Some(session) = self
+            .open_session()
+            .filter(|_| !self.inner.options.transaction_pooling)
+        else {
             tokio::time::sleep(timeout).await;
             return Ok(());
+        };
+        let since = self.inner.wakeups.take_seen(service);
+        let holder = self
+            .inner
+            .held_by
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(service)
+            .filter(|(fence, _)| *fence == seen.fence)
+            .and_then(|(_, s)| *s);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            // A notification ends the wait; so does the holder's session
+            // ending, which no notification reports: check it now and then.
+            let slice = match holder {
+                Some(_) => conn::jitter(self.inner.options.holder_check).min(left),
+                None => left,
+            };
+            if self.inner.wakeups.wait_since(service, since, slice).await {
+                return Ok(());
+            }
+            let Some(h) = holder.filter(|_| Instant::now() < deadline) else {
+                return Ok(());
+            };
+            let params: [(&(dyn ToSql + Sync), Type); 2] =
+                [(&h.pid, Type::INT4), (&h.server_start, Type::INT8)];
+            let check = session
+                .client
+                .query_typed(&self.inner.sql.session_gone, &params);
+            match tokio::time::timeout(Duration::from_secs(2), check).await {
+                Ok(Ok(rows)) if rows.first().is_some_and(|r| !r.get::<_, bool>(0)) => {}
+                // Gone, or the check failed: let the runner ask for the lease.
+                _ => return Ok(()),
+            }
         }
-        self.inner.wakeups.wait(service, timeout).await;
-        Ok(())
+    }
+
+    fn notifies(&self) -> bool {
+        !self.inner.options.transaction_pooling && self.open_session().is_some()
     }
 }
 

@@ -56,6 +56,7 @@ pub(crate) struct Sql {
     pub(crate) notify: String,
     pub(crate) history_rows: String,
     pub(crate) inspect: String,
+    pub(crate) session_gone: String,
 }
 
 impl Sql {
@@ -77,19 +78,12 @@ impl Sql {
         Sql {
             format: format!("SELECT value FROM {m} WHERE key = 'format'"),
             snapshot: format!(
-                "WITH t AS (
-                   SELECT version, task_id, count(*)::int8 AS n, max(attempt) AS attempt,
-                          (array_agg(kind ORDER BY attempt DESC))[1] AS kind,
-                          (array_agg(state ORDER BY attempt DESC))[1] AS state,
-                          (array_agg(fence ORDER BY attempt DESC))[1] AS fence,
-                          (array_agg(kind ORDER BY attempt DESC)
-                             FILTER (WHERE state = 'completed'))[1] AS done_kind
-                   FROM {h} WHERE service = $1 GROUP BY version, task_id)
-                 SELECT {format_col}, s.data_version, s.baseline, s.store_fence,
-                        t.version, t.task_id, t.n, t.attempt, t.kind, t.state, t.fence, t.done_kind
+                "SELECT {format_col}, s.data_version, s.baseline, s.store_fence,
+                        h.version, h.task_id, h.attempt, h.kind, h.state, h.fence
                  FROM (VALUES (1)) AS one (x)
                  LEFT JOIN {st} AS s ON s.service = $1
-                 LEFT JOIN t ON true"
+                 LEFT JOIN {h} AS h ON h.service = $1
+                 ORDER BY h.id"
             ),
             ensure_row: format!(
                 "INSERT INTO {st} (service) VALUES ($1) ON CONFLICT (service) DO NOTHING"
@@ -98,7 +92,8 @@ impl Sql {
             acquire_read: format!(
                 "SELECT {format_col}, s.granted, s.store_fence, s.lease_holder, s.lease_fence,
                         {}, {}, coalesce(s.lease_expires > c.now, false), {gone},
-                        (SELECT coalesce(max(fence), 0)::int8 FROM {h} WHERE service = $1)
+                        (SELECT coalesce(max(fence), 0)::int8 FROM {h} WHERE service = $1),
+                        s.lease_pid, s.lease_server_start
                  FROM {st} AS s CROSS JOIN LATERAL (SELECT clock_timestamp() AS now) AS c
                  WHERE s.service = $1 FOR UPDATE OF s",
                 ms("s.lease_expires"),
@@ -177,6 +172,10 @@ impl Sql {
                              to_regclass($2) IS NOT NULL, to_regclass($3) IS NOT NULL,
                              to_regclass($4) IS NOT NULL"
                 .to_owned(),
+            session_gone: format!(
+                "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)
+                        AND {SERVER_START} = $2"
+            ),
             schema,
             meta: m,
             state: st,
