@@ -1308,6 +1308,43 @@ async fn waiting_nodes_are_woken_by_notify_not_by_their_poll() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_pooler_waiting_nodes_poll() {
+    let schema = "pooled_wait";
+    let client = raw(&server().url()).await;
+    effects_table(&client, schema).await;
+    let slow = Behaviour {
+        sleep: Duration::from_millis(300),
+        ..Behaviour::default()
+    };
+    let mut nodes = Vec::new();
+    for n in 0..3 {
+        let b = PostgresBackend::connect(options(schema).transaction_pooling(true))
+            .await
+            .unwrap();
+        assert!(!b.notifies(), "no notifications behind a pooler");
+        nodes.push(node(
+            b,
+            "svc",
+            &format!("pooled{n}"),
+            "1.0",
+            effect_tasks(schema, "1.0:2", &slow),
+            Duration::from_secs(10),
+            Duration::from_millis(100),
+        ));
+    }
+    let results = testing::run_nodes(nodes).await;
+    let upgraded = results
+        .iter()
+        .filter(|r| matches!(r, Ok(Outcome::Upgraded { .. })))
+        .count();
+    assert_eq!(upgraded, 1, "{results:?}");
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    let effects = effects(&client, schema, "svc").await;
+    assert_eq!(effects.len(), 2, "{effects:?}");
+    assert!(effects.values().all(|n| *n == 1), "{effects:?}");
+}
+
 /// A loopback proxy in front of the server that counts round trips: each
 /// time the client sends after the server has answered is one more.
 async fn counting_proxy(upstream: u16) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
