@@ -1,5 +1,5 @@
 //! Multi-process fault test: real node processes (`src/bin/node.rs`) against
-//! a real backend, with random SIGKILL, SIGSTOP longer than the TTL then
+//! a real backend (a SQLite file; a PostgreSQL server the harness starts), with random SIGKILL, SIGSTOP longer than the TTL then
 //! SIGCONT, node restarts and (for server backends) a server restart. Every
 //! task appends to an audit table with its fence and times; after each trial
 //! a checker verifies:
@@ -110,6 +110,62 @@ impl ClusterBackend for Sqlite {
             .map(Result::unwrap)
             .collect();
         rows
+    }
+}
+
+/// A real PostgreSQL server started by the harness; a database per trial.
+struct Pg {
+    server: upsilon_test_servers::Postgres,
+    url: String,
+    backend: Option<Arc<dyn Backend>>,
+}
+
+#[async_trait]
+impl ClusterBackend for Pg {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+    async fn fresh(&mut self, trial: usize) -> String {
+        self.url = self.server.create_database(&format!("trial_{trial}"));
+        self.backend = Some(upsilon_backends::connect(&self.url).await.unwrap());
+        self.url.clone()
+    }
+    fn backend(&self) -> Arc<dyn Backend> {
+        self.backend.clone().expect("fresh() first")
+    }
+    async fn audit(&self) -> Vec<AuditRow> {
+        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let rows = match client
+            .query(
+                "SELECT task, node, fence, started_ms, finished_ms FROM audit ORDER BY id",
+                &[],
+            )
+            .await
+        {
+            Ok(rows) => rows,
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+                Vec::new()
+            }
+            Err(e) => panic!("reading the audit table: {e}"),
+        };
+        rows.iter()
+            .map(|r| AuditRow {
+                task: r.get(0),
+                node: r.get(1),
+                fence: r.get(2),
+                started_ms: r.get(3),
+                finished_ms: r.get(4),
+            })
+            .collect()
+    }
+    async fn restart_server(&mut self) -> bool {
+        // Immediate shutdown, as a crash, then start on the same directory.
+        self.server.crash();
+        self.server.start_again();
+        true
     }
 }
 
@@ -430,6 +486,19 @@ async fn sqlite_cluster_survives_kills_and_stops() {
     let mut backend = Sqlite {
         path: dir.path().join("unused.db"),
         dir,
+        backend: None,
+    };
+    run_trials(&mut backend).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_cluster_survives_kills_stops_and_server_restarts() {
+    let server = tokio::task::spawn_blocking(upsilon_test_servers::Postgres::start)
+        .await
+        .unwrap();
+    let mut backend = Pg {
+        server,
+        url: String::new(),
         backend: None,
     };
     run_trials(&mut backend).await;

@@ -55,7 +55,14 @@ fn parse() -> anyhow::Result<Args> {
 /// Where the audit rows go: the same database as the store.
 enum Sink {
     Sqlite(PathBuf),
+    Postgres(tokio_postgres::Client),
 }
+
+const AUDIT_PG: &str =
+    "CREATE TABLE IF NOT EXISTS audit (id BIGSERIAL PRIMARY KEY, task TEXT NOT NULL,
+    version TEXT NOT NULL, node TEXT NOT NULL, fence BIGINT NOT NULL,
+    started_ms BIGINT NOT NULL, finished_ms BIGINT)";
+const NOW_MS_PG: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
 struct Audit {
     sink: Sink,
@@ -69,8 +76,21 @@ fn open(db: &Path) -> rusqlite::Result<Connection> {
 }
 
 impl Audit {
-    fn for_url(url: &str, task_ms: u64) -> anyhow::Result<Audit> {
+    async fn for_url(url: &str, task_ms: u64) -> anyhow::Result<Audit> {
         let sink = match url.split_once("://") {
+            Some(("postgres" | "postgresql", _)) => {
+                let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+                tokio::spawn(conn);
+                client.batch_execute(AUDIT_PG).await.or_else(|e| {
+                    // Two nodes creating the table at once: one loses the race.
+                    if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })?;
+                Sink::Postgres(client)
+            }
             Some(("sqlite", path)) => {
                 let path = PathBuf::from(path);
                 open(&path)?.execute_batch(
@@ -99,6 +119,21 @@ impl Audit {
                 ],
                 |r| r.get(0),
             )?),
+            Sink::Postgres(client) => Ok(client
+                .query_one(
+                    &format!(
+                        "INSERT INTO audit (task, version, node, fence, started_ms)
+                         VALUES ($1, $2, $3, $4, {NOW_MS_PG}) RETURNING id"
+                    ),
+                    &[
+                        &ctx.task().id,
+                        &ctx.task().version.to_string(),
+                        &ctx.holder().pod.clone().unwrap_or_default(),
+                        &(ctx.fence() as i64),
+                    ],
+                )
+                .await?
+                .get(0)),
         }
     }
 
@@ -110,6 +145,14 @@ impl Audit {
                     "UPDATE audit SET finished_ms = CAST(unixepoch('subsec') * 1000 AS INTEGER) WHERE id = ?1",
                     [row],
                 )?;
+            }
+            Sink::Postgres(client) => {
+                client
+                    .execute(
+                        &format!("UPDATE audit SET finished_ms = {NOW_MS_PG} WHERE id = $1"),
+                        &[&row],
+                    )
+                    .await?;
             }
         }
         Ok(())
@@ -143,7 +186,7 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = parse()?;
-    let audit = Audit::for_url(&args.url, args.task_ms)?;
+    let audit = Audit::for_url(&args.url, args.task_ms).await?;
     let mut tasks = Vec::new();
     let mut order = 0;
     for (version, count) in &args.tasks {
