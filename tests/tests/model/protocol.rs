@@ -399,7 +399,7 @@ fn reached_version(data: &Data) -> u8 {
 }
 
 /// Applies `changes` to `data` under the row rules of `Snapshot::check`, all
-/// or nothing. `completions` collects the tasks that completed.
+/// or nothing. `completed` collects the tasks that completed (bit `t`).
 fn apply_rules(
     switches: Switches,
     data: &mut Data,
@@ -463,14 +463,16 @@ fn regressed(old: &Store, new: &Store) -> bool {
         return true;
     }
     old.data.tasks.iter().zip(&new.data.tasks).any(|(o, n)| {
+        // Without a new row, the newest row stays, and once finished its
+        // state stays.
         let row_back = n.rows == o.rows
-            && o.last.is_some_and(|ol| {
-                n.last.is_none_or(|nl| {
-                    nl.fence == ol.fence
-                        && ol.state != RowState::Running
-                        && nl.state == RowState::Running
-                })
-            });
+            && match (o.last, n.last) {
+                (Some(ol), Some(nl)) => {
+                    nl.fence != ol.fence || (ol.state != RowState::Running && nl.state != ol.state)
+                }
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
         n.rows < o.rows || (o.completed && !n.completed) || row_back
     })
 }
@@ -551,9 +553,8 @@ impl Protocol {
         }
     }
 
-    /// The successor of `s` by `action`, with what happened; `None` when the
-    /// action changes nothing.
-    pub fn step(&self, s: &State, action: Action) -> Option<(State, Outcome)> {
+    /// The successor of `s` by `action`, with what happened.
+    pub fn step(&self, s: &State, action: Action) -> (State, Outcome) {
         let mut s = s.clone();
         let mut outcome = Outcome::Done;
         match action {
@@ -729,7 +730,7 @@ impl Protocol {
                 s.lock.expired = true;
             }
         }
-        Some((s, outcome))
+        (s, outcome)
     }
 
     /// The actions of the protocol itself, faults left out.
@@ -810,7 +811,12 @@ impl Protocol {
             let (before, Some(action)) = &window[0] else {
                 continue;
             };
-            let (after, outcome) = self.step(before, *action).expect("a step of the path");
+            let (after, outcome) = self.step(before, *action);
+            let after = if self.symmetry {
+                after.representative()
+            } else {
+                after
+            };
             debug_assert_eq!(&after, &window[1].0);
             let note = match outcome {
                 Outcome::Done => String::new(),
@@ -1015,7 +1021,7 @@ impl Model for Protocol {
     }
 
     fn next_state(&self, s: &State, action: Action) -> Option<State> {
-        let (next, _) = self.step(s, action)?;
+        let (next, _) = self.step(s, action);
         assert!(
             next.measure() > s.measure(),
             "{action} does not increase the measure: the model would have a cycle"
