@@ -346,6 +346,7 @@ fn tasks(world: &Arc<World>) -> Vec<Task> {
 
 /// Runs one node until it is READY: restarted after an error (as Kubernetes
 /// would) or after a crash, with a new run id each time.
+#[cfg_attr(not(feature = "negative-controls"), allow(unused_variables))]
 async fn drive(world: Arc<World>, node: usize, controls: Controls) {
     let name = format!("node-{node}");
     for incarnation in 0.. {
