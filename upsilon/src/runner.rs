@@ -642,8 +642,21 @@ impl Inner {
         planner::plan(&self.registry, snapshot, &self.app, self.config.plan)
     }
 
-    fn needs_baseline(&self, snapshot: &Snapshot) -> bool {
-        self.config.baseline.is_some() && snapshot.is_empty()
+    /// Whether there is work under the lease besides the plan's tasks: a
+    /// baseline to record, or a data version that lags behind completed
+    /// tasks (a task committed its completion itself, through a backend's
+    /// same-transaction helper, and its node died before the runner recorded
+    /// the version).
+    fn needs_lease(&self, snapshot: &Snapshot) -> bool {
+        (self.config.baseline.is_some() && snapshot.is_empty())
+            || self.lagging_version(snapshot).is_some()
+    }
+
+    /// The data version the completed tasks reach, if it is above the
+    /// recorded one.
+    fn lagging_version(&self, snapshot: &Snapshot) -> Option<Version> {
+        planner::reached_version(&self.registry, snapshot, &self.app)
+            .filter(|v| snapshot.data_version.as_ref() < Some(v))
     }
 
     async fn load(&self) -> Result<Snapshot, Error> {
@@ -677,7 +690,7 @@ impl Inner {
         let mut snapshot = self.load().await?;
         let mut plan = self.plan(&snapshot);
         self.preflight(&snapshot, &plan)?;
-        if plan.is_empty() && !self.needs_baseline(&snapshot) {
+        if plan.is_empty() && !self.needs_lease(&snapshot) {
             return Ok(Outcome::UpToDate {
                 data_version: snapshot.data_version,
             });
@@ -736,7 +749,7 @@ impl Inner {
             }
             snapshot = self.load().await?;
             plan = self.plan(&snapshot);
-            if plan.is_empty() && !self.needs_baseline(&snapshot) {
+            if plan.is_empty() && !self.needs_lease(&snapshot) {
                 self.preflight(&snapshot, &plan)?;
                 return Ok(Outcome::WaitedForOther {
                     holder: last_holder,
@@ -822,7 +835,7 @@ impl Inner {
             Failure::Other(e) => e,
         });
         result?;
-        if report.completed.is_empty() && report.baselined.is_none() {
+        if report.completed.is_empty() && report.baselined.is_none() && report.to == report.from {
             // Another node finished between our read and our grant: the
             // re-read under the lease found nothing to do.
             return Ok(Outcome::UpToDate {
@@ -997,6 +1010,10 @@ impl Inner {
                 report.to = snapshot.data_version.clone();
                 info!(data_version = ?report.to.as_ref().map(|v| v.to_string()), "version complete");
             }
+        }
+        if let Some(v) = self.lagging_version(&snapshot) {
+            self.write(held, &mut snapshot, fence, vec![Change::DataVersion(v)])
+                .await?;
         }
         report.to = snapshot.data_version.clone();
         Ok(())

@@ -8,8 +8,8 @@ use tokio::sync::Notify;
 use upsilon::backend::{AttemptKind, AttemptState};
 use upsilon::testing::{self, Fault, MemoryBackend, Op};
 use upsilon::{
-    Acquire, BackendError, Builder, DataAheadPolicy, Error, Lock, Outcome, RetryPolicy, Status,
-    Store, Task, TaskContext, TaskFuture, Upsilon,
+    Acquire, BackendError, Builder, Change, DataAheadPolicy, Error, Lock, Outcome, RetryPolicy,
+    Status, Store, Task, TaskContext, TaskFuture, Upsilon,
 };
 
 /// Which node ran which task, in order.
@@ -1026,4 +1026,59 @@ async fn a_notified_waiter_makes_three_queries() {
     // Read, try the lease, then one read after the notification: no polling.
     assert_eq!(backend.faults().calls(Op::Load) - loads, 2);
     assert_eq!(backend.faults().calls(Op::Acquire) - acquires, 1);
+}
+
+#[tokio::test]
+async fn a_data_version_left_behind_by_a_completed_task_is_caught_up() {
+    use upsilon::backend::{FinishAttempt, StartAttempt};
+    let backend = MemoryBackend::new();
+    let log = Log::default();
+    // A task committed its own completion (a same-transaction helper), and
+    // its node died before recording the data version.
+    backend.claim("svc", 1).await.unwrap();
+    let key = upsilon::TaskKey {
+        version: upsilon::parse_version("1.1").unwrap(),
+        id: "only".into(),
+    };
+    backend
+        .apply(
+            "svc",
+            1,
+            &[
+                Change::Start(StartAttempt {
+                    key: key.clone(),
+                    attempt: 1,
+                    kind: AttemptKind::Run,
+                    description: String::new(),
+                    holder: testing::holder(9),
+                }),
+                Change::Finish(FinishAttempt {
+                    key,
+                    attempt: 1,
+                    state: AttemptState::Completed,
+                    error: None,
+                    duration: Duration::from_millis(5),
+                }),
+            ],
+        )
+        .await
+        .unwrap();
+    let outcome = node(&backend, 1, "1.1", vec![logged(&log, "1.1", 1, "only")])
+        .build()
+        .unwrap()
+        .run()
+        .await
+        .unwrap();
+    let Outcome::Upgraded { report } = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert!(
+        report.completed.is_empty() && log.tasks().is_empty(),
+        "nothing re-ran"
+    );
+    assert_eq!(report.to, Some(upsilon::parse_version("1.1").unwrap()));
+    assert_eq!(
+        backend.load("svc").await.unwrap().data_version,
+        Some(upsilon::parse_version("1.1").unwrap())
+    );
 }
