@@ -1466,3 +1466,58 @@ async fn operations_take_one_or_two_round_trips() {
         Some(upsilon::parse_version("1.0").unwrap())
     );
 }
+
+/// The harness runs the server with `synchronous_commit=off`; Upsilon's own
+/// connections turn it on, so an acknowledged fence or completion survives a
+/// server crash.
+#[tokio::test]
+async fn upsilon_commits_are_durable_even_where_the_server_default_is_not() {
+    let schema = "durable_commit";
+    let svc = "test";
+    let client = raw(&server().url()).await;
+    let server_default: String = client
+        .query_one("SHOW synchronous_commit", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        server_default, "off",
+        "the harness's default, for this test to mean something"
+    );
+    let b = backend(schema).await;
+    let lease = granted(
+        b.try_acquire(svc, &testing::holder(1), Duration::from_secs(30))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(lease.fence, 1, "testing::context runs with fence 1");
+    b.claim(svc, lease.fence).await.unwrap();
+    b.apply(
+        svc,
+        lease.fence,
+        &[upsilon::Change::Start(upsilon::backend::StartAttempt {
+            key: upsilon::TaskKey {
+                version: upsilon::parse_version("1.0").unwrap(),
+                id: "t".into(),
+            },
+            attempt: 1,
+            kind: upsilon::backend::AttemptKind::Run,
+            description: String::new(),
+            holder: testing::holder(1),
+        })],
+    )
+    .await
+    .unwrap();
+    let (ctx, _cancel) = testing::context("t", "1.0", upsilon::Resources::default());
+    let setting: String = b
+        .complete_with(&ctx, async |tx| {
+            let row = tx
+                .query_one("SHOW synchronous_commit", &[])
+                .await
+                .map_err(BackendError::other)?;
+            Ok::<_, BackendError>(row.get(0))
+        })
+        .await
+        .unwrap();
+    assert_eq!(setting, "on");
+}

@@ -184,6 +184,26 @@ fn rustls_connector(ca_file: Option<&std::path::Path>) -> Result<Connector, Back
 /// What a new connection's driver task should do with notifications.
 pub(crate) type OnMessage = Box<dyn FnMut(AsyncMessage) + Send>;
 
+/// The connection settings with `synchronous_commit` forced on: a fence or a
+/// completion acknowledged to the runner must survive a server crash, or a
+/// fence could be granted twice and a data version could go back. Sent in the
+/// startup packet, so it costs no round trip. A transaction-mode pooler does
+/// not pass startup options through; there the database's own setting
+/// applies (see docs/POSTGRES.md).
+fn durable(options: &PostgresOptions) -> std::borrow::Cow<'_, tokio_postgres::Config> {
+    if options.transaction_pooling {
+        return std::borrow::Cow::Borrowed(&options.config);
+    }
+    let mut config = options.config.clone();
+    let extra = "-c synchronous_commit=on";
+    let all = match options.config.get_options() {
+        Some(o) if !o.is_empty() => format!("{o} {extra}"),
+        _ => extra.to_owned(),
+    };
+    config.options(all);
+    std::borrow::Cow::Owned(config)
+}
+
 /// Opens one connection and spawns the task that drives it. `on_message`
 /// gets its notifications and notices; `on_close` runs when it ends.
 pub(crate) async fn open(
@@ -193,22 +213,17 @@ pub(crate) async fn open(
     on_close: Option<Box<dyn FnOnce() + Send>>,
 ) -> Result<Client, BackendError> {
     let context = || format!("cannot connect to PostgreSQL at {}", options.target());
+    let config = durable(options);
     let result = match connector {
-        Connector::Plain => options.config.connect(NoTls).await.map(|(client, conn)| {
+        Connector::Plain => config.connect(NoTls).await.map(|(client, conn)| {
             spawn_driver(conn, on_message, on_close);
             client
         }),
         #[cfg(feature = "postgres-rustls")]
-        Connector::Rustls(tls) => {
-            options
-                .config
-                .connect(tls.clone())
-                .await
-                .map(|(client, conn)| {
-                    spawn_driver(conn, on_message, on_close);
-                    client
-                })
-        }
+        Connector::Rustls(tls) => config.connect(tls.clone()).await.map(|(client, conn)| {
+            spawn_driver(conn, on_message, on_close);
+            client
+        }),
     };
     result.map_err(|e| {
         let auth = e.code().is_some_and(|c| c.code().starts_with("28"));
