@@ -176,16 +176,7 @@ impl SqliteBackend {
 }
 
 fn check_format(found: &str) -> Result<(), BackendError> {
-    match found.parse::<u32>() {
-        Ok(FORMAT) => Ok(()),
-        Ok(_) => Err(BackendError::UnsupportedFormat {
-            found: found.to_owned(),
-            supported: FORMAT.to_string(),
-        }),
-        Err(_) => Err(BackendError::corrupt(format!(
-            "upsilon_meta.format is {found:?}, not a number"
-        ))),
-    }
+    BackendError::check_format(found, FORMAT, "upsilon_meta.format")
 }
 
 fn now_ms(tx: &Transaction<'_>) -> Result<i64, BackendError> {

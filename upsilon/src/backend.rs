@@ -651,6 +651,22 @@ impl BackendError {
         ))
     }
 
+    /// Checks a stored format marker against the newest format a backend
+    /// knows: [`BackendError::UnsupportedFormat`] for a newer one,
+    /// [`BackendError::Corrupt`] for one that is not a number.
+    pub fn check_format(found: &str, supported: u32, place: &str) -> Result<(), BackendError> {
+        match found.parse::<u32>() {
+            Ok(f) if f == supported => Ok(()),
+            Ok(_) => Err(BackendError::UnsupportedFormat {
+                found: found.to_owned(),
+                supported: supported.to_string(),
+            }),
+            Err(_) => Err(BackendError::corrupt(format!(
+                "{place} is {found:?}, not a number"
+            ))),
+        }
+    }
+
     /// A transient [`BackendError::Unavailable`].
     pub fn unavailable(source: impl Into<BoxError>) -> BackendError {
         BackendError::Unavailable {

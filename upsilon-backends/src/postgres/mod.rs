@@ -126,16 +126,7 @@ impl fmt::Debug for PostgresBackend {
 }
 
 fn check_format(found: &str) -> Result<(), BackendError> {
-    match found.parse::<u32>() {
-        Ok(FORMAT) => Ok(()),
-        Ok(_) => Err(BackendError::UnsupportedFormat {
-            found: found.to_owned(),
-            supported: FORMAT.to_string(),
-        }),
-        Err(_) => Err(BackendError::corrupt(format!(
-            "the meta table's format is {found:?}, not a number"
-        ))),
-    }
+    BackendError::check_format(found, FORMAT, "the meta table's format")
 }
 
 fn format_of(row: &Row, idx: usize) -> Result<(), BackendError> {
