@@ -11,7 +11,7 @@
 //!   lease_holder, lease_fence, lease_expires_ms)`: one row per service;
 //! - `upsilon_history(...)`: one row per task attempt.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -228,6 +228,17 @@ fn state(tx: &Transaction<'_>, service: &str) -> Result<StateRow, BackendError> 
 }
 
 fn snapshot(tx: &Transaction<'_>, service: &str) -> Result<Snapshot, BackendError> {
+    snapshot_of(tx, service, None)
+}
+
+/// The state of `service` with the summaries of the tasks in `only`, or of
+/// every task. A write needs only the tasks it touches, so that its cost does
+/// not grow with the history.
+fn snapshot_of(
+    tx: &Transaction<'_>,
+    service: &str,
+    only: Option<&BTreeSet<&TaskKey>>,
+) -> Result<Snapshot, BackendError> {
     let row = state(tx, service)?;
     let mut snap = Snapshot {
         data_version: row
@@ -243,14 +254,21 @@ fn snapshot(tx: &Transaction<'_>, service: &str) -> Result<Snapshot, BackendErro
         fence: row.store_fence,
         tasks: BTreeMap::new(),
     };
-    let mut stmt = tx
-        .prepare_cached(
+    let (sql, keys): (&str, Vec<Option<&TaskKey>>) = match only {
+        None => (
             "SELECT version, task_id, attempt, kind, state, fence FROM upsilon_history
              WHERE service = ?1 ORDER BY id",
-        )
-        .map_err(driver)?;
-    let rows = stmt
-        .query_map([service], |r| {
+            vec![None],
+        ),
+        Some(keys) => (
+            "SELECT version, task_id, attempt, kind, state, fence FROM upsilon_history
+             WHERE service = ?1 AND version = ?2 AND task_id = ?3 ORDER BY id",
+            keys.iter().map(|k| Some(*k)).collect(),
+        ),
+    };
+    let mut stmt = tx.prepare_cached(sql).map_err(driver)?;
+    for key in keys {
+        let read = |r: &rusqlite::Row<'_>| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
@@ -259,21 +277,26 @@ fn snapshot(tx: &Transaction<'_>, service: &str) -> Result<Snapshot, BackendErro
                 r.get::<_, String>(4)?,
                 r.get::<_, i64>(5)?,
             ))
-        })
+        };
+        let rows = match key {
+            None => stmt.query_map([service], read),
+            Some(k) => stmt.query_map(params![service, k.version.to_string(), k.id], read),
+        }
         .map_err(driver)?;
-    for row in rows {
-        let (v, id, attempt, kind, st, fence) = row.map_err(driver)?;
-        let key = TaskKey {
-            version: version(&v, "a history row's version")?,
-            id,
-        };
-        let last = LastRow {
-            attempt: attempt as u32,
-            kind: AttemptKind::parse(&kind)?,
-            state: AttemptState::parse(&st)?,
-            fence: fence as u64,
-        };
-        snap.fold_row(key, last);
+        for row in rows {
+            let (v, id, attempt, kind, st, fence) = row.map_err(driver)?;
+            let key = TaskKey {
+                version: version(&v, "a history row's version")?,
+                id,
+            };
+            let last = LastRow {
+                attempt: attempt as u32,
+                kind: AttemptKind::parse(&kind)?,
+                state: AttemptState::parse(&st)?,
+                fence: fence as u64,
+            };
+            snap.fold_row(key, last);
+        }
     }
     Ok(snap)
 }
@@ -440,7 +463,8 @@ impl Store for SqliteBackend {
         let service = service.to_owned();
         let changes = changes.to_vec();
         self.tx(move |tx| {
-            let mut snap = snapshot(tx, &service)?;
+            let touched = Change::touched(&changes);
+            let mut snap = snapshot_of(tx, &service, touched.as_ref())?;
             let todo = snap.check(fence, &changes)?;
             let now = now_ms(tx)?;
             for change in todo {

@@ -321,6 +321,34 @@ impl Snapshot {
         entry.last = row;
     }
 
+    /// A copy with only the task summaries in `keys` (all of them for
+    /// `None`): enough for [`Snapshot::check`] on changes that touch only
+    /// those tasks (see [`Change::touched`]).
+    pub fn subset(&self, keys: Option<&std::collections::BTreeSet<&TaskKey>>) -> Snapshot {
+        let Some(keys) = keys else {
+            return self.clone();
+        };
+        Snapshot {
+            data_version: self.data_version.clone(),
+            baseline: self.baseline.clone(),
+            fence: self.fence,
+            tasks: keys
+                .iter()
+                .filter_map(|k| self.tasks.get_key_value(*k))
+                .map(|(k, t)| (k.clone(), t.clone()))
+                .collect(),
+        }
+    }
+
+    /// Takes in a [`Snapshot::subset`] that was changed: its version, fence
+    /// and task summaries replace this snapshot's.
+    pub fn absorb(&mut self, part: Snapshot) {
+        self.data_version = part.data_version;
+        self.baseline = part.baseline;
+        self.fence = part.fence;
+        self.tasks.extend(part.tasks);
+    }
+
     /// Whether `key` has a live completion.
     pub fn is_completed(&self, key: &TaskKey) -> bool {
         self.tasks.get(key).is_some_and(|t| t.completed)
@@ -488,6 +516,29 @@ pub enum Change {
     DataVersion(Version),
     /// An empty store adopts `version` as its data version and baseline.
     Baseline(Version),
+}
+
+impl Change {
+    /// The tasks whose summaries [`Snapshot::check`] needs to judge
+    /// `changes`, or `None` when it needs the whole history (a baseline, which
+    /// only an empty store takes). A backend may load just these for a write,
+    /// so that a write's cost does not grow with the history.
+    pub fn touched(changes: &[Change]) -> Option<std::collections::BTreeSet<&TaskKey>> {
+        let mut keys = std::collections::BTreeSet::new();
+        for change in changes {
+            match change {
+                Change::Start(s) => {
+                    keys.insert(&s.key);
+                }
+                Change::Finish(f) => {
+                    keys.insert(&f.key);
+                }
+                Change::DataVersion(_) => {}
+                Change::Baseline(_) => return None,
+            }
+        }
+        Some(keys)
+    }
 }
 
 /// A new history row.

@@ -6,7 +6,7 @@ use std::fmt;
 use semver::Version;
 
 use crate::backend::Snapshot;
-use crate::registry::{Registry, Task};
+use crate::registry::{Registry, Task, TaskKey};
 
 /// Why a task is in the plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,13 +114,15 @@ pub fn plan(registry: &Registry, snapshot: &Snapshot, app: &Version, options: Pl
     }
 }
 
-/// The data version a completed prefix of `plan` reaches, given the
-/// registry: the highest version `v` such that every registered task of
-/// every version up to `v` (and at most `app`) is completed or baselined.
+/// The data version the store's completed tasks reach, given the registry:
+/// the highest version `v` such that every registered task of every version
+/// up to `v` (and at most `app`) is completed or baselined, counting
+/// `also_done` as completed (a completion about to be written with it).
 pub(crate) fn reached_version(
     registry: &Registry,
     snapshot: &Snapshot,
     app: &Version,
+    also_done: Option<&TaskKey>,
 ) -> Option<Version> {
     let mut reached = snapshot.data_version.clone();
     let mut current: Option<&Version> = None;
@@ -143,6 +145,7 @@ pub(crate) fn reached_version(
             version_ok = true;
         }
         let done = snapshot.is_completed(task.key())
+            || also_done == Some(task.key())
             || snapshot.baseline.as_ref().is_some_and(|b| v <= b)
             || snapshot.data_version.as_ref().is_some_and(|d| v <= d);
         version_ok &= done;
@@ -310,15 +313,21 @@ mod tests {
             ..Snapshot::default()
         };
         assert_eq!(
-            reached_version(&r, &snapshot, &v("2.0")),
+            reached_version(&r, &snapshot, &v("2.0"), None),
             Some(v("1.1.0-rc.1"))
         );
         snapshot
             .tasks
             .extend(completed(&[("1.1", "b"), ("2.0", "d")]));
         // 1.2's task `c` is not done, so 2.0 is not reached either.
-        assert_eq!(reached_version(&r, &snapshot, &v("2.0")), Some(v("1.1")));
-        assert_eq!(reached_version(&r, &snapshot, &v("1.1")), Some(v("1.1")));
+        assert_eq!(
+            reached_version(&r, &snapshot, &v("2.0"), None),
+            Some(v("1.1"))
+        );
+        assert_eq!(
+            reached_version(&r, &snapshot, &v("1.1"), None),
+            Some(v("1.1"))
+        );
     }
 
     fn arb_version() -> impl Strategy<Value = String> {

@@ -655,7 +655,7 @@ impl Inner {
     /// The data version the completed tasks reach, if it is above the
     /// recorded one.
     fn lagging_version(&self, snapshot: &Snapshot) -> Option<Version> {
-        planner::reached_version(&self.registry, snapshot, &self.app)
+        planner::reached_version(&self.registry, snapshot, &self.app, None)
             .filter(|v| snapshot.data_version.as_ref() < Some(v))
     }
 
@@ -985,17 +985,13 @@ impl Inner {
                 .get(i + 1)
                 .is_none_or(|next| next.task.version() != task.version());
             if version_done {
-                let mut after = snapshot.clone();
-                after.check(fence, &pending).map_err(|e| {
-                    self.lost_or(
-                        held,
-                        Error::Backend {
-                            during: "recording a completion",
-                            source: e,
-                        },
-                    )
-                })?;
-                if let Some(v) = planner::reached_version(&self.registry, &after, &self.app) {
+                let reached = planner::reached_version(
+                    &self.registry,
+                    &snapshot,
+                    &self.app,
+                    Some(task.key()),
+                );
+                if let Some(v) = reached {
                     if snapshot.data_version.as_ref() != Some(&v) {
                         pending.push(Change::DataVersion(v));
                     }
@@ -1155,7 +1151,9 @@ impl Inner {
         if changes.is_empty() {
             return Ok(());
         }
-        let mut after = snapshot.clone();
+        // Only the touched tasks are copied, so a write's cost does not grow
+        // with the plan.
+        let mut after = snapshot.subset(Change::touched(&changes).as_ref());
         after.check(fence, &changes).map_err(|e| {
             Failure::Other(Error::Backend {
                 during: "checking a store write",
@@ -1167,7 +1165,7 @@ impl Inner {
         })
         .await
         .map_err(|e| self.lost_or(held, e))?;
-        *snapshot = after;
+        snapshot.absorb(after);
         Ok(())
     }
 
