@@ -270,6 +270,18 @@ pub async fn run(env: &Env, o: &Options, report: &mut Report) -> anyhow::Result<
     report.push(
         Row::new(
             "1b",
+            "PG check on an open connection, p50",
+            Unit::Ms,
+            check.p50,
+        )
+        .vs(
+            "SELECT 1 on an open tokio-postgres connection (one round trip)",
+            select.p50,
+        ),
+    );
+    report.push(
+        Row::new(
+            "1b",
             "SQLite check on an open file, p50",
             Unit::Ms,
             lite_check.p50,
