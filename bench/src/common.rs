@@ -54,6 +54,10 @@ const MIGRATIONS: [(i64, &str, &str); 5] = [
 /// The version of the migration that stands for the new release's slow work.
 const SLOW_VERSION: i64 = 20240201000000;
 
+/// An advisory lock key the benchmark holds while nodes line up, so that a
+/// gated slow migration starts its sleep only once every node waits.
+pub const GATE: i64 = 0x6265_6e63_6867_6174;
+
 /// The PostgreSQL server of the run, and a connection to watch it with.
 pub struct Env {
     pub pg: Postgres,
@@ -233,6 +237,16 @@ pub async fn sqlx_connect_with(
 /// sqlx's migrator over [`MIGRATIONS`], plus a migration that sleeps for
 /// `slow` (the new release's work) when given.
 pub fn migrator(slow: Option<Duration>) -> Migrator {
+    migrator_with(slow, false)
+}
+
+/// [`migrator`] whose slow migration first waits for the [`GATE`] lock to
+/// be free.
+pub fn gated_migrator(slow: Duration) -> Migrator {
+    migrator_with(Some(slow), true)
+}
+
+fn migrator_with(slow: Option<Duration>, gated: bool) -> Migrator {
     let mut all: Vec<Migration> = MIGRATIONS
         .iter()
         .map(|(version, name, sql)| {
@@ -250,7 +264,16 @@ pub fn migrator(slow: Option<Duration>) -> Migrator {
             SLOW_VERSION,
             Cow::Borrowed("slow"),
             MigrationType::Simple,
-            AssertSqlSafe(format!("SELECT pg_sleep({})", d.as_secs_f64())).into_sql_str(),
+            AssertSqlSafe(format!(
+                "{}SELECT pg_sleep({})",
+                if gated {
+                    format!("SELECT pg_advisory_xact_lock_shared({GATE}); ")
+                } else {
+                    String::new()
+                },
+                d.as_secs_f64()
+            ))
+            .into_sql_str(),
             false,
         ));
     }

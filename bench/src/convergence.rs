@@ -9,6 +9,10 @@
 //! returns. sqlx: the canary's final commit is inside `Migrator::run`, so the
 //! instant its `run()` returns (after the commit and the unlock) stands in
 //! for it; that is later than the commit, which favours sqlx.
+//!
+//! Either way the canary's slow work starts only once every node waits: the
+//! Upsilon task waits for a signal, the sqlx migration for a lock the
+//! benchmark holds until every node is blocked on sqlx's advisory lock.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,7 +30,8 @@ use upsilon::{
 use upsilon_backends::postgres::PostgresBackend;
 
 use crate::common::{
-    at_released, migrator, new_task, pg_node, released_tasks, sqlx_connect, sqlx_migrate, Env,
+    at_released, gated_migrator, new_task, pg_node, released_tasks, sqlx_connect, sqlx_migrate,
+    Env, GATE,
 };
 use crate::report::{Report, Row, Unit};
 use crate::stats::{ms, slope, summary};
@@ -336,7 +341,12 @@ pub async fn sqlx_round(
     let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
         .fetch_one(&mut canary)
         .await?;
-    let m = Arc::new(migrator(Some(task)));
+    let m = Arc::new(gated_migrator(task));
+    // The canary's migration starts its sleep once the gate opens, after
+    // every node waits.
+    env.admin
+        .batch_execute(&format!("SELECT pg_advisory_lock({GATE})"))
+        .await?;
     let canary_run = {
         let m = m.clone();
         tokio::spawn(async move {
@@ -350,7 +360,7 @@ pub async fn sqlx_round(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = {pid}"
         ),
         "the canary's advisory lock",
-        |v| v == 1,
+        |v| v >= 1,
     )
     .await?;
     let mut runs = Vec::with_capacity(n);
@@ -363,16 +373,21 @@ pub async fn sqlx_round(
     }
     poll_until(
         env,
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+        &format!(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND pid <> {pid}"
+        ),
         "nodes waiting on the advisory lock",
         |v| v as usize == n,
     )
     .await?;
     ensure!(
         !canary_run.is_finished(),
-        "the canary finished before every node waited; use a longer task"
+        "the canary finished before every node waited"
     );
     before_go.await?;
+    env.admin
+        .batch_execute(&format!("SELECT pg_advisory_unlock({GATE})"))
+        .await?;
     let (r, done) = canary_run.await?;
     r?;
     let mut each = Vec::with_capacity(n);
