@@ -4,6 +4,7 @@
 //! - [`Postgres`]: `initdb` + `postgres` on a temporary directory. As root,
 //!   both run as the `postgres` user (PostgreSQL refuses to run as root).
 //!   Password authentication over TCP, so tests see real credentials.
+//!   [`Postgres::builder`] starts one with more connections or other settings.
 //!
 //! A server stops when its value is dropped. A watchdog process also stops it
 //! when the test process exits without dropping it (a `static` server, a
@@ -108,6 +109,7 @@ pub struct Postgres {
     port: u16,
     password: String,
     run_as: Option<RunAs>,
+    max_connections: u32,
     settings: Vec<String>,
     child: Option<Child>,
     watchdog: Option<Child>,
@@ -118,17 +120,32 @@ impl Postgres {
     /// install command, if the binaries are missing, and with the server's log
     /// if it does not start.
     pub fn start() -> Postgres {
-        Postgres::start_inner(false)
+        Postgres::builder().start()
     }
 
     /// Like [`Postgres::start`], with TLS on: a throwaway CA (see
     /// [`Postgres::ca_file`]) signs the server's certificate for `localhost`
     /// and `127.0.0.1`. Needs the `openssl` command.
     pub fn start_tls() -> Postgres {
-        Postgres::start_inner(true)
+        Postgres::builder().tls(true).start()
     }
 
-    fn start_inner(tls: bool) -> Postgres {
+    /// A server with settings of its own: more connections, extra server
+    /// settings. [`Postgres::start`] is `Postgres::builder().start()`.
+    pub fn builder() -> PostgresBuilder {
+        PostgresBuilder {
+            tls: false,
+            max_connections: 300,
+            settings: Vec::new(),
+        }
+    }
+
+    fn start_with(options: PostgresBuilder) -> Postgres {
+        let PostgresBuilder {
+            tls,
+            max_connections,
+            settings: extra,
+        } = options;
         let bin = postgres_bin_dir();
         for tool in ["initdb", "postgres"] {
             assert!(
@@ -186,12 +203,14 @@ impl Postgres {
                 format!("ssl_key_file={d}/server.key"),
             ]);
         }
+        settings.extend(extra);
         let mut pg = Postgres {
             bin,
             dir,
             port: 0,
             password,
             run_as,
+            max_connections,
             settings,
             child: None,
             watchdog: None,
@@ -240,10 +259,10 @@ impl Postgres {
                 "-c",
                 "full_page_writes=off",
                 "-c",
-                "max_connections=300",
-                "-c",
                 "shared_buffers=32MB",
             ])
+            .arg("-c")
+            .arg(format!("max_connections={}", self.max_connections))
             .args(self.settings.iter().flat_map(|s| ["-c", s.as_str()]))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
@@ -439,6 +458,42 @@ impl Postgres {
     /// The temporary directory (data directory, socket, log).
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+}
+
+/// Settings for a server started by [`PostgresBuilder::start`]; from
+/// [`Postgres::builder`].
+#[derive(Debug, Clone)]
+pub struct PostgresBuilder {
+    tls: bool,
+    max_connections: u32,
+    settings: Vec<String>,
+}
+
+impl PostgresBuilder {
+    /// TLS on, as [`Postgres::start_tls`]. Default off.
+    pub fn tls(mut self, on: bool) -> Self {
+        self.tls = on;
+        self
+    }
+
+    /// The server's `max_connections`. Default 300.
+    pub fn max_connections(mut self, n: u32) -> Self {
+        self.max_connections = n;
+        self
+    }
+
+    /// Any other server setting, passed as `-c name=value`; for example
+    /// `setting("shared_preload_libraries", "pg_stat_statements")`.
+    pub fn setting(mut self, name: &str, value: &str) -> Self {
+        self.settings.push(format!("{name}={value}"));
+        self
+    }
+
+    /// Initialises a data directory and starts the server; panics as
+    /// [`Postgres::start`] does.
+    pub fn start(self) -> Postgres {
+        Postgres::start_with(self)
     }
 }
 

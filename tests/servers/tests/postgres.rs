@@ -67,3 +67,19 @@ fn a_tls_server_offers_tls_signed_by_its_ca() {
     let out = pg.psql("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()");
     assert_eq!(out, "t", "psql negotiated TLS");
 }
+
+#[test]
+fn a_builder_sets_connections_and_other_settings() {
+    let pg = Postgres::builder()
+        .max_connections(450)
+        .setting("shared_preload_libraries", "pg_stat_statements")
+        .start();
+    assert_eq!(pg.psql("SHOW max_connections"), "450");
+    pg.psql("CREATE EXTENSION pg_stat_statements");
+    assert_eq!(
+        pg.psql("SELECT count(*) >= 0 FROM pg_stat_statements"),
+        "t",
+        "the preloaded library answers"
+    );
+    assert_eq!(Postgres::start().psql("SHOW max_connections"), "300");
+}

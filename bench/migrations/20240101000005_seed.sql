@@ -1,0 +1,1 @@
+INSERT INTO accounts (email, name) VALUES ('a@example.com', 'A'), ('b@example.com', 'B');

@@ -1,0 +1,237 @@
+//! Scenario 3: the store's load while N nodes wait through a long upgrade.
+//!
+//! Counted two ways, for the waiting nodes only:
+//! - statements: `pg_stat_statements`, by the role the waiting nodes connect
+//!   as (the canary connects as another), `BEGIN`/`COMMIT`/`LISTEN` included;
+//! - round trips and connections: the waiting nodes reach the server through
+//!   a counting proxy ([`crate::proxy`]); a round trip is a burst of messages
+//!   from the node after the server last sent it something, and those that
+//!   open a connection (start-up, authentication) are counted apart.
+//!
+//! Counting starts once every node is connected (pool connection open) and
+//! before the canary starts; it ends when every node is READY.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::common::{pg_node, sqlx_connect, Env, Statement, WAITER_ROLE};
+use crate::convergence::{sqlx_round, upsilon_round};
+use crate::proxy::{Proxy, Tally};
+use crate::report::{Report, Row, Unit};
+use crate::Options;
+
+/// One way of waiting, and what it cost per node.
+struct Cost {
+    name: &'static str,
+    round_trips: f64,
+    setup_round_trips: f64,
+    statements: f64,
+    held: f64,
+    opened: f64,
+    wait_s: f64,
+    by_statement: Value,
+}
+
+async fn reset(env: &Env, proxy: &Proxy) -> anyhow::Result<()> {
+    env.reset_statements().await?;
+    proxy.reset();
+    Ok(())
+}
+
+/// Statements run by the waiting nodes' role since the last reset: the
+/// total, and the count of each.
+async fn statements(env: &Env) -> anyhow::Result<(f64, Value)> {
+    let list = env.statements(WAITER_ROLE).await?;
+    let total: i64 = list.iter().map(|s| s.calls).sum();
+    Ok((total as f64, Statement::json(&list)))
+}
+
+fn cost(
+    name: &'static str,
+    n: usize,
+    at_wait: Tally,
+    end: Tally,
+    stmts: (f64, Value),
+    wait: Duration,
+) -> Cost {
+    let n = n as f64;
+    Cost {
+        name,
+        round_trips: end.queries as f64 / n,
+        setup_round_trips: end.setups as f64 / n,
+        statements: stmts.0 / n,
+        held: at_wait.open as f64 / n,
+        opened: end.opened as f64 / n,
+        wait_s: wait.as_secs_f64(),
+        by_statement: stmts.1,
+    }
+}
+
+async fn upsilon_cost(
+    env: &Env,
+    proxy: &Arc<Proxy>,
+    o: &Options,
+    name: &'static str,
+    service: &str,
+    url_suffix: &str,
+    holder_check: Option<Duration>,
+) -> anyhow::Result<Cost> {
+    let n = o.load_nodes;
+    let canary = pg_node(&env.url, 4, None).await?;
+    let url = format!("{}{url_suffix}", env.waiter_url(proxy.port));
+    let mut nodes = Vec::with_capacity(n);
+    for _ in 0..n {
+        nodes.push(pg_node(&url, 1, holder_check).await?);
+    }
+    reset(env, proxy).await?;
+    let at_wait = std::sync::Mutex::new(Tally::default());
+    let started = Instant::now();
+    upsilon_round(
+        service,
+        &canary,
+        &nodes,
+        Duration::from_millis(o.load_ms),
+        |b| b,
+        async {
+            *at_wait.lock().unwrap_or_else(|p| p.into_inner()) = proxy.tally();
+            Ok(())
+        },
+    )
+    .await?;
+    let wait = started.elapsed();
+    let end = proxy.tally();
+    let stmts = statements(env).await?;
+    let at_wait = *at_wait.lock().unwrap_or_else(|p| p.into_inner());
+    Ok(cost(name, n, at_wait, end, stmts, wait))
+}
+
+async fn sqlx_cost(env: &Env, proxy: &Arc<Proxy>, o: &Options) -> anyhow::Result<Cost> {
+    let n = o.load_nodes;
+    let schema = "sqlx_load";
+    env.sqlx_schema(schema).await?;
+    let url = env.waiter_url(proxy.port);
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        conns.push(sqlx_connect(&url, Some(schema)).await?);
+    }
+    reset(env, proxy).await?;
+    let at_wait = std::sync::Mutex::new(Tally::default());
+    let started = Instant::now();
+    sqlx_round(
+        env,
+        schema,
+        &env.url,
+        conns,
+        Duration::from_millis(o.load_ms),
+        async {
+            *at_wait.lock().unwrap_or_else(|p| p.into_inner()) = proxy.tally();
+            Ok(())
+        },
+    )
+    .await?;
+    let wait = started.elapsed();
+    let end = proxy.tally();
+    let stmts = statements(env).await?;
+    let at_wait = *at_wait.lock().unwrap_or_else(|p| p.into_inner());
+    Ok(cost("sqlx Migrator::run", n, at_wait, end, stmts, wait))
+}
+
+pub async fn run(env: &Env, o: &Options, report: &mut Report) -> anyhow::Result<()> {
+    let proxy = Arc::new(Proxy::start(env.pg.port()).await?);
+    let n = o.load_nodes;
+    let secs = o.load_ms as f64 / 1000.0;
+    eprintln!("  3: {n} waiting nodes, {secs} s upgrade");
+    let default = upsilon_cost(
+        env,
+        &proxy,
+        o,
+        "holder check every ~1 s (default)",
+        "load-default",
+        "",
+        None,
+    )
+    .await?;
+    let off = upsilon_cost(
+        env,
+        &proxy,
+        o,
+        "holder check off (every hour)",
+        "load-off",
+        "",
+        Some(Duration::from_secs(3600)),
+    )
+    .await?;
+    let pooled = upsilon_cost(
+        env,
+        &proxy,
+        o,
+        "pgbouncer=true (no LISTEN: polls every ~1 s)",
+        "load-pooled",
+        "?pgbouncer=true",
+        None,
+    )
+    .await?;
+    let sqlx = sqlx_cost(env, &proxy, o).await?;
+    let base = "sqlx Migrator::run";
+    for c in [&default, &off, &pooled] {
+        report.push(
+            Row::new(
+                "3",
+                format!("round trips per waiting node, {}", c.name),
+                Unit::Count,
+                c.round_trips,
+            )
+            .vs(base, sqlx.round_trips)
+            .at_most(3.0, "<= 3"),
+        );
+    }
+    for c in [&default, &off, &pooled] {
+        report.push(
+            Row::new(
+                "3",
+                format!("statements per waiting node, {}", c.name),
+                Unit::Count,
+                c.statements,
+            )
+            .vs(base, sqlx.statements)
+            .at_most(3.0, "<= 3"),
+        );
+    }
+    report.push(
+        Row::new(
+            "3",
+            "connections held per waiting node while waiting (default)",
+            Unit::Count,
+            default.held,
+        )
+        .vs(base, sqlx.held),
+    );
+    report.push(
+        Row::new(
+            "3",
+            "connections opened per waiting node while waiting (default)",
+            Unit::Count,
+            default.opened,
+        )
+        .vs(base, sqlx.opened),
+    );
+    let d = |c: &Cost| {
+        json!({
+            "name": c.name, "round_trips_per_node": c.round_trips,
+            "connection_setup_round_trips_per_node": c.setup_round_trips,
+            "statements_per_node": c.statements, "connections_held_per_node": c.held,
+            "connections_opened_per_node": c.opened, "wait_s": c.wait_s,
+            "statements_by_text": c.by_statement,
+        })
+    };
+    report.detail(
+        "3",
+        json!({
+            "nodes": n, "upgrade_s": secs,
+            "runs": [d(&default), d(&off), d(&pooled), d(&sqlx)],
+        }),
+    );
+    Ok(())
+}
