@@ -394,6 +394,10 @@ pub(crate) fn text(s: impl Into<String>) -> (Param, Type) {
     (Box::new(s.into()), Type::TEXT)
 }
 
+pub(crate) fn text_array(v: Vec<String>) -> (Param, Type) {
+    (Box::new(v), Type::TEXT_ARRAY)
+}
+
 pub(crate) fn opt_text(s: Option<String>) -> (Param, Type) {
     (Box::new(s), Type::TEXT)
 }

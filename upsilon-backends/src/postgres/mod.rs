@@ -60,7 +60,7 @@ mod conn;
 mod options;
 mod sql;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,8 +78,8 @@ use upsilon::backend::{
 use upsilon::{BackendError, Holder, Lease, Lock, Store, TaskContext, TaskKey};
 
 use conn::{
-    first_error, int4, int8, opt_int4, opt_int8, opt_text, pipeline, text, Conn, Connector, Pool,
-    Session, SessionId, Stmt, Wakeups,
+    first_error, int4, int8, opt_int4, opt_int8, opt_text, pipeline, text, text_array, Conn,
+    Connector, Pool, Session, SessionId, Stmt, Wakeups,
 };
 pub use options::PostgresOptions;
 use sql::Sql;
@@ -786,17 +786,33 @@ impl Lock for PostgresBackend {
 impl PostgresBackend {
     /// Opens a transaction, locks the state row of `service` (creating it if
     /// missing) and reads the snapshot: one round trip.
+    /// Begins a transaction, locks the service's state row and reads the
+    /// snapshot, with the summaries of the tasks in `only` (every task for
+    /// `None`): a write reads only what it touches, so that its cost does not
+    /// grow with the history.
     async fn locked_snapshot(
         &self,
         c: &tokio_postgres::Client,
         service: &str,
+        only: Option<&BTreeSet<&TaskKey>>,
     ) -> Result<Snapshot, BackendError> {
         let sql = &self.inner.sql;
+        let read_snapshot = match only {
+            None => Stmt::Typed(&sql.snapshot, vec![text(service)]),
+            Some(keys) => Stmt::Typed(
+                &sql.snapshot_of_tasks,
+                vec![
+                    text(service),
+                    text_array(keys.iter().map(|k| k.version.to_string()).collect()),
+                    text_array(keys.iter().map(|k| k.id.clone()).collect()),
+                ],
+            ),
+        };
         let read = [
             Stmt::Simple("BEGIN"),
             Stmt::Typed(&sql.ensure_row, vec![text(service)]),
             Stmt::Typed(&sql.lock_row, vec![text(service)]),
-            Stmt::Typed(&sql.snapshot, vec![text(service)]),
+            read_snapshot,
         ];
         let rows = first_error(pipeline(c, &read).await).map_err(conn::driver)?;
         snapshot_of(&rows[3])
@@ -869,7 +885,7 @@ impl Store for PostgresBackend {
         let mut conn = self.conn().await?;
         let op = async {
             let c = conn.client();
-            let mut snap = self.locked_snapshot(c, service).await?;
+            let mut snap = self.locked_snapshot(c, service, None).await?;
             if fence < snap.fence {
                 return Err(BackendError::StaleFence {
                     presented: fence,
@@ -902,7 +918,8 @@ impl Store for PostgresBackend {
         let mut conn = self.conn().await?;
         let op = async {
             let c = conn.client();
-            let mut snap = self.locked_snapshot(c, service).await?;
+            let touched = Change::touched(changes);
+            let mut snap = self.locked_snapshot(c, service, touched.as_ref()).await?;
             let todo = snap.check(fence, changes)?;
             let mut write = Vec::with_capacity(todo.len() + 2);
             let mut notify = false;

@@ -55,6 +55,9 @@ pub(crate) struct Sql {
     pub(crate) baseline: String,
     pub(crate) notify: String,
     pub(crate) history_rows: String,
+    /// The snapshot with the summaries of the given tasks only (`$2`
+    /// versions, `$3` ids): what a write needs.
+    pub(crate) snapshot_of_tasks: String,
     pub(crate) inspect: String,
     pub(crate) session_gone: String,
 }
@@ -83,6 +86,15 @@ impl Sql {
                  FROM (VALUES (1)) AS one (x)
                  LEFT JOIN {st} AS s ON s.service = $1
                  LEFT JOIN {h} AS h ON h.service = $1
+                 ORDER BY h.id"
+            ),
+            snapshot_of_tasks: format!(
+                "SELECT {format_col}, s.data_version, s.baseline, s.store_fence,
+                        h.version, h.task_id, h.attempt, h.kind, h.state, h.fence
+                 FROM (VALUES (1)) AS one (x)
+                 LEFT JOIN {st} AS s ON s.service = $1
+                 LEFT JOIN {h} AS h ON h.service = $1
+                   AND (h.version, h.task_id) IN (SELECT * FROM unnest($2::text[], $3::text[]))
                  ORDER BY h.id"
             ),
             ensure_row: format!(
