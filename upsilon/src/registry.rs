@@ -1,7 +1,7 @@
 //! The tasks known to this binary: collected at link time from every
 //! `#[upsilon::task]`, or given explicitly to the builder.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -76,6 +76,13 @@ impl fmt::Display for TaskKey {
 /// One upgrade task: what to run, at which version, in which order.
 #[derive(Clone)]
 pub struct Task {
+    // Shared, so that plans and registries copy tasks for the price of a
+    // reference count.
+    inner: Arc<TaskInner>,
+}
+
+#[derive(Clone)]
+struct TaskInner {
     key: TaskKey,
     order: u32,
     description: String,
@@ -87,11 +94,11 @@ pub struct Task {
 impl fmt::Debug for Task {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Task")
-            .field("version", &self.key.version.to_string())
-            .field("order", &self.order)
-            .field("id", &self.key.id)
-            .field("location", &self.location.to_string())
-            .field("rollback", &self.rollback.is_some())
+            .field("version", &self.inner.key.version.to_string())
+            .field("order", &self.inner.order)
+            .field("id", &self.inner.key.id)
+            .field("location", &self.inner.location.to_string())
+            .field("rollback", &self.inner.rollback.is_some())
             .finish()
     }
 }
@@ -118,7 +125,7 @@ impl Task {
                 }],
             });
         }
-        Ok(Task {
+        Ok(Task::from_inner(TaskInner {
             key: TaskKey {
                 version,
                 id: id.to_owned(),
@@ -132,12 +139,12 @@ impl Task {
             },
             run: Arc::new(body),
             rollback: None,
-        })
+        }))
     }
 
     /// Sets the description shown in plans, status and history.
     pub fn with_description(mut self, description: impl Into<String>) -> Task {
-        self.description = description.into();
+        Arc::make_mut(&mut self.inner).description = description.into();
         self
     }
 
@@ -146,8 +153,14 @@ impl Task {
     where
         F: for<'a> Fn(&'a mut TaskContext) -> TaskFuture<'a> + Send + Sync + 'static,
     {
-        self.rollback = Some(Arc::new(rollback));
+        Arc::make_mut(&mut self.inner).rollback = Some(Arc::new(rollback));
         self
+    }
+
+    fn from_inner(inner: TaskInner) -> Task {
+        Task {
+            inner: Arc::new(inner),
+        }
     }
 
     fn from_def(def: &'static TaskDef) -> Result<Task, Box<Problem>> {
@@ -157,7 +170,7 @@ impl Task {
                 error: e.to_string(),
             })
         })?;
-        Ok(Task {
+        Ok(Task::from_inner(TaskInner {
             key: TaskKey {
                 version,
                 id: def.id.to_owned(),
@@ -171,53 +184,54 @@ impl Task {
             },
             run: Arc::new(def.run),
             rollback: def.rollback.map(|f| Arc::new(f) as TaskBody),
-        })
+        }))
     }
 
     /// The task's identity in the store.
     pub fn key(&self) -> &TaskKey {
-        &self.key
+        &self.inner.key
     }
     /// The version the task belongs to.
     pub fn version(&self) -> &Version {
-        &self.key.version
+        &self.inner.key.version
     }
     /// The task's id.
     pub fn id(&self) -> &str {
-        &self.key.id
+        &self.inner.key.id
     }
     /// Its order within its version.
     pub fn order(&self) -> u32 {
-        self.order
+        self.inner.order
     }
     /// The fn's doc comment, or what [`Task::with_description`] set.
     pub fn description(&self) -> &str {
-        &self.description
+        &self.inner.description
     }
     /// Where the task was defined.
     pub fn location(&self) -> &Location {
-        &self.location
+        &self.inner.location
     }
     /// Whether the task has a rollback.
     pub fn has_rollback(&self) -> bool {
-        self.rollback.is_some()
+        self.inner.rollback.is_some()
     }
 
     pub(crate) fn run<'a>(&self, ctx: &'a mut TaskContext) -> TaskFuture<'a> {
-        (self.run)(ctx)
+        (self.inner.run)(ctx)
     }
 
     pub(crate) fn run_rollback<'a>(&self, ctx: &'a mut TaskContext) -> Option<TaskFuture<'a>> {
-        self.rollback.as_ref().map(|f| f(ctx))
+        self.inner.rollback.as_ref().map(|f| f(ctx))
     }
 
     /// Plan order: semver, then `order`, then id.
     pub(crate) fn plan_cmp(&self, other: &Task) -> std::cmp::Ordering {
-        self.key
+        self.inner
+            .key
             .version
-            .cmp(&other.key.version)
-            .then(self.order.cmp(&other.order))
-            .then_with(|| self.key.id.cmp(&other.key.id))
+            .cmp(&other.inner.key.version)
+            .then(self.inner.order.cmp(&other.inner.order))
+            .then_with(|| self.inner.key.id.cmp(&other.inner.key.id))
     }
 }
 
@@ -249,22 +263,25 @@ impl Registry {
     pub fn new(mut tasks: Vec<Task>) -> Result<Registry, RegistryError> {
         tasks.sort_by(|a, b| a.plan_cmp(b));
         let mut problems = Vec::new();
-        let mut by_order: BTreeMap<(&Version, u32), &Task> = BTreeMap::new();
-        let mut by_id: BTreeMap<&TaskKey, &Task> = BTreeMap::new();
+        // Hash maps: the tasks are already sorted, so the problems come out
+        // in plan order all the same.
+        let mut by_order: HashMap<(&Version, u32), &Task> = HashMap::with_capacity(tasks.len());
+        let mut by_id: HashMap<&TaskKey, &Task> = HashMap::with_capacity(tasks.len());
         for task in &tasks {
-            if let Some(first) = by_order.insert((&task.key.version, task.order), task) {
+            if let Some(first) = by_order.insert((&task.inner.key.version, task.inner.order), task)
+            {
                 problems.push(Problem::DuplicateOrder {
-                    version: task.key.version.clone(),
-                    order: task.order,
-                    first: (first.key.id.clone(), first.location.clone()),
-                    second: (task.key.id.clone(), task.location.clone()),
+                    version: task.inner.key.version.clone(),
+                    order: task.inner.order,
+                    first: (first.inner.key.id.clone(), first.inner.location.clone()),
+                    second: (task.inner.key.id.clone(), task.inner.location.clone()),
                 });
             }
-            if let Some(first) = by_id.insert(&task.key, task) {
+            if let Some(first) = by_id.insert(&task.inner.key, task) {
                 problems.push(Problem::DuplicateId {
-                    key: task.key.clone(),
-                    first: first.location.clone(),
-                    second: task.location.clone(),
+                    key: task.inner.key.clone(),
+                    first: first.inner.location.clone(),
+                    second: task.inner.location.clone(),
                 });
             }
         }
@@ -290,8 +307,8 @@ impl Registry {
         let problems: Vec<Problem> = self
             .above(app)
             .map(|t| Problem::AboveApp {
-                key: t.key.clone(),
-                location: t.location.clone(),
+                key: t.inner.key.clone(),
+                location: t.inner.location.clone(),
                 app: app.clone(),
             })
             .collect();
@@ -307,7 +324,7 @@ impl Registry {
         let mut crates = BTreeMap::new();
         for task in &self.tasks {
             let name = task
-                .location
+                .location()
                 .module_path
                 .split("::")
                 .next()
