@@ -1205,24 +1205,19 @@ async fn a_node_dying_around_the_commit_leaves_the_effect_exactly_once() {
     }
 }
 
-#[tokio::test]
-async fn a_stale_fence_commits_nothing_through_complete_with() {
-    let schema = "stale_helper";
-    // `testing::context` runs in service `test` with fence 1.
-    let svc = "test";
-    let client = raw(&server().url()).await;
-    effects_table(&client, schema).await;
-    let b = backend(schema).await;
-    // A node whose lease was taken over runs the helper with its old fence.
-    let old = granted(
+/// Takes the lease of `svc`, claims the store and starts attempt 1 of task
+/// `t@1.0`, as the runner does before it calls the task that
+/// `testing::context("t", "1.0", ..)` stands for.
+async fn holding_t_running(b: &PostgresBackend, svc: &str) -> upsilon::Lease {
+    let lease = granted(
         b.try_acquire(svc, &testing::holder(1), Duration::from_secs(30))
             .await
             .unwrap(),
     );
-    b.claim(svc, old.fence).await.unwrap();
+    b.claim(svc, lease.fence).await.unwrap();
     b.apply(
         svc,
-        old.fence,
+        lease.fence,
         &[upsilon::Change::Start(upsilon::backend::StartAttempt {
             key: upsilon::TaskKey {
                 version: upsilon::parse_version("1.0").unwrap(),
@@ -1236,6 +1231,19 @@ async fn a_stale_fence_commits_nothing_through_complete_with() {
     )
     .await
     .unwrap();
+    lease
+}
+
+#[tokio::test]
+async fn a_stale_fence_commits_nothing_through_complete_with() {
+    let schema = "stale_helper";
+    // `testing::context` runs in service `test` with fence 1.
+    let svc = "test";
+    let client = raw(&server().url()).await;
+    effects_table(&client, schema).await;
+    let b = backend(schema).await;
+    // A node whose lease was taken over runs the helper with its old fence.
+    let old = holding_t_running(&b, svc).await;
     b.claim(svc, old.fence + 1).await.unwrap();
     let mut resources = upsilon::Resources::default();
     resources.insert(b.clone());
@@ -1485,29 +1493,8 @@ async fn upsilon_commits_are_durable_even_where_the_server_default_is_not() {
         "the harness's default, for this test to mean something"
     );
     let b = backend(schema).await;
-    let lease = granted(
-        b.try_acquire(svc, &testing::holder(1), Duration::from_secs(30))
-            .await
-            .unwrap(),
-    );
+    let lease = holding_t_running(&b, svc).await;
     assert_eq!(lease.fence, 1, "testing::context runs with fence 1");
-    b.claim(svc, lease.fence).await.unwrap();
-    b.apply(
-        svc,
-        lease.fence,
-        &[upsilon::Change::Start(upsilon::backend::StartAttempt {
-            key: upsilon::TaskKey {
-                version: upsilon::parse_version("1.0").unwrap(),
-                id: "t".into(),
-            },
-            attempt: 1,
-            kind: upsilon::backend::AttemptKind::Run,
-            description: String::new(),
-            holder: testing::holder(1),
-        })],
-    )
-    .await
-    .unwrap();
     let (ctx, _cancel) = testing::context("t", "1.0", upsilon::Resources::default());
     let setting: String = b
         .complete_with(&ctx, async |tx| {

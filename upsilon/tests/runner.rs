@@ -104,6 +104,21 @@ fn standard(log: &Log) -> Vec<Task> {
     ]
 }
 
+/// Builds and runs a node, expecting it to become READY, or to fail.
+trait RunNode {
+    async fn succeeds(self) -> Outcome;
+    async fn fails(self) -> Error;
+}
+
+impl RunNode for Builder {
+    async fn succeeds(self) -> Outcome {
+        self.build().unwrap().run().await.unwrap()
+    }
+    async fn fails(self) -> Error {
+        self.build().unwrap().run().await.unwrap_err()
+    }
+}
+
 fn node(backend: &Arc<MemoryBackend>, n: usize, app: &str, tasks: Vec<Task>) -> Builder {
     Upsilon::builder()
         .service("svc")
@@ -159,21 +174,11 @@ async fn fresh_store_runs_every_task_in_order_and_records_it() {
 async fn up_to_date_node_takes_no_lease_and_writes_nothing() {
     let backend = MemoryBackend::new();
     let log = Log::default();
-    node(&backend, 1, "1.1", standard(&log))
-        .build()
-        .unwrap()
-        .run()
-        .await
-        .unwrap();
+    node(&backend, 1, "1.1", standard(&log)).succeeds().await;
     let acquires = backend.faults().calls(Op::Acquire);
     let applies = backend.faults().calls(Op::Apply);
     let loads = backend.faults().calls(Op::Load);
-    let outcome = node(&backend, 2, "1.1", standard(&log))
-        .build()
-        .unwrap()
-        .run()
-        .await
-        .unwrap();
+    let outcome = node(&backend, 2, "1.1", standard(&log)).succeeds().await;
     assert!(matches!(outcome, Outcome::UpToDate { .. }), "{outcome:?}");
     assert_eq!(backend.faults().calls(Op::Acquire), acquires, "no lease");
     assert_eq!(backend.faults().calls(Op::Apply), applies, "no write");
@@ -345,12 +350,7 @@ async fn a_dead_holder_is_resumed_without_rerunning_completed_tasks() {
     backend.faults().clear();
     let started = tokio::time::Instant::now();
     gate.notify_one(); // the second run of `second` goes through
-    let outcome = node(&backend, 2, "1.1", tasks)
-        .build()
-        .unwrap()
-        .run()
-        .await
-        .unwrap();
+    let outcome = node(&backend, 2, "1.1", tasks).succeeds().await;
     assert!(matches!(outcome, Outcome::Upgraded { .. }), "{outcome:?}");
     // L1: taken over within the TTL (3 s) plus a poll.
     assert!(started.elapsed() <= Duration::from_secs(3) + Duration::from_millis(200));
@@ -489,12 +489,7 @@ async fn the_local_deadline_cancels_when_renewals_hang() {
         .faults()
         .always(Op::Renew, Fault::Delay(Duration::from_secs(3600)));
     let started = tokio::time::Instant::now();
-    let err = node(&backend, 1, "1.1", vec![task])
-        .build()
-        .unwrap()
-        .run()
-        .await
-        .unwrap_err();
+    let err = node(&backend, 1, "1.1", vec![task]).fails().await;
     let Error::LeaseLost { reason, .. } = &err else {
         panic!("{err}")
     };
@@ -603,11 +598,8 @@ async fn rollbacks_run_in_reverse_and_the_history_says_so() {
     ];
     let err = node(&backend, 1, "1.1", tasks.clone())
         .rollback_on_failure(true)
-        .build()
-        .unwrap()
-        .run()
-        .await
-        .unwrap_err();
+        .fails()
+        .await;
     assert!(err.to_string().ends_with("rolled back 2 task(s)"), "{err}");
     assert_eq!(
         log.tasks(),
@@ -662,12 +654,7 @@ async fn a_panicking_task_fails_the_upgrade_and_releases_the_lease() {
         },
     )
     .unwrap();
-    let err = node(&backend, 1, "1.1", vec![task])
-        .build()
-        .unwrap()
-        .run()
-        .await
-        .unwrap_err();
+    let err = node(&backend, 1, "1.1", vec![task]).fails().await;
     assert!(
         err.to_string().contains("panicked: index out of bounds"),
         "{err}"
@@ -725,11 +712,8 @@ async fn waiting_gives_up_naming_the_holder() {
         .unwrap();
     let err = node(&backend, 1, "1.1", standard(&log))
         .max_wait(Duration::from_secs(5))
-        .build()
-        .unwrap()
-        .run()
-        .await
-        .unwrap_err();
+        .fails()
+        .await;
     let text = err.to_string();
     assert!(matches!(err, Error::WaitTimeout { .. }), "{text}");
     assert!(text.contains("held by node-9 (pid"), "{text}");
@@ -755,11 +739,8 @@ async fn resources_reach_tasks_and_a_missing_one_is_named() {
     .unwrap();
     let err = node(&backend, 1, "1.1", vec![task])
         .resource(Pool("pool"))
-        .build()
-        .unwrap()
-        .run()
-        .await
-        .unwrap_err();
+        .fails()
+        .await;
     assert!(
         err.to_string().contains(
             "asked for a resource of type `u64` that was never registered; add `.resource(value)`"
@@ -772,26 +753,13 @@ async fn resources_reach_tasks_and_a_missing_one_is_named() {
 async fn data_ahead_of_the_app_follows_the_policy() {
     let backend = MemoryBackend::new();
     let log = Log::default();
-    node(&backend, 1, "1.2", standard(&log))
-        .build()
-        .unwrap()
-        .run()
-        .await
-        .unwrap();
-    let older = node(&backend, 2, "1.1", standard(&log))
-        .build()
-        .unwrap()
-        .run()
-        .await
-        .unwrap();
+    node(&backend, 1, "1.2", standard(&log)).succeeds().await;
+    let older = node(&backend, 2, "1.1", standard(&log)).succeeds().await;
     assert!(matches!(older, Outcome::UpToDate { .. }));
     let err = node(&backend, 2, "1.1", standard(&log))
         .data_ahead(DataAheadPolicy::Fail)
-        .build()
-        .unwrap()
-        .run()
-        .await
-        .unwrap_err();
+        .fails()
+        .await;
     assert!(err.to_string().contains("data version 1.2.0"), "{err}");
 }
 
@@ -800,11 +768,8 @@ async fn tasks_added_out_of_order_are_reported_and_run_only_when_asked() {
     let backend = MemoryBackend::new();
     let log = Log::default();
     node(&backend, 1, "1.1", vec![logged(&log, "1.1", 1, "a")])
-        .build()
-        .unwrap()
-        .run()
-        .await
-        .unwrap();
+        .succeeds()
+        .await;
     let late = vec![logged(&log, "1.1", 1, "a"), logged(&log, "1.0", 5, "late")];
     let up = node(&backend, 1, "1.1", late.clone()).build().unwrap();
     let plan = up.plan().await.unwrap();
@@ -814,11 +779,8 @@ async fn tasks_added_out_of_order_are_reported_and_run_only_when_asked() {
     assert_eq!(log.tasks(), ["a"]);
     node(&backend, 1, "1.1", late)
         .run_out_of_order(true)
-        .build()
-        .unwrap()
-        .run()
-        .await
-        .unwrap();
+        .succeeds()
+        .await;
     assert_eq!(log.tasks(), ["a", "late"]);
 }
 
@@ -858,12 +820,7 @@ async fn lost_replies_and_transient_errors_are_retried_without_rerunning() {
 async fn a_broken_backend_is_a_clear_error_never_nothing_to_do() {
     let backend = MemoryBackend::new();
     backend.faults().always(Op::Load, Fault::Broken);
-    let err = node(&backend, 1, "1.1", vec![])
-        .build()
-        .unwrap()
-        .run()
-        .await
-        .unwrap_err();
+    let err = node(&backend, 1, "1.1", vec![]).fails().await;
     assert!(
         matches!(
             err,
@@ -878,11 +835,8 @@ async fn a_broken_backend_is_a_clear_error_never_nothing_to_do() {
     backend.faults().always(Op::Load, Fault::Unavailable);
     let err = node(&backend, 1, "1.1", vec![])
         .backend_attempts(3)
-        .build()
-        .unwrap()
-        .run()
-        .await
-        .unwrap_err();
+        .fails()
+        .await;
     assert!(matches!(
         err,
         Error::Backend {
@@ -1064,11 +1018,8 @@ async fn a_data_version_left_behind_by_a_completed_task_is_caught_up() {
         .await
         .unwrap();
     let outcome = node(&backend, 1, "1.1", vec![logged(&log, "1.1", 1, "only")])
-        .build()
-        .unwrap()
-        .run()
-        .await
-        .unwrap();
+        .succeeds()
+        .await;
     let Outcome::Upgraded { report } = outcome else {
         panic!("{outcome:?}")
     };
