@@ -222,16 +222,7 @@ async fn deleting_rows_or_forcing_a_release_does_not_reset_the_fence() {
         b.apply(
             "svc",
             l.fence,
-            &[upsilon::Change::Start(upsilon::backend::StartAttempt {
-                key: upsilon::TaskKey {
-                    version: upsilon::parse_version("1.1").unwrap(),
-                    id: format!("t{n}"),
-                },
-                attempt: 1,
-                kind: upsilon::backend::AttemptKind::Run,
-                description: String::new(),
-                holder: testing::holder(n),
-            })],
+            &[testing::start_attempt(&format!("t{n}"), "1.1", 1)],
         )
         .await
         .unwrap();
@@ -1215,22 +1206,9 @@ async fn holding_t_running(b: &PostgresBackend, svc: &str) -> upsilon::Lease {
             .unwrap(),
     );
     b.claim(svc, lease.fence).await.unwrap();
-    b.apply(
-        svc,
-        lease.fence,
-        &[upsilon::Change::Start(upsilon::backend::StartAttempt {
-            key: upsilon::TaskKey {
-                version: upsilon::parse_version("1.0").unwrap(),
-                id: "t".into(),
-            },
-            attempt: 1,
-            kind: upsilon::backend::AttemptKind::Run,
-            description: String::new(),
-            holder: testing::holder(1),
-        })],
-    )
-    .await
-    .unwrap();
+    b.apply(svc, lease.fence, &[testing::start_attempt("t", "1.0", 1)])
+        .await
+        .unwrap();
     lease
 }
 
@@ -1444,16 +1422,7 @@ async fn operations_take_one_or_two_round_trips() {
         lease.fence,
         &[
             upsilon::Change::Baseline(upsilon::parse_version("1.0").unwrap()),
-            upsilon::Change::Start(upsilon::backend::StartAttempt {
-                key: upsilon::TaskKey {
-                    version: upsilon::parse_version("1.1").unwrap(),
-                    id: "t".into(),
-                },
-                attempt: 1,
-                kind: upsilon::backend::AttemptKind::Run,
-                description: String::new(),
-                holder: testing::holder(1),
-            }),
+            testing::start_attempt("t", "1.1", 1),
         ],
     )
     .await

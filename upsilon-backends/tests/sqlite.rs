@@ -152,16 +152,7 @@ async fn deleting_the_state_row_does_not_reset_the_fence() {
                 .apply(
                     "svc",
                     l.fence,
-                    &[upsilon::Change::Start(upsilon::backend::StartAttempt {
-                        key: upsilon::TaskKey {
-                            version: upsilon::parse_version("1.1").unwrap(),
-                            id: format!("t{n}"),
-                        },
-                        attempt: 1,
-                        kind: upsilon::backend::AttemptKind::Run,
-                        description: String::new(),
-                        holder: testing::holder(n),
-                    })],
+                    &[testing::start_attempt(&format!("t{n}"), "1.1", 1)],
                 )
                 .await
                 .unwrap();

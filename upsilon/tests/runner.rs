@@ -226,15 +226,31 @@ async fn concurrent_nodes_run_each_task_exactly_once() {
     }
 }
 
+/// Lets a test hold a parked task (`gate`) and know it has started (`entered`).
+struct Gate {
+    gate: Arc<Notify>,
+    entered: Arc<Notify>,
+}
+
+impl Gate {
+    fn new() -> Gate {
+        Gate {
+            gate: Arc::new(Notify::new()),
+            entered: Arc::new(Notify::new()),
+        }
+    }
+}
+
 /// A task that parks until released, to hold a node mid-task.
 fn parked(
     log: &Log,
     version: &str,
     order: u32,
     id: &str,
-    gate: Arc<Notify>,
-    entered: Arc<Notify>,
+    gate: &Arc<Notify>,
+    entered: &Arc<Notify>,
 ) -> Task {
+    let (gate, entered) = (gate.clone(), entered.clone());
     let log = log.clone();
     Task::new(
         version,
@@ -257,10 +273,10 @@ fn parked(
 async fn waiters_become_ready_without_taking_the_lease() {
     let backend = MemoryBackend::new();
     let log = Log::default();
-    let (gate, entered) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let Gate { gate, entered } = Gate::new();
     let tasks = vec![
         logged(&log, "1.0", 1, "a"),
-        parked(&log, "1.1", 1, "slow", gate.clone(), entered.clone()),
+        parked(&log, "1.1", 1, "slow", &gate, &entered),
     ];
     let canary = node(&backend, 1, "1.1", tasks.clone()).build().unwrap();
     let canary_run = tokio::spawn({
@@ -332,10 +348,10 @@ async fn waiters_become_ready_without_taking_the_lease() {
 async fn a_dead_holder_is_resumed_without_rerunning_completed_tasks() {
     let backend = MemoryBackend::new();
     let log = Log::default();
-    let (gate, entered) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let Gate { gate, entered } = Gate::new();
     let tasks = vec![
         logged(&log, "1.1", 1, "first"),
-        parked(&log, "1.1", 2, "second", gate.clone(), entered.clone()),
+        parked(&log, "1.1", 2, "second", &gate, &entered),
         logged(&log, "1.1", 3, "third"),
     ];
     // Node 1 dies mid-task: its process is gone, nothing is released.
@@ -383,15 +399,8 @@ async fn a_dead_holder_is_resumed_without_rerunning_completed_tasks() {
 async fn a_holder_whose_lease_expired_cannot_write() {
     let backend = MemoryBackend::new();
     let log = Log::default();
-    let (gate, entered) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
-    let tasks = vec![parked(
-        &log,
-        "1.1",
-        1,
-        "slow",
-        gate.clone(),
-        entered.clone(),
-    )];
+    let Gate { gate, entered } = Gate::new();
+    let tasks = vec![parked(&log, "1.1", 1, "slow", &gate, &entered)];
     // Node 1 cannot reach the backend to renew, but is not told: its renewals hang.
     let old = tokio::spawn({
         let n = node(&backend, 1, "1.1", tasks.clone())
@@ -944,15 +953,8 @@ async fn progress_is_visible_in_the_status() {
 async fn a_notified_waiter_makes_three_queries() {
     let backend = MemoryBackend::new();
     let log = Log::default();
-    let (gate, entered) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
-    let tasks = vec![parked(
-        &log,
-        "1.1",
-        1,
-        "slow",
-        gate.clone(),
-        entered.clone(),
-    )];
+    let Gate { gate, entered } = Gate::new();
+    let tasks = vec![parked(&log, "1.1", 1, "slow", &gate, &entered)];
     let canary = node(&backend, 1, "1.1", tasks.clone()).build().unwrap();
     let canary_run = tokio::spawn(async move { canary.run().await });
     entered.notified().await;

@@ -15,7 +15,7 @@ use crate::backend::{
 };
 use crate::registry::TaskKey;
 
-use super::{holder, v};
+use super::{holder, start_attempt, v};
 
 /// What the suite needs from a backend under test.
 #[async_trait]
@@ -67,16 +67,6 @@ async fn grant(lock: &dyn Lock, service: &str, who: &Holder, ttl: Duration) -> L
         Ok(Acquire::Granted(lease)) => lease,
         other => panic!("conformance: {service}: {who} should get the free lease, got {other:?}"),
     }
-}
-
-fn start(id: &str, version: &str, attempt: u32) -> Change {
-    Change::Start(StartAttempt {
-        key: key(id, version),
-        attempt,
-        kind: AttemptKind::Run,
-        description: format!("task {id}"),
-        holder: holder(1),
-    })
 }
 
 fn finish(id: &str, version: &str, attempt: u32, state: AttemptState) -> Change {
@@ -225,7 +215,7 @@ pub async fn stale_fence_refused(h: &dyn Harness, service: &str) {
     let store = h.store();
     store.claim(service, 5).await.expect("claim 5");
     store
-        .apply(service, 5, &[start("a", "1.0", 1)])
+        .apply(service, 5, &[start_attempt("a", "1.0", 1)])
         .await
         .expect("write under 5");
     let snap = store.claim(service, 7).await.expect("claim 7");
@@ -328,7 +318,7 @@ pub async fn store_rules(h: &dyn Harness, service: &str) {
             service,
             1,
             &[
-                start("a", "1.1", 1),
+                start_attempt("a", "1.1", 1),
                 finish("a", "1.1", 1, AttemptState::Completed),
                 Change::DataVersion(v("1.1")),
             ],
@@ -341,7 +331,7 @@ pub async fn store_rules(h: &dyn Harness, service: &str) {
     let refused: [(&str, Vec<Change>); 4] = [
         (
             "a second start of a completed task",
-            vec![start("a", "1.1", 2)],
+            vec![start_attempt("a", "1.1", 2)],
         ),
         (
             "a data version going back",
@@ -353,7 +343,7 @@ pub async fn store_rules(h: &dyn Harness, service: &str) {
         ),
         (
             "a batch whose last change is refused",
-            vec![start("b", "1.2", 1), Change::DataVersion(v("1.0"))],
+            vec![start_attempt("b", "1.2", 1), Change::DataVersion(v("1.0"))],
         ),
     ];
     for (what, changes) in refused {
@@ -384,7 +374,7 @@ pub async fn replay_is_idempotent(h: &dyn Harness, service: &str) {
     let store = h.store();
     store.claim(service, 3).await.expect("claim");
     let batch = [
-        start("a", "1.0", 1),
+        start_attempt("a", "1.0", 1),
         finish("a", "1.0", 1, AttemptState::Completed),
         Change::DataVersion(v("1.0")),
     ];
@@ -403,7 +393,7 @@ pub async fn history_round_trip(h: &dyn Harness, service: &str) {
     let store = h.store();
     store.claim(service, 2).await.expect("claim");
     store
-        .apply(service, 2, &[start("x", "2.0.0-rc.1", 1)])
+        .apply(service, 2, &[start_attempt("x", "2.0.0-rc.1", 1)])
         .await
         .expect("start");
     store
@@ -495,7 +485,9 @@ pub async fn corrupt_data_is_typed(h: &dyn Harness, service: &str) {
     );
     assert!(
         matches!(
-            store.apply(service, 1, &[start("a", "1.1", 1)]).await,
+            store
+                .apply(service, 1, &[start_attempt("a", "1.1", 1)])
+                .await,
             Err(BackendError::Corrupt { .. })
         ),
         "corrupt: apply"

@@ -59,6 +59,22 @@ pub fn holder(n: usize) -> Holder {
     }
 }
 
+/// A [`Change::Start`](crate::Change::Start) of run attempt `attempt` of
+/// task `id@version` by [`holder`]`(1)`, for tests that write to a store
+/// directly.
+pub fn start_attempt(id: &str, version: &str, attempt: u32) -> crate::Change {
+    crate::Change::Start(crate::backend::StartAttempt {
+        key: crate::TaskKey {
+            version: v(version),
+            id: id.to_owned(),
+        },
+        attempt,
+        kind: crate::backend::AttemptKind::Run,
+        description: format!("task {id}"),
+        holder: holder(1),
+    })
+}
+
 /// A context for calling a task fn directly in a unit test, with fence 1,
 /// the given resources, and a cancellation token you control.
 ///
