@@ -10,7 +10,8 @@ use anyhow::{ensure, Context as _};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgSslMode};
 use sqlx::{AssertSqlSafe, ConnectOptions as _, SqlSafeStr as _};
-use upsilon::{AboveAppPolicy, Backend, Outcome, Task, TaskContext, TaskFuture, Upsilon};
+use upsilon::backend::Backend;
+use upsilon::{AboveAppPolicy, Outcome, Task, TaskContext, TaskFuture, Upsilon};
 use upsilon_backends::postgres::{PostgresBackend, PostgresOptions};
 use upsilon_test_servers::Postgres;
 

@@ -23,10 +23,8 @@ use async_trait::async_trait;
 use serde_json::json;
 use tokio::sync::watch;
 use upsilon::backend::{Acquire, Change, HistoryEntry, LeaseInfo};
-use upsilon::{
-    BackendError, Holder, Lease, Lock, Outcome, Snapshot, Status, Store, TaskContext, TaskFuture,
-    Upsilon,
-};
+use upsilon::backend::{BackendError, Lease, Lock, Snapshot, Store};
+use upsilon::{Holder, Outcome, Status, TaskContext, TaskFuture, Upsilon};
 use upsilon_backends::postgres::PostgresBackend;
 
 use crate::common::{

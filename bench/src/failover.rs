@@ -17,7 +17,7 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
-use upsilon::Lock;
+use upsilon::backend::Lock;
 use upsilon_backends::postgres::PostgresBackend;
 
 use crate::common::{at_released, Env};

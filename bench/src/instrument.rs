@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use serde_json::{json, Value};
 use upsilon::backend::{Acquire, Change, HistoryEntry, LeaseInfo};
-use upsilon::{Backend, BackendError, Holder, Lease, Lock, Snapshot, Store};
+use upsilon::backend::{Backend, BackendError, Lease, Lock, Snapshot, Store};
+use upsilon::Holder;
 
 #[derive(Debug)]
 pub struct Instrumented {

@@ -10,8 +10,9 @@ use std::time::Instant;
 use anyhow::{ensure, Context as _};
 use serde_json::json;
 use upsilon::backend::{AttemptKind, AttemptState, LastRow};
+use upsilon::backend::{Backend, Snapshot};
 use upsilon::planner::{self, PlanOptions};
-use upsilon::{Backend, Outcome, Registry, Snapshot, Task, TaskContext, TaskFuture, TaskKey};
+use upsilon::{Outcome, Registry, Task, TaskContext, TaskFuture, TaskKey};
 use upsilon_backends::postgres::PostgresBackend;
 use upsilon_backends::sqlite::SqliteBackend;
 

@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use anyhow::ensure;
 use serde_json::json;
-use upsilon::{Outcome, Store as _};
+use upsilon::backend::Store as _;
+use upsilon::Outcome;
 use upsilon_backends::postgres::PostgresBackend;
 use upsilon_backends::sqlite::SqliteBackend;
 

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tokio::process::{Child, Command};
 use upsilon::backend::{AttemptKind, AttemptState, HistoryEntry};
-use upsilon::{Backend, Snapshot};
+use upsilon::backend::{Backend, Snapshot};
 
 const NODE: &str = env!("CARGO_BIN_EXE_node");
 const TASKS: &str = "1.0:2,1.1:3";

@@ -24,12 +24,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::time::Instant;
+use upsilon::backend::{Acquire, BackendError, Change, Lease, Lock, Snapshot, Store};
 use upsilon::backend::{AttemptState, HistoryEntry, LeaseInfo};
 use upsilon::testing::{self, MemoryBackend};
-use upsilon::{
-    Acquire, BackendError, Change, Holder, Lease, Lock, RetryPolicy, Snapshot, Store, Task,
-    TaskContext, TaskFuture, TaskKey, Upsilon,
-};
+use upsilon::{Holder, RetryPolicy, Task, TaskContext, TaskFuture, TaskKey, Upsilon};
 
 const SERVICE: &str = "sim";
 const APP: &str = "1.1";

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use upsilon::backend::{Acquire, HistoryEntry, LeaseInfo};
-use upsilon::{BackendError, Change, Holder, Lease, Lock, Registry, Snapshot, Store, Upsilon};
+use upsilon::backend::{BackendError, Change, Lease, Lock, Snapshot, Store};
+use upsilon::{Holder, Registry, Upsilon};
 
 /// A task in this crate, so that the registry is not simply empty.
 #[upsilon::task(version = "1.0", order = 1)]

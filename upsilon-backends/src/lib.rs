@@ -14,7 +14,7 @@
 
 use std::sync::Arc;
 
-use upsilon::{Backend, BackendError};
+use upsilon::backend::{Backend, BackendError};
 
 #[cfg(feature = "postgres")]
 pub mod postgres;

@@ -11,7 +11,7 @@
 //!   lease_holder, lease_fence, lease_expires_ms)`: one row per service;
 //! - `upsilon_history(...)`: one row per task attempt.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,9 +19,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use upsilon::backend::{
-    Acquire, AttemptKind, AttemptState, Change, HistoryEntry, LastRow, LeaseInfo, Snapshot,
+    decide_acquire, fence_from_column, fence_to_column, ttl_ms, Acquire, BackendError, Change,
+    Columns, HistoryColumns, HistoryEntry, Lease, LeaseInfo, Lock, Snapshot, StateColumns, Store,
+    StoredLease, SummaryColumns,
 };
-use upsilon::{BackendError, Holder, Lease, Lock, Store, TaskKey};
+use upsilon::{Holder, TaskKey};
 
 /// The stored format this build writes and reads.
 pub const FORMAT: u32 = 1;
@@ -184,18 +186,11 @@ fn now_ms(tx: &Transaction<'_>) -> Result<i64, BackendError> {
         .map_err(driver)
 }
 
-fn version(text: &str, what: &str) -> Result<semver::Version, BackendError> {
-    semver::Version::parse(text)
-        .map_err(|e| BackendError::corrupt(format!("{what} {text:?} is not a version ({e})")))
-}
-
 /// The state row of `service`, created if missing.
 struct StateRow {
-    data_version: Option<String>,
-    baseline: Option<String>,
-    store_fence: u64,
-    granted: u64,
-    lease: Option<(String, u64, i64)>,
+    columns: StateColumns,
+    granted: i64,
+    lease: Option<StoredLease>,
 }
 
 fn state(tx: &Transaction<'_>, service: &str) -> Result<StateRow, BackendError> {
@@ -204,27 +199,42 @@ fn state(tx: &Transaction<'_>, service: &str) -> Result<StateRow, BackendError> 
         [service],
     )
     .map_err(driver)?;
-    tx.query_row(
-        "SELECT data_version, baseline, store_fence, granted, lease_holder, lease_fence, lease_expires_ms
-         FROM upsilon_state WHERE service = ?1",
-        [service],
-        |r| {
-            let holder: Option<String> = r.get(4)?;
-            let fence: Option<i64> = r.get(5)?;
-            let exp: Option<i64> = r.get(6)?;
-            Ok(StateRow {
-                data_version: r.get(0)?,
-                baseline: r.get(1)?,
-                store_fence: r.get::<_, i64>(2)? as u64,
-                granted: r.get::<_, i64>(3)? as u64,
-                lease: match (holder, fence, exp) {
-                    (Some(h), Some(f), Some(e)) => Some((h, f as u64, e)),
-                    _ => None,
-                },
-            })
-        },
-    )
-    .map_err(driver)
+    let (columns, granted, holder, fence, expires) = tx
+        .query_row(
+            "SELECT data_version, baseline, store_fence, granted, lease_holder, lease_fence, lease_expires_ms
+             FROM upsilon_state WHERE service = ?1",
+            [service],
+            |r| {
+                Ok((
+                    StateColumns {
+                        data_version: r.get(0)?,
+                        baseline: r.get(1)?,
+                        store_fence: r.get(2)?,
+                    },
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, Option<i64>>(5)?,
+                    r.get::<_, Option<i64>>(6)?,
+                ))
+            },
+        )
+        .map_err(driver)?;
+    Ok(StateRow {
+        columns,
+        granted,
+        lease: StoredLease::from_columns(holder.as_deref(), fence, expires)?,
+    })
+}
+
+fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<SummaryColumns> {
+    Ok(SummaryColumns {
+        version: r.get(0)?,
+        task_id: r.get(1)?,
+        attempt: r.get(2)?,
+        kind: r.get(3)?,
+        state: r.get(4)?,
+        fence: r.get(5)?,
+    })
 }
 
 fn snapshot(tx: &Transaction<'_>, service: &str) -> Result<Snapshot, BackendError> {
@@ -240,65 +250,37 @@ fn snapshot_of(
     only: Option<&BTreeSet<&TaskKey>>,
 ) -> Result<Snapshot, BackendError> {
     let row = state(tx, service)?;
-    let mut snap = Snapshot {
-        data_version: row
-            .data_version
-            .as_deref()
-            .map(|v| version(v, "the data version"))
-            .transpose()?,
-        baseline: row
-            .baseline
-            .as_deref()
-            .map(|v| version(v, "the baseline"))
-            .transpose()?,
-        fence: row.store_fence,
-        tasks: BTreeMap::new(),
-    };
-    let (sql, keys): (&str, Vec<Option<&TaskKey>>) = match only {
-        None => (
-            "SELECT version, task_id, attempt, kind, state, fence FROM upsilon_history
-             WHERE service = ?1 ORDER BY id",
-            vec![None],
-        ),
-        Some(keys) => (
-            "SELECT version, task_id, attempt, kind, state, fence FROM upsilon_history
-             WHERE service = ?1 AND version = ?2 AND task_id = ?3 ORDER BY id",
-            keys.iter().map(|k| Some(*k)).collect(),
-        ),
-    };
-    let mut stmt = tx.prepare_cached(sql).map_err(driver)?;
-    for key in keys {
-        let read = |r: &rusqlite::Row<'_>| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, i64>(5)?,
-            ))
-        };
-        let rows = match key {
-            None => stmt.query_map([service], read),
-            Some(k) => stmt.query_map(params![service, k.version.to_string(), k.id], read),
+    let mut rows = Vec::new();
+    match only {
+        None => {
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT version, task_id, attempt, kind, state, fence FROM upsilon_history
+                     WHERE service = ?1 ORDER BY id",
+                )
+                .map_err(driver)?;
+            for r in stmt.query_map([service], summary).map_err(driver)? {
+                rows.push(r.map_err(driver)?);
+            }
         }
-        .map_err(driver)?;
-        for row in rows {
-            let (v, id, attempt, kind, st, fence) = row.map_err(driver)?;
-            let key = TaskKey {
-                version: version(&v, "a history row's version")?,
-                id,
-            };
-            let last = LastRow {
-                attempt: attempt as u32,
-                kind: AttemptKind::parse(&kind)?,
-                state: AttemptState::parse(&st)?,
-                fence: fence as u64,
-            };
-            snap.fold_row(key, last);
+        Some(keys) => {
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT version, task_id, attempt, kind, state, fence FROM upsilon_history
+                     WHERE service = ?1 AND version = ?2 AND task_id = ?3 ORDER BY id",
+                )
+                .map_err(driver)?;
+            for k in keys {
+                let found = stmt
+                    .query_map(params![service, k.version.to_string(), k.id], summary)
+                    .map_err(driver)?;
+                for r in found {
+                    rows.push(r.map_err(driver)?);
+                }
+            }
         }
     }
-    Ok(snap)
+    Snapshot::from_columns(row.columns, rows)
 }
 
 #[async_trait]
@@ -313,18 +295,6 @@ impl Lock for SqliteBackend {
         self.tx(move |tx| {
             let row = state(tx, &service)?;
             let now = now_ms(tx)?;
-            if let Some((h, fence, exp)) = &row.lease {
-                if *exp > now {
-                    return Ok(Acquire::Held(LeaseInfo {
-                        holder: Holder::decode(h)?,
-                        fence: *fence,
-                        expires_at_ms: *exp,
-                        now_ms: now,
-                    }));
-                }
-            }
-            // The fence never decreases, even if the state row was deleted:
-            // it starts above every fence the history has seen.
             let history_max: i64 = tx
                 .query_row(
                     "SELECT COALESCE(MAX(fence), 0) FROM upsilon_history WHERE service = ?1",
@@ -332,21 +302,26 @@ impl Lock for SqliteBackend {
                     |r| r.get(0),
                 )
                 .map_err(driver)?;
-            let fence = row.granted.max(row.store_fence).max(history_max as u64) + 1;
-            let exp = now + ttl.as_millis() as i64;
-            tx.execute(
-                "UPDATE upsilon_state SET granted = ?2, lease_holder = ?3, lease_fence = ?2,
-                 lease_expires_ms = ?4 WHERE service = ?1",
-                params![service, fence as i64, holder.encode(), exp],
-            )
-            .map_err(driver)?;
-            Ok(Acquire::Granted(Lease {
-                service,
-                holder,
-                fence,
-                expires_at_ms: exp,
-                ttl,
-            }))
+            let seen = [
+                fence_from_column(row.granted, "the granted fence")?,
+                fence_from_column(row.columns.store_fence, "the store's fence")?,
+                fence_from_column(history_max, "the history's fence")?,
+            ];
+            let decision = decide_acquire(&service, row.lease.as_ref(), now, seen, &holder, ttl)?;
+            if let Acquire::Granted(lease) = &decision {
+                tx.execute(
+                    "UPDATE upsilon_state SET granted = ?2, lease_holder = ?3, lease_fence = ?2,
+                     lease_expires_ms = ?4 WHERE service = ?1",
+                    params![
+                        service,
+                        fence_to_column(lease.fence)?,
+                        holder.encode(),
+                        lease.expires_at_ms
+                    ],
+                )
+                .map_err(driver)?;
+            }
+            Ok(decision)
         })
         .await
     }
@@ -354,7 +329,7 @@ impl Lock for SqliteBackend {
     async fn renew(&self, lease: &Lease) -> Result<Lease, BackendError> {
         let lease = lease.clone();
         self.tx(move |tx| {
-            let ttl_ms = lease.ttl.as_millis() as i64;
+            let ttl_ms = ttl_ms(lease.ttl)?;
             let exp: Option<i64> = tx
                 .query_row(
                     &format!(
@@ -412,15 +387,7 @@ impl Lock for SqliteBackend {
         self.tx(move |tx| {
             let row = state(tx, &service)?;
             let now = now_ms(tx)?;
-            match row.lease {
-                Some((h, fence, exp)) if exp > now => Ok(Some(LeaseInfo {
-                    holder: Holder::decode(&h)?,
-                    fence,
-                    expires_at_ms: exp,
-                    now_ms: now,
-                })),
-                _ => Ok(None),
-            }
+            Ok(row.lease.and_then(|l| l.live(now)))
         })
         .await
     }
@@ -437,18 +404,13 @@ impl Store for SqliteBackend {
         let service = service.to_owned();
         self.tx(move |tx| {
             let mut snap = snapshot(tx, &service)?;
-            if fence < snap.fence {
-                return Err(BackendError::StaleFence {
-                    presented: fence,
-                    current: snap.fence,
-                });
+            if snap.claim(fence)? {
+                tx.execute(
+                    "UPDATE upsilon_state SET store_fence = ?2 WHERE service = ?1",
+                    params![service, fence_to_column(fence)?],
+                )
+                .map_err(driver)?;
             }
-            tx.execute(
-                "UPDATE upsilon_state SET store_fence = ?2 WHERE service = ?1",
-                params![service, fence as i64],
-            )
-            .map_err(driver)?;
-            snap.fence = fence;
             Ok(snap)
         })
         .await
@@ -468,7 +430,7 @@ impl Store for SqliteBackend {
             let todo = snap.check(fence, &changes)?;
             let now = now_ms(tx)?;
             for change in todo {
-                write(tx, &service, fence, now, change)?;
+                write(tx, &service, now, Columns::of(fence, change)?)?;
             }
             Ok(())
         })
@@ -487,54 +449,20 @@ impl Store for SqliteBackend {
                 .map_err(driver)?;
             let rows = stmt
                 .query_map([&service], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, i64>(2)?,
-                        r.get::<_, String>(3)?,
-                        r.get::<_, String>(4)?,
-                        r.get::<_, i64>(5)?,
-                        r.get::<_, String>(6)?,
-                        r.get::<_, String>(7)?,
-                        r.get::<_, i64>(8)?,
-                        r.get::<_, Option<i64>>(9)?,
-                        r.get::<_, Option<i64>>(10)?,
-                        r.get::<_, Option<String>>(11)?,
-                    ))
+                    Ok(HistoryColumns {
+                        summary: summary(r)?,
+                        holder: r.get(6)?,
+                        description: r.get(7)?,
+                        started_ms: r.get(8)?,
+                        finished_ms: r.get(9)?,
+                        duration_ms: r.get(10)?,
+                        error: r.get(11)?,
+                    })
                 })
                 .map_err(driver)?;
             let mut out = Vec::new();
             for row in rows {
-                let (
-                    v,
-                    id,
-                    attempt,
-                    kind,
-                    st,
-                    fence,
-                    holder,
-                    description,
-                    started,
-                    finished,
-                    dur,
-                    error,
-                ) = row.map_err(driver)?;
-                out.push(HistoryEntry {
-                    key: TaskKey {
-                        version: version(&v, "a history row's version")?,
-                        id,
-                    },
-                    description,
-                    attempt: attempt as u32,
-                    kind: AttemptKind::parse(&kind)?,
-                    state: AttemptState::parse(&st)?,
-                    fence: fence as u64,
-                    holder: Holder::decode(&holder)?,
-                    started_at_ms: started,
-                    finished_at_ms: finished,
-                    duration: dur.map(|d| Duration::from_millis(d as u64)),
-                    error,
-                });
+                out.push(row.map_err(driver)?.decode()?);
             }
             Ok(out)
         })
@@ -545,54 +473,44 @@ impl Store for SqliteBackend {
 fn write(
     tx: &Transaction<'_>,
     service: &str,
-    fence: u64,
     now: i64,
-    change: &Change,
+    columns: Columns,
 ) -> Result<(), BackendError> {
-    match change {
-        Change::Start(a) => tx.execute(
+    match columns {
+        Columns::Start {
+            version,
+            task_id,
+            attempt,
+            kind,
+            fence,
+            holder,
+            description,
+        } => tx.execute(
             "INSERT INTO upsilon_history
                (service, version, task_id, attempt, kind, state, fence, holder, description, started_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, 'running', ?6, ?7, ?8, ?9)",
-            params![
-                service,
-                a.key.version.to_string(),
-                a.key.id,
-                a.attempt,
-                a.kind.as_str(),
-                fence as i64,
-                a.holder.encode(),
-                a.description,
-                now
-            ],
+            params![service, version, task_id, attempt, kind, fence, holder, description, now],
         ),
-        Change::Finish(f) => tx.execute(
+        Columns::Finish {
+            version,
+            task_id,
+            attempt,
+            state,
+            duration_ms,
+            error,
+        } => tx.execute(
             "UPDATE upsilon_history SET state = ?5, finished_ms = ?6, duration_ms = ?7, error = ?8
              WHERE service = ?1 AND version = ?2 AND task_id = ?3 AND attempt = ?4",
-            params![
-                service,
-                f.key.version.to_string(),
-                f.key.id,
-                f.attempt,
-                f.state.as_str(),
-                now,
-                f.duration.as_millis() as i64,
-                f.error
-            ],
+            params![service, version, task_id, attempt, state, now, duration_ms, error],
         ),
-        Change::DataVersion(v) => tx.execute(
+        Columns::DataVersion(v) => tx.execute(
             "UPDATE upsilon_state SET data_version = ?2 WHERE service = ?1",
-            params![service, v.to_string()],
+            params![service, v],
         ),
-        Change::Baseline(v) => tx.execute(
+        Columns::Baseline(v) => tx.execute(
             "UPDATE upsilon_state SET data_version = ?2, baseline = ?2 WHERE service = ?1",
-            params![service, v.to_string()],
+            params![service, v],
         ),
-        other => {
-            return Err(BackendError::other(format!(
-                "this SQLite backend does not know the change {other:?}"
-            )))
-        }
     }
     .map(|_| ())
     .map_err(driver)

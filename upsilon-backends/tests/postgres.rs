@@ -15,12 +15,10 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use upsilon::backend::AttemptState;
+use upsilon::backend::{Acquire, BackendError, Lock, Store};
 use upsilon::testing::conformance::{self, Harness};
 use upsilon::testing::{self};
-use upsilon::{
-    Acquire, BackendError, BoxError, Error, Lock, Outcome, RetryPolicy, Store, Task, TaskContext,
-    TaskFuture, Upsilon,
-};
+use upsilon::{BoxError, Error, Outcome, RetryPolicy, Task, TaskContext, TaskFuture, Upsilon};
 use upsilon_backends::postgres::tokio_postgres::{self, Client, NoTls};
 use upsilon_backends::postgres::{PostgresBackend, PostgresOptions};
 use upsilon_test_servers::Postgres;
@@ -50,7 +48,7 @@ async fn backend(schema: &str) -> PostgresBackend {
     PostgresBackend::connect(options(schema)).await.unwrap()
 }
 
-fn granted(a: Acquire) -> upsilon::Lease {
+fn granted(a: Acquire) -> upsilon::backend::Lease {
     match a {
         Acquire::Granted(l) => l,
         other => panic!("expected a grant, got {other:?}"),
@@ -1199,7 +1197,7 @@ async fn a_node_dying_around_the_commit_leaves_the_effect_exactly_once() {
 /// Takes the lease of `svc`, claims the store and starts attempt 1 of task
 /// `t@1.0`, as the runner does before it calls the task that
 /// `testing::context("t", "1.0", ..)` stands for.
-async fn holding_t_running(b: &PostgresBackend, svc: &str) -> upsilon::Lease {
+async fn holding_t_running(b: &PostgresBackend, svc: &str) -> upsilon::backend::Lease {
     let lease = granted(
         b.try_acquire(svc, &testing::holder(1), Duration::from_secs(30))
             .await
@@ -1421,7 +1419,7 @@ async fn operations_take_one_or_two_round_trips() {
         "svc",
         lease.fence,
         &[
-            upsilon::Change::Baseline(upsilon::parse_version("1.0").unwrap()),
+            upsilon::backend::Change::Baseline(upsilon::parse_version("1.0").unwrap()),
             testing::start_attempt("t", "1.1", 1),
         ],
     )

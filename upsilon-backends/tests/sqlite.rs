@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::Connection;
+use upsilon::backend::{BackendError, Lock, Store};
 use upsilon::testing::conformance::{self, Harness};
 use upsilon::testing::{self};
-use upsilon::{BackendError, Lock, Outcome, Store, Task, TaskContext, TaskFuture, Upsilon};
+use upsilon::{Outcome, Task, TaskContext, TaskFuture, Upsilon};
 use upsilon_backends::sqlite::SqliteBackend;
 
 struct Sqlite {
@@ -122,7 +123,7 @@ async fn deleting_the_state_row_does_not_reset_the_fence() {
         .await
         .unwrap()
     {
-        upsilon::Acquire::Granted(l) => l,
+        upsilon::backend::Acquire::Granted(l) => l,
         other => panic!("{other:?}"),
     };
     h.backend.claim("svc", lease.fence).await.unwrap();
@@ -130,7 +131,7 @@ async fn deleting_the_state_row_does_not_reset_the_fence() {
         .apply(
             "svc",
             lease.fence,
-            &[upsilon::Change::Baseline(
+            &[upsilon::backend::Change::Baseline(
                 upsilon::parse_version("1.0").unwrap(),
             )],
         )
@@ -141,7 +142,7 @@ async fn deleting_the_state_row_does_not_reset_the_fence() {
     // Grant a few more, then an operator deletes the state row by hand.
     let mut last = first;
     for n in 2..5 {
-        if let upsilon::Acquire::Granted(l) = h
+        if let upsilon::backend::Acquire::Granted(l) = h
             .backend
             .try_acquire("svc", &testing::holder(n), Duration::from_secs(60))
             .await
@@ -161,7 +162,7 @@ async fn deleting_the_state_row_does_not_reset_the_fence() {
         }
     }
     h.raw().execute("DELETE FROM upsilon_state", []).unwrap();
-    let upsilon::Acquire::Granted(after) = h
+    let upsilon::backend::Acquire::Granted(after) = h
         .backend
         .try_acquire("svc", &testing::holder(9), Duration::from_secs(60))
         .await

@@ -10,7 +10,7 @@ use semver::Version;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::Holder;
+use crate::ids::Holder;
 use crate::status::{Progress, Status};
 
 /// Typed values the app hands to its tasks: pools, clients, configuration.

@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use semver::Version;
 
-use crate::backend::{BackendError, Holder};
-use crate::registry::{RegistryError, TaskKey};
+use crate::ids::{Holder, TaskKey};
+use crate::registry::RegistryError;
+use crate::state::BackendError;
 
 /// What the runner can fail with. A failure that happens after tasks ran
 /// carries the partial [`Report`].

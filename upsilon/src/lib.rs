@@ -51,24 +51,26 @@
 //! it, for example `use my_tasks as _;`, and can make sure with
 //! [`Builder::require_tasks_from`].
 #![warn(missing_docs)]
+#![deny(unreachable_pub)]
 
 pub mod backend;
 mod context;
 mod error;
+mod ids;
 pub mod planner;
 mod registry;
 mod runner;
+mod state;
 mod status;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 mod util;
 mod version;
 
-pub use backend::{Acquire, Backend, BackendError, Change, Holder, Lease, Lock, Snapshot, Store};
 pub use context::{MissingResource, Resources, TaskContext, TaskInfo};
 pub use error::{Error, Report, TaskReport};
-pub use registry::{
-    BoxError, Location, Problem, Registry, RegistryError, Task, TaskFn, TaskFuture, TaskKey,
-};
+pub use ids::{BoxError, Holder, InvalidHolder, TaskKey};
+pub use registry::{Location, Problem, Registry, RegistryError, Task, TaskFn, TaskFuture};
 pub use runner::{
     baseline, AboveAppPolicy, Builder, DataAheadPolicy, Outcome, RetryPolicy, Upsilon,
 };
@@ -80,7 +82,8 @@ pub use version::{parse_version, VersionError};
 /// Not public API. Used by generated code.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::registry::{BoxError, TaskDef, TaskFn, TaskFuture};
+    pub use crate::registry::{TaskDef, TaskFn, TaskFuture};
+    pub use crate::BoxError;
     pub use crate::TaskContext;
     pub use ::core;
     pub use ::inventory;

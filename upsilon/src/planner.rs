@@ -5,8 +5,9 @@ use std::fmt;
 
 use semver::Version;
 
-use crate::backend::Snapshot;
-use crate::registry::{Registry, Task, TaskKey};
+use crate::ids::TaskKey;
+use crate::registry::{Registry, Task};
+use crate::state::Snapshot;
 
 /// Why a task is in the plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,8 +166,8 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::backend::{AttemptKind, AttemptState, LastRow, TaskSummary};
-    use crate::registry::{Task, TaskFuture, TaskKey};
+    use crate::registry::{Task, TaskFuture};
+    use crate::state::{AttemptKind, AttemptState, LastRow, TaskSummary};
     use crate::testing::v;
     use crate::TaskContext;
 

@@ -10,10 +10,8 @@ use std::sync::Arc;
 use semver::Version;
 
 use crate::context::TaskContext;
+use crate::ids::{BoxError, TaskKey};
 use crate::version::parse_version;
-
-/// The error a task returns: anything that converts into a boxed error.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// The future a task body returns once boxed.
 pub type TaskFuture<'a> = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send + 'a>>;
@@ -55,21 +53,6 @@ pub struct Location {
 impl fmt::Display for Location {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}", self.file, self.line)
-    }
-}
-
-/// The identity of a task in a store: its version and its id.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct TaskKey {
-    /// The version the task belongs to.
-    pub version: Version,
-    /// The task's id (the fn name unless `id = "..."` was given).
-    pub id: String,
-}
-
-impl fmt::Display for TaskKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}@{}", self.id, self.version)
     }
 }
 

@@ -15,11 +15,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::backend::{
-    Acquire, AttemptKind, AttemptState, Backend, BackendError, Change, FinishAttempt, Holder,
-    Lease, Lock, Snapshot, StartAttempt, Store,
+    Acquire, AttemptKind, AttemptState, Backend, BackendError, Change, FinishAttempt, Lease, Lock,
+    Snapshot, StartAttempt, Store,
 };
 use crate::context::{Resources, TaskContext, TaskInfo};
 use crate::error::{Error, Report, TaskReport};
+use crate::ids::Holder;
 use crate::planner::{self, Plan, PlanOptions};
 use crate::registry::{Registry, Task};
 use crate::status::{Probe, Status};

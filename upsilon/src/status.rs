@@ -5,7 +5,7 @@ use std::fmt;
 use semver::Version;
 use tokio::sync::watch;
 
-use crate::backend::Holder;
+use crate::ids::Holder;
 
 /// Where a node is in its start-up.
 ///

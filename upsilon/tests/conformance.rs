@@ -3,9 +3,9 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use upsilon::backend::{Lock, Store};
 use upsilon::testing::conformance::{self, Harness};
 use upsilon::testing::MemoryBackend;
-use upsilon::{Lock, Store};
 
 struct Memory(Arc<MemoryBackend>);
 

@@ -5,11 +5,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
+use upsilon::backend::{Acquire, BackendError, Change, Lock, Store};
 use upsilon::backend::{AttemptKind, AttemptState};
 use upsilon::testing::{self, Fault, MemoryBackend, Op};
 use upsilon::{
-    Acquire, BackendError, Builder, Change, DataAheadPolicy, Error, Lock, Outcome, RetryPolicy,
-    Status, Store, Task, TaskContext, TaskFuture, Upsilon,
+    Builder, DataAheadPolicy, Error, Outcome, RetryPolicy, Status, Task, TaskContext, TaskFuture,
+    Upsilon,
 };
 
 /// Which node ran which task, in order.

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use rusqlite::Connection;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use upsilon::{AboveAppPolicy, Outcome, Store, TaskContext, Upsilon};
+use upsilon::backend::Store;
+use upsilon::{AboveAppPolicy, Outcome, TaskContext, Upsilon};
 use upsilon_backends::sqlite::SqliteBackend;
 
 /// Where the app keeps its own data: the same file as Upsilon's tables.

@@ -17,7 +17,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{AsyncMessage, Client, Connection, NoTls, Row};
 use tracing::{debug, warn};
-use upsilon::BackendError;
+use upsilon::backend::BackendError;
 
 use super::options::{PostgresOptions, TlsChoice};
 

@@ -75,7 +75,8 @@ use upsilon::backend::{
     Acquire, AttemptKind, AttemptState, Change, FinishAttempt, HistoryEntry, LastRow, LeaseInfo,
     Snapshot,
 };
-use upsilon::{BackendError, Holder, Lease, Lock, Store, TaskContext, TaskKey};
+use upsilon::backend::{BackendError, Lease, Lock, Store};
+use upsilon::{Holder, TaskContext, TaskKey};
 
 use conn::{
     first_error, int4, int8, opt_int4, opt_int8, opt_text, pipeline, text, text_array, Conn,

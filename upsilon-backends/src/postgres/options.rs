@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::Config;
-use upsilon::BackendError;
+use upsilon::backend::BackendError;
 
 use crate::redact;
 
@@ -26,7 +26,7 @@ use crate::redact;
 ///     .password("secret")
 ///     .dbname("app")
 ///     .schema("ops");
-/// # Ok::<(), upsilon::BackendError>(())
+/// # Ok::<(), upsilon::backend::BackendError>(())
 /// ```
 #[derive(Clone)]
 pub struct PostgresOptions {

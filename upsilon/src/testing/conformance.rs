@@ -10,10 +10,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::backend::{
-    Acquire, AttemptKind, AttemptState, BackendError, Change, FinishAttempt, Holder, Lease, Lock,
+    Acquire, AttemptKind, AttemptState, BackendError, Change, FinishAttempt, Lease, Lock,
     StartAttempt, Store,
 };
-use crate::registry::TaskKey;
+use crate::ids::{Holder, TaskKey};
 
 use super::{holder, start_attempt, v};
 

@@ -10,9 +10,10 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::backend::{
-    Acquire, AttemptState, BackendError, Change, HistoryEntry, Holder, Lease, LeaseInfo, Lock,
-    Snapshot, Store,
+    decide_acquire, expiry, Acquire, AttemptState, BackendError, Change, HistoryEntry, Lease,
+    LeaseInfo, Lock, Snapshot, Store, StoredLease,
 };
+use crate::ids::Holder;
 
 /// A backend operation, for fault injection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -144,8 +145,8 @@ pub struct Commit {
 
 #[derive(Debug, Default)]
 struct Service {
-    /// Holder, fence and expiry of the current grant.
-    lease: Option<(Holder, u64, i64)>,
+    /// The current grant.
+    lease: Option<StoredLease>,
     /// Fences granted so far; never decreases.
     granted: u64,
     snapshot: Snapshot,
@@ -245,7 +246,7 @@ impl MemoryBackend {
         let now = self.now_ms();
         if let Some(s) = lock(&self.services).get_mut(service) {
             if let Some(lease) = &mut s.lease {
-                lease.2 = now;
+                lease.expires_at_ms = now;
             }
         }
         self.notify.notify_waiters();
@@ -300,6 +301,10 @@ impl MemoryBackend {
         f(s, now)
     }
 
+    fn holds(held: &StoredLease, lease: &Lease, now: i64) -> bool {
+        held.holder == lease.holder && held.fence == lease.fence && held.expires_at_ms > now
+    }
+
     fn readable(s: &Service) -> Result<(), BackendError> {
         if s.corrupt {
             Err(BackendError::corrupt("the data version is not a version"))
@@ -319,32 +324,23 @@ impl Lock for MemoryBackend {
     ) -> Result<Acquire, BackendError> {
         let lost_reply = self.fault(Op::Acquire).await?;
         let r = self.with_service(service, |s, now| {
-            if let Some((h, fence, exp)) = &s.lease {
-                if *exp > now {
-                    return Ok(Acquire::Held(LeaseInfo {
-                        holder: h.clone(),
-                        fence: *fence,
-                        expires_at_ms: *exp,
-                        now_ms: now,
-                    }));
-                }
+            let decision =
+                decide_acquire(service, s.lease.as_ref(), now, [s.granted], holder, ttl)?;
+            if let Acquire::Granted(lease) = &decision {
+                s.granted = lease.fence;
+                s.lease = Some(StoredLease {
+                    holder: holder.clone(),
+                    fence: lease.fence,
+                    expires_at_ms: lease.expires_at_ms,
+                });
+                lock(&self.grants).push(Grant {
+                    service: service.to_owned(),
+                    fence: lease.fence,
+                    holder: holder.clone(),
+                    at_ms: now,
+                });
             }
-            s.granted += 1;
-            let exp = now + ttl.as_millis() as i64;
-            s.lease = Some((holder.clone(), s.granted, exp));
-            lock(&self.grants).push(Grant {
-                service: service.to_owned(),
-                fence: s.granted,
-                holder: holder.clone(),
-                at_ms: now,
-            });
-            Ok(Acquire::Granted(Lease {
-                service: service.to_owned(),
-                holder: holder.clone(),
-                fence: s.granted,
-                expires_at_ms: exp,
-                ttl,
-            }))
+            Ok(decision)
         });
         Self::lose_reply(lost_reply, Op::Acquire, r)
     }
@@ -352,10 +348,10 @@ impl Lock for MemoryBackend {
     async fn renew(&self, lease: &Lease) -> Result<Lease, BackendError> {
         let lost_reply = self.fault(Op::Renew).await?;
         let r = self.with_service(&lease.service, |s, now| match &mut s.lease {
-            Some((h, fence, exp)) if *h == lease.holder && *fence == lease.fence && *exp > now => {
-                *exp = now + lease.ttl.as_millis() as i64;
+            Some(held) if Self::holds(held, lease, now) => {
+                held.expires_at_ms = expiry(now, lease.ttl)?;
                 Ok(Lease {
-                    expires_at_ms: *exp,
+                    expires_at_ms: held.expires_at_ms,
                     ..lease.clone()
                 })
             }
@@ -367,7 +363,7 @@ impl Lock for MemoryBackend {
     async fn release(&self, lease: &Lease) -> Result<(), BackendError> {
         let lost_reply = self.fault(Op::Release).await?;
         let r = self.with_service(&lease.service, |s, now| match &s.lease {
-            Some((h, fence, exp)) if *h == lease.holder && *fence == lease.fence && *exp > now => {
+            Some(held) if Self::holds(held, lease, now) => {
                 s.lease = None;
                 Ok(())
             }
@@ -379,14 +375,7 @@ impl Lock for MemoryBackend {
 
     async fn current(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
         self.with_service(service, |s, now| {
-            Ok(s.lease.as_ref().and_then(|(h, fence, exp)| {
-                (*exp > now).then(|| LeaseInfo {
-                    holder: h.clone(),
-                    fence: *fence,
-                    expires_at_ms: *exp,
-                    now_ms: now,
-                })
-            }))
+            Ok(s.lease.as_ref().and_then(|l| l.live(now)))
         })
     }
 
@@ -402,7 +391,9 @@ impl Lock for MemoryBackend {
         // A change that happened after `seen` was read: no need to wait.
         let changed = self.with_service(service, |s, now| {
             Ok(match &s.lease {
-                Some((h, fence, exp)) => *h != seen.holder || *fence != seen.fence || *exp <= now,
+                Some(l) => {
+                    l.holder != seen.holder || l.fence != seen.fence || l.expires_at_ms <= now
+                }
                 None => true,
             })
         })?;
@@ -432,13 +423,11 @@ impl Store for MemoryBackend {
         let lost_reply = self.fault(Op::Claim).await?;
         let r = self.with_service(service, |s, _| {
             Self::readable(s)?;
-            if fence < s.snapshot.fence && !self.fence_check_skipped() {
-                return Err(BackendError::StaleFence {
-                    presented: fence,
-                    current: s.snapshot.fence,
-                });
+            if self.fence_check_skipped() {
+                s.snapshot.fence = s.snapshot.fence.max(fence);
+            } else {
+                s.snapshot.claim(fence)?;
             }
-            s.snapshot.fence = s.snapshot.fence.max(fence);
             Ok(Snapshot {
                 fence,
                 ..s.snapshot.clone()

@@ -20,8 +20,8 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::Holder;
 use crate::context::{Resources, TaskContext, TaskInfo};
+use crate::ids::Holder;
 use crate::status::Status;
 use crate::{Error, Outcome, Upsilon, Version};
 
@@ -59,11 +59,11 @@ pub fn holder(n: usize) -> Holder {
     }
 }
 
-/// A [`Change::Start`](crate::Change::Start) of run attempt `attempt` of
+/// A [`Change::Start`](crate::backend::Change::Start) of run attempt `attempt` of
 /// task `id@version` by [`holder`]`(1)`, for tests that write to a store
 /// directly.
-pub fn start_attempt(id: &str, version: &str, attempt: u32) -> crate::Change {
-    crate::Change::Start(crate::backend::StartAttempt {
+pub fn start_attempt(id: &str, version: &str, attempt: u32) -> crate::backend::Change {
+    crate::backend::Change::Start(crate::backend::StartAttempt {
         key: crate::TaskKey {
             version: v(version),
             id: id.to_owned(),

@@ -1,0 +1,430 @@
+//! The protocol decisions every backend shares, so that a backend only reads
+//! and writes plain column values atomically in its own store:
+//! - [`decide_acquire`]: who gets the lease, with which fence and expiry;
+//! - [`Snapshot::claim`] and [`Snapshot::check`]: what a claim or a write may do;
+//! - [`StateColumns`], [`SummaryColumns`] and [`HistoryColumns`]: decoding the
+//!   rows a store keeps, [`Columns`]: encoding the rows a write makes;
+//! - [`jitter`]: randomness that follows the simulation's seed.
+
+use std::time::Duration;
+
+use semver::Version;
+
+use crate::ids::{Holder, TaskKey};
+use crate::state::{
+    Acquire, AttemptKind, AttemptState, BackendError, Change, HistoryEntry, LastRow, Lease,
+    LeaseInfo, Snapshot,
+};
+
+/// A lease row as a backend keeps it, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredLease {
+    /// Who was granted it.
+    pub holder: Holder,
+    /// Its fence.
+    pub fence: u64,
+    /// Its expiry on the backend's clock (ms since the epoch).
+    pub expires_at_ms: i64,
+}
+
+impl StoredLease {
+    /// Decodes a lease row from its column values: the holder as
+    /// [`Holder::encode`] wrote it, the fence, the expiry. `None` when the row
+    /// holds no lease (any of the three is missing).
+    pub fn from_columns(
+        holder: Option<&str>,
+        fence: Option<i64>,
+        expires_at_ms: Option<i64>,
+    ) -> Result<Option<StoredLease>, BackendError> {
+        let (Some(holder), Some(fence), Some(expires_at_ms)) = (holder, fence, expires_at_ms)
+        else {
+            return Ok(None);
+        };
+        Ok(Some(StoredLease {
+            holder: Holder::decode(holder)?,
+            fence: fence_from_column(fence, "the lease's fence")?,
+            expires_at_ms,
+        }))
+    }
+
+    /// The lease as another node sees it, if it is unexpired at `now_ms`.
+    pub fn live(&self, now_ms: i64) -> Option<LeaseInfo> {
+        (self.expires_at_ms > now_ms).then(|| LeaseInfo {
+            holder: self.holder.clone(),
+            fence: self.fence,
+            expires_at_ms: self.expires_at_ms,
+            now_ms,
+        })
+    }
+}
+
+/// Decides a lease request from what the backend read under its lock (or in
+/// the transaction that will write the answer):
+/// - `stored`: the lease row, or `None` when there is none or its holder is
+///   known to be gone (a backend that can tell, like PostgreSQL's session
+///   check, passes `None` then);
+/// - `now_ms`: the backend's clock;
+/// - `fences_seen`: every fence counter the backend keeps for the service
+///   (the grant counter, the store's fence, the newest fence in the history).
+///
+/// An unexpired lease is [`Acquire::Held`]. Otherwise [`Acquire::Granted`],
+/// with a fence one above every fence seen, so that the fence never
+/// decreases, not even when rows were deleted or the lease was force-released
+/// (S1), and an expiry of `now_ms + ttl`. The backend then writes the granted
+/// fence, holder and expiry, in the same atomic operation as its read.
+pub fn decide_acquire(
+    service: &str,
+    stored: Option<&StoredLease>,
+    now_ms: i64,
+    fences_seen: impl IntoIterator<Item = u64>,
+    holder: &Holder,
+    ttl: Duration,
+) -> Result<Acquire, BackendError> {
+    if let Some(info) = stored.and_then(|s| s.live(now_ms)) {
+        return Ok(Acquire::Held(info));
+    }
+    let newest = fences_seen.into_iter().max().unwrap_or(0);
+    let fence = newest
+        .checked_add(1)
+        .filter(|f| i64::try_from(*f).is_ok())
+        .ok_or_else(|| {
+            BackendError::corrupt(format!(
+                "the newest fence of `{service}` is {newest}, so no higher fence can be granted"
+            ))
+        })?;
+    Ok(Acquire::Granted(Lease {
+        service: service.to_owned(),
+        holder: holder.clone(),
+        fence,
+        expires_at_ms: expiry(now_ms, ttl)?,
+        ttl,
+    }))
+}
+
+/// `now_ms + ttl` on the backend's clock, or an error for a TTL too large
+/// to add to it.
+pub fn expiry(now_ms: i64, ttl: Duration) -> Result<i64, BackendError> {
+    i64::try_from(ttl.as_millis())
+        .ok()
+        .and_then(|ttl| now_ms.checked_add(ttl))
+        .ok_or_else(|| {
+            BackendError::Rejected(format!(
+                "a lease TTL of {ttl:?} is too large to add to the backend's clock"
+            ))
+        })
+}
+
+/// A TTL in whole milliseconds, as stores keep it.
+pub fn ttl_ms(ttl: Duration) -> Result<i64, BackendError> {
+    expiry(0, ttl)
+}
+
+/// A fence read from a signed column: a negative one is corrupt, never a
+/// grant.
+pub fn fence_from_column(value: i64, what: &str) -> Result<u64, BackendError> {
+    u64::try_from(value).map_err(|_| {
+        BackendError::corrupt(format!("{what} is {value}, and fences are never negative"))
+    })
+}
+
+/// A fence for a signed column.
+pub fn fence_to_column(fence: u64) -> Result<i64, BackendError> {
+    i64::try_from(fence)
+        .map_err(|_| BackendError::Rejected(format!("fence {fence} does not fit a store column")))
+}
+
+/// A stored version; `what` names it in the error.
+pub fn version_from_column(text: &str, what: &str) -> Result<Version, BackendError> {
+    Version::parse(text)
+        .map_err(|e| BackendError::corrupt(format!("{what} {text:?} is not a version ({e})")))
+}
+
+fn count_from_column(value: i64, what: &str) -> Result<u32, BackendError> {
+    u32::try_from(value).map_err(|_| BackendError::corrupt(format!("{what} is {value}")))
+}
+
+/// The per-service state row, as a backend reads its columns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StateColumns {
+    /// The data version, as text.
+    pub data_version: Option<String>,
+    /// The baseline, as text.
+    pub baseline: Option<String>,
+    /// The store's newest fence.
+    pub store_fence: i64,
+}
+
+/// The columns of one history row that a snapshot needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SummaryColumns {
+    /// The task's version, as text.
+    pub version: String,
+    /// The task's id.
+    pub task_id: String,
+    /// The row's 1-based number among the task's rows.
+    pub attempt: i64,
+    /// [`AttemptKind::as_str`].
+    pub kind: String,
+    /// [`AttemptState::as_str`].
+    pub state: String,
+    /// The fence it was written with.
+    pub fence: i64,
+}
+
+impl SummaryColumns {
+    /// The row's task and what a snapshot keeps of it.
+    pub fn decode(self) -> Result<(TaskKey, LastRow), BackendError> {
+        Ok((
+            TaskKey {
+                version: version_from_column(&self.version, "a history row's version")?,
+                id: self.task_id,
+            },
+            LastRow {
+                attempt: count_from_column(self.attempt, "a history row's attempt number")?,
+                kind: AttemptKind::parse(&self.kind)?,
+                state: AttemptState::parse(&self.state)?,
+                fence: fence_from_column(self.fence, "a history row's fence")?,
+            },
+        ))
+    }
+}
+
+impl Snapshot {
+    /// A snapshot from the state row and the history rows of the tasks it
+    /// covers, oldest first. A missing state row is
+    /// `StateColumns::default()`.
+    pub fn from_columns(
+        state: StateColumns,
+        rows: impl IntoIterator<Item = SummaryColumns>,
+    ) -> Result<Snapshot, BackendError> {
+        let mut snapshot = Snapshot {
+            data_version: state
+                .data_version
+                .as_deref()
+                .map(|v| version_from_column(v, "the data version"))
+                .transpose()?,
+            baseline: state
+                .baseline
+                .as_deref()
+                .map(|v| version_from_column(v, "the baseline"))
+                .transpose()?,
+            fence: fence_from_column(state.store_fence, "the store's fence")?,
+            tasks: Default::default(),
+        };
+        for row in rows {
+            let (key, last) = row.decode()?;
+            snapshot.fold_row(key, last);
+        }
+        Ok(snapshot)
+    }
+
+    /// Decides a claim of the store with `fence`, on the state read under
+    /// lock: [`BackendError::StaleFence`] if the store has seen a newer fence;
+    /// otherwise the snapshot takes `fence`, and the answer says whether the
+    /// backend has to write it (it rose).
+    pub fn claim(&mut self, fence: u64) -> Result<bool, BackendError> {
+        if fence < self.fence {
+            return Err(BackendError::StaleFence {
+                presented: fence,
+                current: self.fence,
+            });
+        }
+        let rose = fence > self.fence;
+        self.fence = fence;
+        Ok(rose)
+    }
+}
+
+/// Every column of one history row, as a backend reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryColumns {
+    /// What [`Snapshot`]s need of the row.
+    pub summary: SummaryColumns,
+    /// The holder, as [`Holder::encode`] wrote it.
+    pub holder: String,
+    /// The task's description.
+    pub description: String,
+    /// Backend clock at the start (ms since the epoch).
+    pub started_ms: i64,
+    /// Backend clock at the end.
+    pub finished_ms: Option<i64>,
+    /// Run time on the runner's clock.
+    pub duration_ms: Option<i64>,
+    /// Error text of a failure.
+    pub error: Option<String>,
+}
+
+impl HistoryColumns {
+    /// The history entry these columns hold.
+    pub fn decode(self) -> Result<HistoryEntry, BackendError> {
+        let (key, last) = self.summary.decode()?;
+        Ok(HistoryEntry {
+            key,
+            description: self.description,
+            attempt: last.attempt,
+            kind: last.kind,
+            state: last.state,
+            fence: last.fence,
+            holder: Holder::decode(&self.holder)?,
+            started_at_ms: self.started_ms,
+            finished_at_ms: self.finished_ms,
+            duration: self
+                .duration_ms
+                .map(|d| Duration::from_millis(d.max(0) as u64)),
+            error: self.error,
+        })
+    }
+}
+
+/// A change as the column values a store writes. [`Columns::of`] makes them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Columns {
+    /// Insert a history row in state `running`.
+    Start {
+        /// The task's version, as text.
+        version: String,
+        /// The task's id.
+        task_id: String,
+        /// The row's number.
+        attempt: i32,
+        /// [`AttemptKind::as_str`].
+        kind: &'static str,
+        /// The write's fence.
+        fence: i64,
+        /// [`Holder::encode`].
+        holder: String,
+        /// The task's description.
+        description: String,
+    },
+    /// End the history row `(version, task_id, attempt)`.
+    Finish {
+        /// The task's version, as text.
+        version: String,
+        /// The task's id.
+        task_id: String,
+        /// The row's number.
+        attempt: i32,
+        /// [`AttemptState::as_str`].
+        state: &'static str,
+        /// Run time in ms.
+        duration_ms: i64,
+        /// Error text of a failure.
+        error: Option<String>,
+    },
+    /// Set the data version.
+    DataVersion(String),
+    /// Set the data version and the baseline.
+    Baseline(String),
+}
+
+impl Columns {
+    /// The column values `change`, written with `fence`, stores.
+    pub fn of(fence: u64, change: &Change) -> Result<Columns, BackendError> {
+        let attempt = |a: u32| {
+            i32::try_from(a).map_err(|_| {
+                BackendError::Rejected(format!("attempt {a} does not fit a store column"))
+            })
+        };
+        Ok(match change {
+            Change::Start(a) => Columns::Start {
+                version: a.key.version.to_string(),
+                task_id: a.key.id.clone(),
+                attempt: attempt(a.attempt)?,
+                kind: a.kind.as_str(),
+                fence: fence_to_column(fence)?,
+                holder: a.holder.encode(),
+                description: a.description.clone(),
+            },
+            Change::Finish(f) => Columns::Finish {
+                version: f.key.version.to_string(),
+                task_id: f.key.id.clone(),
+                attempt: attempt(f.attempt)?,
+                state: f.state.as_str(),
+                duration_ms: i64::try_from(f.duration.as_millis()).unwrap_or(i64::MAX),
+                error: f.error.clone(),
+            },
+            Change::DataVersion(v) => Columns::DataVersion(v.to_string()),
+            Change::Baseline(v) => Columns::Baseline(v.to_string()),
+        })
+    }
+
+    /// Whether other nodes wait on this write: it moves the data version.
+    pub fn wakes_waiters(&self) -> bool {
+        matches!(self, Columns::DataVersion(_) | Columns::Baseline(_))
+    }
+}
+
+/// `base` scaled by a random factor in [0.5, 1.5), so that nodes that started
+/// together do not poll together. Follows the seed of
+/// `upsilon::testing::seed_thread_rng`, so a simulation replays exactly.
+pub fn jitter(base: Duration) -> Duration {
+    crate::util::jitter(base)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn holder() -> Holder {
+        Holder {
+            host: "h".into(),
+            pod: None,
+            pid: 1,
+            run_id: "r".into(),
+        }
+    }
+
+    #[test]
+    fn a_live_lease_is_held_and_an_expired_one_is_granted_above_every_fence() {
+        let stored = StoredLease {
+            holder: holder(),
+            fence: 4,
+            expires_at_ms: 1_000,
+        };
+        let ttl = Duration::from_secs(2);
+        let held = decide_acquire("s", Some(&stored), 999, [4, 2, 3], &holder(), ttl).unwrap();
+        assert!(matches!(held, Acquire::Held(ref i) if i.fence == 4 && i.now_ms == 999));
+        let Acquire::Granted(lease) =
+            decide_acquire("s", Some(&stored), 1_000, [4, 9, 3], &holder(), ttl).unwrap()
+        else {
+            panic!("an expired lease is granted");
+        };
+        assert_eq!((lease.fence, lease.expires_at_ms), (10, 3_000));
+    }
+
+    #[test]
+    fn corrupt_and_overflowing_values_are_errors_not_grants() {
+        assert!(matches!(
+            fence_from_column(-1, "the fence"),
+            Err(BackendError::Corrupt { .. })
+        ));
+        assert!(
+            decide_acquire("s", None, 0, [i64::MAX as u64], &holder(), Duration::ZERO).is_err()
+        );
+        assert!(expiry(i64::MAX - 5, Duration::from_millis(10)).is_err());
+        assert!(expiry(0, Duration::MAX).is_err());
+        assert!(StoredLease::from_columns(Some("not a holder"), Some(1), Some(1)).is_err());
+        assert_eq!(
+            StoredLease::from_columns(None, Some(1), Some(1)).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn a_claim_never_lowers_the_fence() {
+        let mut s = Snapshot {
+            fence: 3,
+            ..Snapshot::default()
+        };
+        assert!(matches!(
+            s.claim(2),
+            Err(BackendError::StaleFence {
+                presented: 2,
+                current: 3
+            })
+        ));
+        assert!(!s.claim(3).unwrap());
+        assert!(s.claim(5).unwrap());
+        assert_eq!(s.fence, 5);
+    }
+}

@@ -1,0 +1,119 @@
+//! For backend authors: the two traits a backend implements, [`Lock`] and
+//! [`Store`], the values that cross them, and the kit that makes every
+//! protocol decision so that a backend's methods stay thin atomic reads and
+//! writes in its own store.
+//!
+//! A lease only elects who works; safety comes from the store, which refuses
+//! any write stamped with a fence older than the newest it has seen.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::ids::Holder;
+
+mod kit;
+
+pub use crate::state::{
+    Acquire, AttemptKind, AttemptState, BackendError, Change, FinishAttempt, HistoryEntry, LastRow,
+    Lease, LeaseInfo, Snapshot, StartAttempt, TaskSummary,
+};
+pub use kit::{
+    decide_acquire, expiry, fence_from_column, fence_to_column, jitter, ttl_ms,
+    version_from_column, Columns, HistoryColumns, StateColumns, StoredLease, SummaryColumns,
+};
+
+/// The cluster-wide lease: who may run a plan.
+///
+/// Every method is atomic in the backend. Implementations must keep, and the
+/// conformance suite in `upsilon::testing` checks:
+/// - the fence grows with every grant and never decreases, not even when the
+///   lease is released, expires or its rows are deleted (S1);
+/// - `renew` and `release` take effect only for the matching holder and fence (S6);
+/// - expiry is judged by the backend's clock.
+#[async_trait]
+pub trait Lock: Send + Sync + fmt::Debug {
+    /// If the lease is free or expired: holder := `holder`, fence := fence + 1,
+    /// expiry := backend clock + `ttl`. Otherwise report who holds it.
+    async fn try_acquire(
+        &self,
+        service: &str,
+        holder: &Holder,
+        ttl: Duration,
+    ) -> Result<Acquire, BackendError>;
+
+    /// Extends the lease by its TTL from the backend's clock, if `lease` still
+    /// holds it (same holder, same fence, not expired). Otherwise
+    /// [`BackendError::LeaseLost`].
+    async fn renew(&self, lease: &Lease) -> Result<Lease, BackendError>;
+
+    /// Frees the lease if `lease` still holds it; [`BackendError::LeaseLost`]
+    /// if not (nothing is changed then).
+    async fn release(&self, lease: &Lease) -> Result<(), BackendError>;
+
+    /// The unexpired lease of `service`, if any.
+    async fn current(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError>;
+
+    /// Returns when the lease or the data version of `service` may have
+    /// changed since the caller read the lease as `seen`, or after `timeout`.
+    /// A backend with notifications returns at once if a change arrived
+    /// since `seen` was read, and otherwise wakes on the next one; the
+    /// default only sleeps (the runner then polls).
+    async fn wait(
+        &self,
+        service: &str,
+        seen: &LeaseInfo,
+        timeout: Duration,
+    ) -> Result<(), BackendError> {
+        let _ = (service, seen);
+        tokio::time::sleep(timeout).await;
+        Ok(())
+    }
+
+    /// Whether [`Lock::wait`] wakes on release and on data-version changes
+    /// (LISTEN/NOTIFY, pub/sub, watch). Then a waiting node sleeps until a
+    /// notification or the lease's expiry instead of polling, so it makes no
+    /// queries while it waits. May change at run time, for example while a
+    /// notification connection is down.
+    fn notifies(&self) -> bool {
+        false
+    }
+}
+
+/// Data version and task history, guarded by the fence.
+///
+/// Implementations keep, and the conformance suite checks: every write is
+/// atomic and commits only while its fence is the newest the store has seen
+/// (S2); [`Snapshot::check`] decides what a write may do, so that every
+/// backend refuses the same things; stored data that does not parse gives
+/// [`BackendError::Corrupt`] and no write.
+#[async_trait]
+pub trait Store: Send + Sync + fmt::Debug {
+    /// Data version, baseline, fence and task summaries of `service`, in one
+    /// round trip where the backend allows.
+    async fn load(&self, service: &str) -> Result<Snapshot, BackendError>;
+
+    /// Atomically raises the store's fence to `fence` and reads the snapshot
+    /// after it. [`BackendError::StaleFence`] if the store has seen a newer one.
+    async fn claim(&self, service: &str, fence: u64) -> Result<Snapshot, BackendError>;
+
+    /// Atomically checks `changes` with [`Snapshot::check`] against the
+    /// current state and writes them, or writes nothing.
+    async fn apply(
+        &self,
+        service: &str,
+        fence: u64,
+        changes: &[Change],
+    ) -> Result<(), BackendError>;
+
+    /// Every history row of `service`, oldest first.
+    async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>, BackendError>;
+}
+
+/// A backend that is both the [`Lock`] and the [`Store`], as
+/// [`Builder::backend`](crate::Builder::backend) takes it. Implemented for
+/// every type that implements both.
+pub trait Backend: Lock + Store {}
+
+impl<T: Lock + Store + ?Sized> Backend for T {}

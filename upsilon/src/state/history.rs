@@ -1,0 +1,172 @@
+//! History rows and the writes that make them.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use semver::Version;
+
+use crate::ids::{Holder, TaskKey};
+use crate::state::BackendError;
+
+/// What a history row is: a run of the task, or a run of its rollback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AttemptKind {
+    /// The task itself.
+    Run,
+    /// The task's rollback.
+    Rollback,
+}
+
+impl AttemptKind {
+    /// Stable name kept in stores.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptKind::Run => "run",
+            AttemptKind::Rollback => "rollback",
+        }
+    }
+
+    /// Reads [`AttemptKind::as_str`].
+    pub fn parse(s: &str) -> Result<AttemptKind, BackendError> {
+        match s {
+            "run" => Ok(AttemptKind::Run),
+            "rollback" => Ok(AttemptKind::Rollback),
+            other => Err(BackendError::corrupt(format!(
+                "unknown attempt kind {other:?}"
+            ))),
+        }
+    }
+}
+
+/// The state of one history row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AttemptState {
+    /// Started and not finished (or its holder died).
+    Running,
+    /// Finished successfully. For a rollback row: the task was undone.
+    Completed,
+    /// Returned an error or panicked.
+    Failed,
+    /// Stopped because the lease was lost.
+    Cancelled,
+}
+
+impl AttemptState {
+    /// Stable name kept in stores.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptState::Running => "running",
+            AttemptState::Completed => "completed",
+            AttemptState::Failed => "failed",
+            AttemptState::Cancelled => "cancelled",
+        }
+    }
+
+    /// Reads [`AttemptState::as_str`].
+    pub fn parse(s: &str) -> Result<AttemptState, BackendError> {
+        match s {
+            "running" => Ok(AttemptState::Running),
+            "completed" => Ok(AttemptState::Completed),
+            "failed" => Ok(AttemptState::Failed),
+            "cancelled" => Ok(AttemptState::Cancelled),
+            other => Err(BackendError::corrupt(format!(
+                "unknown attempt state {other:?}"
+            ))),
+        }
+    }
+}
+
+/// One fenced write to the store. [`Store::apply`] takes several and applies
+/// them atomically.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Change {
+    /// A new history row in state `running`.
+    Start(StartAttempt),
+    /// The end of the task's newest row.
+    Finish(FinishAttempt),
+    /// The data version advances (never back).
+    DataVersion(Version),
+    /// An empty store adopts `version` as its data version and baseline.
+    Baseline(Version),
+}
+
+impl Change {
+    /// The tasks whose summaries [`Snapshot::check`] needs to judge
+    /// `changes`, or `None` when it needs the whole history (a baseline, which
+    /// only an empty store takes). A backend may load just these for a write,
+    /// so that a write's cost does not grow with the history.
+    pub fn touched(changes: &[Change]) -> Option<BTreeSet<&TaskKey>> {
+        let mut keys = BTreeSet::new();
+        for change in changes {
+            match change {
+                Change::Start(s) => {
+                    keys.insert(&s.key);
+                }
+                Change::Finish(f) => {
+                    keys.insert(&f.key);
+                }
+                Change::DataVersion(_) => {}
+                Change::Baseline(_) => return None,
+            }
+        }
+        Some(keys)
+    }
+}
+
+/// A new history row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartAttempt {
+    /// The task.
+    pub key: TaskKey,
+    /// 1-based number of the row among the task's rows.
+    pub attempt: u32,
+    /// Run or rollback.
+    pub kind: AttemptKind,
+    /// The task's description.
+    pub description: String,
+    /// Who runs it.
+    pub holder: Holder,
+}
+
+/// The end of a history row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FinishAttempt {
+    /// The task.
+    pub key: TaskKey,
+    /// The row's number.
+    pub attempt: u32,
+    /// How it ended (not `Running`).
+    pub state: AttemptState,
+    /// The error text, for a failure.
+    pub error: Option<String>,
+    /// How long it ran, on the runner's monotonic clock.
+    pub duration: Duration,
+}
+
+/// One row of a service's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryEntry {
+    /// The task.
+    pub key: TaskKey,
+    /// Its description.
+    pub description: String,
+    /// 1-based number among the task's rows.
+    pub attempt: u32,
+    /// Run or rollback.
+    pub kind: AttemptKind,
+    /// Its state.
+    pub state: AttemptState,
+    /// The fence it was written with.
+    pub fence: u64,
+    /// Who ran it.
+    pub holder: Holder,
+    /// Backend clock at start (ms since the epoch).
+    pub started_at_ms: i64,
+    /// Backend clock at the end, once finished.
+    pub finished_at_ms: Option<i64>,
+    /// Run time on the runner's clock, once finished.
+    pub duration: Option<Duration>,
+    /// Error text of a failure.
+    pub error: Option<String>,
+}

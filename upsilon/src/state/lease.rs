@@ -1,0 +1,42 @@
+//! A lease as the runner holds it and as other nodes see it.
+
+use std::time::Duration;
+
+use crate::ids::Holder;
+
+/// A granted lease. Its expiry is on the backend's clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The service the lease is scoped by.
+    pub service: String,
+    /// Who holds it.
+    pub holder: Holder,
+    /// Fence of this grant; every store write carries it.
+    pub fence: u64,
+    /// Expiry, in milliseconds since the Unix epoch on the backend's clock.
+    pub expires_at_ms: i64,
+    /// The time to live it was granted (and is renewed) with.
+    pub ttl: Duration,
+}
+
+/// The current state of a lease, as another node sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseInfo {
+    /// Who holds it.
+    pub holder: Holder,
+    /// Its fence.
+    pub fence: u64,
+    /// Expiry on the backend's clock (ms since the epoch).
+    pub expires_at_ms: i64,
+    /// The backend's clock when this was read (ms since the epoch).
+    pub now_ms: i64,
+}
+
+/// The answer to [`Lock::try_acquire`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acquire {
+    /// The lease is ours, with a fence above every earlier grant.
+    Granted(Lease),
+    /// Another holder has an unexpired lease.
+    Held(LeaseInfo),
+}

@@ -1,0 +1,248 @@
+//! What a node reads from the store, and the rules every write obeys.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use semver::Version;
+
+use crate::ids::TaskKey;
+use crate::state::{AttemptKind, AttemptState, BackendError, Change};
+
+/// What the store knows of one task: enough to plan and to check writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskSummary {
+    /// Number of history rows (attempts and rollbacks).
+    pub rows: u32,
+    /// A run completed and no rollback completed after it.
+    pub completed: bool,
+    /// The newest row.
+    pub last: LastRow,
+}
+
+/// The newest history row of a task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastRow {
+    /// Its 1-based number among the task's rows.
+    pub attempt: u32,
+    /// Run or rollback.
+    pub kind: AttemptKind,
+    /// Its state.
+    pub state: AttemptState,
+    /// The fence it was written with.
+    pub fence: u64,
+}
+
+/// Everything a node reads from the store: one round trip.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The data version; `None` for a store that never recorded one.
+    pub data_version: Option<Version>,
+    /// The version the store was baselined at, if it was.
+    pub baseline: Option<Version>,
+    /// The newest fence the store has seen.
+    pub fence: u64,
+    /// Per task that has any history.
+    pub tasks: BTreeMap<TaskKey, TaskSummary>,
+}
+
+impl Snapshot {
+    /// Whether the store has no data version, no baseline and no history.
+    pub fn is_empty(&self) -> bool {
+        self.data_version.is_none() && self.baseline.is_none() && self.tasks.is_empty()
+    }
+
+    /// Folds one history row of `key` into the task summaries. Backends that
+    /// keep rows call it for each row, oldest first, to build a snapshot.
+    pub fn fold_row(&mut self, key: TaskKey, row: LastRow) {
+        let entry = self.tasks.entry(key).or_insert(TaskSummary {
+            rows: 0,
+            completed: false,
+            last: row.clone(),
+        });
+        entry.rows += 1;
+        if row.state == AttemptState::Completed {
+            entry.completed = row.kind == AttemptKind::Run;
+        }
+        entry.last = row;
+    }
+
+    /// A copy with only the task summaries in `keys` (all of them for
+    /// `None`): enough for [`Snapshot::check`] on changes that touch only
+    /// those tasks (see [`Change::touched`]).
+    pub fn subset(&self, keys: Option<&BTreeSet<&TaskKey>>) -> Snapshot {
+        let Some(keys) = keys else {
+            return self.clone();
+        };
+        Snapshot {
+            data_version: self.data_version.clone(),
+            baseline: self.baseline.clone(),
+            fence: self.fence,
+            tasks: keys
+                .iter()
+                .filter_map(|k| self.tasks.get_key_value(*k))
+                .map(|(k, t)| (k.clone(), t.clone()))
+                .collect(),
+        }
+    }
+
+    /// Takes in a [`Snapshot::subset`] that was changed: its version, fence
+    /// and task summaries replace this snapshot's.
+    pub fn absorb(&mut self, part: Snapshot) {
+        self.data_version = part.data_version;
+        self.baseline = part.baseline;
+        self.fence = part.fence;
+        self.tasks.extend(part.tasks);
+    }
+
+    /// Whether `key` has a live completion.
+    pub fn is_completed(&self, key: &TaskKey) -> bool {
+        self.tasks.get(key).is_some_and(|t| t.completed)
+    }
+
+    /// Applies `changes` to this snapshot as a store would, after checking
+    /// them. Returns the changes that still have to be written: a change the
+    /// store already holds with the same fence (a retried write whose reply was
+    /// lost) is dropped, so every write is idempotent.
+    ///
+    /// Backends call this inside their transaction, on the state read under
+    /// lock, so that every backend refuses the same things:
+    /// - a fence other than the newest (`StaleFence`, or `Rejected` for a fence
+    ///   that was never claimed);
+    /// - a second completion of a completed task (S3);
+    /// - a data version below the current one (S4);
+    /// - a baseline on a store that is not empty.
+    pub fn check<'c>(
+        &mut self,
+        fence: u64,
+        changes: &'c [Change],
+    ) -> Result<Vec<&'c Change>, BackendError> {
+        if fence < self.fence {
+            return Err(BackendError::StaleFence {
+                presented: fence,
+                current: self.fence,
+            });
+        }
+        if fence > self.fence {
+            return Err(BackendError::Rejected(format!(
+                "fence {fence} was never claimed (the store's newest is {}); claim the store first",
+                self.fence
+            )));
+        }
+        let mut todo = Vec::new();
+        for change in changes {
+            if self.check_one(fence, change)? {
+                todo.push(change);
+            }
+        }
+        Ok(todo)
+    }
+
+    fn check_one(&mut self, fence: u64, change: &Change) -> Result<bool, BackendError> {
+        match change {
+            Change::Start(start) => {
+                let summary = self.tasks.get(&start.key);
+                let rows = summary.map_or(0, |s| s.rows);
+                if let Some(s) = summary {
+                    let l = &s.last;
+                    if l.attempt == start.attempt
+                        && l.fence == fence
+                        && l.kind == start.kind
+                        && l.state == AttemptState::Running
+                    {
+                        return Ok(false);
+                    }
+                    if start.kind == AttemptKind::Run && s.completed {
+                        return Err(BackendError::Rejected(format!(
+                            "task {} is already completed; it is not started again",
+                            start.key
+                        )));
+                    }
+                }
+                if start.attempt != rows + 1 {
+                    return Err(BackendError::Rejected(format!(
+                        "task {}: attempt {} does not follow the {rows} recorded",
+                        start.key, start.attempt
+                    )));
+                }
+                let completed = summary.is_some_and(|s| s.completed);
+                self.tasks.insert(
+                    start.key.clone(),
+                    TaskSummary {
+                        rows: start.attempt,
+                        completed,
+                        last: LastRow {
+                            attempt: start.attempt,
+                            kind: start.kind,
+                            state: AttemptState::Running,
+                            fence,
+                        },
+                    },
+                );
+                Ok(true)
+            }
+            Change::Finish(finish) => {
+                let Some(s) = self.tasks.get_mut(&finish.key) else {
+                    return Err(BackendError::Rejected(format!(
+                        "task {} has no attempt {} to finish",
+                        finish.key, finish.attempt
+                    )));
+                };
+                let l = &mut s.last;
+                if l.attempt != finish.attempt || l.fence != fence {
+                    return Err(BackendError::Rejected(format!(
+                        "task {}: attempt {} with fence {fence} is not its newest row (that is attempt {} with fence {})",
+                        finish.key, finish.attempt, l.attempt, l.fence
+                    )));
+                }
+                if l.state == finish.state {
+                    return Ok(false);
+                }
+                if l.state != AttemptState::Running {
+                    return Err(BackendError::Rejected(format!(
+                        "task {}: attempt {} is already {}",
+                        finish.key,
+                        finish.attempt,
+                        l.state.as_str()
+                    )));
+                }
+                if finish.state == AttemptState::Running {
+                    return Err(BackendError::Rejected(format!(
+                        "task {}: an attempt cannot finish as running",
+                        finish.key
+                    )));
+                }
+                l.state = finish.state;
+                if finish.state == AttemptState::Completed {
+                    s.completed = l.kind == AttemptKind::Run;
+                }
+                Ok(true)
+            }
+            Change::DataVersion(v) => match &self.data_version {
+                Some(d) if d == v => Ok(false),
+                Some(d) if d > v => Err(BackendError::Rejected(format!(
+                    "data version {v} is below the recorded {d}; the data version never goes back"
+                ))),
+                _ => {
+                    self.data_version = Some(v.clone());
+                    Ok(true)
+                }
+            },
+            Change::Baseline(v) => {
+                if self.baseline.as_ref() == Some(v) && self.data_version.as_ref() == Some(v) {
+                    return Ok(false);
+                }
+                if !self.is_empty() {
+                    return Err(BackendError::Rejected(format!(
+                        "the store is not empty (data version {}, {} tasks in history); only an empty store can be baselined",
+                        self.data_version
+                            .as_ref()
+                            .map_or("none".to_owned(), |v| v.to_string()),
+                        self.tasks.len()
+                    )));
+                }
+                self.baseline = Some(v.clone());
+                self.data_version = Some(v.clone());
+                Ok(true)
+            }
+        }
+    }
+}
