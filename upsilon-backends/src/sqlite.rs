@@ -25,6 +25,11 @@ use upsilon::backend::{
 };
 use upsilon::{Holder, TaskKey};
 
+/// The driver, for task crates that use the same database file: a task
+/// crate that depends on another `rusqlite` than this one fails to build (two
+/// `libsqlite3-sys`), so use this one (`upsilon_backends::sqlite::rusqlite`).
+pub use rusqlite;
+
 /// The stored format this build writes and reads.
 pub const FORMAT: u32 = 1;
 
@@ -73,16 +78,10 @@ pub struct SqliteBackend {
 }
 
 fn driver(e: rusqlite::Error) -> BackendError {
-    match &e {
-        rusqlite::Error::SqliteFailure(f, _)
-            if matches!(
-                f.code,
-                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
-            ) =>
-        {
-            BackendError::unavailable(e)
-        }
-        _ => BackendError::other(e),
+    if driver_is_busy(&e) {
+        BackendError::unavailable(e)
+    } else {
+        BackendError::other(e)
     }
 }
 
@@ -98,12 +97,9 @@ impl SqliteBackend {
         }
         let p = path.clone();
         let conn = tokio::task::spawn_blocking(move || -> Result<Connection, BackendError> {
-            let conn = Connection::open(&p).map_err(|e| {
-                BackendError::other(format!("cannot open SQLite database {}: {e}", p.display()))
-            })?;
-            conn.busy_timeout(Duration::from_secs(10)).map_err(driver)?;
-            conn.pragma_update(None, "journal_mode", "WAL")
-                .map_err(driver)?;
+            let conn = Connection::open(&p).map_err(|e| cannot_open(&p, e))?;
+            conn.busy_timeout(BUSY_TIMEOUT).map_err(driver)?;
+            wal(&conn)?;
             conn.pragma_update(None, "synchronous", "NORMAL")
                 .map_err(driver)?;
             let mut conn = conn;
@@ -175,6 +171,67 @@ impl SqliteBackend {
         .await
         .map_err(BackendError::other)?
     }
+}
+
+/// How long a statement waits for another process's lock on the file.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why `path` could not be opened, said once: the path, then the reason.
+fn cannot_open(path: &Path, e: rusqlite::Error) -> BackendError {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let why = match std::fs::metadata(dir) {
+        Err(_) => format!(
+            "its directory {} does not exist; create it first",
+            dir.display()
+        ),
+        Ok(m) if !m.is_dir() => format!("{} is not a directory", dir.display()),
+        Ok(_) if path.is_dir() => "it is a directory; give the path of a file in it".to_owned(),
+        Ok(_) => match &e {
+            rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::CannotOpen => {
+                format!(
+                    "SQLite cannot open or create it; check that this process may write to {}",
+                    dir.display()
+                )
+            }
+            rusqlite::Error::SqliteFailure(f, _) => f.to_string(),
+            other => other.to_string(),
+        },
+    };
+    BackendError::other(format!(
+        "cannot open the SQLite database {}: {why}",
+        path.display()
+    ))
+}
+
+/// Switches the file to WAL. The switch takes the file's lock without the
+/// busy timeout, so processes that open a new file at once retry it here
+/// until the timeout instead of failing with `database is locked`.
+fn wal(conn: &Connection) -> Result<(), BackendError> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(e @ rusqlite::Error::SqliteFailure(..))
+                if driver_is_busy(&e) && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(upsilon::backend::jitter(Duration::from_millis(10)));
+            }
+            other => return other.map_err(driver),
+        }
+    }
+}
+
+fn driver_is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e,
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(
+                f.code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            )
+    )
 }
 
 fn check_format(found: &str) -> Result<(), BackendError> {

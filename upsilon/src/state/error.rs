@@ -20,7 +20,8 @@ pub enum BackendError {
     /// The lease is not (or no longer) held by the caller.
     #[error("the lease is no longer held by this node: {0}")]
     LeaseLost(String),
-    /// The write breaks a rule of the store (see [`Snapshot::check`]).
+    /// The write breaks a rule of the store (see
+    /// [`Snapshot::check`](crate::backend::Snapshot::check)).
     #[error("the store refused the write: {0}")]
     Rejected(String),
     /// Stored data does not parse. Nothing was written.
@@ -37,18 +38,18 @@ pub enum BackendError {
         /// The newest this build knows.
         supported: String,
     },
-    /// The backend could not be reached or timed out: worth retrying.
-    #[error("backend unavailable: {source}")]
+    /// The backend could not be reached or timed out: worth retrying. Says
+    /// what the driver says, and nothing more: the layer above names what
+    /// was being done.
+    #[error(transparent)]
     Unavailable {
         /// The driver's error.
-        #[source]
         source: BoxError,
     },
-    /// Any other backend failure: not retried.
-    #[error("backend error: {source}")]
+    /// Any other backend failure: not retried. Says what the driver says.
+    #[error(transparent)]
     Other {
         /// The driver's error.
-        #[source]
         source: BoxError,
     },
 }
