@@ -11,6 +11,7 @@
 //!
 //! [`connect`] opens a backend from a URL.
 #![warn(missing_docs)]
+#![deny(unreachable_pub)]
 
 use std::sync::Arc;
 

@@ -14,8 +14,8 @@
 //! ```
 //!
 //! At start-up, [`Upsilon::run`] reads the data version from a shared
-//! [`Store`]. If it is behind the app version, the node takes a fenced lease
-//! ([`Lock`]), runs the pending tasks in order (semver, then `order`, then id),
+//! [`Store`](backend::Store). If it is behind the app version, the node takes a fenced lease
+//! ([`Lock`](backend::Lock)), runs the pending tasks in order (semver, then `order`, then id),
 //! records each completion, records the new data version, releases the lease,
 //! and only then reports READY. Every other node waits and becomes READY
 //! without doing the work.
@@ -38,10 +38,11 @@
 //!   [`Registry`] validates what was registered, [`plan`](planner::plan)
 //!   orders it.
 //! - [`Upsilon`] and its [`Builder`]: the runner.
-//! - [`Lock`] and [`Store`]: the traits a backend implements
+//! - [`backend`]: what a backend implements, [`Lock`](backend::Lock) and
+//!   [`Store`](backend::Store), and the kit that makes its protocol decisions
 //!   (`upsilon-backends` has SQLite and PostgreSQL).
 //! - [`Status`] and [`Probe`]: readiness.
-//! - [`testing`]: in-memory backends with fault injection, a cluster helper
+//! - `testing` (feature `testing`, for tests only): in-memory backends with fault injection, a cluster helper
 //!   and the conformance suite every backend passes.
 //!
 //! # Tasks in another crate

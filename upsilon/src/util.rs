@@ -14,6 +14,7 @@ thread_local! {
 
 /// Makes this thread's random numbers (run ids, jitter) follow `seed`, or the
 /// process's entropy again with `None`.
+#[cfg(any(test, feature = "testing"))]
 pub(crate) fn seed_thread(seed: Option<u64>) {
     SEEDED.with(|s| s.set(seed));
 }

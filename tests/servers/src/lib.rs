@@ -13,6 +13,7 @@
 //! Missing binaries are an error, never a skip: [`Postgres::start`] panics with
 //! the command that installs them.
 #![warn(missing_docs)]
+#![deny(unreachable_pub)]
 
 use std::fs;
 use std::io::Read;

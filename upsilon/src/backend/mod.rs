@@ -1,10 +1,37 @@
 //! For backend authors: the two traits a backend implements, [`Lock`] and
 //! [`Store`], the values that cross them, and the kit that makes every
-//! protocol decision so that a backend's methods stay thin atomic reads and
+//! protocol decision, so that a backend's methods stay thin atomic reads and
 //! writes in its own store.
 //!
 //! A lease only elects who works; safety comes from the store, which refuses
 //! any write stamped with a fence older than the newest it has seen.
+//!
+//! # Writing a backend
+//!
+//! `upsilon-backends/src/sqlite.rs` is the worked example: about 300 lines
+//! of SQL and column mapping, no protocol logic. Each method is one atomic
+//! operation in the backend's store (a transaction, a compare-and-set, a
+//! script):
+//!
+//! | method | read | decide with | write |
+//! |---|---|---|---|
+//! | [`Lock::try_acquire`] | the lease row, the clock, every fence counter the store keeps | [`decide_acquire`] | on [`Acquire::Granted`]: holder, fence, expiry |
+//! | [`Lock::renew`] / [`Lock::release`] | — | compare on (holder, fence, unexpired) in the store itself | the new expiry ([`expiry`]) / nothing; [`BackendError::lease_lost`] when the compare fails |
+//! | [`Lock::current`] | the lease row, the clock | [`StoredLease::live`] | — |
+//! | [`Store::load`] | the state row and the history's summary columns | [`Snapshot::from_columns`] | — |
+//! | [`Store::claim`] | the same, under lock | [`Snapshot::claim`] | the store's fence, when it rose |
+//! | [`Store::apply`] | the same, for the tasks [`Change::touched`] names | [`Snapshot::check`] | [`Columns::of`] each change it returns |
+//! | [`Store::history`] | every history row | [`HistoryColumns::decode`] | — |
+//!
+//! A backend with change notifications also implements [`Lock::wait`] and
+//! [`Lock::notifies`]: a waiting node then sleeps until the lease is
+//! released or the data version changes ([`Columns::wakes_waiters`] says
+//! which writes do). Randomness (poll jitter) comes from [`jitter`], so that
+//! a seeded simulation replays exactly.
+//!
+//! Then run the conformance suite, `upsilon::testing::conformance` (feature
+//! `testing`), against the backend: it checks S1, S2, S3, S4 and S6, the
+//! wake-ups, and what happens when rows are deleted or corrupt.
 
 use std::fmt;
 use std::time::Duration;

@@ -76,7 +76,7 @@ impl AttemptState {
     }
 }
 
-/// One fenced write to the store. [`Store::apply`] takes several and applies
+/// One fenced write to the store. [`Store::apply`](crate::backend::Store::apply) takes several and applies
 /// them atomically.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -92,7 +92,7 @@ pub enum Change {
 }
 
 impl Change {
-    /// The tasks whose summaries [`Snapshot::check`] needs to judge
+    /// The tasks whose summaries [`Snapshot::check`](crate::backend::Snapshot::check) needs to judge
     /// `changes`, or `None` when it needs the whole history (a baseline, which
     /// only an empty store takes). A backend may load just these for a write,
     /// so that a write's cost does not grow with the history.

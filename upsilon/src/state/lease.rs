@@ -32,7 +32,7 @@ pub struct LeaseInfo {
     pub now_ms: i64,
 }
 
-/// The answer to [`Lock::try_acquire`].
+/// The answer to [`Lock::try_acquire`](crate::backend::Lock::try_acquire).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Acquire {
     /// The lease is ours, with a fence above every earlier grant.

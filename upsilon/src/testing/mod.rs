@@ -1,7 +1,7 @@
 //! Test kit for Upsilon's users and backends.
 //!
-//! - [`MemoryBackend`]: an in-memory [`Lock`](crate::Lock) +
-//!   [`Store`](crate::Store) whose clock follows tokio's (so paused-time tests
+//! - [`MemoryBackend`]: an in-memory [`Lock`](crate::backend::Lock) +
+//!   [`Store`](crate::backend::Store) whose clock follows tokio's (so paused-time tests
 //!   work), with fault injection ([`Faults`]): fail the nth call, lose the
 //!   lease, delay, apply a write but lose the reply.
 //! - [`run_nodes`]: several nodes in one process, started together.
