@@ -5,7 +5,7 @@ use std::fmt;
 use semver::Version;
 
 /// Parses a version the way `#[upsilon::task(version = ..)]` and
-/// `Builder::app_version` accept it.
+/// `upsilon::Builder::app_version` accept it.
 ///
 /// `"1.1"` means `1.1.0`; `"1"` means `1.0.0`; pre-releases (`"2.0.0-rc.1"`) are
 /// allowed and order by semver rules. Build metadata (`"1.0.0+abc"`) is
