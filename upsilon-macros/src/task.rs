@@ -18,15 +18,13 @@ use syn::{
     Expr, ExprLit, ExprUnary, FnArg, GenericParam, Ident, ItemFn, Lit, LitStr, Path, ReturnType,
     Signature, Token, Type, UnOp,
 };
+use upsilon_rules::{check_id, parse_version, IdError};
 
 /// The keys `#[upsilon::task(..)]` takes, as error messages list them.
 const KEYS: &str = "`version`, `order`, `id`, `rollback`, `crate`";
 
 /// What a task fn looks like, for messages about the fn's shape.
 const SHAPE: &str = "async fn name(ctx: &mut upsilon::TaskContext) -> Result<(), E>";
-
-/// Longest id a store has to keep.
-const MAX_ID_LEN: usize = 128;
 
 pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     let cx = Ctxt::new();
@@ -313,16 +311,16 @@ fn version_value(cx: &Ctxt, expr: &Expr) -> Option<String> {
             );
             return None;
         }
-        return match normalize_version(&lit.value()) {
-            Ok(version) => Some(version),
-            Err(why) => {
-                cx.error_spanned_by(lit, format!("`{}` is not a version: {why}", lit.value()));
+        return match parse_version(&lit.value()) {
+            Ok(version) => Some(version.to_string()),
+            Err(err) => {
+                cx.error_spanned_by(lit, err);
                 None
             }
         };
     }
     let text = compact(expr);
-    if normalize_version(&text).is_ok() {
+    if parse_version(&text).is_ok() {
         cx.error_spanned_by(
             expr,
             format!("`version` must be a string literal: write `version = \"{text}\"`"),
@@ -387,7 +385,7 @@ fn order_value(cx: &Ctxt, expr: &Expr) -> Option<u32> {
 
 fn id_value(cx: &Ctxt, expr: &Expr) -> Option<String> {
     match as_lit(expr) {
-        Some(Lit::Str(lit)) => match check_id(&lit.value()) {
+        Some(Lit::Str(lit)) => match id_problem(&lit.value()) {
             Ok(()) => Some(lit.value()),
             Err(why) => {
                 cx.error_spanned_by(lit, format!("`id` {why}"));
@@ -396,7 +394,7 @@ fn id_value(cx: &Ctxt, expr: &Expr) -> Option<String> {
         },
         _ => {
             let text = compact(expr);
-            if check_id(&text).is_ok() {
+            if id_problem(&text).is_ok() {
                 cx.error_spanned_by(
                     expr,
                     format!("`id` must be a string literal: write `id = \"{text}\"`"),
@@ -415,7 +413,7 @@ fn id_value(cx: &Ctxt, expr: &Expr) -> Option<String> {
 /// The id a task gets when `id` is not given: its fn name.
 fn default_id(cx: &Ctxt, name: &Ident) -> Option<String> {
     let id = name.unraw().to_string();
-    match check_id(&id) {
+    match id_problem(&id) {
         Ok(()) => Some(id),
         Err(why) => {
             cx.error_spanned_by(
@@ -427,27 +425,13 @@ fn default_id(cx: &Ctxt, name: &Ident) -> Option<String> {
     }
 }
 
-/// What stores accept as a task id: 1 to 128 bytes of `[A-Za-z0-9_.-]`.
-/// The error completes "`id` ...".
-fn check_id(id: &str) -> Result<(), String> {
-    if id.is_empty() {
-        return Err("must not be empty; leave `id` out to use the fn name".to_owned());
-    }
-    if id.len() > MAX_ID_LEN {
-        return Err(format!(
-            "must be at most {MAX_ID_LEN} bytes long; this one has {}",
-            id.len()
-        ));
-    }
-    if let Some(c) = id
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
-    {
-        return Err(format!(
-            "may only contain ASCII letters, digits, `_`, `.` and `-`; found {c:?}"
-        ));
-    }
-    Ok(())
+/// [`check_id`], with the reason worded for the attribute: it completes
+/// "`id` ...".
+fn id_problem(id: &str) -> Result<(), String> {
+    check_id(id).map_err(|err| match err {
+        IdError::Empty => format!("{err}; leave `id` out to use the fn name"),
+        _ => err.to_string(),
+    })
 }
 
 fn rollback_value(cx: &Ctxt, expr: &Expr) -> Option<Path> {
@@ -503,52 +487,6 @@ fn crate_value(cx: &Ctxt, expr: &Expr) -> Option<Path> {
             None
         }
     }
-}
-
-/// Checks a version literal with the rules of `upsilon::parse_version` and
-/// returns it as a full semver version (`"1.1"` gives `"1.1.0"`). The error
-/// completes "`text` is not a version: ...", as in `upsilon::VersionError`.
-///
-/// This crate cannot depend on `upsilon`, so the rules are repeated here; the
-/// tests of both crates pin the same cases.
-fn normalize_version(text: &str) -> Result<String, &'static str> {
-    let trimmed = text.trim();
-    if trimmed.is_empty() {
-        return Err("it is empty");
-    }
-    if trimmed.contains('+') {
-        return Err("build metadata (`+...`) takes no part in version precedence; remove it");
-    }
-    let (core, pre) = match trimmed.split_once('-') {
-        Some((core, pre)) => (core, Some(pre)),
-        None => (trimmed, None),
-    };
-    let parts: Vec<&str> = core.split('.').collect();
-    if parts.len() > 3 {
-        return Err("it has more than three numeric parts");
-    }
-    if parts
-        .iter()
-        .any(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()))
-    {
-        return Err(
-            "expected `MAJOR[.MINOR[.PATCH]][-PRE]` with numeric parts, like \"1.1\" or \"2.0.0-rc.1\"",
-        );
-    }
-    if pre.is_some() && parts.len() != 3 {
-        return Err("a pre-release needs all three numeric parts, like \"2.0.0-rc.1\"");
-    }
-    let mut full = parts.join(".");
-    for _ in parts.len()..3 {
-        full.push_str(".0");
-    }
-    if let Some(pre) = pre {
-        full.push('-');
-        full.push_str(pre);
-    }
-    semver::Version::parse(&full)
-        .map(|v| v.to_string())
-        .map_err(|_| "it is not a valid semantic version")
 }
 
 fn check_signature(cx: &Ctxt, sig: &Signature) {
@@ -883,53 +821,6 @@ fn respan(tokens: TokenStream, span: Span) -> TokenStream {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn versions_are_completed() {
-        for (text, full) in [
-            ("1", "1.0.0"),
-            ("1.1", "1.1.0"),
-            ("1.1.3", "1.1.3"),
-            ("1.0.0", "1.0.0"),
-            ("2.0.0-rc.1", "2.0.0-rc.1"),
-            (" 1.2 ", "1.2.0"),
-        ] {
-            assert_eq!(normalize_version(text).as_deref(), Ok(full), "{text:?}");
-        }
-    }
-
-    #[test]
-    fn bad_versions_say_why() {
-        for (text, needle) in [
-            ("v1", "numeric parts"),
-            ("1.x", "numeric parts"),
-            ("1.0.0+build.5", "build metadata"),
-            ("1.0.0+build", "build metadata"),
-            ("", "empty"),
-            ("  ", "empty"),
-            ("1.0.0.0", "more than three"),
-            ("1.0-rc.1", "all three numeric parts"),
-            ("01.0.0", "not a valid semantic version"),
-            ("01.0", "not a valid semantic version"),
-            ("1.0.0-rc.01", "not a valid semantic version"),
-            ("1..0", "numeric parts"),
-        ] {
-            let why = normalize_version(text).unwrap_err();
-            assert!(why.contains(needle), "{text:?}: {why}");
-        }
-    }
-
-    #[test]
-    fn ids() {
-        assert!(check_id("check-accounts.v2_1").is_ok());
-        assert!(check_id(&"a".repeat(128)).is_ok());
-        assert!(check_id(&"a".repeat(129))
-            .unwrap_err()
-            .contains("at most 128"));
-        assert!(check_id("").unwrap_err().contains("empty"));
-        assert!(check_id("a b").unwrap_err().contains("' '"));
-        assert!(check_id("café").unwrap_err().contains("'é'"));
-    }
 
     fn errors(args: TokenStream, item: TokenStream) -> Vec<String> {
         let out = expand(args, item).to_string();
