@@ -1,5 +1,7 @@
 //! The `#[upsilon::task]` attribute. An implementation detail of `upsilon`: use that crate.
 
+#![deny(unreachable_pub)]
+
 use proc_macro::TokenStream;
 
 mod task;

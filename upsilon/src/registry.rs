@@ -88,7 +88,9 @@ impl fmt::Debug for Task {
 
 impl Task {
     /// A task built in code rather than by `#[upsilon::task]`, for tests and
-    /// for generated task sets. `version` takes the same literals as the macro.
+    /// for generated task sets. `version` takes the same literals as the macro,
+    /// and `id` follows the same rule: 1 to 128 bytes of ASCII letters,
+    /// digits, `_`, `.` and `-`.
     #[track_caller]
     pub fn new<F>(version: &str, order: u32, id: &str, body: F) -> Result<Task, RegistryError>
     where
@@ -101,9 +103,11 @@ impl Task {
                 error: e.to_string(),
             }],
         })?;
-        if id.is_empty() {
+        if let Err(why) = upsilon_rules::check_id(id) {
             return Err(RegistryError {
-                problems: vec![Problem::EmptyId {
+                problems: vec![Problem::BadId {
+                    id: id.to_owned(),
+                    why: why.to_string(),
                     location: caller.to_string(),
                 }],
             });
@@ -390,9 +394,14 @@ pub enum Problem {
         /// What is wrong with the version.
         error: String,
     },
-    /// A task was built with an empty id.
-    #[error("a task built at {location} has an empty id")]
-    EmptyId {
+    /// A task was built with an id that is not 1 to 128 bytes of ASCII
+    /// letters, digits, `_`, `.` and `-`.
+    #[error("a task built at {location} has a bad id {id:?}: an id {why}")]
+    BadId {
+        /// The id as given.
+        id: String,
+        /// What is wrong with it.
+        why: String,
         /// Where.
         location: String,
     },
@@ -412,5 +421,50 @@ pub(crate) fn problem_involves(problem: &Problem, version: &str, id: &str) -> bo
         Problem::DuplicateId { key, .. } => key.version == version && key.id == id,
         Problem::BadVersion { id: i, .. } => i == id,
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(id: &str) -> Result<Task, RegistryError> {
+        Task::new("1.0", 1, id, |_: &mut TaskContext| -> TaskFuture<'_> {
+            Box::pin(async { Ok(()) })
+        })
+    }
+
+    #[test]
+    fn task_new_applies_the_id_rule_of_the_attribute() {
+        assert_eq!(task("backfill.v2-x_1").unwrap().id(), "backfill.v2-x_1");
+        assert_eq!(task(&"a".repeat(128)).unwrap().id().len(), 128);
+        for (id, why) in [
+            (
+                "a b",
+                "may only contain ASCII letters, digits, `_`, `.` and `-`; found ' '",
+            ),
+            (
+                &"a".repeat(129),
+                "must be at most 128 bytes long; this one has 129",
+            ),
+            ("", "must not be empty"),
+        ] {
+            let err = task(id).unwrap_err();
+            let [Problem::BadId {
+                id: got,
+                why: got_why,
+                location,
+            }] = err.problems()
+            else {
+                panic!("{id:?}: {err:?}");
+            };
+            assert_eq!((got.as_str(), got_why.as_str()), (id, why));
+            assert!(location.starts_with(file!()), "{location}");
+            assert!(
+                err.to_string()
+                    .contains(&format!("has a bad id {id:?}: an id {why}")),
+                "{err}"
+            );
+        }
     }
 }

@@ -1,0 +1,121 @@
+//! Version literals as Upsilon accepts them.
+
+use std::fmt;
+
+use semver::Version;
+
+/// Parses a version the way `#[upsilon::task(version = ..)]` and
+/// `upsilon::Builder::app_version` accept it.
+///
+/// `"1.1"` means `1.1.0`; `"1"` means `1.0.0`; pre-releases (`"2.0.0-rc.1"`) are
+/// allowed and order by semver rules. Build metadata (`"1.0.0+abc"`) is
+/// rejected: it takes no part in precedence, so two versions that differ only
+/// by it would name the same data version. Surrounding whitespace is ignored.
+pub fn parse_version(text: &str) -> Result<Version, VersionError> {
+    let bad = |why: &'static str| VersionError {
+        text: text.to_owned(),
+        why,
+    };
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err(bad("it is empty"));
+    }
+    if trimmed.contains('+') {
+        return Err(bad(
+            "build metadata (`+...`) takes no part in version precedence; remove it",
+        ));
+    }
+    let (core, pre) = match trimmed.split_once('-') {
+        Some((core, pre)) => (core, Some(pre)),
+        None => (trimmed, None),
+    };
+    let parts: Vec<&str> = core.split('.').collect();
+    if parts.len() > 3 {
+        return Err(bad("it has more than three numeric parts"));
+    }
+    if parts
+        .iter()
+        .any(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(bad(
+            "expected `MAJOR[.MINOR[.PATCH]][-PRE]` with numeric parts, like \"1.1\" or \"2.0.0-rc.1\"",
+        ));
+    }
+    if pre.is_some() && parts.len() != 3 {
+        return Err(bad(
+            "a pre-release needs all three numeric parts, like \"2.0.0-rc.1\"",
+        ));
+    }
+    let mut full = parts.join(".");
+    for _ in parts.len()..3 {
+        full.push_str(".0");
+    }
+    if let Some(pre) = pre {
+        full.push('-');
+        full.push_str(pre);
+    }
+    Version::parse(&full).map_err(|_| bad("it is not a valid semantic version"))
+}
+
+/// A version literal that could not be parsed.
+///
+/// Displays as "`TEXT` is not a version: REASON".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionError {
+    text: String,
+    why: &'static str,
+}
+
+impl fmt::Display for VersionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "`{}` is not a version: {}", self.text, self.why)
+    }
+}
+
+impl std::error::Error for VersionError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_forms_are_completed() {
+        for (text, full) in [
+            ("1", Version::new(1, 0, 0)),
+            ("1.1", Version::new(1, 1, 0)),
+            ("1.1.3", Version::new(1, 1, 3)),
+            ("1.0.0", Version::new(1, 0, 0)),
+            (" 1.2 ", Version::new(1, 2, 0)),
+        ] {
+            assert_eq!(parse_version(text), Ok(full), "{text:?}");
+        }
+        let rc = parse_version("2.0.0-rc.1").unwrap();
+        assert_eq!(rc.to_string(), "2.0.0-rc.1");
+        assert_eq!(rc.pre.as_str(), "rc.1");
+    }
+
+    #[test]
+    fn bad_literals_name_the_problem() {
+        for (text, needle) in [
+            ("v1", "numeric parts"),
+            ("1.x", "numeric parts"),
+            ("1..0", "numeric parts"),
+            ("1.0.0+build.5", "build metadata"),
+            ("1.0.0+build", "build metadata"),
+            ("", "empty"),
+            ("  ", "empty"),
+            ("1.0.0.0", "more than three"),
+            ("1.0-rc.1", "all three numeric parts"),
+            ("01.0.0", "not a valid semantic version"),
+            ("01.0", "not a valid semantic version"),
+            ("1.0.0-rc.01", "not a valid semantic version"),
+        ] {
+            let err = parse_version(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+            assert!(
+                err.starts_with(&format!("`{text}` is not a version: ")),
+                "{text:?}: {err}"
+            );
+        }
+    }
+}
