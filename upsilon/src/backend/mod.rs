@@ -106,6 +106,24 @@ pub trait Lock: Send + Sync + fmt::Debug {
     fn notifies(&self) -> bool {
         false
     }
+
+    /// Resolves as soon as this backend knows that `lease` may no longer be
+    /// held by the caller: the session it is tied to closed, a check of it
+    /// failed or timed out, a keep-alive broke. The answer says why
+    /// (usually [`BackendError::LeaseLost`]).
+    ///
+    /// The runner awaits it beside the running task while it holds `lease`
+    /// and cancels the task the moment it resolves (invariant E1). A backend
+    /// that lets another node take a lease over before its expiry (because
+    /// the holder's session ended) must resolve this, on the holder, before
+    /// that takeover can happen: see docs/DESIGN.md for the bound. The
+    /// default never resolves: the holder's renewals and local deadline
+    /// decide, and the backend must then never grant the lease before it
+    /// expires.
+    async fn until_lost(&self, lease: &Lease) -> BackendError {
+        let _ = lease;
+        std::future::pending().await
+    }
 }
 
 /// Data version and task history, guarded by the fence.

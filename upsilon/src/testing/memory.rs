@@ -152,6 +152,32 @@ struct Service {
     snapshot: Snapshot,
     history: Vec<HistoryEntry>,
     corrupt: bool,
+    /// When the current holder's session ended, if it did (backend clock).
+    session_ended_ms: Option<i64>,
+}
+
+/// How the in-memory backend models a lease tied to its holder's session,
+/// as PostgreSQL's is: when the session ends, the holder learns of it within
+/// `detection` and waiting nodes may take the lease over `grace` after the
+/// end, before its expiry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionModel {
+    /// How long after its session ends the holder's
+    /// [`Lock::until_lost`] resolves; `None`: never (loss detection off, a
+    /// negative control).
+    pub detection: Option<Duration>,
+    /// How long after the session ended another node may be granted the
+    /// lease.
+    pub grace: Duration,
+}
+
+impl Default for SessionModel {
+    fn default() -> Self {
+        SessionModel {
+            detection: Some(Duration::from_millis(300)),
+            grace: Duration::from_millis(600),
+        }
+    }
 }
 
 /// An in-memory [`Lock`] + [`Store`] for tests, with fault injection.
@@ -169,6 +195,7 @@ pub struct MemoryBackend {
     origin: Instant,
     origin_ms: i64,
     jump_ms: Mutex<i64>,
+    sessions: Mutex<SessionModel>,
 }
 
 impl fmt::Debug for MemoryBackend {
@@ -191,6 +218,7 @@ impl Default for MemoryBackend {
             origin: Instant::now(),
             origin_ms: 1_700_000_000_000,
             jump_ms: Mutex::new(0),
+            sessions: Mutex::default(),
         }
     }
 }
@@ -250,6 +278,36 @@ impl MemoryBackend {
             }
         }
         self.notify.notify_waiters();
+    }
+
+    /// Sets how a lease follows its holder's session (see [`SessionModel`]).
+    pub fn set_session_model(&self, model: SessionModel) {
+        *lock(&self.sessions) = model;
+    }
+
+    /// Ends the session of the current holder of `service`'s lease, as a
+    /// server that terminates a connection does. The holder's
+    /// [`Lock::until_lost`] resolves after the model's detection time, and
+    /// other nodes may take the lease over after its grace. `false` if no
+    /// lease is held.
+    pub fn end_session(&self, service: &str) -> bool {
+        let now = self.now_ms();
+        let ended = match lock(&self.services).get_mut(service) {
+            Some(s) if s.lease.as_ref().is_some_and(|l| l.expires_at_ms > now) => {
+                s.session_ended_ms.get_or_insert(now);
+                true
+            }
+            _ => false,
+        };
+        self.notify.notify_waiters();
+        ended
+    }
+
+    /// When another node may take over the lease of `s`, if its holder's
+    /// session ended.
+    fn takeover_at(&self, s: &Service) -> Option<i64> {
+        let grace = lock(&self.sessions).grace.as_millis() as i64;
+        s.session_ended_ms.map(|ended| ended + grace)
     }
 
     /// Marks the stored data of `service` as unparsable (or parsable again).
@@ -324,9 +382,11 @@ impl Lock for MemoryBackend {
     ) -> Result<Acquire, BackendError> {
         let lost_reply = self.fault(Op::Acquire).await?;
         let r = self.with_service(service, |s, now| {
-            let decision =
-                decide_acquire(service, s.lease.as_ref(), now, [s.granted], holder, ttl)?;
+            let gone = self.takeover_at(s).is_some_and(|at| now >= at);
+            let stored = s.lease.as_ref().filter(|_| !gone);
+            let decision = decide_acquire(service, stored, now, [s.granted], holder, ttl)?;
             if let Acquire::Granted(lease) = &decision {
+                s.session_ended_ms = None;
                 s.granted = lease.fence;
                 s.lease = Some(StoredLease {
                     holder: holder.clone(),
@@ -365,6 +425,7 @@ impl Lock for MemoryBackend {
         let r = self.with_service(&lease.service, |s, now| match &s.lease {
             Some(held) if Self::holds(held, lease, now) => {
                 s.lease = None;
+                s.session_ended_ms = None;
                 Ok(())
             }
             _ => Err(BackendError::lease_lost("release", lease)),
@@ -389,15 +450,20 @@ impl Lock for MemoryBackend {
         tokio::pin!(notified);
         notified.as_mut().enable();
         // A change that happened after `seen` was read: no need to wait.
-        let changed = self.with_service(service, |s, now| {
-            Ok(match &s.lease {
+        let (changed, takeover_in) = self.with_service(service, |s, now| {
+            let changed = match &s.lease {
                 Some(l) => {
                     l.holder != seen.holder || l.fence != seen.fence || l.expires_at_ms <= now
                 }
                 None => true,
-            })
+            };
+            let takeover_in = self
+                .takeover_at(s)
+                .map(|at| Duration::from_millis((at - now).max(0) as u64));
+            Ok((changed, takeover_in))
         })?;
         if !changed {
+            let timeout = takeover_in.map_or(timeout, |t| t.min(timeout));
             let _ = tokio::time::timeout(timeout, notified).await;
         }
         Ok(())
@@ -405,6 +471,37 @@ impl Lock for MemoryBackend {
 
     fn notifies(&self) -> bool {
         true
+    }
+
+    async fn until_lost(&self, lease: &Lease) -> BackendError {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let detection = lock(&self.sessions).detection;
+            let ended = self
+                .with_service(&lease.service, |s, _| {
+                    let ours = s
+                        .lease
+                        .as_ref()
+                        .is_some_and(|l| l.holder == lease.holder && l.fence == lease.fence);
+                    Ok(s.session_ended_ms.filter(|_| ours))
+                })
+                .ok()
+                .flatten();
+            match (ended, detection) {
+                (Some(ended), Some(detection)) => {
+                    let at = ended + detection.as_millis() as i64;
+                    let left = (at - self.now_ms()).max(0) as u64;
+                    tokio::time::sleep(Duration::from_millis(left)).await;
+                    return BackendError::LeaseLost(format!(
+                        "the session of {} (fence {}) ended",
+                        lease.holder, lease.fence
+                    ));
+                }
+                _ => notified.await,
+            }
+        }
     }
 }
 

@@ -12,7 +12,7 @@
 pub mod conformance;
 mod memory;
 
-pub use memory::{Commit, Fault, Faults, Grant, MemoryBackend, Op};
+pub use memory::{Commit, Fault, Faults, Grant, MemoryBackend, Op, SessionModel};
 
 use std::future::Future;
 use std::sync::Arc;
