@@ -60,7 +60,7 @@ mod conn;
 mod options;
 mod sql;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,8 +72,8 @@ use tokio_postgres::types::{FromSql, ToSql, Type};
 use tokio_postgres::Row;
 use tracing::{debug, info};
 use upsilon::backend::{
-    Acquire, AttemptKind, AttemptState, Change, FinishAttempt, HistoryEntry, LastRow, LeaseInfo,
-    Snapshot,
+    fence_from_column, Acquire, AttemptState, Change, FinishAttempt, HistoryColumns, HistoryEntry,
+    LeaseInfo, Snapshot, StateColumns, SummaryColumns,
 };
 use upsilon::backend::{BackendError, Lease, Lock, Store};
 use upsilon::{Holder, TaskContext, TaskKey};
@@ -142,11 +142,6 @@ fn get<'r, T: FromSql<'r>>(row: &'r Row, idx: usize, what: &str) -> Result<T, Ba
         .map_err(|e| BackendError::corrupt(format!("{what} does not read: {e}")))
 }
 
-fn version(text: &str, what: &str) -> Result<semver::Version, BackendError> {
-    semver::Version::parse(text)
-        .map_err(|e| BackendError::corrupt(format!("{what} {text:?} is not a version ({e})")))
-}
-
 fn fence_of(v: i64) -> u64 {
     v.max(0) as u64
 }
@@ -157,44 +152,37 @@ fn timed_out(what: &str, after: Duration) -> BackendError {
     ))
 }
 
-/// The snapshot from the rows of `Sql::snapshot`.
+/// The columns a snapshot needs of one history row, from `first` on.
+fn summary(row: &Row, first: usize) -> Result<SummaryColumns, BackendError> {
+    Ok(SummaryColumns {
+        version: get(row, first, "a history row's version")?,
+        task_id: get(row, first + 1, "a history row's task id")?,
+        attempt: get::<i32>(row, first + 2, "an attempt number")?.into(),
+        kind: get(row, first + 3, "an attempt kind")?,
+        state: get(row, first + 4, "an attempt state")?,
+        fence: get(row, first + 5, "a history row's fence")?,
+    })
+}
+
+/// The snapshot from the rows of `Sql::snapshot`: the state columns on the
+/// first row, then one row per history row (none when its columns are null).
 fn snapshot_of(rows: &[Row]) -> Result<Snapshot, BackendError> {
     let first = rows
         .first()
         .ok_or_else(|| BackendError::corrupt("the snapshot query returned no row"))?;
     format_of(first, 0)?;
-    let data_version: Option<String> = get(first, 1, "the data version")?;
-    let baseline: Option<String> = get(first, 2, "the baseline")?;
-    let store_fence: Option<i64> = get(first, 3, "the store fence")?;
-    let mut snap = Snapshot {
-        data_version: data_version
-            .as_deref()
-            .map(|v| version(v, "the data version"))
-            .transpose()?,
-        baseline: baseline
-            .as_deref()
-            .map(|v| version(v, "the baseline"))
-            .transpose()?,
-        fence: fence_of(store_fence.unwrap_or(0)),
-        tasks: BTreeMap::new(),
+    let state = StateColumns {
+        data_version: get(first, 1, "the data version")?,
+        baseline: get(first, 2, "the baseline")?,
+        store_fence: get::<Option<i64>>(first, 3, "the store fence")?.unwrap_or(0),
     };
+    let mut history = Vec::with_capacity(rows.len());
     for row in rows {
-        let Some(v) = get::<Option<String>>(row, 4, "a history row's version")? else {
-            continue;
-        };
-        let key = TaskKey {
-            version: version(&v, "a history row's version")?,
-            id: get(row, 5, "a history row's task id")?,
-        };
-        let last = LastRow {
-            attempt: get::<i32>(row, 6, "an attempt number")? as u32,
-            kind: AttemptKind::parse(&get::<String>(row, 7, "an attempt kind")?)?,
-            state: AttemptState::parse(&get::<String>(row, 8, "an attempt state")?)?,
-            fence: fence_of(get(row, 9, "a history row's fence")?),
-        };
-        snap.fold_row(key, last);
+        if get::<Option<&str>>(row, 4, "a history row's version")?.is_some() {
+            history.push(summary(row, 4)?);
+        }
     }
-    Ok(snap)
+    Snapshot::from_columns(state, history)
 }
 
 impl PostgresBackend {
@@ -433,8 +421,8 @@ impl PostgresBackend {
             match rows[0].first() {
                 Some(r) => {
                     let h: String = get(r, 0, "the lease holder")?;
-                    let f: i64 = get(r, 1, "the lease fence")?;
-                    Ok(Some((Holder::decode(&h)?, fence_of(f))))
+                    let f = fence_from_column(get(r, 1, "the lease fence")?, "the lease's fence")?;
+                    Ok(Some((Holder::decode(&h)?, f)))
                 }
                 None => Ok(None),
             }
@@ -957,25 +945,16 @@ impl Store for PostgresBackend {
             }
             let mut out = Vec::with_capacity(rows[1].len());
             for r in &rows[1] {
-                let v: String = get(r, 0, "a history row's version")?;
-                let holder: String = get(r, 6, "a history row's holder")?;
-                out.push(HistoryEntry {
-                    key: TaskKey {
-                        version: version(&v, "a history row's version")?,
-                        id: get(r, 1, "a history row's task id")?,
-                    },
+                let columns = HistoryColumns {
+                    summary: summary(r, 0)?,
+                    holder: get(r, 6, "a history row's holder")?,
                     description: get(r, 7, "a history row's description")?,
-                    attempt: get::<i32>(r, 2, "an attempt number")? as u32,
-                    kind: AttemptKind::parse(&get::<String>(r, 3, "an attempt kind")?)?,
-                    state: AttemptState::parse(&get::<String>(r, 4, "an attempt state")?)?,
-                    fence: fence_of(get(r, 5, "a history row's fence")?),
-                    holder: Holder::decode(&holder)?,
-                    started_at_ms: get(r, 8, "a start time")?,
-                    finished_at_ms: get(r, 9, "an end time")?,
-                    duration: get::<Option<i64>>(r, 10, "a duration")?
-                        .map(|d| Duration::from_millis(d.max(0) as u64)),
+                    started_ms: get(r, 8, "a start time")?,
+                    finished_ms: get(r, 9, "an end time")?,
+                    duration_ms: get(r, 10, "a duration")?,
                     error: get(r, 11, "an error text")?,
-                });
+                };
+                out.push(columns.decode()?);
             }
             Ok(out)
         };
