@@ -72,8 +72,9 @@ use tokio_postgres::types::{FromSql, ToSql, Type};
 use tokio_postgres::Row;
 use tracing::{debug, info};
 use upsilon::backend::{
-    fence_from_column, Acquire, AttemptState, Change, FinishAttempt, HistoryColumns, HistoryEntry,
-    LeaseInfo, Snapshot, StateColumns, SummaryColumns,
+    decide_acquire, fence_from_column, fence_to_column, Acquire, AttemptState, Change,
+    FinishAttempt, HistoryColumns, HistoryEntry, LeaseInfo, Snapshot, StateColumns, StoredLease,
+    SummaryColumns,
 };
 use upsilon::backend::{BackendError, Lease, Lock, Store};
 use upsilon::{Holder, TaskContext, TaskKey};
@@ -140,10 +141,6 @@ fn format_of(row: &Row, idx: usize) -> Result<(), BackendError> {
 fn get<'r, T: FromSql<'r>>(row: &'r Row, idx: usize, what: &str) -> Result<T, BackendError> {
     row.try_get(idx)
         .map_err(|e| BackendError::corrupt(format!("{what} does not read: {e}")))
-}
-
-fn fence_of(v: i64) -> u64 {
-    v.max(0) as u64
 }
 
 fn timed_out(what: &str, after: Duration) -> BackendError {
@@ -564,23 +561,37 @@ impl Lock for PostgresBackend {
                 .first()
                 .ok_or_else(|| BackendError::corrupt("the state row vanished under its lock"))?;
             format_of(row, 0)?;
-            let granted: i64 = get(row, 1, "the granted fence")?;
-            let store_fence: i64 = get(row, 2, "the store fence")?;
-            let lease_holder: Option<String> = get(row, 3, "the lease holder")?;
-            let lease_fence: Option<i64> = get(row, 4, "the lease fence")?;
-            let expires: Option<i64> = get(row, 5, "the lease expiry")?;
+            let stored = StoredLease::from_columns(
+                get(row, 3, "the lease holder")?,
+                get(row, 4, "the lease fence")?,
+                get(row, 5, "the lease expiry")?,
+            )?;
             let now: i64 = get(row, 6, "the clock")?;
-            let live: bool = get(row, 7, "the lease expiry")?;
-            let gone: bool = get(row, 8, "the holder's session")?;
-            let history_fence: i64 = get(row, 9, "the history's fence")?;
-            let holder_pid: Option<i32> = get(row, 10, "the holder's session")?;
-            let holder_start: Option<i64> = get(row, 11, "the holder's session")?;
-            if let (Some(h), true) = (&lease_holder, live) {
-                let current = Holder::decode(h)?;
-                if !gone {
+            let gone: bool = get(row, 7, "the holder's session")?;
+            let seen = [
+                fence_from_column(get(row, 1, "the granted fence")?, "the granted fence")?,
+                fence_from_column(get(row, 2, "the store fence")?, "the store's fence")?,
+                fence_from_column(get(row, 8, "the history's fence")?, "the history's fence")?,
+            ];
+            let stored = match stored {
+                Some(s) if gone => {
+                    if s.live(now).is_some() {
+                        info!(%service, holder = %s.holder, "the lease holder's session is gone; taking the lease over");
+                    }
+                    None
+                }
+                other => other,
+            };
+            let decision = decide_acquire(service, stored.as_ref(), now, seen, holder, ttl)?;
+            let lease = match decision {
+                Acquire::Granted(lease) => lease,
+                Acquire::Held(info) => {
                     first_error(pipeline(c, &[Stmt::Simple("COMMIT")]).await)
                         .map_err(conn::driver)?;
-                    let session = match (holder_pid, holder_start) {
+                    let session = match (
+                        get(row, 9, "the holder's session")?,
+                        get(row, 10, "the holder's session")?,
+                    ) {
                         (Some(pid), Some(server_start)) => Some(SessionId { pid, server_start }),
                         _ => None,
                     };
@@ -588,30 +599,18 @@ impl Lock for PostgresBackend {
                         .held_by
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .insert(
-                            service.to_owned(),
-                            (fence_of(lease_fence.unwrap_or(0)), session),
-                        );
-                    return Ok(Acquire::Held(LeaseInfo {
-                        holder: current,
-                        fence: fence_of(lease_fence.unwrap_or(0)),
-                        expires_at_ms: expires.unwrap_or(now),
-                        now_ms: now,
-                    }));
+                        .insert(service.to_owned(), (info.fence, session));
+                    return Ok(Acquire::Held(info));
                 }
-                info!(%service, holder = %current, "the lease holder's session is gone; taking the lease over");
-            }
-            // The fence never decreases, even if the state row was deleted:
-            // it starts above every fence the history has seen.
-            let fence = granted.max(store_fence).max(history_fence) + 1;
+            };
             let write = [
                 Stmt::Typed(
                     &sql.grant,
                     vec![
                         text(service),
-                        int8(fence),
+                        int8(fence_to_column(lease.fence)?),
                         text(holder.encode()),
-                        int8(ttl.as_millis() as i64),
+                        int8(lease.expires_at_ms),
                         opt_int4(session.map(|s| s.pid)),
                         opt_int8(session.map(|s| s.server_start)),
                     ],
@@ -619,18 +618,12 @@ impl Lock for PostgresBackend {
                 Stmt::Simple("COMMIT"),
             ];
             let rows = first_error(pipeline(c, &write).await).map_err(conn::driver)?;
-            let expires_at_ms: i64 = rows[0]
-                .first()
-                .map(|r| get(r, 0, "the lease expiry"))
-                .transpose()?
-                .ok_or_else(|| BackendError::corrupt("the state row vanished under its lock"))?;
-            Ok(Acquire::Granted(Lease {
-                service: service.to_owned(),
-                holder: holder.clone(),
-                fence: fence_of(fence),
-                expires_at_ms,
-                ttl,
-            }))
+            if rows[0].is_empty() {
+                return Err(BackendError::corrupt(
+                    "the state row vanished under its lock",
+                ));
+            }
+            Ok(Acquire::Granted(lease))
         };
         let result = self.timed(op).await;
         self.settle(&mut conn, "acquiring the lease", result).await
@@ -706,12 +699,13 @@ impl Lock for PostgresBackend {
             if get::<bool>(r, 4, "the holder's session")? {
                 return Ok(None);
             }
-            Ok(Some(LeaseInfo {
-                holder: Holder::decode(&get::<String>(r, 0, "the lease holder")?)?,
-                fence: fence_of(get(r, 1, "the lease fence")?),
-                expires_at_ms: get(r, 2, "the lease expiry")?,
-                now_ms: get(r, 3, "the clock")?,
-            }))
+            let stored = StoredLease::from_columns(
+                get(r, 0, "the lease holder")?,
+                get(r, 1, "the lease fence")?,
+                get(r, 2, "the lease expiry")?,
+            )?;
+            let now = get(r, 3, "the clock")?;
+            Ok(stored.and_then(|s| s.live(now)))
         };
         let result = self.timed(op).await;
         self.settle(&mut conn, "reading the lease", result).await
@@ -875,22 +869,15 @@ impl Store for PostgresBackend {
         let op = async {
             let c = conn.client();
             let mut snap = self.locked_snapshot(c, service, None).await?;
-            if fence < snap.fence {
-                return Err(BackendError::StaleFence {
-                    presented: fence,
-                    current: snap.fence,
-                });
-            }
-            let mut write = Vec::new();
-            if fence > snap.fence {
+            let mut write = Vec::with_capacity(2);
+            if snap.claim(fence)? {
                 write.push(Stmt::Typed(
                     &sql.raise_fence,
-                    vec![text(service), int8(fence as i64)],
+                    vec![text(service), int8(fence_to_column(fence)?)],
                 ));
             }
             write.push(Stmt::Simple("COMMIT"));
             first_error(pipeline(c, &write).await).map_err(conn::driver)?;
-            snap.fence = fence;
             Ok(snap)
         };
         let result = self.timed(op).await;
