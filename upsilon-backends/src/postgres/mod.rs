@@ -72,9 +72,9 @@ use tokio_postgres::types::{FromSql, ToSql, Type};
 use tokio_postgres::Row;
 use tracing::{debug, info};
 use upsilon::backend::{
-    decide_acquire, fence_from_column, fence_to_column, Acquire, AttemptState, Change,
-    FinishAttempt, HistoryColumns, HistoryEntry, LeaseInfo, Snapshot, StateColumns, StoredLease,
-    SummaryColumns,
+    decide_acquire, fence_from_column, fence_to_column, ttl_ms, Acquire, AttemptState, Change,
+    Columns, FinishAttempt, HistoryColumns, HistoryEntry, LeaseInfo, Snapshot, StateColumns,
+    StoredLease, SummaryColumns,
 };
 use upsilon::backend::{BackendError, Lease, Lock, Store};
 use upsilon::{Holder, TaskContext, TaskKey};
@@ -476,6 +476,27 @@ impl PostgresBackend {
             error: None,
             duration: Duration::ZERO,
         })];
+        // The completion's own duration is the server's: from the row's start.
+        let Columns::Finish {
+            version,
+            task_id,
+            attempt,
+            state,
+            ..
+        } = Columns::of(fence, &finish[0])?
+        else {
+            return Err(BackendError::other("a finish gave the columns of another change").into());
+        };
+        let finish_now = Stmt::Typed(
+            &sql.finish_now,
+            vec![
+                text(service),
+                text(version),
+                text(task_id),
+                int4(attempt),
+                text(state),
+            ],
+        );
         let mut conn = self.conn().await?;
         let timeout = self.inner.options.op_timeout;
         let tx = tokio::time::timeout(timeout, conn.client_mut().transaction())
@@ -500,15 +521,6 @@ impl PostgresBackend {
 
         // Lock the state row only now, so that renewals are not held up
         // while the work runs; then check again and record the completion.
-        let finish_params = || {
-            vec![
-                text(service),
-                text(key.version.to_string()),
-                text(key.id.clone()),
-                int4(info.attempt as i32),
-                text(AttemptState::Completed.as_str()),
-            ]
-        };
         let context = format!("recording the completion of task {key}");
         let commit = async {
             let c = tx.client();
@@ -520,7 +532,7 @@ impl PostgresBackend {
                 first_error(pipeline(c, &read).await).map_err(|e| conn::driver_in(e, &context))?;
             snap = snapshot_of(&rows[1])?;
             if !snap.check(fence, &finish)?.is_empty() {
-                let write = [Stmt::Typed(&sql.finish_now, finish_params())];
+                let write = [finish_now];
                 first_error(pipeline(c, &write).await).map_err(|e| conn::driver_in(e, &context))?;
             }
             Ok::<(), BackendError>(())
@@ -643,8 +655,8 @@ impl Lock for PostgresBackend {
             vec![
                 text(lease.service.clone()),
                 text(lease.holder.encode()),
-                int8(lease.fence as i64),
-                int8(lease.ttl.as_millis() as i64),
+                int8(fence_to_column(lease.fence)?),
+                int8(ttl_ms(lease.ttl)?),
                 opt_int4(session.map(|s| s.pid)),
                 opt_int8(session.map(|s| s.server_start)),
             ],
@@ -671,7 +683,7 @@ impl Lock for PostgresBackend {
             vec![
                 text(lease.service.clone()),
                 text(lease.holder.encode()),
-                int8(lease.fence as i64),
+                int8(fence_to_column(lease.fence)?),
                 text(sql.channel.clone()),
             ],
         )];
@@ -801,51 +813,53 @@ impl PostgresBackend {
         snapshot_of(&rows[3])
     }
 
-    fn write_stmt<'s>(
-        &'s self,
-        service: &str,
-        fence: u64,
-        change: &Change,
-    ) -> Result<Stmt<'s>, BackendError> {
+    /// The statement that stores `columns` for `service`.
+    fn write_stmt<'s>(&'s self, service: &str, columns: Columns) -> Stmt<'s> {
         let sql = &self.inner.sql;
-        Ok(match change {
-            Change::Start(a) => Stmt::Typed(
+        match columns {
+            Columns::Start {
+                version,
+                task_id,
+                attempt,
+                kind,
+                fence,
+                holder,
+                description,
+            } => Stmt::Typed(
                 &sql.start,
                 vec![
                     text(service),
-                    text(a.key.version.to_string()),
-                    text(a.key.id.clone()),
-                    int4(a.attempt as i32),
-                    text(a.kind.as_str()),
-                    int8(fence as i64),
-                    text(a.holder.encode()),
-                    text(a.description.clone()),
+                    text(version),
+                    text(task_id),
+                    int4(attempt),
+                    text(kind),
+                    int8(fence),
+                    text(holder),
+                    text(description),
                 ],
             ),
-            Change::Finish(f) => Stmt::Typed(
+            Columns::Finish {
+                version,
+                task_id,
+                attempt,
+                state,
+                duration_ms,
+                error,
+            } => Stmt::Typed(
                 &sql.finish,
                 vec![
                     text(service),
-                    text(f.key.version.to_string()),
-                    text(f.key.id.clone()),
-                    int4(f.attempt as i32),
-                    text(f.state.as_str()),
-                    int8(f.duration.as_millis() as i64),
-                    opt_text(f.error.clone()),
+                    text(version),
+                    text(task_id),
+                    int4(attempt),
+                    text(state),
+                    int8(duration_ms),
+                    opt_text(error),
                 ],
             ),
-            Change::DataVersion(v) => {
-                Stmt::Typed(&sql.data_version, vec![text(service), text(v.to_string())])
-            }
-            Change::Baseline(v) => {
-                Stmt::Typed(&sql.baseline, vec![text(service), text(v.to_string())])
-            }
-            other => {
-                return Err(BackendError::other(format!(
-                    "this PostgreSQL backend does not know the change {other:?}"
-                )))
-            }
-        })
+            Columns::DataVersion(v) => Stmt::Typed(&sql.data_version, vec![text(service), text(v)]),
+            Columns::Baseline(v) => Stmt::Typed(&sql.baseline, vec![text(service), text(v)]),
+        }
     }
 }
 
@@ -900,8 +914,9 @@ impl Store for PostgresBackend {
             let mut write = Vec::with_capacity(todo.len() + 2);
             let mut notify = false;
             for change in todo {
-                notify |= matches!(change, Change::DataVersion(_) | Change::Baseline(_));
-                write.push(self.write_stmt(service, fence, change)?);
+                let columns = Columns::of(fence, change)?;
+                notify |= columns.wakes_waiters();
+                write.push(self.write_stmt(service, columns));
             }
             if notify {
                 write.push(Stmt::Typed(
