@@ -562,17 +562,6 @@ impl Wakeups {
     }
 }
 
-/// `base` scaled by a random factor in [0.5, 1.5), so that waiting nodes do
-/// not all ask at once.
-pub(crate) fn jitter(base: Duration) -> Duration {
-    use std::collections::hash_map::RandomState;
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = RandomState::new().build_hasher();
-    h.write_u64(base.as_nanos() as u64);
-    let unit = (h.finish() >> 11) as f64 / (1u64 << 53) as f64;
-    base.mul_f64(0.5 + unit)
-}
-
 /// The listening session: its server process id and the server's start time,
 /// kept in the lease row so that others can tell when it is gone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -641,16 +630,14 @@ pub(crate) async fn open_session(
             _ => None,
         })
         .ok_or_else(|| BackendError::other("the session's id did not come back"))?;
-    let parse = |i: usize| -> Option<i64> { row.get(i)?.parse().ok() };
-    let (Some(pid), Some(server_start)) = (parse(0), parse(1)) else {
+    let pid = row.get(0).and_then(|p| p.parse().ok());
+    let server_start = row.get(1).and_then(|s| s.parse().ok());
+    let (Some(pid), Some(server_start)) = (pid, server_start) else {
         warn!("the session's id did not parse; dead holders are taken over after their TTL");
         return Err(BackendError::other("the session's id did not parse"));
     };
     Ok(Session {
-        id: SessionId {
-            pid: pid as i32,
-            server_start,
-        },
+        id: SessionId { pid, server_start },
         client,
         closed,
     })

@@ -72,9 +72,9 @@ use tokio_postgres::types::{FromSql, ToSql, Type};
 use tokio_postgres::Row;
 use tracing::{debug, info};
 use upsilon::backend::{
-    decide_acquire, fence_from_column, fence_to_column, ttl_ms, Acquire, AttemptState, Change,
-    Columns, FinishAttempt, HistoryColumns, HistoryEntry, LeaseInfo, Snapshot, StateColumns,
-    StoredLease, SummaryColumns,
+    decide_acquire, fence_from_column, fence_to_column, jitter, ttl_ms, Acquire, AttemptState,
+    Change, Columns, FinishAttempt, HistoryColumns, HistoryEntry, LeaseInfo, Snapshot,
+    StateColumns, StoredLease, SummaryColumns,
 };
 use upsilon::backend::{BackendError, Lease, Lock, Store};
 use upsilon::{Holder, TaskContext, TaskKey};
@@ -751,7 +751,7 @@ impl Lock for PostgresBackend {
             // A notification ends the wait; so does the holder's session
             // ending, which no notification reports: check it now and then.
             let slice = match holder {
-                Some(_) => conn::jitter(self.inner.options.holder_check).min(left),
+                Some(_) => jitter(self.inner.options.holder_check).min(left),
                 None => left,
             };
             if self.inner.wakeups.wait_since(service, since, slice).await {
