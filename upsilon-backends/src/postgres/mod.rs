@@ -56,9 +56,14 @@
 //! store whose format is newer than it knows. See `docs/POSTGRES.md` for the
 //! privileges it needs and for PgBouncer.
 
-mod conn;
+mod connection;
+mod error;
+mod listener;
 mod options;
+mod pipeline;
+mod pool;
 mod sql;
+mod tls;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
@@ -79,12 +84,15 @@ use upsilon::backend::{
 use upsilon::backend::{BackendError, Lease, Lock, Store};
 use upsilon::{Holder, TaskContext, TaskKey};
 
-use conn::{
-    first_error, int4, int8, opt_int4, opt_int8, opt_text, pipeline, text, text_array, Conn,
-    Connector, Pool, Session, SessionId, Stmt, Wakeups,
-};
+use error::{driver, driver_in, timed_out};
+use listener::{Session, SessionId, Wakeups};
 pub use options::PostgresOptions;
+use pipeline::{
+    first_error, int4, int8, opt_int4, opt_int8, opt_text, pipeline, text, text_array, Stmt,
+};
+use pool::{Conn, Pool};
 use sql::Sql;
+use tls::Connector;
 
 /// The driver, for the transaction [`PostgresBackend::complete_with`] hands
 /// to a task.
@@ -141,12 +149,6 @@ fn format_of(row: &Row, idx: usize) -> Result<(), BackendError> {
 fn get<'r, T: FromSql<'r>>(row: &'r Row, idx: usize, what: &str) -> Result<T, BackendError> {
     row.try_get(idx)
         .map_err(|e| BackendError::corrupt(format!("{what} does not read: {e}")))
-}
-
-fn timed_out(what: &str, after: Duration) -> BackendError {
-    BackendError::unavailable(format!(
-        "{what} did not finish within {after:?}; the connection was dropped"
-    ))
 }
 
 /// The columns a snapshot needs of one history row, from `first` on.
@@ -283,18 +285,18 @@ impl PostgresBackend {
                     e.code(),
                     Some(&SqlState::UNDEFINED_TABLE) | Some(&SqlState::INVALID_SCHEMA_NAME)
                 ) => {}
-            Err(e) => return Err(conn::driver_in(e, "reading Upsilon's stored format")),
+            Err(e) => return Err(driver_in(e, "reading Upsilon's stored format")),
         }
         let o = &self.inner.options;
         let op = async {
             let c = conn.client();
-            c.batch_execute("BEGIN").await.map_err(conn::driver)?;
+            c.batch_execute("BEGIN").await.map_err(driver)?;
             c.query_typed(
                 "SELECT pg_advisory_xact_lock($1)",
                 &[(&sql::MIGRATION_LOCK, tokio_postgres::types::Type::INT8)],
             )
             .await
-            .map_err(conn::driver)?;
+            .map_err(driver)?;
             let found = c
                 .query_typed(
                     &sql.inspect,
@@ -306,7 +308,7 @@ impl PostgresBackend {
                     ],
                 )
                 .await
-                .map_err(conn::driver)?;
+                .map_err(driver)?;
             let row = &found[0];
             let missing = [
                 !get::<bool>(row, 0, "schema")?,
@@ -317,22 +319,19 @@ impl PostgresBackend {
             let creating = missing.iter().any(|m| *m);
             for stmt in sql.create(missing, FORMAT) {
                 c.batch_execute(&stmt).await.map_err(|e| {
-                    conn::driver_in(
+                    driver_in(
                         e,
                         &format!("creating Upsilon's tables in schema {}", o.schema),
                     )
                 })?;
             }
-            let rows = c
-                .query_typed(&sql.format, &[])
-                .await
-                .map_err(conn::driver)?;
+            let rows = c.query_typed(&sql.format, &[]).await.map_err(driver)?;
             let f: Option<String> = match rows.first() {
                 Some(r) => get(r, 0, "the stored format")?,
                 None => None,
             };
             check_format(f.as_deref().unwrap_or_default())?;
-            c.batch_execute("COMMIT").await.map_err(conn::driver)?;
+            c.batch_execute("COMMIT").await.map_err(driver)?;
             if creating {
                 info!(schema = %o.schema, "created Upsilon's tables");
             }
@@ -366,7 +365,7 @@ impl PostgresBackend {
         if failed_at.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
             return None;
         }
-        let opened = conn::open_session(
+        let opened = Session::open(
             &inner.options,
             &inner.connector,
             &inner.sql.channel,
@@ -414,7 +413,7 @@ impl PostgresBackend {
             vec![text(service), text(sql.channel.clone())],
         )];
         let op = async {
-            let rows = first_error(pipeline(conn.client(), &stmt).await).map_err(conn::driver)?;
+            let rows = first_error(pipeline(conn.client(), &stmt).await).map_err(driver)?;
             match rows[0].first() {
                 Some(r) => {
                     let h: String = get(r, 0, "the lease holder")?;
@@ -502,7 +501,7 @@ impl PostgresBackend {
         let tx = tokio::time::timeout(timeout, conn.client_mut().transaction())
             .await
             .map_err(|_| timed_out("beginning a transaction", timeout))?
-            .map_err(conn::driver)?;
+            .map_err(driver)?;
         // Before the work: is this attempt still ours to finish?
         let rows = tokio::time::timeout(
             timeout,
@@ -513,7 +512,7 @@ impl PostgresBackend {
         )
         .await
         .map_err(|_| timed_out("reading the store", timeout))?
-        .map_err(conn::driver)?;
+        .map_err(driver)?;
         let mut snap = snapshot_of(&rows)?;
         snap.clone().check(fence, &finish)?;
 
@@ -528,12 +527,11 @@ impl PostgresBackend {
                 Stmt::Typed(&sql.lock_row, vec![text(service)]),
                 Stmt::Typed(&sql.snapshot, vec![text(service)]),
             ];
-            let rows =
-                first_error(pipeline(c, &read).await).map_err(|e| conn::driver_in(e, &context))?;
+            let rows = first_error(pipeline(c, &read).await).map_err(|e| driver_in(e, &context))?;
             snap = snapshot_of(&rows[1])?;
             if !snap.check(fence, &finish)?.is_empty() {
                 let write = [finish_now];
-                first_error(pipeline(c, &write).await).map_err(|e| conn::driver_in(e, &context))?;
+                first_error(pipeline(c, &write).await).map_err(|e| driver_in(e, &context))?;
             }
             Ok::<(), BackendError>(())
         };
@@ -543,7 +541,7 @@ impl PostgresBackend {
         tokio::time::timeout(timeout, tx.commit())
             .await
             .map_err(|_| timed_out("committing", timeout))?
-            .map_err(|e| conn::driver_in(e, &context))?;
+            .map_err(|e| driver_in(e, &context))?;
         conn.done();
         Ok(value)
     }
@@ -568,7 +566,7 @@ impl Lock for PostgresBackend {
         ];
         let op = async {
             let c = conn.client();
-            let rows = first_error(pipeline(c, &read).await).map_err(conn::driver)?;
+            let rows = first_error(pipeline(c, &read).await).map_err(driver)?;
             let row = rows[2]
                 .first()
                 .ok_or_else(|| BackendError::corrupt("the state row vanished under its lock"))?;
@@ -598,8 +596,7 @@ impl Lock for PostgresBackend {
             let lease = match decision {
                 Acquire::Granted(lease) => lease,
                 Acquire::Held(info) => {
-                    first_error(pipeline(c, &[Stmt::Simple("COMMIT")]).await)
-                        .map_err(conn::driver)?;
+                    first_error(pipeline(c, &[Stmt::Simple("COMMIT")]).await).map_err(driver)?;
                     let session = match (
                         get(row, 9, "the holder's session")?,
                         get(row, 10, "the holder's session")?,
@@ -629,7 +626,7 @@ impl Lock for PostgresBackend {
                 ),
                 Stmt::Simple("COMMIT"),
             ];
-            let rows = first_error(pipeline(c, &write).await).map_err(conn::driver)?;
+            let rows = first_error(pipeline(c, &write).await).map_err(driver)?;
             if rows[0].is_empty() {
                 return Err(BackendError::corrupt(
                     "the state row vanished under its lock",
@@ -662,7 +659,7 @@ impl Lock for PostgresBackend {
             ],
         )];
         let op = async {
-            let rows = first_error(pipeline(conn.client(), &stmt).await).map_err(conn::driver)?;
+            let rows = first_error(pipeline(conn.client(), &stmt).await).map_err(driver)?;
             match rows[0].first() {
                 Some(r) => Ok(Lease {
                     expires_at_ms: get(r, 0, "the lease expiry")?,
@@ -688,7 +685,7 @@ impl Lock for PostgresBackend {
             ],
         )];
         let op = async {
-            let rows = first_error(pipeline(conn.client(), &stmt).await).map_err(conn::driver)?;
+            let rows = first_error(pipeline(conn.client(), &stmt).await).map_err(driver)?;
             if rows[0].len() == 1 {
                 Ok(())
             } else {
@@ -704,7 +701,7 @@ impl Lock for PostgresBackend {
         let mut conn = self.conn().await?;
         let stmt = [Stmt::Typed(&sql.current, vec![text(service)])];
         let op = async {
-            let rows = first_error(pipeline(conn.client(), &stmt).await).map_err(conn::driver)?;
+            let rows = first_error(pipeline(conn.client(), &stmt).await).map_err(driver)?;
             let Some(r) = rows[0].first() else {
                 return Ok(None);
             };
@@ -809,7 +806,7 @@ impl PostgresBackend {
             Stmt::Typed(&sql.lock_row, vec![text(service)]),
             read_snapshot,
         ];
-        let rows = first_error(pipeline(c, &read).await).map_err(conn::driver)?;
+        let rows = first_error(pipeline(c, &read).await).map_err(driver)?;
         snapshot_of(&rows[3])
     }
 
@@ -870,7 +867,7 @@ impl Store for PostgresBackend {
         let mut conn = self.conn().await?;
         let stmt = [Stmt::Typed(&sql.snapshot, vec![text(service)])];
         let op = async {
-            let rows = first_error(pipeline(conn.client(), &stmt).await).map_err(conn::driver)?;
+            let rows = first_error(pipeline(conn.client(), &stmt).await).map_err(driver)?;
             snapshot_of(&rows[0])
         };
         let result = self.timed(op).await;
@@ -891,7 +888,7 @@ impl Store for PostgresBackend {
                 ));
             }
             write.push(Stmt::Simple("COMMIT"));
-            first_error(pipeline(c, &write).await).map_err(conn::driver)?;
+            first_error(pipeline(c, &write).await).map_err(driver)?;
             Ok(snap)
         };
         let result = self.timed(op).await;
@@ -925,7 +922,7 @@ impl Store for PostgresBackend {
                 ));
             }
             write.push(Stmt::Simple("COMMIT"));
-            first_error(pipeline(c, &write).await).map_err(conn::driver)?;
+            first_error(pipeline(c, &write).await).map_err(driver)?;
             Ok(())
         };
         let result = self.timed(op).await;
@@ -940,7 +937,7 @@ impl Store for PostgresBackend {
             Stmt::Typed(&sql.history_rows, vec![text(service)]),
         ];
         let op = async {
-            let rows = first_error(pipeline(conn.client(), &stmts).await).map_err(conn::driver)?;
+            let rows = first_error(pipeline(conn.client(), &stmts).await).map_err(driver)?;
             match rows[0].first() {
                 Some(r) => format_of(r, 0)?,
                 None => return Err(BackendError::corrupt("the meta table has no `format` row")),
