@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_postgres::{AsyncMessage, Client};
 use tracing::{debug, warn};
 use upsilon::backend::BackendError;
@@ -16,6 +17,7 @@ use super::connection::{open, OnMessage};
 use super::error::{driver, PgError};
 use super::options::PostgresOptions;
 use super::tls::Connector;
+use super::PostgresBackend;
 
 /// Wake-ups for waiting nodes: a counter per service, bumped by each
 /// notification, and by every loss of the listening session (notifications
@@ -173,5 +175,57 @@ impl Session {
             client,
             closed,
         })
+    }
+}
+
+impl PostgresBackend {
+    /// The session's id, opening the session if needed; `None` when sessions
+    /// are off (transaction pooling) or it cannot be opened (then dead holders
+    /// are taken over after their TTL, and waiting nodes poll).
+    pub(super) async fn session_id(&self) -> Option<SessionId> {
+        let inner = &self.inner;
+        if inner.options.transaction_pooling {
+            return None;
+        }
+        if let Some(s) = self.open_session() {
+            return Some(s.id);
+        }
+        let mut failed_at = inner.opening.lock().await;
+        if let Some(s) = self.open_session() {
+            return Some(s.id);
+        }
+        if failed_at.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return None;
+        }
+        let opened = Session::open(
+            &inner.options,
+            &inner.connector,
+            &inner.sql.channel,
+            inner.wakeups.clone(),
+        )
+        .await;
+        match opened {
+            Ok(s) => {
+                let id = s.id;
+                *inner.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(s));
+                *failed_at = None;
+                Some(id)
+            }
+            Err(e) => {
+                debug!(error = %e, "no listening session; polling, and dead holders expire by TTL");
+                *failed_at = Some(Instant::now());
+                None
+            }
+        }
+    }
+
+    /// The listening session, if one is open.
+    pub(super) fn open_session(&self) -> Option<Arc<Session>> {
+        self.inner
+            .session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .filter(|s| s.is_open())
     }
 }

@@ -1,16 +1,19 @@
-//! A small pool of connections for the lease and store operations.
+//! A small pool of connections for the lease and store operations, and how
+//! an operation takes one and gives it back.
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::Client;
 use upsilon::backend::BackendError;
 
 use super::connection::open;
-use super::error::PgError;
+use super::error::{timed_out, PgError};
 use super::options::PostgresOptions;
 use super::tls::Connector;
+use super::PostgresBackend;
 
 /// A small pool: idle clients, at most `size` checked out at once.
 pub(super) struct Pool {
@@ -110,5 +113,50 @@ impl Drop for Conn<'_> {
                     .push(client);
             }
         }
+    }
+}
+
+impl PostgresBackend {
+    /// A pooled connection, within the operation timeout.
+    pub(super) async fn conn(&self) -> Result<Conn<'_>, BackendError> {
+        let timeout = self.inner.options.op_timeout;
+        match tokio::time::timeout(timeout, self.inner.pool.get()).await {
+            Ok(r) => r,
+            Err(_) => Err(timed_out("connecting", timeout)),
+        }
+    }
+
+    /// Ends one operation that ran under the operation timeout: on success
+    /// the connection goes back to the pool; on an error any open transaction
+    /// is rolled back first (or the connection closed if that fails); on a
+    /// timeout the connection is closed.
+    pub(super) async fn settle<T>(
+        &self,
+        conn: &mut Conn<'_>,
+        what: &str,
+        result: Result<Result<T, BackendError>, tokio::time::error::Elapsed>,
+    ) -> Result<T, BackendError> {
+        match result {
+            Err(_) => Err(timed_out(what, self.inner.options.op_timeout)),
+            Ok(Ok(v)) => {
+                conn.done();
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                let rollback = conn.client().batch_execute("ROLLBACK");
+                if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(2), rollback).await {
+                    conn.done();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// `op` under the operation timeout.
+    pub(super) async fn timed<T>(
+        &self,
+        op: impl std::future::Future<Output = Result<T, BackendError>>,
+    ) -> Result<Result<T, BackendError>, tokio::time::error::Elapsed> {
+        tokio::time::timeout(self.inner.options.op_timeout, op).await
     }
 }
