@@ -6,8 +6,8 @@ use upsilon::backend::{AttemptState, BackendError, Change, Columns, FinishAttemp
 use upsilon::{TaskContext, TaskKey};
 
 use super::error::{driver, driver_in, timed_out};
-use super::pipeline::{first_error, int4, pipeline, text, Stmt};
-use super::store::snapshot_of;
+use super::pipeline::{first_error, pipeline, text, Stmt};
+use super::store::{finished_row, snapshot_of};
 use super::PostgresBackend;
 
 impl PostgresBackend {
@@ -71,13 +71,7 @@ impl PostgresBackend {
         };
         let finish_now = Stmt::Typed(
             &sql.finish_now,
-            vec![
-                text(service),
-                text(version),
-                text(task_id),
-                int4(attempt),
-                text(state),
-            ],
+            finished_row(service, version, task_id, attempt, state),
         );
         let mut conn = self.conn().await?;
         let timeout = self.inner.options.op_timeout;

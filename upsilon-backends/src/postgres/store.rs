@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 
 use async_trait::async_trait;
+use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Row};
 use upsilon::backend::{
     fence_to_column, BackendError, Change, Columns, HistoryColumns, HistoryEntry, Snapshot,
@@ -12,7 +13,7 @@ use upsilon::backend::{
 use upsilon::TaskKey;
 
 use super::error::driver;
-use super::pipeline::{first_error, int4, int8, opt_text, pipeline, text, text_array, Stmt};
+use super::pipeline::{first_error, int4, int8, opt_text, pipeline, text, text_array, Param, Stmt};
 use super::{format_of, get, PostgresBackend};
 
 /// The columns a snapshot needs of one history row, from `first` on.
@@ -113,18 +114,11 @@ impl PostgresBackend {
                 state,
                 duration_ms,
                 error,
-            } => Stmt::Typed(
-                &sql.finish,
-                vec![
-                    text(service),
-                    text(version),
-                    text(task_id),
-                    int4(attempt),
-                    text(state),
-                    int8(duration_ms),
-                    opt_text(error),
-                ],
-            ),
+            } => {
+                let mut params = finished_row(service, version, task_id, attempt, state);
+                params.extend([int8(duration_ms), opt_text(error)]);
+                Stmt::Typed(&sql.finish, params)
+            }
             Columns::DataVersion(v) => Stmt::Typed(&sql.data_version, vec![text(service), text(v)]),
             Columns::Baseline(v) => Stmt::Typed(&sql.baseline, vec![text(service), text(v)]),
         }
@@ -231,4 +225,22 @@ impl Store for PostgresBackend {
         let result = self.timed(op).await;
         self.settle(&mut conn, "reading the history", result).await
     }
+}
+
+/// `$1` to `$5` of the statements that end a history row: the row's service,
+/// version, task id and attempt, and its final state.
+pub(super) fn finished_row(
+    service: &str,
+    version: String,
+    task_id: String,
+    attempt: i32,
+    state: &str,
+) -> Vec<(Param, Type)> {
+    vec![
+        text(service),
+        text(version),
+        text(task_id),
+        int4(attempt),
+        text(state),
+    ]
 }
