@@ -6,6 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::Row;
 use tracing::info;
 use upsilon::backend::{
     decide_acquire, fence_from_column, fence_to_column, jitter, ttl_ms, Acquire, BackendError,
@@ -51,6 +52,59 @@ impl PostgresBackend {
     }
 }
 
+/// The state row as `Sql::acquire_read` reads it under its lock.
+struct LeaseRow {
+    /// The stored lease; `None` when there is none or its holder's session
+    /// is gone.
+    lease: Option<StoredLease>,
+    /// The database's clock.
+    now_ms: i64,
+    /// The grant counter, the store's fence and the history's newest fence.
+    fences: [u64; 3],
+    /// The holder's listening session, if its lease row names one.
+    session: Option<SessionId>,
+}
+
+impl LeaseRow {
+    fn decode(row: &Row, service: &str) -> Result<LeaseRow, BackendError> {
+        format_of(row, 0)?;
+        let lease = StoredLease::from_columns(
+            get(row, 3, "the lease holder")?,
+            get(row, 4, "the lease fence")?,
+            get(row, 5, "the lease expiry")?,
+        )?;
+        let now_ms = get(row, 6, "the clock")?;
+        let gone: bool = get(row, 7, "the holder's session")?;
+        let fences = [
+            fence_from_column(get(row, 1, "the granted fence")?, "the granted fence")?,
+            fence_from_column(get(row, 2, "the store fence")?, "the store's fence")?,
+            fence_from_column(get(row, 8, "the history's fence")?, "the history's fence")?,
+        ];
+        let session = match (
+            get(row, 9, "the holder's session")?,
+            get(row, 10, "the holder's session")?,
+        ) {
+            (Some(pid), Some(server_start)) => Some(SessionId { pid, server_start }),
+            _ => None,
+        };
+        let lease = match lease {
+            Some(l) if gone => {
+                if l.live(now_ms).is_some() {
+                    info!(%service, holder = %l.holder, "the lease holder's session is gone; taking the lease over");
+                }
+                None
+            }
+            other => other,
+        };
+        Ok(LeaseRow {
+            lease,
+            now_ms,
+            fences,
+            session,
+        })
+    }
+}
+
 #[async_trait]
 impl Lock for PostgresBackend {
     async fn try_acquire(
@@ -74,45 +128,24 @@ impl Lock for PostgresBackend {
             let row = rows[2]
                 .first()
                 .ok_or_else(|| BackendError::corrupt("the state row vanished under its lock"))?;
-            format_of(row, 0)?;
-            let stored = StoredLease::from_columns(
-                get(row, 3, "the lease holder")?,
-                get(row, 4, "the lease fence")?,
-                get(row, 5, "the lease expiry")?,
+            let found = LeaseRow::decode(row, service)?;
+            let decision = decide_acquire(
+                service,
+                found.lease.as_ref(),
+                found.now_ms,
+                found.fences,
+                holder,
+                ttl,
             )?;
-            let now: i64 = get(row, 6, "the clock")?;
-            let gone: bool = get(row, 7, "the holder's session")?;
-            let seen = [
-                fence_from_column(get(row, 1, "the granted fence")?, "the granted fence")?,
-                fence_from_column(get(row, 2, "the store fence")?, "the store's fence")?,
-                fence_from_column(get(row, 8, "the history's fence")?, "the history's fence")?,
-            ];
-            let stored = match stored {
-                Some(s) if gone => {
-                    if s.live(now).is_some() {
-                        info!(%service, holder = %s.holder, "the lease holder's session is gone; taking the lease over");
-                    }
-                    None
-                }
-                other => other,
-            };
-            let decision = decide_acquire(service, stored.as_ref(), now, seen, holder, ttl)?;
             let lease = match decision {
                 Acquire::Granted(lease) => lease,
                 Acquire::Held(info) => {
                     first_error(pipeline(c, &[Stmt::Simple("COMMIT")]).await).map_err(driver)?;
-                    let session = match (
-                        get(row, 9, "the holder's session")?,
-                        get(row, 10, "the holder's session")?,
-                    ) {
-                        (Some(pid), Some(server_start)) => Some(SessionId { pid, server_start }),
-                        _ => None,
-                    };
                     self.inner
                         .held_by
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .insert(service.to_owned(), (info.fence, session));
+                        .insert(service.to_owned(), (info.fence, found.session));
                     return Ok(Acquire::Held(info));
                 }
             };
