@@ -67,6 +67,8 @@ mod pipeline;
 mod pool;
 mod sql;
 mod store;
+#[cfg(test)]
+mod tests;
 mod tls;
 
 use std::collections::HashMap;
