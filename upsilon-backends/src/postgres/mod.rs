@@ -26,13 +26,14 @@
 //!   deleting the row resets it.
 //! - Every store write is one transaction that locks the service's state row
 //!   (`SELECT ... FOR UPDATE`), reads the state and the per-task summaries,
-//!   checks the write with [`Snapshot::check`] and writes: two round trips,
+//!   checks the write with
+//!   [`Snapshot::check`](upsilon::backend::Snapshot::check) and writes: two round trips,
 //!   the statements of each sent together (pipelined).
-//! - [`Store::load`], the start-up read of an up-to-date node, is one
+//! - [`Store::load`](upsilon::backend::Store::load), the start-up read of an up-to-date node, is one
 //!   statement: one round trip.
 //! - Waiting nodes `LISTEN`; a release and every data version change
 //!   `NOTIFY` in the same transaction, so a waiting node sleeps until a
-//!   notification or the lease's expiry ([`Lock::notifies`]). Without
+//!   notification or the lease's expiry ([`Lock::notifies`](upsilon::backend::Lock::notifies)). Without
 //!   notifications (transaction pooling, or a lost session) they poll.
 //! - A holder also keeps a session of its own (the listening connection) and
 //!   records its server process id in the lease row. A node that finds the
@@ -56,34 +57,37 @@
 //! store whose format is newer than it knows. See `docs/POSTGRES.md` for the
 //! privileges it needs and for PgBouncer.
 
-mod conn;
+mod complete;
+mod connection;
+mod error;
+mod listener;
+mod lock;
 mod options;
+mod pipeline;
+mod pool;
 mod sql;
+mod store;
+#[cfg(test)]
+mod tests;
+mod tls;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
 
-use async_trait::async_trait;
 use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::{FromSql, ToSql, Type};
+use tokio_postgres::types::FromSql;
 use tokio_postgres::Row;
-use tracing::{debug, info};
-use upsilon::backend::{
-    Acquire, AttemptKind, AttemptState, Change, FinishAttempt, HistoryEntry, LastRow, LeaseInfo,
-    Snapshot,
-};
-use upsilon::backend::{BackendError, Lease, Lock, Store};
-use upsilon::{Holder, TaskContext, TaskKey};
+use tracing::info;
+use upsilon::backend::BackendError;
 
-use conn::{
-    first_error, int4, int8, opt_int4, opt_int8, opt_text, pipeline, text, text_array, Conn,
-    Connector, Pool, Session, SessionId, Stmt, Wakeups,
-};
+use error::{driver, driver_in, timed_out};
+use listener::{Session, SessionId, Wakeups};
 pub use options::PostgresOptions;
+use pool::Pool;
 use sql::Sql;
+use tls::Connector;
 
 /// The driver, for the transaction [`PostgresBackend::complete_with`] hands
 /// to a task.
@@ -142,61 +146,6 @@ fn get<'r, T: FromSql<'r>>(row: &'r Row, idx: usize, what: &str) -> Result<T, Ba
         .map_err(|e| BackendError::corrupt(format!("{what} does not read: {e}")))
 }
 
-fn version(text: &str, what: &str) -> Result<semver::Version, BackendError> {
-    semver::Version::parse(text)
-        .map_err(|e| BackendError::corrupt(format!("{what} {text:?} is not a version ({e})")))
-}
-
-fn fence_of(v: i64) -> u64 {
-    v.max(0) as u64
-}
-
-fn timed_out(what: &str, after: Duration) -> BackendError {
-    BackendError::unavailable(format!(
-        "{what} did not finish within {after:?}; the connection was dropped"
-    ))
-}
-
-/// The snapshot from the rows of `Sql::snapshot`.
-fn snapshot_of(rows: &[Row]) -> Result<Snapshot, BackendError> {
-    let first = rows
-        .first()
-        .ok_or_else(|| BackendError::corrupt("the snapshot query returned no row"))?;
-    format_of(first, 0)?;
-    let data_version: Option<String> = get(first, 1, "the data version")?;
-    let baseline: Option<String> = get(first, 2, "the baseline")?;
-    let store_fence: Option<i64> = get(first, 3, "the store fence")?;
-    let mut snap = Snapshot {
-        data_version: data_version
-            .as_deref()
-            .map(|v| version(v, "the data version"))
-            .transpose()?,
-        baseline: baseline
-            .as_deref()
-            .map(|v| version(v, "the baseline"))
-            .transpose()?,
-        fence: fence_of(store_fence.unwrap_or(0)),
-        tasks: BTreeMap::new(),
-    };
-    for row in rows {
-        let Some(v) = get::<Option<String>>(row, 4, "a history row's version")? else {
-            continue;
-        };
-        let key = TaskKey {
-            version: version(&v, "a history row's version")?,
-            id: get(row, 5, "a history row's task id")?,
-        };
-        let last = LastRow {
-            attempt: get::<i32>(row, 6, "an attempt number")? as u32,
-            kind: AttemptKind::parse(&get::<String>(row, 7, "an attempt kind")?)?,
-            state: AttemptState::parse(&get::<String>(row, 8, "an attempt state")?)?,
-            fence: fence_of(get(row, 9, "a history row's fence")?),
-        };
-        snap.fold_row(key, last);
-    }
-    Ok(snap)
-}
-
 impl PostgresBackend {
     /// Connects from a `postgres://` or `postgresql://` URL; see
     /// [`PostgresOptions::from_url`].
@@ -238,47 +187,6 @@ impl PostgresBackend {
         &self.inner.sql.channel
     }
 
-    async fn conn(&self) -> Result<Conn<'_>, BackendError> {
-        let timeout = self.inner.options.op_timeout;
-        match tokio::time::timeout(timeout, self.inner.pool.get()).await {
-            Ok(r) => r,
-            Err(_) => Err(timed_out("connecting", timeout)),
-        }
-    }
-
-    /// Ends one operation that ran under the operation timeout: on success
-    /// the connection goes back to the pool; on an error any open transaction
-    /// is rolled back first (or the connection closed if that fails); on a
-    /// timeout the connection is closed.
-    async fn settle<T>(
-        &self,
-        conn: &mut Conn<'_>,
-        what: &str,
-        result: Result<Result<T, BackendError>, tokio::time::error::Elapsed>,
-    ) -> Result<T, BackendError> {
-        match result {
-            Err(_) => Err(timed_out(what, self.inner.options.op_timeout)),
-            Ok(Ok(v)) => {
-                conn.done();
-                Ok(v)
-            }
-            Ok(Err(e)) => {
-                let rollback = conn.client().batch_execute("ROLLBACK");
-                if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(2), rollback).await {
-                    conn.done();
-                }
-                Err(e)
-            }
-        }
-    }
-
-    async fn timed<T>(
-        &self,
-        op: impl std::future::Future<Output = Result<T, BackendError>>,
-    ) -> Result<Result<T, BackendError>, tokio::time::error::Elapsed> {
-        tokio::time::timeout(self.inner.options.op_timeout, op).await
-    }
-
     /// Creates what is missing, under a transaction-level advisory lock so
     /// that nodes starting together do not race; refuses unknown formats.
     async fn prepare_tables(&self) -> Result<(), BackendError> {
@@ -298,18 +206,18 @@ impl PostgresBackend {
                     e.code(),
                     Some(&SqlState::UNDEFINED_TABLE) | Some(&SqlState::INVALID_SCHEMA_NAME)
                 ) => {}
-            Err(e) => return Err(conn::driver_in(e, "reading Upsilon's stored format")),
+            Err(e) => return Err(driver_in(e, "reading Upsilon's stored format")),
         }
         let o = &self.inner.options;
         let op = async {
             let c = conn.client();
-            c.batch_execute("BEGIN").await.map_err(conn::driver)?;
+            c.batch_execute("BEGIN").await.map_err(driver)?;
             c.query_typed(
                 "SELECT pg_advisory_xact_lock($1)",
                 &[(&sql::MIGRATION_LOCK, tokio_postgres::types::Type::INT8)],
             )
             .await
-            .map_err(conn::driver)?;
+            .map_err(driver)?;
             let found = c
                 .query_typed(
                     &sql.inspect,
@@ -321,7 +229,7 @@ impl PostgresBackend {
                     ],
                 )
                 .await
-                .map_err(conn::driver)?;
+                .map_err(driver)?;
             let row = &found[0];
             let missing = [
                 !get::<bool>(row, 0, "schema")?,
@@ -332,22 +240,19 @@ impl PostgresBackend {
             let creating = missing.iter().any(|m| *m);
             for stmt in sql.create(missing, FORMAT) {
                 c.batch_execute(&stmt).await.map_err(|e| {
-                    conn::driver_in(
+                    driver_in(
                         e,
                         &format!("creating Upsilon's tables in schema {}", o.schema),
                     )
                 })?;
             }
-            let rows = c
-                .query_typed(&sql.format, &[])
-                .await
-                .map_err(conn::driver)?;
+            let rows = c.query_typed(&sql.format, &[]).await.map_err(driver)?;
             let f: Option<String> = match rows.first() {
                 Some(r) => get(r, 0, "the stored format")?,
                 None => None,
             };
             check_format(f.as_deref().unwrap_or_default())?;
-            c.batch_execute("COMMIT").await.map_err(conn::driver)?;
+            c.batch_execute("COMMIT").await.map_err(driver)?;
             if creating {
                 info!(schema = %o.schema, "created Upsilon's tables");
             }
@@ -361,625 +266,5 @@ impl PostgresBackend {
             conn.done();
         }
         result
-    }
-
-    /// The session's id, opening the session if needed; `None` when sessions
-    /// are off (transaction pooling) or it cannot be opened (then dead holders
-    /// are taken over after their TTL, and waiting nodes poll).
-    async fn session_id(&self) -> Option<SessionId> {
-        let inner = &self.inner;
-        if inner.options.transaction_pooling {
-            return None;
-        }
-        if let Some(s) = self.open_session() {
-            return Some(s.id);
-        }
-        let mut failed_at = inner.opening.lock().await;
-        if let Some(s) = self.open_session() {
-            return Some(s.id);
-        }
-        if failed_at.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
-            return None;
-        }
-        let opened = conn::open_session(
-            &inner.options,
-            &inner.connector,
-            &inner.sql.channel,
-            inner.wakeups.clone(),
-        )
-        .await;
-        match opened {
-            Ok(s) => {
-                let id = s.id;
-                *inner.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(s));
-                *failed_at = None;
-                Some(id)
-            }
-            Err(e) => {
-                debug!(error = %e, "no listening session; polling, and dead holders expire by TTL");
-                *failed_at = Some(Instant::now());
-                None
-            }
-        }
-    }
-
-    /// The listening session, if one is open.
-    fn open_session(&self) -> Option<Arc<Session>> {
-        self.inner
-            .session
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .filter(|s| s.is_open())
-    }
-
-    /// Clears the lease of `service`, whoever holds it: an operator's tool for
-    /// a holder known to be dead. The fence stays: the next grant gets a
-    /// higher one. The old holder can no longer renew or release, and its
-    /// store writes are refused once the next holder has claimed the store.
-    /// Returns the holder and fence that were cleared, if any.
-    pub async fn force_release(
-        &self,
-        service: &str,
-    ) -> Result<Option<(Holder, u64)>, BackendError> {
-        let mut conn = self.conn().await?;
-        let sql = &self.inner.sql;
-        let stmt = [Stmt::Typed(
-            &sql.force_release,
-            vec![text(service), text(sql.channel.clone())],
-        )];
-        let op = async {
-            let rows = first_error(pipeline(conn.client(), &stmt).await).map_err(conn::driver)?;
-            match rows[0].first() {
-                Some(r) => {
-                    let h: String = get(r, 0, "the lease holder")?;
-                    let f: i64 = get(r, 1, "the lease fence")?;
-                    Ok(Some((Holder::decode(&h)?, fence_of(f))))
-                }
-                None => Ok(None),
-            }
-        };
-        let result = self.timed(op).await;
-        self.settle(&mut conn, "force-releasing the lease", result)
-            .await
-    }
-
-    /// Runs `work` in one transaction with the completion record of the task
-    /// that `ctx` belongs to, so that the task's own writes commit exactly
-    /// once: either both commit, or neither (the task then runs again).
-    ///
-    /// The transaction checks that `ctx`'s fence is still the store's newest
-    /// before `work` runs and again, under the state row's lock, before it
-    /// commits; a node that lost its lease commits nothing. `work` gets the
-    /// open transaction; do every write that must happen once through it.
-    ///
-    /// The runner's own completion record that follows is then found already
-    /// written and skipped. Return `Ok` from the task right after this call:
-    /// the task is recorded completed once this returns `Ok`.
-    ///
-    /// ```no_run
-    /// use upsilon_backends::postgres::PostgresBackend;
-    ///
-    /// #[upsilon::task(version = "1.1", order = 1)]
-    /// async fn add_currency(ctx: &mut upsilon::TaskContext) -> Result<(), upsilon::BoxError> {
-    ///     let pg = ctx.resource::<PostgresBackend>()?;
-    ///     pg.complete_with(ctx, async |tx| {
-    ///         tx.batch_execute("ALTER TABLE accounts ADD COLUMN currency text").await?;
-    ///         tx.execute("UPDATE accounts SET currency = 'EUR'", &[]).await?;
-    ///         Ok::<_, upsilon::BoxError>(())
-    ///     })
-    ///     .await
-    /// }
-    /// ```
-    pub async fn complete_with<T, E, F>(&self, ctx: &TaskContext, work: F) -> Result<T, E>
-    where
-        F: AsyncFnOnce(&tokio_postgres::Transaction<'_>) -> Result<T, E>,
-        E: From<BackendError>,
-    {
-        let sql = &self.inner.sql;
-        let service = ctx.service();
-        let fence = ctx.fence();
-        let info = ctx.task();
-        let key = TaskKey {
-            version: info.version.clone(),
-            id: info.id.clone(),
-        };
-        let finish = [Change::Finish(FinishAttempt {
-            key: key.clone(),
-            attempt: info.attempt,
-            state: AttemptState::Completed,
-            error: None,
-            duration: Duration::ZERO,
-        })];
-        let mut conn = self.conn().await?;
-        let timeout = self.inner.options.op_timeout;
-        let tx = tokio::time::timeout(timeout, conn.client_mut().transaction())
-            .await
-            .map_err(|_| timed_out("beginning a transaction", timeout))?
-            .map_err(conn::driver)?;
-        // Before the work: is this attempt still ours to finish?
-        let rows = tokio::time::timeout(
-            timeout,
-            tx.query_typed(
-                &sql.snapshot,
-                &[(&service, tokio_postgres::types::Type::TEXT)],
-            ),
-        )
-        .await
-        .map_err(|_| timed_out("reading the store", timeout))?
-        .map_err(conn::driver)?;
-        let mut snap = snapshot_of(&rows)?;
-        snap.clone().check(fence, &finish)?;
-
-        let value = work(&tx).await?;
-
-        // Lock the state row only now, so that renewals are not held up
-        // while the work runs; then check again and record the completion.
-        let finish_params = || {
-            vec![
-                text(service),
-                text(key.version.to_string()),
-                text(key.id.clone()),
-                int4(info.attempt as i32),
-                text(AttemptState::Completed.as_str()),
-            ]
-        };
-        let context = format!("recording the completion of task {key}");
-        let commit = async {
-            let c = tx.client();
-            let read = [
-                Stmt::Typed(&sql.lock_row, vec![text(service)]),
-                Stmt::Typed(&sql.snapshot, vec![text(service)]),
-            ];
-            let rows =
-                first_error(pipeline(c, &read).await).map_err(|e| conn::driver_in(e, &context))?;
-            snap = snapshot_of(&rows[1])?;
-            if !snap.check(fence, &finish)?.is_empty() {
-                let write = [Stmt::Typed(&sql.finish_now, finish_params())];
-                first_error(pipeline(c, &write).await).map_err(|e| conn::driver_in(e, &context))?;
-            }
-            Ok::<(), BackendError>(())
-        };
-        tokio::time::timeout(timeout, commit)
-            .await
-            .map_err(|_| timed_out("recording the completion", timeout))??;
-        tokio::time::timeout(timeout, tx.commit())
-            .await
-            .map_err(|_| timed_out("committing", timeout))?
-            .map_err(|e| conn::driver_in(e, &context))?;
-        conn.done();
-        Ok(value)
-    }
-}
-
-#[async_trait]
-impl Lock for PostgresBackend {
-    async fn try_acquire(
-        &self,
-        service: &str,
-        holder: &Holder,
-        ttl: Duration,
-    ) -> Result<Acquire, BackendError> {
-        self.inner.wakeups.mark_seen(service);
-        let session = self.session_id().await;
-        let sql = &self.inner.sql;
-        let mut conn = self.conn().await?;
-        let read = [
-            Stmt::Simple("BEGIN"),
-            Stmt::Typed(&sql.ensure_row, vec![text(service)]),
-            Stmt::Typed(&sql.acquire_read, vec![text(service)]),
-        ];
-        let op = async {
-            let c = conn.client();
-            let rows = first_error(pipeline(c, &read).await).map_err(conn::driver)?;
-            let row = rows[2]
-                .first()
-                .ok_or_else(|| BackendError::corrupt("the state row vanished under its lock"))?;
-            format_of(row, 0)?;
-            let granted: i64 = get(row, 1, "the granted fence")?;
-            let store_fence: i64 = get(row, 2, "the store fence")?;
-            let lease_holder: Option<String> = get(row, 3, "the lease holder")?;
-            let lease_fence: Option<i64> = get(row, 4, "the lease fence")?;
-            let expires: Option<i64> = get(row, 5, "the lease expiry")?;
-            let now: i64 = get(row, 6, "the clock")?;
-            let live: bool = get(row, 7, "the lease expiry")?;
-            let gone: bool = get(row, 8, "the holder's session")?;
-            let history_fence: i64 = get(row, 9, "the history's fence")?;
-            let holder_pid: Option<i32> = get(row, 10, "the holder's session")?;
-            let holder_start: Option<i64> = get(row, 11, "the holder's session")?;
-            if let (Some(h), true) = (&lease_holder, live) {
-                let current = Holder::decode(h)?;
-                if !gone {
-                    first_error(pipeline(c, &[Stmt::Simple("COMMIT")]).await)
-                        .map_err(conn::driver)?;
-                    let session = match (holder_pid, holder_start) {
-                        (Some(pid), Some(server_start)) => Some(SessionId { pid, server_start }),
-                        _ => None,
-                    };
-                    self.inner
-                        .held_by
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(
-                            service.to_owned(),
-                            (fence_of(lease_fence.unwrap_or(0)), session),
-                        );
-                    return Ok(Acquire::Held(LeaseInfo {
-                        holder: current,
-                        fence: fence_of(lease_fence.unwrap_or(0)),
-                        expires_at_ms: expires.unwrap_or(now),
-                        now_ms: now,
-                    }));
-                }
-                info!(%service, holder = %current, "the lease holder's session is gone; taking the lease over");
-            }
-            // The fence never decreases, even if the state row was deleted:
-            // it starts above every fence the history has seen.
-            let fence = granted.max(store_fence).max(history_fence) + 1;
-            let write = [
-                Stmt::Typed(
-                    &sql.grant,
-                    vec![
-                        text(service),
-                        int8(fence),
-                        text(holder.encode()),
-                        int8(ttl.as_millis() as i64),
-                        opt_int4(session.map(|s| s.pid)),
-                        opt_int8(session.map(|s| s.server_start)),
-                    ],
-                ),
-                Stmt::Simple("COMMIT"),
-            ];
-            let rows = first_error(pipeline(c, &write).await).map_err(conn::driver)?;
-            let expires_at_ms: i64 = rows[0]
-                .first()
-                .map(|r| get(r, 0, "the lease expiry"))
-                .transpose()?
-                .ok_or_else(|| BackendError::corrupt("the state row vanished under its lock"))?;
-            Ok(Acquire::Granted(Lease {
-                service: service.to_owned(),
-                holder: holder.clone(),
-                fence: fence_of(fence),
-                expires_at_ms,
-                ttl,
-            }))
-        };
-        let result = self.timed(op).await;
-        self.settle(&mut conn, "acquiring the lease", result).await
-    }
-
-    async fn renew(&self, lease: &Lease) -> Result<Lease, BackendError> {
-        // A renewal must not wait long for a session: without one the lease
-        // row names none, and a dead holder is then taken over by its TTL.
-        let session = tokio::time::timeout(Duration::from_millis(500), self.session_id())
-            .await
-            .ok()
-            .flatten();
-        let sql = &self.inner.sql;
-        let mut conn = self.conn().await?;
-        let stmt = [Stmt::Typed(
-            &sql.renew,
-            vec![
-                text(lease.service.clone()),
-                text(lease.holder.encode()),
-                int8(lease.fence as i64),
-                int8(lease.ttl.as_millis() as i64),
-                opt_int4(session.map(|s| s.pid)),
-                opt_int8(session.map(|s| s.server_start)),
-            ],
-        )];
-        let op = async {
-            let rows = first_error(pipeline(conn.client(), &stmt).await).map_err(conn::driver)?;
-            match rows[0].first() {
-                Some(r) => Ok(Lease {
-                    expires_at_ms: get(r, 0, "the lease expiry")?,
-                    ..lease.clone()
-                }),
-                None => Err(BackendError::lease_lost("renew", lease)),
-            }
-        };
-        let result = self.timed(op).await;
-        self.settle(&mut conn, "renewing the lease", result).await
-    }
-
-    async fn release(&self, lease: &Lease) -> Result<(), BackendError> {
-        let sql = &self.inner.sql;
-        let mut conn = self.conn().await?;
-        let stmt = [Stmt::Typed(
-            &sql.release,
-            vec![
-                text(lease.service.clone()),
-                text(lease.holder.encode()),
-                int8(lease.fence as i64),
-                text(sql.channel.clone()),
-            ],
-        )];
-        let op = async {
-            let rows = first_error(pipeline(conn.client(), &stmt).await).map_err(conn::driver)?;
-            if rows[0].len() == 1 {
-                Ok(())
-            } else {
-                Err(BackendError::lease_lost("release", lease))
-            }
-        };
-        let result = self.timed(op).await;
-        self.settle(&mut conn, "releasing the lease", result).await
-    }
-
-    async fn current(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
-        let sql = &self.inner.sql;
-        let mut conn = self.conn().await?;
-        let stmt = [Stmt::Typed(&sql.current, vec![text(service)])];
-        let op = async {
-            let rows = first_error(pipeline(conn.client(), &stmt).await).map_err(conn::driver)?;
-            let Some(r) = rows[0].first() else {
-                return Ok(None);
-            };
-            if get::<bool>(r, 4, "the holder's session")? {
-                return Ok(None);
-            }
-            Ok(Some(LeaseInfo {
-                holder: Holder::decode(&get::<String>(r, 0, "the lease holder")?)?,
-                fence: fence_of(get(r, 1, "the lease fence")?),
-                expires_at_ms: get(r, 2, "the lease expiry")?,
-                now_ms: get(r, 3, "the clock")?,
-            }))
-        };
-        let result = self.timed(op).await;
-        self.settle(&mut conn, "reading the lease", result).await
-    }
-
-    async fn wait(
-        &self,
-        service: &str,
-        seen: &LeaseInfo,
-        timeout: Duration,
-    ) -> Result<(), BackendError> {
-        let Some(session) = self
-            .open_session()
-            .filter(|_| !self.inner.options.transaction_pooling)
-        else {
-            tokio::time::sleep(timeout).await;
-            return Ok(());
-        };
-        let since = self.inner.wakeups.take_seen(service);
-        let holder = self
-            .inner
-            .held_by
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(service)
-            .filter(|(fence, _)| *fence == seen.fence)
-            .and_then(|(_, s)| *s);
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            // A notification ends the wait; so does the holder's session
-            // ending, which no notification reports: check it now and then.
-            let slice = match holder {
-                Some(_) => conn::jitter(self.inner.options.holder_check).min(left),
-                None => left,
-            };
-            if self.inner.wakeups.wait_since(service, since, slice).await {
-                return Ok(());
-            }
-            let Some(h) = holder.filter(|_| Instant::now() < deadline) else {
-                return Ok(());
-            };
-            let params: [(&(dyn ToSql + Sync), Type); 2] =
-                [(&h.pid, Type::INT4), (&h.server_start, Type::INT8)];
-            let check = session
-                .client
-                .query_typed(&self.inner.sql.session_gone, &params);
-            match tokio::time::timeout(Duration::from_secs(2), check).await {
-                Ok(Ok(rows)) if rows.first().is_some_and(|r| !r.get::<_, bool>(0)) => {}
-                // Gone, or the check failed: let the runner ask for the lease.
-                _ => return Ok(()),
-            }
-        }
-    }
-
-    fn notifies(&self) -> bool {
-        !self.inner.options.transaction_pooling && self.open_session().is_some()
-    }
-}
-
-impl PostgresBackend {
-    /// Opens a transaction, locks the state row of `service` (creating it if
-    /// missing) and reads the snapshot: one round trip.
-    /// Begins a transaction, locks the service's state row and reads the
-    /// snapshot, with the summaries of the tasks in `only` (every task for
-    /// `None`): a write reads only what it touches, so that its cost does not
-    /// grow with the history.
-    async fn locked_snapshot(
-        &self,
-        c: &tokio_postgres::Client,
-        service: &str,
-        only: Option<&BTreeSet<&TaskKey>>,
-    ) -> Result<Snapshot, BackendError> {
-        let sql = &self.inner.sql;
-        let read_snapshot = match only {
-            None => Stmt::Typed(&sql.snapshot, vec![text(service)]),
-            Some(keys) => Stmt::Typed(
-                &sql.snapshot_of_tasks,
-                vec![
-                    text(service),
-                    text_array(keys.iter().map(|k| k.version.to_string()).collect()),
-                    text_array(keys.iter().map(|k| k.id.clone()).collect()),
-                ],
-            ),
-        };
-        let read = [
-            Stmt::Simple("BEGIN"),
-            Stmt::Typed(&sql.ensure_row, vec![text(service)]),
-            Stmt::Typed(&sql.lock_row, vec![text(service)]),
-            read_snapshot,
-        ];
-        let rows = first_error(pipeline(c, &read).await).map_err(conn::driver)?;
-        snapshot_of(&rows[3])
-    }
-
-    fn write_stmt<'s>(
-        &'s self,
-        service: &str,
-        fence: u64,
-        change: &Change,
-    ) -> Result<Stmt<'s>, BackendError> {
-        let sql = &self.inner.sql;
-        Ok(match change {
-            Change::Start(a) => Stmt::Typed(
-                &sql.start,
-                vec![
-                    text(service),
-                    text(a.key.version.to_string()),
-                    text(a.key.id.clone()),
-                    int4(a.attempt as i32),
-                    text(a.kind.as_str()),
-                    int8(fence as i64),
-                    text(a.holder.encode()),
-                    text(a.description.clone()),
-                ],
-            ),
-            Change::Finish(f) => Stmt::Typed(
-                &sql.finish,
-                vec![
-                    text(service),
-                    text(f.key.version.to_string()),
-                    text(f.key.id.clone()),
-                    int4(f.attempt as i32),
-                    text(f.state.as_str()),
-                    int8(f.duration.as_millis() as i64),
-                    opt_text(f.error.clone()),
-                ],
-            ),
-            Change::DataVersion(v) => {
-                Stmt::Typed(&sql.data_version, vec![text(service), text(v.to_string())])
-            }
-            Change::Baseline(v) => {
-                Stmt::Typed(&sql.baseline, vec![text(service), text(v.to_string())])
-            }
-            other => {
-                return Err(BackendError::other(format!(
-                    "this PostgreSQL backend does not know the change {other:?}"
-                )))
-            }
-        })
-    }
-}
-
-#[async_trait]
-impl Store for PostgresBackend {
-    async fn load(&self, service: &str) -> Result<Snapshot, BackendError> {
-        let sql = &self.inner.sql;
-        let mut conn = self.conn().await?;
-        let stmt = [Stmt::Typed(&sql.snapshot, vec![text(service)])];
-        let op = async {
-            let rows = first_error(pipeline(conn.client(), &stmt).await).map_err(conn::driver)?;
-            snapshot_of(&rows[0])
-        };
-        let result = self.timed(op).await;
-        self.settle(&mut conn, "reading the store", result).await
-    }
-
-    async fn claim(&self, service: &str, fence: u64) -> Result<Snapshot, BackendError> {
-        let sql = &self.inner.sql;
-        let mut conn = self.conn().await?;
-        let op = async {
-            let c = conn.client();
-            let mut snap = self.locked_snapshot(c, service, None).await?;
-            if fence < snap.fence {
-                return Err(BackendError::StaleFence {
-                    presented: fence,
-                    current: snap.fence,
-                });
-            }
-            let mut write = Vec::new();
-            if fence > snap.fence {
-                write.push(Stmt::Typed(
-                    &sql.raise_fence,
-                    vec![text(service), int8(fence as i64)],
-                ));
-            }
-            write.push(Stmt::Simple("COMMIT"));
-            first_error(pipeline(c, &write).await).map_err(conn::driver)?;
-            snap.fence = fence;
-            Ok(snap)
-        };
-        let result = self.timed(op).await;
-        self.settle(&mut conn, "claiming the store", result).await
-    }
-
-    async fn apply(
-        &self,
-        service: &str,
-        fence: u64,
-        changes: &[Change],
-    ) -> Result<(), BackendError> {
-        let sql = &self.inner.sql;
-        let mut conn = self.conn().await?;
-        let op = async {
-            let c = conn.client();
-            let touched = Change::touched(changes);
-            let mut snap = self.locked_snapshot(c, service, touched.as_ref()).await?;
-            let todo = snap.check(fence, changes)?;
-            let mut write = Vec::with_capacity(todo.len() + 2);
-            let mut notify = false;
-            for change in todo {
-                notify |= matches!(change, Change::DataVersion(_) | Change::Baseline(_));
-                write.push(self.write_stmt(service, fence, change)?);
-            }
-            if notify {
-                write.push(Stmt::Typed(
-                    &sql.notify,
-                    vec![text(sql.channel.clone()), text(service)],
-                ));
-            }
-            write.push(Stmt::Simple("COMMIT"));
-            first_error(pipeline(c, &write).await).map_err(conn::driver)?;
-            Ok(())
-        };
-        let result = self.timed(op).await;
-        self.settle(&mut conn, "writing to the store", result).await
-    }
-
-    async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>, BackendError> {
-        let sql = &self.inner.sql;
-        let mut conn = self.conn().await?;
-        let stmts = [
-            Stmt::Typed(&sql.format, vec![]),
-            Stmt::Typed(&sql.history_rows, vec![text(service)]),
-        ];
-        let op = async {
-            let rows = first_error(pipeline(conn.client(), &stmts).await).map_err(conn::driver)?;
-            match rows[0].first() {
-                Some(r) => format_of(r, 0)?,
-                None => return Err(BackendError::corrupt("the meta table has no `format` row")),
-            }
-            let mut out = Vec::with_capacity(rows[1].len());
-            for r in &rows[1] {
-                let v: String = get(r, 0, "a history row's version")?;
-                let holder: String = get(r, 6, "a history row's holder")?;
-                out.push(HistoryEntry {
-                    key: TaskKey {
-                        version: version(&v, "a history row's version")?,
-                        id: get(r, 1, "a history row's task id")?,
-                    },
-                    description: get(r, 7, "a history row's description")?,
-                    attempt: get::<i32>(r, 2, "an attempt number")? as u32,
-                    kind: AttemptKind::parse(&get::<String>(r, 3, "an attempt kind")?)?,
-                    state: AttemptState::parse(&get::<String>(r, 4, "an attempt state")?)?,
-                    fence: fence_of(get(r, 5, "a history row's fence")?),
-                    holder: Holder::decode(&holder)?,
-                    started_at_ms: get(r, 8, "a start time")?,
-                    finished_at_ms: get(r, 9, "an end time")?,
-                    duration: get::<Option<i64>>(r, 10, "a duration")?
-                        .map(|d| Duration::from_millis(d.max(0) as u64)),
-                    error: get(r, 11, "an error text")?,
-                });
-            }
-            Ok(out)
-        };
-        let result = self.timed(op).await;
-        self.settle(&mut conn, "reading the history", result).await
     }
 }

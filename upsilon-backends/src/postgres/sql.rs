@@ -78,6 +78,8 @@ impl Sql {
                AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = s.lease_pid), false)"
         );
         let ttl = "clock_timestamp() + $4::float8 * interval '1 millisecond'";
+        // An instant given in ms since the epoch; exact, as intervals count µs.
+        let at = "to_timestamp(0) + $4::float8 * interval '1 millisecond'";
         Sql {
             format: format!("SELECT value FROM {m} WHERE key = 'format'"),
             snapshot: format!(
@@ -103,7 +105,7 @@ impl Sql {
             lock_row: format!("SELECT 1 FROM {st} WHERE service = $1 FOR UPDATE"),
             acquire_read: format!(
                 "SELECT {format_col}, s.granted, s.store_fence, s.lease_holder, s.lease_fence,
-                        {}, {}, coalesce(s.lease_expires > c.now, false), {gone},
+                        {}, {}, {gone},
                         (SELECT coalesce(max(fence), 0)::int8 FROM {h} WHERE service = $1),
                         s.lease_pid, s.lease_server_start
                  FROM {st} AS s CROSS JOIN LATERAL (SELECT clock_timestamp() AS now) AS c
@@ -113,9 +115,8 @@ impl Sql {
             ),
             grant: format!(
                 "UPDATE {st} SET granted = $2, lease_holder = $3, lease_fence = $2,
-                        lease_expires = {ttl}, lease_pid = $5, lease_server_start = $6
-                 WHERE service = $1 RETURNING {}",
-                ms("lease_expires")
+                        lease_expires = {at}, lease_pid = $5, lease_server_start = $6
+                 WHERE service = $1 RETURNING 1"
             ),
             renew: format!(
                 "UPDATE {st} SET lease_expires = {ttl}, lease_pid = $5, lease_server_start = $6
@@ -136,7 +137,7 @@ impl Sql {
             current: format!(
                 "SELECT s.lease_holder, s.lease_fence, {}, {}, {gone}
                  FROM {st} AS s CROSS JOIN LATERAL (SELECT clock_timestamp() AS now) AS c
-                 WHERE s.service = $1 AND s.lease_holder IS NOT NULL AND s.lease_expires > c.now",
+                 WHERE s.service = $1",
                 ms("s.lease_expires"),
                 ms("c.now")
             ),

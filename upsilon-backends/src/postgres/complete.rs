@@ -1,0 +1,125 @@
+//! Exactly-once task writes: [`PostgresBackend::complete_with`].
+
+use std::time::Duration;
+
+use upsilon::backend::{AttemptState, BackendError, Change, Columns, FinishAttempt};
+use upsilon::{TaskContext, TaskKey};
+
+use super::error::{driver, driver_in, timed_out};
+use super::pipeline::{first_error, pipeline, text, Stmt};
+use super::store::{finished_row, snapshot_of};
+use super::PostgresBackend;
+
+impl PostgresBackend {
+    /// Runs `work` in one transaction with the completion record of the task
+    /// that `ctx` belongs to, so that the task's own writes commit exactly
+    /// once: either both commit, or neither (the task then runs again).
+    ///
+    /// The transaction checks that `ctx`'s fence is still the store's newest
+    /// before `work` runs and again, under the state row's lock, before it
+    /// commits; a node that lost its lease commits nothing. `work` gets the
+    /// open transaction; do every write that must happen once through it.
+    ///
+    /// The runner's own completion record that follows is then found already
+    /// written and skipped. Return `Ok` from the task right after this call:
+    /// the task is recorded completed once this returns `Ok`.
+    ///
+    /// ```no_run
+    /// use upsilon_backends::postgres::PostgresBackend;
+    ///
+    /// #[upsilon::task(version = "1.1", order = 1)]
+    /// async fn add_currency(ctx: &mut upsilon::TaskContext) -> Result<(), upsilon::BoxError> {
+    ///     let pg = ctx.resource::<PostgresBackend>()?;
+    ///     pg.complete_with(ctx, async |tx| {
+    ///         tx.batch_execute("ALTER TABLE accounts ADD COLUMN currency text").await?;
+    ///         tx.execute("UPDATE accounts SET currency = 'EUR'", &[]).await?;
+    ///         Ok::<_, upsilon::BoxError>(())
+    ///     })
+    ///     .await
+    /// }
+    /// ```
+    pub async fn complete_with<T, E, F>(&self, ctx: &TaskContext, work: F) -> Result<T, E>
+    where
+        F: AsyncFnOnce(&tokio_postgres::Transaction<'_>) -> Result<T, E>,
+        E: From<BackendError>,
+    {
+        let sql = &self.inner.sql;
+        let service = ctx.service();
+        let fence = ctx.fence();
+        let info = ctx.task();
+        let key = TaskKey {
+            version: info.version.clone(),
+            id: info.id.clone(),
+        };
+        let finish = [Change::Finish(FinishAttempt {
+            key: key.clone(),
+            attempt: info.attempt,
+            state: AttemptState::Completed,
+            error: None,
+            duration: Duration::ZERO,
+        })];
+        // The completion's own duration is the server's: from the row's start.
+        let Columns::Finish {
+            version,
+            task_id,
+            attempt,
+            state,
+            ..
+        } = Columns::of(fence, &finish[0])?
+        else {
+            return Err(BackendError::other("a finish gave the columns of another change").into());
+        };
+        let finish_now = Stmt::Typed(
+            &sql.finish_now,
+            finished_row(service, version, task_id, attempt, state),
+        );
+        let mut conn = self.conn().await?;
+        let timeout = self.inner.options.op_timeout;
+        let tx = tokio::time::timeout(timeout, conn.client_mut().transaction())
+            .await
+            .map_err(|_| timed_out("beginning a transaction", timeout))?
+            .map_err(driver)?;
+        // Before the work: is this attempt still ours to finish?
+        let rows = tokio::time::timeout(
+            timeout,
+            tx.query_typed(
+                &sql.snapshot,
+                &[(&service, tokio_postgres::types::Type::TEXT)],
+            ),
+        )
+        .await
+        .map_err(|_| timed_out("reading the store", timeout))?
+        .map_err(driver)?;
+        let mut snap = snapshot_of(&rows)?;
+        snap.clone().check(fence, &finish)?;
+
+        let value = work(&tx).await?;
+
+        // Lock the state row only now, so that renewals are not held up
+        // while the work runs; then check again and record the completion.
+        let context = format!("recording the completion of task {key}");
+        let commit = async {
+            let c = tx.client();
+            let read = [
+                Stmt::Typed(&sql.lock_row, vec![text(service)]),
+                Stmt::Typed(&sql.snapshot, vec![text(service)]),
+            ];
+            let rows = first_error(pipeline(c, &read).await).map_err(|e| driver_in(e, &context))?;
+            snap = snapshot_of(&rows[1])?;
+            if !snap.check(fence, &finish)?.is_empty() {
+                let write = [finish_now];
+                first_error(pipeline(c, &write).await).map_err(|e| driver_in(e, &context))?;
+            }
+            Ok::<(), BackendError>(())
+        };
+        tokio::time::timeout(timeout, commit)
+            .await
+            .map_err(|_| timed_out("recording the completion", timeout))??;
+        tokio::time::timeout(timeout, tx.commit())
+            .await
+            .map_err(|_| timed_out("committing", timeout))?
+            .map_err(|e| driver_in(e, &context))?;
+        conn.done();
+        Ok(value)
+    }
+}

@@ -1,0 +1,231 @@
+//! The listening session: one connection per backend that `LISTEN`s for
+//! releases and data version changes, and whose server process id marks a
+//! lease holder as alive.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_postgres::{AsyncMessage, Client};
+use tracing::{debug, warn};
+use upsilon::backend::BackendError;
+
+use super::connection::{open, OnMessage};
+use super::error::{driver, PgError};
+use super::options::PostgresOptions;
+use super::tls::Connector;
+use super::PostgresBackend;
+
+/// Wake-ups for waiting nodes: a counter per service, bumped by each
+/// notification, and by every loss of the listening session (notifications
+/// may have been missed then).
+#[derive(Debug, Default)]
+pub(super) struct Wakeups {
+    per_service: Mutex<HashMap<String, u64>>,
+    seen: Mutex<HashMap<String, u64>>,
+    resets: AtomicU64,
+    notify: Notify,
+}
+
+impl Wakeups {
+    pub(super) fn bump(&self, service: &str) {
+        *self
+            .per_service
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(service.to_owned())
+            .or_default() += 1;
+        self.notify.notify_waiters();
+    }
+
+    pub(super) fn reset_all(&self) {
+        self.resets.fetch_add(1, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    fn generation(&self, service: &str) -> u64 {
+        let own = self
+            .per_service
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(service)
+            .copied()
+            .unwrap_or(0);
+        own.wrapping_add(self.resets.load(Ordering::SeqCst) << 32)
+    }
+
+    /// Remembers what the caller has seen of `service`: a wake-up after this
+    /// ends the next wait at once, so none falls between a read and the wait
+    /// that follows it.
+    pub(super) fn mark_seen(&self, service: &str) {
+        let g = self.generation(service);
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(service.to_owned(), g);
+    }
+
+    /// The generation the caller last saw of `service` (the current one if it
+    /// never marked any).
+    pub(super) fn take_seen(&self, service: &str) -> u64 {
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(service)
+            .unwrap_or_else(|| self.generation(service))
+    }
+
+    /// Until a wake-up for `service` after generation `seen` (`true`), or
+    /// `timeout` (`false`).
+    pub(super) async fn wait_since(&self, service: &str, seen: u64, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.generation(service) != seen {
+                return true;
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(deadline) => return false,
+            }
+        }
+    }
+}
+
+/// The listening session: its server process id and the server's start time,
+/// kept in the lease row so that others can tell when it is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct SessionId {
+    pub(super) pid: i32,
+    pub(super) server_start: i64,
+}
+
+pub(super) struct Session {
+    pub(super) id: SessionId,
+    /// The listening connection; between notifications it also answers
+    /// the waiting node's checks on the lease holder's session.
+    pub(super) client: Client,
+    closed: Arc<AtomicBool>,
+}
+
+impl Session {
+    pub(super) fn is_open(&self) -> bool {
+        !self.closed.load(Ordering::SeqCst) && !self.client.is_closed()
+    }
+
+    /// Opens the session: one connection that `LISTEN`s on `channel`, forwards
+    /// notifications to `wakeups`, and tells `wakeups` when it ends.
+    pub(super) async fn open(
+        options: &PostgresOptions,
+        connector: &Connector,
+        channel: &str,
+        wakeups: Arc<Wakeups>,
+    ) -> Result<Session, BackendError> {
+        let closed = Arc::new(AtomicBool::new(false));
+        let on_message: OnMessage = {
+            let wakeups = wakeups.clone();
+            let channel = channel.to_owned();
+            Box::new(move |m| match m {
+                AsyncMessage::Notification(n) if n.channel() == channel => {
+                    wakeups.bump(n.payload())
+                }
+                AsyncMessage::Notice(n) => debug!(notice = %n.message(), "PostgreSQL notice"),
+                _ => {}
+            })
+        };
+        let on_close: Box<dyn FnOnce() + Send> = {
+            let closed = closed.clone();
+            let wakeups = wakeups.clone();
+            Box::new(move || {
+                closed.store(true, Ordering::SeqCst);
+                wakeups.reset_all();
+            })
+        };
+        let client = open(options, connector, Some(on_message), Some(on_close)).await?;
+        let sql = format!(
+            "LISTEN \"{channel}\"; SELECT pg_backend_pid(), {}",
+            super::sql::SERVER_START
+        );
+        let rows = tokio::time::timeout(options.op_timeout, client.simple_query(&sql))
+            .await
+            .map_err(|_| {
+                BackendError::unavailable(PgError::new("opening the listening session timed out"))
+            })?
+            .map_err(driver)?;
+        let row = rows
+            .iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+                _ => None,
+            })
+            .ok_or_else(|| BackendError::other("the session's id did not come back"))?;
+        let pid = row.get(0).and_then(|p| p.parse().ok());
+        let server_start = row.get(1).and_then(|s| s.parse().ok());
+        let (Some(pid), Some(server_start)) = (pid, server_start) else {
+            warn!("the session's id did not parse; dead holders are taken over after their TTL");
+            return Err(BackendError::other("the session's id did not parse"));
+        };
+        Ok(Session {
+            id: SessionId { pid, server_start },
+            client,
+            closed,
+        })
+    }
+}
+
+impl PostgresBackend {
+    /// The session's id, opening the session if needed; `None` when sessions
+    /// are off (transaction pooling) or it cannot be opened (then dead holders
+    /// are taken over after their TTL, and waiting nodes poll).
+    pub(super) async fn session_id(&self) -> Option<SessionId> {
+        let inner = &self.inner;
+        if inner.options.transaction_pooling {
+            return None;
+        }
+        if let Some(s) = self.open_session() {
+            return Some(s.id);
+        }
+        let mut failed_at = inner.opening.lock().await;
+        if let Some(s) = self.open_session() {
+            return Some(s.id);
+        }
+        if failed_at.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return None;
+        }
+        let opened = Session::open(
+            &inner.options,
+            &inner.connector,
+            &inner.sql.channel,
+            inner.wakeups.clone(),
+        )
+        .await;
+        match opened {
+            Ok(s) => {
+                let id = s.id;
+                *inner.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(s));
+                *failed_at = None;
+                Some(id)
+            }
+            Err(e) => {
+                debug!(error = %e, "no listening session; polling, and dead holders expire by TTL");
+                *failed_at = Some(Instant::now());
+                None
+            }
+        }
+    }
+
+    /// The listening session, if one is open.
+    pub(super) fn open_session(&self) -> Option<Arc<Session>> {
+        self.inner
+            .session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .filter(|s| s.is_open())
+    }
+}

@@ -1,0 +1,162 @@
+//! A small pool of connections for the lease and store operations, and how
+//! an operation takes one and gives it back.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_postgres::Client;
+use upsilon::backend::BackendError;
+
+use super::connection::open;
+use super::error::{timed_out, PgError};
+use super::options::PostgresOptions;
+use super::tls::Connector;
+use super::PostgresBackend;
+
+/// A small pool: idle clients, at most `size` checked out at once.
+pub(super) struct Pool {
+    options: PostgresOptions,
+    connector: Connector,
+    idle: Mutex<Vec<Client>>,
+    permits: Arc<Semaphore>,
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool")
+            .field("target", &self.options.target())
+            .field("size", &self.options.pool_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pool {
+    pub(super) fn new(options: PostgresOptions, connector: Connector) -> Pool {
+        let size = options.pool_size;
+        Pool {
+            options,
+            connector,
+            idle: Mutex::new(Vec::new()),
+            permits: Arc::new(Semaphore::new(size)),
+        }
+    }
+
+    /// A connection: an idle one that is still open, or a new one.
+    pub(super) async fn get(&self) -> Result<Conn<'_>, BackendError> {
+        let permit = tokio::time::timeout(
+            self.options.op_timeout,
+            self.permits.clone().acquire_owned(),
+        )
+        .await
+        .map_err(|_| {
+            BackendError::unavailable(PgError::new(format!(
+                "no pooled connection to {} came free within {:?}",
+                self.options.target(),
+                self.options.op_timeout
+            )))
+        })?
+        .map_err(BackendError::other)?;
+        let idle = {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            idle.retain(|c| !c.is_closed());
+            idle.pop()
+        };
+        let client = match idle {
+            Some(c) => c,
+            None => open(&self.options, &self.connector, None, None).await?,
+        };
+        Ok(Conn {
+            client: Some(client),
+            pool: self,
+            clean: false,
+            _permit: permit,
+        })
+    }
+}
+
+/// A checked-out connection. It goes back to the pool only when the
+/// operation marked it clean (no transaction open, nothing in flight);
+/// otherwise it is closed.
+pub(super) struct Conn<'p> {
+    client: Option<Client>,
+    pool: &'p Pool,
+    clean: bool,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Conn<'_> {
+    pub(super) fn client(&self) -> &Client {
+        self.client.as_ref().expect("a checked-out client")
+    }
+
+    pub(super) fn client_mut(&mut self) -> &mut Client {
+        self.client.as_mut().expect("a checked-out client")
+    }
+
+    /// The operation ended with no transaction open: the connection may be
+    /// reused.
+    pub(super) fn done(&mut self) {
+        self.clean = true;
+    }
+}
+
+impl Drop for Conn<'_> {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            if self.clean && !client.is_closed() {
+                self.pool
+                    .idle
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(client);
+            }
+        }
+    }
+}
+
+impl PostgresBackend {
+    /// A pooled connection, within the operation timeout.
+    pub(super) async fn conn(&self) -> Result<Conn<'_>, BackendError> {
+        let timeout = self.inner.options.op_timeout;
+        match tokio::time::timeout(timeout, self.inner.pool.get()).await {
+            Ok(r) => r,
+            Err(_) => Err(timed_out("connecting", timeout)),
+        }
+    }
+
+    /// Ends one operation that ran under the operation timeout: on success
+    /// the connection goes back to the pool; on an error any open transaction
+    /// is rolled back first (or the connection closed if that fails); on a
+    /// timeout the connection is closed.
+    pub(super) async fn settle<T>(
+        &self,
+        conn: &mut Conn<'_>,
+        what: &str,
+        result: Result<Result<T, BackendError>, tokio::time::error::Elapsed>,
+    ) -> Result<T, BackendError> {
+        match result {
+            Err(_) => Err(timed_out(what, self.inner.options.op_timeout)),
+            Ok(Ok(v)) => {
+                conn.done();
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                let rollback = conn.client().batch_execute("ROLLBACK");
+                if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(2), rollback).await {
+                    conn.done();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// `op` under the operation timeout.
+    pub(super) async fn timed<T>(
+        &self,
+        op: impl std::future::Future<Output = Result<T, BackendError>>,
+    ) -> Result<Result<T, BackendError>, tokio::time::error::Elapsed> {
+        tokio::time::timeout(self.inner.options.op_timeout, op).await
+    }
+}

@@ -1,0 +1,246 @@
+//! The store: [`Store`] for [`PostgresBackend`], the snapshot it reads
+//! under the state row's lock, and the statements a write sends.
+
+use std::collections::BTreeSet;
+
+use async_trait::async_trait;
+use tokio_postgres::types::Type;
+use tokio_postgres::{Client, Row};
+use upsilon::backend::{
+    fence_to_column, BackendError, Change, Columns, HistoryColumns, HistoryEntry, Snapshot,
+    StateColumns, Store, SummaryColumns,
+};
+use upsilon::TaskKey;
+
+use super::error::driver;
+use super::pipeline::{first_error, int4, int8, opt_text, pipeline, text, text_array, Param, Stmt};
+use super::{format_of, get, PostgresBackend};
+
+/// The columns a snapshot needs of one history row, from `first` on.
+fn summary(row: &Row, first: usize) -> Result<SummaryColumns, BackendError> {
+    Ok(SummaryColumns {
+        version: get(row, first, "a history row's version")?,
+        task_id: get(row, first + 1, "a history row's task id")?,
+        attempt: get::<i32>(row, first + 2, "an attempt number")?.into(),
+        kind: get(row, first + 3, "an attempt kind")?,
+        state: get(row, first + 4, "an attempt state")?,
+        fence: get(row, first + 5, "a history row's fence")?,
+    })
+}
+
+/// The snapshot from the rows of `Sql::snapshot`: the state columns on the
+/// first row, then one row per history row (none when its columns are null).
+pub(super) fn snapshot_of(rows: &[Row]) -> Result<Snapshot, BackendError> {
+    let first = rows
+        .first()
+        .ok_or_else(|| BackendError::corrupt("the snapshot query returned no row"))?;
+    format_of(first, 0)?;
+    let state = StateColumns {
+        data_version: get(first, 1, "the data version")?,
+        baseline: get(first, 2, "the baseline")?,
+        store_fence: get::<Option<i64>>(first, 3, "the store fence")?.unwrap_or(0),
+    };
+    let mut history = Vec::with_capacity(rows.len());
+    for row in rows {
+        if get::<Option<&str>>(row, 4, "a history row's version")?.is_some() {
+            history.push(summary(row, 4)?);
+        }
+    }
+    Snapshot::from_columns(state, history)
+}
+
+impl PostgresBackend {
+    /// Begins a transaction, locks the state row of `service` (creating it if
+    /// missing) and reads the snapshot, with the summaries of the tasks in
+    /// `only` (every task for `None`): one round trip. A write reads only
+    /// what it touches, so that its cost does not grow with the history.
+    async fn locked_snapshot(
+        &self,
+        c: &Client,
+        service: &str,
+        only: Option<&BTreeSet<&TaskKey>>,
+    ) -> Result<Snapshot, BackendError> {
+        let sql = &self.inner.sql;
+        let read_snapshot = match only {
+            None => Stmt::Typed(&sql.snapshot, vec![text(service)]),
+            Some(keys) => Stmt::Typed(
+                &sql.snapshot_of_tasks,
+                vec![
+                    text(service),
+                    text_array(keys.iter().map(|k| k.version.to_string()).collect()),
+                    text_array(keys.iter().map(|k| k.id.clone()).collect()),
+                ],
+            ),
+        };
+        let read = [
+            Stmt::Simple("BEGIN"),
+            Stmt::Typed(&sql.ensure_row, vec![text(service)]),
+            Stmt::Typed(&sql.lock_row, vec![text(service)]),
+            read_snapshot,
+        ];
+        let rows = first_error(pipeline(c, &read).await).map_err(driver)?;
+        snapshot_of(&rows[3])
+    }
+
+    /// The statement that stores `columns` for `service`.
+    fn write_stmt<'s>(&'s self, service: &str, columns: Columns) -> Stmt<'s> {
+        let sql = &self.inner.sql;
+        match columns {
+            Columns::Start {
+                version,
+                task_id,
+                attempt,
+                kind,
+                fence,
+                holder,
+                description,
+            } => Stmt::Typed(
+                &sql.start,
+                vec![
+                    text(service),
+                    text(version),
+                    text(task_id),
+                    int4(attempt),
+                    text(kind),
+                    int8(fence),
+                    text(holder),
+                    text(description),
+                ],
+            ),
+            Columns::Finish {
+                version,
+                task_id,
+                attempt,
+                state,
+                duration_ms,
+                error,
+            } => {
+                let mut params = finished_row(service, version, task_id, attempt, state);
+                params.extend([int8(duration_ms), opt_text(error)]);
+                Stmt::Typed(&sql.finish, params)
+            }
+            Columns::DataVersion(v) => Stmt::Typed(&sql.data_version, vec![text(service), text(v)]),
+            Columns::Baseline(v) => Stmt::Typed(&sql.baseline, vec![text(service), text(v)]),
+        }
+    }
+}
+
+#[async_trait]
+impl Store for PostgresBackend {
+    async fn load(&self, service: &str) -> Result<Snapshot, BackendError> {
+        let sql = &self.inner.sql;
+        let mut conn = self.conn().await?;
+        let stmt = [Stmt::Typed(&sql.snapshot, vec![text(service)])];
+        let op = async {
+            let rows = first_error(pipeline(conn.client(), &stmt).await).map_err(driver)?;
+            snapshot_of(&rows[0])
+        };
+        let result = self.timed(op).await;
+        self.settle(&mut conn, "reading the store", result).await
+    }
+
+    async fn claim(&self, service: &str, fence: u64) -> Result<Snapshot, BackendError> {
+        let sql = &self.inner.sql;
+        let mut conn = self.conn().await?;
+        let op = async {
+            let c = conn.client();
+            let mut snap = self.locked_snapshot(c, service, None).await?;
+            let mut write = Vec::with_capacity(2);
+            if snap.claim(fence)? {
+                write.push(Stmt::Typed(
+                    &sql.raise_fence,
+                    vec![text(service), int8(fence_to_column(fence)?)],
+                ));
+            }
+            write.push(Stmt::Simple("COMMIT"));
+            first_error(pipeline(c, &write).await).map_err(driver)?;
+            Ok(snap)
+        };
+        let result = self.timed(op).await;
+        self.settle(&mut conn, "claiming the store", result).await
+    }
+
+    async fn apply(
+        &self,
+        service: &str,
+        fence: u64,
+        changes: &[Change],
+    ) -> Result<(), BackendError> {
+        let sql = &self.inner.sql;
+        let mut conn = self.conn().await?;
+        let op = async {
+            let c = conn.client();
+            let touched = Change::touched(changes);
+            let mut snap = self.locked_snapshot(c, service, touched.as_ref()).await?;
+            let todo = snap.check(fence, changes)?;
+            let mut write = Vec::with_capacity(todo.len() + 2);
+            let mut notify = false;
+            for change in todo {
+                let columns = Columns::of(fence, change)?;
+                notify |= columns.wakes_waiters();
+                write.push(self.write_stmt(service, columns));
+            }
+            if notify {
+                write.push(Stmt::Typed(
+                    &sql.notify,
+                    vec![text(sql.channel.clone()), text(service)],
+                ));
+            }
+            write.push(Stmt::Simple("COMMIT"));
+            first_error(pipeline(c, &write).await).map_err(driver)?;
+            Ok(())
+        };
+        let result = self.timed(op).await;
+        self.settle(&mut conn, "writing to the store", result).await
+    }
+
+    async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>, BackendError> {
+        let sql = &self.inner.sql;
+        let mut conn = self.conn().await?;
+        let stmts = [
+            Stmt::Typed(&sql.format, vec![]),
+            Stmt::Typed(&sql.history_rows, vec![text(service)]),
+        ];
+        let op = async {
+            let rows = first_error(pipeline(conn.client(), &stmts).await).map_err(driver)?;
+            match rows[0].first() {
+                Some(r) => format_of(r, 0)?,
+                None => return Err(BackendError::corrupt("the meta table has no `format` row")),
+            }
+            let mut out = Vec::with_capacity(rows[1].len());
+            for r in &rows[1] {
+                let columns = HistoryColumns {
+                    summary: summary(r, 0)?,
+                    holder: get(r, 6, "a history row's holder")?,
+                    description: get(r, 7, "a history row's description")?,
+                    started_ms: get(r, 8, "a start time")?,
+                    finished_ms: get(r, 9, "an end time")?,
+                    duration_ms: get(r, 10, "a duration")?,
+                    error: get(r, 11, "an error text")?,
+                };
+                out.push(columns.decode()?);
+            }
+            Ok(out)
+        };
+        let result = self.timed(op).await;
+        self.settle(&mut conn, "reading the history", result).await
+    }
+}
+
+/// `$1` to `$5` of the statements that end a history row: the row's service,
+/// version, task id and attempt, and its final state.
+pub(super) fn finished_row(
+    service: &str,
+    version: String,
+    task_id: String,
+    attempt: i32,
+    state: &str,
+) -> Vec<(Param, Type)> {
+    vec![
+        text(service),
+        text(version),
+        text(task_id),
+        int4(attempt),
+        text(state),
+    ]
+}
