@@ -17,11 +17,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use upsilon::backend::{
     decide_acquire, fence_from_column, fence_to_column, ttl_ms, Acquire, BackendError, Change,
     Columns, HistoryColumns, HistoryEntry, Lease, LeaseInfo, Lock, Snapshot, StateColumns, Store,
-    StoredLease, SummaryColumns,
+    StoredLease, SummaryColumns, Value, Write,
 };
 use upsilon::{Holder, TaskKey};
 
@@ -533,42 +534,41 @@ fn write(
     now: i64,
     columns: Columns,
 ) -> Result<(), BackendError> {
-    match columns {
-        Columns::Start {
-            version,
-            task_id,
-            attempt,
-            kind,
-            fence,
-            holder,
-            description,
-        } => tx.execute(
+    let sql = match columns.write() {
+        Write::Start => {
             "INSERT INTO upsilon_history
-               (service, version, task_id, attempt, kind, state, fence, holder, description, started_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, 'running', ?6, ?7, ?8, ?9)",
-            params![service, version, task_id, attempt, kind, fence, holder, description, now],
-        ),
-        Columns::Finish {
-            version,
-            task_id,
-            attempt,
-            state,
-            duration_ms,
-            error,
-        } => tx.execute(
-            "UPDATE upsilon_history SET state = ?5, finished_ms = ?6, duration_ms = ?7, error = ?8
-             WHERE service = ?1 AND version = ?2 AND task_id = ?3 AND attempt = ?4",
-            params![service, version, task_id, attempt, state, now, duration_ms, error],
-        ),
-        Columns::DataVersion(v) => tx.execute(
-            "UPDATE upsilon_state SET data_version = ?2 WHERE service = ?1",
-            params![service, v],
-        ),
-        Columns::Baseline(v) => tx.execute(
-            "UPDATE upsilon_state SET data_version = ?2, baseline = ?2 WHERE service = ?1",
-            params![service, v],
-        ),
+               (service, version, task_id, attempt, kind, fence, holder, description, state, started_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'running', ?9)"
+        }
+        Write::Finish => {
+            "UPDATE upsilon_history SET state = ?5, duration_ms = ?6, error = ?7, finished_ms = ?8
+             WHERE service = ?1 AND version = ?2 AND task_id = ?3 AND attempt = ?4"
+        }
+        Write::DataVersion => "UPDATE upsilon_state SET data_version = ?2 WHERE service = ?1",
+        Write::Baseline => {
+            "UPDATE upsilon_state SET data_version = ?2, baseline = ?2 WHERE service = ?1"
+        }
+        other => {
+            return Err(BackendError::other(format!(
+                "this SQLite backend does not know the write {other:?}"
+            )))
+        }
+    };
+    let now =
+        matches!(columns.write(), Write::Start | Write::Finish).then_some(SqlValue::Integer(now));
+    let values = std::iter::once(SqlValue::Text(service.to_owned()))
+        .chain(columns.into_values().into_iter().map(sql_value))
+        .chain(now);
+    tx.execute(sql, rusqlite::params_from_iter(values))
+        .map(|_| ())
+        .map_err(driver)
+}
+
+fn sql_value(value: Value) -> SqlValue {
+    match value {
+        Value::Text(t) => SqlValue::Text(t),
+        Value::OptText(t) => t.map_or(SqlValue::Null, SqlValue::Text),
+        Value::Int4(i) => SqlValue::Integer(i.into()),
+        Value::Int8(i) => SqlValue::Integer(i),
     }
-    .map(|_| ())
-    .map_err(driver)
 }

@@ -7,7 +7,7 @@ use upsilon::{TaskContext, TaskKey};
 
 use super::error::{driver, driver_in, timed_out};
 use super::pipeline::{first_error, pipeline, text, Stmt};
-use super::store::{finished_row, snapshot_of};
+use super::store::{bound, snapshot_of};
 use super::PostgresBackend;
 
 impl PostgresBackend {
@@ -58,21 +58,12 @@ impl PostgresBackend {
             error: None,
             duration: Duration::ZERO,
         })];
-        // The completion's own duration is the server's: from the row's start.
-        let Columns::Finish {
-            version,
-            task_id,
-            attempt,
-            state,
-            ..
-        } = Columns::of(fence, &finish[0])?
-        else {
-            return Err(BackendError::other("a finish gave the columns of another change").into());
-        };
-        let finish_now = Stmt::Typed(
-            &sql.finish_now,
-            finished_row(service, version, task_id, attempt, state),
-        );
+        // The completion's own duration is the server's, from the row's
+        // start: the statement binds the service, version, task id, attempt
+        // and state ($1 to $5), not the runner's duration and error.
+        let mut params = bound(service, Columns::of(fence, &finish[0])?);
+        params.truncate(5);
+        let finish_now = Stmt::Typed(&sql.finish_now, params);
         let mut conn = self.conn().await?;
         let timeout = self.inner.options.op_timeout;
         let tx = tokio::time::timeout(timeout, conn.client_mut().transaction())

@@ -8,7 +8,7 @@ use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Row};
 use upsilon::backend::{
     fence_to_column, BackendError, Change, Columns, HistoryColumns, HistoryEntry, Snapshot,
-    StateColumns, Store, SummaryColumns,
+    StateColumns, Store, SummaryColumns, Value, Write,
 };
 use upsilon::TaskKey;
 
@@ -83,45 +83,20 @@ impl PostgresBackend {
     }
 
     /// The statement that stores `columns` for `service`.
-    fn write_stmt<'s>(&'s self, service: &str, columns: Columns) -> Stmt<'s> {
+    fn write_stmt<'s>(&'s self, service: &str, columns: Columns) -> Result<Stmt<'s>, BackendError> {
         let sql = &self.inner.sql;
-        match columns {
-            Columns::Start {
-                version,
-                task_id,
-                attempt,
-                kind,
-                fence,
-                holder,
-                description,
-            } => Stmt::Typed(
-                &sql.start,
-                vec![
-                    text(service),
-                    text(version),
-                    text(task_id),
-                    int4(attempt),
-                    text(kind),
-                    int8(fence),
-                    text(holder),
-                    text(description),
-                ],
-            ),
-            Columns::Finish {
-                version,
-                task_id,
-                attempt,
-                state,
-                duration_ms,
-                error,
-            } => {
-                let mut params = finished_row(service, version, task_id, attempt, state);
-                params.extend([int8(duration_ms), opt_text(error)]);
-                Stmt::Typed(&sql.finish, params)
+        let statement = match columns.write() {
+            Write::Start => &sql.start,
+            Write::Finish => &sql.finish,
+            Write::DataVersion => &sql.data_version,
+            Write::Baseline => &sql.baseline,
+            other => {
+                return Err(BackendError::other(format!(
+                    "this PostgreSQL backend does not know the write {other:?}"
+                )))
             }
-            Columns::DataVersion(v) => Stmt::Typed(&sql.data_version, vec![text(service), text(v)]),
-            Columns::Baseline(v) => Stmt::Typed(&sql.baseline, vec![text(service), text(v)]),
-        }
+        };
+        Ok(Stmt::Typed(statement, bound(service, columns)))
     }
 }
 
@@ -178,7 +153,7 @@ impl Store for PostgresBackend {
             for change in todo {
                 let columns = Columns::of(fence, change)?;
                 notify |= columns.wakes_waiters();
-                write.push(self.write_stmt(service, columns));
+                write.push(self.write_stmt(service, columns)?);
             }
             if notify {
                 write.push(Stmt::Typed(
@@ -227,20 +202,14 @@ impl Store for PostgresBackend {
     }
 }
 
-/// `$1` to `$5` of the statements that end a history row: the row's service,
-/// version, task id and attempt, and its final state.
-pub(super) fn finished_row(
-    service: &str,
-    version: String,
-    task_id: String,
-    attempt: i32,
-    state: &str,
-) -> Vec<(Param, Type)> {
-    vec![
-        text(service),
-        text(version),
-        text(task_id),
-        int4(attempt),
-        text(state),
-    ]
+/// `$1`, the service, then the values of `columns` from `$2` on.
+pub(super) fn bound(service: &str, columns: Columns) -> Vec<(Param, Type)> {
+    std::iter::once(text(service))
+        .chain(columns.into_values().into_iter().map(|v| match v {
+            Value::Text(t) => text(t),
+            Value::OptText(t) => opt_text(t),
+            Value::Int4(i) => int4(i),
+            Value::Int8(i) => int8(i),
+        }))
+        .collect()
 }

@@ -276,81 +276,104 @@ impl HistoryColumns {
     }
 }
 
-/// A change as the column values a store writes. [`Columns::of`] makes them.
+/// What a write does to a store's rows. [`Columns::values`] lists what it
+/// binds, in the order each variant names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Write {
+    /// Insert a history row in state `running`: version, task id, attempt
+    /// (`Int4`), kind ([`AttemptKind::as_str`]), fence (`Int8`), holder
+    /// ([`Holder::encode`]), description.
+    Start,
+    /// End the history row `(version, task id, attempt)`: version, task id,
+    /// attempt (`Int4`), state ([`AttemptState::as_str`]), run time in ms
+    /// (`Int8`), error (`OptText`).
+    Finish,
+    /// Set the data version: the version.
+    DataVersion,
+    /// Set the data version and the baseline: the version.
+    Baseline,
+}
+
+/// One value a write binds.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Columns {
-    /// Insert a history row in state `running`.
-    Start {
-        /// The task's version, as text.
-        version: String,
-        /// The task's id.
-        task_id: String,
-        /// The row's number.
-        attempt: i32,
-        /// [`AttemptKind::as_str`].
-        kind: &'static str,
-        /// The write's fence.
-        fence: i64,
-        /// [`Holder::encode`].
-        holder: String,
-        /// The task's description.
-        description: String,
-    },
-    /// End the history row `(version, task_id, attempt)`.
-    Finish {
-        /// The task's version, as text.
-        version: String,
-        /// The task's id.
-        task_id: String,
-        /// The row's number.
-        attempt: i32,
-        /// [`AttemptState::as_str`].
-        state: &'static str,
-        /// Run time in ms.
-        duration_ms: i64,
-        /// Error text of a failure.
-        error: Option<String>,
-    },
-    /// Set the data version.
-    DataVersion(String),
-    /// Set the data version and the baseline.
-    Baseline(String),
+pub enum Value {
+    /// Text.
+    Text(String),
+    /// Text or null.
+    OptText(Option<String>),
+    /// A 32-bit integer.
+    Int4(i32),
+    /// A 64-bit integer.
+    Int8(i64),
+}
+
+/// A change as the column values a store writes: what to do, and the values
+/// to bind, in the order [`Write`] names. A backend picks its statement by
+/// [`Columns::write`] and binds [`Columns::values`] after the service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Columns {
+    write: Write,
+    values: Vec<Value>,
 }
 
 impl Columns {
     /// The column values `change`, written with `fence`, stores.
     pub fn of(fence: u64, change: &Change) -> Result<Columns, BackendError> {
         let attempt = |a: u32| {
-            i32::try_from(a).map_err(|_| {
+            i32::try_from(a).map(Value::Int4).map_err(|_| {
                 BackendError::Rejected(format!("attempt {a} does not fit a store column"))
             })
         };
-        Ok(match change {
-            Change::Start(a) => Columns::Start {
-                version: a.key.version.to_string(),
-                task_id: a.key.id.clone(),
-                attempt: attempt(a.attempt)?,
-                kind: a.kind.as_str(),
-                fence: fence_to_column(fence)?,
-                holder: a.holder.encode(),
-                description: a.description.clone(),
-            },
-            Change::Finish(f) => Columns::Finish {
-                version: f.key.version.to_string(),
-                task_id: f.key.id.clone(),
-                attempt: attempt(f.attempt)?,
-                state: f.state.as_str(),
-                duration_ms: i64::try_from(f.duration.as_millis()).unwrap_or(i64::MAX),
-                error: f.error.clone(),
-            },
-            Change::DataVersion(v) => Columns::DataVersion(v.to_string()),
-            Change::Baseline(v) => Columns::Baseline(v.to_string()),
-        })
+        let text = |t: &str| Value::Text(t.to_owned());
+        let (write, values) = match change {
+            Change::Start(a) => (
+                Write::Start,
+                vec![
+                    Value::Text(a.key.version.to_string()),
+                    text(&a.key.id),
+                    attempt(a.attempt)?,
+                    text(a.kind.as_str()),
+                    Value::Int8(fence_to_column(fence)?),
+                    Value::Text(a.holder.encode()),
+                    text(&a.description),
+                ],
+            ),
+            Change::Finish(f) => (
+                Write::Finish,
+                vec![
+                    Value::Text(f.key.version.to_string()),
+                    text(&f.key.id),
+                    attempt(f.attempt)?,
+                    text(f.state.as_str()),
+                    Value::Int8(i64::try_from(f.duration.as_millis()).unwrap_or(i64::MAX)),
+                    Value::OptText(f.error.clone()),
+                ],
+            ),
+            Change::DataVersion(v) => (Write::DataVersion, vec![Value::Text(v.to_string())]),
+            Change::Baseline(v) => (Write::Baseline, vec![Value::Text(v.to_string())]),
+        };
+        Ok(Columns { write, values })
+    }
+
+    /// What the write does.
+    pub fn write(&self) -> Write {
+        self.write
+    }
+
+    /// The values to bind, in the order [`Write`] names.
+    pub fn values(&self) -> &[Value] {
+        &self.values
+    }
+
+    /// The values, owned.
+    pub fn into_values(self) -> Vec<Value> {
+        self.values
     }
 
     /// Whether other nodes wait on this write: it moves the data version.
     pub fn wakes_waiters(&self) -> bool {
-        matches!(self, Columns::DataVersion(_) | Columns::Baseline(_))
+        matches!(self.write, Write::DataVersion | Write::Baseline)
     }
 }
 

@@ -48,7 +48,8 @@ pub use crate::state::{
 };
 pub use kit::{
     decide_acquire, expiry, fence_from_column, fence_to_column, jitter, ttl_ms,
-    version_from_column, Columns, HistoryColumns, StateColumns, StoredLease, SummaryColumns,
+    version_from_column, Columns, HistoryColumns, StateColumns, StoredLease, SummaryColumns, Value,
+    Write,
 };
 
 /// The cluster-wide lease: who may run a plan.
