@@ -31,7 +31,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context as _;
-use clap::{ArgAction, Parser};
+use clap::{ArgAction, Parser, Subcommand};
 use serde_json::json;
 
 use crate::report::Report;
@@ -46,8 +46,25 @@ use crate::report::Report;
 #[command(
     name = "upsilon-bench",
     args_override_self = true,
-    after_help = "`upsilon-bench node ...` is one node process of scenario 4."
+    args_conflicts_with_subcommands = true,
+    disable_help_subcommand = true
 )]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    flags: Flags,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// One node process of scenario 4 (the benchmark starts these itself).
+    #[command(subcommand)]
+    Node(node::Kind),
+}
+
+/// The sizes and switches of a run.
+#[derive(Debug, clap::Args)]
 struct Flags {
     /// Small sizes and short sleeps: checks that every scenario works (seconds).
     #[arg(long)]
@@ -228,10 +245,18 @@ impl From<Flags> for Options {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("node") {
-        return node::main(&args[1..]);
-    }
-    let options = Options::from(Flags::parse());
+    let cli = Cli::try_parse().unwrap_or_else(|e| {
+        // A node process says on stdout that it failed, bad flags included.
+        if e.use_stderr() && args.first().map(String::as_str) == Some("node") {
+            println!("failed");
+        }
+        e.exit()
+    });
+    let flags = match cli.command {
+        Some(Command::Node(kind)) => return node::main(kind),
+        None => cli.flags,
+    };
+    let options = Options::from(flags);
     // Two workers: the machines this runs on have two cores.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -353,7 +378,14 @@ mod tests {
 
     fn parse(args: &[&str]) -> Options {
         let argv = std::iter::once("upsilon-bench").chain(args.iter().copied());
-        Options::from(Flags::try_parse_from(argv).unwrap())
+        let cli = Cli::try_parse_from(argv).unwrap();
+        assert!(cli.command.is_none());
+        Options::from(cli.flags)
+    }
+
+    #[test]
+    fn the_flags_are_well_formed() {
+        <Cli as clap::CommandFactory>::command().debug_assert();
     }
 
     #[test]
@@ -435,5 +467,49 @@ mod tests {
             "3",
         ]);
         assert_eq!((o.repeats, o.only), (6, [3].into()));
+    }
+
+    #[test]
+    fn node_processes_take_their_own_flags() {
+        let up = [
+            "node",
+            "upsilon",
+            "--url",
+            "u",
+            "--service",
+            "s",
+            "--name",
+            "n",
+        ];
+        let cli = Cli::try_parse_from(["b"].iter().chain(&up).chain(&["--task-ms", "5"])).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Node(node::Kind::Upsilon {
+                task_ms: 5,
+                ttl_ms: None,
+                ..
+            }))
+        ));
+        let sqlx = [
+            "b",
+            "node",
+            "sqlx",
+            "--url",
+            "u",
+            "--schema",
+            "s",
+            "--task-ms",
+            "5",
+        ];
+        let cli = Cli::try_parse_from(sqlx.iter().chain(&["--check-ms", "100"])).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Node(node::Kind::Sqlx {
+                check_ms: Some(100),
+                ..
+            }))
+        ));
+        assert!(Cli::try_parse_from(sqlx.iter().chain(&["--ttl-ms", "100"])).is_err());
+        assert!(Cli::try_parse_from(["b", "--tiny", "node", "sqlx"]).is_err());
     }
 }
