@@ -71,15 +71,16 @@ struct Flags {
     tiny: bool,
     /// Scenarios to run, from 1 to 5 (default: all).
     #[arg(long, value_name = "LIST", value_delimiter = ',', action = ArgAction::Set,
-        value_parser = scenario, default_value = "1,2,3,4,5", hide_default_value = true)]
+        value_parser = scenario, allow_negative_numbers = true,
+        default_value = "1,2,3,4,5", hide_default_value = true)]
     only: Vec<u8>,
     /// Node counts of scenario 2, each at least 1 (with --tiny: 3).
     #[arg(long, value_name = "LIST", value_delimiter = ',', action = ArgAction::Set,
-        value_parser = at_least_one,
+        value_parser = at_least_one, allow_negative_numbers = true,
         default_value = "20,50,100,200", default_value_if("tiny", "true", "3"))]
     nodes: Vec<usize>,
     /// Upgrades per node count in scenario 2 (with --tiny: 1).
-    #[arg(long, value_name = "N", value_parser = at_least_one,
+    #[arg(long, value_name = "N", value_parser = at_least_one, allow_negative_numbers = true,
         default_value = "10", default_value_if("tiny", "true", "1"))]
     repeats: usize,
     /// Where the JSON goes [default: the cargo target dir's upsilon-bench.json,
@@ -87,57 +88,58 @@ struct Flags {
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
     /// Start-ups timed per way in scenario 1a, twice as many checks in 1b (with --tiny: 5).
-    #[arg(long, value_name = "N", value_parser = at_least_one,
+    #[arg(long, value_name = "N", value_parser = at_least_one, allow_negative_numbers = true,
         default_value = "300", default_value_if("tiny", "true", "5"))]
     startup_iters: usize,
     /// The canary's task in scenario 2, in milliseconds (with --tiny: 300).
-    #[arg(long, value_name = "MS", value_parser = millis,
+    #[arg(long, value_name = "MS", value_parser = millis, allow_negative_numbers = true,
         default_value = "1000", default_value_if("tiny", "true", "300"))]
     task_ms: u64,
     /// Waiting nodes in scenario 3 (with --tiny: 3).
-    #[arg(long, value_name = "N", value_parser = at_least_one,
+    #[arg(long, value_name = "N", value_parser = at_least_one, allow_negative_numbers = true,
         default_value = "50", default_value_if("tiny", "true", "3"))]
     load_nodes: usize,
     /// The upgrade's length in scenario 3, in milliseconds (with --tiny: 500).
-    #[arg(long, value_name = "MS", value_parser = millis,
+    #[arg(long, value_name = "MS", value_parser = millis, allow_negative_numbers = true,
         default_value = "10000", default_value_if("tiny", "true", "500"))]
     load_ms: u64,
     /// Kills per way in scenario 4 (with --tiny: 1).
-    #[arg(long, value_name = "N", value_parser = at_least_one,
+    #[arg(long, value_name = "N", value_parser = at_least_one, allow_negative_numbers = true,
         default_value = "5", default_value_if("tiny", "true", "1"))]
     failover_repeats: usize,
     /// Waiting node processes in scenario 4 (with --tiny: 2).
-    #[arg(long, value_name = "N", value_parser = at_least_one,
+    #[arg(long, value_name = "N", value_parser = at_least_one, allow_negative_numbers = true,
         default_value = "3", default_value_if("tiny", "true", "2"))]
     failover_waiters: usize,
     /// Lease TTL behind a transaction pooler in scenario 4, in milliseconds,
     /// at least 300 (with --tiny: 1000).
-    #[arg(long, value_name = "MS", value_parser = ttl_millis,
+    #[arg(long, value_name = "MS", value_parser = ttl_millis, allow_negative_numbers = true,
         default_value = "5000", default_value_if("tiny", "true", "1000"))]
     ttl_ms: u64,
     /// The statement a sqlx node is killed in, default settings, in
     /// milliseconds (with --tiny: 1000).
-    #[arg(long, value_name = "MS", value_parser = millis,
+    #[arg(long, value_name = "MS", value_parser = millis, allow_negative_numbers = true,
         default_value = "3000", default_value_if("tiny", "true", "1000"))]
     sqlx_statement_ms: u64,
     /// Tasks collected, validated and planned in 5a (with --tiny: 200).
-    #[arg(long, value_name = "N", value_parser = at_least_one,
+    #[arg(long, value_name = "N", value_parser = at_least_one, allow_negative_numbers = true,
         default_value = "10000", default_value_if("tiny", "true", "200"))]
     plan_tasks: usize,
     /// No-op tasks run end to end in 5b (with --tiny: 20).
-    #[arg(long, value_name = "N", value_parser = at_least_one,
+    #[arg(long, value_name = "N", value_parser = at_least_one, allow_negative_numbers = true,
         default_value = "1000", default_value_if("tiny", "true", "20"))]
     run_tasks: usize,
     /// Repeats of 5a and 5b (with --tiny: 1).
-    #[arg(long, value_name = "N", value_parser = at_least_one,
+    #[arg(long, value_name = "N", value_parser = at_least_one, allow_negative_numbers = true,
         default_value = "5", default_value_if("tiny", "true", "1"))]
     scale_repeats: usize,
     /// Task fns of the generated crates in 5c; 0 skips it (with --tiny: 0).
-    #[arg(long, value_name = "N", value_parser = whole_number,
+    #[arg(long, value_name = "N", value_parser = whole_number, allow_negative_numbers = true,
         default_value = "1000", default_value_if("tiny", "true", "0"))]
     build_tasks: usize,
     /// Rebuilds of each generated crate.
-    #[arg(long, value_name = "N", value_parser = at_least_one, default_value = "3")]
+    #[arg(long, value_name = "N", value_parser = at_least_one, allow_negative_numbers = true,
+        default_value = "3")]
     build_repeats: usize,
 }
 

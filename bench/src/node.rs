@@ -34,10 +34,12 @@ pub enum Kind {
         #[arg(long)]
         name: String,
         /// How long the task at 1.1 sleeps, in milliseconds.
-        #[arg(long, value_name = "MS", value_parser = crate::millis)]
+        #[arg(long, value_name = "MS", value_parser = crate::millis,
+            allow_negative_numbers = true)]
         task_ms: u64,
         /// The lease TTL, in milliseconds [default: Upsilon's].
-        #[arg(long, value_name = "MS", value_parser = crate::millis)]
+        #[arg(long, value_name = "MS", value_parser = crate::millis,
+            allow_negative_numbers = true)]
         ttl_ms: Option<u64>,
     },
     /// A sqlx node: runs the migrator, whose migration at 1.1 sleeps.
@@ -49,11 +51,13 @@ pub enum Kind {
         #[arg(long, value_name = "S")]
         schema: String,
         /// How long the migration at 1.1 sleeps, in milliseconds.
-        #[arg(long, value_name = "MS", value_parser = crate::millis)]
+        #[arg(long, value_name = "MS", value_parser = crate::millis,
+            allow_negative_numbers = true)]
         task_ms: u64,
         /// The session's client_connection_check_interval, in milliseconds
         /// [default: the server's, no check].
-        #[arg(long, value_name = "MS", value_parser = crate::millis)]
+        #[arg(long, value_name = "MS", value_parser = crate::millis,
+            allow_negative_numbers = true)]
         check_ms: Option<u64>,
     },
 }

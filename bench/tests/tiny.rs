@@ -47,6 +47,7 @@ fn bad_flags_are_refused_naming_the_flag() {
     for (args, said) in [
         (&["--only", "7"][..], "no scenario 7"),
         (&["--repeats", "0"], "--repeats <N>"),
+        (&["--load-ms", "-1"], "--load-ms <MS>"),
         (&["--ttl-ms", "soon"], "--ttl-ms <MS>"),
         (&["--bogus"], "'--bogus'"),
     ] {
