@@ -10,7 +10,8 @@
 //!
 //! It prints a table (scenario | measure | upsilon | baseline | ratio |
 //! target | met?) and writes every figure, with the samples behind it, as
-//! JSON. `docs/BENCHMARKS.md` says what each figure measures and limits it.
+//! JSON. `--help` lists every flag and its default. `docs/BENCHMARKS.md`
+//! says what each figure measures and limits it.
 
 mod common;
 mod convergence;
@@ -29,37 +30,152 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
+use clap::{ArgAction, Parser, Subcommand};
 use serde_json::json;
 
 use crate::report::Report;
 
-const USAGE: &str = "\
-usage: upsilon-bench [--tiny] [--only 1,2,3,4,5] [--nodes 20,50,100,200] [--repeats N] [--json PATH]
-                     [--startup-iters N] [--task-ms MS] [--load-nodes N] [--load-ms MS]
-                     [--failover-repeats N] [--failover-waiters N] [--ttl-ms MS] [--sqlx-statement-ms MS]
-                     [--plan-tasks N] [--run-tasks N] [--scale-repeats N] [--build-tasks N] [--build-repeats N]
+/// What Upsilon costs a service and its cluster, beside what users would
+/// otherwise run (sqlx's migrator; a bare connect and query). It prints a
+/// table and writes every figure, with the samples behind it, as JSON;
+/// docs/BENCHMARKS.md says what each figure measures.
+///
+/// A flag left out takes its default, or, with --tiny, the tiny run's.
+#[derive(Debug, Parser)]
+#[command(
+    name = "upsilon-bench",
+    args_override_self = true,
+    args_conflicts_with_subcommands = true,
+    disable_help_subcommand = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    flags: Flags,
+}
 
-  --tiny                small sizes and short sleeps: checks that every scenario works (seconds)
-  --only LIST           scenarios to run (default: all)
-  --nodes LIST          node counts of scenario 2 (default 20,50,100,200)
-  --repeats N           upgrades per node count in scenario 2 (default 10)
-  --json PATH           where the JSON goes (default: the cargo target dir's upsilon-bench.json)
-  --startup-iters N     start-ups timed per way in scenario 1a, twice as many checks in 1b (default 300)
-  --task-ms MS          the canary's task in scenario 2 (default 1000)
-  --load-nodes N        waiting nodes in scenario 3 (default 50)
-  --load-ms MS          the upgrade's length in scenario 3 (default 10000)
-  --failover-repeats N  kills per way in scenario 4 (default 5)
-  --failover-waiters N  waiting node processes in scenario 4 (default 3)
-  --ttl-ms MS           lease TTL behind a transaction pooler in scenario 4 (default 5000)
-  --sqlx-statement-ms MS  the statement a sqlx node is killed in, default settings (default 3000)
-  --plan-tasks N        tasks collected, validated and planned in 5a (default 10000)
-  --run-tasks N         no-op tasks run end to end in 5b (default 1000)
-  --scale-repeats N     repeats of 5a and 5b (default 5)
-  --build-tasks N       task fns of the generated crates in 5c; 0 skips it (default 1000)
-  --build-repeats N     rebuilds of each generated crate (default 3)
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// One node process of scenario 4 (the benchmark starts these itself).
+    #[command(subcommand)]
+    Node(node::Kind),
+}
 
-`upsilon-bench node ...` is one node process of scenario 4.";
+/// The sizes and switches of a run.
+#[derive(Debug, clap::Args)]
+struct Flags {
+    /// Small sizes and short sleeps: checks that every scenario works (seconds).
+    #[arg(long)]
+    tiny: bool,
+    /// Scenarios to run, from 1 to 5 (default: all).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', action = ArgAction::Set,
+        value_parser = scenario, allow_negative_numbers = true,
+        default_value = "1,2,3,4,5", hide_default_value = true)]
+    only: Vec<u8>,
+    /// Node counts of scenario 2, each at least 1 (with --tiny: 3).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', action = ArgAction::Set,
+        value_parser = at_least_one, allow_negative_numbers = true,
+        default_value = "20,50,100,200", default_value_if("tiny", "true", "3"))]
+    nodes: Vec<usize>,
+    /// Upgrades per node count in scenario 2 (with --tiny: 1).
+    #[arg(long, value_name = "N", value_parser = at_least_one, allow_negative_numbers = true,
+        default_value = "10", default_value_if("tiny", "true", "1"))]
+    repeats: usize,
+    /// Where the JSON goes [default: the cargo target dir's upsilon-bench.json,
+    /// or upsilon-bench-tiny.json with --tiny].
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+    /// Start-ups timed per way in scenario 1a, twice as many checks in 1b (with --tiny: 5).
+    #[arg(long, value_name = "N", value_parser = at_least_one, allow_negative_numbers = true,
+        default_value = "300", default_value_if("tiny", "true", "5"))]
+    startup_iters: usize,
+    /// The canary's task in scenario 2, in milliseconds (with --tiny: 300).
+    #[arg(long, value_name = "MS", value_parser = millis, allow_negative_numbers = true,
+        default_value = "1000", default_value_if("tiny", "true", "300"))]
+    task_ms: u64,
+    /// Waiting nodes in scenario 3 (with --tiny: 3).
+    #[arg(long, value_name = "N", value_parser = at_least_one, allow_negative_numbers = true,
+        default_value = "50", default_value_if("tiny", "true", "3"))]
+    load_nodes: usize,
+    /// The upgrade's length in scenario 3, in milliseconds (with --tiny: 500).
+    #[arg(long, value_name = "MS", value_parser = millis, allow_negative_numbers = true,
+        default_value = "10000", default_value_if("tiny", "true", "500"))]
+    load_ms: u64,
+    /// Kills per way in scenario 4 (with --tiny: 1).
+    #[arg(long, value_name = "N", value_parser = at_least_one, allow_negative_numbers = true,
+        default_value = "5", default_value_if("tiny", "true", "1"))]
+    failover_repeats: usize,
+    /// Waiting node processes in scenario 4 (with --tiny: 2).
+    #[arg(long, value_name = "N", value_parser = at_least_one, allow_negative_numbers = true,
+        default_value = "3", default_value_if("tiny", "true", "2"))]
+    failover_waiters: usize,
+    /// Lease TTL behind a transaction pooler in scenario 4, in milliseconds,
+    /// at least 300 (with --tiny: 1000).
+    #[arg(long, value_name = "MS", value_parser = ttl_millis, allow_negative_numbers = true,
+        default_value = "5000", default_value_if("tiny", "true", "1000"))]
+    ttl_ms: u64,
+    /// The statement a sqlx node is killed in, default settings, in
+    /// milliseconds (with --tiny: 1000).
+    #[arg(long, value_name = "MS", value_parser = millis, allow_negative_numbers = true,
+        default_value = "3000", default_value_if("tiny", "true", "1000"))]
+    sqlx_statement_ms: u64,
+    /// Tasks collected, validated and planned in 5a (with --tiny: 200).
+    #[arg(long, value_name = "N", value_parser = at_least_one, allow_negative_numbers = true,
+        default_value = "10000", default_value_if("tiny", "true", "200"))]
+    plan_tasks: usize,
+    /// No-op tasks run end to end in 5b (with --tiny: 20).
+    #[arg(long, value_name = "N", value_parser = at_least_one, allow_negative_numbers = true,
+        default_value = "1000", default_value_if("tiny", "true", "20"))]
+    run_tasks: usize,
+    /// Repeats of 5a and 5b (with --tiny: 1).
+    #[arg(long, value_name = "N", value_parser = at_least_one, allow_negative_numbers = true,
+        default_value = "5", default_value_if("tiny", "true", "1"))]
+    scale_repeats: usize,
+    /// Task fns of the generated crates in 5c; 0 skips it (with --tiny: 0).
+    #[arg(long, value_name = "N", value_parser = whole_number, allow_negative_numbers = true,
+        default_value = "1000", default_value_if("tiny", "true", "0"))]
+    build_tasks: usize,
+    /// Rebuilds of each generated crate.
+    #[arg(long, value_name = "N", value_parser = at_least_one, allow_negative_numbers = true,
+        default_value = "3")]
+    build_repeats: usize,
+}
+
+fn whole_number(s: &str) -> Result<usize, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| "expected a whole number".to_owned())
+}
+
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match whole_number(s) {
+        Ok(0) | Err(_) => Err("expected a whole number, at least 1".to_owned()),
+        Ok(n) => Ok(n),
+    }
+}
+
+fn millis(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| "expected a duration in whole milliseconds".to_owned())
+}
+
+fn ttl_millis(s: &str) -> Result<u64, String> {
+    match millis(s) {
+        Ok(ms) if ms >= 300 => Ok(ms),
+        _ => Err("expected a duration in whole milliseconds, at least 300".to_owned()),
+    }
+}
+
+fn scenario(s: &str) -> Result<u8, String> {
+    match s.trim().parse::<u64>() {
+        Ok(id @ 1..=5) => Ok(id as u8),
+        Ok(id) => Err(format!("there is no scenario {id}; they are 1 to 5")),
+        Err(_) => Err("expected scenario numbers, 1 to 5".to_owned()),
+    }
+}
 
 /// Sizes and switches.
 #[derive(Debug, Clone)]
@@ -97,142 +213,52 @@ fn target_dir() -> PathBuf {
         })
 }
 
-impl Options {
-    fn defaults(tiny: bool) -> Options {
+impl From<Flags> for Options {
+    fn from(f: Flags) -> Options {
         let target = target_dir();
-        let mut o = Options {
-            tiny,
-            only: (1..=5).collect(),
-            nodes: vec![20, 50, 100, 200],
-            repeats: 10,
-            json: target.join("upsilon-bench.json"),
-            startup_iters: 300,
-            task_ms: 1000,
-            load_nodes: 50,
-            load_ms: 10_000,
-            failover_repeats: 5,
-            failover_waiters: 3,
-            ttl_ms: 5000,
-            sqlx_statement_ms: 3000,
-            plan_tasks: 10_000,
-            run_tasks: 1000,
-            scale_repeats: 5,
-            build_tasks: 1000,
-            build_repeats: 3,
-            build_dir: target.join("upsilon-bench-build"),
+        let json = if f.tiny {
+            "upsilon-bench-tiny.json"
+        } else {
+            "upsilon-bench.json"
         };
-        if tiny {
-            o.nodes = vec![3];
-            o.repeats = 1;
-            o.json = target.join("upsilon-bench-tiny.json");
-            o.startup_iters = 5;
-            o.task_ms = 300;
-            o.load_nodes = 3;
-            o.load_ms = 500;
-            o.failover_repeats = 1;
-            o.failover_waiters = 2;
-            o.ttl_ms = 1000;
-            o.sqlx_statement_ms = 1000;
-            o.plan_tasks = 200;
-            o.run_tasks = 20;
-            o.scale_repeats = 1;
-            o.build_tasks = 0;
+        Options {
+            tiny: f.tiny,
+            only: f.only.into_iter().collect(),
+            nodes: f.nodes,
+            repeats: f.repeats,
+            json: f.json.unwrap_or_else(|| target.join(json)),
+            startup_iters: f.startup_iters,
+            task_ms: f.task_ms,
+            load_nodes: f.load_nodes,
+            load_ms: f.load_ms,
+            failover_repeats: f.failover_repeats,
+            failover_waiters: f.failover_waiters,
+            ttl_ms: f.ttl_ms,
+            sqlx_statement_ms: f.sqlx_statement_ms,
+            plan_tasks: f.plan_tasks,
+            run_tasks: f.run_tasks,
+            scale_repeats: f.scale_repeats,
+            build_tasks: f.build_tasks,
+            build_repeats: f.build_repeats,
+            build_dir: target.join("upsilon-bench-build"),
         }
-        o
-    }
-
-    fn parse(args: &[String]) -> anyhow::Result<Option<Options>> {
-        if args.iter().any(|a| a == "-h" || a == "--help") {
-            return Ok(None);
-        }
-        let mut o = Options::defaults(args.iter().any(|a| a == "--tiny"));
-        let mut it = args.iter();
-        while let Some(flag) = it.next() {
-            if flag == "--tiny" {
-                continue;
-            }
-            let value = it.next().with_context(|| format!("{flag} needs a value"))?;
-            let num = || -> anyhow::Result<u64> {
-                value
-                    .parse()
-                    .with_context(|| format!("{flag} takes a number, not {value:?}"))
-            };
-            let list = || -> anyhow::Result<Vec<u64>> {
-                value
-                    .split(',')
-                    .map(|v| {
-                        v.trim()
-                            .parse()
-                            .with_context(|| format!("{flag} takes numbers, not {v:?}"))
-                    })
-                    .collect()
-            };
-            match flag.as_str() {
-                "--only" => {
-                    o.only = list()?.into_iter().map(|v| v as u8).collect();
-                    if let Some(bad) = o.only.iter().find(|s| !(1..=5).contains(*s)) {
-                        bail!("--only: there is no scenario {bad}; they are 1 to 5");
-                    }
-                }
-                "--nodes" => o.nodes = list()?.into_iter().map(|v| v as usize).collect(),
-                "--repeats" => o.repeats = num()? as usize,
-                "--json" => o.json = PathBuf::from(value),
-                "--startup-iters" => o.startup_iters = num()? as usize,
-                "--task-ms" => o.task_ms = num()?,
-                "--load-nodes" => o.load_nodes = num()? as usize,
-                "--load-ms" => o.load_ms = num()?,
-                "--failover-repeats" => o.failover_repeats = num()? as usize,
-                "--failover-waiters" => o.failover_waiters = num()? as usize,
-                "--ttl-ms" => o.ttl_ms = num()?,
-                "--sqlx-statement-ms" => o.sqlx_statement_ms = num()?,
-                "--plan-tasks" => o.plan_tasks = num()? as usize,
-                "--run-tasks" => o.run_tasks = num()? as usize,
-                "--scale-repeats" => o.scale_repeats = num()? as usize,
-                "--build-tasks" => o.build_tasks = num()? as usize,
-                "--build-repeats" => o.build_repeats = num()? as usize,
-                other => bail!("unknown flag {other:?}"),
-            }
-        }
-        let positive = [
-            ("--repeats", o.repeats),
-            ("--startup-iters", o.startup_iters),
-            ("--load-nodes", o.load_nodes),
-            ("--failover-repeats", o.failover_repeats),
-            ("--failover-waiters", o.failover_waiters),
-            ("--plan-tasks", o.plan_tasks),
-            ("--run-tasks", o.run_tasks),
-            ("--scale-repeats", o.scale_repeats),
-            ("--build-repeats", o.build_repeats),
-        ];
-        if let Some((flag, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            bail!("{flag} must be at least 1");
-        }
-        if o.nodes.is_empty() || o.nodes.contains(&0) {
-            bail!("--nodes takes node counts of at least 1");
-        }
-        if o.ttl_ms < 300 {
-            bail!("--ttl-ms must be at least 300");
-        }
-        Ok(Some(o))
     }
 }
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("node") {
-        return node::main(&args[1..]);
-    }
-    let options = match Options::parse(&args) {
-        Ok(Some(o)) => o,
-        Ok(None) => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
+    let cli = Cli::try_parse().unwrap_or_else(|e| {
+        // A node process says on stdout that it failed, bad flags included.
+        if e.use_stderr() && args.first().map(String::as_str) == Some("node") {
+            println!("failed");
         }
-        Err(e) => {
-            eprintln!("upsilon-bench: {e:#}\n\n{USAGE}");
-            return ExitCode::from(2);
-        }
+        e.exit()
+    });
+    let flags = match cli.command {
+        Some(Command::Node(kind)) => return node::main(kind),
+        None => cli.flags,
     };
+    let options = Options::from(flags);
     // Two workers: the machines this runs on have two cores.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -346,4 +372,146 @@ async fn run(o: &Options, args: &[String]) -> anyhow::Result<()> {
         o.json.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Options {
+        let argv = std::iter::once("upsilon-bench").chain(args.iter().copied());
+        let cli = Cli::try_parse_from(argv).unwrap();
+        assert!(cli.command.is_none());
+        Options::from(cli.flags)
+    }
+
+    #[test]
+    fn the_flags_are_well_formed() {
+        <Cli as clap::CommandFactory>::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults() {
+        let o = parse(&[]);
+        assert!(!o.tiny);
+        assert_eq!(o.only, (1..=5).collect());
+        assert_eq!(o.nodes, [20, 50, 100, 200]);
+        assert_eq!(o.json, target_dir().join("upsilon-bench.json"));
+        let sizes = [
+            o.repeats,
+            o.startup_iters,
+            o.load_nodes,
+            o.failover_repeats,
+            o.failover_waiters,
+            o.plan_tasks,
+            o.run_tasks,
+            o.scale_repeats,
+            o.build_tasks,
+            o.build_repeats,
+        ];
+        assert_eq!(sizes, [10, 300, 50, 5, 3, 10_000, 1000, 5, 1000, 3]);
+        let ms = [o.task_ms, o.load_ms, o.ttl_ms, o.sqlx_statement_ms];
+        assert_eq!(ms, [1000, 10_000, 5000, 3000]);
+    }
+
+    #[test]
+    fn tiny_defaults() {
+        let o = parse(&["--tiny"]);
+        assert!(o.tiny);
+        assert_eq!(o.only, (1..=5).collect());
+        assert_eq!(o.nodes, [3]);
+        assert_eq!(o.json, target_dir().join("upsilon-bench-tiny.json"));
+        let sizes = [
+            o.repeats,
+            o.startup_iters,
+            o.load_nodes,
+            o.failover_repeats,
+            o.failover_waiters,
+            o.plan_tasks,
+            o.run_tasks,
+            o.scale_repeats,
+            o.build_tasks,
+            o.build_repeats,
+        ];
+        assert_eq!(sizes, [1, 5, 3, 1, 2, 200, 20, 1, 0, 3]);
+        let ms = [o.task_ms, o.load_ms, o.ttl_ms, o.sqlx_statement_ms];
+        assert_eq!(ms, [300, 500, 1000, 1000]);
+    }
+
+    #[test]
+    fn a_flag_beats_the_tiny_default_wherever_it_stands() {
+        let o = parse(&[
+            "--repeats",
+            "4",
+            "--tiny",
+            "--nodes",
+            "5, 6",
+            "--json",
+            "x.json",
+        ]);
+        assert_eq!(
+            (o.repeats, o.nodes, o.json),
+            (4, vec![5, 6], "x.json".into())
+        );
+        assert_eq!(o.startup_iters, 5);
+    }
+
+    #[test]
+    fn the_last_of_a_repeated_flag_counts() {
+        let o = parse(&[
+            "--repeats",
+            "4",
+            "--repeats",
+            "6",
+            "--only",
+            "1,2",
+            "--only",
+            "3",
+        ]);
+        assert_eq!((o.repeats, o.only), (6, [3].into()));
+    }
+
+    #[test]
+    fn node_processes_take_their_own_flags() {
+        let up = [
+            "node",
+            "upsilon",
+            "--url",
+            "u",
+            "--service",
+            "s",
+            "--name",
+            "n",
+        ];
+        let cli = Cli::try_parse_from(["b"].iter().chain(&up).chain(&["--task-ms", "5"])).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Node(node::Kind::Upsilon {
+                task_ms: 5,
+                ttl_ms: None,
+                ..
+            }))
+        ));
+        let sqlx = [
+            "b",
+            "node",
+            "sqlx",
+            "--url",
+            "u",
+            "--schema",
+            "s",
+            "--task-ms",
+            "5",
+        ];
+        let cli = Cli::try_parse_from(sqlx.iter().chain(&["--check-ms", "100"])).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Node(node::Kind::Sqlx {
+                check_ms: Some(100),
+                ..
+            }))
+        ));
+        assert!(Cli::try_parse_from(sqlx.iter().chain(&["--ttl-ms", "100"])).is_err());
+        assert!(Cli::try_parse_from(["b", "--tiny", "node", "sqlx"]).is_err());
+    }
 }

@@ -9,18 +9,60 @@
 //! upsilon-bench node sqlx --url URL --schema S --task-ms MS [--check-ms MS]
 //! ```
 
-use std::collections::HashMap;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
+use clap::Subcommand;
 use upsilon::{Holder, Status};
 use upsilon_backends::postgres::PostgresBackend;
 
 use crate::common::{migrator, released_tasks, sleeping_task, sqlx_connect_with};
 
-pub fn main(args: &[String]) -> ExitCode {
+/// Which way the node upgrades.
+#[derive(Debug, Subcommand)]
+pub enum Kind {
+    /// An Upsilon node: upgrades its service from 1.0 to 1.1.
+    Upsilon {
+        /// The PostgreSQL server's URL.
+        #[arg(long)]
+        url: String,
+        /// The service upgraded.
+        #[arg(long, value_name = "S")]
+        service: String,
+        /// The node's name (its holder's pod).
+        #[arg(long)]
+        name: String,
+        /// How long the task at 1.1 sleeps, in milliseconds.
+        #[arg(long, value_name = "MS", value_parser = crate::millis,
+            allow_negative_numbers = true)]
+        task_ms: u64,
+        /// The lease TTL, in milliseconds [default: Upsilon's].
+        #[arg(long, value_name = "MS", value_parser = crate::millis,
+            allow_negative_numbers = true)]
+        ttl_ms: Option<u64>,
+    },
+    /// A sqlx node: runs the migrator, whose migration at 1.1 sleeps.
+    Sqlx {
+        /// The PostgreSQL server's URL.
+        #[arg(long)]
+        url: String,
+        /// The schema migrated (the connection's search_path).
+        #[arg(long, value_name = "S")]
+        schema: String,
+        /// How long the migration at 1.1 sleeps, in milliseconds.
+        #[arg(long, value_name = "MS", value_parser = crate::millis,
+            allow_negative_numbers = true)]
+        task_ms: u64,
+        /// The session's client_connection_check_interval, in milliseconds
+        /// [default: the server's, no check].
+        #[arg(long, value_name = "MS", value_parser = crate::millis,
+            allow_negative_numbers = true)]
+        check_ms: Option<u64>,
+    },
+}
+
+pub fn main(kind: Kind) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -31,7 +73,7 @@ pub fn main(args: &[String]) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(args)) {
+    match rt.block_on(run(kind)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             println!("failed");
@@ -41,38 +83,29 @@ pub fn main(args: &[String]) -> ExitCode {
     }
 }
 
-async fn run(args: &[String]) -> anyhow::Result<()> {
-    let kind = args.first().context("node: upsilon or sqlx?")?.clone();
-    let mut flags = HashMap::new();
-    let mut it = args[1..].iter();
-    while let Some(flag) = it.next() {
-        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
-        flags.insert(flag.as_str(), value.clone());
-    }
-    let get = |k: &str| {
-        flags
-            .get(k)
-            .cloned()
-            .with_context(|| format!("missing {k}"))
-    };
-    let url = get("--url")?;
-    let task = Duration::from_millis(get("--task-ms")?.parse()?);
-    match kind.as_str() {
-        "upsilon" => {
+async fn run(kind: Kind) -> anyhow::Result<()> {
+    match kind {
+        Kind::Upsilon {
+            url,
+            service,
+            name,
+            task_ms,
+            ttl_ms,
+        } => {
             let backend = Arc::new(PostgresBackend::connect_url(&url).await?);
             let mut tasks = released_tasks();
-            tasks.push(sleeping_task(task));
+            tasks.push(sleeping_task(Duration::from_millis(task_ms)));
             let mut builder = upsilon::Upsilon::builder()
-                .service(get("--service")?)
+                .service(service)
                 .app_version("1.1")
                 .backend(backend)
                 .tasks(tasks)
                 .holder(Holder {
-                    pod: Some(get("--name")?),
+                    pod: Some(name),
                     ..Holder::current()
                 });
-            if let Some(ttl) = flags.get("--ttl-ms") {
-                builder = builder.ttl(Duration::from_millis(ttl.parse()?));
+            if let Some(ttl) = ttl_ms {
+                builder = builder.ttl(Duration::from_millis(ttl));
             }
             let up = builder.build()?;
             let mut status = up.status();
@@ -96,24 +129,30 @@ async fn run(args: &[String]) -> anyhow::Result<()> {
             let outcome = up.run().await?;
             println!("ready {outcome}");
         }
-        "sqlx" => {
+        Kind::Sqlx {
+            url,
+            schema,
+            task_ms,
+            check_ms,
+        } => {
             // PostgreSQL notices a dead client in the middle of a statement
             // only with `client_connection_check_interval` set.
-            let check = flags.get("--check-ms").map(|ms| format!("{ms}ms"));
+            let check = check_ms.map(|ms| format!("{ms}ms"));
             let settings: Vec<(&str, &str)> = check
                 .iter()
                 .map(|v| ("client_connection_check_interval", v.as_str()))
                 .collect();
-            let mut conn = sqlx_connect_with(&url, Some(&get("--schema")?), &settings).await?;
+            let mut conn = sqlx_connect_with(&url, Some(&schema), &settings).await?;
             let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
                 .fetch_one(&mut conn)
                 .await?;
             println!("pid {pid}");
             println!("started");
-            migrator(Some(task)).run(&mut conn).await?;
+            migrator(Some(Duration::from_millis(task_ms)))
+                .run(&mut conn)
+                .await?;
             println!("ready");
         }
-        other => anyhow::bail!("node: unknown kind {other:?}; upsilon or sqlx"),
     }
     Ok(())
 }

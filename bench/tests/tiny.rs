@@ -43,13 +43,21 @@ fn a_tiny_run_prints_every_scenario_and_writes_json() {
 }
 
 #[test]
-fn bad_flags_are_refused_with_the_usage() {
-    let out = Command::new(env!("CARGO_BIN_EXE_upsilon-bench"))
-        .args(["--only", "7"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("no scenario 7"), "{stderr}");
-    assert!(stderr.contains("usage: upsilon-bench"), "{stderr}");
+fn bad_flags_are_refused_naming_the_flag() {
+    for (args, said) in [
+        (&["--only", "7"][..], "no scenario 7"),
+        (&["--repeats", "0"], "--repeats <N>"),
+        (&["--load-ms", "-1"], "--load-ms <MS>"),
+        (&["--ttl-ms", "soon"], "--ttl-ms <MS>"),
+        (&["--bogus"], "'--bogus'"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_upsilon-bench"))
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(said), "{args:?}: {stderr}");
+        assert!(stderr.contains("--help"), "{args:?}: {stderr}");
+    }
 }

@@ -153,3 +153,28 @@ fn a_killed_canary_is_resumed_without_rerunning_completed_tasks() {
     );
     assert!(rows[3..].iter().all(|r| r.3 && r.1 == rows[3].1));
 }
+
+#[test]
+fn a_node_refuses_an_unknown_or_malformed_flag_naming_it() {
+    let (_dir, db) = temp_db();
+    for (extra, named) in [
+        (&["--bogus", "1"][..], "'--bogus'"),
+        (&["--task-ms", "soon"], "--task-ms <MS>"),
+        (&["--ttl-ms", "-5"], "--ttl-ms <MS>"),
+        (&["--tasks", "1.0-2"], "--tasks <VERSION:COUNT,...>"),
+        (&["--ttl-ms"], "--ttl-ms <MS>"),
+    ] {
+        let out = node(&db, "a", "1.1", "1.0:1", 10)
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} accepted:\n{stderr}");
+        assert!(stderr.contains(named), "{extra:?}:\n{stderr}");
+        assert!(!db.exists(), "{extra:?}: the node opened its store");
+    }
+    let out = Command::new(NODE).arg("--url").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--url <URL>"), "{stderr}");
+}

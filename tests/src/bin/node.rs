@@ -4,52 +4,59 @@
 //! can tell which node did what under which fence.
 //!
 //! ```text
-//! node --url sqlite:///PATH --name NAME --app-version 1.1 --tasks 1.0:2,1.1:3 [--task-ms 50] [--ttl-ms 1000]
+//! node --url sqlite:///PATH --name NAME --app-version 1.1 --tasks 1.0:2,1.1:3 [--task-ms 50] [--ttl-ms 2000]
 //! ```
-//! Exit code 0 when the node became READY, 1 otherwise (the error on stderr).
+//! Exit code 0 when the node became READY, 1 otherwise (the error on
+//! stderr), 2 for bad flags (clap's message on stderr); `--help` lists them.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context as _};
+use anyhow::bail;
+use clap::{ArgAction, Parser};
 use rusqlite::Connection;
 use upsilon::{AboveAppPolicy, Holder, Outcome, Task, TaskContext, TaskFuture, Upsilon};
 
+/// A cluster node for the multi-process tests: runs Upsilon with generated
+/// tasks, each recording its runs in an `audit` table of the store's
+/// database. Exits 0 once READY.
+#[derive(Debug, Parser)]
+#[command(name = "node", args_override_self = true)]
 struct Args {
+    /// The store: sqlite:///PATH or postgres://...; the audit table goes
+    /// in the same database.
+    #[arg(long)]
     url: String,
+    /// The node's name (its holder's pod), in the audit rows and its output.
+    #[arg(long)]
     name: String,
+    /// The version of the app the node runs.
+    #[arg(long, value_name = "VERSION")]
     app_version: String,
+    /// How many tasks at each version, numbered t1, t2, ... in order.
+    #[arg(long, value_name = "VERSION:COUNT,...", required = true, value_delimiter = ',',
+        action = ArgAction::Set, value_parser = task_count)]
     tasks: Vec<(String, u32)>,
-    task_ms: u64,
-    ttl_ms: u64,
+    /// How long each task runs, in milliseconds.
+    #[arg(long, value_name = "MS", value_parser = millis, allow_negative_numbers = true,
+        default_value = "50")]
+    task_ms: Duration,
+    /// The lease TTL, in milliseconds.
+    #[arg(long, value_name = "MS", value_parser = millis, allow_negative_numbers = true,
+        default_value = "2000")]
+    ttl_ms: Duration,
 }
 
-fn parse() -> anyhow::Result<Args> {
-    let mut map = HashMap::new();
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
-        map.insert(flag, value);
-    }
-    let get = |k: &str| map.get(k).cloned().with_context(|| format!("missing {k}"));
-    let tasks = get("--tasks")?
-        .split(',')
-        .map(|spec| {
-            let (v, n) = spec
-                .split_once(':')
-                .context("--tasks takes VERSION:COUNT,...")?;
-            Ok((v.to_owned(), n.parse()?))
-        })
-        .collect::<anyhow::Result<_>>()?;
-    Ok(Args {
-        url: get("--url")?,
-        name: get("--name")?,
-        app_version: get("--app-version")?,
-        tasks,
-        task_ms: map.get("--task-ms").map_or(Ok(50), |v| v.parse())?,
-        ttl_ms: map.get("--ttl-ms").map_or(Ok(2000), |v| v.parse())?,
-    })
+fn task_count(s: &str) -> Result<(String, u32), String> {
+    s.split_once(':')
+        .and_then(|(v, n)| Some((v.to_owned(), n.parse().ok()?)))
+        .ok_or_else(|| "expected VERSION:COUNT, such as 1.1:3".to_owned())
+}
+
+fn millis(s: &str) -> Result<Duration, String> {
+    s.parse()
+        .map(Duration::from_millis)
+        .map_err(|_| "expected a duration in whole milliseconds".to_owned())
 }
 
 /// Where the audit rows go: the same database as the store.
@@ -66,7 +73,7 @@ const NOW_MS_PG: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint"
 
 struct Audit {
     sink: Sink,
-    task_ms: u64,
+    task: Duration,
 }
 
 fn open(db: &Path) -> rusqlite::Result<Connection> {
@@ -76,7 +83,7 @@ fn open(db: &Path) -> rusqlite::Result<Connection> {
 }
 
 impl Audit {
-    async fn for_url(url: &str, task_ms: u64) -> anyhow::Result<Audit> {
+    async fn for_url(url: &str, task: Duration) -> anyhow::Result<Audit> {
         let sink = match url.split_once("://") {
             Some(("postgres" | "postgresql", _)) => {
                 let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
@@ -102,7 +109,7 @@ impl Audit {
             }
             _ => bail!("no audit table for {url:?}"),
         };
-        Ok(Audit { sink, task_ms })
+        Ok(Audit { sink, task })
     }
 
     /// Records the start of a run; returns its row id.
@@ -169,7 +176,7 @@ fn audit_task(version: &str, n: u32) -> anyhow::Result<Task> {
             Box::pin(async move {
                 let audit = ctx.resource::<Audit>()?;
                 let row = audit.start(ctx).await?;
-                tokio::time::sleep(Duration::from_millis(audit.task_ms)).await;
+                tokio::time::sleep(audit.task).await;
                 audit.finish(row).await?;
                 Ok(())
             })
@@ -185,7 +192,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = parse()?;
+    let args = Args::parse();
     let audit = Audit::for_url(&args.url, args.task_ms).await?;
     let mut tasks = Vec::new();
     let mut order = 0;
@@ -205,7 +212,7 @@ async fn main() -> anyhow::Result<()> {
         })
         .tasks(tasks)
         .tasks_above_app(AboveAppPolicy::Ignore)
-        .ttl(Duration::from_millis(args.ttl_ms))
+        .ttl(args.ttl_ms)
         .poll_interval(Duration::from_millis(50))
         .resource(audit)
         .build()?;
@@ -220,5 +227,13 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Err(e) => bail!("{} not ready: {e}", args.name),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_flags_are_well_formed() {
+        <super::Args as clap::CommandFactory>::command().debug_assert();
     }
 }
