@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use upsilon::backend::AttemptState;
 use upsilon::backend::{Acquire, BackendError, Lock, Store};
-use upsilon::testing::conformance::{self, Harness};
+use upsilon::testing::conformance::{self, Harness, Wake};
 use upsilon::testing::{self};
 use upsilon::{BoxError, Error, Outcome, RetryPolicy, Task, TaskContext, TaskFuture, Upsilon};
 use upsilon_backends::postgres::tokio_postgres::{self, Client, NoTls};
@@ -57,6 +57,8 @@ fn granted(a: Acquire) -> upsilon::backend::Lease {
 
 struct Pg {
     backend: Arc<PostgresBackend>,
+    /// Another node's backend on the same schema: its own pool and session.
+    peer: Arc<PostgresBackend>,
     schema: String,
     client: Client,
     saved: Mutex<Option<String>>,
@@ -66,6 +68,7 @@ impl Pg {
     async fn new(schema: &str) -> Pg {
         Pg {
             backend: Arc::new(backend(schema).await),
+            peer: Arc::new(backend(schema).await),
             schema: schema.to_owned(),
             client: raw(&server().url()).await,
             saved: Mutex::new(None),
@@ -80,6 +83,9 @@ impl Harness for Pg {
     }
     fn store(&self) -> Arc<dyn Store> {
         self.backend.clone()
+    }
+    fn peer_lock(&self) -> Arc<dyn Lock> {
+        self.peer.clone()
     }
     async fn corrupt(&self, service: &str) {
         let s = &self.schema;
@@ -138,20 +144,24 @@ impl Harness for Pg {
 
 #[tokio::test]
 async fn postgres_backend_conforms() {
-    conformance::run_all(&Pg::new("conformance").await).await;
+    let report = conformance::run_all(&Pg::new("conformance").await).await;
+    assert_eq!(report.wake, Wake::Notifies, "LISTEN/NOTIFY wakes waiters");
 }
 
 #[tokio::test]
 async fn behind_a_transaction_pooler_it_conforms_and_polls() {
     let pg = Pg::new("pooled").await;
-    let pooled = PostgresBackend::connect(options("pooled").transaction_pooling(true))
-        .await
-        .unwrap();
+    let pooled = || async {
+        let opts = options("pooled").transaction_pooling(true);
+        Arc::new(PostgresBackend::connect(opts).await.unwrap())
+    };
     let h = Pg {
-        backend: Arc::new(pooled),
+        backend: pooled().await,
+        peer: pooled().await,
         ..pg
     };
-    conformance::run_all(&h).await;
+    let report = conformance::run_all(&h).await;
+    assert_eq!(report.wake, Wake::Polls, "no notifications behind a pooler");
     // No session: the lease row names no server process.
     let lease = granted(
         h.backend

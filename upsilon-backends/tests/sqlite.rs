@@ -9,13 +9,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::Connection;
 use upsilon::backend::{BackendError, Lock, Store};
-use upsilon::testing::conformance::{self, Harness};
+use upsilon::testing::conformance::{self, Harness, Wake};
 use upsilon::testing::{self};
 use upsilon::{Outcome, Task, TaskContext, TaskFuture, Upsilon};
 use upsilon_backends::sqlite::SqliteBackend;
 
 struct Sqlite {
     backend: Arc<SqliteBackend>,
+    /// Another node's connection to the same file.
+    peer: Arc<SqliteBackend>,
     path: PathBuf,
     saved: Mutex<Option<String>>,
     _dir: tempfile::TempDir,
@@ -27,6 +29,7 @@ impl Sqlite {
         let path = dir.path().join("upsilon.db");
         Sqlite {
             backend: Arc::new(SqliteBackend::open(&path).await.unwrap()),
+            peer: Arc::new(SqliteBackend::open(&path).await.unwrap()),
             path,
             saved: Mutex::new(None),
             _dir: dir,
@@ -47,6 +50,9 @@ impl Harness for Sqlite {
     }
     fn store(&self) -> Arc<dyn Store> {
         self.backend.clone()
+    }
+    fn peer_lock(&self) -> Arc<dyn Lock> {
+        self.peer.clone()
     }
     async fn corrupt(&self, service: &str) {
         let c = self.raw();
@@ -94,7 +100,8 @@ impl Harness for Sqlite {
 
 #[tokio::test]
 async fn sqlite_backend_conforms() {
-    conformance::run_all(&Sqlite::new().await).await;
+    let report = conformance::run_all(&Sqlite::new().await).await;
+    assert_eq!(report.wake, Wake::Polls, "waiting nodes poll");
 }
 
 #[tokio::test]

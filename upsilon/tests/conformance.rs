@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use upsilon::backend::{Lock, Store};
-use upsilon::testing::conformance::{self, Harness};
+use upsilon::testing::conformance::{self, Harness, Wake};
 use upsilon::testing::MemoryBackend;
 
 struct Memory(Arc<MemoryBackend>);
@@ -27,5 +27,8 @@ impl Harness for Memory {
 
 #[tokio::test(start_paused = true)]
 async fn memory_backend_conforms() {
-    conformance::run_all(&Memory(MemoryBackend::new())).await;
+    let report = conformance::run_all(&Memory(MemoryBackend::new())).await;
+    assert_eq!(report.wake, Wake::Notifies, "waiters are woken at once");
+    // No format marker: nothing else is skipped.
+    assert_eq!(report.skipped, ["unknown_format_refused"]);
 }

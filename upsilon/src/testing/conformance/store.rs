@@ -260,9 +260,11 @@ pub async fn corrupt_data_is_typed(h: &dyn Harness, service: &str) {
 }
 
 /// A store written by a newer format is refused with a typed error.
-pub async fn unknown_format_refused(h: &dyn Harness, service: &str) {
+///
+/// Needs [`Harness::future_format`]; returns `false` without it.
+pub async fn unknown_format_refused(h: &dyn Harness, service: &str) -> bool {
     if !h.future_format().await {
-        return;
+        return false;
     }
     let result = h.store().load(service).await;
     h.reset_format().await;
@@ -270,4 +272,5 @@ pub async fn unknown_format_refused(h: &dyn Harness, service: &str) {
         matches!(result, Err(BackendError::UnsupportedFormat { .. })),
         "unknown_format_refused: got {result:?}"
     );
+    true
 }
