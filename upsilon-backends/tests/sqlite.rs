@@ -96,6 +96,18 @@ impl Harness for Sqlite {
             )
             .unwrap();
     }
+    async fn delete_state_row(&self, service: &str) -> bool {
+        let c = self.raw();
+        c.execute("DELETE FROM upsilon_state WHERE service = ?1", [service])
+            .unwrap()
+            == 1
+    }
+    async fn delete_history(&self, service: &str) -> bool {
+        self.raw()
+            .execute("DELETE FROM upsilon_history WHERE service = ?1", [service])
+            .unwrap();
+        true
+    }
 }
 
 #[tokio::test]
@@ -119,65 +131,6 @@ async fn a_newer_format_is_refused_at_open_and_nothing_is_written() {
         .query_row("SELECT COUNT(*) FROM upsilon_state", [], |r| r.get(0))
         .unwrap();
     assert_eq!(services, 0);
-}
-
-#[tokio::test]
-async fn deleting_the_state_row_does_not_reset_the_fence() {
-    let h = Sqlite::new().await;
-    let lease = match h
-        .backend
-        .try_acquire("svc", &testing::holder(1), Duration::from_secs(60))
-        .await
-        .unwrap()
-    {
-        upsilon::backend::Acquire::Granted(l) => l,
-        other => panic!("{other:?}"),
-    };
-    h.backend.claim("svc", lease.fence).await.unwrap();
-    h.backend
-        .apply(
-            "svc",
-            lease.fence,
-            &[upsilon::backend::Change::Baseline(
-                upsilon::parse_version("1.0").unwrap(),
-            )],
-        )
-        .await
-        .unwrap();
-    let first = lease.fence;
-    h.backend.release(&lease).await.unwrap();
-    // Grant a few more, then an operator deletes the state row by hand.
-    let mut last = first;
-    for n in 2..5 {
-        if let upsilon::backend::Acquire::Granted(l) = h
-            .backend
-            .try_acquire("svc", &testing::holder(n), Duration::from_secs(60))
-            .await
-            .unwrap()
-        {
-            h.backend.claim("svc", l.fence).await.unwrap();
-            h.backend
-                .apply(
-                    "svc",
-                    l.fence,
-                    &[testing::start_attempt(&format!("t{n}"), "1.1", 1)],
-                )
-                .await
-                .unwrap();
-            last = l.fence;
-            h.backend.release(&l).await.unwrap();
-        }
-    }
-    h.raw().execute("DELETE FROM upsilon_state", []).unwrap();
-    let upsilon::backend::Acquire::Granted(after) = h
-        .backend
-        .try_acquire("svc", &testing::holder(9), Duration::from_secs(60))
-        .await
-        .unwrap()
-    else {
-        panic!()
-    };
-    assert!(after.fence > last, "fence {} after {last}", after.fence);
 }
 
 fn counting(runs: &Arc<Mutex<Vec<String>>>, version: &str, order: u32, id: &str) -> Task {

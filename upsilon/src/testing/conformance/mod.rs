@@ -92,9 +92,12 @@ use crate::ids::{Holder, TaskKey};
 
 use super::{holder, start_attempt, v};
 
+mod deletion;
 mod lease;
 mod store;
 mod wait;
+
+pub use deletion::{deleting_the_history_keeps_the_fence, deleting_the_state_row_keeps_the_fence};
 
 pub use lease::{exclusive, expiry_takeover, fence_grows, non_holder_refused, renewal};
 pub use store::{
@@ -138,6 +141,23 @@ pub trait Harness: Send + Sync {
     }
     /// Undoes [`Harness::future_format`].
     async fn reset_format(&self) {}
+    /// Deletes what the backend keeps of `service` apart from its history
+    /// (for SQL backends: its row in the state table, with the lease, the
+    /// fence counters, the data version and the baseline), behind the
+    /// backend's back, as an operator might by hand, and returns `true`.
+    /// `false` (the default) where the harness cannot. For
+    /// [`deleting_the_state_row_keeps_the_fence`].
+    async fn delete_state_row(&self, service: &str) -> bool {
+        let _ = service;
+        false
+    }
+    /// Deletes every history row of `service` and nothing else, behind the
+    /// backend's back, and returns `true`. `false` (the default) where the
+    /// harness cannot. For [`deleting_the_history_keeps_the_fence`].
+    async fn delete_history(&self, service: &str) -> bool {
+        let _ = service;
+        false
+    }
 }
 
 /// What [`run_all`] found.
@@ -182,6 +202,8 @@ pub async fn run_all(h: &dyn Harness) -> Report {
     check!(history_round_trip, svc("history"));
     check!(services_are_separate, svc("a"), svc("b"));
     check!(corrupt_data_is_typed, svc("corrupt"));
+    check!(deleting_the_state_row_keeps_the_fence, svc("del_state"));
+    check!(deleting_the_history_keeps_the_fence, svc("del_history"));
     for wake in [
         check!(wait_wakes_on_release, svc("wake_release")),
         check!(wait_wakes_on_data_version, svc("wake_data")),
