@@ -259,18 +259,48 @@ pub async fn corrupt_data_is_typed(h: &dyn Harness, service: &str) {
     );
 }
 
-/// A store written by a newer format is refused with a typed error.
+/// A store written by a newer format is refused with
+/// [`BackendError::UnsupportedFormat`] by every store operation (load, claim,
+/// apply, history), and the refused claim and write change nothing.
 ///
 /// Needs [`Harness::future_format`]; returns `false` without it.
 pub async fn unknown_format_refused(h: &dyn Harness, service: &str) -> bool {
+    let store = h.store();
+    store.claim(service, 1).await.expect("claim");
+    store
+        .apply(service, 1, &[Change::DataVersion(v("1.0"))])
+        .await
+        .expect("write");
+    let before = store.load(service).await.expect("load");
     if !h.future_format().await {
         return false;
     }
-    let result = h.store().load(service).await;
+    let load = store.load(service).await.map(|_| ());
+    let claim = store.claim(service, 2).await.map(|_| ());
+    let apply = store
+        .apply(service, 1, &[start_attempt("a", "1.1", 1)])
+        .await;
+    let history = store.history(service).await.map(|_| ());
+    // Put the format back before asserting, so a failure leaves the store usable.
     h.reset_format().await;
-    assert!(
-        matches!(result, Err(BackendError::UnsupportedFormat { .. })),
-        "unknown_format_refused: got {result:?}"
+    for (op, result) in [
+        ("load", load),
+        ("claim", claim),
+        ("apply", apply),
+        ("history", history),
+    ] {
+        assert!(
+            matches!(result, Err(BackendError::UnsupportedFormat { .. })),
+            "unknown_format_refused: {op} gave {result:?}"
+        );
+    }
+    let after = store
+        .load(service)
+        .await
+        .expect("load after the format is reset");
+    assert_eq!(
+        after, before,
+        "unknown_format_refused: the refused claim and write changed nothing"
     );
     true
 }
