@@ -97,15 +97,19 @@ impl Harness for Sqlite {
             .unwrap();
     }
     async fn delete_state_row(&self, service: &str) -> bool {
-        let c = self.raw();
-        c.execute("DELETE FROM upsilon_state WHERE service = ?1", [service])
-            .unwrap()
-            == 1
+        let deleted = self
+            .raw()
+            .execute("DELETE FROM upsilon_state WHERE service = ?1", [service])
+            .unwrap();
+        assert_eq!(deleted, 1, "the state row of {service}");
+        true
     }
     async fn delete_history(&self, service: &str) -> bool {
-        self.raw()
+        let deleted = self
+            .raw()
             .execute("DELETE FROM upsilon_history WHERE service = ?1", [service])
             .unwrap();
+        assert!(deleted > 0, "the history of {service}");
         true
     }
 }
@@ -114,6 +118,7 @@ impl Harness for Sqlite {
 async fn sqlite_backend_conforms() {
     let report = conformance::run_all(&Sqlite::new().await).await;
     assert_eq!(report.wake, Wake::Polls, "waiting nodes poll");
+    assert!(report.skipped.is_empty(), "skipped: {:?}", report.skipped);
 }
 
 #[tokio::test]

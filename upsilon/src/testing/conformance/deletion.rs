@@ -24,6 +24,7 @@ pub async fn deleting_the_state_row_keeps_the_fence(h: &dyn Harness, service: &s
     let check = "deleting_the_state_row_keeps_the_fence";
     let (lock, store) = (h.lock(), h.store());
     let first = grant(&*lock, service, &holder(1), TTL).await;
+    assert!(first.fence > 0, "{check}: the first grant got fence 0");
     store.claim(service, first.fence).await.expect("claim");
     store
         .apply(service, first.fence, &[Change::Baseline(v("1.0"))])

@@ -33,7 +33,7 @@
 //!
 //! The suite needs a tokio runtime (either flavour; paused time works if the
 //! backend's clock follows tokio's, as [`MemoryBackend`](super::MemoryBackend)'s
-//! does). Each check works on services of its own (`conf<random>_<check>`),
+//! does). Each check works on services of its own (`conf<random>_<name>`),
 //! so several runs can share one database, with one exception:
 //! [`Harness::future_format`] marks the whole store, so nothing else may use
 //! that store while [`unknown_format_refused`] runs.
