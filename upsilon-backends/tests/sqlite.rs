@@ -9,13 +9,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::Connection;
 use upsilon::backend::{BackendError, Lock, Store};
-use upsilon::testing::conformance::{self, Harness};
+use upsilon::testing::conformance::{self, Harness, Wake};
 use upsilon::testing::{self};
 use upsilon::{Outcome, Task, TaskContext, TaskFuture, Upsilon};
 use upsilon_backends::sqlite::SqliteBackend;
 
 struct Sqlite {
     backend: Arc<SqliteBackend>,
+    /// Another node's connection to the same file.
+    peer: Arc<SqliteBackend>,
     path: PathBuf,
     saved: Mutex<Option<String>>,
     _dir: tempfile::TempDir,
@@ -27,6 +29,7 @@ impl Sqlite {
         let path = dir.path().join("upsilon.db");
         Sqlite {
             backend: Arc::new(SqliteBackend::open(&path).await.unwrap()),
+            peer: Arc::new(SqliteBackend::open(&path).await.unwrap()),
             path,
             saved: Mutex::new(None),
             _dir: dir,
@@ -47,6 +50,9 @@ impl Harness for Sqlite {
     }
     fn store(&self) -> Arc<dyn Store> {
         self.backend.clone()
+    }
+    fn peer_lock(&self) -> Arc<dyn Lock> {
+        self.peer.clone()
     }
     async fn corrupt(&self, service: &str) {
         let c = self.raw();
@@ -90,11 +96,29 @@ impl Harness for Sqlite {
             )
             .unwrap();
     }
+    async fn delete_state_row(&self, service: &str) -> bool {
+        let deleted = self
+            .raw()
+            .execute("DELETE FROM upsilon_state WHERE service = ?1", [service])
+            .unwrap();
+        assert_eq!(deleted, 1, "the state row of {service}");
+        true
+    }
+    async fn delete_history(&self, service: &str) -> bool {
+        let deleted = self
+            .raw()
+            .execute("DELETE FROM upsilon_history WHERE service = ?1", [service])
+            .unwrap();
+        assert!(deleted > 0, "the history of {service}");
+        true
+    }
 }
 
 #[tokio::test]
 async fn sqlite_backend_conforms() {
-    conformance::run_all(&Sqlite::new().await).await;
+    let report = conformance::run_all(&Sqlite::new().await).await;
+    assert_eq!(report.wake, Wake::Polls, "waiting nodes poll");
+    assert!(report.skipped.is_empty(), "skipped: {:?}", report.skipped);
 }
 
 #[tokio::test]
@@ -112,65 +136,6 @@ async fn a_newer_format_is_refused_at_open_and_nothing_is_written() {
         .query_row("SELECT COUNT(*) FROM upsilon_state", [], |r| r.get(0))
         .unwrap();
     assert_eq!(services, 0);
-}
-
-#[tokio::test]
-async fn deleting_the_state_row_does_not_reset_the_fence() {
-    let h = Sqlite::new().await;
-    let lease = match h
-        .backend
-        .try_acquire("svc", &testing::holder(1), Duration::from_secs(60))
-        .await
-        .unwrap()
-    {
-        upsilon::backend::Acquire::Granted(l) => l,
-        other => panic!("{other:?}"),
-    };
-    h.backend.claim("svc", lease.fence).await.unwrap();
-    h.backend
-        .apply(
-            "svc",
-            lease.fence,
-            &[upsilon::backend::Change::Baseline(
-                upsilon::parse_version("1.0").unwrap(),
-            )],
-        )
-        .await
-        .unwrap();
-    let first = lease.fence;
-    h.backend.release(&lease).await.unwrap();
-    // Grant a few more, then an operator deletes the state row by hand.
-    let mut last = first;
-    for n in 2..5 {
-        if let upsilon::backend::Acquire::Granted(l) = h
-            .backend
-            .try_acquire("svc", &testing::holder(n), Duration::from_secs(60))
-            .await
-            .unwrap()
-        {
-            h.backend.claim("svc", l.fence).await.unwrap();
-            h.backend
-                .apply(
-                    "svc",
-                    l.fence,
-                    &[testing::start_attempt(&format!("t{n}"), "1.1", 1)],
-                )
-                .await
-                .unwrap();
-            last = l.fence;
-            h.backend.release(&l).await.unwrap();
-        }
-    }
-    h.raw().execute("DELETE FROM upsilon_state", []).unwrap();
-    let upsilon::backend::Acquire::Granted(after) = h
-        .backend
-        .try_acquire("svc", &testing::holder(9), Duration::from_secs(60))
-        .await
-        .unwrap()
-    else {
-        panic!()
-    };
-    assert!(after.fence > last, "fence {} after {last}", after.fence);
 }
 
 fn counting(runs: &Arc<Mutex<Vec<String>>>, version: &str, order: u32, id: &str) -> Task {
