@@ -243,7 +243,7 @@ async fn connect_by_url() {
         .unwrap_err();
     assert!(
         err.to_string()
-            .contains("cannot open SQLite database /nonexistent-dir/x/y.db"),
+            .contains("cannot open the SQLite database /nonexistent-dir/x/y.db: its directory"),
         "{err}"
     );
 }
