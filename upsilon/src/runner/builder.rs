@@ -1,0 +1,349 @@
+//! The builder: every setting, and the checks that refuse settings that make
+//! no sense before anything is read or written.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::warn;
+
+use super::settings::{AboveAppPolicy, Config, DataAheadPolicy, RetryPolicy};
+use super::{Inner, Upsilon};
+use crate::backend::{Backend, Lock, Store};
+use crate::context::Resources;
+use crate::error::Error;
+use crate::ids::Holder;
+use crate::registry::{Registry, Task};
+use crate::status::Status;
+use crate::version::parse_version;
+
+/// Builds an [`Upsilon`] runner. Start with [`Upsilon::builder`].
+pub struct Builder {
+    service: String,
+    app_version: Option<String>,
+    lock: Option<Arc<dyn Lock>>,
+    store: Option<Arc<dyn Store>>,
+    tasks: Option<Vec<Task>>,
+    resources: Resources,
+    holder: Option<Holder>,
+    required_crates: Vec<String>,
+    baseline: Option<String>,
+    config: Config,
+    renew_set: bool,
+    margin_set: bool,
+}
+
+impl fmt::Debug for Builder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builder")
+            .field("service", &self.service)
+            .field("app_version", &self.app_version)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Builder {
+    /// A builder with the defaults.
+    pub(super) fn new() -> Builder {
+        Builder {
+            service: "default".to_owned(),
+            app_version: None,
+            lock: None,
+            store: None,
+            tasks: None,
+            resources: Resources::default(),
+            holder: None,
+            required_crates: Vec::new(),
+            baseline: None,
+            config: Config::default(),
+            renew_set: false,
+            margin_set: false,
+        }
+    }
+
+    /// The service name the lease and store are scoped by, so that several
+    /// services can share one database or file. Default `"default"`.
+    pub fn service(mut self, name: impl Into<String>) -> Self {
+        self.service = name.into();
+        self
+    }
+
+    /// The version of this binary, usually `env!("CARGO_PKG_VERSION")`.
+    /// Required. `"1.1"` means `1.1.0`.
+    pub fn app_version(mut self, version: impl Into<String>) -> Self {
+        self.app_version = Some(version.into());
+        self
+    }
+
+    /// One backend that is both the lock and the store.
+    pub fn backend(mut self, backend: Arc<dyn Backend>) -> Self {
+        self.lock = Some(backend.clone());
+        self.store = Some(backend);
+        self
+    }
+
+    /// The lock (may come from another backend than the store: the store's
+    /// own fence check keeps that safe).
+    pub fn lock(mut self, lock: Arc<dyn Lock>) -> Self {
+        self.lock = Some(lock);
+        self
+    }
+
+    /// The store.
+    pub fn store(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Runs these tasks instead of those registered with `#[upsilon::task]`.
+    pub fn tasks(mut self, tasks: impl IntoIterator<Item = Task>) -> Self {
+        self.tasks = Some(tasks.into_iter().collect());
+        self
+    }
+
+    /// A value tasks read with [`TaskContext::resource`].
+    pub fn resource<T: Send + Sync + 'static>(mut self, value: T) -> Self {
+        self.resources.insert(value);
+        self
+    }
+
+    /// Who this node is. Default [`Holder::current`].
+    pub fn holder(mut self, holder: Holder) -> Self {
+        self.holder = Some(holder);
+        self
+    }
+
+    /// Lease time to live. Default 15 s. Renewal runs every TTL/3 unless
+    /// [`Builder::renew_every`] says otherwise; a dead holder's lease is taken
+    /// over within about this long.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.config.ttl = ttl;
+        self
+    }
+
+    /// How often the holder renews its lease. Default TTL/3.
+    pub fn renew_every(mut self, every: Duration) -> Self {
+        self.config.renew_every = every;
+        self.renew_set = true;
+        self
+    }
+
+    /// How long before the lease's expiry (counted from the last successful
+    /// renewal on the local monotonic clock) the holder gives up and cancels
+    /// its task, to stay clear of clock drift. Default TTL/5.
+    pub fn safety_margin(mut self, margin: Duration) -> Self {
+        self.config.margin = margin;
+        self.margin_set = true;
+        self
+    }
+
+    /// The longest a node waits for another node's lease before failing.
+    /// Default 10 minutes.
+    pub fn max_wait(mut self, max_wait: Duration) -> Self {
+        self.config.max_wait = max_wait;
+        self
+    }
+
+    /// How often a waiting node polls when its backend has no notifications
+    /// (jittered ±50 %). Default 1 s.
+    pub fn poll_interval(mut self, poll: Duration) -> Self {
+        self.config.poll = poll;
+        self
+    }
+
+    /// Retries of a failing task. Default: one attempt.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.config.retry = policy;
+        self
+    }
+
+    /// When a task fails for good, run the `rollback` fns of the failed
+    /// version's tasks (the failed one first, then the completed ones in
+    /// reverse order). Default off.
+    pub fn rollback_on_failure(mut self, on: bool) -> Self {
+        self.config.rollback_on_failure = on;
+        self
+    }
+
+    /// What to do when the data is ahead of the app. Default
+    /// [`DataAheadPolicy::Ready`].
+    pub fn data_ahead(mut self, policy: DataAheadPolicy) -> Self {
+        self.config.data_ahead = policy;
+        self
+    }
+
+    /// What to do with tasks above the app version. Default
+    /// [`AboveAppPolicy::Warn`].
+    pub fn tasks_above_app(mut self, policy: AboveAppPolicy) -> Self {
+        self.config.above_app = policy;
+        self
+    }
+
+    /// Run tasks at or below the data version that the store never saw
+    /// (added out of order). Default off: they are reported and left out.
+    pub fn run_out_of_order(mut self, on: bool) -> Self {
+        self.config.plan.run_out_of_order = on;
+        self
+    }
+
+    /// An empty store (no data version, no history) adopts `version` as its
+    /// data version, without running the tasks up to it: an existing
+    /// deployment adopting Upsilon. A store that is not empty is left as is.
+    pub fn baseline(mut self, version: impl Into<String>) -> Self {
+        self.baseline = Some(version.into());
+        self
+    }
+
+    /// Fails the build unless `crate_name` registered at least one task: the
+    /// guard against the linker dropping a task library the binary never
+    /// names (see the crate docs).
+    pub fn require_tasks_from(mut self, crate_name: impl Into<String>) -> Self {
+        self.required_crates.push(crate_name.into());
+        self
+    }
+
+    /// How often a transient backend error is retried (with jittered backoff)
+    /// before the runner fails. Default 5.
+    pub fn backend_attempts(mut self, attempts: u32) -> Self {
+        self.config.backend_attempts = attempts;
+        self
+    }
+
+    /// Negative control for simulations: plan from the state read before
+    /// the lease instead of re-reading after the claim. Breaks the protocol on
+    /// purpose; never use it outside a test of the test harness itself.
+    #[cfg(feature = "_negative-controls")]
+    pub fn skip_reread_after_acquire(mut self) -> Self {
+        self.config.skip_reread = true;
+        self
+    }
+
+    /// Validates everything and builds the runner. Collects and validates the
+    /// registry here, before any lock is taken.
+    pub fn build(mut self) -> Result<Upsilon, Error> {
+        let app_text = self.app_version.as_deref().ok_or_else(|| {
+            Error::Config(
+                "no app version; call `.app_version(env!(\"CARGO_PKG_VERSION\"))`".to_owned(),
+            )
+        })?;
+        let app =
+            parse_version(app_text).map_err(|e| Error::Config(format!("app version: {e}")))?;
+        let lock = self
+            .lock
+            .take()
+            .ok_or_else(|| Error::Config("no lock; call `.backend(..)` or `.lock(..)`".into()))?;
+        let store = self
+            .store
+            .take()
+            .ok_or_else(|| Error::Config("no store; call `.backend(..)` or `.store(..)`".into()))?;
+        check_name(&self.service)?;
+        let c = &mut self.config;
+        if !self.renew_set {
+            c.renew_every = c.ttl / 3;
+        }
+        if !self.margin_set {
+            c.margin = c.ttl / 5;
+        }
+        if c.ttl < Duration::from_millis(100) {
+            return Err(Error::Config(format!(
+                "ttl {:?} is too short; use at least 100 ms (seconds in production)",
+                c.ttl
+            )));
+        }
+        if c.margin >= c.ttl {
+            return Err(Error::Config(format!(
+                "safety margin {:?} must be shorter than the ttl {:?}",
+                c.margin, c.ttl
+            )));
+        }
+        if c.renew_every.is_zero() || c.renew_every * 2 > c.ttl - c.margin {
+            return Err(Error::Config(format!(
+                "renewing every {:?} leaves no room for a failed renewal before the local deadline (ttl {:?} - margin {:?}); renew at most every (ttl - margin) / 2",
+                c.renew_every, c.ttl, c.margin
+            )));
+        }
+        if c.poll.is_zero() {
+            return Err(Error::Config("poll interval must not be zero".into()));
+        }
+        if c.retry.max_attempts == 0 {
+            return Err(Error::Config(
+                "retry policy: max_attempts must be at least 1".into(),
+            ));
+        }
+        if c.backend_attempts == 0 {
+            return Err(Error::Config("backend_attempts must be at least 1".into()));
+        }
+        if let Some(b) = &self.baseline {
+            let b = parse_version(b).map_err(|e| Error::Config(format!("baseline: {e}")))?;
+            if b > app {
+                return Err(Error::Config(format!(
+                    "baseline {b} is above the app version {app}"
+                )));
+            }
+            c.baseline = Some(b);
+        }
+        let registry = match self.tasks.take() {
+            Some(tasks) => Registry::new(tasks)?,
+            None => Registry::collect()?,
+        };
+        match self.config.above_app {
+            AboveAppPolicy::Error => registry.check_not_above(&app)?,
+            AboveAppPolicy::Warn => {
+                let above: Vec<String> = registry
+                    .above(&app)
+                    .map(|t| format!("{} ({})", t.key(), t.location()))
+                    .collect();
+                if !above.is_empty() {
+                    warn!(app_version = %app, tasks = %above.join(", "),
+                        "{} task(s) have a version above the app version; they are left out of the plan",
+                        above.len());
+                }
+            }
+            AboveAppPolicy::Ignore => {}
+        }
+        let crates = registry.crates();
+        for name in &self.required_crates {
+            if !crates.contains_key(name) {
+                return Err(Error::Config(format!(
+                    "no task from crate `{name}` is registered in this binary; the linker drops a crate's tasks when nothing refers to it: add `use {name} as _;` to the binary (tasks found from: {})",
+                    if crates.is_empty() { "no crate".to_owned() } else {
+                        crates.keys().cloned().collect::<Vec<_>>().join(", ")
+                    }
+                )));
+            }
+        }
+        let (status, _) = watch::channel(Status::Starting);
+        Ok(Upsilon {
+            inner: Arc::new(Inner {
+                service: self.service,
+                app,
+                lock,
+                store,
+                registry,
+                resources: Arc::new(self.resources),
+                holder: self.holder.unwrap_or_else(Holder::current),
+                status,
+                config: self.config,
+            }),
+        })
+    }
+}
+
+/// Service names, like table names, are allow-listed so that every backend
+/// can use them as keys without quoting surprises.
+fn check_name(service: &str) -> Result<(), Error> {
+    let ok = !service.is_empty()
+        && service.len() <= 63
+        && service
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "service name {service:?} must be 1 to 63 characters of a-z, A-Z, 0-9, `_`, `-` and `.`"
+        )))
+    }
+}

@@ -1,0 +1,127 @@
+//! Step 5 and 7: keeping the lease (renewal, the local deadline) and
+//! releasing it on every path.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::settings::Config;
+use crate::backend::{Lease, Lock};
+
+/// The lease while this node holds it, shared with the renewal task.
+pub(super) struct Held {
+    pub(super) lease: Mutex<Lease>,
+    pub(super) lost: CancellationToken,
+    pub(super) reason: Mutex<Option<String>>,
+}
+
+impl Held {
+    pub(super) fn fence(&self) -> u64 {
+        self.lease.lock().unwrap_or_else(|p| p.into_inner()).fence
+    }
+
+    pub(super) fn lose(&self, reason: String) {
+        let mut r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if r.is_none() {
+            *r = Some(reason);
+        }
+        drop(r);
+        self.lost.cancel();
+    }
+
+    pub(super) fn lost_reason(&self) -> Option<String> {
+        if !self.lost.is_cancelled() {
+            return None;
+        }
+        let r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        Some(r.clone().unwrap_or_else(|| "the lease was lost".into()))
+    }
+}
+
+/// Step 5: renew every `renew_every`; at the local deadline (last successful
+/// renewal + TTL - margin, on the monotonic clock) or on refusal, mark the
+/// lease lost, which cancels the running task.
+pub(super) async fn renew_loop(lock: Arc<dyn Lock>, held: Arc<Held>, config: Config) {
+    let budget = config.ttl - config.margin;
+    let mut deadline = Instant::now() + budget;
+    let mut next = Instant::now() + config.renew_every;
+    loop {
+        tokio::select! {
+            biased;
+            _ = tokio::time::sleep_until(next.min(deadline)) => {}
+            _ = held.lost.cancelled() => return,
+        }
+        if Instant::now() >= deadline {
+            warn!("lease not renewed before its local deadline; cancelling the running task");
+            held.lose(format!(
+                "the lease was not renewed within {budget:?} (ttl {:?} minus safety margin {:?})",
+                config.ttl, config.margin
+            ));
+            return;
+        }
+        let current = held.lease.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let sent = Instant::now();
+        match tokio::time::timeout_at(deadline, lock.renew(&current)).await {
+            Ok(Ok(renewed)) => {
+                debug!(fence = renewed.fence, "lease renewed");
+                *held.lease.lock().unwrap_or_else(|p| p.into_inner()) = renewed;
+                deadline = sent + budget;
+                next = sent + config.renew_every;
+            }
+            Ok(Err(e)) if e.is_transient() => {
+                warn!(error = %e, "renewing the lease failed; retrying before the deadline");
+                next = Instant::now() + (config.renew_every / 4).max(Duration::from_millis(10));
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, "renewal refused; cancelling the running task");
+                held.lose(format!("renewal refused: {e}"));
+                return;
+            }
+            Err(_) => {
+                // The deadline passed while renewing: the top of the loop says so.
+            }
+        }
+    }
+}
+
+pub(super) struct AbortOnDrop(pub(super) tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Releases the lease if the run is dropped while holding it (the caller
+/// cancelled `run()`): the release is spawned, since drop cannot await.
+pub(super) struct ReleaseGuard {
+    pub(super) lock: Arc<dyn Lock>,
+    pub(super) held: Arc<Held>,
+    pub(super) armed: bool,
+}
+
+impl Drop for ReleaseGuard {
+    fn drop(&mut self) {
+        if !self.armed || self.held.lost.is_cancelled() {
+            return;
+        }
+        let lease = self
+            .held
+            .lease
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.held.lose("the run was cancelled".into());
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let lock = self.lock.clone();
+            handle.spawn(async move {
+                if let Err(e) = lock.release(&lease).await {
+                    warn!(error = %e, "releasing the lease of a cancelled run failed; it expires within its TTL");
+                }
+            });
+        }
+    }
+}

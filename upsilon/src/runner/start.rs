@@ -1,0 +1,128 @@
+//! Steps 1 and 2: read without a lock, become READY at once when there is
+//! nothing to do, otherwise acquire the lease or wait (bounded) while another
+//! node works.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use super::settings::DataAheadPolicy;
+use super::{Inner, Outcome};
+use crate::backend::{Acquire, Lease, Snapshot};
+use crate::error::Error;
+use crate::planner::Plan;
+use crate::status::Status;
+use crate::util::jitter;
+
+/// How start-up ended.
+pub(super) enum Start {
+    /// READY without the lease.
+    Ready(Outcome),
+    /// This node holds the lease; `snapshot` is the last read before it.
+    Granted { lease: Lease, snapshot: Snapshot },
+}
+
+impl Inner {
+    /// Step 1: preflight without a lock; step 2: acquire or wait.
+    pub(super) async fn start(&self) -> Result<Start, Error> {
+        let mut snapshot = self.load().await?;
+        let mut plan = self.plan(&snapshot);
+        self.preflight(&snapshot, &plan)?;
+        if plan.is_empty() && !self.needs_lease(&snapshot) {
+            return Ok(Start::Ready(Outcome::UpToDate {
+                data_version: snapshot.data_version,
+            }));
+        }
+        info!(tasks = plan.steps.len(), data_version = ?snapshot.data_version.as_ref().map(|v| v.to_string()),
+            "upgrade needed; acquiring the lease");
+        let started = Instant::now();
+        let deadline = started + self.config.max_wait;
+        let mut last_holder = None;
+        let mut seen;
+        let lease = loop {
+            let acquired = self
+                .retry("acquiring the lease", || {
+                    self.lock
+                        .try_acquire(&self.service, &self.holder, self.config.ttl)
+                })
+                .instrument(info_span!("upsilon.acquire"))
+                .await?;
+            match acquired {
+                Acquire::Granted(lease) => {
+                    info!(fence = lease.fence, "lease acquired");
+                    break lease;
+                }
+                Acquire::Held(info) => {
+                    if last_holder.as_ref() != Some(&info.holder) {
+                        info!(holder = %info.holder, fence = info.fence, "lease held by another node; waiting");
+                        self.status.send_replace(Status::Waiting {
+                            holder: Some(info.holder.clone()),
+                        });
+                    }
+                    last_holder = Some(info.holder.clone());
+                    seen = info;
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::WaitTimeout {
+                    service: self.service.clone(),
+                    holder: last_holder,
+                    waited: now - started,
+                });
+            }
+            let nap = if self.lock.notifies() {
+                // Nothing changes before a notification but the lease running
+                // out: sleep until its expiry (a renewal moves it, and the
+                // next try sees the new one).
+                let left = (seen.expires_at_ms - seen.now_ms).max(0) as u64;
+                Duration::from_millis(left) + jitter(Duration::from_millis(50))
+            } else {
+                jitter(self.config.poll)
+            }
+            .min(deadline - now);
+            if let Err(e) = self.lock.wait(&self.service, &seen, nap).await {
+                debug!(error = %e, "waiting for a lease change failed; polling instead");
+                tokio::time::sleep(nap).await;
+            }
+            snapshot = self.load().await?;
+            plan = self.plan(&snapshot);
+            if plan.is_empty() && !self.needs_lease(&snapshot) {
+                self.preflight(&snapshot, &plan)?;
+                return Ok(Start::Ready(Outcome::WaitedForOther {
+                    holder: last_holder,
+                    data_version: snapshot.data_version,
+                    waited: started.elapsed(),
+                }));
+            }
+        };
+        Ok(Start::Granted { lease, snapshot })
+    }
+
+    pub(super) fn preflight(&self, snapshot: &Snapshot, plan: &Plan) -> Result<(), Error> {
+        if plan.data_ahead {
+            let data = snapshot
+                .data_version
+                .clone()
+                .unwrap_or_else(|| self.app.clone());
+            match self.config.data_ahead {
+                DataAheadPolicy::Fail => {
+                    return Err(Error::DataAhead {
+                        service: self.service.clone(),
+                        data,
+                        app: self.app.clone(),
+                    })
+                }
+                DataAheadPolicy::Ready => warn!(data_version = %data, app_version = %self.app,
+                    "the data is ahead of this app version; serving it under the N-1 compatibility rule"),
+            }
+        }
+        for task in &plan.out_of_order {
+            warn!(task = %task.key(), location = %task.location(),
+                "task is at or below the data version but was never run (added out of order); \
+                 it is skipped unless `run_out_of_order(true)` is set");
+        }
+        Ok(())
+    }
+}
