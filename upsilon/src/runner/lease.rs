@@ -1,4 +1,4 @@
-//! Step 5 and 7: keeping the lease (renewal, the local deadline) and
+//! Steps 5 and 7: keeping the lease (renewal, the local deadline) and
 //! releasing it on every path.
 
 use std::sync::{Arc, Mutex};
@@ -6,16 +6,82 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::settings::Config;
+use super::Inner;
 use crate::backend::{Lease, Lock};
+
+/// The lease while this node holds it: renewed in the background, and
+/// released when the run ends or is dropped.
+pub(super) struct Keeper {
+    held: Arc<Held>,
+    renewer: AbortOnDrop,
+    guard: ReleaseGuard,
+}
+
+impl Keeper {
+    /// Starts renewing `lease` (step 5).
+    pub(super) fn start(lock: Arc<dyn Lock>, lease: Lease, config: &Config) -> Keeper {
+        let fence = lease.fence;
+        let held = Arc::new(Held {
+            lease: Mutex::new(lease),
+            lost: CancellationToken::new(),
+            reason: Mutex::new(None),
+        });
+        let renewer = AbortOnDrop(tokio::spawn(
+            renew_loop(lock.clone(), held.clone(), config.clone())
+                .instrument(info_span!("upsilon.renew", fence)),
+        ));
+        let guard = ReleaseGuard {
+            lock,
+            held: held.clone(),
+            armed: true,
+        };
+        Keeper {
+            held,
+            renewer,
+            guard,
+        }
+    }
+
+    pub(super) fn held(&self) -> &Held {
+        &self.held
+    }
+}
+
+impl Inner {
+    /// Step 7: stops renewing and releases the lease, unless it was lost (it
+    /// is another node's then, or expires by itself).
+    pub(super) async fn release(&self, keeper: Keeper) {
+        let Keeper {
+            held,
+            renewer,
+            mut guard,
+        } = keeper;
+        drop(renewer);
+        guard.armed = false;
+        if held.lost.is_cancelled() {
+            return;
+        }
+        let current = held.lease.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let released = self
+            .retry("releasing the lease", || self.lock.release(&current))
+            .instrument(info_span!("upsilon.release", fence = current.fence))
+            .await;
+        match released {
+            Ok(()) => info!(fence = current.fence, "lease released"),
+            Err(e) => warn!(error = %e, "releasing the lease failed; it expires within its TTL"),
+        }
+    }
+}
 
 /// The lease while this node holds it, shared with the renewal task.
 pub(super) struct Held {
-    pub(super) lease: Mutex<Lease>,
+    lease: Mutex<Lease>,
+    /// Cancelled when the lease is lost; the running task's token is a child.
     pub(super) lost: CancellationToken,
-    pub(super) reason: Mutex<Option<String>>,
+    reason: Mutex<Option<String>>,
 }
 
 impl Held {
@@ -44,7 +110,7 @@ impl Held {
 /// Step 5: renew every `renew_every`; at the local deadline (last successful
 /// renewal + TTL - margin, on the monotonic clock) or on refusal, mark the
 /// lease lost, which cancels the running task.
-pub(super) async fn renew_loop(lock: Arc<dyn Lock>, held: Arc<Held>, config: Config) {
+async fn renew_loop(lock: Arc<dyn Lock>, held: Arc<Held>, config: Config) {
     let budget = config.ttl - config.margin;
     let mut deadline = Instant::now() + budget;
     let mut next = Instant::now() + config.renew_every;
@@ -87,7 +153,8 @@ pub(super) async fn renew_loop(lock: Arc<dyn Lock>, held: Arc<Held>, config: Con
     }
 }
 
-pub(super) struct AbortOnDrop(pub(super) tokio::task::JoinHandle<()>);
+/// Aborts the renewal task when dropped, whichever way the run ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -97,10 +164,10 @@ impl Drop for AbortOnDrop {
 
 /// Releases the lease if the run is dropped while holding it (the caller
 /// cancelled `run()`): the release is spawned, since drop cannot await.
-pub(super) struct ReleaseGuard {
-    pub(super) lock: Arc<dyn Lock>,
-    pub(super) held: Arc<Held>,
-    pub(super) armed: bool,
+struct ReleaseGuard {
+    lock: Arc<dyn Lock>,
+    held: Arc<Held>,
+    armed: bool,
 }
 
 impl Drop for ReleaseGuard {

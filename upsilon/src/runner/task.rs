@@ -17,13 +17,15 @@ use crate::context::{TaskContext, TaskInfo};
 use crate::registry::Task;
 
 impl Inner {
+    /// Runs `task` (or its rollback, as `info` says) once: until it returns,
+    /// panics, or the lease is lost.
     pub(super) async fn run_one(
         &self,
         held: &Held,
         task: &Task,
         info: TaskInfo,
-        rollback: bool,
     ) -> (Ran, Duration) {
+        let rollback = info.rollback;
         let span = info_span!("upsilon.task", task = %task.id(), version = %task.version(),
             attempt = info.attempt, rollback);
         let mut ctx = TaskContext {
@@ -60,6 +62,25 @@ impl Inner {
         .instrument(span)
         .await;
         (ran, started.elapsed())
+    }
+}
+
+/// What a task's context reports about one run of it.
+pub(super) fn task_info(
+    task: &Task,
+    attempt: u32,
+    index: usize,
+    total: usize,
+    rollback: bool,
+) -> TaskInfo {
+    TaskInfo {
+        id: task.id().to_owned(),
+        version: task.version().clone(),
+        description: task.description().to_owned(),
+        attempt,
+        index,
+        total,
+        rollback,
     }
 }
 
