@@ -14,9 +14,18 @@ use crate::state::BackendError;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The builder was given settings that make no sense.
-    #[error("invalid Upsilon configuration: {0}")]
-    Config(String),
+    /// The builder was given settings that make no sense. Nothing was
+    /// read or written.
+    #[error("invalid Upsilon configuration: {setting}: {problem}")]
+    #[non_exhaustive]
+    Config {
+        /// The builder setting at fault, by its method's name: `"ttl"`,
+        /// `"renew_every"`, `"max_wait"`, `"service"`, `"app_version"`,
+        /// `"backend"`, `"baseline"`, `"require_tasks_from"`, ...
+        setting: &'static str,
+        /// What is wrong with it, and what to do.
+        problem: String,
+    },
     /// The registered tasks conflict, or a task is above the app version.
     #[error(transparent)]
     Registry(#[from] RegistryError),
@@ -65,6 +74,16 @@ pub enum Error {
         /// This binary's version.
         app: Version,
     },
+}
+
+impl Error {
+    /// An [`Error::Config`] for `setting`.
+    pub(crate) fn config(setting: &'static str, problem: impl Into<String>) -> Error {
+        Error::Config {
+            setting,
+            problem: problem.into(),
+        }
+    }
 }
 
 fn failed_message(report: &Report) -> String {

@@ -857,23 +857,123 @@ async fn a_broken_backend_is_a_clear_error_never_nothing_to_do() {
     assert_eq!(backend.faults().calls(Op::Load), 4);
 }
 
+/// The setting `build` refused, and what it said about it.
+fn refused(builder: Builder) -> (&'static str, String) {
+    match builder.build().unwrap_err() {
+        Error::Config {
+            setting, problem, ..
+        } => (setting, problem),
+        other => panic!("expected a configuration error, got {other}"),
+    }
+}
+
 #[test]
 fn nonsense_settings_are_refused_when_building() {
     let backend = MemoryBackend::new();
-    let build = |b: Builder| b.build().unwrap_err().to_string();
     let base = || node(&backend, 1, "1.1", vec![]);
-    assert!(build(Upsilon::builder().backend(backend.clone())).contains("no app version"));
-    assert!(build(base().app_version("v2")).contains("`v2` is not a version"));
-    assert!(build(base().ttl(Duration::from_millis(10))).contains("too short"));
-    assert!(build(base().renew_every(Duration::from_secs(2))).contains("renew at most every"));
-    assert!(build(base().safety_margin(Duration::from_secs(5)))
-        .contains("must be shorter than the ttl"));
-    assert!(build(base().service("has space")).contains("service name"));
-    assert!(build(base().baseline("2.0")).contains("above the app version"));
-    assert!(
-        build(base().require_tasks_from("billing_tasks")).contains("add `use billing_tasks as _;`")
+    let cases = [
+        (
+            Upsilon::builder().backend(backend.clone()),
+            "app_version",
+            "not set; call `.app_version(",
+        ),
+        (
+            base().app_version("v2"),
+            "app_version",
+            "`v2` is not a version",
+        ),
+        (base().ttl(Duration::from_millis(10)), "ttl", "too short"),
+        (
+            base().renew_every(Duration::from_secs(2)),
+            "renew_every",
+            "renew at most every",
+        ),
+        (
+            base().safety_margin(Duration::from_secs(5)),
+            "safety_margin",
+            "must be shorter than the ttl",
+        ),
+        (
+            base().service("has space"),
+            "service",
+            "\"has space\" must be",
+        ),
+        (base().baseline("2.0"), "baseline", "above the app version"),
+        (
+            base().require_tasks_from("billing_tasks"),
+            "require_tasks_from",
+            "add `use billing_tasks as _;`",
+        ),
+        (
+            Upsilon::builder().app_version("1.0"),
+            "backend",
+            "not set; call `.backend(..)`",
+        ),
+        (
+            Upsilon::builder().app_version("1.0").store(backend.clone()),
+            "lock",
+            "not set",
+        ),
+        (
+            base().poll_interval(Duration::ZERO),
+            "poll_interval",
+            "must not be zero",
+        ),
+        (
+            base().retry(RetryPolicy::attempts(0, Duration::from_secs(1))),
+            "retry",
+            "max_attempts must be at least 1",
+        ),
+        (base().backend_attempts(0), "backend_attempts", "at least 1"),
+    ];
+    for (builder, setting, says) in cases {
+        let (at, problem) = refused(builder);
+        assert_eq!(at, setting, "{problem}");
+        assert!(problem.contains(says), "{setting}: {problem}");
+    }
+    let err = base().ttl(Duration::from_millis(10)).build().unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid Upsilon configuration: ttl: 10ms is too short; use at least 100 ms (seconds in production)"
     );
-    assert!(build(Upsilon::builder().app_version("1.0")).contains("no lock"));
+}
+
+#[test]
+fn durations_too_long_for_a_clock_are_refused_not_overflowed() {
+    let backend = MemoryBackend::new();
+    let base = || node(&backend, 1, "1.1", vec![]);
+    let cases = [
+        (base().max_wait(Duration::MAX), "max_wait"),
+        (base().ttl(Duration::MAX), "ttl"),
+        // Too long for the backend's clock in milliseconds, not for Instant.
+        (base().ttl(Duration::from_secs(u64::MAX / 3_000)), "ttl"),
+        (base().poll_interval(Duration::MAX), "poll_interval"),
+        (
+            base().retry(RetryPolicy::attempts(3, Duration::MAX)),
+            "retry",
+        ),
+    ];
+    for (builder, setting) in cases {
+        let (at, problem) = refused(builder);
+        assert_eq!(at, setting, "{problem}");
+        assert!(problem.contains("too long to add to a clock"), "{problem}");
+    }
+    // Renewing every Duration::MAX would overflow the old check itself.
+    for every in [Duration::MAX, Duration::from_secs(3)] {
+        let (at, problem) = refused(base().renew_every(every));
+        assert_eq!(at, "renew_every");
+        assert!(
+            problem.contains("is not shorter than the ttl 3s"),
+            "{problem}"
+        );
+    }
+    let (at, problem) = refused(base().safety_margin(Duration::MAX));
+    assert_eq!(at, "safety_margin", "{problem}");
+    // Long but finite waits still build.
+    base()
+        .max_wait(Duration::from_secs(86_400 * 365))
+        .build()
+        .unwrap();
 }
 
 #[test]

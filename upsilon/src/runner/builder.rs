@@ -3,14 +3,16 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use semver::Version;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tracing::warn;
 
 use super::settings::{AboveAppPolicy, Config, DataAheadPolicy, RetryPolicy};
 use super::{Inner, Upsilon};
-use crate::backend::{Backend, Lock, Store};
+use crate::backend::{expiry, Backend, Lock, Store};
 use crate::context::Resources;
 use crate::error::Error;
 use crate::ids::Holder;
@@ -223,67 +225,18 @@ impl Builder {
     /// Validates everything and builds the runner. Collects and validates the
     /// registry here, before any lock is taken.
     pub fn build(mut self) -> Result<Upsilon, Error> {
-        let app_text = self.app_version.as_deref().ok_or_else(|| {
-            Error::Config(
-                "no app version; call `.app_version(env!(\"CARGO_PKG_VERSION\"))`".to_owned(),
-            )
-        })?;
-        let app =
-            parse_version(app_text).map_err(|e| Error::Config(format!("app version: {e}")))?;
-        let lock = self
-            .lock
-            .take()
-            .ok_or_else(|| Error::Config("no lock; call `.backend(..)` or `.lock(..)`".into()))?;
-        let store = self
-            .store
-            .take()
-            .ok_or_else(|| Error::Config("no store; call `.backend(..)` or `.store(..)`".into()))?;
-        check_name(&self.service)?;
-        let c = &mut self.config;
+        let app = self.check_app_version()?;
+        let (lock, store) = self.take_backend()?;
+        check_service(&self.service)?;
         if !self.renew_set {
-            c.renew_every = c.ttl / 3;
+            self.config.renew_every = self.config.ttl / 3;
         }
         if !self.margin_set {
-            c.margin = c.ttl / 5;
+            self.config.margin = self.config.ttl / 5;
         }
-        if c.ttl < Duration::from_millis(100) {
-            return Err(Error::Config(format!(
-                "ttl {:?} is too short; use at least 100 ms (seconds in production)",
-                c.ttl
-            )));
-        }
-        if c.margin >= c.ttl {
-            return Err(Error::Config(format!(
-                "safety margin {:?} must be shorter than the ttl {:?}",
-                c.margin, c.ttl
-            )));
-        }
-        if c.renew_every.is_zero() || c.renew_every * 2 > c.ttl - c.margin {
-            return Err(Error::Config(format!(
-                "renewing every {:?} leaves no room for a failed renewal before the local deadline (ttl {:?} - margin {:?}); renew at most every (ttl - margin) / 2",
-                c.renew_every, c.ttl, c.margin
-            )));
-        }
-        if c.poll.is_zero() {
-            return Err(Error::Config("poll interval must not be zero".into()));
-        }
-        if c.retry.max_attempts == 0 {
-            return Err(Error::Config(
-                "retry policy: max_attempts must be at least 1".into(),
-            ));
-        }
-        if c.backend_attempts == 0 {
-            return Err(Error::Config("backend_attempts must be at least 1".into()));
-        }
-        if let Some(b) = &self.baseline {
-            let b = parse_version(b).map_err(|e| Error::Config(format!("baseline: {e}")))?;
-            if b > app {
-                return Err(Error::Config(format!(
-                    "baseline {b} is above the app version {app}"
-                )));
-            }
-            c.baseline = Some(b);
-        }
+        check_timing(&self.config)?;
+        check_counts(&self.config)?;
+        self.config.baseline = self.check_baseline(&app)?;
         let registry = match self.tasks.take() {
             Some(tasks) => Registry::new(tasks)?,
             None => Registry::collect()?,
@@ -303,17 +256,7 @@ impl Builder {
             }
             AboveAppPolicy::Ignore => {}
         }
-        let crates = registry.crates();
-        for name in &self.required_crates {
-            if !crates.contains_key(name) {
-                return Err(Error::Config(format!(
-                    "no task from crate `{name}` is registered in this binary; the linker drops a crate's tasks when nothing refers to it: add `use {name} as _;` to the binary (tasks found from: {})",
-                    if crates.is_empty() { "no crate".to_owned() } else {
-                        crates.keys().cloned().collect::<Vec<_>>().join(", ")
-                    }
-                )));
-            }
-        }
+        check_required_crates(&registry, &self.required_crates)?;
         let (status, _) = watch::channel(Status::Starting);
         Ok(Upsilon {
             inner: Arc::new(Inner {
@@ -329,11 +272,56 @@ impl Builder {
             }),
         })
     }
+
+    fn check_app_version(&self) -> Result<Version, Error> {
+        let text = self.app_version.as_deref().ok_or_else(|| {
+            Error::config(
+                "app_version",
+                "not set; call `.app_version(env!(\"CARGO_PKG_VERSION\"))`",
+            )
+        })?;
+        parse_version(text).map_err(|e| Error::config("app_version", e.to_string()))
+    }
+
+    fn take_backend(&mut self) -> Result<LockAndStore, Error> {
+        match (self.lock.take(), self.store.take()) {
+            (Some(lock), Some(store)) => Ok((lock, store)),
+            (None, None) => Err(Error::config(
+                "backend",
+                "not set; call `.backend(..)`, or `.lock(..)` and `.store(..)`",
+            )),
+            (None, Some(_)) => Err(Error::config(
+                "lock",
+                "not set; call `.backend(..)` or `.lock(..)`",
+            )),
+            (Some(_), None) => Err(Error::config(
+                "store",
+                "not set; call `.backend(..)` or `.store(..)`",
+            )),
+        }
+    }
+
+    fn check_baseline(&self, app: &Version) -> Result<Option<Version>, Error> {
+        let Some(text) = &self.baseline else {
+            return Ok(None);
+        };
+        let b = parse_version(text).map_err(|e| Error::config("baseline", e.to_string()))?;
+        if &b > app {
+            return Err(Error::config(
+                "baseline",
+                format!("{b} is above the app version {app}"),
+            ));
+        }
+        Ok(Some(b))
+    }
 }
+
+/// The lock and the store a runner works with.
+type LockAndStore = (Arc<dyn Lock>, Arc<dyn Store>);
 
 /// Service names, like table names, are allow-listed so that every backend
 /// can use them as keys without quoting surprises.
-fn check_name(service: &str) -> Result<(), Error> {
+fn check_service(service: &str) -> Result<(), Error> {
     let ok = !service.is_empty()
         && service.len() <= 63
         && service
@@ -342,8 +330,136 @@ fn check_name(service: &str) -> Result<(), Error> {
     if ok {
         Ok(())
     } else {
-        Err(Error::Config(format!(
-            "service name {service:?} must be 1 to 63 characters of a-z, A-Z, 0-9, `_`, `-` and `.`"
-        )))
+        Err(Error::config(
+            "service",
+            format!("{service:?} must be 1 to 63 characters of a-z, A-Z, 0-9, `_`, `-` and `.`"),
+        ))
     }
+}
+
+/// The lease's timing: a TTL the clocks can hold, a margin inside it, and
+/// renewals often enough that one can fail before the local deadline.
+fn check_timing(c: &Config) -> Result<(), Error> {
+    if c.ttl < Duration::from_millis(100) {
+        return Err(Error::config(
+            "ttl",
+            format!(
+                "{:?} is too short; use at least 100 ms (seconds in production)",
+                c.ttl
+            ),
+        ));
+    }
+    let backend_clock = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .ok()
+        .and_then(|d| i64::try_from(d.as_millis()).ok())
+        .unwrap_or(i64::MAX);
+    if !fits_clocks(c.ttl) || expiry(backend_clock, c.ttl.saturating_mul(2)).is_err() {
+        return Err(Error::config(
+            "ttl",
+            format!(
+                "{:?} is too long to add to a clock; a dead holder's lease is taken over only once it expires, so keep it to seconds",
+                c.ttl
+            ),
+        ));
+    }
+    if c.margin >= c.ttl {
+        return Err(Error::config(
+            "safety_margin",
+            format!("{:?} must be shorter than the ttl {:?}", c.margin, c.ttl),
+        ));
+    }
+    let budget = c.ttl - c.margin;
+    // A renewal that fails must leave time for another before the deadline.
+    let longest = budget / 2;
+    if c.renew_every.is_zero() {
+        return Err(Error::config("renew_every", "must not be zero"));
+    }
+    if c.renew_every >= c.ttl {
+        return Err(Error::config(
+            "renew_every",
+            format!(
+                "{:?} is not shorter than the ttl {:?}, so the lease would lapse between renewals; renew at most every (ttl - safety margin) / 2, {longest:?} here",
+                c.renew_every, c.ttl
+            ),
+        ));
+    }
+    if c.renew_every > longest {
+        return Err(Error::config(
+            "renew_every",
+            format!(
+                "{:?} leaves no room for a failed renewal before the local deadline (ttl {:?} minus safety margin {:?}); renew at most every (ttl - safety margin) / 2, {longest:?} here",
+                c.renew_every, c.ttl, c.margin
+            ),
+        ));
+    }
+    if !fits_clocks(c.max_wait) {
+        return Err(Error::config(
+            "max_wait",
+            format!(
+                "{:?} is too long to add to a clock; to wait for as long as it takes, use a long but finite wait, such as a day",
+                c.max_wait
+            ),
+        ));
+    }
+    if c.poll.is_zero() {
+        return Err(Error::config("poll_interval", "must not be zero"));
+    }
+    if !fits_clocks(c.poll) {
+        return Err(Error::config(
+            "poll_interval",
+            format!("{:?} is too long to add to a clock", c.poll),
+        ));
+    }
+    if !fits_clocks(c.retry.max_backoff) {
+        return Err(Error::config(
+            "retry",
+            format!(
+                "max_backoff {:?} is too long to add to a clock",
+                c.retry.max_backoff
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether the runner can add `d` to its monotonic clock, with room to spare:
+/// a run starts later than its build, and jitter stretches a wait by up to
+/// half.
+fn fits_clocks(d: Duration) -> bool {
+    d.checked_mul(2)
+        .and_then(|room| Instant::now().checked_add(room))
+        .is_some()
+}
+
+fn check_counts(c: &Config) -> Result<(), Error> {
+    if c.retry.max_attempts == 0 {
+        return Err(Error::config("retry", "max_attempts must be at least 1"));
+    }
+    if c.backend_attempts == 0 {
+        return Err(Error::config("backend_attempts", "must be at least 1"));
+    }
+    Ok(())
+}
+
+/// The guard against the linker dropping a task library the binary never
+/// names.
+fn check_required_crates(registry: &Registry, required: &[String]) -> Result<(), Error> {
+    let crates = registry.crates();
+    for name in required {
+        if !crates.contains_key(name) {
+            return Err(Error::config(
+                "require_tasks_from",
+                format!(
+                    "no task from crate `{name}` is registered in this binary; the linker drops a crate's tasks when nothing refers to it: add `use {name} as _;` to the binary (tasks found from: {})",
+                    if crates.is_empty() {
+                        "no crate".to_owned()
+                    } else {
+                        crates.keys().cloned().collect::<Vec<_>>().join(", ")
+                    }
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
