@@ -53,7 +53,7 @@ pub enum Error {
     #[error("lost the upgrade lease of service `{}`: {reason}; the running task was cancelled and nothing more was written", report.service)]
     LeaseLost {
         /// Why.
-        reason: String,
+        reason: LeaseLoss,
         /// What was done before.
         report: Box<Report>,
     },
@@ -82,6 +82,68 @@ impl Error {
         Error::Config {
             setting,
             problem: problem.into(),
+        }
+    }
+}
+
+/// Why a node lost the lease it held ([`Error::LeaseLost`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LeaseLoss {
+    /// The lock refused to renew the lease: it is no longer this node's.
+    RenewalRefused {
+        /// The lock's answer.
+        detail: String,
+    },
+    /// The local deadline passed while renewals failed or hung: counted
+    /// from the last successful renewal on the monotonic clock, it falls
+    /// `margin` before the lease's expiry.
+    Deadline {
+        /// The lease's time to live.
+        ttl: Duration,
+        /// The builder's safety margin.
+        margin: Duration,
+    },
+    /// A store write carried a fence older than the newest the store has
+    /// seen: another node has taken over.
+    StaleFence {
+        /// What the runner was writing.
+        during: &'static str,
+        /// The fence this node wrote with.
+        presented: u64,
+        /// The store's newest fence.
+        current: u64,
+    },
+    /// The store refused a write because the lease is no longer held.
+    NotHeld {
+        /// What the runner was writing.
+        during: &'static str,
+        /// The store's answer.
+        detail: String,
+    },
+}
+
+impl fmt::Display for LeaseLoss {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LeaseLoss::RenewalRefused { detail } => write!(f, "renewal refused: {detail}"),
+            LeaseLoss::Deadline { ttl, margin } => write!(
+                f,
+                "the lease was not renewed within {:?} (ttl {ttl:?} minus safety margin {margin:?})",
+                ttl.saturating_sub(*margin)
+            ),
+            LeaseLoss::StaleFence {
+                during,
+                presented,
+                current,
+            } => write!(
+                f,
+                "{during}: fence {presented} is stale: the store has seen fence {current}, so another node has taken over"
+            ),
+            LeaseLoss::NotHeld { during, detail } => write!(
+                f,
+                "{during}: the lease is no longer held by this node: {detail}"
+            ),
         }
     }
 }

@@ -9,8 +9,8 @@ use upsilon::backend::{Acquire, BackendError, Change, Lock, Store};
 use upsilon::backend::{AttemptKind, AttemptState};
 use upsilon::testing::{self, Fault, MemoryBackend, Op};
 use upsilon::{
-    Builder, DataAheadPolicy, Error, Outcome, RetryPolicy, Status, Task, TaskContext, TaskFuture,
-    Upsilon,
+    Builder, DataAheadPolicy, Error, LeaseLoss, Outcome, RetryPolicy, Status, Task, TaskContext,
+    TaskFuture, Upsilon,
 };
 
 /// Which node ran which task, in order.
@@ -433,8 +433,20 @@ async fn a_holder_whose_lease_expired_cannot_write() {
         panic!("{err}")
     };
     assert!(
-        reason.contains("fence 1 is stale: the store has seen fence 2"),
+        matches!(
+            reason,
+            LeaseLoss::StaleFence {
+                presented: 1,
+                current: 2,
+                ..
+            }
+        ),
         "{reason}"
+    );
+    assert!(
+        err.to_string()
+            .contains("fence 1 is stale: the store has seen fence 2"),
+        "{err}"
     );
     let snap = backend.load("svc").await.unwrap();
     assert!(
@@ -472,7 +484,14 @@ async fn losing_the_lease_cancels_the_running_task() {
     let Error::LeaseLost { reason, .. } = &err else {
         panic!("{err}")
     };
-    assert!(reason.contains("renewal refused"), "{reason}");
+    assert!(
+        matches!(reason, LeaseLoss::RenewalRefused { .. }),
+        "{reason}"
+    );
+    assert!(
+        reason.to_string().starts_with("renewal refused: "),
+        "{reason}"
+    );
     let history = backend.history("svc").await.unwrap();
     assert_eq!(history[0].state, AttemptState::Cancelled);
     assert!(matches!(up.probe().status(), Status::Failed { .. }));
@@ -503,7 +522,19 @@ async fn the_local_deadline_cancels_when_renewals_hang() {
     let Error::LeaseLost { reason, .. } = &err else {
         panic!("{err}")
     };
-    assert!(reason.contains("not renewed within"), "{reason}");
+    assert_eq!(
+        *reason,
+        LeaseLoss::Deadline {
+            ttl: Duration::from_secs(3),
+            margin: Duration::from_millis(600)
+        }
+    );
+    assert!(
+        reason
+            .to_string()
+            .starts_with("the lease was not renewed within 2.4s"),
+        "{reason}"
+    );
     // TTL 3 s minus the default margin (TTL/5): 2.4 s.
     let took = started.elapsed();
     assert!(

@@ -12,7 +12,7 @@ use super::{Inner, Outcome};
 use crate::backend::{
     AttemptKind, AttemptState, BackendError, Change, FinishAttempt, Lease, Snapshot, StartAttempt,
 };
-use crate::error::{Error, Report, TaskReport};
+use crate::error::{Error, LeaseLoss, Report, TaskReport};
 use crate::planner::{self, Plan};
 use crate::registry::Task;
 use crate::status::Status;
@@ -215,7 +215,7 @@ impl Work<'_> {
         task: &Task,
         attempt: u32,
         duration: Duration,
-        reason: String,
+        reason: LeaseLoss,
     ) -> Failure {
         self.pending.push(finish(
             task,
@@ -366,17 +366,26 @@ impl Work<'_> {
 
 /// A store error that says another node has the lease marks it lost.
 fn lost_or(held: &Held, e: Error) -> Failure {
-    match e {
+    let reason = match &e {
         Error::Backend {
-            source: source @ (BackendError::StaleFence { .. } | BackendError::LeaseLost(_)),
             during,
-        } => {
-            let reason = format!("{during}: {source}");
-            held.lose(reason.clone());
-            Failure::Lost(reason)
-        }
-        other => Failure::Other(other),
-    }
+            source: BackendError::StaleFence { presented, current },
+        } => LeaseLoss::StaleFence {
+            during,
+            presented: *presented,
+            current: *current,
+        },
+        Error::Backend {
+            during,
+            source: BackendError::LeaseLost(detail),
+        } => LeaseLoss::NotHeld {
+            during,
+            detail: detail.clone(),
+        },
+        _ => return Failure::Other(e),
+    };
+    held.lose(reason.clone());
+    Failure::Lost(reason)
 }
 
 fn finish(
@@ -397,7 +406,7 @@ fn finish(
 
 /// Why the work under the lease stopped.
 enum Failure {
-    Lost(String),
+    Lost(LeaseLoss),
     Task,
     Other(Error),
 }

@@ -9,8 +9,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::settings::Config;
+use super::task::error_chain;
 use super::Inner;
 use crate::backend::{Lease, Lock};
+use crate::error::LeaseLoss;
 
 /// The lease while this node holds it: renewed in the background, and
 /// released when the run ends or is dropped.
@@ -81,7 +83,7 @@ pub(super) struct Held {
     lease: Mutex<Lease>,
     /// Cancelled when the lease is lost; the running task's token is a child.
     pub(super) lost: CancellationToken,
-    reason: Mutex<Option<String>>,
+    reason: Mutex<Option<LeaseLoss>>,
 }
 
 impl Held {
@@ -89,7 +91,9 @@ impl Held {
         self.lease.lock().unwrap_or_else(|p| p.into_inner()).fence
     }
 
-    pub(super) fn lose(&self, reason: String) {
+    /// Marks the lease lost, which cancels the running task. The first
+    /// reason given stays.
+    pub(super) fn lose(&self, reason: LeaseLoss) {
         let mut r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
         if r.is_none() {
             *r = Some(reason);
@@ -98,12 +102,26 @@ impl Held {
         self.lost.cancel();
     }
 
-    pub(super) fn lost_reason(&self) -> Option<String> {
+    /// Why the lease was lost, once it was.
+    pub(super) fn lost_reason(&self) -> Option<LeaseLoss> {
         if !self.lost.is_cancelled() {
             return None;
         }
-        let r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
-        Some(r.clone().unwrap_or_else(|| "the lease was lost".into()))
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Waits until the lease is lost, and says why.
+    pub(super) async fn lost(&self) -> LeaseLoss {
+        self.lost.cancelled().await;
+        match self.lost_reason() {
+            Some(reason) => reason,
+            // Cancelled without a reason only while the run itself is
+            // dropped (see `ReleaseGuard`): nothing waits for this any more.
+            None => std::future::pending().await,
+        }
     }
 }
 
@@ -122,10 +140,10 @@ async fn renew_loop(lock: Arc<dyn Lock>, held: Arc<Held>, config: Config) {
         }
         if Instant::now() >= deadline {
             warn!("lease not renewed before its local deadline; cancelling the running task");
-            held.lose(format!(
-                "the lease was not renewed within {budget:?} (ttl {:?} minus safety margin {:?})",
-                config.ttl, config.margin
-            ));
+            held.lose(LeaseLoss::Deadline {
+                ttl: config.ttl,
+                margin: config.margin,
+            });
             return;
         }
         let current = held.lease.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -143,7 +161,9 @@ async fn renew_loop(lock: Arc<dyn Lock>, held: Arc<Held>, config: Config) {
             }
             Ok(Err(e)) => {
                 warn!(error = %e, "renewal refused; cancelling the running task");
-                held.lose(format!("renewal refused: {e}"));
+                held.lose(LeaseLoss::RenewalRefused {
+                    detail: error_chain(&e),
+                });
                 return;
             }
             Err(_) => {
@@ -181,7 +201,9 @@ impl Drop for ReleaseGuard {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        self.held.lose("the run was cancelled".into());
+        // The caller dropped the run: the running task's token fires, and no
+        // one is left to read a reason.
+        self.held.lost.cancel();
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let lock = self.lock.clone();
             handle.spawn(async move {

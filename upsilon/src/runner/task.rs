@@ -14,6 +14,7 @@ use tracing::{info_span, Instrument};
 use super::lease::Held;
 use super::Inner;
 use crate::context::{TaskContext, TaskInfo};
+use crate::error::LeaseLoss;
 use crate::registry::Task;
 
 impl Inner {
@@ -49,9 +50,7 @@ impl Inner {
             };
             tokio::select! {
                 biased;
-                _ = held.lost.cancelled() => {
-                    Ran::Cancelled(held.lost_reason().unwrap_or_else(|| "the lease was lost".into()))
-                }
+                reason = held.lost() => Ran::Cancelled(reason),
                 r = CatchUnwind(future) => match r {
                     Ok(Ok(())) => Ran::Ok,
                     Ok(Err(e)) => Ran::Failed(error_chain(&*e)),
@@ -88,7 +87,7 @@ pub(super) fn task_info(
 pub(super) enum Ran {
     Ok,
     Failed(String),
-    Cancelled(String),
+    Cancelled(LeaseLoss),
 }
 
 /// Polls a future, turning a panic into an `Err` with its payload.
@@ -118,7 +117,7 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 }
 
 /// An error and its sources, joined with ": ".
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(super) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
