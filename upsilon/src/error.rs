@@ -29,8 +29,11 @@ pub enum Error {
     /// The registered tasks conflict, or a task is above the app version.
     #[error(transparent)]
     Registry(#[from] RegistryError),
-    /// The backend failed (after bounded retries for transient errors).
-    #[error("{during} failed: {source}")]
+    /// The backend failed (after bounded retries for transient errors). The
+    /// message says what the runner was doing; the backend's error is the
+    /// [`source`](std::error::Error::source): print the chain (anyhow's
+    /// `{:#}`) to see both.
+    #[error("{during} failed")]
     Backend {
         /// What the runner was doing.
         during: &'static str,

@@ -861,7 +861,8 @@ async fn lost_replies_and_transient_errors_are_retried_without_rerunning() {
 async fn a_broken_backend_is_a_clear_error_never_nothing_to_do() {
     let backend = MemoryBackend::new();
     backend.faults().always(Op::Load, Fault::Broken);
-    let err = node(&backend, 1, "1.1", vec![]).fails().await;
+    let up = node(&backend, 1, "1.1", vec![]).build().unwrap();
+    let err = up.run().await.unwrap_err();
     assert!(
         matches!(
             err,
@@ -871,6 +872,13 @@ async fn a_broken_backend_is_a_clear_error_never_nothing_to_do() {
             }
         ),
         "{err}"
+    );
+    // The status says what failed and why, once.
+    assert_eq!(
+        up.probe().status(),
+        Status::Failed {
+            error: "reading the store failed: injected fault: Load broken".into()
+        }
     );
     backend.faults().clear();
     backend.faults().always(Op::Load, Fault::Unavailable);
@@ -1005,6 +1013,45 @@ fn durations_too_long_for_a_clock_are_refused_not_overflowed() {
         .max_wait(Duration::from_secs(86_400 * 365))
         .build()
         .unwrap();
+}
+
+/// Each layer of an error chain, outermost first, as anyhow's `{:#}` walks it.
+fn layers(err: &(dyn std::error::Error + 'static)) -> Vec<String> {
+    let mut layers = vec![err.to_string()];
+    let mut source = err.source();
+    while let Some(s) = source {
+        layers.push(s.to_string());
+        source = s.source();
+    }
+    layers
+}
+
+#[test]
+fn an_error_chain_says_each_thing_once() {
+    let err = Error::Backend {
+        during: "reading the store",
+        source: BackendError::unavailable(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "connection reset by peer",
+        )),
+    };
+    let layers = layers(&err);
+    assert_eq!(
+        layers,
+        ["reading the store failed", "connection reset by peer"]
+    );
+    for (i, outer) in layers.iter().enumerate() {
+        for inner in &layers[i + 1..] {
+            assert!(
+                !outer.contains(inner.as_str()),
+                "{outer:?} repeats its cause {inner:?}"
+            );
+        }
+    }
+    assert_eq!(
+        format!("{:#}", anyhow::Error::new(err)),
+        "reading the store failed: connection reset by peer"
+    );
 }
 
 #[test]

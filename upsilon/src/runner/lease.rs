@@ -73,7 +73,7 @@ impl Inner {
             .await;
         match released {
             Ok(()) => info!(fence = current.fence, "lease released"),
-            Err(e) => warn!(error = %e, "releasing the lease failed; it expires within its TTL"),
+            Err(e) => warn!(error = %error_chain(&e), "the lease stays until its TTL runs out"),
         }
     }
 }
@@ -156,11 +156,11 @@ async fn renew_loop(lock: Arc<dyn Lock>, held: Arc<Held>, config: Config) {
                 next = sent + config.renew_every;
             }
             Ok(Err(e)) if e.is_transient() => {
-                warn!(error = %e, "renewing the lease failed; retrying before the deadline");
+                warn!(error = %error_chain(&e), "renewing the lease failed; retrying before the deadline");
                 next = Instant::now() + (config.renew_every / 4).max(Duration::from_millis(10));
             }
             Ok(Err(e)) => {
-                warn!(error = %e, "renewal refused; cancelling the running task");
+                warn!(error = %error_chain(&e), "renewal refused; cancelling the running task");
                 held.lose(LeaseLoss::RenewalRefused {
                     detail: error_chain(&e),
                 });
@@ -208,7 +208,7 @@ impl Drop for ReleaseGuard {
             let lock = self.lock.clone();
             handle.spawn(async move {
                 if let Err(e) = lock.release(&lease).await {
-                    warn!(error = %e, "releasing the lease of a cancelled run failed; it expires within its TTL");
+                    warn!(error = %error_chain(&e), "releasing the lease of a cancelled run failed; it expires within its TTL");
                 }
             });
         }

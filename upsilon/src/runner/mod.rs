@@ -40,6 +40,7 @@ pub use settings::{AboveAppPolicy, DataAheadPolicy, RetryPolicy};
 
 use settings::Config;
 use start::Start;
+use task::error_chain;
 
 /// The runner. Build with [`Upsilon::builder`], then [`Upsilon::run`] at start-up.
 #[derive(Clone)]
@@ -121,10 +122,9 @@ impl Upsilon {
                     });
                 }
                 Err(e) => {
-                    error!(error = %e, "upgrade did not complete; the node is not ready");
-                    inner.status.send_replace(Status::Failed {
-                        error: e.to_string(),
-                    });
+                    let error = error_chain(e);
+                    error!(%error, "upgrade did not complete; the node is not ready");
+                    inner.status.send_replace(Status::Failed { error });
                 }
             }
             result
@@ -203,7 +203,7 @@ impl Inner {
                 Ok(v) => return Ok(v),
                 Err(e) if e.is_transient() && attempt < self.config.backend_attempts => {
                     let wait = jitter(Duration::from_millis(50) * 2u32.pow(attempt.min(6)));
-                    warn!(error = %e, attempt, ?wait, "{during}: transient backend error, retrying");
+                    warn!(error = %error_chain(&e), attempt, ?wait, "{during}: transient backend error, retrying");
                     tokio::time::sleep(wait).await;
                     attempt += 1;
                 }

@@ -8,6 +8,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::settings::DataAheadPolicy;
+use super::task::error_chain;
 use super::{Inner, Outcome};
 use crate::backend::{Acquire, Lease, LeaseInfo, Snapshot};
 use crate::error::Error;
@@ -110,7 +111,7 @@ impl Inner {
         }
         .min(left);
         if let Err(e) = self.lock.wait(&self.service, seen, nap).await {
-            debug!(error = %e, "waiting for a lease change failed; polling instead");
+            debug!(error = %error_chain(&e), "waiting for a lease change failed; polling instead");
             tokio::time::sleep(nap).await;
         }
     }
