@@ -214,15 +214,27 @@ pub struct TaskReport {
     pub error: Option<String>,
 }
 
+/// An optional version as messages and log fields show it: `1.0.0`, or
+/// `none`.
+pub(crate) struct OrNone<'a>(pub(crate) Option<&'a Version>);
+
+impl fmt::Display for OrNone<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(v) => v.fmt(f),
+            None => f.write_str("none"),
+        }
+    }
+}
+
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let v = |v: &Option<Version>| v.as_ref().map_or("none".to_owned(), |v| v.to_string());
         write!(
             f,
             "service `{}` from data version {} to {} under fence {}",
             self.service,
-            v(&self.from),
-            v(&self.to),
+            OrNone(self.from.as_ref()),
+            OrNone(self.to.as_ref()),
             self.fence
         )?;
         if let Some(b) = &self.baselined {

@@ -943,6 +943,12 @@ fn nonsense_settings_are_refused_when_building() {
             "require_tasks_from",
             "add `use billing_tasks as _;`",
         ),
+        // A Cargo package name is advised as the Rust name `use` takes.
+        (
+            base().require_tasks_from("billing-tasks"),
+            "require_tasks_from",
+            "add `use billing_tasks as _;`",
+        ),
         (
             Upsilon::builder().app_version("1.0"),
             "backend",
@@ -1013,6 +1019,106 @@ fn durations_too_long_for_a_clock_are_refused_not_overflowed() {
         .max_wait(Duration::from_secs(86_400 * 365))
         .build()
         .unwrap();
+}
+
+/// What the runner logs on this thread, as a user's fmt subscriber prints it.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    /// Captures this thread's logs until the guard is dropped.
+    fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
+        let logs = Logs::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(logs.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    fn lines_with(&self, needle: &str) -> Vec<String> {
+        self.text()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+    type Writer = Logs;
+    fn make_writer(&'a self) -> Logs {
+        self.clone()
+    }
+}
+
+#[tokio::test]
+async fn logs_show_plain_versions_and_the_attempt_that_completed() {
+    let backend = MemoryBackend::new();
+    let log = Log::default();
+    let tasks = vec![
+        logged(&log, "1.0", 1, "base"),
+        failing(&log, "1.1", 1, "flaky", 2),
+    ];
+    let (logs, _guard) = Logs::capture();
+    node(&backend, 1, "1.1", tasks)
+        .retry(RetryPolicy::attempts(3, Duration::from_millis(1)))
+        .succeeds()
+        .await;
+    let text = logs.text();
+    assert!(!text.contains("Some("), "{text}");
+    let needed = logs.lines_with("upgrade needed");
+    assert!(needed[0].ends_with("data_version=none"), "{text}");
+    let complete = logs.lines_with("version complete");
+    assert_eq!(complete.len(), 2, "{text}");
+    assert!(complete[0].ends_with("data_version=1.0.0"), "{text}");
+    assert!(complete[1].ends_with("data_version=1.1.0"), "{text}");
+    let completed = logs.lines_with("task completed task=flaky@1.1.0");
+    assert_eq!(completed.len(), 1, "{text}");
+    assert!(completed[0].contains(" attempt=3 "), "{text}");
+}
+
+#[test]
+fn tasks_above_the_app_are_warned_about_once_and_after_every_setting_is_checked() {
+    let backend = MemoryBackend::new();
+    let log = Log::default();
+    let tasks = || {
+        vec![
+            logged(&log, "1.1", 1, "now"),
+            logged(&log, "9.0", 1, "warned_once"),
+        ]
+    };
+    let (logs, _guard) = Logs::capture();
+    let warnings = || logs.lines_with("above the app version").len();
+    let (setting, _) = refused(node(&backend, 1, "1.1", tasks()).require_tasks_from("nowhere"));
+    assert_eq!(setting, "require_tasks_from");
+    let (setting, _) = refused(node(&backend, 1, "1.1", tasks()).ttl(Duration::from_millis(10)));
+    assert_eq!(setting, "ttl");
+    assert_eq!(warnings(), 0, "no warning before a configuration error");
+    for _ in 0..3 {
+        node(&backend, 1, "1.1", tasks()).build().unwrap();
+    }
+    assert_eq!(warnings(), 1, "{}", logs.text());
+    assert!(
+        logs.lines_with("above the app version")[0].contains("warned_once@9.0.0"),
+        "{}",
+        logs.text()
+    );
 }
 
 /// Each layer of an error chain, outermost first, as anyhow's `{:#}` walks it.

@@ -1,8 +1,10 @@
 //! The builder: every setting, and the checks that refuse settings that make
 //! no sense before anything is read or written.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::sync::Arc;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use semver::Version;
@@ -200,7 +202,8 @@ impl Builder {
 
     /// Fails the build unless `crate_name` registered at least one task: the
     /// guard against the linker dropping a task library the binary never
-    /// names (see the crate docs).
+    /// names (see the crate docs). The crate may be named as in Cargo.toml
+    /// (`my-tasks`) or as in Rust (`my_tasks`).
     pub fn require_tasks_from(mut self, crate_name: impl Into<String>) -> Self {
         self.required_crates.push(crate_name.into());
         self
@@ -241,22 +244,14 @@ impl Builder {
             Some(tasks) => Registry::new(tasks)?,
             None => Registry::collect()?,
         };
-        match self.config.above_app {
-            AboveAppPolicy::Error => registry.check_not_above(&app)?,
-            AboveAppPolicy::Warn => {
-                let above: Vec<String> = registry
-                    .above(&app)
-                    .map(|t| format!("{} ({})", t.key(), t.location()))
-                    .collect();
-                if !above.is_empty() {
-                    warn!(app_version = %app, tasks = %above.join(", "),
-                        "{} task(s) have a version above the app version; they are left out of the plan",
-                        above.len());
-                }
-            }
-            AboveAppPolicy::Ignore => {}
+        if self.config.above_app == AboveAppPolicy::Error {
+            registry.check_not_above(&app)?;
         }
-        check_required_crates(&registry, &self.required_crates)?;
+        check_required_crates(&registry.crates(), &self.required_crates)?;
+        // Only once every setting is known to be good.
+        if self.config.above_app == AboveAppPolicy::Warn {
+            warn_above_app(&registry, &app);
+        }
         let (status, _) = watch::channel(Status::Starting);
         Ok(Upsilon {
             inner: Arc::new(Inner {
@@ -443,11 +438,16 @@ fn check_counts(c: &Config) -> Result<(), Error> {
 }
 
 /// The guard against the linker dropping a task library the binary never
-/// names.
-fn check_required_crates(registry: &Registry, required: &[String]) -> Result<(), Error> {
-    let crates = registry.crates();
-    for name in required {
-        if !crates.contains_key(name) {
+/// names. A crate may be named as Cargo does (`my-tasks`) or as Rust does
+/// (`my_tasks`).
+fn check_required_crates(
+    crates: &BTreeMap<String, usize>,
+    required: &[String],
+) -> Result<(), Error> {
+    for asked in required {
+        // Module paths, and so the registry, use the Rust name.
+        let name = asked.replace('-', "_");
+        if !crates.contains_key(&name) {
             return Err(Error::config(
                 "require_tasks_from",
                 format!(
@@ -462,4 +462,54 @@ fn check_required_crates(registry: &Registry, required: &[String]) -> Result<(),
         }
     }
     Ok(())
+}
+
+/// Warns that tasks above the app version are left out, once per process
+/// for each app version and set of tasks: a binary that holds several
+/// versions' tasks may build a runner more than once.
+fn warn_above_app(registry: &Registry, app: &Version) {
+    let above: Vec<String> = registry
+        .above(app)
+        .map(|t| format!("{} ({})", t.key(), t.location()))
+        .collect();
+    if above.is_empty() {
+        return;
+    }
+    static WARNED: Mutex<BTreeSet<u64>> = Mutex::new(BTreeSet::new());
+    let mut key = DefaultHasher::new();
+    (app, &above).hash(&mut key);
+    let first = WARNED
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(key.finish());
+    if first {
+        warn!(app_version = %app, tasks = %above.join(", "),
+            "{} task(s) have a version above the app version; they are left out of the plan \
+             (`.tasks_above_app(AboveAppPolicy::Ignore)` leaves them out silently)",
+            above.len());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_required_crate_is_found_by_its_cargo_or_rust_name() {
+        let crates = BTreeMap::from([("my_tasks".to_owned(), 2)]);
+        for name in ["my_tasks", "my-tasks"] {
+            check_required_crates(&crates, &[name.to_owned()]).unwrap();
+        }
+        let err = check_required_crates(&crates, &["other-tasks".to_owned()]).unwrap_err();
+        let Error::Config { setting, problem } = err else {
+            panic!("{err}")
+        };
+        assert_eq!(setting, "require_tasks_from");
+        assert!(
+            problem.starts_with("no task from crate `other_tasks` is registered"),
+            "{problem}"
+        );
+        assert!(problem.contains("add `use other_tasks as _;`"), "{problem}");
+        assert!(problem.contains("tasks found from: my_tasks"), "{problem}");
+    }
 }

@@ -12,7 +12,7 @@ use super::{Inner, Outcome};
 use crate::backend::{
     AttemptKind, AttemptState, BackendError, Change, FinishAttempt, Lease, Snapshot, StartAttempt,
 };
-use crate::error::{Error, LeaseLoss, Report, TaskReport};
+use crate::error::{Error, LeaseLoss, OrNone, Report, TaskReport};
 use crate::planner::{self, Plan};
 use crate::registry::Task;
 use crate::status::Status;
@@ -155,13 +155,13 @@ impl Work<'_> {
             };
             match ran {
                 Ran::Ok => {
-                    info!(task = %task.key(), ?duration, "task completed");
+                    info!(task = %task.key(), attempt, ?duration, "task completed");
                     let done = finish(task, attempt, AttemptState::Completed, None, duration);
                     self.pending.push(done);
                     return Ok(task_report);
                 }
                 Ran::Cancelled(reason) => {
-                    warn!(task = %task.key(), %reason, "task cancelled: the lease was lost");
+                    warn!(task = %task.key(), attempt, %reason, "task cancelled: the lease was lost");
                     return Err(self.cancelled(task, attempt, duration, reason).await);
                 }
                 Ran::Failed(message) => {
@@ -232,7 +232,7 @@ impl Work<'_> {
     /// Waits out the retry policy's backoff, or until the lease is lost.
     async fn back_off(&self, task: &Task, failures: u32) {
         let wait = self.inner.config.retry.backoff(failures);
-        info!(task = %task.key(), ?wait, "retrying the task");
+        info!(task = %task.key(), failed_attempts = failures, ?wait, "retrying the task");
         tokio::select! {
             biased;
             _ = tokio::time::sleep(wait) => {}
@@ -266,7 +266,7 @@ impl Work<'_> {
         let changes = std::mem::take(&mut self.pending);
         self.write(changes).await?;
         self.report.to = self.snapshot.data_version.clone();
-        info!(data_version = ?self.report.to.as_ref().map(|v| v.to_string()), "version complete");
+        info!(data_version = %OrNone(self.report.to.as_ref()), "version complete");
         Ok(())
     }
 

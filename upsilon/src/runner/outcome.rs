@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use semver::Version;
 
-use crate::error::Report;
+use crate::error::{OrNone, Report};
 use crate::ids::Holder;
 
 /// What [`Upsilon::run`] did.
@@ -47,13 +47,12 @@ impl Outcome {
 
 impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let v = |v: Option<&Version>| v.map_or("none".to_owned(), |v| v.to_string());
         match self {
             Outcome::UpToDate { data_version } => {
                 write!(
                     f,
                     "already up to date at data version {}",
-                    v(data_version.as_ref())
+                    OrNone(data_version.as_ref())
                 )
             }
             Outcome::Upgraded { report } => write!(f, "upgraded {report}"),
@@ -67,7 +66,7 @@ impl fmt::Display for Outcome {
                     Some(h) => write!(f, "{h}")?,
                     None => f.write_str("another node")?,
                 }
-                write!(f, " upgraded the data to {}", v(data_version.as_ref()))
+                write!(f, " upgraded the data to {}", OrNone(data_version.as_ref()))
             }
         }
     }

@@ -11,7 +11,7 @@ use super::settings::DataAheadPolicy;
 use super::task::error_chain;
 use super::{Inner, Outcome};
 use crate::backend::{Acquire, Lease, LeaseInfo, Snapshot};
-use crate::error::Error;
+use crate::error::{Error, OrNone};
 use crate::planner::Plan;
 use crate::status::Status;
 use crate::util::jitter;
@@ -36,7 +36,7 @@ impl Inner {
                 data_version: snapshot.data_version,
             }));
         }
-        info!(tasks = plan.steps.len(), data_version = ?snapshot.data_version.as_ref().map(|v| v.to_string()),
+        info!(tasks = plan.steps.len(), data_version = %OrNone(snapshot.data_version.as_ref()),
             "upgrade needed; acquiring the lease");
         self.acquire(snapshot).await
     }
