@@ -107,7 +107,7 @@ impl Builder {
         self
     }
 
-    /// A value tasks read with [`TaskContext::resource`].
+    /// A value tasks read with [`TaskContext::resource`](crate::TaskContext::resource).
     pub fn resource<T: Send + Sync + 'static>(mut self, value: T) -> Self {
         self.resources.insert(value);
         self

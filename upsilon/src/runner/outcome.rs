@@ -8,7 +8,7 @@ use semver::Version;
 use crate::error::{OrNone, Report};
 use crate::ids::Holder;
 
-/// What [`Upsilon::run`] did.
+/// What [`Upsilon::run`](super::Upsilon::run) did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Outcome {

@@ -16,7 +16,7 @@ pub enum DataAheadPolicy {
     /// successor (the N-1 rule read from the other side). The default.
     #[default]
     Ready,
-    /// Fail with [`Error::DataAhead`].
+    /// Fail with [`Error::DataAhead`](crate::Error::DataAhead).
     Fail,
 }
 
