@@ -14,14 +14,26 @@ use crate::state::BackendError;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The builder was given settings that make no sense.
-    #[error("invalid Upsilon configuration: {0}")]
-    Config(String),
+    /// The builder was given settings that make no sense. Nothing was
+    /// read or written.
+    #[error("invalid Upsilon configuration: {setting}: {problem}")]
+    #[non_exhaustive]
+    Config {
+        /// The builder setting at fault, by its method's name: `"ttl"`,
+        /// `"renew_every"`, `"max_wait"`, `"service"`, `"app_version"`,
+        /// `"backend"`, `"baseline"`, `"require_tasks_from"`, ...
+        setting: &'static str,
+        /// What is wrong with it, and what to do.
+        problem: String,
+    },
     /// The registered tasks conflict, or a task is above the app version.
     #[error(transparent)]
     Registry(#[from] RegistryError),
-    /// The backend failed (after bounded retries for transient errors).
-    #[error("{during} failed: {source}")]
+    /// The backend failed (after bounded retries for transient errors). The
+    /// message says what the runner was doing; the backend's error is the
+    /// [`source`](std::error::Error::source): print the chain (anyhow's
+    /// `{:#}`) to see both.
+    #[error("{during} failed")]
     Backend {
         /// What the runner was doing.
         during: &'static str,
@@ -44,7 +56,7 @@ pub enum Error {
     #[error("lost the upgrade lease of service `{}`: {reason}; the running task was cancelled and nothing more was written", report.service)]
     LeaseLost {
         /// Why.
-        reason: String,
+        reason: LeaseLoss,
         /// What was done before.
         report: Box<Report>,
     },
@@ -65,6 +77,78 @@ pub enum Error {
         /// This binary's version.
         app: Version,
     },
+}
+
+impl Error {
+    /// An [`Error::Config`] for `setting`.
+    pub(crate) fn config(setting: &'static str, problem: impl Into<String>) -> Error {
+        Error::Config {
+            setting,
+            problem: problem.into(),
+        }
+    }
+}
+
+/// Why a node lost the lease it held ([`Error::LeaseLost`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LeaseLoss {
+    /// The lock refused to renew the lease: it is no longer this node's.
+    RenewalRefused {
+        /// The lock's answer.
+        detail: String,
+    },
+    /// The local deadline passed while renewals failed or hung: counted
+    /// from the last successful renewal on the monotonic clock, it falls
+    /// `margin` before the lease's expiry.
+    Deadline {
+        /// The lease's time to live.
+        ttl: Duration,
+        /// The builder's safety margin.
+        margin: Duration,
+    },
+    /// A store write carried a fence older than the newest the store has
+    /// seen: another node has taken over.
+    StaleFence {
+        /// What the runner was writing.
+        during: &'static str,
+        /// The fence this node wrote with.
+        presented: u64,
+        /// The store's newest fence.
+        current: u64,
+    },
+    /// The store refused a write because the lease is no longer held.
+    NotHeld {
+        /// What the runner was writing.
+        during: &'static str,
+        /// The store's answer.
+        detail: String,
+    },
+}
+
+impl fmt::Display for LeaseLoss {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LeaseLoss::RenewalRefused { detail } => write!(f, "renewal refused: {detail}"),
+            LeaseLoss::Deadline { ttl, margin } => write!(
+                f,
+                "the lease was not renewed within {:?} (ttl {ttl:?} minus safety margin {margin:?})",
+                ttl.saturating_sub(*margin)
+            ),
+            LeaseLoss::StaleFence {
+                during,
+                presented,
+                current,
+            } => write!(
+                f,
+                "{during}: fence {presented} is stale: the store has seen fence {current}, so another node has taken over"
+            ),
+            LeaseLoss::NotHeld { during, detail } => write!(
+                f,
+                "{during}: the lease is no longer held by this node: {detail}"
+            ),
+        }
+    }
 }
 
 fn failed_message(report: &Report) -> String {
@@ -130,15 +214,27 @@ pub struct TaskReport {
     pub error: Option<String>,
 }
 
+/// An optional version as messages and log fields show it: `1.0.0`, or
+/// `none`.
+pub(crate) struct OrNone<'a>(pub(crate) Option<&'a Version>);
+
+impl fmt::Display for OrNone<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(v) => v.fmt(f),
+            None => f.write_str("none"),
+        }
+    }
+}
+
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let v = |v: &Option<Version>| v.as_ref().map_or("none".to_owned(), |v| v.to_string());
         write!(
             f,
             "service `{}` from data version {} to {} under fence {}",
             self.service,
-            v(&self.from),
-            v(&self.to),
+            OrNone(self.from.as_ref()),
+            OrNone(self.to.as_ref()),
             self.fence
         )?;
         if let Some(b) = &self.baselined {

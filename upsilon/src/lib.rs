@@ -69,7 +69,7 @@ mod util;
 mod version;
 
 pub use context::{MissingResource, Resources, TaskContext, TaskInfo};
-pub use error::{Error, Report, TaskReport};
+pub use error::{Error, LeaseLoss, Report, TaskReport};
 pub use ids::{BoxError, Holder, InvalidHolder, TaskKey};
 pub use registry::{Location, Problem, Registry, RegistryError, Task, TaskFn, TaskFuture};
 pub use runner::{

@@ -9,8 +9,8 @@ use upsilon::backend::{Acquire, BackendError, Change, Lock, Store};
 use upsilon::backend::{AttemptKind, AttemptState};
 use upsilon::testing::{self, Fault, MemoryBackend, Op};
 use upsilon::{
-    Builder, DataAheadPolicy, Error, Outcome, RetryPolicy, Status, Task, TaskContext, TaskFuture,
-    Upsilon,
+    Builder, DataAheadPolicy, Error, LeaseLoss, Outcome, RetryPolicy, Status, Task, TaskContext,
+    TaskFuture, Upsilon,
 };
 
 /// Which node ran which task, in order.
@@ -433,8 +433,20 @@ async fn a_holder_whose_lease_expired_cannot_write() {
         panic!("{err}")
     };
     assert!(
-        reason.contains("fence 1 is stale: the store has seen fence 2"),
+        matches!(
+            reason,
+            LeaseLoss::StaleFence {
+                presented: 1,
+                current: 2,
+                ..
+            }
+        ),
         "{reason}"
+    );
+    assert!(
+        err.to_string()
+            .contains("fence 1 is stale: the store has seen fence 2"),
+        "{err}"
     );
     let snap = backend.load("svc").await.unwrap();
     assert!(
@@ -472,7 +484,14 @@ async fn losing_the_lease_cancels_the_running_task() {
     let Error::LeaseLost { reason, .. } = &err else {
         panic!("{err}")
     };
-    assert!(reason.contains("renewal refused"), "{reason}");
+    assert!(
+        matches!(reason, LeaseLoss::RenewalRefused { .. }),
+        "{reason}"
+    );
+    assert!(
+        reason.to_string().starts_with("renewal refused: "),
+        "{reason}"
+    );
     let history = backend.history("svc").await.unwrap();
     assert_eq!(history[0].state, AttemptState::Cancelled);
     assert!(matches!(up.probe().status(), Status::Failed { .. }));
@@ -503,7 +522,19 @@ async fn the_local_deadline_cancels_when_renewals_hang() {
     let Error::LeaseLost { reason, .. } = &err else {
         panic!("{err}")
     };
-    assert!(reason.contains("not renewed within"), "{reason}");
+    assert_eq!(
+        *reason,
+        LeaseLoss::Deadline {
+            ttl: Duration::from_secs(3),
+            margin: Duration::from_millis(600)
+        }
+    );
+    assert!(
+        reason
+            .to_string()
+            .starts_with("the lease was not renewed within 2.4s"),
+        "{reason}"
+    );
     // TTL 3 s minus the default margin (TTL/5): 2.4 s.
     let took = started.elapsed();
     assert!(
@@ -830,7 +861,8 @@ async fn lost_replies_and_transient_errors_are_retried_without_rerunning() {
 async fn a_broken_backend_is_a_clear_error_never_nothing_to_do() {
     let backend = MemoryBackend::new();
     backend.faults().always(Op::Load, Fault::Broken);
-    let err = node(&backend, 1, "1.1", vec![]).fails().await;
+    let up = node(&backend, 1, "1.1", vec![]).build().unwrap();
+    let err = up.run().await.unwrap_err();
     assert!(
         matches!(
             err,
@@ -840,6 +872,13 @@ async fn a_broken_backend_is_a_clear_error_never_nothing_to_do() {
             }
         ),
         "{err}"
+    );
+    // The status says what failed and why, once.
+    assert_eq!(
+        up.probe().status(),
+        Status::Failed {
+            error: "reading the store failed: injected fault: Load broken".into()
+        }
     );
     backend.faults().clear();
     backend.faults().always(Op::Load, Fault::Unavailable);
@@ -857,23 +896,268 @@ async fn a_broken_backend_is_a_clear_error_never_nothing_to_do() {
     assert_eq!(backend.faults().calls(Op::Load), 4);
 }
 
+/// The setting `build` refused, and what it said about it.
+fn refused(builder: Builder) -> (&'static str, String) {
+    match builder.build().unwrap_err() {
+        Error::Config {
+            setting, problem, ..
+        } => (setting, problem),
+        other => panic!("expected a configuration error, got {other}"),
+    }
+}
+
 #[test]
 fn nonsense_settings_are_refused_when_building() {
     let backend = MemoryBackend::new();
-    let build = |b: Builder| b.build().unwrap_err().to_string();
     let base = || node(&backend, 1, "1.1", vec![]);
-    assert!(build(Upsilon::builder().backend(backend.clone())).contains("no app version"));
-    assert!(build(base().app_version("v2")).contains("`v2` is not a version"));
-    assert!(build(base().ttl(Duration::from_millis(10))).contains("too short"));
-    assert!(build(base().renew_every(Duration::from_secs(2))).contains("renew at most every"));
-    assert!(build(base().safety_margin(Duration::from_secs(5)))
-        .contains("must be shorter than the ttl"));
-    assert!(build(base().service("has space")).contains("service name"));
-    assert!(build(base().baseline("2.0")).contains("above the app version"));
-    assert!(
-        build(base().require_tasks_from("billing_tasks")).contains("add `use billing_tasks as _;`")
+    let cases = [
+        (
+            Upsilon::builder().backend(backend.clone()),
+            "app_version",
+            "not set; call `.app_version(",
+        ),
+        (
+            base().app_version("v2"),
+            "app_version",
+            "`v2` is not a version",
+        ),
+        (base().ttl(Duration::from_millis(10)), "ttl", "too short"),
+        (
+            base().renew_every(Duration::from_secs(2)),
+            "renew_every",
+            "renew at most every",
+        ),
+        (
+            base().safety_margin(Duration::from_secs(5)),
+            "safety_margin",
+            "must be shorter than the ttl",
+        ),
+        (
+            base().service("has space"),
+            "service",
+            "\"has space\" must be",
+        ),
+        (base().baseline("2.0"), "baseline", "above the app version"),
+        (
+            base().require_tasks_from("billing_tasks"),
+            "require_tasks_from",
+            "add `use billing_tasks as _;`",
+        ),
+        // A Cargo package name is advised as the Rust name `use` takes.
+        (
+            base().require_tasks_from("billing-tasks"),
+            "require_tasks_from",
+            "add `use billing_tasks as _;`",
+        ),
+        (
+            Upsilon::builder().app_version("1.0"),
+            "backend",
+            "not set; call `.backend(..)`",
+        ),
+        (
+            Upsilon::builder().app_version("1.0").store(backend.clone()),
+            "lock",
+            "not set",
+        ),
+        (
+            base().poll_interval(Duration::ZERO),
+            "poll_interval",
+            "must not be zero",
+        ),
+        (
+            base().retry(RetryPolicy::attempts(0, Duration::from_secs(1))),
+            "retry",
+            "max_attempts must be at least 1",
+        ),
+        (base().backend_attempts(0), "backend_attempts", "at least 1"),
+    ];
+    for (builder, setting, says) in cases {
+        let (at, problem) = refused(builder);
+        assert_eq!(at, setting, "{problem}");
+        assert!(problem.contains(says), "{setting}: {problem}");
+    }
+    let err = base().ttl(Duration::from_millis(10)).build().unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid Upsilon configuration: ttl: 10ms is too short; use at least 100 ms (seconds in production)"
     );
-    assert!(build(Upsilon::builder().app_version("1.0")).contains("no lock"));
+}
+
+#[test]
+fn durations_too_long_for_a_clock_are_refused_not_overflowed() {
+    let backend = MemoryBackend::new();
+    let base = || node(&backend, 1, "1.1", vec![]);
+    let cases = [
+        (base().max_wait(Duration::MAX), "max_wait"),
+        (base().ttl(Duration::MAX), "ttl"),
+        // Too long for the backend's clock in milliseconds, not for Instant.
+        (base().ttl(Duration::from_secs(u64::MAX / 3_000)), "ttl"),
+        (base().poll_interval(Duration::MAX), "poll_interval"),
+        (
+            base().retry(RetryPolicy::attempts(3, Duration::MAX)),
+            "retry",
+        ),
+    ];
+    for (builder, setting) in cases {
+        let (at, problem) = refused(builder);
+        assert_eq!(at, setting, "{problem}");
+        assert!(problem.contains("too long to add to a clock"), "{problem}");
+    }
+    // Renewing every Duration::MAX would overflow the old check itself.
+    for every in [Duration::MAX, Duration::from_secs(3)] {
+        let (at, problem) = refused(base().renew_every(every));
+        assert_eq!(at, "renew_every");
+        assert!(
+            problem.contains("is not shorter than the ttl 3s"),
+            "{problem}"
+        );
+    }
+    let (at, problem) = refused(base().safety_margin(Duration::MAX));
+    assert_eq!(at, "safety_margin", "{problem}");
+    // Long but finite waits still build.
+    base()
+        .max_wait(Duration::from_secs(86_400 * 365))
+        .build()
+        .unwrap();
+}
+
+/// What the runner logs on this thread, as a user's fmt subscriber prints it.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    /// Captures this thread's logs until the guard is dropped.
+    fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
+        let logs = Logs::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(logs.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    fn lines_with(&self, needle: &str) -> Vec<String> {
+        self.text()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+    type Writer = Logs;
+    fn make_writer(&'a self) -> Logs {
+        self.clone()
+    }
+}
+
+#[tokio::test]
+async fn logs_show_plain_versions_and_the_attempt_that_completed() {
+    let backend = MemoryBackend::new();
+    let log = Log::default();
+    let tasks = vec![
+        logged(&log, "1.0", 1, "base"),
+        failing(&log, "1.1", 1, "flaky", 2),
+    ];
+    let (logs, _guard) = Logs::capture();
+    node(&backend, 1, "1.1", tasks)
+        .retry(RetryPolicy::attempts(3, Duration::from_millis(1)))
+        .succeeds()
+        .await;
+    let text = logs.text();
+    assert!(!text.contains("Some("), "{text}");
+    let needed = logs.lines_with("upgrade needed");
+    assert!(needed[0].ends_with("data_version=none"), "{text}");
+    let complete = logs.lines_with("version complete");
+    assert_eq!(complete.len(), 2, "{text}");
+    assert!(complete[0].ends_with("data_version=1.0.0"), "{text}");
+    assert!(complete[1].ends_with("data_version=1.1.0"), "{text}");
+    let completed = logs.lines_with("task completed task=flaky@1.1.0");
+    assert_eq!(completed.len(), 1, "{text}");
+    assert!(completed[0].contains(" attempt=3 "), "{text}");
+}
+
+#[test]
+fn tasks_above_the_app_are_warned_about_once_and_after_every_setting_is_checked() {
+    let backend = MemoryBackend::new();
+    let log = Log::default();
+    let tasks = || {
+        vec![
+            logged(&log, "1.1", 1, "now"),
+            logged(&log, "9.0", 1, "warned_once"),
+        ]
+    };
+    let (logs, _guard) = Logs::capture();
+    let warnings = || logs.lines_with("above the app version").len();
+    let (setting, _) = refused(node(&backend, 1, "1.1", tasks()).require_tasks_from("nowhere"));
+    assert_eq!(setting, "require_tasks_from");
+    let (setting, _) = refused(node(&backend, 1, "1.1", tasks()).ttl(Duration::from_millis(10)));
+    assert_eq!(setting, "ttl");
+    assert_eq!(warnings(), 0, "no warning before a configuration error");
+    for _ in 0..3 {
+        node(&backend, 1, "1.1", tasks()).build().unwrap();
+    }
+    assert_eq!(warnings(), 1, "{}", logs.text());
+    assert!(
+        logs.lines_with("above the app version")[0].contains("warned_once@9.0.0"),
+        "{}",
+        logs.text()
+    );
+}
+
+/// Each layer of an error chain, outermost first, as anyhow's `{:#}` walks it.
+fn layers(err: &(dyn std::error::Error + 'static)) -> Vec<String> {
+    let mut layers = vec![err.to_string()];
+    let mut source = err.source();
+    while let Some(s) = source {
+        layers.push(s.to_string());
+        source = s.source();
+    }
+    layers
+}
+
+#[test]
+fn an_error_chain_says_each_thing_once() {
+    let err = Error::Backend {
+        during: "reading the store",
+        source: BackendError::unavailable(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "connection reset by peer",
+        )),
+    };
+    let layers = layers(&err);
+    assert_eq!(
+        layers,
+        ["reading the store failed", "connection reset by peer"]
+    );
+    for (i, outer) in layers.iter().enumerate() {
+        for inner in &layers[i + 1..] {
+            assert!(
+                !outer.contains(inner.as_str()),
+                "{outer:?} repeats its cause {inner:?}"
+            );
+        }
+    }
+    assert_eq!(
+        format!("{:#}", anyhow::Error::new(err)),
+        "reading the store failed: connection reset by peer"
+    );
 }
 
 #[test]

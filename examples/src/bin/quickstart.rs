@@ -136,7 +136,7 @@ async fn node(db: &Path, version: &str, name: &str) -> anyhow::Result<()> {
             holder.map(|h| h.pod.unwrap_or(h.host)).unwrap_or_default()
         ),
         Ok(outcome) => println!("{name}: READY at {version}: {outcome}"),
-        Err(e) => bail!("{name}: not ready: {e}"),
+        Err(e) => return Err(e).context(format!("{name}: not ready")),
     }
     Ok(())
 }

@@ -226,7 +226,7 @@ async fn main() -> anyhow::Result<()> {
             println!("{} {kind}: {outcome}", args.name);
             Ok(())
         }
-        Err(e) => bail!("{} not ready: {e}", args.name),
+        Err(e) => Err(e).context(format!("{} not ready", args.name)),
     }
 }
 

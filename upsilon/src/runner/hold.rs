@@ -1,0 +1,412 @@
+//! Steps 3, 4 and 6 while this node holds the lease: claim the store,
+//! re-read, run the plan with a fenced write after each task, record the data
+//! version; the rollbacks after a failure.
+
+use std::time::Duration;
+
+use tracing::{error, info, warn};
+
+use super::lease::{Held, Keeper};
+use super::task::{task_info, Ran};
+use super::{Inner, Outcome};
+use crate::backend::{
+    AttemptKind, AttemptState, BackendError, Change, FinishAttempt, Lease, Snapshot, StartAttempt,
+};
+use crate::error::{Error, LeaseLoss, OrNone, Report, TaskReport};
+use crate::planner::{self, Plan};
+use crate::registry::Task;
+use crate::status::Status;
+
+impl Inner {
+    /// Steps 3-7 while holding `lease`. Releases on every path.
+    pub(super) async fn hold(&self, lease: Lease, before: Snapshot) -> Result<Outcome, Error> {
+        let mut report = Report {
+            service: self.service.clone(),
+            fence: lease.fence,
+            ..Report::default()
+        };
+        let keeper = Keeper::start(self.lock.clone(), lease, &self.config);
+        let result = self.upgrade(keeper.held(), &mut report, before).await;
+        self.release(keeper).await;
+        match result {
+            Ok(()) => {}
+            Err(Failure::Lost(reason)) => {
+                return Err(Error::LeaseLost {
+                    reason,
+                    report: Box::new(report),
+                })
+            }
+            Err(Failure::Task) => {
+                return Err(Error::TaskFailed {
+                    report: Box::new(report),
+                })
+            }
+            Err(Failure::Other(e)) => return Err(e),
+        }
+        if report.completed.is_empty() && report.baselined.is_none() && report.to == report.from {
+            // Another node finished between our read and our grant: the
+            // re-read under the lease found nothing to do.
+            return Ok(Outcome::UpToDate {
+                data_version: report.to,
+            });
+        }
+        Ok(Outcome::Upgraded { report })
+    }
+
+    /// Steps 3, 4 and 6.
+    async fn upgrade(
+        &self,
+        held: &Held,
+        report: &mut Report,
+        before: Snapshot,
+    ) -> Result<(), Failure> {
+        let snapshot = self.claim(held, report.fence, before).await?;
+        report.from = snapshot.data_version.clone();
+        report.to = snapshot.data_version.clone();
+        let mut work = Work {
+            inner: self,
+            held,
+            fence: report.fence,
+            snapshot,
+            pending: Vec::new(),
+            report,
+        };
+        work.baseline().await?;
+        // Never plan from state read before the lease.
+        let plan = self.plan(&work.snapshot);
+        self.preflight(&work.snapshot, &plan)
+            .map_err(Failure::Other)?;
+        for i in 0..plan.steps.len() {
+            let done = work.run_task(&plan, i).await?;
+            work.report.completed.push(done);
+            work.after_task(&plan, i).await?;
+        }
+        work.catch_up().await
+    }
+
+    /// Step 3: claims the store with the fence and re-reads everything.
+    async fn claim(&self, held: &Held, fence: u64, before: Snapshot) -> Result<Snapshot, Failure> {
+        let snapshot = self
+            .retry("claiming the store", || {
+                self.store.claim(&self.service, fence)
+            })
+            .await
+            .map_err(|e| lost_or(held, e))?;
+        if self.config.skip_reread {
+            return Ok(Snapshot { fence, ..before });
+        }
+        Ok(snapshot)
+    }
+}
+
+/// One upgrade under the lease: the runner's mirror of the store, the writes
+/// not yet sent, and the report so far.
+struct Work<'a> {
+    inner: &'a Inner,
+    held: &'a Held,
+    fence: u64,
+    snapshot: Snapshot,
+    /// Changes that ride with the next write.
+    pending: Vec<Change>,
+    report: &'a mut Report,
+}
+
+impl Work<'_> {
+    /// Records the builder's baseline in an empty store.
+    async fn baseline(&mut self) -> Result<(), Failure> {
+        let Some(b) = self.inner.config.baseline.clone() else {
+            return Ok(());
+        };
+        if !self.snapshot.is_empty() {
+            return Ok(());
+        }
+        self.write(vec![Change::Baseline(b.clone())]).await?;
+        info!(version = %b, "baselined the empty store");
+        self.report.baselined = Some(b);
+        self.report.to = self.snapshot.data_version.clone();
+        Ok(())
+    }
+
+    /// Step 4 for the plan's task `i`: attempts until one completes, the
+    /// retry policy gives up, or the lease is lost.
+    async fn run_task(&mut self, plan: &Plan, i: usize) -> Result<TaskReport, Failure> {
+        let step = &plan.steps[i];
+        let task = &step.task;
+        let total = plan.steps.len();
+        info!(task = %task.key(), reason = %step.reason, "task {} of {total}", i + 1);
+        let mut failures = 0;
+        loop {
+            let attempt = self.start_attempt(task, AttemptKind::Run).await?;
+            self.inner.status.send_replace(Status::Upgrading {
+                task: task.id().to_owned(),
+                version: task.version().clone(),
+                index: i + 1,
+                total,
+                progress: None,
+            });
+            let info = task_info(task, attempt, i + 1, total, false);
+            let (ran, duration) = self.inner.run_one(self.held, task, info).await;
+            let mut task_report = TaskReport {
+                key: task.key().clone(),
+                description: task.description().to_owned(),
+                attempt,
+                duration,
+                error: None,
+            };
+            match ran {
+                Ran::Ok => {
+                    info!(task = %task.key(), attempt, ?duration, "task completed");
+                    let done = finish(task, attempt, AttemptState::Completed, None, duration);
+                    self.pending.push(done);
+                    return Ok(task_report);
+                }
+                Ran::Cancelled(reason) => {
+                    warn!(task = %task.key(), attempt, %reason, "task cancelled: the lease was lost");
+                    return Err(self.cancelled(task, attempt, duration, reason).await);
+                }
+                Ran::Failed(message) => {
+                    failures += 1;
+                    warn!(task = %task.key(), attempt, error = %message, ?duration, "task failed");
+                    let failed = finish(
+                        task,
+                        attempt,
+                        AttemptState::Failed,
+                        Some(message.clone()),
+                        duration,
+                    );
+                    self.write(vec![failed]).await?;
+                    if failures >= self.inner.config.retry.max_attempts {
+                        task_report.error = Some(message);
+                        self.report.failed = Some(task_report);
+                        if self.inner.config.rollback_on_failure {
+                            self.roll_back(plan, i).await?;
+                        }
+                        return Err(Failure::Task);
+                    }
+                    self.back_off(task, failures).await;
+                }
+            }
+        }
+    }
+
+    /// Records the start of `task`'s next attempt, with whatever rides with
+    /// it, and returns the attempt's number.
+    async fn start_attempt(&mut self, task: &Task, kind: AttemptKind) -> Result<u32, Failure> {
+        if let Some(reason) = self.held.lost_reason() {
+            return Err(Failure::Lost(reason));
+        }
+        let attempt = self.snapshot.tasks.get(task.key()).map_or(0, |s| s.rows) + 1;
+        self.pending.push(Change::Start(StartAttempt {
+            key: task.key().clone(),
+            attempt,
+            kind,
+            description: task.description().to_owned(),
+            holder: self.inner.holder.clone(),
+        }));
+        let changes = std::mem::take(&mut self.pending);
+        self.write(changes).await?;
+        Ok(attempt)
+    }
+
+    /// Records a cancelled attempt, best effort: the store refuses it if
+    /// another node took over.
+    async fn cancelled(
+        &mut self,
+        task: &Task,
+        attempt: u32,
+        duration: Duration,
+        reason: LeaseLoss,
+    ) -> Failure {
+        self.pending.push(finish(
+            task,
+            attempt,
+            AttemptState::Cancelled,
+            None,
+            duration,
+        ));
+        let changes = std::mem::take(&mut self.pending);
+        let _ = self.write(changes).await;
+        Failure::Lost(reason)
+    }
+
+    /// Waits out the retry policy's backoff, or until the lease is lost.
+    async fn back_off(&self, task: &Task, failures: u32) {
+        let wait = self.inner.config.retry.backoff(failures);
+        info!(task = %task.key(), failed_attempts = failures, ?wait, "retrying the task");
+        tokio::select! {
+            biased;
+            _ = tokio::time::sleep(wait) => {}
+            _ = self.held.lost.cancelled() => {}
+        }
+    }
+
+    /// After the plan's task `i` completed: a version's last completion is
+    /// written at once, with the data version it reaches (step 6); any other
+    /// rides with the next task's start, which follows without a pause.
+    async fn after_task(&mut self, plan: &Plan, i: usize) -> Result<(), Failure> {
+        let task = &plan.steps[i].task;
+        let version_done = plan
+            .steps
+            .get(i + 1)
+            .is_none_or(|next| next.task.version() != task.version());
+        if !version_done {
+            return Ok(());
+        }
+        let reached = planner::reached_version(
+            &self.inner.registry,
+            &self.snapshot,
+            &self.inner.app,
+            Some(task.key()),
+        );
+        if let Some(v) = reached {
+            if self.snapshot.data_version.as_ref() != Some(&v) {
+                self.pending.push(Change::DataVersion(v));
+            }
+        }
+        let changes = std::mem::take(&mut self.pending);
+        self.write(changes).await?;
+        self.report.to = self.snapshot.data_version.clone();
+        info!(data_version = %OrNone(self.report.to.as_ref()), "version complete");
+        Ok(())
+    }
+
+    /// Records a data version that lags behind the completed tasks.
+    async fn catch_up(&mut self) -> Result<(), Failure> {
+        if let Some(v) = self.inner.lagging_version(&self.snapshot) {
+            self.write(vec![Change::DataVersion(v)]).await?;
+        }
+        self.report.to = self.snapshot.data_version.clone();
+        Ok(())
+    }
+
+    /// Runs rollbacks after the plan's task `failed` failed for good: the
+    /// failed task first, then the completed tasks of its version, newest
+    /// first. Stops at the first rollback that fails.
+    async fn roll_back(&mut self, plan: &Plan, failed: usize) -> Result<(), Failure> {
+        let version = plan.steps[failed].task.version();
+        let mut undo: Vec<&Task> = vec![&plan.steps[failed].task];
+        undo.extend(
+            self.inner
+                .registry
+                .tasks()
+                .iter()
+                .rev()
+                .filter(|t| t.version() == version && self.snapshot.is_completed(t.key())),
+        );
+        let total = undo.len();
+        for (i, task) in undo.into_iter().enumerate() {
+            if !task.has_rollback() {
+                continue;
+            }
+            let undone = self.roll_back_one(task, i + 1, total).await?;
+            let error = undone.error.clone();
+            self.report.rolled_back.push(undone);
+            if let Some(e) = error {
+                error!(task = %task.key(), error = %e, "rollback failed; stopping the rollback");
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    async fn roll_back_one(
+        &mut self,
+        task: &Task,
+        index: usize,
+        total: usize,
+    ) -> Result<TaskReport, Failure> {
+        let attempt = self.start_attempt(task, AttemptKind::Rollback).await?;
+        let info = task_info(task, attempt, index, total, true);
+        info!(task = %task.key(), "rolling back");
+        let (ran, duration) = self.inner.run_one(self.held, task, info).await;
+        let (state, error) = match ran {
+            Ran::Ok => (AttemptState::Completed, None),
+            Ran::Failed(e) => (AttemptState::Failed, Some(e)),
+            Ran::Cancelled(reason) => {
+                return Err(self.cancelled(task, attempt, duration, reason).await);
+            }
+        };
+        self.write(vec![finish(task, attempt, state, error.clone(), duration)])
+            .await?;
+        Ok(TaskReport {
+            key: task.key().clone(),
+            description: task.description().to_owned(),
+            attempt,
+            duration,
+            error,
+        })
+    }
+
+    /// One fenced write. Checked against the local mirror first, so that a
+    /// refusal is found before the round trip, then applied to the mirror.
+    async fn write(&mut self, changes: Vec<Change>) -> Result<(), Failure> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let (inner, fence) = (self.inner, self.fence);
+        // Only the touched tasks are copied, so a write's cost does not grow
+        // with the plan.
+        let mut after = self.snapshot.subset(Change::touched(&changes).as_ref());
+        after.check(fence, &changes).map_err(|e| {
+            Failure::Other(Error::Backend {
+                during: "checking a store write",
+                source: e,
+            })
+        })?;
+        inner
+            .retry("writing to the store", || {
+                inner.store.apply(&inner.service, fence, &changes)
+            })
+            .await
+            .map_err(|e| lost_or(self.held, e))?;
+        self.snapshot.absorb(after);
+        Ok(())
+    }
+}
+
+/// A store error that says another node has the lease marks it lost.
+fn lost_or(held: &Held, e: Error) -> Failure {
+    let reason = match &e {
+        Error::Backend {
+            during,
+            source: BackendError::StaleFence { presented, current },
+        } => LeaseLoss::StaleFence {
+            during,
+            presented: *presented,
+            current: *current,
+        },
+        Error::Backend {
+            during,
+            source: BackendError::LeaseLost(detail),
+        } => LeaseLoss::NotHeld {
+            during,
+            detail: detail.clone(),
+        },
+        _ => return Failure::Other(e),
+    };
+    held.lose(reason.clone());
+    Failure::Lost(reason)
+}
+
+fn finish(
+    task: &Task,
+    attempt: u32,
+    state: AttemptState,
+    error: Option<String>,
+    duration: Duration,
+) -> Change {
+    Change::Finish(FinishAttempt {
+        key: task.key().clone(),
+        attempt,
+        state,
+        error,
+        duration,
+    })
+}
+
+/// Why the work under the lease stopped.
+enum Failure {
+    Lost(LeaseLoss),
+    Task,
+    Other(Error),
+}

@@ -1,0 +1,146 @@
+//! Steps 1 and 2: read without a lock, become READY at once when there is
+//! nothing to do, otherwise acquire the lease or wait (bounded) while another
+//! node works.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use super::settings::DataAheadPolicy;
+use super::task::error_chain;
+use super::{Inner, Outcome};
+use crate::backend::{Acquire, Lease, LeaseInfo, Snapshot};
+use crate::error::{Error, OrNone};
+use crate::planner::Plan;
+use crate::status::Status;
+use crate::util::jitter;
+
+/// How start-up ended.
+pub(super) enum Start {
+    /// READY without the lease.
+    Ready(Outcome),
+    /// This node holds the lease; `snapshot` is the last read before it.
+    Granted { lease: Lease, snapshot: Snapshot },
+}
+
+impl Inner {
+    /// Step 1: preflight without a lock, and READY at once when there is
+    /// nothing to do; step 2: acquire, or wait while another node works.
+    pub(super) async fn start(&self) -> Result<Start, Error> {
+        let snapshot = self.load().await?;
+        let plan = self.plan(&snapshot);
+        self.preflight(&snapshot, &plan)?;
+        if self.nothing_to_do(&snapshot, &plan) {
+            return Ok(Start::Ready(Outcome::UpToDate {
+                data_version: snapshot.data_version,
+            }));
+        }
+        info!(tasks = plan.steps.len(), data_version = %OrNone(snapshot.data_version.as_ref()),
+            "upgrade needed; acquiring the lease");
+        self.acquire(snapshot).await
+    }
+
+    fn nothing_to_do(&self, snapshot: &Snapshot, plan: &Plan) -> bool {
+        plan.is_empty() && !self.needs_lease(snapshot)
+    }
+
+    /// Step 2: tries the lease until it is granted, the data reaches this
+    /// version (another node did the work), or `max_wait` runs out.
+    async fn acquire(&self, mut snapshot: Snapshot) -> Result<Start, Error> {
+        let started = Instant::now();
+        let deadline = started + self.config.max_wait;
+        let mut last_holder = None;
+        loop {
+            let seen = match self.try_acquire().await? {
+                Acquire::Granted(lease) => {
+                    info!(fence = lease.fence, "lease acquired");
+                    return Ok(Start::Granted { lease, snapshot });
+                }
+                Acquire::Held(info) => info,
+            };
+            if last_holder.as_ref() != Some(&seen.holder) {
+                info!(holder = %seen.holder, fence = seen.fence, "lease held by another node; waiting");
+                self.status.send_replace(Status::Waiting {
+                    holder: Some(seen.holder.clone()),
+                });
+                last_holder = Some(seen.holder.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::WaitTimeout {
+                    service: self.service.clone(),
+                    holder: last_holder,
+                    waited: now - started,
+                });
+            }
+            self.wait_for_change(&seen, deadline - now).await;
+            snapshot = self.load().await?;
+            let plan = self.plan(&snapshot);
+            if self.nothing_to_do(&snapshot, &plan) {
+                self.preflight(&snapshot, &plan)?;
+                return Ok(Start::Ready(Outcome::WaitedForOther {
+                    holder: last_holder,
+                    data_version: snapshot.data_version,
+                    waited: started.elapsed(),
+                }));
+            }
+        }
+    }
+
+    async fn try_acquire(&self) -> Result<Acquire, Error> {
+        self.retry("acquiring the lease", || {
+            self.lock
+                .try_acquire(&self.service, &self.holder, self.config.ttl)
+        })
+        .instrument(info_span!("upsilon.acquire"))
+        .await
+    }
+
+    /// Waits, at most `left`, for the lease `seen` to change: for the lock's
+    /// notification, or a jittered poll where it has none.
+    async fn wait_for_change(&self, seen: &LeaseInfo, left: Duration) {
+        let nap = if self.lock.notifies() {
+            // Nothing changes before a notification but the lease running
+            // out: sleep until its expiry (a renewal moves it, and the next
+            // try sees the new one).
+            let expires_in = seen.expires_at_ms.saturating_sub(seen.now_ms).max(0) as u64;
+            Duration::from_millis(expires_in).saturating_add(jitter(Duration::from_millis(50)))
+        } else {
+            jitter(self.config.poll)
+        }
+        .min(left);
+        if let Err(e) = self.lock.wait(&self.service, seen, nap).await {
+            debug!(error = %error_chain(&e), "waiting for a lease change failed; polling instead");
+            tokio::time::sleep(nap).await;
+        }
+    }
+
+    /// The checks made on every read the runner plans from: the data-ahead
+    /// policy, and the tasks added out of order.
+    pub(super) fn preflight(&self, snapshot: &Snapshot, plan: &Plan) -> Result<(), Error> {
+        if plan.data_ahead {
+            let data = snapshot
+                .data_version
+                .clone()
+                .unwrap_or_else(|| self.app.clone());
+            match self.config.data_ahead {
+                DataAheadPolicy::Fail => {
+                    return Err(Error::DataAhead {
+                        service: self.service.clone(),
+                        data,
+                        app: self.app.clone(),
+                    })
+                }
+                DataAheadPolicy::Ready => warn!(data_version = %data, app_version = %self.app,
+                    "the data is ahead of this app version; serving it under the N-1 compatibility rule"),
+            }
+        }
+        for task in &plan.out_of_order {
+            warn!(task = %task.key(), location = %task.location(),
+                "task is at or below the data version but was never run (added out of order); \
+                 it is skipped unless `run_out_of_order(true)` is set");
+        }
+        Ok(())
+    }
+}

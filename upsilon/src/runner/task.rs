@@ -1,0 +1,132 @@
+//! Running one task: its context, cancellation when the lease is lost, and
+//! a panic turned into a failure.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tracing::{info_span, Instrument};
+
+use super::lease::Held;
+use super::Inner;
+use crate::context::{TaskContext, TaskInfo};
+use crate::error::LeaseLoss;
+use crate::registry::Task;
+
+impl Inner {
+    /// Runs `task` (or its rollback, as `info` says) once: until it returns,
+    /// panics, or the lease is lost.
+    pub(super) async fn run_one(
+        &self,
+        held: &Held,
+        task: &Task,
+        info: TaskInfo,
+    ) -> (Ran, Duration) {
+        let rollback = info.rollback;
+        let span = info_span!("upsilon.task", task = %task.id(), version = %task.version(),
+            attempt = info.attempt, rollback);
+        let mut ctx = TaskContext {
+            info,
+            service: Arc::from(self.service.as_str()),
+            fence: held.fence(),
+            holder: self.holder.clone(),
+            cancel: held.lost.child_token(),
+            resources: self.resources.clone(),
+            status: self.status.clone(),
+        };
+        let started = Instant::now();
+        let ran = async {
+            let future = if rollback {
+                match task.run_rollback(&mut ctx) {
+                    Some(f) => f,
+                    None => return Ran::Ok,
+                }
+            } else {
+                task.run(&mut ctx)
+            };
+            tokio::select! {
+                biased;
+                reason = held.lost() => Ran::Cancelled(reason),
+                r = CatchUnwind(future) => match r {
+                    Ok(Ok(())) => Ran::Ok,
+                    Ok(Err(e)) => Ran::Failed(error_chain(&*e)),
+                    Err(panic) => Ran::Failed(format!("panicked: {}", panic_message(&panic))),
+                },
+            }
+        }
+        .instrument(span)
+        .await;
+        (ran, started.elapsed())
+    }
+}
+
+/// What a task's context reports about one run of it.
+pub(super) fn task_info(
+    task: &Task,
+    attempt: u32,
+    index: usize,
+    total: usize,
+    rollback: bool,
+) -> TaskInfo {
+    TaskInfo {
+        id: task.id().to_owned(),
+        version: task.version().clone(),
+        description: task.description().to_owned(),
+        attempt,
+        index,
+        total,
+        rollback,
+    }
+}
+
+/// How one run of a task ended.
+pub(super) enum Ran {
+    Ok,
+    Failed(String),
+    Cancelled(LeaseLoss),
+}
+
+/// Polls a future, turning a panic into an `Err` with its payload.
+struct CatchUnwind<F>(F);
+
+impl<F: Future + Unpin> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, Box<dyn std::any::Any + Send>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = &mut self.0;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| Pin::new(inner).poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a non-string panic payload".to_owned()
+    }
+}
+
+/// An error and its sources, joined with ": ".
+pub(super) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
