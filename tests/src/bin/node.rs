@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use clap::{ArgAction, Parser};
 use rusqlite::Connection;
 use upsilon::{AboveAppPolicy, Holder, Outcome, Task, TaskContext, TaskFuture, Upsilon};
