@@ -60,6 +60,14 @@ pub enum Error {
         /// What was done before.
         report: Box<Report>,
     },
+    /// The run was asked to stop ([`Upsilon::run_until`](crate::Upsilon::run_until)):
+    /// the running task was cancelled and recorded as such, and the lease
+    /// released, so that the next node takes over at once.
+    #[error("the upgrade of service `{}` was stopped before it completed; the running task was cancelled and the lease released", report.service)]
+    Stopped {
+        /// What was done before (empty if the node was still waiting).
+        report: Box<Report>,
+    },
     /// A task failed after the retry policy's attempts. The data version
     /// stays where it was; the lease was released.
     #[error("{}", failed_message(report))]
@@ -117,6 +125,13 @@ pub enum LeaseLoss {
         /// The store's newest fence.
         current: u64,
     },
+    /// The backend signalled that the lease may be gone before any renewal
+    /// said so: the session it is tied to ended, a check of it failed
+    /// ([`Lock::until_lost`](crate::backend::Lock::until_lost)).
+    Signalled {
+        /// The backend's account.
+        detail: String,
+    },
     /// The store refused a write because the lease is no longer held.
     NotHeld {
         /// What the runner was writing.
@@ -143,6 +158,7 @@ impl fmt::Display for LeaseLoss {
                 f,
                 "{during}: fence {presented} is stale: the store has seen fence {current}, so another node has taken over"
             ),
+            LeaseLoss::Signalled { detail } => write!(f, "{detail}"),
             LeaseLoss::NotHeld { during, detail } => write!(
                 f,
                 "{during}: the lease is no longer held by this node: {detail}"
@@ -172,7 +188,9 @@ impl Error {
     /// The partial report, for failures that happen after tasks ran.
     pub fn report(&self) -> Option<&Report> {
         match self {
-            Error::LeaseLost { report, .. } | Error::TaskFailed { report } => Some(report),
+            Error::LeaseLost { report, .. }
+            | Error::TaskFailed { report }
+            | Error::Stopped { report } => Some(report),
             _ => None,
         }
     }

@@ -73,7 +73,8 @@ pub use error::{Error, LeaseLoss, Report, TaskReport};
 pub use ids::{BoxError, Holder, InvalidHolder, TaskKey};
 pub use registry::{Location, Problem, Registry, RegistryError, Task, TaskFn, TaskFuture};
 pub use runner::{
-    baseline, AboveAppPolicy, Builder, DataAheadPolicy, Outcome, RetryPolicy, Upsilon,
+    baseline, shutdown_signal, AboveAppPolicy, Builder, DataAheadPolicy, Outcome, RetryPolicy,
+    Upsilon,
 };
 pub use semver::Version;
 pub use status::{Probe, Progress, Status};

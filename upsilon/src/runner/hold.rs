@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use tracing::{error, info, warn};
 
-use super::lease::{Held, Keeper};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::lease::{Halt, Held, Keeper};
 use super::task::{task_info, Ran};
 use super::{Inner, Outcome};
 use crate::backend::{
@@ -19,13 +22,19 @@ use crate::status::Status;
 
 impl Inner {
     /// Steps 3-7 while holding `lease`. Releases on every path.
-    pub(super) async fn hold(&self, lease: Lease, before: Snapshot) -> Result<Outcome, Error> {
+    pub(super) async fn hold(
+        &self,
+        lease: Lease,
+        sent: Instant,
+        before: Snapshot,
+        stop: &CancellationToken,
+    ) -> Result<Outcome, Error> {
         let mut report = Report {
             service: self.service.clone(),
             fence: lease.fence,
             ..Report::default()
         };
-        let keeper = Keeper::start(self.lock.clone(), lease, &self.config);
+        let keeper = Keeper::start(self.lock.clone(), lease, sent, &self.config, stop.clone());
         let result = self.upgrade(keeper.held(), &mut report, before).await;
         self.release(keeper).await;
         match result {
@@ -33,6 +42,11 @@ impl Inner {
             Err(Failure::Lost(reason)) => {
                 return Err(Error::LeaseLost {
                     reason,
+                    report: Box::new(report),
+                })
+            }
+            Err(Failure::Stopped) => {
+                return Err(Error::Stopped {
                     report: Box::new(report),
                 })
             }
@@ -160,9 +174,16 @@ impl Work<'_> {
                     self.pending.push(done);
                     return Ok(task_report);
                 }
-                Ran::Cancelled(reason) => {
-                    warn!(task = %task.key(), attempt, %reason, "task cancelled: the lease was lost");
-                    return Err(self.cancelled(task, attempt, duration, reason).await);
+                Ran::Cancelled(halt) => {
+                    match &halt {
+                        Halt::Lost(reason) => {
+                            warn!(task = %task.key(), attempt, %reason, "task cancelled: the lease was lost")
+                        }
+                        Halt::Stopped => {
+                            warn!(task = %task.key(), attempt, "task cancelled: the run was stopped")
+                        }
+                    }
+                    return Err(self.cancelled(task, attempt, duration, halt).await);
                 }
                 Ran::Failed(message) => {
                     failures += 1;
@@ -192,8 +213,14 @@ impl Work<'_> {
     /// Records the start of `task`'s next attempt, with whatever rides with
     /// it, and returns the attempt's number.
     async fn start_attempt(&mut self, task: &Task, kind: AttemptKind) -> Result<u32, Failure> {
-        if let Some(reason) = self.held.lost_reason() {
-            return Err(Failure::Lost(reason));
+        if let Some(halt) = self.held.halt() {
+            // A completion waiting to ride with this start is still written:
+            // the store takes it unless another node has claimed it since.
+            let changes = std::mem::take(&mut self.pending);
+            if !changes.is_empty() {
+                let _ = self.write(changes).await;
+            }
+            return Err(halt.into());
         }
         let attempt = self.snapshot.tasks.get(task.key()).map_or(0, |s| s.rows) + 1;
         self.pending.push(Change::Start(StartAttempt {
@@ -215,18 +242,22 @@ impl Work<'_> {
         task: &Task,
         attempt: u32,
         duration: Duration,
-        reason: LeaseLoss,
+        halt: Halt,
     ) -> Failure {
+        let why = match &halt {
+            Halt::Lost(_) => None,
+            Halt::Stopped => Some("stopped: the run was asked to stop".to_owned()),
+        };
         self.pending.push(finish(
             task,
             attempt,
             AttemptState::Cancelled,
-            None,
+            why,
             duration,
         ));
         let changes = std::mem::take(&mut self.pending);
         let _ = self.write(changes).await;
-        Failure::Lost(reason)
+        halt.into()
     }
 
     /// Waits out the retry policy's backoff, or until the lease is lost.
@@ -284,6 +315,14 @@ impl Work<'_> {
     /// first. Stops at the first rollback that fails.
     async fn roll_back(&mut self, plan: &Plan, failed: usize) -> Result<(), Failure> {
         let version = plan.steps[failed].task.version();
+        if self.snapshot.data_version.as_ref() >= Some(version) {
+            // A task run out of order, at or below the data version: other
+            // nodes may already serve that version, so nothing of it is
+            // undone (the store would refuse it too).
+            warn!(task = %plan.steps[failed].task.key(), data_version = %OrNone(self.snapshot.data_version.as_ref()),
+                "not rolling back: the task's version is at or below the data version");
+            return Ok(());
+        }
         let mut undo: Vec<&Task> = vec![&plan.steps[failed].task];
         undo.extend(
             self.inner
@@ -322,8 +361,8 @@ impl Work<'_> {
         let (state, error) = match ran {
             Ran::Ok => (AttemptState::Completed, None),
             Ran::Failed(e) => (AttemptState::Failed, Some(e)),
-            Ran::Cancelled(reason) => {
-                return Err(self.cancelled(task, attempt, duration, reason).await);
+            Ran::Cancelled(halt) => {
+                return Err(self.cancelled(task, attempt, duration, halt).await);
             }
         };
         self.write(vec![finish(task, attempt, state, error.clone(), duration)])
@@ -407,6 +446,90 @@ fn finish(
 /// Why the work under the lease stopped.
 enum Failure {
     Lost(LeaseLoss),
+    Stopped,
     Task,
     Other(Error),
+}
+
+impl From<Halt> for Failure {
+    fn from(halt: Halt) -> Failure {
+        match halt {
+            Halt::Lost(reason) => Failure::Lost(reason),
+            Halt::Stopped => Failure::Stopped,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{Acquire, Lock, Store};
+    use crate::testing::MemoryBackend;
+    use crate::{TaskContext, TaskFuture, Upsilon};
+
+    fn noop(order: u32, id: &str) -> Task {
+        Task::new("1.1", order, id, |_: &mut TaskContext| -> TaskFuture<'_> {
+            Box::pin(async { Ok(()) })
+        })
+        .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_completion_pending_when_the_lease_is_lost_is_still_written() {
+        let backend = MemoryBackend::new();
+        let (t1, t2) = (noop(1, "t1"), noop(2, "t2"));
+        let up = Upsilon::builder()
+            .service("svc")
+            .app_version("1.1")
+            .backend(backend.clone())
+            .tasks([t1.clone(), t2.clone()])
+            .build()
+            .unwrap();
+        let inner = &up.inner;
+        let ttl = inner.config.ttl;
+        let Acquire::Granted(lease) = backend
+            .try_acquire("svc", &inner.holder, ttl)
+            .await
+            .unwrap()
+        else {
+            panic!("the lease is free");
+        };
+        let snapshot = backend.claim("svc", lease.fence).await.unwrap();
+        let keeper = Keeper::start(
+            inner.lock.clone(),
+            lease.clone(),
+            Instant::now(),
+            &inner.config,
+            CancellationToken::new(),
+        );
+        let mut report = Report::default();
+        let mut work = Work {
+            inner,
+            held: keeper.held(),
+            fence: lease.fence,
+            snapshot,
+            pending: Vec::new(),
+            report: &mut report,
+        };
+        let Ok(attempt) = work.start_attempt(&t1, AttemptKind::Run).await else {
+            panic!("t1 starts");
+        };
+        // t1 completed; its completion rides with t2's start, but the lease
+        // is lost first (no other node has claimed the store).
+        let done = finish(&t1, attempt, AttemptState::Completed, None, Duration::ZERO);
+        work.pending.push(done);
+        keeper.held().lose(LeaseLoss::Deadline {
+            ttl,
+            margin: inner.config.margin,
+        });
+        let next = work.start_attempt(&t2, AttemptKind::Run).await;
+        assert!(matches!(next, Err(Failure::Lost(_))));
+        let history = backend.history("svc").await.unwrap();
+        assert_eq!(history.len(), 1, "t2 was not started");
+        assert_eq!(
+            history[0].state,
+            AttemptState::Completed,
+            "t1 is not run again"
+        );
+    }
 }

@@ -19,21 +19,34 @@ use crate::error::LeaseLoss;
 pub(super) struct Keeper {
     held: Arc<Held>,
     renewer: AbortOnDrop,
+    watcher: AbortOnDrop,
     guard: ReleaseGuard,
 }
 
 impl Keeper {
-    /// Starts renewing `lease` (step 5).
-    pub(super) fn start(lock: Arc<dyn Lock>, lease: Lease, config: &Config) -> Keeper {
+    /// Starts keeping `lease`, whose request was sent at `sent` (step 5):
+    /// renewing it, and watching for the backend's loss signal and for a
+    /// request to stop.
+    pub(super) fn start(
+        lock: Arc<dyn Lock>,
+        lease: Lease,
+        sent: Instant,
+        config: &Config,
+        stop: CancellationToken,
+    ) -> Keeper {
         let fence = lease.fence;
         let held = Arc::new(Held {
-            lease: Mutex::new(lease),
+            lease: Mutex::new(lease.clone()),
             lost: CancellationToken::new(),
             reason: Mutex::new(None),
         });
         let renewer = AbortOnDrop(tokio::spawn(
-            renew_loop(lock.clone(), held.clone(), config.clone())
+            renew_loop(lock.clone(), held.clone(), sent, config.clone())
                 .instrument(info_span!("upsilon.renew", fence)),
+        ));
+        let watcher = AbortOnDrop(tokio::spawn(
+            watch(lock.clone(), held.clone(), lease, stop)
+                .instrument(info_span!("upsilon.watch", fence)),
         ));
         let guard = ReleaseGuard {
             lock,
@@ -43,6 +56,7 @@ impl Keeper {
         Keeper {
             held,
             renewer,
+            watcher,
             guard,
         }
     }
@@ -59,11 +73,12 @@ impl Inner {
         let Keeper {
             held,
             renewer,
+            watcher,
             mut guard,
         } = keeper;
-        drop(renewer);
+        drop((renewer, watcher));
         guard.armed = false;
-        if held.lost.is_cancelled() {
+        if matches!(held.halt(), Some(Halt::Lost(_))) {
             return;
         }
         let current = held.lease.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -78,12 +93,21 @@ impl Inner {
     }
 }
 
+/// Why the work under the lease halts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Halt {
+    /// The lease is, or may be, another node's.
+    Lost(LeaseLoss),
+    /// The run was asked to stop; the lease is still this node's, to release.
+    Stopped,
+}
+
 /// The lease while this node holds it, shared with the renewal task.
 pub(super) struct Held {
     lease: Mutex<Lease>,
-    /// Cancelled when the lease is lost; the running task's token is a child.
+    /// Cancelled when the work must halt; the running task's token is a child.
     pub(super) lost: CancellationToken,
-    reason: Mutex<Option<LeaseLoss>>,
+    reason: Mutex<Option<Halt>>,
 }
 
 impl Held {
@@ -94,16 +118,25 @@ impl Held {
     /// Marks the lease lost, which cancels the running task. The first
     /// reason given stays.
     pub(super) fn lose(&self, reason: LeaseLoss) {
+        self.halt_with(Halt::Lost(reason));
+    }
+
+    /// Halts the work to stop the run, which cancels the running task.
+    pub(super) fn stop(&self) {
+        self.halt_with(Halt::Stopped);
+    }
+
+    fn halt_with(&self, halt: Halt) {
         let mut r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
         if r.is_none() {
-            *r = Some(reason);
+            *r = Some(halt);
         }
         drop(r);
         self.lost.cancel();
     }
 
-    /// Why the lease was lost, once it was.
-    pub(super) fn lost_reason(&self) -> Option<LeaseLoss> {
+    /// Why the work halts, once it does.
+    pub(super) fn halt(&self) -> Option<Halt> {
         if !self.lost.is_cancelled() {
             return None;
         }
@@ -113,10 +146,10 @@ impl Held {
             .clone()
     }
 
-    /// Waits until the lease is lost, and says why.
-    pub(super) async fn lost(&self) -> LeaseLoss {
+    /// Waits until the work must halt, and says why.
+    pub(super) async fn halted(&self) -> Halt {
         self.lost.cancelled().await;
-        match self.lost_reason() {
+        match self.halt() {
             Some(reason) => reason,
             // Cancelled without a reason only while the run itself is
             // dropped (see `ReleaseGuard`): nothing waits for this any more.
@@ -128,10 +161,14 @@ impl Held {
 /// Step 5: renew every `renew_every`; at the local deadline (last successful
 /// renewal + TTL - margin, on the monotonic clock) or on refusal, mark the
 /// lease lost, which cancels the running task.
-async fn renew_loop(lock: Arc<dyn Lock>, held: Arc<Held>, config: Config) {
+///
+/// The first deadline counts from `sent`, when the grant was asked for: the
+/// lease may have been granted any time after that, so a late reply must not
+/// buy a full TTL.
+async fn renew_loop(lock: Arc<dyn Lock>, held: Arc<Held>, sent: Instant, config: Config) {
     let budget = config.ttl - config.margin;
-    let mut deadline = Instant::now() + budget;
-    let mut next = Instant::now() + config.renew_every;
+    let mut deadline = sent + budget;
+    let mut next = sent + config.renew_every;
     loop {
         tokio::select! {
             biased;
@@ -169,6 +206,25 @@ async fn renew_loop(lock: Arc<dyn Lock>, held: Arc<Held>, config: Config) {
             Err(_) => {
                 // The deadline passed while renewing: the top of the loop says so.
             }
+        }
+    }
+}
+
+/// Halts the work the moment the backend signals that the lease may be gone
+/// (E1: the task stops before another node can be granted the lease), or
+/// when the run is asked to stop.
+async fn watch(lock: Arc<dyn Lock>, held: Arc<Held>, lease: Lease, stop: CancellationToken) {
+    tokio::select! {
+        biased;
+        _ = held.lost.cancelled() => {}
+        e = lock.until_lost(&lease) => {
+            let detail = error_chain(&e);
+            warn!(error = %detail, "the backend says the lease may be gone; cancelling the running task");
+            held.lose(LeaseLoss::Signalled { detail });
+        }
+        _ = stop.cancelled() => {
+            info!("asked to stop; cancelling the running task and releasing the lease");
+            held.stop();
         }
     }
 }

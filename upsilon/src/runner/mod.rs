@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use semver::Version;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::backend::{BackendError, Lock, Snapshot, Store};
@@ -108,12 +109,49 @@ impl Upsilon {
     /// Runs the start-up protocol: returns once the data is at this node's
     /// version (READY) or with the reason it is not.
     pub async fn run(&self) -> Result<Outcome, Error> {
+        self.run_until(std::future::pending()).await
+    }
+
+    /// [`Upsilon::run`], stopping cleanly when `stop` completes (a pod being
+    /// terminated: pass [`shutdown_signal`]). A node that holds the lease
+    /// then cancels its running task, records the attempt as cancelled,
+    /// releases the lease, so that the next node takes over at once rather
+    /// than after the TTL, and returns [`Error::Stopped`]. A waiting node
+    /// stops waiting.
+    ///
+    /// ```no_run
+    /// # async fn demo(upsilon: upsilon::Upsilon) {
+    /// match upsilon.run_until(upsilon::shutdown_signal()).await {
+    ///     Ok(outcome) => println!("{outcome}"),
+    ///     Err(upsilon::Error::Stopped { .. }) => std::process::exit(0),
+    ///     Err(e) => eprintln!("{e}"),
+    /// }
+    /// # }
+    /// ```
+    pub async fn run_until(&self, stop: impl Future<Output = ()> + Send) -> Result<Outcome, Error> {
+        let token = CancellationToken::new();
+        let run = self.run_with(&token);
+        tokio::pin!(run);
+        tokio::pin!(stop);
+        let mut stop_fired = false;
+        loop {
+            tokio::select! {
+                result = &mut run => return result,
+                _ = &mut stop, if !stop_fired => {
+                    stop_fired = true;
+                    token.cancel();
+                }
+            }
+        }
+    }
+
+    async fn run_with(&self, stop: &CancellationToken) -> Result<Outcome, Error> {
         let inner = &self.inner;
         let span = info_span!("upsilon.run", service = %inner.service, app_version = %inner.app,
             holder = %inner.holder);
         async {
             inner.status.send_replace(Status::Starting);
-            let result = inner.run().await;
+            let result = inner.run(stop).await;
             match &result {
                 Ok(outcome) => {
                     info!(%outcome, "ready");
@@ -131,6 +169,31 @@ impl Upsilon {
         }
         .instrument(span)
         .await
+    }
+}
+
+/// Resolves when the process is asked to terminate: SIGTERM (Kubernetes
+/// stopping a pod) or SIGINT (Ctrl-C). For [`Upsilon::run_until`].
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot listen for SIGTERM; stopping on Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
 
@@ -158,10 +221,14 @@ pub async fn baseline(
 
 impl Inner {
     /// Steps 1-7: start up, and hold the lease if this node is granted it.
-    async fn run(&self) -> Result<Outcome, Error> {
-        match self.start().await? {
+    async fn run(&self, stop: &CancellationToken) -> Result<Outcome, Error> {
+        match self.start(stop).await? {
             Start::Ready(outcome) => Ok(outcome),
-            Start::Granted { lease, snapshot } => self.hold(lease, snapshot).await,
+            Start::Granted {
+                lease,
+                sent,
+                snapshot,
+            } => self.hold(lease, sent, snapshot, stop).await,
         }
     }
 

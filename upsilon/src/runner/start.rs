@@ -10,8 +10,10 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use super::settings::DataAheadPolicy;
 use super::task::error_chain;
 use super::{Inner, Outcome};
-use crate::backend::{Acquire, Lease, LeaseInfo, Snapshot};
-use crate::error::{Error, OrNone};
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{Acquire, BackendError, Lease, LeaseInfo, Snapshot};
+use crate::error::{Error, OrNone, Report};
 use crate::planner::Plan;
 use crate::status::Status;
 use crate::util::jitter;
@@ -20,14 +22,19 @@ use crate::util::jitter;
 pub(super) enum Start {
     /// READY without the lease.
     Ready(Outcome),
-    /// This node holds the lease; `snapshot` is the last read before it.
-    Granted { lease: Lease, snapshot: Snapshot },
+    /// This node holds the lease, asked for at `sent`; `snapshot` is the
+    /// last read before it.
+    Granted {
+        lease: Lease,
+        sent: Instant,
+        snapshot: Snapshot,
+    },
 }
 
 impl Inner {
     /// Step 1: preflight without a lock, and READY at once when there is
     /// nothing to do; step 2: acquire, or wait while another node works.
-    pub(super) async fn start(&self) -> Result<Start, Error> {
+    pub(super) async fn start(&self, stop: &CancellationToken) -> Result<Start, Error> {
         let snapshot = self.load().await?;
         let plan = self.plan(&snapshot);
         self.preflight(&snapshot, &plan)?;
@@ -38,7 +45,7 @@ impl Inner {
         }
         info!(tasks = plan.steps.len(), data_version = %OrNone(snapshot.data_version.as_ref()),
             "upgrade needed; acquiring the lease");
-        self.acquire(snapshot).await
+        self.acquire(snapshot, stop).await
     }
 
     fn nothing_to_do(&self, snapshot: &Snapshot, plan: &Plan) -> bool {
@@ -47,15 +54,46 @@ impl Inner {
 
     /// Step 2: tries the lease until it is granted, the data reaches this
     /// version (another node did the work), or `max_wait` runs out.
-    async fn acquire(&self, mut snapshot: Snapshot) -> Result<Start, Error> {
+    async fn acquire(
+        &self,
+        mut snapshot: Snapshot,
+        stop: &CancellationToken,
+    ) -> Result<Start, Error> {
         let started = Instant::now();
         let deadline = started + self.config.max_wait;
         let mut last_holder = None;
         loop {
+            if stop.is_cancelled() {
+                return Err(self.stopped());
+            }
+            // Counted from before the request: the grant may happen any time
+            // after it is sent.
+            let sent = Instant::now();
             let seen = match self.try_acquire().await? {
                 Acquire::Granted(lease) => {
                     info!(fence = lease.fence, "lease acquired");
-                    return Ok(Start::Granted { lease, snapshot });
+                    return Ok(Start::Granted {
+                        lease,
+                        sent,
+                        snapshot,
+                    });
+                }
+                Acquire::Held(info) if info.holder == self.holder => {
+                    // The reply to this node's own grant was lost, and a retry
+                    // found the lease held by this very run: take it up with a
+                    // renewal rather than wait on ourselves until it expires.
+                    if let Some((lease, sent)) = self.adopt(&info).await? {
+                        info!(
+                            fence = lease.fence,
+                            "lease acquired (the reply to the grant was lost)"
+                        );
+                        return Ok(Start::Granted {
+                            lease,
+                            sent,
+                            snapshot,
+                        });
+                    }
+                    continue;
                 }
                 Acquire::Held(info) => info,
             };
@@ -74,7 +112,10 @@ impl Inner {
                     waited: now - started,
                 });
             }
-            self.wait_for_change(&seen, deadline - now).await;
+            tokio::select! {
+                _ = self.wait_for_change(&seen, deadline - now) => {}
+                _ = stop.cancelled() => return Err(self.stopped()),
+            }
             snapshot = self.load().await?;
             let plan = self.plan(&snapshot);
             if self.nothing_to_do(&snapshot, &plan) {
@@ -85,6 +126,42 @@ impl Inner {
                     waited: started.elapsed(),
                 }));
             }
+        }
+    }
+
+    /// Renews a lease this run was granted without hearing so. `None` if it
+    /// expired meanwhile: the next try asks afresh.
+    async fn adopt(&self, info: &LeaseInfo) -> Result<Option<(Lease, Instant)>, Error> {
+        let lease = Lease {
+            service: self.service.clone(),
+            holder: self.holder.clone(),
+            fence: info.fence,
+            expires_at_ms: info.expires_at_ms,
+            ttl: self.config.ttl,
+        };
+        let sent = Instant::now();
+        match self
+            .retry("renewing a lease granted without a reply", || {
+                self.lock.renew(&lease)
+            })
+            .await
+        {
+            Ok(lease) => Ok(Some((lease, sent))),
+            Err(Error::Backend {
+                source: BackendError::LeaseLost(_),
+                ..
+            }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The error of a run stopped before it held the lease.
+    fn stopped(&self) -> Error {
+        Error::Stopped {
+            report: Box::new(Report {
+                service: self.service.clone(),
+                ..Report::default()
+            }),
         }
     }
 

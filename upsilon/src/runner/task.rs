@@ -11,10 +11,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{info_span, Instrument};
 
-use super::lease::Held;
+use super::lease::{Halt, Held};
 use super::Inner;
 use crate::context::{TaskContext, TaskInfo};
-use crate::error::LeaseLoss;
 use crate::registry::Task;
 
 impl Inner {
@@ -50,7 +49,7 @@ impl Inner {
             };
             tokio::select! {
                 biased;
-                reason = held.lost() => Ran::Cancelled(reason),
+                halt = held.halted() => Ran::Cancelled(halt),
                 r = CatchUnwind(future) => match r {
                     Ok(Ok(())) => Ran::Ok,
                     Ok(Err(e)) => Ran::Failed(error_chain(&*e)),
@@ -87,7 +86,7 @@ pub(super) fn task_info(
 pub(super) enum Ran {
     Ok,
     Failed(String),
-    Cancelled(LeaseLoss),
+    Cancelled(Halt),
 }
 
 /// Polls a future, turning a panic into an `Err` with its payload.

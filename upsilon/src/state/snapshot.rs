@@ -157,6 +157,15 @@ impl Snapshot {
                         )));
                     }
                 }
+                if start.kind == AttemptKind::Rollback
+                    && self.data_version.as_ref() >= Some(&start.key.version)
+                {
+                    return Err(BackendError::Rejected(format!(
+                        "task {} is at or below the data version {}: other nodes may already serve that version, so it is not rolled back",
+                        start.key,
+                        self.data_version.as_ref().map_or("none".to_owned(), |v| v.to_string())
+                    )));
+                }
                 if start.attempt != rows + 1 {
                     return Err(BackendError::Rejected(format!(
                         "task {}: attempt {} does not follow the {rows} recorded",
@@ -244,5 +253,49 @@ impl Snapshot {
                 Ok(true)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::StartAttempt;
+    use crate::testing::{holder, v};
+
+    fn start(id: &str, version: &str, attempt: u32, kind: AttemptKind) -> Change {
+        Change::Start(StartAttempt {
+            key: TaskKey {
+                version: v(version),
+                id: id.to_owned(),
+            },
+            attempt,
+            kind,
+            description: String::new(),
+            holder: holder(1),
+        })
+    }
+
+    #[test]
+    fn a_task_at_or_below_the_data_version_is_never_rolled_back() {
+        let mut snap = Snapshot {
+            fence: 1,
+            ..Snapshot::default()
+        };
+        snap.check(1, &[start("a", "1.1", 1, AttemptKind::Run)])
+            .unwrap();
+        snap.check(1, &[Change::DataVersion(v("1.1"))]).unwrap();
+        let err = snap
+            .check(1, &[start("a", "1.1", 2, AttemptKind::Rollback)])
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("at or below the data version 1.1.0"),
+            "{err}"
+        );
+        // Above the data version, a rollback is taken.
+        snap.check(1, &[start("b", "1.2", 1, AttemptKind::Run)])
+            .unwrap();
+        snap.check(1, &[start("b", "1.2", 2, AttemptKind::Rollback)])
+            .unwrap();
     }
 }

@@ -43,6 +43,16 @@ pub enum Fault {
     Delay(Duration),
     /// The call takes effect, then fails with a transient error: a lost reply.
     LoseReply,
+    /// The call takes effect, then its reply is this late: a slow network
+    /// on the way back.
+    DelayReply(Duration),
+}
+
+/// What an injected fault does after the call took effect.
+enum After {
+    Reply,
+    LoseReply,
+    DelayReply(Duration),
 }
 
 #[derive(Debug)]
@@ -318,9 +328,9 @@ impl MemoryBackend {
             .corrupt = corrupt;
     }
 
-    async fn fault(&self, op: Op) -> Result<bool, BackendError> {
+    async fn fault(&self, op: Op) -> Result<After, BackendError> {
         match self.faults.take(op) {
-            None => Ok(false),
+            None => Ok(After::Reply),
             Some(Fault::Unavailable) => Err(BackendError::unavailable(format!(
                 "injected fault: {op:?} unavailable"
             ))),
@@ -329,21 +339,26 @@ impl MemoryBackend {
             ))),
             Some(Fault::Delay(d)) => {
                 tokio::time::sleep(d).await;
-                Ok(false)
+                Ok(After::Reply)
             }
-            Some(Fault::LoseReply) => Ok(true),
+            Some(Fault::LoseReply) => Ok(After::LoseReply),
+            Some(Fault::DelayReply(d)) => Ok(After::DelayReply(d)),
         }
     }
 
-    fn lose_reply<T>(
-        lost: bool,
+    async fn lose_reply<T>(
+        after: After,
         op: Op,
         result: Result<T, BackendError>,
     ) -> Result<T, BackendError> {
-        match (lost, result) {
-            (true, Ok(_)) => Err(BackendError::unavailable(format!(
+        match (after, result) {
+            (After::LoseReply, Ok(_)) => Err(BackendError::unavailable(format!(
                 "injected fault: the reply of {op:?} was lost"
             ))),
+            (After::DelayReply(d), r) => {
+                tokio::time::sleep(d).await;
+                r
+            }
             (_, r) => r,
         }
     }
@@ -402,7 +417,7 @@ impl Lock for MemoryBackend {
             }
             Ok(decision)
         });
-        Self::lose_reply(lost_reply, Op::Acquire, r)
+        Self::lose_reply(lost_reply, Op::Acquire, r).await
     }
 
     async fn renew(&self, lease: &Lease) -> Result<Lease, BackendError> {
@@ -417,7 +432,7 @@ impl Lock for MemoryBackend {
             }
             _ => Err(BackendError::lease_lost("renew", lease)),
         });
-        Self::lose_reply(lost_reply, Op::Renew, r)
+        Self::lose_reply(lost_reply, Op::Renew, r).await
     }
 
     async fn release(&self, lease: &Lease) -> Result<(), BackendError> {
@@ -431,7 +446,7 @@ impl Lock for MemoryBackend {
             _ => Err(BackendError::lease_lost("release", lease)),
         });
         self.notify.notify_waiters();
-        Self::lose_reply(lost_reply, Op::Release, r)
+        Self::lose_reply(lost_reply, Op::Release, r).await
     }
 
     async fn current(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
@@ -513,7 +528,7 @@ impl Store for MemoryBackend {
             Self::readable(s)?;
             Ok(s.snapshot.clone())
         });
-        Self::lose_reply(lost_reply, Op::Load, r)
+        Self::lose_reply(lost_reply, Op::Load, r).await
     }
 
     async fn claim(&self, service: &str, fence: u64) -> Result<Snapshot, BackendError> {
@@ -530,7 +545,7 @@ impl Store for MemoryBackend {
                 ..s.snapshot.clone()
             })
         });
-        Self::lose_reply(lost_reply, Op::Claim, r)
+        Self::lose_reply(lost_reply, Op::Claim, r).await
     }
 
     async fn apply(
@@ -593,7 +608,7 @@ impl Store for MemoryBackend {
             Ok(())
         });
         self.notify.notify_waiters();
-        Self::lose_reply(lost_reply, Op::Apply, r)
+        Self::lose_reply(lost_reply, Op::Apply, r).await
     }
 
     async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>, BackendError> {
