@@ -1,1 +1,7 @@
-//! Workspace-level tests live in tests/.
+//! Workspace-level tests live in tests/. This library holds what the fault
+//! test (`tests/chaos.rs`) shares with its node binary (`src/bin/node.rs`):
+//! the host clock both read and the audit log the nodes write and the
+//! checker reads.
+
+pub mod audit;
+pub mod clock;
