@@ -1,7 +1,8 @@
 //! Workspace-level tests live in tests/. This library holds what the fault
 //! test (`tests/chaos.rs`) shares with its node binary (`src/bin/node.rs`):
-//! the host clock both read and the audit log the nodes write and the
-//! checker reads.
+//! the host clock both read, the audit log the nodes write and the checker
+//! reads, and the fault proxy between nodes and their server.
 
 pub mod audit;
 pub mod clock;
+pub mod fault_proxy;
