@@ -1,25 +1,49 @@
 //! A cluster node for the multi-process tests: runs Upsilon with generated
-//! tasks against a backend URL, and records every task run in an `audit`
-//! table of the same database (task, node, fence, start, end), so a checker
-//! can tell which node did what under which fence.
+//! tasks against a backend URL, and records every run of task code so that a
+//! checker can tell which node did what, under which fence, and when.
 //!
 //! ```text
 //! node --url sqlite:///PATH --name NAME --app-version 1.1 --tasks 1.0:2,1.1:3 [--task-ms 50] [--ttl-ms 2000]
+//!      [--audit-dir DIR] [--margin-ms MS] [--no-loss-signal] [--rollbacks] [--fail-task ID --fail-while PATH]
 //! ```
-//! Exit code 0 when the node became READY, 1 otherwise (the error on
-//! stderr), 2 for bad flags (clap's message on stderr); `--help` lists them.
+//!
+//! Without `--audit-dir`, each task appends a row (task, node, fence, start,
+//! end) to an `audit` table in the store's database. With it, the node writes
+//! an audit log of its own in `DIR` instead (`upsilon_tests::audit`): task
+//! runs and rollbacks with their start, end and cancellation times on the
+//! host's `CLOCK_MONOTONIC`, and every lease and store call with its outcome.
+//! The fault test uses the log: it cuts, terminates and restarts the store's
+//! connections, and a record must not depend on them.
+//!
+//! The node stops cleanly on SIGTERM or SIGINT (`run_until(shutdown_signal())`):
+//! a holder cancels its task, records it cancelled and releases the lease.
+//!
+//! Exit code 0 when the node became READY, 3 when it was stopped by a
+//! signal before, 1 for any other error (on stderr), 2 for bad flags (clap's
+//! message on stderr); `--help` lists them.
 
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use async_trait::async_trait;
 use clap::{ArgAction, Parser};
 use rusqlite::Connection;
-use upsilon::{AboveAppPolicy, Holder, Outcome, Task, TaskContext, TaskFuture, Upsilon};
+use tokio_util::sync::CancellationToken;
+use upsilon::backend::HistoryEntry;
+use upsilon::backend::{
+    Acquire, Backend, BackendError, Change, Lease, LeaseInfo, Lock, Snapshot, Store,
+};
+use upsilon::{AboveAppPolicy, Error, Holder, Outcome, Task, TaskContext, TaskFuture, Upsilon};
+use upsilon_tests::audit::{AuditLog, Ended, Outcome as Seen, Record};
+use upsilon_tests::clock::now_us;
 
 /// A cluster node for the multi-process tests: runs Upsilon with generated
 /// tasks, each recording its runs in an `audit` table of the store's
-/// database. Exits 0 once READY.
+/// database or in an audit log of its own. Exits 0 once READY.
 #[derive(Debug, Parser)]
 #[command(name = "node", args_override_self = true)]
 struct Args {
@@ -37,7 +61,7 @@ struct Args {
     #[arg(long, value_name = "VERSION:COUNT,...", required = true, value_delimiter = ',',
         action = ArgAction::Set, value_parser = task_count)]
     tasks: Vec<(String, u32)>,
-    /// How long each task runs, in milliseconds.
+    /// How long each task (and each rollback) runs, in milliseconds.
     #[arg(long, value_name = "MS", value_parser = millis, allow_negative_numbers = true,
         default_value = "50")]
     task_ms: Duration,
@@ -45,6 +69,30 @@ struct Args {
     #[arg(long, value_name = "MS", value_parser = millis, allow_negative_numbers = true,
         default_value = "2000")]
     ttl_ms: Duration,
+    /// The runner's safety margin, in milliseconds (default: the runner's,
+    /// TTL/5).
+    #[arg(long, value_name = "MS", value_parser = millis, allow_negative_numbers = true)]
+    margin_ms: Option<Duration>,
+    /// Write an audit log of this process in DIR instead of rows in the
+    /// store's `audit` table.
+    #[arg(long, value_name = "DIR")]
+    audit_dir: Option<PathBuf>,
+    /// Negative control: the backend's signal that the lease may be gone
+    /// (`Lock::until_lost`) never reaches the runner, so a holder learns of a
+    /// loss only from its renewals and its local deadline.
+    #[arg(long)]
+    no_loss_signal: bool,
+    /// Give every task a rollback (recorded like a task), and roll back
+    /// when a task fails for good.
+    #[arg(long)]
+    rollbacks: bool,
+    /// The task (t1, t2, ...) that fails while the file --fail-while names
+    /// exists.
+    #[arg(long, value_name = "ID", requires = "fail_while")]
+    fail_task: Option<String>,
+    /// See --fail-task.
+    #[arg(long, value_name = "PATH", requires = "fail_task")]
+    fail_while: Option<PathBuf>,
 }
 
 fn task_count(s: &str) -> Result<(String, u32), String> {
@@ -71,9 +119,9 @@ const AUDIT_PG: &str =
     started_ms BIGINT NOT NULL, finished_ms BIGINT)";
 const NOW_MS_PG: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
-struct Audit {
+/// The `audit` table of the store's database.
+struct AuditTable {
     sink: Sink,
-    task: Duration,
 }
 
 fn open(db: &Path) -> rusqlite::Result<Connection> {
@@ -82,8 +130,8 @@ fn open(db: &Path) -> rusqlite::Result<Connection> {
     Ok(c)
 }
 
-impl Audit {
-    async fn for_url(url: &str, task: Duration) -> anyhow::Result<Audit> {
+impl AuditTable {
+    async fn for_url(url: &str) -> anyhow::Result<AuditTable> {
         let sink = match url.split_once("://") {
             Some(("postgres" | "postgresql", _)) => {
                 let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
@@ -109,7 +157,7 @@ impl Audit {
             }
             _ => bail!("no audit table for {url:?}"),
         };
-        Ok(Audit { sink, task })
+        Ok(AuditTable { sink })
     }
 
     /// Records the start of a run; returns its row id.
@@ -166,57 +214,391 @@ impl Audit {
     }
 }
 
-fn audit_task(version: &str, n: u32) -> anyhow::Result<Task> {
-    let id = format!("t{n}");
-    Ok(Task::new(
-        version,
-        n,
-        &id,
-        |ctx: &mut TaskContext| -> TaskFuture<'_> {
-            Box::pin(async move {
-                let audit = ctx.resource::<Audit>()?;
-                let row = audit.start(ctx).await?;
-                tokio::time::sleep(audit.task).await;
-                audit.finish(row).await?;
-                Ok(())
-            })
-        },
-    )?)
+/// What the task bodies share: where they record, how long they run,
+/// whether they fail.
+struct Tasks {
+    table: Option<AuditTable>,
+    log: Option<Arc<AuditLog>>,
+    task: Duration,
+    fail: Option<(String, PathBuf)>,
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let args = Args::parse();
-    let audit = Audit::for_url(&args.url, args.task_ms).await?;
+impl Tasks {
+    fn fails(&self, ctx: &TaskContext) -> bool {
+        !ctx.task().rollback
+            && self
+                .fail
+                .as_ref()
+                .is_some_and(|(id, marker)| *id == ctx.task().id && marker.exists())
+    }
+}
+
+/// One run of task code in the audit log, from its start until it stops.
+/// Written on drop too, so that a run the runner cancels (by dropping its
+/// future) records when it stopped.
+struct RunRecord {
+    log: Arc<AuditLog>,
+    seq: u64,
+    token: CancellationToken,
+    /// When the watcher saw the token fire; 0 until then.
+    cancelled_at: Arc<AtomicI64>,
+    watcher: tokio::task::JoinHandle<()>,
+    ended: bool,
+}
+
+impl RunRecord {
+    fn start(log: &Arc<AuditLog>, ctx: &TaskContext) -> RunRecord {
+        let seq = log.next_seq();
+        let token = ctx.cancellation().clone();
+        let cancelled_at = Arc::new(AtomicI64::new(0));
+        let watcher = {
+            let (token, at) = (token.clone(), cancelled_at.clone());
+            tokio::spawn(async move {
+                token.cancelled().await;
+                at.store(now_us(), Ordering::SeqCst);
+            })
+        };
+        log.write(&Record::Run {
+            seq,
+            task: ctx.task().id.clone(),
+            version: ctx.task().version.to_string(),
+            rollback: ctx.task().rollback,
+            fence: ctx.fence(),
+            attempt: ctx.task().attempt,
+            at: now_us(),
+        });
+        RunRecord {
+            log: log.clone(),
+            seq,
+            token,
+            cancelled_at,
+            watcher,
+            ended: false,
+        }
+    }
+
+    fn end(&mut self, how: Ended) {
+        if self.ended {
+            return;
+        }
+        self.ended = true;
+        let at = now_us();
+        let seen = self.cancelled_at.load(Ordering::SeqCst);
+        let cancelled_at = if seen != 0 {
+            Some(seen)
+        } else {
+            // Fired, and the watcher has not run yet: it is seen now.
+            self.token.is_cancelled().then_some(at)
+        };
+        self.watcher.abort();
+        self.log.write(&Record::End {
+            seq: self.seq,
+            at,
+            cancelled_at,
+            how,
+        });
+    }
+}
+
+impl Drop for RunRecord {
+    fn drop(&mut self) {
+        self.end(Ended::Dropped);
+    }
+}
+
+/// The body of every task and rollback.
+fn body(ctx: &mut TaskContext) -> TaskFuture<'_> {
+    Box::pin(async move {
+        let tasks = ctx.resource::<Tasks>()?;
+        if let Some(log) = &tasks.log {
+            let mut run = RunRecord::start(log, ctx);
+            tokio::time::sleep(tasks.task).await;
+            if tasks.fails(ctx) {
+                run.end(Ended::Failed);
+                return Err(format!("{} fails while its marker file exists", ctx.task().id).into());
+            }
+            run.end(Ended::Returned);
+            return Ok(());
+        }
+        let table = tasks.table.as_ref().expect("an audit table or a log");
+        let row = table.start(ctx).await?;
+        tokio::time::sleep(tasks.task).await;
+        table.finish(row).await?;
+        if tasks.fails(ctx) {
+            return Err(format!("{} fails while its marker file exists", ctx.task().id).into());
+        }
+        Ok(())
+    })
+}
+
+fn audit_task(version: &str, n: u32, rollback: bool) -> anyhow::Result<Task> {
+    let task = Task::new(version, n, &format!("t{n}"), body)?;
+    Ok(if rollback {
+        task.with_rollback(body)
+    } else {
+        task
+    })
+}
+
+/// The backend as the runner sees it: every call passed on, the lease and
+/// store calls recorded in the audit log (if there is one), and the loss
+/// signal passed on unless it is switched off.
+#[derive(Debug)]
+struct Watched {
+    inner: Arc<dyn Backend>,
+    log: Option<Arc<AuditLog>>,
+    holder: Holder,
+    loss_signal: bool,
+}
+
+fn seen(e: &BackendError) -> Seen {
+    match e {
+        BackendError::StaleFence { .. } => Seen::Stale,
+        BackendError::LeaseLost(_) => Seen::Lost,
+        BackendError::Rejected(_) => Seen::Rejected,
+        e if e.is_transient() => Seen::Unavailable,
+        _ => Seen::Other,
+    }
+}
+
+fn what(changes: &[Change]) -> String {
+    let names: Vec<String> = changes
+        .iter()
+        .map(|c| match c {
+            Change::Start(s) => format!("start {} #{} {}", s.key.id, s.attempt, s.kind.as_str()),
+            Change::Finish(f) => format!("finish {} #{} {}", f.key.id, f.attempt, f.state.as_str()),
+            Change::DataVersion(v) => format!("data version {v}"),
+            Change::Baseline(v) => format!("baseline {v}"),
+            _ => "other".to_owned(),
+        })
+        .collect();
+    names.join(", ")
+}
+
+/// One lease or store call in the audit log: written when it returns, or
+/// as dropped if the caller stops waiting for it first.
+struct Call<'a> {
+    log: Option<&'a AuditLog>,
+    record: Option<Record>,
+}
+
+impl Call<'_> {
+    fn done(mut self, outcome: Seen, fence: Option<u64>) {
+        if let Some(r) = self.record.as_mut() {
+            match r {
+                Record::Lock {
+                    done,
+                    outcome: o,
+                    fence: f,
+                    ..
+                } => {
+                    *done = now_us();
+                    *o = outcome;
+                    if let Some(fence) = fence {
+                        *f = fence;
+                    }
+                }
+                Record::Store {
+                    done, outcome: o, ..
+                } => {
+                    *done = now_us();
+                    *o = outcome;
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+impl Drop for Call<'_> {
+    fn drop(&mut self) {
+        if let (Some(log), Some(mut record)) = (self.log, self.record.take()) {
+            if let Record::Lock { done, .. } | Record::Store { done, .. } = &mut record {
+                if *done == 0 {
+                    *done = now_us();
+                }
+            }
+            log.write(&record);
+        }
+    }
+}
+
+impl Watched {
+    fn lock_call(&self, op: &str, fence: u64) -> Call<'_> {
+        Call {
+            log: self.log.as_deref(),
+            record: Some(Record::Lock {
+                op: op.to_owned(),
+                fence,
+                sent: now_us(),
+                done: 0,
+                outcome: Seen::Dropped,
+            }),
+        }
+    }
+
+    fn store_call(&self, op: &str, fence: u64, what: String) -> Call<'_> {
+        Call {
+            log: self.log.as_deref(),
+            record: Some(Record::Store {
+                op: op.to_owned(),
+                fence,
+                sent: now_us(),
+                done: 0,
+                outcome: Seen::Dropped,
+                what,
+            }),
+        }
+    }
+}
+
+#[async_trait]
+impl Lock for Watched {
+    async fn try_acquire(
+        &self,
+        service: &str,
+        holder: &Holder,
+        ttl: Duration,
+    ) -> Result<Acquire, BackendError> {
+        let call = self.lock_call("acquire", 0);
+        let r = self.inner.try_acquire(service, holder, ttl).await;
+        let (fence, outcome) = match &r {
+            Ok(Acquire::Granted(l)) => (l.fence, Seen::Ok),
+            Ok(Acquire::Held(i)) if i.holder == self.holder => (i.fence, Seen::HeldBySelf),
+            Ok(Acquire::Held(i)) => (i.fence, Seen::Held),
+            Err(e) => (0, seen(e)),
+        };
+        call.done(outcome, Some(fence));
+        r
+    }
+
+    async fn renew(&self, lease: &Lease) -> Result<Lease, BackendError> {
+        let call = self.lock_call("renew", lease.fence);
+        let r = self.inner.renew(lease).await;
+        call.done(r.as_ref().map_or_else(seen, |_| Seen::Ok), None);
+        r
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<(), BackendError> {
+        let call = self.lock_call("release", lease.fence);
+        let r = self.inner.release(lease).await;
+        call.done(r.as_ref().map_or_else(seen, |_| Seen::Ok), None);
+        r
+    }
+
+    async fn current(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
+        self.inner.current(service).await
+    }
+
+    async fn wait(
+        &self,
+        service: &str,
+        seen: &LeaseInfo,
+        timeout: Duration,
+    ) -> Result<(), BackendError> {
+        self.inner.wait(service, seen, timeout).await
+    }
+
+    fn notifies(&self) -> bool {
+        self.inner.notifies()
+    }
+
+    async fn until_lost(&self, lease: &Lease) -> BackendError {
+        if !self.loss_signal {
+            // The negative control: the signal never comes.
+            return std::future::pending().await;
+        }
+        let e = self.inner.until_lost(lease).await;
+        if let Some(log) = &self.log {
+            log.write(&Record::Lost {
+                fence: lease.fence,
+                at: now_us(),
+                detail: e.to_string(),
+            });
+        }
+        e
+    }
+}
+
+#[async_trait]
+impl Store for Watched {
+    async fn load(&self, service: &str) -> Result<Snapshot, BackendError> {
+        self.inner.load(service).await
+    }
+
+    async fn claim(&self, service: &str, fence: u64) -> Result<Snapshot, BackendError> {
+        let call = self.store_call("claim", fence, String::new());
+        let r = self.inner.claim(service, fence).await;
+        call.done(r.as_ref().map_or_else(seen, |_| Seen::Ok), None);
+        r
+    }
+
+    async fn apply(
+        &self,
+        service: &str,
+        fence: u64,
+        changes: &[Change],
+    ) -> Result<(), BackendError> {
+        let call = self.store_call("apply", fence, what(changes));
+        let r = self.inner.apply(service, fence, changes).await;
+        call.done(r.as_ref().map_or_else(seen, |_| Seen::Ok), None);
+        r
+    }
+
+    async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>, BackendError> {
+        self.inner.history(service).await
+    }
+}
+
+/// Exit codes.
+const READY: u8 = 0;
+const FAILED: u8 = 1;
+const STOPPED: u8 = 3;
+
+async fn node(args: Args, log: Option<Arc<AuditLog>>) -> anyhow::Result<u8> {
+    let table = match &log {
+        Some(_) => None,
+        None => Some(AuditTable::for_url(&args.url).await?),
+    };
     let mut tasks = Vec::new();
     let mut order = 0;
     for (version, count) in &args.tasks {
         for _ in 0..*count {
             order += 1;
-            tasks.push(audit_task(version, order)?);
+            tasks.push(audit_task(version, order, args.rollbacks)?);
         }
     }
-    let upsilon = Upsilon::builder()
+    let holder = Holder {
+        pod: Some(args.name.clone()),
+        ..Holder::current()
+    };
+    let backend = Watched {
+        inner: upsilon_backends::connect(&args.url).await?,
+        log: log.clone(),
+        holder: holder.clone(),
+        loss_signal: !args.no_loss_signal,
+    };
+    let mut builder = Upsilon::builder()
         .service("cluster")
         .app_version(&args.app_version)
-        .backend(upsilon_backends::connect(&args.url).await?)
-        .holder(Holder {
-            pod: Some(args.name.clone()),
-            ..Holder::current()
-        })
+        .backend(Arc::new(backend))
+        .holder(holder)
         .tasks(tasks)
         .tasks_above_app(AboveAppPolicy::Ignore)
         .ttl(args.ttl_ms)
         .poll_interval(Duration::from_millis(50))
-        .resource(audit)
-        .build()?;
-    match upsilon.run().await {
+        .rollback_on_failure(args.rollbacks)
+        .resource(Tasks {
+            table,
+            log,
+            task: args.task_ms,
+            fail: args.fail_task.clone().zip(args.fail_while.clone()),
+        });
+    if let Some(margin) = args.margin_ms {
+        builder = builder.safety_margin(margin);
+    }
+    let upsilon = builder.build()?;
+    match upsilon.run_until(upsilon::shutdown_signal()).await {
         Ok(outcome) => {
             let kind = match &outcome {
                 Outcome::Upgraded { .. } => "upgraded",
@@ -224,10 +606,50 @@ async fn main() -> anyhow::Result<()> {
                 _ => "up-to-date",
             };
             println!("{} {kind}: {outcome}", args.name);
-            Ok(())
+            Ok(READY)
+        }
+        Err(e @ Error::Stopped { .. }) => {
+            eprintln!("{} stopped: {e}", args.name);
+            Ok(STOPPED)
         }
         Err(e) => Err(e).context(format!("{} not ready", args.name)),
     }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    let args = Args::parse();
+    let log = match &args.audit_dir {
+        Some(dir) => match AuditLog::create(dir, &args.name) {
+            Ok(log) => Some(Arc::new(log)),
+            Err(e) => {
+                eprintln!("cannot create the audit log in {}: {e}", dir.display());
+                return ExitCode::from(FAILED);
+            }
+        },
+        None => None,
+    };
+    let code = match node(args, log.clone()).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("{e:#}");
+            FAILED
+        }
+    };
+    if let Some(log) = &log {
+        log.write(&Record::Exit {
+            at: now_us(),
+            code: code.into(),
+        });
+    }
+    ExitCode::from(code)
 }
 
 #[cfg(test)]
