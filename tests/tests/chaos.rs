@@ -1,432 +1,56 @@
 //! Multi-process fault test: real node processes (`src/bin/node.rs`) against
-//! a real backend (a SQLite file; a PostgreSQL server the harness starts), with random SIGKILL, SIGSTOP longer than the TTL then
-//! SIGCONT, node restarts and (for server backends) a server restart. Every
-//! task appends to an audit table with its fence and times; after each trial
-//! a checker verifies:
-//! - no two holders' effects overlap unless the older one's completion was refused;
-//! - no completed task is committed twice (S3);
-//! - the data version and the task states never regress (S4), sampled all along;
-//! - every trial converges: all nodes READY at the target version (L2, L3).
+//! a real backend (a SQLite file; a PostgreSQL server the harness starts,
+//! reached through a fault proxy per node), with random faults:
+//!
+//! - every backend: SIGKILL (the node is started again), SIGSTOP longer than
+//!   the TTL then SIGCONT, SIGSTOP shorter than the runner's safety margin,
+//!   SIGTERM (a clean stop; the node is started again once it exited), and
+//!   node processes that exit with an error started again after a moment;
+//! - PostgreSQL: a crash-restart of the server, `pg_terminate_backend` of the
+//!   lease row's session or of every session of a node, a short
+//!   `idle_session_timeout`, and from the node's proxy: connections cut,
+//!   traffic delayed or held back (a blackhole) in one direction or both,
+//!   and the node isolated (held both ways and its sessions terminated);
+//! - in every third trial, t2 fails for good while the faults run, so its
+//!   version is rolled back (t2, then t1: every task has a rollback there),
+//!   again and again as nodes restart; it succeeds once the faults heal.
+//!
+//! Every node writes an audit log of its own (`upsilon_tests::audit`): each
+//! run of task code with its start and end on the host's `CLOCK_MONOTONIC`,
+//! and each lease and store call with its outcome. The harness records each
+//! fault on the same clock. After each trial the checker (`chaos/check.rs`)
+//! verifies E1 (no two nodes run task code at once unless one was paused
+//! past its safety margin; a paused node's late writes are refused), the
+//! lease's exclusivity, effects vs refused completions, S3, S4 (sampled all
+//! along), and convergence (L2, L3).
+//!
+//! A negative control runs nodes whose loss signal is switched off
+//! (`node --no-loss-signal`) and isolates the holder while it runs a task:
+//! the checker must find the overlap.
 //!
 //! Sizes are parameters (small by default, for the README's test command):
 //! ```text
-//! UPSILON_CHAOS_TRIALS=40 UPSILON_CHAOS_NODES=6 cargo test --release -p upsilon-tests --test chaos -- --nocapture
+//! UPSILON_CHAOS_TRIALS=500 UPSILON_CHAOS_NODES=5 cargo test --release -p upsilon-tests --test chaos -- --nocapture sqlite
+//! UPSILON_CHAOS_TRIALS=500 UPSILON_CHAOS_NODES=5 cargo test --release -p upsilon-tests --test chaos -- --nocapture postgres_cluster
 //! ```
-//! `UPSILON_CHAOS_SEED` fixes the seed of the first trial.
+//! `UPSILON_CHAOS_SEED` fixes the seed of the first trial;
+//! `UPSILON_CHAOS_CONTROL_TRIALS` the negative control's trials (1).
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+#[path = "chaos/check.rs"]
+mod check;
+#[path = "chaos/cluster.rs"]
+mod cluster;
+#[path = "chaos/trial.rs"]
+mod trial;
 
-use async_trait::async_trait;
-use tokio::process::{Child, Command};
-use upsilon::backend::{AttemptKind, AttemptState, HistoryEntry};
-use upsilon::backend::{Backend, Snapshot};
+use std::collections::BTreeMap;
+use std::time::Instant;
 
-const NODE: &str = env!("CARGO_BIN_EXE_node");
-const TASKS: &str = "1.0:2,1.1:3";
-const TASK_COUNT: usize = 5;
-const TARGET: &str = "1.1.0";
-const TTL_MS: u64 = 1000;
+use upsilon_tests::clock::ms;
 
-/// One task run as the audit table recorded it.
-#[derive(Debug, Clone)]
-struct AuditRow {
-    task: String,
-    node: String,
-    fence: i64,
-    started_ms: i64,
-    finished_ms: Option<i64>,
-}
-
-/// A backend the fault test can run nodes against. A new backend needs only
-/// this: where the nodes connect, how to read the audit table, and (for a
-/// server) how to restart it.
-#[async_trait]
-trait ClusterBackend: Send + Sync {
-    /// What it is, for reports.
-    fn name(&self) -> &'static str;
-    /// The `--url` the node processes get; a fresh, empty store each trial.
-    async fn fresh(&mut self, trial: usize) -> String;
-    /// The lock and store of the current trial, read directly.
-    fn backend(&self) -> Arc<dyn Backend>;
-    /// The audit rows of the current trial, in insertion order.
-    async fn audit(&self) -> Vec<AuditRow>;
-    /// Restarts the server, if there is one; `false` if not applicable.
-    async fn restart_server(&mut self) -> bool {
-        false
-    }
-}
-
-struct Sqlite {
-    dir: tempfile::TempDir,
-    path: PathBuf,
-    backend: Option<Arc<dyn Backend>>,
-}
-
-#[async_trait]
-impl ClusterBackend for Sqlite {
-    fn name(&self) -> &'static str {
-        "sqlite"
-    }
-    async fn fresh(&mut self, trial: usize) -> String {
-        self.path = self.dir.path().join(format!("trial-{trial}.db"));
-        let backend = upsilon_backends::sqlite::SqliteBackend::open(&self.path)
-            .await
-            .unwrap();
-        self.backend = Some(Arc::new(backend));
-        format!("sqlite://{}", self.path.display())
-    }
-    fn backend(&self) -> Arc<dyn Backend> {
-        self.backend.clone().expect("fresh() first")
-    }
-    async fn audit(&self) -> Vec<AuditRow> {
-        let c = rusqlite::Connection::open(&self.path).unwrap();
-        c.busy_timeout(Duration::from_secs(10)).unwrap();
-        let exists: bool = c
-            .prepare("SELECT 1 FROM sqlite_master WHERE name = 'audit'")
-            .unwrap()
-            .exists([])
-            .unwrap();
-        if !exists {
-            return Vec::new();
-        }
-        let mut stmt = c
-            .prepare("SELECT task, node, fence, started_ms, finished_ms FROM audit ORDER BY id")
-            .unwrap();
-        let rows = stmt
-            .query_map([], |r| {
-                Ok(AuditRow {
-                    task: r.get(0)?,
-                    node: r.get(1)?,
-                    fence: r.get(2)?,
-                    started_ms: r.get(3)?,
-                    finished_ms: r.get(4)?,
-                })
-            })
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
-        rows
-    }
-}
-
-/// A real PostgreSQL server started by the harness; a database per trial.
-struct Pg {
-    server: upsilon_test_servers::Postgres,
-    url: String,
-    backend: Option<Arc<dyn Backend>>,
-}
-
-#[async_trait]
-impl ClusterBackend for Pg {
-    fn name(&self) -> &'static str {
-        "postgres"
-    }
-    async fn fresh(&mut self, trial: usize) -> String {
-        self.url = self.server.create_database(&format!("trial_{trial}"));
-        self.backend = Some(upsilon_backends::connect(&self.url).await.unwrap());
-        self.url.clone()
-    }
-    fn backend(&self) -> Arc<dyn Backend> {
-        self.backend.clone().expect("fresh() first")
-    }
-    async fn audit(&self) -> Vec<AuditRow> {
-        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        let rows = match client
-            .query(
-                "SELECT task, node, fence, started_ms, finished_ms FROM audit ORDER BY id",
-                &[],
-            )
-            .await
-        {
-            Ok(rows) => rows,
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
-                Vec::new()
-            }
-            Err(e) => panic!("reading the audit table: {e}"),
-        };
-        rows.iter()
-            .map(|r| AuditRow {
-                task: r.get(0),
-                node: r.get(1),
-                fence: r.get(2),
-                started_ms: r.get(3),
-                finished_ms: r.get(4),
-            })
-            .collect()
-    }
-    async fn restart_server(&mut self) -> bool {
-        // Immediate shutdown, as a crash, then start on the same directory.
-        self.server.crash();
-        self.server.start_again();
-        true
-    }
-}
-
-/// splitmix64.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        (z ^ (z >> 31)) % n.max(1)
-    }
-}
-
-struct NodeProc {
-    name: String,
-    child: Child,
-    stopped: bool,
-    restarts: usize,
-}
-
-fn spawn(url: &str, name: &str) -> Child {
-    Command::new(NODE)
-        .args([
-            "--url",
-            url,
-            "--name",
-            name,
-            "--app-version",
-            "1.1",
-            "--tasks",
-            TASKS,
-        ])
-        .args(["--task-ms", "150", "--ttl-ms", &TTL_MS.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start a node process")
-}
-
-fn signal(child: &Child, sig: &str) {
-    if let Some(pid) = child.id() {
-        let _ = std::process::Command::new("kill")
-            .args([sig, &pid.to_string()])
-            .status();
-    }
-}
-
-/// What one trial did, for the report.
-#[derive(Debug, Default)]
-struct Faults {
-    kills: usize,
-    stops: usize,
-    restarts: usize,
-    server_restarts: usize,
-    failed_exits: usize,
-}
-
-/// Samples the store while the trial runs: data version and completed tasks
-/// must never go back (S4).
-fn sampler(
-    store: Arc<dyn Backend>,
-    done: Arc<Mutex<bool>>,
-) -> tokio::task::JoinHandle<Vec<String>> {
-    tokio::spawn(async move {
-        let mut violations = Vec::new();
-        let mut last: Option<Snapshot> = None;
-        while !*done.lock().unwrap() {
-            if let Ok(now) = store.load("cluster").await {
-                if let Some(prev) = &last {
-                    if now.data_version < prev.data_version {
-                        violations.push(format!(
-                            "S4: data version went from {:?} to {:?}",
-                            prev.data_version, now.data_version
-                        ));
-                    }
-                    for (k, t) in &prev.tasks {
-                        if t.completed && !now.is_completed(k) {
-                            violations.push(format!("S4: {k} went back from completed"));
-                        }
-                    }
-                }
-                last = Some(now);
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        violations
-    })
-}
-
-async fn trial(
-    backend: &mut dyn ClusterBackend,
-    index: usize,
-    seed: u64,
-    nodes: usize,
-) -> (Faults, Vec<String>) {
-    let url = backend.fresh(index).await;
-    let mut rng = Rng(seed);
-    let mut faults = Faults::default();
-    let done = Arc::new(Mutex::new(false));
-    let sampling = sampler(backend.backend(), done.clone());
-    let mut procs: Vec<NodeProc> = (0..nodes)
-        .map(|n| {
-            let name = format!("n{n}");
-            NodeProc {
-                child: spawn(&url, &name),
-                name,
-                stopped: false,
-                restarts: 0,
-            }
-        })
-        .collect();
-    // Chaos for a while, then heal.
-    let chaos_until = Instant::now() + Duration::from_millis(2500 + rng.below(1500));
-    while Instant::now() < chaos_until {
-        tokio::time::sleep(Duration::from_millis(150 + rng.below(350))).await;
-        let mut n = rng.below(nodes as u64) as usize;
-        // Half the faults hit the lease holder: the node whose death or
-        // pause matters.
-        if rng.below(2) == 0 {
-            if let Ok(Some(lease)) = backend.backend().current("cluster").await {
-                if let Some(i) = procs
-                    .iter()
-                    .position(|p| Some(&p.name) == lease.holder.pod.as_ref())
-                {
-                    n = i;
-                }
-            }
-        }
-        match rng.below(6) {
-            0 | 1 => {
-                let p = &mut procs[n];
-                p.child.start_kill().ok();
-                let _ = p.child.wait().await;
-                faults.kills += 1;
-                p.child = spawn(&url, &p.name);
-                p.stopped = false;
-                p.restarts += 1;
-            }
-            2 | 3 if !procs[n].stopped => {
-                signal(&procs[n].child, "-STOP");
-                procs[n].stopped = true;
-                faults.stops += 1;
-                // Keep it stopped past its TTL, then let it go on.
-                let p = procs[n].child.id();
-                let hold = Duration::from_millis(TTL_MS + 300 + rng.below(700));
-                tokio::spawn(async move {
-                    tokio::time::sleep(hold).await;
-                    if let Some(pid) = p {
-                        let _ = std::process::Command::new("kill")
-                            .args(["-CONT", &pid.to_string()])
-                            .status();
-                    }
-                });
-            }
-            4 if backend.restart_server().await => faults.server_restarts += 1,
-            _ => {}
-        }
-    }
-    for p in &mut procs {
-        signal(&p.child, "-CONT");
-        p.stopped = false;
-    }
-    // Heal: every node runs until it is READY, restarted after a failure as
-    // its orchestrator would.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut violations = Vec::new();
-    for p in &mut procs {
-        loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(remaining, p.child.wait()).await {
-                Ok(Ok(status)) if status.success() => break,
-                Ok(_) => {
-                    faults.failed_exits += 1;
-                    if p.restarts > 20 {
-                        violations.push(format!("L3: {} kept failing", p.name));
-                        break;
-                    }
-                    p.child = spawn(&url, &p.name);
-                    p.restarts += 1;
-                    faults.restarts += 1;
-                }
-                Err(_) => {
-                    violations.push(format!(
-                        "L2/L3: {} did not become READY within 60 s after healing",
-                        p.name
-                    ));
-                    break;
-                }
-            }
-        }
-    }
-    *done.lock().unwrap() = true;
-    violations.extend(sampling.await.unwrap());
-    let history = backend.backend().history("cluster").await.unwrap();
-    let snapshot = backend.backend().load("cluster").await.unwrap();
-    violations.extend(check(&backend.audit().await, &history, &snapshot));
-    (faults, violations)
-}
-
-fn check(audit: &[AuditRow], history: &[HistoryEntry], snapshot: &Snapshot) -> Vec<String> {
-    let mut v = Vec::new();
-    let mut completions: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
-    for row in history {
-        if row.kind == AttemptKind::Run && row.state == AttemptState::Completed {
-            completions.entry(&row.key.id).or_default().push(row.fence);
-        }
-    }
-    for (task, fences) in &completions {
-        if fences.len() > 1 {
-            v.push(format!(
-                "S3: {task} completed {} times (fences {fences:?})",
-                fences.len()
-            ));
-        }
-    }
-    let now = i64::MAX;
-    for (i, a) in audit.iter().enumerate() {
-        for b in &audit[i + 1..] {
-            let overlap = a.task == b.task
-                && a.fence != b.fence
-                && a.started_ms < b.finished_ms.unwrap_or(now)
-                && b.started_ms < a.finished_ms.unwrap_or(now);
-            let older = a.fence.min(b.fence) as u64;
-            if overlap
-                && completions
-                    .get(a.task.as_str())
-                    .is_some_and(|f| f.contains(&older))
-            {
-                v.push(format!(
-                    "effects: {} ran on {} (fence {}) and {} (fence {}) at once, and the older completion committed",
-                    a.task, a.node, a.fence, b.node, b.fence
-                ));
-            }
-        }
-    }
-    let ran: BTreeSet<&str> = audit.iter().map(|r| r.task.as_str()).collect();
-    if completions.len() != TASK_COUNT || ran.len() != TASK_COUNT {
-        v.push(format!(
-            "L2: {} of {TASK_COUNT} tasks completed ({} ran)",
-            completions.len(),
-            ran.len()
-        ));
-    }
-    if snapshot
-        .data_version
-        .as_ref()
-        .map(|d| d.to_string())
-        .as_deref()
-        != Some(TARGET)
-    {
-        v.push(format!(
-            "L2: the data version ended at {:?}, not {TARGET}",
-            snapshot.data_version
-        ));
-    }
-    v
-}
+use check::Checked;
+use cluster::{ClusterBackend, Pg, Sqlite};
+use trial::{Config, Kind, Plan};
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -438,11 +62,8 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// Runs the trials against `backend` and fails with every violation found.
-async fn run_trials(backend: &mut dyn ClusterBackend) {
-    let trials = env_usize("UPSILON_CHAOS_TRIALS", 2);
-    let nodes = env_usize("UPSILON_CHAOS_NODES", 4);
-    let first_seed = std::env::var("UPSILON_CHAOS_SEED")
+fn first_seed() -> u64 {
+    std::env::var("UPSILON_CHAOS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| {
@@ -450,56 +71,290 @@ async fn run_trials(backend: &mut dyn ClusterBackend) {
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
                 .as_millis() as u64
-        });
-    let started = Instant::now();
-    let mut total = Faults::default();
-    for t in 0..trials {
-        let seed = first_seed + t as u64;
-        let (f, violations) = trial(backend, t, seed, nodes).await;
-        assert!(
-            violations.is_empty(),
-            "{} trial {t} (UPSILON_CHAOS_SEED={seed}, {nodes} nodes) broke the invariants:\n  - {}\nfaults: {f:?}",
-            backend.name(),
-            violations.join("\n  - ")
-        );
-        total.kills += f.kills;
-        total.stops += f.stops;
-        total.restarts += f.restarts;
-        total.server_restarts += f.server_restarts;
-        total.failed_exits += f.failed_exits;
+        })
+}
+
+/// The random faults' trials: 5 tasks of 150 ms over two versions, TTL 1 s.
+fn random_config() -> Config {
+    Config {
+        nodes: env_usize("UPSILON_CHAOS_NODES", 4),
+        tasks: "1.0:2,1.1:3",
+        task_count: 5,
+        target: "1.1.0",
+        ttl_ms: 1000,
+        task_ms: 150,
+        margin_ms: 200,
+        loss_signal: true,
+        plan: Plan::Random,
     }
-    println!(
-        "chaos on {}: {trials} trials x {nodes} nodes (seeds {first_seed}..), 0 violations, {:.1?}; \
-         {} SIGKILLs, {} SIGSTOPs past the TTL, {} server restarts, {} failed exits restarted",
-        backend.name(),
-        started.elapsed(),
-        total.kills,
-        total.stops,
-        total.server_restarts,
-        total.failed_exits
+}
+
+/// Overlaps of task code attributed to one kind of fault.
+#[derive(Debug, Default, Clone, Copy)]
+struct Overlaps {
+    explained: usize,
+    worst_explained: i64,
+    unexplained: usize,
+    worst_unexplained: i64,
+}
+
+/// What the trials of one run add up to.
+#[derive(Debug, Default)]
+struct Totals {
+    trials: usize,
+    failing_trials: usize,
+    violations: usize,
+    faults: BTreeMap<Kind, usize>,
+    failed_exits: usize,
+    failing_task_trials: usize,
+    rollback_runs: usize,
+    cancelled_runs: usize,
+    worst_cancel_to_stop: i64,
+    handovers: Vec<i64>,
+    releases: Vec<i64>,
+    writes_after_pause: (usize, usize),
+    overlaps: BTreeMap<Option<Kind>, Overlaps>,
+}
+
+impl Totals {
+    fn add(&mut self, t: &trial::Trial, c: &Checked) {
+        self.trials += 1;
+        for e in &t.events {
+            *self.faults.entry(e.kind).or_default() += 1;
+        }
+        self.failed_exits += t.failed_exits;
+        self.failing_task_trials += usize::from(t.failing_task);
+        self.rollback_runs += c.rollback_runs;
+        self.cancelled_runs += c.cancelled_runs;
+        self.worst_cancel_to_stop = self.worst_cancel_to_stop.max(c.worst_cancel_to_stop);
+        self.handovers.extend(&c.handovers);
+        self.releases.extend(&c.releases);
+        self.writes_after_pause.0 += c.writes_after_pause.0;
+        self.writes_after_pause.1 += c.writes_after_pause.1;
+        for o in &c.overlaps {
+            let k = self.overlaps.entry(o.cause).or_default();
+            if o.excuse.is_some() {
+                k.explained += 1;
+                k.worst_explained = k.worst_explained.max(o.len());
+            } else {
+                k.unexplained += 1;
+                k.worst_unexplained = k.worst_unexplained.max(o.len());
+            }
+        }
+        let v = t.violations.len() + c.violations.len();
+        self.violations += v;
+        self.failing_trials += usize::from(v > 0);
+    }
+
+    fn report(&self, backend: &str, kinds: &[Kind], nodes: usize, seed: u64, took: f64) -> String {
+        let mut r = format!(
+            "chaos on {backend}: {} trials x {nodes} nodes (seeds {seed}..{}), {} violations in {} trials, {took:.1} s\n",
+            self.trials,
+            seed + self.trials as u64 - 1,
+            self.violations,
+            self.failing_trials
+        );
+        let mut faults: Vec<String> = Vec::new();
+        for k in Kind::ALL {
+            let base = matches!(
+                k,
+                Kind::Kill | Kind::Stop | Kind::ShortStop | Kind::Term | Kind::FailingTask
+            );
+            if k == Kind::ClockStep && backend == "sqlite" {
+                faults.push("clock steps: not injected (HOOK(sqlite-clock))".to_owned());
+            } else if base || kinds.contains(&k) {
+                faults.push(format!(
+                    "{} {}",
+                    self.faults.get(&k).copied().unwrap_or(0),
+                    k.name()
+                ));
+            }
+        }
+        r += &format!("  faults: {}\n", faults.join(", "));
+        r += &format!(
+            "  {} failed exits restarted; {} runs of task code cancelled (token to stop at most {}); {} rollback runs in {} trials with a failing task\n",
+            self.failed_exits,
+            self.cancelled_runs,
+            ms(self.worst_cancel_to_stop),
+            self.rollback_runs,
+            self.failing_task_trials
+        );
+        let stat = |v: &[i64]| {
+            let mut v = v.to_vec();
+            v.sort_unstable();
+            match v.len() {
+                0 => "none".to_owned(),
+                n => format!("median {}, max {}", ms(v[n / 2]), ms(v[n - 1])),
+            }
+        };
+        r += &format!(
+            "  SIGTERM of a holder: {} released (after {}), {} handed over to another node (lease granted after {})\n",
+            self.releases.len(),
+            stat(&self.releases),
+            self.handovers.len(),
+            stat(&self.handovers)
+        );
+        r += &format!(
+            "  writes by paused nodes after they resumed: {} committed (their fence still the newest), {} refused\n",
+            self.writes_after_pause.0, self.writes_after_pause.1
+        );
+        if self.overlaps.is_empty() {
+            r += "  overlapping task code: none\n";
+        }
+        for (cause, o) in &self.overlaps {
+            r += &format!(
+                "  overlapping task code after {}: {} explained by a pause (worst {}), {} unexplained (worst {})\n",
+                cause.map_or("no fault", Kind::name),
+                o.explained,
+                ms(o.worst_explained),
+                o.unexplained,
+                ms(o.worst_unexplained)
+            );
+        }
+        r
+    }
+}
+
+/// Runs the trials against `env` and returns the totals and the failures'
+/// messages.
+async fn run_trials(
+    env: &mut dyn ClusterBackend,
+    cfg: &Config,
+    trials: usize,
+) -> (Totals, Vec<String>) {
+    let seed = first_seed();
+    let started = Instant::now();
+    let mut totals = Totals::default();
+    let mut failures = Vec::new();
+    for i in 0..trials {
+        let t = trial::run(env, cfg, i, seed + i as u64).await;
+        let c = check::check(cfg, &t);
+        totals.add(&t, &c);
+
+        if std::env::var_os("UPSILON_CHAOS_VERBOSE").is_some() {
+            for n in &c.notes {
+                println!("trial {i}: {n}");
+            }
+            for e in &t.events {
+                println!(
+                    "trial {i}: {} {}{} at {}..{} {}",
+                    e.kind.name(),
+                    e.node.as_deref().unwrap_or("server"),
+                    e.pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+                    e.at,
+                    e.until.map(|u| u.to_string()).unwrap_or_default(),
+                    e.detail
+                );
+            }
+        }
+        let violations: Vec<&String> = t.violations.iter().chain(&c.violations).collect();
+        if !violations.is_empty() {
+            let faults: Vec<String> = t
+                .events
+                .iter()
+                .map(|e| {
+                    format!(
+                        "{} {}{} {}",
+                        e.kind.name(),
+                        e.node.as_deref().unwrap_or("server"),
+                        e.pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+                        e.detail
+                    )
+                })
+                .collect();
+            let message = format!(
+                "{} trial {i} (UPSILON_CHAOS_SEED={}, {} nodes) broke the invariants:\n  - {}\nfaults:\n  {}\n{}",
+                env.name(),
+                seed + i as u64,
+                cfg.nodes,
+                violations
+                    .iter()
+                    .map(|v| v.as_str())
+                    .collect::<Vec<_>>()
+                    .join("\n  - "),
+                faults.join("\n  "),
+                trial::stderr_tail(t.dir.path())
+            );
+            eprintln!("{message}");
+            failures.push(message);
+        }
+        if std::env::var_os("UPSILON_CHAOS_KEEP").is_some() {
+            println!("trial {i}: kept {}", t.dir.keep().display());
+        }
+    }
+    let report = totals.report(
+        env.name(),
+        env.kinds(),
+        cfg.nodes,
+        seed,
+        started.elapsed().as_secs_f64(),
+    );
+    println!("{report}");
+    if let Some(says) = env.server_says() {
+        println!("  {says}");
+    }
+    (totals, failures)
+}
+
+async fn survives(env: &mut dyn ClusterBackend) {
+    let cfg = random_config();
+    let trials = env_usize("UPSILON_CHAOS_TRIALS", 2);
+    let (totals, failures) = run_trials(env, &cfg, trials).await;
+    assert!(
+        failures.is_empty(),
+        "{} of {} trials broke the invariants; the first:\n{}",
+        failures.len(),
+        totals.trials,
+        failures[0]
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_cluster_survives_kills_and_stops() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut backend = Sqlite {
-        path: dir.path().join("unused.db"),
-        dir,
-        backend: None,
-    };
-    run_trials(&mut backend).await;
+async fn sqlite_cluster_survives_faults() {
+    survives(&mut Sqlite::new()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_cluster_survives_kills_stops_and_server_restarts() {
-    let server = tokio::task::spawn_blocking(upsilon_test_servers::Postgres::start)
-        .await
-        .unwrap();
-    let mut backend = Pg {
-        server,
-        url: String::new(),
-        backend: None,
-    };
-    run_trials(&mut backend).await;
+async fn postgres_cluster_survives_faults() {
+    survives(&mut Pg::start().await).await;
+}
+
+/// The holder isolated while it runs a task: its traffic held both ways
+/// and its sessions terminated on the server, so the others take the lease
+/// over before it expires (the holder's session is gone). TTL 6 s, so
+/// that the holder's local deadline is far off and only the backend's loss
+/// signal can stop its task in time.
+fn isolation_config(loss_signal: bool) -> Config {
+    Config {
+        nodes: 3,
+        tasks: "1.1:1",
+        task_count: 1,
+        target: "1.1.0",
+        ttl_ms: 6000,
+        task_ms: 3000,
+        margin_ms: 1200,
+        loss_signal,
+        plan: Plan::IsolateHolder { ms: 4000 },
+    }
+}
+
+/// Negative control: without the loss signal, the isolated holder goes on
+/// running its task after another node took over, and the checker must
+/// find the overlap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_without_the_loss_signal_overlaps_and_is_caught() {
+    let mut env = Pg::start().await;
+    let cfg = isolation_config(false);
+    let trials = env_usize("UPSILON_CHAOS_CONTROL_TRIALS", 1);
+    let (totals, failures) = run_trials(&mut env, &cfg, trials).await;
+    let unexplained: usize = totals.overlaps.values().map(|o| o.unexplained).sum();
+    assert!(
+        unexplained >= trials,
+        "the negative control found {unexplained} overlaps in {trials} trials; the checker or the fault misses them"
+    );
+    assert!(
+        failures.iter().all(|f| f.contains("E1: ")),
+        "the negative control broke more than E1:\n{}",
+        failures.join("\n")
+    );
 }

@@ -1,0 +1,286 @@
+//! The backends the fault test runs nodes against, and the faults each can
+//! take besides the process faults every backend takes.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use upsilon::backend::Backend;
+use upsilon_tests::fault_proxy::{FaultProxy, Upstream};
+
+use crate::trial::Kind;
+
+/// A backend the fault test can run nodes against. A new backend needs only
+/// this: a fresh store per trial, the URL each node gets, a direct handle for
+/// the checker, and the faults it can take (the defaults take none).
+#[async_trait]
+pub trait ClusterBackend: Send + Sync {
+    /// What it is, for reports.
+    fn name(&self) -> &'static str;
+    /// A fresh, empty store for trial `trial`, whose nodes are `nodes`.
+    async fn fresh(&mut self, trial: usize, nodes: &[String]);
+    /// The `--url` node `node` gets.
+    fn node_url(&self, node: &str) -> String;
+    /// The lock and store of the current trial, read directly (not through
+    /// any fault).
+    fn backend(&self) -> Arc<dyn Backend>;
+    /// The faults of its own it can take, besides SIGKILL, SIGSTOP and
+    /// SIGTERM.
+    fn kinds(&self) -> &'static [Kind] {
+        &[]
+    }
+    /// Restarts the server (an immediate shutdown, as a crash, then a start).
+    async fn restart_server(&mut self) {}
+    /// Terminates, on the server, the session the lease row names; how many.
+    async fn terminate_lease_session(&self) -> u64 {
+        0
+    }
+    /// Terminates, on the server, every session of node `node`; how many.
+    async fn terminate_sessions_of(&self, node: &str) -> u64 {
+        let _ = node;
+        0
+    }
+    /// Sets (or with `None` resets) the server's idle-session timeout.
+    async fn idle_session_timeout(&self, timeout: Option<Duration>) -> bool {
+        let _ = timeout;
+        false
+    }
+    /// The fault proxy between node `node` and the server, if there is one.
+    fn proxy(&self, node: &str) -> Option<&FaultProxy> {
+        let _ = node;
+        None
+    }
+    /// What the server says its faults did, for the report.
+    fn server_says(&self) -> Option<String> {
+        None
+    }
+}
+
+pub struct Sqlite {
+    pub dir: tempfile::TempDir,
+    pub path: PathBuf,
+    pub backend: Option<Arc<dyn Backend>>,
+}
+
+impl Sqlite {
+    pub fn new() -> Sqlite {
+        let dir = tempfile::tempdir().unwrap();
+        Sqlite {
+            path: dir.path().join("unused.db"),
+            dir,
+            backend: None,
+        }
+    }
+}
+
+#[async_trait]
+impl ClusterBackend for Sqlite {
+    fn name(&self) -> &'static str {
+        "sqlite"
+    }
+    async fn fresh(&mut self, trial: usize, _nodes: &[String]) {
+        self.path = self.dir.path().join(format!("trial-{trial}.db"));
+        // HOOK(sqlite-clock): clock steps. The SQLite backend is getting a
+        // clock of its own in `SqliteOptions` (the host's by default, which
+        // the fault test cannot step without privileges it must not use).
+        // Once it lands, open the store here, and in the node binary, with a
+        // clock that reads its offset from a file in the trial directory, add
+        // `Kind::ClockStep` to `kinds()`, and step it from `trial::inject`.
+        // Until then no clock step is injected, and the report says so.
+        let backend = upsilon_backends::sqlite::SqliteBackend::open(&self.path)
+            .await
+            .unwrap();
+        self.backend = Some(Arc::new(backend));
+    }
+    fn node_url(&self, _node: &str) -> String {
+        format!("sqlite://{}", self.path.display())
+    }
+    fn backend(&self) -> Arc<dyn Backend> {
+        self.backend.clone().expect("fresh() first")
+    }
+}
+
+/// A real PostgreSQL server started by the harness, a database per trial,
+/// and a fault proxy per node between the node and the server. The nodes'
+/// sessions carry the node's name as `application_name`; the harness's
+/// carry `harness`, so its faults never hit its own.
+pub struct Pg {
+    pub server: upsilon_test_servers::Postgres,
+    pub url: String,
+    pub backend: Option<Arc<dyn Backend>>,
+    pub proxies: BTreeMap<String, FaultProxy>,
+    admin: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+}
+
+impl Pg {
+    pub async fn start() -> Pg {
+        let server = tokio::task::spawn_blocking(upsilon_test_servers::Postgres::start)
+            .await
+            .unwrap();
+        Pg {
+            server,
+            url: String::new(),
+            backend: None,
+            proxies: BTreeMap::new(),
+            admin: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The harness's URL of the trial's database: over the server's Unix
+    /// socket (see `fresh`), named `harness`.
+    fn harness_url(&self) -> String {
+        format!(
+            "postgres://postgres@/{}?host={}&port={}&application_name=harness",
+            self.url.rsplit('/').next().unwrap(),
+            self.server.dir().display(),
+            self.server.port()
+        )
+    }
+
+    /// Runs `sql` as the harness in the trial's database (not through any
+    /// proxy) on a connection kept open between faults (connecting costs
+    /// more than the fault); `None` if the server does not answer.
+    async fn admin(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Option<Vec<tokio_postgres::Row>> {
+        let mut admin = self.admin.lock().await;
+        for _ in 0..2 {
+            if admin.as_ref().is_none_or(|c| c.is_closed()) {
+                let url = format!("{}&connect_timeout=5", self.harness_url());
+                let connected = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    tokio_postgres::connect(&url, tokio_postgres::NoTls),
+                )
+                .await;
+                let Ok(Ok((client, conn))) = connected else {
+                    return None;
+                };
+                tokio::spawn(conn);
+                *admin = Some(client);
+            }
+            let client = admin.as_ref()?;
+            match tokio::time::timeout(Duration::from_secs(5), client.query(sql, params)).await {
+                Ok(Ok(rows)) => return Some(rows),
+                // Closed by the server (a restart, the idle timeout): once more.
+                _ => *admin = None,
+            }
+        }
+        None
+    }
+
+    /// [`Pg::admin`] for a statement that returns one bigint.
+    async fn count(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Option<i64> {
+        let rows = self.admin(sql, params).await?;
+        rows.first()?.get::<_, Option<i64>>(0)
+    }
+}
+
+#[async_trait]
+impl ClusterBackend for Pg {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+    async fn fresh(&mut self, trial: usize, nodes: &[String]) {
+        self.url = self.server.create_database(&format!("trial_{trial}"));
+        *self.admin.lock().await = None;
+        self.backend = Some(
+            upsilon_backends::connect(&self.harness_url())
+                .await
+                .unwrap(),
+        );
+        self.proxies.clear();
+        // To the server's Unix socket: a local session needs no password
+        // exchange (SCRAM), which would cost each new connection of a debug
+        // build hundreds of milliseconds of CPU, on a loaded host more than
+        // the TTL.
+        let socket = self
+            .server
+            .dir()
+            .join(format!(".s.PGSQL.{}", self.server.port()));
+        for n in nodes {
+            let proxy = FaultProxy::start(Upstream::Unix(socket.clone()))
+                .await
+                .unwrap();
+            self.proxies.insert(n.clone(), proxy);
+        }
+    }
+    fn node_url(&self, node: &str) -> String {
+        let port = self.proxies[node].port();
+        format!(
+            "postgres://postgres:{}@127.0.0.1:{port}/{}?application_name={node}",
+            self.server.password(),
+            self.url.rsplit('/').next().unwrap()
+        )
+    }
+    fn backend(&self) -> Arc<dyn Backend> {
+        self.backend.clone().expect("fresh() first")
+    }
+    fn kinds(&self) -> &'static [Kind] {
+        &[
+            Kind::ServerRestart,
+            Kind::LeaseSession,
+            Kind::NodeSessions,
+            Kind::IdleTimeout,
+            Kind::Cut,
+            Kind::Delay,
+            Kind::Blackhole,
+            Kind::Isolate,
+        ]
+    }
+    async fn restart_server(&mut self) {
+        // Immediate shutdown, as a crash, then start on the same directory.
+        self.server.crash();
+        self.server.start_again();
+    }
+    async fn terminate_lease_session(&self) -> u64 {
+        self.count(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(lease_pid))
+             FROM upsilon_state WHERE service = 'cluster' AND lease_pid IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap_or(0) as u64
+    }
+    async fn terminate_sessions_of(&self, node: &str) -> u64 {
+        self.count(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))
+             FROM pg_stat_activity WHERE application_name = $1",
+            &[&node],
+        )
+        .await
+        .unwrap_or(0) as u64
+    }
+    async fn idle_session_timeout(&self, timeout: Option<Duration>) -> bool {
+        let set = match timeout {
+            Some(t) => format!(
+                "ALTER SYSTEM SET idle_session_timeout = '{}ms'",
+                t.as_millis()
+            ),
+            None => "ALTER SYSTEM RESET idle_session_timeout".to_owned(),
+        };
+        // Two statements: ALTER SYSTEM cannot run in a transaction block.
+        self.admin(&set, &[]).await.is_some()
+            && self.admin("SELECT pg_reload_conf()", &[]).await.is_some()
+    }
+    fn proxy(&self, node: &str) -> Option<&FaultProxy> {
+        self.proxies.get(node)
+    }
+    fn server_says(&self) -> Option<String> {
+        let log = self.server.log();
+        let count = |s: &str| log.matches(s).count();
+        Some(format!(
+            "the server's log: {} sessions ended by the idle-session timeout, {} terminated by pg_terminate_backend (harness or nodes' own), {} starts",
+            count("terminating connection due to idle-session timeout"),
+            count("terminating connection due to administrator command"),
+            count("database system is ready to accept connections")
+        ))
+    }
+}
