@@ -5,6 +5,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use super::memory::lock;
+#[cfg(doc)]
+use crate::backend::{Lock, Store};
 
 /// A backend operation, for fault injection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -56,7 +58,7 @@ struct Rule {
     fault: Fault,
 }
 
-/// The faults armed on a [`MemoryBackend`].
+/// The faults armed on a [`MemoryBackend`](super::MemoryBackend).
 #[derive(Debug, Default)]
 pub struct Faults {
     rules: Mutex<Vec<Rule>>,
