@@ -1,0 +1,119 @@
+//! The lease: one row per service, changed only inside `BEGIN IMMEDIATE`.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{params, OptionalExtension};
+use upsilon::backend::{
+    decide_acquire, fence_from_column, fence_to_column, ttl_ms, Acquire, BackendError, Lease,
+    LeaseInfo, Lock,
+};
+use upsilon::Holder;
+
+use super::rows::{now_ms, state, NOW_MS};
+use super::{driver, Result, SqliteBackend};
+
+#[async_trait]
+impl Lock for SqliteBackend {
+    async fn try_acquire(&self, service: &str, holder: &Holder, ttl: Duration) -> Result<Acquire> {
+        let (service, holder) = (service.to_owned(), holder.clone());
+        self.tx(move |tx| {
+            let row = state(tx, &service)?;
+            let now = now_ms(tx)?;
+            let history_max: i64 = tx
+                .query_row(
+                    "SELECT COALESCE(MAX(fence), 0) FROM upsilon_history WHERE service = ?1",
+                    [&service],
+                    |r| r.get(0),
+                )
+                .map_err(driver)?;
+            let seen = [
+                fence_from_column(row.granted, "the granted fence")?,
+                fence_from_column(row.columns.store_fence, "the store's fence")?,
+                fence_from_column(history_max, "the history's fence")?,
+            ];
+            let decision = decide_acquire(&service, row.lease.as_ref(), now, seen, &holder, ttl)?;
+            if let Acquire::Granted(lease) = &decision {
+                tx.execute(
+                    "UPDATE upsilon_state SET granted = ?2, lease_holder = ?3, lease_fence = ?2,
+                     lease_expires_ms = ?4 WHERE service = ?1",
+                    params![
+                        service,
+                        fence_to_column(lease.fence)?,
+                        holder.encode(),
+                        lease.expires_at_ms
+                    ],
+                )
+                .map_err(driver)?;
+            }
+            Ok(decision)
+        })
+        .await
+    }
+
+    async fn renew(&self, lease: &Lease) -> Result<Lease> {
+        let lease = lease.clone();
+        self.tx(move |tx| {
+            let ttl_ms = ttl_ms(lease.ttl)?;
+            let exp: Option<i64> = tx
+                .query_row(
+                    &format!(
+                        "UPDATE upsilon_state SET lease_expires_ms = {NOW_MS} + ?4
+                         WHERE service = ?1 AND lease_holder = ?2 AND lease_fence = ?3
+                           AND lease_expires_ms > {NOW_MS}
+                         RETURNING lease_expires_ms"
+                    ),
+                    params![
+                        lease.service,
+                        lease.holder.encode(),
+                        lease.fence as i64,
+                        ttl_ms
+                    ],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(driver)?;
+            match exp {
+                Some(expires_at_ms) => Ok(Lease {
+                    expires_at_ms,
+                    ..lease
+                }),
+                None => Err(BackendError::lease_lost("renew", &lease)),
+            }
+        })
+        .await
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<()> {
+        let lease = lease.clone();
+        self.tx(move |tx| {
+            let n = tx
+                .execute(
+                    &format!(
+                        "UPDATE upsilon_state SET lease_holder = NULL, lease_fence = NULL,
+                         lease_expires_ms = NULL
+                         WHERE service = ?1 AND lease_holder = ?2 AND lease_fence = ?3
+                           AND lease_expires_ms > {NOW_MS}"
+                    ),
+                    params![lease.service, lease.holder.encode(), lease.fence as i64],
+                )
+                .map_err(driver)?;
+            if n == 1 {
+                Ok(())
+            } else {
+                Err(BackendError::lease_lost("release", &lease))
+            }
+        })
+        .await
+    }
+
+    async fn current(&self, service: &str) -> Result<Option<LeaseInfo>> {
+        let service = service.to_owned();
+        self.tx(move |tx| {
+            let row = state(tx, &service)?;
+            let now = now_ms(tx)?;
+            Ok(row.lease.and_then(|l| l.live(now)))
+        })
+        .await
+    }
+}

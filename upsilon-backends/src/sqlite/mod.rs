@@ -1,0 +1,169 @@
+//! The embedded default: lease, fence, state and history in one SQLite file.
+//!
+//! Safe across processes on one host: every operation is one
+//! `BEGIN IMMEDIATE` transaction, so SQLite's file lock serialises them, and
+//! the lease's expiry is judged by the host's clock. Use a local disk: SQLite's
+//! locking is not reliable on network file systems. Waiting nodes poll.
+//!
+//! Tables (`upsilon_` prefix, shared by every service in the file):
+//! - `upsilon_meta(key, value)`: the stored format (`format` = 1);
+//! - `upsilon_state(service, data_version, baseline, store_fence, granted,
+//!   lease_holder, lease_fence, lease_expires_ms)`: one row per service;
+//! - `upsilon_history(...)`: one row per task attempt.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{Connection, Transaction, TransactionBehavior};
+use upsilon::backend::BackendError;
+
+mod lock;
+mod rows;
+mod schema;
+mod store;
+
+/// The driver, for task crates that use the same database file: a task
+/// crate that depends on another `rusqlite` than this one fails to build (two
+/// `libsqlite3-sys`), so use this one (`upsilon_backends::sqlite::rusqlite`).
+pub use rusqlite;
+pub use schema::FORMAT;
+
+type Result<T, E = BackendError> = std::result::Result<T, E>;
+
+/// Lock and store in one SQLite database file.
+#[derive(Debug, Clone)]
+pub struct SqliteBackend {
+    conn: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+fn driver(e: rusqlite::Error) -> BackendError {
+    if driver_is_busy(&e) {
+        BackendError::unavailable(e)
+    } else {
+        BackendError::other(e)
+    }
+}
+
+impl SqliteBackend {
+    /// Opens (creating if needed) the database at `path`, creates Upsilon's
+    /// tables and checks the stored format.
+    pub async fn open(path: impl AsRef<Path>) -> Result<SqliteBackend> {
+        let path = path.as_ref().to_path_buf();
+        if path.as_os_str().is_empty() {
+            return Err(BackendError::other(
+                "the SQLite path is empty; give a file path like `sqlite:///var/lib/app/upsilon.db`",
+            ));
+        }
+        let p = path.clone();
+        let conn = tokio::task::spawn_blocking(move || -> Result<Connection> {
+            let conn = Connection::open(&p).map_err(|e| cannot_open(&p, e))?;
+            conn.busy_timeout(BUSY_TIMEOUT).map_err(driver)?;
+            wal(&conn)?;
+            conn.pragma_update(None, "synchronous", "NORMAL")
+                .map_err(driver)?;
+            let mut conn = conn;
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(driver)?;
+            schema::prepare(&tx)?;
+            tx.commit().map_err(driver)?;
+            Ok(conn)
+        })
+        .await
+        .map_err(BackendError::other)??;
+        Ok(SqliteBackend {
+            conn: Arc::new(Mutex::new(conn)),
+            path,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` in one `BEGIN IMMEDIATE` transaction on a blocking thread,
+    /// committing if it returns `Ok`.
+    async fn tx<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> Result<T> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(driver)?;
+            schema::check_stored(&tx)?;
+            let value = f(&tx)?;
+            tx.commit().map_err(driver)?;
+            Ok(value)
+        })
+        .await
+        .map_err(BackendError::other)?
+    }
+}
+
+/// How long a statement waits for another process's lock on the file.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why `path` could not be opened, said once: the path, then the reason.
+fn cannot_open(path: &Path, e: rusqlite::Error) -> BackendError {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let why = match std::fs::metadata(dir) {
+        Err(_) => format!(
+            "its directory {} does not exist; create it first",
+            dir.display()
+        ),
+        Ok(m) if !m.is_dir() => format!("{} is not a directory", dir.display()),
+        Ok(_) if path.is_dir() => "it is a directory; give the path of a file in it".to_owned(),
+        Ok(_) => match &e {
+            rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::CannotOpen => {
+                format!(
+                    "SQLite cannot open or create it; check that this process may write to {}",
+                    dir.display()
+                )
+            }
+            rusqlite::Error::SqliteFailure(f, _) => f.to_string(),
+            other => other.to_string(),
+        },
+    };
+    BackendError::other(format!(
+        "cannot open the SQLite database {}: {why}",
+        path.display()
+    ))
+}
+
+/// Switches the file to WAL. The switch takes the file's lock without the
+/// busy timeout, so processes that open a new file at once retry it here
+/// until the timeout instead of failing with `database is locked`.
+fn wal(conn: &Connection) -> Result<()> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(e @ rusqlite::Error::SqliteFailure(..))
+                if driver_is_busy(&e) && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(upsilon::backend::jitter(Duration::from_millis(10)));
+            }
+            other => return other.map_err(driver),
+        }
+    }
+}
+
+fn driver_is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e,
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(
+                f.code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            )
+    )
+}

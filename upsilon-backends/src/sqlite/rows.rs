@@ -1,0 +1,114 @@
+//! Reading a service's rows inside a transaction.
+
+use std::collections::BTreeSet;
+
+use rusqlite::{params, Transaction};
+use upsilon::backend::{Snapshot, StateColumns, StoredLease, SummaryColumns};
+use upsilon::TaskKey;
+
+use super::{driver, Result};
+
+/// The host's clock in ms, as SQLite computes it, so every process agrees.
+pub(super) const NOW_MS: &str = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
+
+pub(super) fn now_ms(tx: &Transaction<'_>) -> Result<i64> {
+    tx.query_row(&format!("SELECT {NOW_MS}"), [], |r| r.get(0))
+        .map_err(driver)
+}
+
+/// The state row of `service`, created if missing.
+pub(super) struct StateRow {
+    pub(super) columns: StateColumns,
+    pub(super) granted: i64,
+    pub(super) lease: Option<StoredLease>,
+}
+
+pub(super) fn state(tx: &Transaction<'_>, service: &str) -> Result<StateRow> {
+    tx.execute(
+        "INSERT OR IGNORE INTO upsilon_state (service) VALUES (?1)",
+        [service],
+    )
+    .map_err(driver)?;
+    let (columns, granted, holder, fence, expires) = tx
+        .query_row(
+            "SELECT data_version, baseline, store_fence, granted, lease_holder, lease_fence, lease_expires_ms
+             FROM upsilon_state WHERE service = ?1",
+            [service],
+            |r| {
+                Ok((
+                    StateColumns {
+                        data_version: r.get(0)?,
+                        baseline: r.get(1)?,
+                        store_fence: r.get(2)?,
+                    },
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, Option<i64>>(5)?,
+                    r.get::<_, Option<i64>>(6)?,
+                ))
+            },
+        )
+        .map_err(driver)?;
+    Ok(StateRow {
+        columns,
+        granted,
+        lease: StoredLease::from_columns(holder.as_deref(), fence, expires)?,
+    })
+}
+
+pub(super) fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<SummaryColumns> {
+    Ok(SummaryColumns {
+        version: r.get(0)?,
+        task_id: r.get(1)?,
+        attempt: r.get(2)?,
+        kind: r.get(3)?,
+        state: r.get(4)?,
+        fence: r.get(5)?,
+    })
+}
+
+pub(super) fn snapshot(tx: &Transaction<'_>, service: &str) -> Result<Snapshot> {
+    snapshot_of(tx, service, None)
+}
+
+/// The state of `service` with the summaries of the tasks in `only`, or of
+/// every task. A write needs only the tasks it touches, so that its cost does
+/// not grow with the history.
+pub(super) fn snapshot_of(
+    tx: &Transaction<'_>,
+    service: &str,
+    only: Option<&BTreeSet<&TaskKey>>,
+) -> Result<Snapshot> {
+    let row = state(tx, service)?;
+    let mut rows = Vec::new();
+    match only {
+        None => {
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT version, task_id, attempt, kind, state, fence FROM upsilon_history
+                     WHERE service = ?1 ORDER BY id",
+                )
+                .map_err(driver)?;
+            for r in stmt.query_map([service], summary).map_err(driver)? {
+                rows.push(r.map_err(driver)?);
+            }
+        }
+        Some(keys) => {
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT version, task_id, attempt, kind, state, fence FROM upsilon_history
+                     WHERE service = ?1 AND version = ?2 AND task_id = ?3 ORDER BY id",
+                )
+                .map_err(driver)?;
+            for k in keys {
+                let found = stmt
+                    .query_map(params![service, k.version.to_string(), k.id], summary)
+                    .map_err(driver)?;
+                for r in found {
+                    rows.push(r.map_err(driver)?);
+                }
+            }
+        }
+    }
+    Snapshot::from_columns(row.columns, rows)
+}
