@@ -22,6 +22,8 @@ mod lock;
 mod rows;
 mod schema;
 mod store;
+#[cfg(test)]
+mod tests;
 
 /// The driver, for task crates that use the same database file: a task
 /// crate that depends on another `rusqlite` than this one fails to build (two
@@ -58,12 +60,7 @@ impl SqliteBackend {
         }
         let p = path.clone();
         let conn = tokio::task::spawn_blocking(move || -> Result<Connection> {
-            let conn = Connection::open(&p).map_err(|e| cannot_open(&p, e))?;
-            conn.busy_timeout(BUSY_TIMEOUT).map_err(driver)?;
-            wal(&conn)?;
-            conn.pragma_update(None, "synchronous", "NORMAL")
-                .map_err(driver)?;
-            let mut conn = conn;
+            let mut conn = connect(&p)?;
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(driver)?;
@@ -105,6 +102,20 @@ impl SqliteBackend {
         .await
         .map_err(BackendError::other)?
     }
+}
+
+/// Opens a connection to `path` as the backend uses every one: WAL, a busy
+/// timeout, and `synchronous = FULL`, which syncs the WAL at every commit.
+/// `NORMAL` (SQLite's WAL default) syncs only at checkpoints, so a power loss
+/// can take back the newest acknowledged commits: a lost grant would let the
+/// next grant reuse its fence while the first holder still works.
+fn connect(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path).map_err(|e| cannot_open(path, e))?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(driver)?;
+    wal(&conn)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(driver)?;
+    Ok(conn)
 }
 
 /// How long a statement waits for another process's lock on the file.
