@@ -95,3 +95,25 @@ fn processes_opening_a_new_file_at_once_all_succeed() {
         }
     }
 }
+
+/// The filesystems SQLite's locking holds on open without an option: the
+/// machine's own disk (the temporary directory) and tmpfs (`/dev/shm`).
+/// Refusal itself is checked on the `statfs` magic numbers in the unit
+/// tests: a network filesystem (NFS, SMB, FUSE, ...) cannot be mounted on
+/// the machines these tests run on, and a faked mount would test the fake.
+#[tokio::test]
+async fn local_disks_and_tmpfs_open() {
+    let disk = tempfile::tempdir().unwrap();
+    let mut dirs = vec![disk.path().to_path_buf()];
+    let shm = std::path::Path::new("/dev/shm");
+    let shm_dir = shm.is_dir().then(|| tempfile::tempdir_in(shm).unwrap());
+    dirs.extend(shm_dir.as_ref().map(|d| d.path().to_path_buf()));
+    for dir in dirs {
+        let path = dir.join("u.db");
+        SqliteBackend::open(&path)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        // Opened again, when the file exists and is judged by itself.
+        SqliteBackend::open(&path).await.unwrap();
+    }
+}

@@ -18,13 +18,16 @@ use std::time::Duration;
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 use upsilon::backend::BackendError;
 
+mod filesystem;
 mod lock;
+mod options;
 mod rows;
 mod schema;
 mod store;
 #[cfg(test)]
 mod tests;
 
+pub use options::SqliteOptions;
 /// The driver, for task crates that use the same database file: a task
 /// crate that depends on another `rusqlite` than this one fails to build (two
 /// `libsqlite3-sys`), so use this one (`upsilon_backends::sqlite::rusqlite`).
@@ -49,9 +52,20 @@ fn driver(e: rusqlite::Error) -> BackendError {
 }
 
 impl SqliteBackend {
-    /// Opens (creating if needed) the database at `path`, creates Upsilon's
-    /// tables and checks the stored format.
+    /// Opens (creating if needed) the database at `path` with the default
+    /// [`SqliteOptions`], creates Upsilon's tables and checks the stored
+    /// format.
     pub async fn open(path: impl AsRef<Path>) -> Result<SqliteBackend> {
+        SqliteBackend::open_with(path, SqliteOptions::default()).await
+    }
+
+    /// [`SqliteBackend::open`] with `options`. A database on a network
+    /// filesystem is refused unless
+    /// [`SqliteOptions::allow_network_filesystem`].
+    pub async fn open_with(
+        path: impl AsRef<Path>,
+        options: SqliteOptions,
+    ) -> Result<SqliteBackend> {
         let path = path.as_ref().to_path_buf();
         if path.as_os_str().is_empty() {
             return Err(BackendError::other(
@@ -60,6 +74,7 @@ impl SqliteBackend {
         }
         let p = path.clone();
         let conn = tokio::task::spawn_blocking(move || -> Result<Connection> {
+            filesystem::check(&p, options.allow_network_filesystem)?;
             let mut conn = connect(&p)?;
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
