@@ -5,21 +5,20 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::{params, OptionalExtension};
 use upsilon::backend::{
-    decide_acquire, fence_from_column, fence_to_column, ttl_ms, Acquire, BackendError, Lease,
+    decide_acquire, expiry, fence_from_column, fence_to_column, Acquire, BackendError, Lease,
     LeaseInfo, Lock,
 };
 use upsilon::Holder;
 
-use super::rows::{now_ms, state, NOW_MS};
-use super::{driver, Result, SqliteBackend};
+use super::rows::state;
+use super::{driver, Now, Result, SqliteBackend};
 
 #[async_trait]
 impl Lock for SqliteBackend {
     async fn try_acquire(&self, service: &str, holder: &Holder, ttl: Duration) -> Result<Acquire> {
         let (service, holder) = (service.to_owned(), holder.clone());
-        self.tx(move |tx| {
+        self.tx(move |tx, now| {
             let row = state(tx, &service)?;
-            let now = now_ms(tx)?;
             let history_max: i64 = tx
                 .query_row(
                     "SELECT COALESCE(MAX(fence), 0) FROM upsilon_history WHERE service = ?1",
@@ -32,50 +31,55 @@ impl Lock for SqliteBackend {
                 fence_from_column(row.columns.store_fence, "the store's fence")?,
                 fence_from_column(history_max, "the history's fence")?,
             ];
-            let decision = decide_acquire(&service, row.lease.as_ref(), now, seen, &holder, ttl)?;
-            if let Acquire::Granted(lease) = &decision {
-                tx.execute(
-                    "UPDATE upsilon_state SET granted = ?2, lease_holder = ?3, lease_fence = ?2,
-                     lease_expires_ms = ?4 WHERE service = ?1",
-                    params![
-                        service,
-                        fence_to_column(lease.fence)?,
-                        holder.encode(),
-                        lease.expires_at_ms
-                    ],
-                )
-                .map_err(driver)?;
-            }
-            Ok(decision)
+            let decision =
+                decide_acquire(&service, row.lease.as_ref(), now.lease, seen, &holder, ttl)?;
+            Ok(match decision {
+                Acquire::Granted(lease) => {
+                    tx.execute(
+                        "UPDATE upsilon_state SET granted = ?2, lease_holder = ?3, lease_fence = ?2,
+                         lease_expires_ms = ?4 WHERE service = ?1",
+                        params![
+                            service,
+                            fence_to_column(lease.fence)?,
+                            holder.encode(),
+                            lease.expires_at_ms
+                        ],
+                    )
+                    .map_err(driver)?;
+                    Acquire::Granted(Lease {
+                        expires_at_ms: now.reported(lease.expires_at_ms),
+                        ..lease
+                    })
+                }
+                Acquire::Held(info) => Acquire::Held(reported(now, info)),
+            })
         })
         .await
     }
 
     async fn renew(&self, lease: &Lease) -> Result<Lease> {
         let lease = lease.clone();
-        self.tx(move |tx| {
-            let ttl_ms = ttl_ms(lease.ttl)?;
-            let exp: Option<i64> = tx
+        self.tx(move |tx, now| {
+            let renewed: Option<i64> = tx
                 .query_row(
-                    &format!(
-                        "UPDATE upsilon_state SET lease_expires_ms = {NOW_MS} + ?4
-                         WHERE service = ?1 AND lease_holder = ?2 AND lease_fence = ?3
-                           AND lease_expires_ms > {NOW_MS}
-                         RETURNING lease_expires_ms"
-                    ),
+                    "UPDATE upsilon_state SET lease_expires_ms = ?5
+                     WHERE service = ?1 AND lease_holder = ?2 AND lease_fence = ?3
+                       AND lease_expires_ms > ?4
+                     RETURNING lease_expires_ms",
                     params![
                         lease.service,
                         lease.holder.encode(),
-                        lease.fence as i64,
-                        ttl_ms
+                        fence_to_column(lease.fence)?,
+                        now.lease,
+                        expiry(now.lease, lease.ttl)?,
                     ],
                     |r| r.get(0),
                 )
                 .optional()
                 .map_err(driver)?;
-            match exp {
-                Some(expires_at_ms) => Ok(Lease {
-                    expires_at_ms,
+            match renewed {
+                Some(at) => Ok(Lease {
+                    expires_at_ms: now.reported(at),
                     ..lease
                 }),
                 None => Err(BackendError::lease_lost("renew", &lease)),
@@ -86,16 +90,19 @@ impl Lock for SqliteBackend {
 
     async fn release(&self, lease: &Lease) -> Result<()> {
         let lease = lease.clone();
-        self.tx(move |tx| {
+        self.tx(move |tx, now| {
             let n = tx
                 .execute(
-                    &format!(
-                        "UPDATE upsilon_state SET lease_holder = NULL, lease_fence = NULL,
-                         lease_expires_ms = NULL
-                         WHERE service = ?1 AND lease_holder = ?2 AND lease_fence = ?3
-                           AND lease_expires_ms > {NOW_MS}"
-                    ),
-                    params![lease.service, lease.holder.encode(), lease.fence as i64],
+                    "UPDATE upsilon_state SET lease_holder = NULL, lease_fence = NULL,
+                     lease_expires_ms = NULL
+                     WHERE service = ?1 AND lease_holder = ?2 AND lease_fence = ?3
+                       AND lease_expires_ms > ?4",
+                    params![
+                        lease.service,
+                        lease.holder.encode(),
+                        fence_to_column(lease.fence)?,
+                        now.lease
+                    ],
                 )
                 .map_err(driver)?;
             if n == 1 {
@@ -109,11 +116,23 @@ impl Lock for SqliteBackend {
 
     async fn current(&self, service: &str) -> Result<Option<LeaseInfo>> {
         let service = service.to_owned();
-        self.tx(move |tx| {
+        self.tx(move |tx, now| {
             let row = state(tx, &service)?;
-            let now = now_ms(tx)?;
-            Ok(row.lease.and_then(|l| l.live(now)))
+            Ok(row
+                .lease
+                .and_then(|l| l.live(now.lease))
+                .map(|info| reported(now, info)))
         })
         .await
+    }
+}
+
+/// A live lease as other nodes see it: its expiry and the time it was read
+/// at as wall-clock ms, their difference from the lease clock.
+fn reported(now: &Now, info: LeaseInfo) -> LeaseInfo {
+    LeaseInfo {
+        expires_at_ms: now.reported(info.expires_at_ms),
+        now_ms: now.wall,
+        ..info
     }
 }

@@ -18,6 +18,7 @@ use std::time::Duration;
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 use upsilon::backend::BackendError;
 
+mod clock;
 mod filesystem;
 mod lock;
 mod options;
@@ -27,6 +28,7 @@ mod store;
 #[cfg(test)]
 mod tests;
 
+pub use clock::{Clock, HostTime, SystemClock};
 pub use options::SqliteOptions;
 /// The driver, for task crates that use the same database file: a task
 /// crate that depends on another `rusqlite` than this one fails to build (two
@@ -41,6 +43,33 @@ type Result<T, E = BackendError> = std::result::Result<T, E>;
 pub struct SqliteBackend {
     conn: Arc<Mutex<Connection>>,
     path: PathBuf,
+    clock: Arc<dyn Clock>,
+}
+
+/// The time a transaction runs at, read once it holds the file's lock.
+struct Now {
+    /// Wall-clock ms since the epoch: history timestamps, and the times
+    /// leases are reported at.
+    wall: i64,
+    /// The clock lease expiry is judged by, in ms.
+    lease: i64,
+}
+
+impl Now {
+    fn read(clock: &dyn Clock) -> Result<Now> {
+        let t = clock.now()?;
+        Ok(Now {
+            wall: t.wall_ms,
+            lease: t.wall_ms,
+        })
+    }
+
+    /// `at` on the lease clock as wall-clock ms: now, plus the time left
+    /// until `at`. Only the difference of two reported times means anything
+    /// when the wall clock steps.
+    fn reported(&self, at: i64) -> i64 {
+        self.wall.saturating_add(at.saturating_sub(self.lease))
+    }
 }
 
 fn driver(e: rusqlite::Error) -> BackendError {
@@ -73,12 +102,15 @@ impl SqliteBackend {
             ));
         }
         let p = path.clone();
+        let clock = options.clock.clone();
         let conn = tokio::task::spawn_blocking(move || -> Result<Connection> {
             filesystem::check(&p, options.allow_network_filesystem)?;
             let mut conn = connect(&p)?;
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(driver)?;
+            // A clock that cannot be read fails the open, not the first lease.
+            Now::read(&*clock)?;
             schema::prepare(&tx)?;
             tx.commit().map_err(driver)?;
             Ok(conn)
@@ -88,6 +120,7 @@ impl SqliteBackend {
         Ok(SqliteBackend {
             conn: Arc::new(Mutex::new(conn)),
             path,
+            clock: options.clock,
         })
     }
 
@@ -97,20 +130,22 @@ impl SqliteBackend {
     }
 
     /// Runs `f` in one `BEGIN IMMEDIATE` transaction on a blocking thread,
-    /// committing if it returns `Ok`.
+    /// with the time read once the transaction holds the file's lock, and
+    /// commits if it returns `Ok`.
     async fn tx<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Transaction<'_>) -> Result<T> + Send + 'static,
+        F: FnOnce(&Transaction<'_>, &Now) -> Result<T> + Send + 'static,
     {
-        let conn = self.conn.clone();
+        let (conn, clock) = (self.conn.clone(), self.clock.clone());
         tokio::task::spawn_blocking(move || {
             let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(driver)?;
             schema::check_stored(&tx)?;
-            let value = f(&tx)?;
+            let now = Now::read(&*clock)?;
+            let value = f(&tx, &now)?;
             tx.commit().map_err(driver)?;
             Ok(value)
         })

@@ -1,5 +1,9 @@
 //! How a [`SqliteBackend`](super::SqliteBackend) is opened.
 
+use std::sync::Arc;
+
+use super::{Clock, SystemClock};
+
 /// Options for [`SqliteBackend::open_with`](super::SqliteBackend::open_with).
 /// [`SqliteBackend::open`](super::SqliteBackend::open) uses the defaults.
 ///
@@ -15,7 +19,7 @@
 /// };
 /// # let _ = options;
 /// ```
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SqliteOptions {
     /// Open a database on a network filesystem (NFS, SMB/CIFS, FUSE, 9p,
     /// CephFS, ...) instead of refusing it. Default `false`: SQLite's locking
@@ -23,4 +27,17 @@ pub struct SqliteOptions {
     /// at once. Set it only for a mount that no other host ever opens the
     /// file through; the backend then logs a warning at every open.
     pub allow_network_filesystem: bool,
+    /// Where the backend reads the time. Default: [`SystemClock`]. Every
+    /// process that opens the file must read the same clocks; tests give a
+    /// clock they can step.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> SqliteOptions {
+        SqliteOptions {
+            allow_network_filesystem: false,
+            clock: Arc::new(SystemClock),
+        }
+    }
 }

@@ -8,14 +8,6 @@ use upsilon::TaskKey;
 
 use super::{driver, Result};
 
-/// The host's clock in ms, as SQLite computes it, so every process agrees.
-pub(super) const NOW_MS: &str = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
-
-pub(super) fn now_ms(tx: &Transaction<'_>) -> Result<i64> {
-    tx.query_row(&format!("SELECT {NOW_MS}"), [], |r| r.get(0))
-        .map_err(driver)
-}
-
 /// The state row of `service`, created if missing.
 pub(super) struct StateRow {
     pub(super) columns: StateColumns,

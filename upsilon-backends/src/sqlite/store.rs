@@ -9,19 +9,19 @@ use upsilon::backend::{
     Value, Write,
 };
 
-use super::rows::{now_ms, snapshot, snapshot_of, summary};
+use super::rows::{snapshot, snapshot_of, summary};
 use super::{driver, Result, SqliteBackend};
 
 #[async_trait]
 impl Store for SqliteBackend {
     async fn load(&self, service: &str) -> Result<Snapshot> {
         let service = service.to_owned();
-        self.tx(move |tx| snapshot(tx, &service)).await
+        self.tx(move |tx, _| snapshot(tx, &service)).await
     }
 
     async fn claim(&self, service: &str, fence: u64) -> Result<Snapshot> {
         let service = service.to_owned();
-        self.tx(move |tx| {
+        self.tx(move |tx, _| {
             let mut snap = snapshot(tx, &service)?;
             if snap.claim(fence)? {
                 tx.execute(
@@ -38,13 +38,12 @@ impl Store for SqliteBackend {
     async fn apply(&self, service: &str, fence: u64, changes: &[Change]) -> Result<()> {
         let service = service.to_owned();
         let changes = changes.to_vec();
-        self.tx(move |tx| {
+        self.tx(move |tx, now| {
             let touched = Change::touched(&changes);
             let mut snap = snapshot_of(tx, &service, touched.as_ref())?;
             let todo = snap.check(fence, &changes)?;
-            let now = now_ms(tx)?;
             for change in todo {
-                write(tx, &service, now, Columns::of(fence, change)?)?;
+                write(tx, &service, now.wall, Columns::of(fence, change)?)?;
             }
             Ok(())
         })
@@ -53,7 +52,7 @@ impl Store for SqliteBackend {
 
     async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>> {
         let service = service.to_owned();
-        self.tx(move |tx| {
+        self.tx(move |tx, _| {
             let mut stmt = tx
                 .prepare_cached(
                     "SELECT version, task_id, attempt, kind, state, fence, holder, description,
