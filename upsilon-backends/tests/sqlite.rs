@@ -91,8 +91,8 @@ impl Harness for Sqlite {
     async fn reset_format(&self) {
         self.raw()
             .execute(
-                "UPDATE upsilon_meta SET value = '1' WHERE key = 'format'",
-                [],
+                "UPDATE upsilon_meta SET value = ?1 WHERE key = 'format'",
+                [upsilon_backends::sqlite::FORMAT.to_string()],
             )
             .unwrap();
     }

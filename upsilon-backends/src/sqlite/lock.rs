@@ -31,18 +31,18 @@ impl Lock for SqliteBackend {
                 fence_from_column(row.columns.store_fence, "the store's fence")?,
                 fence_from_column(history_max, "the history's fence")?,
             ];
-            let decision =
-                decide_acquire(&service, row.lease.as_ref(), now.lease, seen, &holder, ttl)?;
+            let decision = decide_acquire(&service, row.lease(now), now.lease, seen, &holder, ttl)?;
             Ok(match decision {
                 Acquire::Granted(lease) => {
                     tx.execute(
                         "UPDATE upsilon_state SET granted = ?2, lease_holder = ?3, lease_fence = ?2,
-                         lease_expires_ms = ?4 WHERE service = ?1",
+                         lease_expires_ms = ?4, lease_boot = ?5 WHERE service = ?1",
                         params![
                             service,
                             fence_to_column(lease.fence)?,
                             holder.encode(),
-                            lease.expires_at_ms
+                            lease.expires_at_ms,
+                            now.boot,
                         ],
                     )
                     .map_err(driver)?;
@@ -64,7 +64,7 @@ impl Lock for SqliteBackend {
                 .query_row(
                     "UPDATE upsilon_state SET lease_expires_ms = ?5
                      WHERE service = ?1 AND lease_holder = ?2 AND lease_fence = ?3
-                       AND lease_expires_ms > ?4
+                       AND lease_expires_ms > ?4 AND lease_boot = ?6
                      RETURNING lease_expires_ms",
                     params![
                         lease.service,
@@ -72,6 +72,7 @@ impl Lock for SqliteBackend {
                         fence_to_column(lease.fence)?,
                         now.lease,
                         expiry(now.lease, lease.ttl)?,
+                        now.boot,
                     ],
                     |r| r.get(0),
                 )
@@ -94,14 +95,15 @@ impl Lock for SqliteBackend {
             let n = tx
                 .execute(
                     "UPDATE upsilon_state SET lease_holder = NULL, lease_fence = NULL,
-                     lease_expires_ms = NULL
+                     lease_expires_ms = NULL, lease_boot = NULL
                      WHERE service = ?1 AND lease_holder = ?2 AND lease_fence = ?3
-                       AND lease_expires_ms > ?4",
+                       AND lease_expires_ms > ?4 AND lease_boot = ?5",
                     params![
                         lease.service,
                         lease.holder.encode(),
                         fence_to_column(lease.fence)?,
-                        now.lease
+                        now.lease,
+                        now.boot,
                     ],
                 )
                 .map_err(driver)?;
@@ -119,7 +121,7 @@ impl Lock for SqliteBackend {
         self.tx(move |tx, now| {
             let row = state(tx, &service)?;
             Ok(row
-                .lease
+                .lease(now)
                 .and_then(|l| l.live(now.lease))
                 .map(|info| reported(now, info)))
         })

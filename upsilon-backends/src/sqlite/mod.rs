@@ -2,13 +2,16 @@
 //!
 //! Safe across processes on one host: every operation is one
 //! `BEGIN IMMEDIATE` transaction, so SQLite's file lock serialises them, and
-//! the lease's expiry is judged by the host's clock. Use a local disk: SQLite's
-//! locking is not reliable on network file systems. Waiting nodes poll.
+//! the lease's expiry is judged by `CLOCK_BOOTTIME`, which never steps and
+//! which every process on the host shares; a lease written in an earlier boot
+//! has expired. Use a local disk: SQLite's locking is not reliable on network
+//! file systems. Waiting nodes poll.
 //!
 //! Tables (`upsilon_` prefix, shared by every service in the file):
-//! - `upsilon_meta(key, value)`: the stored format (`format` = 1);
+//! - `upsilon_meta(key, value)`: the stored format (`format` = 2);
 //! - `upsilon_state(service, data_version, baseline, store_fence, granted,
-//!   lease_holder, lease_fence, lease_expires_ms)`: one row per service;
+//!   lease_holder, lease_fence, lease_expires_ms, lease_boot)`: one row per
+//!   service;
 //! - `upsilon_history(...)`: one row per task attempt.
 
 use std::path::{Path, PathBuf};
@@ -44,6 +47,7 @@ pub struct SqliteBackend {
     conn: Arc<Mutex<Connection>>,
     path: PathBuf,
     clock: Arc<dyn Clock>,
+    by_wall_clock: bool,
 }
 
 /// The time a transaction runs at, read once it holds the file's lock.
@@ -51,16 +55,20 @@ struct Now {
     /// Wall-clock ms since the epoch: history timestamps, and the times
     /// leases are reported at.
     wall: i64,
-    /// The clock lease expiry is judged by, in ms.
+    /// The clock lease expiry is judged by, in ms: `CLOCK_BOOTTIME`, or the
+    /// wall clock under [`SqliteOptions::judge_expiry_by_wall_clock`].
     lease: i64,
+    /// The host's boot: a lease written in another one has expired.
+    boot: String,
 }
 
 impl Now {
-    fn read(clock: &dyn Clock) -> Result<Now> {
+    fn read(clock: &dyn Clock, by_wall_clock: bool) -> Result<Now> {
         let t = clock.now()?;
         Ok(Now {
             wall: t.wall_ms,
-            lease: t.wall_ms,
+            lease: if by_wall_clock { t.wall_ms } else { t.boot_ms },
+            boot: t.boot_id,
         })
     }
 
@@ -102,7 +110,7 @@ impl SqliteBackend {
             ));
         }
         let p = path.clone();
-        let clock = options.clock.clone();
+        let (clock, by_wall_clock) = (options.clock.clone(), options.judge_expiry_by_wall_clock);
         let conn = tokio::task::spawn_blocking(move || -> Result<Connection> {
             filesystem::check(&p, options.allow_network_filesystem)?;
             let mut conn = connect(&p)?;
@@ -110,8 +118,8 @@ impl SqliteBackend {
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(driver)?;
             // A clock that cannot be read fails the open, not the first lease.
-            Now::read(&*clock)?;
-            schema::prepare(&tx)?;
+            let now = Now::read(&*clock, by_wall_clock)?;
+            schema::prepare(&tx, &now)?;
             tx.commit().map_err(driver)?;
             Ok(conn)
         })
@@ -121,6 +129,7 @@ impl SqliteBackend {
             conn: Arc::new(Mutex::new(conn)),
             path,
             clock: options.clock,
+            by_wall_clock,
         })
     }
 
@@ -137,14 +146,15 @@ impl SqliteBackend {
         T: Send + 'static,
         F: FnOnce(&Transaction<'_>, &Now) -> Result<T> + Send + 'static,
     {
-        let (conn, clock) = (self.conn.clone(), self.clock.clone());
+        let (conn, clock, by_wall_clock) =
+            (self.conn.clone(), self.clock.clone(), self.by_wall_clock);
         tokio::task::spawn_blocking(move || {
             let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(driver)?;
             schema::check_stored(&tx)?;
-            let now = Now::read(&*clock)?;
+            let now = Now::read(&*clock, by_wall_clock)?;
             let value = f(&tx, &now)?;
             tx.commit().map_err(driver)?;
             Ok(value)

@@ -31,6 +31,13 @@ pub struct SqliteOptions {
     /// process that opens the file must read the same clocks; tests give a
     /// clock they can step.
     pub clock: Arc<dyn Clock>,
+    /// A negative control, for tests: judge lease expiry by the wall clock,
+    /// as format 1 did, instead of by `CLOCK_BOOTTIME`. Never set it
+    /// otherwise: a wall-clock step forward longer than the TTL then hands a
+    /// live lease to another process while its holder still runs its task,
+    /// and a step back keeps a dead holder's lease for as long as the step.
+    /// Every process that opens the file must agree on it. Default `false`.
+    pub judge_expiry_by_wall_clock: bool,
 }
 
 impl Default for SqliteOptions {
@@ -38,6 +45,7 @@ impl Default for SqliteOptions {
         SqliteOptions {
             allow_network_filesystem: false,
             clock: Arc::new(SystemClock),
+            judge_expiry_by_wall_clock: false,
         }
     }
 }

@@ -6,13 +6,24 @@ use rusqlite::{params, Transaction};
 use upsilon::backend::{Snapshot, StateColumns, StoredLease, SummaryColumns};
 use upsilon::TaskKey;
 
-use super::{driver, Result};
+use super::{driver, Now, Result};
 
 /// The state row of `service`, created if missing.
 pub(super) struct StateRow {
     pub(super) columns: StateColumns,
     pub(super) granted: i64,
-    pub(super) lease: Option<StoredLease>,
+    lease: Option<StoredLease>,
+    lease_boot: Option<String>,
+}
+
+impl StateRow {
+    /// The lease, unless it was written in an earlier boot of the host: its
+    /// holder died with that boot, and the lease clock restarted.
+    pub(super) fn lease(&self, now: &Now) -> Option<&StoredLease> {
+        self.lease
+            .as_ref()
+            .filter(|_| self.lease_boot.as_deref() == Some(&*now.boot))
+    }
 }
 
 pub(super) fn state(tx: &Transaction<'_>, service: &str) -> Result<StateRow> {
@@ -21,9 +32,10 @@ pub(super) fn state(tx: &Transaction<'_>, service: &str) -> Result<StateRow> {
         [service],
     )
     .map_err(driver)?;
-    let (columns, granted, holder, fence, expires) = tx
+    let (columns, granted, holder, fence, expires, lease_boot) = tx
         .query_row(
-            "SELECT data_version, baseline, store_fence, granted, lease_holder, lease_fence, lease_expires_ms
+            "SELECT data_version, baseline, store_fence, granted,
+                    lease_holder, lease_fence, lease_expires_ms, lease_boot
              FROM upsilon_state WHERE service = ?1",
             [service],
             |r| {
@@ -37,6 +49,7 @@ pub(super) fn state(tx: &Transaction<'_>, service: &str) -> Result<StateRow> {
                     r.get::<_, Option<String>>(4)?,
                     r.get::<_, Option<i64>>(5)?,
                     r.get::<_, Option<i64>>(6)?,
+                    r.get::<_, Option<String>>(7)?,
                 ))
             },
         )
@@ -45,6 +58,7 @@ pub(super) fn state(tx: &Transaction<'_>, service: &str) -> Result<StateRow> {
         columns,
         granted,
         lease: StoredLease::from_columns(holder.as_deref(), fence, expires)?,
+        lease_boot,
     })
 }
 
