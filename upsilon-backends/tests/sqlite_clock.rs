@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use upsilon::backend::{Acquire, BackendError, Lease, Lock};
 use upsilon::testing;
-use upsilon::{Outcome, Task, TaskContext, TaskFuture, Upsilon};
+use upsilon::{Outcome, Status, Task, TaskContext, TaskFuture, Upsilon};
 use upsilon_backends::sqlite::{Clock, HostTime, SqliteBackend, SqliteOptions, SystemClock};
 
 const HOURS_3: i64 = 3 * 3600 * 1000;
@@ -139,16 +139,30 @@ async fn a_wall_clock_step_back_does_not_keep_an_expired_lease() {
 }
 
 /// What the nodes' task saw: how many ran it at once, at most, and in all.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Runs {
     running: AtomicUsize,
     most_at_once: AtomicUsize,
     started: AtomicUsize,
     first_started: tokio::sync::Notify,
+    /// Set when the task may end.
+    finish: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Runs {
+    fn default() -> Runs {
+        Runs {
+            running: AtomicUsize::new(0),
+            most_at_once: AtomicUsize::new(0),
+            started: AtomicUsize::new(0),
+            first_started: tokio::sync::Notify::new(),
+            finish: tokio::sync::watch::Sender::new(false),
+        }
+    }
 }
 
 /// A task that steps the host's wall clock by hours while it runs, as NTP
-/// or an operator might, and then works for longer than waiting nodes poll.
+/// or an operator might, and then works until the test lets it end.
 fn stepping_task(runs: &Arc<Runs>, clock: &Arc<SteppedClock>) -> Task {
     let (runs, clock) = (runs.clone(), clock.clone());
     Task::new(
@@ -164,7 +178,9 @@ fn stepping_task(runs: &Arc<Runs>, clock: &Arc<SteppedClock>) -> Task {
                     clock.step_wall(HOURS_3);
                     runs.first_started.notify_one();
                 }
-                tokio::time::sleep(Duration::from_millis(600)).await;
+                let mut finish = runs.finish.subscribe();
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(10), finish.wait_for(|f| *f)).await;
                 runs.running.fetch_sub(1, Ordering::SeqCst);
                 Ok(())
             })
@@ -187,7 +203,9 @@ fn node(backend: Arc<SqliteBackend>, n: usize, task: Task) -> Upsilon {
 }
 
 /// Runs a node whose task steps the wall clock, and starts a second node
-/// once the task runs: what the task saw.
+/// once the task runs. The task ends once the second node has waited for
+/// the lease through several polls, or has taken it: what the task saw, and
+/// the second node's outcome.
 async fn upgrade_across_a_step(host: &Host, options: SqliteOptions) -> (Arc<Runs>, Outcome) {
     let runs = Arc::new(Runs::default());
     let task = stepping_task(&runs, &host.clock);
@@ -195,8 +213,26 @@ async fn upgrade_across_a_step(host: &Host, options: SqliteOptions) -> (Arc<Runs
     let second = node(open(&host.path, options).await, 2, task);
     let first = tokio::spawn(async move { first.run().await });
     runs.first_started.notified().await;
-    let second = second.run().await;
+
+    let mut status = second.status();
+    let second = tokio::spawn(async move { second.run().await });
+    let competed = status.wait_for(|s| {
+        matches!(
+            s,
+            Status::Waiting { holder: Some(_) } | Status::Upgrading { .. }
+        )
+    });
+    tokio::time::timeout(Duration::from_secs(10), competed)
+        .await
+        .expect("the second node waits for the lease or takes it")
+        .unwrap();
+    // Several more polls by a waiting node; a node that took the lease runs
+    // its task meanwhile.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    runs.finish.send_replace(true);
+
     let _ = first.await.unwrap();
+    let second = second.await.unwrap();
     (runs, second.expect("the second node"))
 }
 
