@@ -34,12 +34,18 @@ impl Lock for SqliteBackend {
             let decision = decide_acquire(&service, row.lease(now), now.lease, seen, &holder, ttl)?;
             Ok(match decision {
                 Acquire::Granted(lease) => {
+                    let fence = fence_to_column(lease.fence)?;
                     tx.execute(
-                        "UPDATE upsilon_state SET granted = ?2, lease_holder = ?3, lease_fence = ?2,
+                        "UPDATE upsilon_fence SET granted = ?2 WHERE service = ?1",
+                        params![service, fence],
+                    )
+                    .map_err(driver)?;
+                    tx.execute(
+                        "UPDATE upsilon_state SET lease_holder = ?3, lease_fence = ?2,
                          lease_expires_ms = ?4, lease_boot = ?5 WHERE service = ?1",
                         params![
                             service,
-                            fence_to_column(lease.fence)?,
+                            fence,
                             holder.encode(),
                             lease.expires_at_ms,
                             now.boot,

@@ -9,9 +9,10 @@
 //!
 //! Tables (`upsilon_` prefix, shared by every service in the file):
 //! - `upsilon_meta(key, value)`: the stored format (`format` = 2);
-//! - `upsilon_state(service, data_version, baseline, store_fence, granted,
-//!   lease_holder, lease_fence, lease_expires_ms, lease_boot)`: one row per
-//!   service;
+//! - `upsilon_state(service, data_version, baseline, lease_holder,
+//!   lease_fence, lease_expires_ms, lease_boot)`: one row per service;
+//! - `upsilon_fence(service, granted, store_fence)`: the newest fence
+//!   granted and claimed, per service, kept when the state row is deleted;
 //! - `upsilon_history(...)`: one row per task attempt.
 
 use std::path::{Path, PathBuf};

@@ -8,7 +8,7 @@ use upsilon::TaskKey;
 
 use super::{driver, Now, Result};
 
-/// The state row of `service`, created if missing.
+/// A service's state row and its fences.
 pub(super) struct StateRow {
     pub(super) columns: StateColumns,
     pub(super) granted: i64,
@@ -26,17 +26,21 @@ impl StateRow {
     }
 }
 
+/// The state row and the fences of `service`, each created if missing.
 pub(super) fn state(tx: &Transaction<'_>, service: &str) -> Result<StateRow> {
-    tx.execute(
-        "INSERT OR IGNORE INTO upsilon_state (service) VALUES (?1)",
-        [service],
-    )
-    .map_err(driver)?;
+    for table in ["upsilon_state", "upsilon_fence"] {
+        tx.prepare_cached(&format!(
+            "INSERT OR IGNORE INTO {table} (service) VALUES (?1)"
+        ))
+        .and_then(|mut insert| insert.execute([service]))
+        .map_err(driver)?;
+    }
     let (columns, granted, holder, fence, expires, lease_boot) = tx
         .query_row(
-            "SELECT data_version, baseline, store_fence, granted,
-                    lease_holder, lease_fence, lease_expires_ms, lease_boot
-             FROM upsilon_state WHERE service = ?1",
+            "SELECT s.data_version, s.baseline, f.store_fence, f.granted,
+                    s.lease_holder, s.lease_fence, s.lease_expires_ms, s.lease_boot
+             FROM upsilon_state s JOIN upsilon_fence f ON f.service = s.service
+             WHERE s.service = ?1",
             [service],
             |r| {
                 Ok((

@@ -7,8 +7,8 @@ use upsilon::backend::BackendError;
 use super::{driver, Now, Result};
 
 /// The stored format this build writes and reads. Format 2 judges leases by
-/// `CLOCK_BOOTTIME` and the boot id (`lease_boot`); a format-1 file is
-/// migrated when it is opened.
+/// `CLOCK_BOOTTIME` and the boot id (`lease_boot`), and keeps the fences in
+/// a table of their own; a format-1 file is migrated when it is opened.
 pub const FORMAT: u32 = 2;
 
 const META: &str = "
@@ -18,16 +18,25 @@ CREATE TABLE IF NOT EXISTS upsilon_meta (
 );
 ";
 
-/// Format 2's tables, for a new file. `lease_expires_ms` is on the lease
-/// clock (`CLOCK_BOOTTIME` ms) of the boot `lease_boot` names; the history's
-/// times are wall-clock ms, for people.
+/// The fences of each service: the newest granted and the newest claimed
+/// (the store's fence). Apart from the state row, so that deleting that row
+/// (an operator resetting a service) takes neither back.
+const FENCES: &str = "
+CREATE TABLE upsilon_fence (
+    service     TEXT PRIMARY KEY,
+    granted     INTEGER NOT NULL DEFAULT 0,
+    store_fence INTEGER NOT NULL DEFAULT 0
+);
+";
+
+/// Format 2's other tables, for a new file. `lease_expires_ms` is on the
+/// lease clock (`CLOCK_BOOTTIME` ms) of the boot `lease_boot` names; the
+/// history's times are wall-clock ms, for people.
 const TABLES: &str = "
 CREATE TABLE upsilon_state (
     service          TEXT PRIMARY KEY,
     data_version     TEXT,
     baseline         TEXT,
-    store_fence      INTEGER NOT NULL DEFAULT 0,
-    granted          INTEGER NOT NULL DEFAULT 0,
     lease_holder     TEXT,
     lease_fence      INTEGER,
     lease_expires_ms INTEGER,
@@ -77,17 +86,26 @@ fn create(tx: &Transaction<'_>) -> Result<()> {
             "upsilon_meta has no `format` row, yet upsilon_state exists",
         ));
     }
+    tx.execute_batch(FENCES).map_err(driver)?;
     tx.execute_batch(TABLES).map_err(driver)?;
     set_format(tx)
 }
 
-/// Format 1 judged leases by the wall clock. A lease live at the migration
+/// Format 1 kept the fences in the state row and judged leases by the wall
+/// clock. The fences move to `upsilon_fence`. A lease live at the migration
 /// keeps the time it had left, now counted on the lease clock of this boot,
 /// so that its holder (which stops at its own deadline, since a format-1
 /// process refuses this file from now on) is not overtaken before it.
 fn migrate_from_1(tx: &Transaction<'_>, now: &Now) -> Result<()> {
-    tx.execute_batch("ALTER TABLE upsilon_state ADD COLUMN lease_boot TEXT;")
-        .map_err(driver)?;
+    tx.execute_batch(FENCES).map_err(driver)?;
+    tx.execute_batch(
+        "INSERT INTO upsilon_fence (service, granted, store_fence)
+           SELECT service, granted, store_fence FROM upsilon_state;
+         ALTER TABLE upsilon_state DROP COLUMN granted;
+         ALTER TABLE upsilon_state DROP COLUMN store_fence;
+         ALTER TABLE upsilon_state ADD COLUMN lease_boot TEXT;",
+    )
+    .map_err(driver)?;
     tx.execute(
         "UPDATE upsilon_state SET lease_expires_ms = ?1 + (lease_expires_ms - ?2), lease_boot = ?3
          WHERE lease_expires_ms IS NOT NULL",

@@ -25,7 +25,7 @@ impl Store for SqliteBackend {
             let mut snap = snapshot(tx, &service)?;
             if snap.claim(fence)? {
                 tx.execute(
-                    "UPDATE upsilon_state SET store_fence = ?2 WHERE service = ?1",
+                    "UPDATE upsilon_fence SET store_fence = ?2 WHERE service = ?1",
                     params![service, fence_to_column(fence)?],
                 )
                 .map_err(driver)?;
