@@ -1,6 +1,6 @@
 //! The SQLite lease and the host's clocks: a step of the wall clock (NTP, an
 //! operator, a VM restore) neither hands a live lease to a waiting process
-//! nor keeps an expired one, because expiry is judged on `CLOCK_BOOTTIME`.
+//! nor keeps an expired one, because expiry is judged on `CLOCK_MONOTONIC`.
 //! Each backend here has a connection of its own, as a separate process has,
 //! and all of them read one clock, as the processes of one host do.
 #![cfg(feature = "sqlite")]
@@ -262,7 +262,7 @@ async fn judged_by_the_wall_clock_the_step_lets_a_second_node_run_the_task() {
     assert_eq!(runs.most_at_once.load(Ordering::SeqCst), 2);
 }
 
-/// The host as it is after a reboot: a new boot id, and `CLOCK_BOOTTIME`
+/// The host as it is after a reboot: a new boot id, and `CLOCK_MONOTONIC`
 /// counting from zero again.
 #[derive(Debug)]
 struct Rebooted {
@@ -272,7 +272,7 @@ struct Rebooted {
 impl Clock for Rebooted {
     fn now(&self) -> Result<HostTime, BackendError> {
         Ok(HostTime {
-            boot_ms: self.booted.elapsed().as_millis() as i64,
+            monotonic_ms: self.booted.elapsed().as_millis() as i64,
             boot_id: "a-later-boot".into(),
             ..SystemClock.now()?
         })

@@ -22,16 +22,17 @@ pub struct HostTime {
     /// operator, a VM restore), so it only stamps the history and tells
     /// people when a lease expires.
     pub wall_ms: i64,
-    /// ms since the host booted, on a clock that never steps and that every
-    /// process on the host reads alike (Linux `CLOCK_BOOTTIME`, which keeps
-    /// counting while the host is suspended).
-    pub boot_ms: i64,
-    /// The boot [`HostTime::boot_ms`] counts from (Linux
+    /// ms the host has run since it booted, on a clock that never steps and
+    /// that every process on the host reads alike: Linux `CLOCK_MONOTONIC`,
+    /// the clock the runner's own deadlines (tokio's `Instant`) run on. Lease
+    /// expiry is judged by it.
+    pub monotonic_ms: i64,
+    /// The boot [`HostTime::monotonic_ms`] counts from (Linux
     /// `/proc/sys/kernel/random/boot_id`).
     pub boot_id: String,
 }
 
-/// The host's own clocks: `CLOCK_BOOTTIME`, the boot id and the wall clock.
+/// The host's own clocks: `CLOCK_MONOTONIC`, the boot id and the wall clock.
 /// Linux only; on other systems [`Clock::now`] is an error, so give
 /// [`SqliteOptions::clock`](super::SqliteOptions::clock) a clock of the
 /// system's own.
@@ -46,18 +47,22 @@ impl Clock for SystemClock {
         };
         Ok(HostTime {
             wall_ms,
-            boot_ms: boot_ms()?,
+            monotonic_ms: monotonic_ms()?,
             boot_id: boot_id()?.to_owned(),
         })
     }
 }
 
+/// `CLOCK_MONOTONIC`, not `CLOCK_BOOTTIME`: the latter also counts the time
+/// the host was suspended, which the holder's deadline (tokio's `Instant`)
+/// does not, so after a suspend longer than a lease's time left, waiting
+/// processes could take the lease over before its holder stops its task.
 #[cfg(any(target_os = "linux", target_os = "android"))]
-fn boot_ms() -> Result<i64> {
+fn monotonic_ms() -> Result<i64> {
     use nix::sys::time::TimeValLike;
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| t.num_milliseconds())
-        .map_err(|e| BackendError::other(format!("cannot read CLOCK_BOOTTIME: {e}")))
+        .map_err(|e| BackendError::other(format!("cannot read CLOCK_MONOTONIC: {e}")))
 }
 
 #[cfg(any(target_os = "linux", target_os = "android"))]
@@ -76,14 +81,14 @@ fn boot_id() -> Result<&'static str> {
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
-fn boot_ms() -> Result<i64> {
+fn monotonic_ms() -> Result<i64> {
     Err(BackendError::other(
-        "the SQLite backend judges leases by Linux's CLOCK_BOOTTIME and boot id; \
+        "the SQLite backend judges leases by CLOCK_MONOTONIC and Linux's boot id; \
          on this system, give SqliteOptions::clock a Clock of its own",
     ))
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 fn boot_id() -> Result<&'static str> {
-    boot_ms().map(|_| "")
+    monotonic_ms().map(|_| "")
 }

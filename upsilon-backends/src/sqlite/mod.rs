@@ -2,7 +2,7 @@
 //!
 //! Safe across processes on one host: every operation is one
 //! `BEGIN IMMEDIATE` transaction, so SQLite's file lock serialises them, and
-//! the lease's expiry is judged by `CLOCK_BOOTTIME`, which never steps and
+//! the lease's expiry is judged by `CLOCK_MONOTONIC`, which never steps and
 //! which every process on the host shares; a lease written in an earlier boot
 //! has expired. Use a local disk: SQLite's locking is not reliable on network
 //! file systems. Waiting nodes poll.
@@ -56,7 +56,7 @@ struct Now {
     /// Wall-clock ms since the epoch: history timestamps, and the times
     /// leases are reported at.
     wall: i64,
-    /// The clock lease expiry is judged by, in ms: `CLOCK_BOOTTIME`, or the
+    /// The clock lease expiry is judged by, in ms: `CLOCK_MONOTONIC`, or the
     /// wall clock under [`SqliteOptions::judge_expiry_by_wall_clock`].
     lease: i64,
     /// The host's boot: a lease written in another one has expired.
@@ -68,7 +68,11 @@ impl Now {
         let t = clock.now()?;
         Ok(Now {
             wall: t.wall_ms,
-            lease: if by_wall_clock { t.wall_ms } else { t.boot_ms },
+            lease: if by_wall_clock {
+                t.wall_ms
+            } else {
+                t.monotonic_ms
+            },
             boot: t.boot_id,
         })
     }

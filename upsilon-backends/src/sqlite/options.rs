@@ -32,7 +32,7 @@ pub struct SqliteOptions {
     /// clock they can step.
     pub clock: Arc<dyn Clock>,
     /// A negative control, for tests: judge lease expiry by the wall clock,
-    /// as format 1 did, instead of by `CLOCK_BOOTTIME`. Never set it
+    /// as format 1 did, instead of by `CLOCK_MONOTONIC`. Never set it
     /// otherwise: a wall-clock step forward longer than the TTL then hands a
     /// live lease to another process while its holder still runs its task,
     /// and a step back keeps a dead holder's lease for as long as the step.

@@ -7,7 +7,7 @@ use upsilon::backend::BackendError;
 use super::{driver, Now, Result};
 
 /// The stored format this build writes and reads. Format 2 judges leases by
-/// `CLOCK_BOOTTIME` and the boot id (`lease_boot`), and keeps the fences in
+/// `CLOCK_MONOTONIC` and the boot id (`lease_boot`), and keeps the fences in
 /// a table of their own; a format-1 file is migrated when it is opened.
 pub const FORMAT: u32 = 2;
 
@@ -30,7 +30,7 @@ CREATE TABLE upsilon_fence (
 ";
 
 /// Format 2's other tables, for a new file. `lease_expires_ms` is on the
-/// lease clock (`CLOCK_BOOTTIME` ms) of the boot `lease_boot` names; the
+/// lease clock (`CLOCK_MONOTONIC` ms) of the boot `lease_boot` names; the
 /// history's times are wall-clock ms, for people.
 const TABLES: &str = "
 CREATE TABLE upsilon_state (
