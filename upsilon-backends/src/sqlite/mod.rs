@@ -1,14 +1,45 @@
-//! The embedded default: lease, fence, state and history in one SQLite file.
+//! The embedded default: lease, fences, state and history in one SQLite file,
+//! for the processes of one host.
 //!
-//! Safe across processes on one host: every operation is one
-//! `BEGIN IMMEDIATE` transaction, so SQLite's file lock serialises them, and
-//! the lease's expiry is judged by `CLOCK_MONOTONIC`, which never steps and
-//! which every process on the host shares; a lease written in an earlier boot
-//! has expired. Use a local disk: SQLite's locking is not reliable on network
-//! file systems. Waiting nodes poll.
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use upsilon_backends::sqlite::{SqliteBackend, SqliteOptions};
+//!
+//! let backend = SqliteBackend::open_with(
+//!     "/var/lib/app/upsilon.db",
+//!     SqliteOptions::default(),
+//! )
+//! .await?;
+//! let upsilon = upsilon::Upsilon::builder()
+//!     .service("billing")
+//!     .app_version(env!("CARGO_PKG_VERSION"))
+//!     .backend(Arc::new(backend))
+//!     .build()?;
+//! upsilon.run().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! How it works (docs/SQLITE.md says more):
+//! - Every operation is one `BEGIN IMMEDIATE` transaction, so SQLite's file
+//!   lock serialises them across processes.
+//! - The lease's expiry is judged by `CLOCK_MONOTONIC`, read once the
+//!   transaction holds the lock ([`Clock`]): it never steps and every process
+//!   on the host shares it, so a wall-clock step neither hands a live lease
+//!   over nor keeps a dead one. The boot id is stored with the lease: a lease
+//!   written in an earlier boot has expired.
+//! - The fences live apart from the state row, so deleting that row takes
+//!   neither back; a grant is also above every fence in the history.
+//! - WAL with `synchronous = FULL`: an acknowledged commit survives a power
+//!   loss, so a grant's fence is never granted again.
+//! - A file on a network filesystem is refused
+//!   ([`SqliteOptions::allow_network_filesystem`]): SQLite's locking does not
+//!   hold between hosts. Use PostgreSQL for a cluster of hosts.
+//! - Waiting nodes poll.
 //!
 //! Tables (`upsilon_` prefix, shared by every service in the file):
-//! - `upsilon_meta(key, value)`: the stored format (`format` = 2);
+//! - `upsilon_meta(key, value)`: the stored format (`format` = 2; a format-1
+//!   file is migrated when it is opened);
 //! - `upsilon_state(service, data_version, baseline, lease_holder,
 //!   lease_fence, lease_expires_ms, lease_boot)`: one row per service;
 //! - `upsilon_fence(service, granted, store_fence)`: the newest fence
