@@ -1,6 +1,6 @@
 //! The in-memory backend with fault injection.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -15,113 +15,9 @@ use crate::backend::{
 };
 use crate::ids::Holder;
 
-/// A backend operation, for fault injection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Op {
-    /// [`Lock::try_acquire`].
-    Acquire,
-    /// [`Lock::renew`].
-    Renew,
-    /// [`Lock::release`].
-    Release,
-    /// [`Store::load`].
-    Load,
-    /// [`Store::claim`].
-    Claim,
-    /// [`Store::apply`].
-    Apply,
-}
+use super::faults::{After, Fault, Faults, Op};
 
-/// What an injected fault does to a call.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Fault {
-    /// The call fails with a transient error and has no effect.
-    Unavailable,
-    /// The call fails with a permanent error and has no effect.
-    Broken,
-    /// The call waits this long (tokio time) first, then proceeds.
-    Delay(Duration),
-    /// The call takes effect, then fails with a transient error: a lost reply.
-    LoseReply,
-    /// The call takes effect, then its reply is this late: a slow network
-    /// on the way back.
-    DelayReply(Duration),
-}
-
-/// What an injected fault does after the call took effect.
-enum After {
-    Reply,
-    LoseReply,
-    DelayReply(Duration),
-}
-
-#[derive(Debug)]
-struct Rule {
-    op: Op,
-    /// Calls of `op` still to let through before the fault fires.
-    skip: u64,
-    /// Times it fires (`u64::MAX`: for ever).
-    times: u64,
-    fault: Fault,
-}
-
-/// The faults armed on a [`MemoryBackend`].
-#[derive(Debug, Default)]
-pub struct Faults {
-    rules: Mutex<Vec<Rule>>,
-    calls: Mutex<HashMap<Op, u64>>,
-}
-
-impl Faults {
-    /// The `nth` call of `op` from now on (1-based) gets `fault`, once.
-    pub fn nth(&self, op: Op, nth: u64, fault: Fault) {
-        assert!(nth >= 1, "calls are counted from 1");
-        lock(&self.rules).push(Rule {
-            op,
-            skip: nth - 1,
-            times: 1,
-            fault,
-        });
-    }
-
-    /// Every call of `op` from now on gets `fault`, until [`Faults::clear`].
-    pub fn always(&self, op: Op, fault: Fault) {
-        lock(&self.rules).push(Rule {
-            op,
-            skip: 0,
-            times: u64::MAX,
-            fault,
-        });
-    }
-
-    /// Disarms every fault.
-    pub fn clear(&self) {
-        lock(&self.rules).clear();
-    }
-
-    /// How many calls of `op` the backend has served (faulted ones included).
-    pub fn calls(&self, op: Op) -> u64 {
-        lock(&self.calls).get(&op).copied().unwrap_or(0)
-    }
-
-    fn take(&self, op: Op) -> Option<Fault> {
-        *lock(&self.calls).entry(op).or_insert(0) += 1;
-        let mut rules = lock(&self.rules);
-        let mut fired = None;
-        for rule in rules.iter_mut().filter(|r| r.op == op) {
-            if rule.skip > 0 {
-                rule.skip -= 1;
-            } else if fired.is_none() && rule.times > 0 {
-                rule.times -= 1;
-                fired = Some(rule.fault.clone());
-            }
-        }
-        rules.retain(|r| r.times > 0);
-        fired
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -164,6 +60,10 @@ struct Service {
     corrupt: bool,
     /// When the current holder's session ended, if it did (backend clock).
     session_ended_ms: Option<i64>,
+    /// The newest fence granted or claimed, kept apart from the state (the
+    /// lease, the counters, the data version), as the SQL backends keep
+    /// theirs: deleting the state does not lower the next grant's fence.
+    fence_floor: u64,
 }
 
 /// How the in-memory backend models a lease tied to its holder's session,
@@ -320,6 +220,28 @@ impl MemoryBackend {
         s.session_ended_ms.map(|ended| ended + grace)
     }
 
+    /// Deletes the state of `service` (the lease, the grant counter, the data
+    /// version, the baseline, the store's fence) behind the backend's back,
+    /// as an operator deleting a state row would; the history stays.
+    pub fn delete_state(&self, service: &str) {
+        if let Some(s) = lock(&self.services).get_mut(service) {
+            s.lease = None;
+            s.granted = 0;
+            s.session_ended_ms = None;
+            s.snapshot.data_version = None;
+            s.snapshot.baseline = None;
+            s.snapshot.fence = 0;
+        }
+    }
+
+    /// Deletes every history row of `service` behind the backend's back.
+    pub fn delete_history(&self, service: &str) {
+        if let Some(s) = lock(&self.services).get_mut(service) {
+            s.history.clear();
+            s.snapshot.tasks.clear();
+        }
+    }
+
     /// Marks the stored data of `service` as unparsable (or parsable again).
     pub fn set_corrupt(&self, service: &str, corrupt: bool) {
         lock(&self.services)
@@ -399,10 +321,13 @@ impl Lock for MemoryBackend {
         let r = self.with_service(service, |s, now| {
             let gone = self.takeover_at(s).is_some_and(|at| now >= at);
             let stored = s.lease.as_ref().filter(|_| !gone);
-            let decision = decide_acquire(service, stored, now, [s.granted], holder, ttl)?;
+            let history = s.history.iter().map(|r| r.fence).max().unwrap_or(0);
+            let seen = [s.granted, s.snapshot.fence, history, s.fence_floor];
+            let decision = decide_acquire(service, stored, now, seen, holder, ttl)?;
             if let Acquire::Granted(lease) = &decision {
                 s.session_ended_ms = None;
                 s.granted = lease.fence;
+                s.fence_floor = lease.fence;
                 s.lease = Some(StoredLease {
                     holder: holder.clone(),
                     fence: lease.fence,
@@ -540,6 +465,7 @@ impl Store for MemoryBackend {
             } else {
                 s.snapshot.claim(fence)?;
             }
+            s.fence_floor = s.fence_floor.max(fence);
             Ok(Snapshot {
                 fence,
                 ..s.snapshot.clone()

@@ -10,9 +10,11 @@
 //!   task fn on its own.
 
 pub mod conformance;
+mod faults;
 mod memory;
 
-pub use memory::{Commit, Fault, Faults, Grant, MemoryBackend, Op, SessionModel};
+pub use faults::{Fault, Faults, Op};
+pub use memory::{Commit, Grant, MemoryBackend, SessionModel};
 
 use std::future::Future;
 use std::sync::Arc;
