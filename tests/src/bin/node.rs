@@ -5,6 +5,7 @@
 //! ```text
 //! node --url sqlite:///PATH --name NAME --app-version 1.1 --tasks 1.0:2,1.1:3 [--task-ms 50] [--ttl-ms 2000]
 //!      [--audit-dir DIR] [--margin-ms MS] [--no-loss-signal] [--rollbacks] [--fail-task ID --fail-while PATH]
+//!      [--wall-clock-offset FILE] [--judge-expiry-by-wall-clock]
 //! ```
 //!
 //! Without `--audit-dir`, each task appends a row (task, node, fence, start,
@@ -38,8 +39,9 @@ use upsilon::backend::{
     Acquire, Backend, BackendError, Change, Lease, LeaseInfo, Lock, Snapshot, Store,
 };
 use upsilon::{AboveAppPolicy, Error, Holder, Outcome, Task, TaskContext, TaskFuture, Upsilon};
+use upsilon_backends::sqlite::{SqliteBackend, SqliteOptions};
 use upsilon_tests::audit::{AuditLog, Ended, Outcome as Seen, Record};
-use upsilon_tests::clock::now_us;
+use upsilon_tests::clock::{now_us, SteppedWallClock};
 
 /// A cluster node for the multi-process tests: runs Upsilon with generated
 /// tasks, each recording its runs in an `audit` table of the store's
@@ -93,6 +95,14 @@ struct Args {
     /// See --fail-task.
     #[arg(long, value_name = "PATH", requires = "fail_task")]
     fail_while: Option<PathBuf>,
+    /// SQLite: the backend's wall clock is the host's stepped by the
+    /// milliseconds written in FILE (`upsilon_tests::clock::SteppedWallClock`).
+    #[arg(long, value_name = "FILE")]
+    wall_clock_offset: Option<PathBuf>,
+    /// SQLite, negative control: judge lease expiry by the wall clock
+    /// (`SqliteOptions::judge_expiry_by_wall_clock`).
+    #[arg(long)]
+    judge_expiry_by_wall_clock: bool,
 }
 
 fn task_count(s: &str) -> Result<(String, u32), String> {
@@ -550,6 +560,30 @@ impl Store for Watched {
     }
 }
 
+/// The backend of `--url`, with the SQLite clock options.
+async fn backend(args: &Args) -> anyhow::Result<Arc<dyn Backend>> {
+    let sqlite = args
+        .url
+        .strip_prefix("sqlite://")
+        .or_else(|| args.url.strip_prefix("sqlite:"));
+    let Some(path) = sqlite else {
+        if args.wall_clock_offset.is_some() || args.judge_expiry_by_wall_clock {
+            bail!("--wall-clock-offset and --judge-expiry-by-wall-clock are for SQLite");
+        }
+        return Ok(upsilon_backends::connect(&args.url).await?);
+    };
+    let mut options = SqliteOptions {
+        judge_expiry_by_wall_clock: args.judge_expiry_by_wall_clock,
+        ..SqliteOptions::default()
+    };
+    if let Some(file) = &args.wall_clock_offset {
+        options.clock = Arc::new(SteppedWallClock {
+            offset_file: file.clone(),
+        });
+    }
+    Ok(Arc::new(SqliteBackend::open_with(path, options).await?))
+}
+
 /// Exit codes.
 const READY: u8 = 0;
 const FAILED: u8 = 1;
@@ -573,7 +607,7 @@ async fn node(args: Args, log: Option<Arc<AuditLog>>) -> anyhow::Result<u8> {
         ..Holder::current()
     };
     let backend = Watched {
-        inner: upsilon_backends::connect(&args.url).await?,
+        inner: backend(&args).await?,
         log: log.clone(),
         holder: holder.clone(),
         loss_signal: !args.no_loss_signal,
