@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use upsilon::backend::Backend;
+use upsilon_backends::sqlite::{SqliteBackend, SqliteOptions};
+use upsilon_tests::clock::SteppedWallClock;
 use upsilon_tests::fault_proxy::{FaultProxy, Upstream};
 
 use crate::trial::Kind;
@@ -23,6 +25,10 @@ pub trait ClusterBackend: Send + Sync {
     async fn fresh(&mut self, trial: usize, nodes: &[String]);
     /// The `--url` node `node` gets.
     fn node_url(&self, node: &str) -> String;
+    /// Further flags every node gets.
+    fn node_args(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// The lock and store of the current trial, read directly (not through
     /// any fault).
     fn backend(&self) -> Arc<dyn Backend>;
@@ -42,6 +48,11 @@ pub trait ClusterBackend: Send + Sync {
         let _ = node;
         0
     }
+    /// Steps the wall clock the backend reads by `ms`.
+    async fn step_clock(&self, ms: i64) -> bool {
+        let _ = ms;
+        false
+    }
     /// Sets (or with `None` resets) the server's idle-session timeout.
     async fn idle_session_timeout(&self, timeout: Option<Duration>) -> bool {
         let _ = timeout;
@@ -58,18 +69,30 @@ pub trait ClusterBackend: Send + Sync {
     }
 }
 
+/// A SQLite file per trial. Every process that opens it (the nodes and the
+/// harness) reads the wall clock through a [`SteppedWallClock`] of the
+/// trial, which the fault test steps: the backend's clock is injectable
+/// (`SqliteOptions::clock`), and stepping the host's own would need
+/// privileges a test must not use.
 pub struct Sqlite {
     pub dir: tempfile::TempDir,
     pub path: PathBuf,
+    pub clock: SteppedWallClock,
+    /// The negative control's `judge_expiry_by_wall_clock`.
+    pub by_wall_clock: bool,
     pub backend: Option<Arc<dyn Backend>>,
 }
 
 impl Sqlite {
-    pub fn new() -> Sqlite {
+    pub fn new(by_wall_clock: bool) -> Sqlite {
         let dir = tempfile::tempdir().unwrap();
         Sqlite {
             path: dir.path().join("unused.db"),
+            clock: SteppedWallClock {
+                offset_file: dir.path().join("unused.offset"),
+            },
             dir,
+            by_wall_clock,
             backend: None,
         }
     }
@@ -82,23 +105,38 @@ impl ClusterBackend for Sqlite {
     }
     async fn fresh(&mut self, trial: usize, _nodes: &[String]) {
         self.path = self.dir.path().join(format!("trial-{trial}.db"));
-        // HOOK(sqlite-clock): clock steps. The SQLite backend is getting a
-        // clock of its own in `SqliteOptions` (the host's by default, which
-        // the fault test cannot step without privileges it must not use).
-        // Once it lands, open the store here, and in the node binary, with a
-        // clock that reads its offset from a file in the trial directory, add
-        // `Kind::ClockStep` to `kinds()`, and step it from `trial::inject`.
-        // Until then no clock step is injected, and the report says so.
-        let backend = upsilon_backends::sqlite::SqliteBackend::open(&self.path)
-            .await
-            .unwrap();
+        self.clock = SteppedWallClock {
+            offset_file: self.dir.path().join(format!("trial-{trial}.offset")),
+        };
+        let options = SqliteOptions {
+            clock: Arc::new(self.clock.clone()),
+            judge_expiry_by_wall_clock: self.by_wall_clock,
+            ..SqliteOptions::default()
+        };
+        let backend = SqliteBackend::open_with(&self.path, options).await.unwrap();
         self.backend = Some(Arc::new(backend));
     }
     fn node_url(&self, _node: &str) -> String {
         format!("sqlite://{}", self.path.display())
     }
+    fn node_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--wall-clock-offset".to_owned(),
+            self.clock.offset_file.display().to_string(),
+        ];
+        if self.by_wall_clock {
+            args.push("--judge-expiry-by-wall-clock".to_owned());
+        }
+        args
+    }
     fn backend(&self) -> Arc<dyn Backend> {
         self.backend.clone().expect("fresh() first")
+    }
+    fn kinds(&self) -> &'static [Kind] {
+        &[Kind::ClockStep]
+    }
+    async fn step_clock(&self, ms: i64) -> bool {
+        self.clock.step(ms).is_ok()
     }
 }
 

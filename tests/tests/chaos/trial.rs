@@ -54,8 +54,8 @@ pub enum Kind {
     /// (1.0: t2, then t1) is rolled back (every task has a rollback in such
     /// a trial).
     FailingTask,
-    /// A step of the host's wall clock (SQLite): not injected yet, see
-    /// `HOOK(sqlite-clock)` in cluster.rs.
+    /// A step of the wall clock the backend reads (SQLite: the trial's
+    /// `SteppedWallClock`), forward or back by more than the TTL.
     ClockStep,
 }
 
@@ -92,7 +92,7 @@ impl Kind {
             Kind::Blackhole => "traffic blackholed",
             Kind::Isolate => "node isolated",
             Kind::FailingTask => "failing task rolled back",
-            Kind::ClockStep => "clock step",
+            Kind::ClockStep => "wall-clock step",
         }
     }
 
@@ -110,6 +110,9 @@ pub enum Plan {
     /// One fault: the holder isolated ([`Kind::Isolate`]) for `ms` as soon
     /// as it runs a task.
     IsolateHolder { ms: u64 },
+    /// One fault: the wall clock stepped by `ms` as soon as the holder runs
+    /// a task.
+    StepClock { ms: i64 },
 }
 
 /// What one trial runs.
@@ -243,8 +246,10 @@ impl Harness<'_> {
             .args(["--app-version", "1.1", "--tasks", cfg.tasks])
             .args(["--task-ms", &cfg.task_ms.to_string()])
             .args(["--ttl-ms", &cfg.ttl_ms.to_string()])
+            .args(["--margin-ms", &cfg.margin_ms.to_string()])
             .arg("--audit-dir")
-            .arg(&self.dir);
+            .arg(&self.dir)
+            .args(self.env.node_args());
         if !cfg.loss_signal {
             c.arg("--no-loss-signal");
         }
@@ -482,6 +487,16 @@ impl Harness<'_> {
                     self.settle(e, 0, "");
                 }
             }
+            Kind::ClockStep => {
+                let by = rng.range(self.cfg.ttl_ms + 500, 5 * self.cfg.ttl_ms + 1000) as i64;
+                let by = if rng.below(2) == 0 { by } else { -by };
+                let e = self.event(Kind::ClockStep, None, format!("{by:+} ms"));
+                if self.env.step_clock(by).await {
+                    self.end_event(e);
+                } else {
+                    self.settle(e, 0, "");
+                }
+            }
             Kind::Cut if self.proxy_free(&name) => {
                 let e = self.event(Kind::Cut, Some(n), String::new());
                 let cut = self.env.proxy(&name).map_or(0, |p| p.cut());
@@ -622,38 +637,54 @@ impl Harness<'_> {
         }
     }
 
-    /// The negative control's fault: isolate the holder as soon as it runs
-    /// a task.
-    async fn isolate_holder(&mut self, ms: u64, rng: &mut Rng) {
+    /// The node running task code first, once one does (within 30 s).
+    async fn first_runner(&mut self) -> Option<usize> {
         let deadline = now_us() + 30_000 * MS;
-        let holder = loop {
+        loop {
             let logs = audit::read_dir(&self.dir).unwrap_or_default();
             let running = logs
                 .iter()
                 .find(|l| l.records.iter().any(|r| matches!(r, Record::Run { .. })));
             if let Some(log) = running {
                 if let Some(i) = self.procs.iter().position(|p| p.pid == log.pid) {
-                    break Some(i);
+                    return Some(i);
                 }
             }
             if now_us() > deadline {
-                break None;
+                return None;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
-        };
-        let Some(n) = holder else { return };
-        let name = self.procs[n].name.clone();
-        if let Some(proxy) = self.env.proxy(&name) {
-            proxy.set(Direction::Up, Flow::Hold);
-            proxy.set(Direction::Down, Flow::Hold);
         }
-        let killed = self.env.terminate_sessions_of(&name).await;
-        let e = self.event(
-            Kind::Isolate,
-            Some(n),
-            format!("{killed} sessions terminated, held both ways for {ms} ms"),
-        );
-        let until = now_us() + ms as i64 * MS;
+    }
+
+    /// The negative controls' faults, at the holder once it runs a task:
+    /// isolate it for `isolate` ms, or step the clock by `step` ms; then let
+    /// the cluster run for `wait` ms.
+    async fn at_first_task(&mut self, plan: Plan, rng: &mut Rng) {
+        let Some(n) = self.first_runner().await else {
+            return;
+        };
+        let name = self.procs[n].name.clone();
+        let (e, wait) = match plan {
+            Plan::IsolateHolder { ms } => {
+                let e = self.event(Kind::Isolate, Some(n), String::new());
+                if let Some(proxy) = self.env.proxy(&name) {
+                    proxy.set(Direction::Up, Flow::Hold);
+                    proxy.set(Direction::Down, Flow::Hold);
+                }
+                let killed = self.env.terminate_sessions_of(&name).await;
+                self.events[e].detail =
+                    format!("{killed} sessions terminated, held both ways for {ms} ms");
+                (e, ms)
+            }
+            Plan::StepClock { ms } => {
+                let e = self.event(Kind::ClockStep, None, format!("{ms:+} ms"));
+                assert!(self.env.step_clock(ms).await, "stepping the clock");
+                (e, 2 * self.cfg.task_ms)
+            }
+            Plan::Random => unreachable!("not a single fault"),
+        };
+        let until = now_us() + wait as i64 * MS;
         while now_us() < until {
             tokio::time::sleep(Duration::from_millis(50)).await;
             self.tend(rng);
@@ -803,7 +834,7 @@ pub async fn run(env: &mut dyn ClusterBackend, cfg: &Config, index: usize, seed:
     }
     match cfg.plan {
         Plan::Random => h.random_faults(&mut rng).await,
-        Plan::IsolateHolder { ms } => h.isolate_holder(ms, &mut rng).await,
+        plan => h.at_first_task(plan, &mut rng).await,
     }
     if failing_task {
         h.end_event(0);
