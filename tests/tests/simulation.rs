@@ -1,7 +1,8 @@
 //! Deterministic simulation: the real runner against the in-memory backend,
 //! with seeded faults in virtual time: errors, delays, lost replies, lease
-//! expiry, clock jumps, crashes at await points, and sessions ended under
-//! running task code. Every trial is one seed; a failure prints its seed, and
+//! expiry, clock jumps, crashes at await points, sessions ended under running
+//! task code, late and lost grant replies, renewal outages past the local
+//! deadline. Every trial is one seed; a failure prints its seed, and
 //! `UPSILON_SIM_SEED=<seed>` replays exactly that trial with its trace.
 //!
 //! ```text

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use upsilon::backend::{Lock, Store};
-use upsilon::testing::{self, MemoryBackend, SessionModel};
+use upsilon::testing::{self, Fault, MemoryBackend, SessionModel};
 use upsilon::{Error, Holder, LeaseLoss, RetryPolicy, Task, TaskContext, TaskFuture, Upsilon};
 
 use crate::check::check;
@@ -190,14 +190,16 @@ async fn end_session(world: &World) {
     world.log(format!("END SESSION of fence {fence} {what}"));
 }
 
-/// Crashes, lease expiries, clock jumps and session ends, at seeded times,
-/// until the faults heal.
+/// Crashes, lease expiries, clock jumps, session ends, late and lost grant
+/// replies and renewal outages, at seeded times, until the faults heal.
 async fn chaos(world: Arc<World>, nodes: usize) {
     loop {
         let wait = world.rng(|r| r.ms(2000));
         tokio::time::sleep(wait).await;
         if world.now() >= FAULTS_UNTIL {
             world.faults_on.store(false, Ordering::SeqCst);
+            *lock(&world.armed) = None;
+            *lock(&world.renew_outage_until) = None;
             world.log("faults healed");
             return;
         }
@@ -241,6 +243,21 @@ async fn chaos(world: Arc<World>, nodes: usize) {
                 world.backend.jump_clock(jump);
             }
             10..=12 => end_session(&world).await,
+            13..=14 => {
+                let late = world.rng(|r| r.ms(2500));
+                world.log(format!("ARM the next grant request: reply {late:?} late"));
+                *lock(&world.armed) = Some(Fault::DelayReply(late));
+            }
+            15..=16 => {
+                world.log("ARM the next grant request: reply lost");
+                *lock(&world.armed) = Some(Fault::LoseReply);
+            }
+            17..=18 => {
+                let length = TTL + world.rng(|r| r.ms(1000));
+                world.count(Count::RenewalOutages);
+                world.log(format!("RENEWALS fail for {length:?}"));
+                *lock(&world.renew_outage_until) = Some(world.now() + length);
+            }
             _ => {}
         }
     }

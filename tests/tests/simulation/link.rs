@@ -8,6 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use upsilon::backend::{Acquire, BackendError, Change, Lease, Lock, Snapshot, Store};
 use upsilon::backend::{HistoryEntry, LeaseInfo};
+use upsilon::testing::{Fault, Op};
 use upsilon::Holder;
 
 use crate::world::{lock, Count, World};
@@ -95,6 +96,17 @@ impl Link {
             }
         }
     }
+
+    /// The backend's own fault for this grant request, if one is armed:
+    /// a late reply (`Fault::DelayReply`) or a lost one (`Fault::LoseReply`).
+    fn arm_acquire_fault(&self) -> Option<Fault> {
+        let fault = lock(&self.world.armed).take()?;
+        self.world
+            .backend
+            .faults()
+            .nth(Op::Acquire, 1, fault.clone());
+        Some(fault)
+    }
 }
 
 #[async_trait]
@@ -107,6 +119,7 @@ impl Lock for Link {
     ) -> Result<Acquire, BackendError> {
         let called = self.world.now();
         let gate = self.gate("acquire").await?;
+        let fault = self.arm_acquire_fault();
         let grants = self.world.backend.grants().len();
         let r = self.world.backend.try_acquire(service, holder, ttl).await;
         // The grant, if this call made one (it is in the backend's log even
@@ -121,11 +134,38 @@ impl Lock for Link {
             self.world
                 .log(format!("{} granted fence {fence}", self.node));
         }
+        match fault {
+            Some(Fault::DelayReply(d)) => {
+                self.world.count(Count::LateAcquireReplies);
+                if granted.is_some() {
+                    self.world.count(Count::LateGrantReplies);
+                }
+                self.world.log(format!(
+                    "{} acquire: reply {d:?} late (injected)",
+                    self.node
+                ));
+            }
+            Some(Fault::LoseReply) => {
+                self.world.count(Count::LostAcquireReplies);
+                if granted.is_some() {
+                    self.world.count(Count::LostGrantReplies);
+                }
+                self.world
+                    .log(format!("{} acquire: reply lost (injected)", self.node));
+            }
+            _ => {}
+        }
         self.finish("acquire", gate, r)
     }
     async fn renew(&self, lease: &Lease) -> Result<Lease, BackendError> {
         let called = self.world.now();
         let gate = self.gate("renew").await?;
+        let outage = *lock(&self.world.renew_outage_until);
+        if outage.is_some_and(|until| self.world.now() < until) {
+            self.world
+                .log(format!("{} renew: fails (renewal outage)", self.node));
+            return Err(BackendError::unavailable("injected: renewal outage"));
+        }
         let r = self.world.backend.renew(lease).await;
         let r = self.finish("renew", gate, r);
         if r.is_ok() {

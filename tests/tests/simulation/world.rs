@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use upsilon::testing::MemoryBackend;
+use upsilon::testing::{Fault, MemoryBackend};
 use upsilon::TaskContext;
 
 use crate::link::Link;
@@ -109,6 +109,11 @@ pub enum Count {
     ClockJumps,
     SessionEndsUnderTask,
     SessionEndsIdle,
+    LateAcquireReplies,
+    LateGrantReplies,
+    LostAcquireReplies,
+    LostGrantReplies,
+    RenewalOutages,
     InjectedErrors,
     Delays,
     LostReplies,
@@ -123,12 +128,17 @@ pub enum Count {
 }
 
 impl Count {
-    pub const ALL: [Count; 16] = [
+    pub const ALL: [Count; 21] = [
         Count::Crashes,
         Count::Expiries,
         Count::ClockJumps,
         Count::SessionEndsUnderTask,
         Count::SessionEndsIdle,
+        Count::LateAcquireReplies,
+        Count::LateGrantReplies,
+        Count::LostAcquireReplies,
+        Count::LostGrantReplies,
+        Count::RenewalOutages,
         Count::InjectedErrors,
         Count::Delays,
         Count::LostReplies,
@@ -154,6 +164,11 @@ impl Count {
             Count::ClockJumps => "backend clock jumps",
             Count::SessionEndsUnderTask => "session ends under a running task",
             Count::SessionEndsIdle => "session ends with no task code running",
+            Count::LateAcquireReplies => "late acquire replies (DelayReply)",
+            Count::LateGrantReplies => "of which grants",
+            Count::LostAcquireReplies => "lost acquire replies (LoseReply)",
+            Count::LostGrantReplies => "of which grants",
+            Count::RenewalOutages => "renewal outages past the local deadline",
             Count::InjectedErrors => "injected errors",
             Count::Delays => "delays",
             Count::LostReplies => "lost replies (any call)",
@@ -202,6 +217,10 @@ pub struct World {
     pub ready_violations: Mutex<Vec<String>>,
     /// Per node: the link and abort handle of its current run.
     pub running: Mutex<BTreeMap<usize, (Link, tokio::task::AbortHandle)>>,
+    /// A fault for the next grant request that reaches the backend.
+    pub armed: Mutex<Option<Fault>>,
+    /// Renewals fail until then (virtual time).
+    pub renew_outage_until: Mutex<Option<Duration>>,
     /// Leases whose backend expiry came early (forced expiry, forward clock
     /// jumps above the margin), with why: their holders were, to the
     /// backend, paused past their safety margin.
@@ -228,6 +247,8 @@ impl World {
             rejected: Mutex::default(),
             ready_violations: Mutex::default(),
             running: Mutex::default(),
+            armed: Mutex::default(),
+            renew_outage_until: Mutex::default(),
             cut_short: Mutex::default(),
             sessions_ended: Mutex::default(),
             jumped: Mutex::default(),
