@@ -2,8 +2,9 @@
 //! with seeded faults in virtual time: errors, delays, lost replies, lease
 //! expiry, clock jumps, crashes at await points, sessions ended under running
 //! task code, late and lost grant replies, renewal outages past the local
-//! deadline. Every trial is one seed; a failure prints its seed, and
-//! `UPSILON_SIM_SEED=<seed>` replays exactly that trial with its trace.
+//! deadline, and tasks that fail for good and are rolled back. Every trial is
+//! one seed; a failure prints its seed, and `UPSILON_SIM_SEED=<seed>` replays
+//! exactly that trial with its trace.
 //!
 //! ```text
 //! cargo test -p upsilon-tests --test simulation                        # UPSILON_SIM_SEEDS seeds (default 300)

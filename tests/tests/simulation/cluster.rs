@@ -11,7 +11,7 @@ use upsilon::{Error, Holder, LeaseLoss, RetryPolicy, Task, TaskContext, TaskFutu
 
 use crate::check::check;
 use crate::link::Link;
-use crate::world::{lock, Controls, Count, Counts, World};
+use crate::world::{lock, Code, Controls, Count, Counts, World};
 use crate::{key, APP, CONVERGE_BY, FAULTS_UNTIL, MARGIN, SERVICE, TASKS, TTL};
 
 /// The result of one trial.
@@ -23,8 +23,8 @@ pub struct Trial {
     pub focus: Option<Duration>,
 }
 
-/// The body of a task: records when it runs, takes a while, and fails as
-/// the seed says while the faults last.
+/// The body of a task and of its rollback: records when it runs, takes a
+/// while, and fails as the seed says while the faults last.
 fn code(
     world: &Arc<World>,
 ) -> impl for<'a> Fn(&'a mut TaskContext) -> TaskFuture<'a> + Send + Sync {
@@ -33,19 +33,41 @@ fn code(
         let world = world.clone();
         Box::pin(async move {
             let run = world.begin(ctx);
+            let rollback = ctx.task().rollback;
             let id = ctx.task().id.clone();
             let faults = world.faults_on.load(Ordering::SeqCst);
-            let (took, fail) = world.rng(|r| (r.ms(1500), faults && r.chance(5)));
+            let flaky = world.flaky == Some(id.as_str()) && !rollback;
+            let (took, fail) = world.rng(|r| {
+                let odds = match (rollback, flaky) {
+                    (true, _) => 10,
+                    (false, true) => 85,
+                    (false, false) => 5,
+                };
+                let fail = faults && r.chance(odds);
+                // A failing attempt fails early, as most do.
+                let took = r.ms(match (fail, rollback) {
+                    (true, _) => 300,
+                    (false, true) => 800,
+                    (false, false) => 1500,
+                });
+                (took, fail)
+            });
             let node = ctx.holder().host.clone();
+            let what = if rollback { "rolls back" } else { "runs" };
             world.log(format!(
-                "{node} runs {id} under fence {} ({took:?})",
+                "{node} {what} {id} under fence {} ({took:?})",
                 ctx.fence()
             ));
             tokio::time::sleep(took).await;
             run.returned();
             if fail {
-                world.count(Count::TaskFailures);
-                world.log(format!("{node} FAILS task {id} (injected)"));
+                let (count, what) = if rollback {
+                    (Count::RollbackFailures, "rollback of")
+                } else {
+                    (Count::TaskFailures, "task")
+                };
+                world.count(count);
+                world.log(format!("{node} FAILS {what} {id} (injected)"));
                 return Err("injected failure".into());
             }
             Ok(())
@@ -56,7 +78,11 @@ fn code(
 fn tasks(world: &Arc<World>) -> Vec<Task> {
     TASKS
         .iter()
-        .map(|(version, order, id)| Task::new(version, *order, id, code(world)).unwrap())
+        .map(|(version, order, id)| {
+            Task::new(version, *order, id, code(world))
+                .unwrap()
+                .with_rollback(code(world))
+        })
         .collect()
 }
 
@@ -88,7 +114,8 @@ async fn drive(world: Arc<World>, node: usize, controls: Controls) {
             .ttl(TTL)
             .safety_margin(MARGIN)
             .poll_interval(Duration::from_millis(100))
-            .retry(RetryPolicy::attempts(3, Duration::from_millis(100)));
+            .retry(RetryPolicy::attempts(3, Duration::from_millis(100)))
+            .rollback_on_failure(true);
         #[cfg(feature = "negative-controls")]
         if controls.skip_reread {
             builder = builder.skip_reread_after_acquire();
@@ -135,6 +162,7 @@ async fn drive(world: Arc<World>, node: usize, controls: Controls) {
                         reason: LeaseLoss::Deadline { .. },
                         ..
                     } => world.count(Count::StoppedDeadline),
+                    Error::TaskFailed { .. } => world.count(Count::FailedForGood),
                     _ => {}
                 }
                 world.log(format!("{name} failed: {e}"))
@@ -177,14 +205,19 @@ async fn end_session(world: &World) {
     if !lock(&world.sessions_ended).insert(fence) {
         return; // Already ended: a second end changes nothing.
     }
-    let under = world.in_progress().iter().any(|r| r.fence == fence);
+    let under: Vec<Code> = world
+        .in_progress()
+        .iter()
+        .filter(|r| r.fence == fence)
+        .map(|r| r.code)
+        .collect();
     if !world.backend.end_session(SERVICE) {
         return;
     }
-    let (count, what) = if under {
-        (Count::SessionEndsUnderTask, "under a running task")
-    } else {
-        (Count::SessionEndsIdle, "with no task code running")
+    let (count, what) = match under.first() {
+        Some(Code::Task) => (Count::SessionEndsUnderTask, "under a running task"),
+        Some(Code::Rollback) => (Count::SessionEndsUnderRollback, "under a running rollback"),
+        None => (Count::SessionEndsIdle, "with no task code running"),
     };
     world.count(count);
     world.log(format!("END SESSION of fence {fence} {what}"));
@@ -281,10 +314,16 @@ pub fn trial(seed: u64, controls: Controls) -> Trial {
             model.detection = None;
         }
         backend.set_session_model(model);
-        let world = Arc::new(World::new(seed, backend));
+        // Half the trials have a task that fails 85 % of its attempts while the
+        // faults last, so that it fails for good and is rolled back.
+        let mut rng = crate::world::Rng(seed ^ 0xf1a4);
+        let flaky = rng
+            .chance(50)
+            .then(|| TASKS[rng.below(TASKS.len() as u64) as usize].2);
+        let world = Arc::new(World::new(seed, backend, flaky));
         let nodes = 2 + world.rng(|r| r.below(3)) as usize;
         world.log(format!(
-            "seed {seed}: {nodes} nodes, {model:?}, controls {controls:?}"
+            "seed {seed}: {nodes} nodes, flaky task {flaky:?}, {model:?}, controls {controls:?}"
         ));
         let chaos = tokio::spawn(chaos(world.clone(), nodes));
         let drivers: Vec<_> = (0..nodes)
@@ -317,6 +356,11 @@ pub fn trial(seed: u64, controls: Controls) -> Trial {
         counts
             .0
             .insert(Count::PolledPastDeadline, tally.polled_late);
+        let rollbacks = lock(&world.runs)
+            .iter()
+            .filter(|r| r.code == Code::Rollback)
+            .count() as u64;
+        counts.0.insert(Count::RollbackRuns, rollbacks);
         let trace = std::mem::take(&mut *lock(&world.trace));
         Trial {
             violations,

@@ -108,6 +108,7 @@ pub enum Count {
     Expiries,
     ClockJumps,
     SessionEndsUnderTask,
+    SessionEndsUnderRollback,
     SessionEndsIdle,
     LateAcquireReplies,
     LateGrantReplies,
@@ -118,6 +119,9 @@ pub enum Count {
     Delays,
     LostReplies,
     TaskFailures,
+    RollbackFailures,
+    FailedForGood,
+    RollbackRuns,
     CodeCancelled,
     StoppedSignalled,
     StoppedDeadline,
@@ -128,11 +132,12 @@ pub enum Count {
 }
 
 impl Count {
-    pub const ALL: [Count; 21] = [
+    pub const ALL: [Count; 25] = [
         Count::Crashes,
         Count::Expiries,
         Count::ClockJumps,
         Count::SessionEndsUnderTask,
+        Count::SessionEndsUnderRollback,
         Count::SessionEndsIdle,
         Count::LateAcquireReplies,
         Count::LateGrantReplies,
@@ -143,6 +148,9 @@ impl Count {
         Count::Delays,
         Count::LostReplies,
         Count::TaskFailures,
+        Count::RollbackFailures,
+        Count::FailedForGood,
+        Count::RollbackRuns,
         Count::CodeCancelled,
         Count::StoppedSignalled,
         Count::StoppedDeadline,
@@ -154,7 +162,7 @@ impl Count {
 
     /// Whether this counts an injected fault (the rest count what followed).
     pub fn injected(self) -> bool {
-        self <= Count::TaskFailures
+        self <= Count::RollbackFailures
     }
 
     pub fn label(self) -> &'static str {
@@ -163,6 +171,7 @@ impl Count {
             Count::Expiries => "forced lease expiries",
             Count::ClockJumps => "backend clock jumps",
             Count::SessionEndsUnderTask => "session ends under a running task",
+            Count::SessionEndsUnderRollback => "session ends under a running rollback",
             Count::SessionEndsIdle => "session ends with no task code running",
             Count::LateAcquireReplies => "late acquire replies (DelayReply)",
             Count::LateGrantReplies => "of which grants",
@@ -173,6 +182,9 @@ impl Count {
             Count::Delays => "delays",
             Count::LostReplies => "lost replies (any call)",
             Count::TaskFailures => "injected task failures",
+            Count::RollbackFailures => "injected rollback failures",
+            Count::FailedForGood => "tasks failed for good",
+            Count::RollbackRuns => "rollback runs",
             Count::CodeCancelled => "task code cancelled",
             Count::StoppedSignalled => "holders stopped by the loss signal",
             Count::StoppedDeadline => "holders stopped at the local deadline",
@@ -211,6 +223,8 @@ pub struct World {
     pub counts: Mutex<Counts>,
     /// Every run of task code.
     pub runs: Mutex<Vec<Run>>,
+    /// The task that fails half its attempts in this trial, if any.
+    pub flaky: Option<&'static str>,
     /// Writes refused as a protocol violation (`Rejected`), with who got it.
     pub rejected: Mutex<Vec<String>>,
     /// S7 violations seen at READY.
@@ -235,7 +249,7 @@ pub struct World {
 }
 
 impl World {
-    pub fn new(seed: u64, backend: Arc<MemoryBackend>) -> World {
+    pub fn new(seed: u64, backend: Arc<MemoryBackend>, flaky: Option<&'static str>) -> World {
         World {
             start: Instant::now(),
             rng: Mutex::new(Rng(seed)),
@@ -244,6 +258,7 @@ impl World {
             trace: Mutex::default(),
             counts: Mutex::default(),
             runs: Mutex::default(),
+            flaky,
             rejected: Mutex::default(),
             ready_violations: Mutex::default(),
             running: Mutex::default(),
