@@ -1,5 +1,6 @@
 //! `complete_with` against a real server: a completed attempt's work never
-//! runs twice.
+//! runs twice, and a task's session settings never reach Upsilon's own
+//! writes.
 #![cfg(feature = "postgres")]
 
 mod common;
@@ -8,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{backend, granted, raw, server, via_port, Proxy};
+use common::{backend, granted, options, raw, server, via_port, Proxy};
 use upsilon::backend::{BackendError, Lease, Lock, Store};
 use upsilon::testing;
 use upsilon_backends::postgres::tokio_postgres::Client;
@@ -114,4 +115,57 @@ async fn a_retry_after_a_lost_commit_reply_runs_nothing() {
     assert!(err.to_string().contains("already completed"), "{err}");
     assert_eq!(*runs.lock().unwrap(), 1, "the work ran once");
     assert_eq!(count_effects(&client, schema).await, 1);
+}
+
+#[tokio::test]
+async fn a_tasks_session_settings_never_reach_upsilons_writes() {
+    let schema = "session_reset";
+    let client = raw(&server().url()).await;
+    // Every write to the history table records the session's
+    // synchronous_commit: the completion in complete_with's transaction and
+    // Upsilon's own later writes on the same pooled connection.
+    let b = PostgresBackend::connect(options(schema).pool_size(1))
+        .await
+        .unwrap();
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {schema}.seen (setting text NOT NULL);
+             CREATE FUNCTION {schema}.record_setting() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN
+                 INSERT INTO {schema}.seen VALUES (current_setting('synchronous_commit'));
+                 RETURN NULL;
+               END $$;
+             CREATE TRIGGER record AFTER INSERT OR UPDATE ON {schema}.upsilon_history
+               FOR EACH ROW EXECUTE FUNCTION {schema}.record_setting();"
+        ))
+        .await
+        .unwrap();
+    let lease = running(&b, "t").await;
+    client
+        .batch_execute(&format!("DELETE FROM {schema}.seen"))
+        .await
+        .unwrap();
+    let ctx = context_of(&b, "t");
+    b.complete_with(&ctx, async |tx| {
+        tx.batch_execute("SET synchronous_commit = off").await?;
+        Ok::<_, upsilon::BoxError>(())
+    })
+    .await
+    .unwrap();
+    b.apply(
+        "test",
+        lease.fence,
+        &[testing::start_attempt("u", "1.0", 1)],
+    )
+    .await
+    .unwrap();
+    let seen: Vec<String> = client
+        .query(&format!("SELECT setting FROM {schema}.seen"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(seen.len(), 2, "the completion and the next write: {seen:?}");
+    assert!(seen.iter().all(|s| s == "on"), "{seen:?}");
 }

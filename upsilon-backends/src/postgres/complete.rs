@@ -27,7 +27,10 @@ impl PostgresBackend {
     /// It runs `work` only while the attempt is running: a second call for
     /// an attempt that completed (a retry after the reply to the commit was
     /// lost, say) is refused with [`BackendError::Rejected`] and runs
-    /// nothing.
+    /// nothing. The connection goes back to the pool with its session reset
+    /// (`DISCARD ALL`), so nothing `work` set (`SET synchronous_commit`,
+    /// `SET ROLE`, ...) reaches Upsilon's own statements; the completion
+    /// itself commits with `synchronous_commit = on` whatever `work` set.
     ///
     /// ```no_run
     /// use upsilon_backends::postgres::PostgresBackend;
@@ -97,11 +100,13 @@ impl PostgresBackend {
         let commit = async {
             let c = tx.client();
             let read = [
+                // Whatever the work set, Upsilon's completion is durable.
+                Stmt::Simple("SET LOCAL synchronous_commit = on"),
                 Stmt::Typed(&sql.lock_row, vec![text(service)]),
                 Stmt::Typed(&sql.snapshot, vec![text(service)]),
             ];
             let rows = first_error(pipeline(c, &read).await).map_err(|e| driver_in(e, &context))?;
-            snap = snapshot_of(&rows[1])?;
+            snap = snapshot_of(&rows[2])?;
             still_running(&mut snap, fence, &finish, &key, info.attempt)?;
             let write = [finish_now];
             first_error(pipeline(c, &write).await).map_err(|e| driver_in(e, &context))?;
@@ -114,7 +119,17 @@ impl PostgresBackend {
             .await
             .map_err(|_| timed_out("committing", timeout))?
             .map_err(|e| driver_in(e, &context))?;
-        conn.done();
+        // The work may have changed the session (`SET`, `SET ROLE`, temporary
+        // tables, advisory locks, `LISTEN`): none of it may reach Upsilon's
+        // own later statements on this connection. If the reset fails the
+        // connection is closed instead of pooled.
+        let reset = tokio::time::timeout(timeout, conn.client().batch_execute("DISCARD ALL")).await;
+        if let Ok(Ok(())) = reset {
+            // `DISCARD ALL` also dropped the statements the driver prepared
+            // to look types up.
+            conn.client().clear_type_cache();
+            conn.done();
+        }
         Ok(value)
     }
 }
