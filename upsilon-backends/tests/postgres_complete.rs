@@ -1,6 +1,7 @@
-//! `complete_with` against a real server: a completed attempt's work never
-//! runs twice, and a task's session settings never reach Upsilon's own
-//! writes.
+//! `complete_with` and the grant path against a real server: a completed
+//! attempt's work never runs twice, a task's session settings never reach
+//! Upsilon's own writes, and the fence never repeats after the state row is
+//! deleted.
 #![cfg(feature = "postgres")]
 
 mod common;
@@ -168,4 +169,44 @@ async fn a_tasks_session_settings_never_reach_upsilons_writes() {
         .collect();
     assert_eq!(seen.len(), 2, "the completion and the next write: {seen:?}");
     assert!(seen.iter().all(|s| s == "on"), "{seen:?}");
+}
+
+#[tokio::test]
+async fn the_fence_never_repeats_after_the_state_row_is_deleted() {
+    let schema = "fence_floor";
+    let client = raw(&server().url()).await;
+    let b = backend(schema).await;
+    let ttl = Duration::from_secs(30);
+    let first = granted(
+        b.try_acquire("svc", &testing::holder(1), ttl)
+            .await
+            .unwrap(),
+    );
+    // A grant that wrote no history: only the state row knows its fence.
+    b.claim("svc", first.fence).await.unwrap();
+    let deleted = client
+        .execute(
+            &format!("DELETE FROM {schema}.upsilon_state WHERE service = 'svc'"),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1);
+    let next = granted(
+        b.try_acquire("svc", &testing::holder(2), ttl)
+            .await
+            .unwrap(),
+    );
+    assert!(
+        next.fence > first.fence,
+        "fence {} was granted again",
+        next.fence
+    );
+    // Other services keep their own fences.
+    let other = granted(
+        b.try_acquire("other", &testing::holder(3), ttl)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(other.fence, 1);
 }

@@ -59,8 +59,9 @@ struct LeaseRow {
     lease: Option<StoredLease>,
     /// The database's clock.
     now_ms: i64,
-    /// The grant counter, the store's fence and the history's newest fence.
-    fences: [u64; 3],
+    /// The grant counter, the store's fence, the history's newest fence and
+    /// the floor in the meta table.
+    fences: [u64; 4],
     /// The holder's listening session, if its lease row names one.
     session: Option<SessionId>,
 }
@@ -79,6 +80,7 @@ impl LeaseRow {
             fence_from_column(get(row, 1, "the granted fence")?, "the granted fence")?,
             fence_from_column(get(row, 2, "the store fence")?, "the store's fence")?,
             fence_from_column(get(row, 8, "the history's fence")?, "the history's fence")?,
+            floor(get(row, 11, "the fence floor")?)?,
         ];
         let session = match (
             get(row, 9, "the holder's session")?,
@@ -103,6 +105,15 @@ impl LeaseRow {
             session,
         })
     }
+}
+
+/// The fence floor as the meta table keeps it (text); none is 0.
+fn floor(value: Option<&str>) -> Result<u64, BackendError> {
+    let Some(text) = value else { return Ok(0) };
+    let n = text
+        .parse::<i64>()
+        .map_err(|_| BackendError::corrupt(format!("the fence floor {text:?} is not a number")))?;
+    fence_from_column(n, "the fence floor")
 }
 
 #[async_trait]
@@ -160,6 +171,10 @@ impl Lock for PostgresBackend {
                         opt_int4(session.map(|s| s.pid)),
                         opt_int8(session.map(|s| s.server_start)),
                     ],
+                ),
+                Stmt::Typed(
+                    &sql.raise_floor,
+                    vec![text(service), text(lease.fence.to_string())],
                 ),
                 Stmt::Simple("COMMIT"),
             ];

@@ -22,8 +22,9 @@
 //!   (`clock_timestamp()`), and holds no session state, so it works behind
 //!   PgBouncer in transaction mode. The fence is a counter in the same row
 //!   that only grows: a grant takes one more than the highest of the row's
-//!   counters and every fence in the history, so neither a forced release nor
-//!   deleting the row resets it.
+//!   counters, every fence in the history and the service's fence floor in
+//!   the meta table (which every grant raises), so neither a forced release
+//!   nor deleting the row resets it.
 //! - Every store write is one transaction that locks the service's state row
 //!   (`SELECT ... FOR UPDATE`), reads the state and the per-task summaries,
 //!   checks the write with
@@ -45,7 +46,8 @@
 //!   transaction-mode pooler this is off and the TTL decides.
 //!
 //! Tables, in a configurable schema (default `public`):
-//! - `upsilon_meta(key, value)`: the stored format (`format` = 1);
+//! - `upsilon_meta(key, value)`: the stored format (`format` = 1) and each
+//!   service's fence floor (`fence:SERVICE`);
 //! - `upsilon_state(service, data_version, baseline, store_fence, granted,
 //!   lease_holder, lease_fence, lease_expires, lease_pid, lease_server_start)`:
 //!   one row per service;
