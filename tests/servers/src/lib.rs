@@ -279,7 +279,7 @@ impl Postgres {
         });
         let pid = child.id();
         self.child = Some(child);
-        self.watchdog = Some(watchdog(pid));
+        self.watchdog = Some(watchdog(pid, self.dir.path()));
         let deadline = Instant::now() + Duration::from_secs(30);
         let pidfile = self.data_dir().join("postmaster.pid");
         loop {
@@ -595,14 +595,20 @@ fn output(mut cmd: Command, run_as: Option<RunAs>) -> Output {
 }
 
 /// A shell that stops the server when this process is gone, for servers that
-/// are never dropped (statics) and test processes that die.
-fn watchdog(server: u32) -> Child {
+/// are never dropped (statics) and test processes that die, and then removes
+/// the server's directory. A server that stops while this process lives
+/// (a crash the test asked for) keeps its directory.
+fn watchdog(server: u32, dir: &Path) -> Child {
     let me = std::process::id();
+    let dir = dir.display().to_string().replace('\'', "'\\''");
     Command::new("sh")
         .arg("-c")
         .arg(format!(
             "while kill -0 {me} 2>/dev/null && kill -0 {server} 2>/dev/null; do sleep 0.2; done; \
-             kill -QUIT {server} 2>/dev/null; exit 0"
+             kill -0 {me} 2>/dev/null && exit 0; \
+             kill -QUIT {server} 2>/dev/null; \
+             n=0; while kill -0 {server} 2>/dev/null && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done; \
+             rm -rf '{dir}'; exit 0"
         ))
         .stdin(Stdio::null())
         .stdout(Stdio::null())

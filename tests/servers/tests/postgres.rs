@@ -83,3 +83,40 @@ fn a_builder_sets_connections_and_other_settings() {
     );
     assert_eq!(Postgres::start().psql("SHOW max_connections"), "300");
 }
+
+#[test]
+fn a_server_never_dropped_is_stopped_and_removed_when_its_process_exits() {
+    if let Ok(dir) = std::env::var("UPSILON_LEAK_SERVER") {
+        // The child: starts a server, prints where, and exits without
+        // dropping it.
+        let pg = Postgres::start();
+        let pid = std::fs::read_to_string(pg.dir().join("data/postmaster.pid")).unwrap();
+        std::fs::write(
+            dir,
+            format!("{}\n{}", pg.dir().display(), pid.lines().next().unwrap()),
+        )
+        .unwrap();
+        std::mem::forget(pg);
+        return;
+    }
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_server_never_dropped_is_stopped_and_removed_when_its_process_exits",
+            "--quiet",
+        ])
+        .env("UPSILON_LEAK_SERVER", out.path())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let written = std::fs::read_to_string(out.path()).unwrap();
+    let (dir, pid) = written.split_once('\n').unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while (running(pid) || Path::new(dir).exists()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(!running(pid), "the server was stopped");
+    assert!(!Path::new(dir).exists(), "its directory {dir} was removed");
+}
