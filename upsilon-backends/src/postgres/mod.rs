@@ -87,6 +87,7 @@ use upsilon::backend::BackendError;
 use error::{driver, driver_in, timed_out};
 use listener::{Session, SessionId, Wakeups};
 pub use options::PostgresOptions;
+use pipeline::{pipeline, Stmt};
 use pool::Pool;
 use sql::Sql;
 use tls::Connector;
@@ -194,8 +195,21 @@ impl PostgresBackend {
     async fn prepare_tables(&self) -> Result<(), BackendError> {
         let mut conn = self.conn().await?;
         let sql = &self.inner.sql;
-        let first = conn.client().query_typed(&sql.format, &[]).await;
-        match first {
+        let mut first = pipeline(
+            conn.client(),
+            &[
+                Stmt::Typed(&sql.format, vec![]),
+                Stmt::Typed(sql::IDLE_SESSION_TIMEOUT, vec![]),
+            ],
+        )
+        .await;
+        if let Some(Ok(rows)) = first.pop() {
+            let ms = rows.first().and_then(|r| r.try_get::<_, i64>(0).ok());
+            self.inner
+                .pool
+                .server_idle_timeout(ms.and_then(|ms| u64::try_from(ms).ok()).unwrap_or(0));
+        }
+        match first.pop().expect("the format's answer") {
             Ok(rows) if !rows.is_empty() => {
                 let f: String = get(&rows[0], 0, "the stored format")?;
                 check_format(&f)?;

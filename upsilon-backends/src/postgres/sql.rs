@@ -13,6 +13,11 @@ pub(crate) const SERVER_START: &str =
 /// that row does not let a fence be granted twice.
 const FLOOR_KEY: &str = "'fence:' || $1";
 
+/// The server's `idle_session_timeout` for this session in ms (0: none; no
+/// row before PostgreSQL 14).
+pub(crate) const IDLE_SESSION_TIMEOUT: &str =
+    "SELECT setting::int8 FROM pg_settings WHERE name = 'idle_session_timeout'";
+
 /// Serialises Upsilon's table creation and migrations across nodes, per database.
 pub(crate) const MIGRATION_LOCK: i64 = 0x7570_7369_6c6f_6e01;
 
