@@ -1334,8 +1334,11 @@ async fn behind_a_pooler_waiting_nodes_poll() {
     assert!(effects.values().all(|n| *n == 1), "{effects:?}");
 }
 
-/// A loopback proxy in front of the server that counts round trips: each
-/// time the client sends after the server has answered is one more.
+/// A loopback proxy in front of the server that counts round trips on the
+/// first connection made through it (a backend's pooled connection, which
+/// `connect` opens; the listening session comes later, and its holder pings
+/// are not counted): each time the client sends after the server has
+/// answered is one more.
 async fn counting_proxy(upstream: u16) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
     use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1344,6 +1347,7 @@ async fn counting_proxy(upstream: u16) -> (u16, Arc<std::sync::atomic::AtomicUsi
     let turns = Arc::new(AtomicUsize::new(0));
     let counter = turns.clone();
     tokio::spawn(async move {
+        let mut first = true;
         while let Ok((client, _)) = listener.accept().await {
             let server = tokio::net::TcpStream::connect(("127.0.0.1", upstream))
                 .await
@@ -1352,13 +1356,14 @@ async fn counting_proxy(upstream: u16) -> (u16, Arc<std::sync::atomic::AtomicUsi
             let (mut sr, mut sw) = server.into_split();
             let last = Arc::new(AtomicU8::new(0));
             let (turns, last2) = (counter.clone(), last.clone());
+            let counted = std::mem::replace(&mut first, false);
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
                 while let Ok(n) = cr.read(&mut buf).await {
                     if n == 0 {
                         break;
                     }
-                    if last.swap(1, Ordering::SeqCst) != 1 {
+                    if last.swap(1, Ordering::SeqCst) != 1 && counted {
                         turns.fetch_add(1, Ordering::SeqCst);
                     }
                     if sw.write_all(&buf[..n]).await.is_err() {

@@ -37,13 +37,18 @@
 //!   notification or the lease's expiry ([`Lock::notifies`](upsilon::backend::Lock::notifies)). Without
 //!   notifications (transaction pooling, or a lost session) they poll.
 //! - A holder also keeps a session of its own (the listening connection) and
-//!   records its server process id in the lease row. A node that finds the
-//!   lease held by a session that no longer exists treats it as expired, and
-//!   a waiting node checks for that about once a second
-//!   ([`PostgresOptions::holder_check_every`]), so a killed holder is taken
-//!   over within about a second rather than after the TTL. Safety never
-//!   depends on this: the new grant still gets a higher fence. Behind a
-//!   transaction-mode pooler this is off and the TTL decides.
+//!   records its server process id in the lease row. A waiting node checks
+//!   about once a second ([`PostgresOptions::holder_check_every`]) whether
+//!   that session still exists; once it has seen it gone for
+//!   [`PostgresOptions::takeover_grace`] it takes the lease over, so a killed
+//!   holder is taken over within a second or two rather than after the TTL.
+//!   The holder pings its session while it holds the lease
+//!   ([`PostgresOptions::holder_ping_every`]) and
+//!   [`Lock::until_lost`](upsilon::backend::Lock::until_lost) tells it, well
+//!   within the grace, that its session ended, so that it stops its task
+//!   before anyone else can start one (invariant E1). The new grant still
+//!   gets a higher fence. Behind a transaction-mode pooler this is off and
+//!   the TTL decides.
 //!
 //! Tables, in a configurable schema (default `public`):
 //! - `upsilon_meta(key, value)`: the stored format (`format` = 1) and each
@@ -62,6 +67,7 @@
 mod complete;
 mod connection;
 mod error;
+mod holding;
 mod listener;
 mod lock;
 mod options;
@@ -69,11 +75,11 @@ mod pipeline;
 mod pool;
 mod sql;
 mod store;
+mod takeover;
 #[cfg(test)]
 mod tests;
 mod tls;
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -85,11 +91,13 @@ use tracing::info;
 use upsilon::backend::BackendError;
 
 use error::{driver, driver_in, timed_out};
-use listener::{Session, SessionId, Wakeups};
+use holding::Holding;
+use listener::{Session, Wakeups};
 pub use options::PostgresOptions;
 use pipeline::{pipeline, Stmt};
 use pool::Pool;
 use sql::Sql;
+use takeover::Waiting;
 use tls::Connector;
 
 /// The driver, for the transaction [`PostgresBackend::complete_with`] hands
@@ -116,9 +124,10 @@ struct Inner {
     session: std::sync::Mutex<Option<Arc<Session>>>,
     /// Held while a session is being opened; the time of the last failure.
     opening: tokio::sync::Mutex<Option<Instant>>,
-    /// Per service: the fence and session of the lease last found held by
-    /// another node, for the waiting node's checks.
-    held_by: std::sync::Mutex<HashMap<String, (u64, Option<SessionId>)>>,
+    /// The leases this node holds that are tied to its session.
+    holding: Holding,
+    /// The leases this node found held by others, for early takeovers.
+    waiting: Waiting,
 }
 
 impl fmt::Debug for PostgresBackend {
@@ -163,6 +172,7 @@ impl PostgresBackend {
         let connector = Connector::new(&options)?;
         let sql = Sql::new(&options);
         let pool = Pool::new(options.clone(), connector.clone());
+        let waiting = Waiting::new(options.takeover_grace);
         let backend = PostgresBackend {
             inner: Arc::new(Inner {
                 options,
@@ -172,7 +182,8 @@ impl PostgresBackend {
                 wakeups: Arc::new(Wakeups::default()),
                 session: std::sync::Mutex::new(None),
                 opening: tokio::sync::Mutex::new(None),
-                held_by: std::sync::Mutex::new(HashMap::new()),
+                holding: Holding::default(),
+                waiting,
             }),
         };
         backend.prepare_tables().await?;

@@ -39,6 +39,9 @@ pub struct PostgresOptions {
     pub(crate) op_timeout: Duration,
     pub(crate) transaction_pooling: bool,
     pub(crate) holder_check: Duration,
+    pub(crate) ping_every: Duration,
+    pub(crate) ping_timeout: Duration,
+    pub(crate) takeover_grace: Duration,
     pub(crate) tls: TlsChoice,
 }
 
@@ -67,6 +70,9 @@ impl fmt::Debug for PostgresOptions {
             .field("op_timeout", &self.op_timeout)
             .field("transaction_pooling", &self.transaction_pooling)
             .field("holder_check", &self.holder_check)
+            .field("ping_every", &self.ping_every)
+            .field("ping_timeout", &self.ping_timeout)
+            .field("takeover_grace", &self.takeover_grace)
             .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
@@ -99,6 +105,9 @@ impl PostgresOptions {
             op_timeout: Duration::from_secs(10),
             transaction_pooling: false,
             holder_check: Duration::from_secs(1),
+            ping_every: Duration::from_millis(100),
+            ping_timeout: Duration::from_millis(200),
+            takeover_grace: Duration::from_millis(600),
             tls: TlsChoice::Off,
         }
     }
@@ -281,10 +290,42 @@ impl PostgresOptions {
 
     /// How often a waiting node checks whether the lease holder's session
     /// still exists (one light query on its listening connection), so that a
-    /// dead holder is taken over this soon rather than when its lease runs
-    /// out. Jittered ±50 %. Default 1 s. Not used behind a transaction pooler.
+    /// dead holder is taken over this soon (plus
+    /// [`takeover_grace`](PostgresOptions::takeover_grace)) rather than when
+    /// its lease runs out. Jittered ±50 %. Default 1 s. Not used behind a
+    /// transaction pooler.
     pub fn holder_check_every(mut self, every: Duration) -> Self {
         self.holder_check = every;
+        self
+    }
+
+    /// How often a lease holder pings its listening session (`SELECT 1`)
+    /// while it holds a lease tied to it, so that it learns within
+    /// `holder_ping_every + holder_ping_timeout` that the session ended and
+    /// stops its task ([`Lock::until_lost`](upsilon::backend::Lock::until_lost))
+    /// before another node may take the lease over. The pings also keep the
+    /// session from being closed as idle. Default 100 ms. Only holders ping.
+    pub fn holder_ping_every(mut self, every: Duration) -> Self {
+        self.ping_every = every;
+        self
+    }
+
+    /// How long a holder's ping may go unanswered before the holder takes
+    /// its session, and so its lease, as lost. Default 200 ms.
+    pub fn holder_ping_timeout(mut self, timeout: Duration) -> Self {
+        self.ping_timeout = timeout;
+        self
+    }
+
+    /// How long a waiting node waits, from the moment it first sees the
+    /// holder's session gone, before it takes the lease over (before the
+    /// lease's expiry). It must be longer than `holder_ping_every +
+    /// holder_ping_timeout`, so that the old holder has stopped its task by
+    /// then. Default 600 ms. **Every node of a service must use the same
+    /// three settings**: a waiter's grace covers the holder's pings only if
+    /// both use the same values (see docs/POSTGRES.md).
+    pub fn takeover_grace(mut self, grace: Duration) -> Self {
+        self.takeover_grace = grace;
         self
     }
 
@@ -339,6 +380,19 @@ impl PostgresOptions {
             return Err(BackendError::other(
                 "the holder check interval must not be zero",
             ));
+        }
+        if self.ping_every.is_zero() || self.ping_timeout.is_zero() {
+            return Err(BackendError::other(
+                "the holder ping interval and timeout must not be zero",
+            ));
+        }
+        let budget = self.ping_every.saturating_add(self.ping_timeout);
+        if self.takeover_grace <= budget {
+            return Err(BackendError::other(format!(
+                "the takeover grace ({:?}) must be longer than the holder ping interval plus its timeout ({:?} + {:?}): \
+                 otherwise a waiting node may take a lease over before its holder has noticed that its session ended",
+                self.takeover_grace, self.ping_every, self.ping_timeout
+            )));
         }
         if self.op_timeout.is_zero() {
             return Err(BackendError::other(
@@ -469,6 +523,29 @@ mod tests {
         o.validate().unwrap();
         let same = PostgresOptions::new().tables("t", "t", "h");
         assert!(same.validate().is_err());
+        for (o, named) in [
+            (
+                PostgresOptions::new().takeover_grace(Duration::from_millis(300)),
+                "takeover grace",
+            ),
+            (
+                PostgresOptions::new().holder_ping_timeout(Duration::from_millis(500)),
+                "takeover grace",
+            ),
+            (
+                PostgresOptions::new().holder_ping_every(Duration::ZERO),
+                "must not be zero",
+            ),
+        ] {
+            let err = o.validate().unwrap_err().to_string();
+            assert!(err.contains(named), "{err}");
+        }
+        PostgresOptions::new()
+            .holder_ping_every(Duration::from_millis(50))
+            .holder_ping_timeout(Duration::from_millis(100))
+            .takeover_grace(Duration::from_millis(151))
+            .validate()
+            .unwrap();
         let reserved = PostgresOptions::new().schema("pg_catalog");
         assert!(reserved
             .validate()

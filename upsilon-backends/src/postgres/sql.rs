@@ -136,7 +136,7 @@ impl Sql {
                  ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
             ),
             renew: format!(
-                "UPDATE {st} SET lease_expires = {ttl}, lease_pid = $5, lease_server_start = $6
+                "UPDATE {st} SET lease_expires = {ttl}
                  WHERE service = $1 AND lease_holder = $2 AND lease_fence = $3
                    AND lease_expires > clock_timestamp()
                  RETURNING {}",
@@ -152,7 +152,8 @@ impl Sql {
                  SELECT r.service FROM r CROSS JOIN LATERAL pg_notify($4, r.service) AS n"
             ),
             current: format!(
-                "SELECT s.lease_holder, s.lease_fence, {}, {}, {gone}
+                "SELECT s.lease_holder, s.lease_fence, {}, {}, {gone},
+                        s.lease_pid, s.lease_server_start
                  FROM {st} AS s CROSS JOIN LATERAL (SELECT clock_timestamp() AS now) AS c
                  WHERE s.service = $1",
                 ms("s.lease_expires"),
