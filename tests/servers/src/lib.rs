@@ -4,7 +4,8 @@
 //! - [`Postgres`]: `initdb` + `postgres` on a temporary directory. As root,
 //!   both run as the `postgres` user (PostgreSQL refuses to run as root).
 //!   Password authentication over TCP, so tests see real credentials.
-//!   [`Postgres::builder`] starts one with more connections or other settings.
+//!   [`Postgres::builder`] starts one with more connections or other settings;
+//!   [`Postgres::start_tls`] and [`Postgres::start_tls_only`] ones with TLS.
 //!
 //! A server stops when its value is dropped. A watchdog process also stops it
 //! when the test process exits without dropping it (a `static` server, a
@@ -131,11 +132,18 @@ impl Postgres {
         Postgres::builder().tls(true).start()
     }
 
+    /// Like [`Postgres::start_tls`], and TCP connections without TLS are
+    /// refused (`hostssl` lines only in `pg_hba.conf`).
+    pub fn start_tls_only() -> Postgres {
+        Postgres::builder().tls_only().start()
+    }
+
     /// A server with settings of its own: more connections, extra server
     /// settings. [`Postgres::start`] is `Postgres::builder().start()`.
     pub fn builder() -> PostgresBuilder {
         PostgresBuilder {
             tls: false,
+            tls_only: false,
             max_connections: 300,
             settings: Vec::new(),
         }
@@ -144,6 +152,7 @@ impl Postgres {
     fn start_with(options: PostgresBuilder) -> Postgres {
         let PostgresBuilder {
             tls,
+            tls_only,
             max_connections,
             settings: extra,
         } = options;
@@ -194,8 +203,22 @@ impl Postgres {
             String::from_utf8_lossy(&out.stderr)
         );
         let _ = fs::remove_file(&pwfile);
+        if tls_only {
+            let hba = dir.path().join("data/pg_hba.conf");
+            fs::write(
+                &hba,
+                "local all all trust\n\
+                 hostssl all all 127.0.0.1/32 scram-sha-256\n\
+                 hostssl all all ::1/128 scram-sha-256\n",
+            )
+            .expect("writing pg_hba.conf");
+            if let Some(u) = run_as {
+                std::os::unix::fs::chown(&hba, Some(u.uid), Some(u.gid))
+                    .expect("handing pg_hba.conf to the postgres user");
+            }
+        }
         let mut settings = Vec::new();
-        if tls {
+        if tls || tls_only {
             make_certificates(dir.path(), run_as);
             let d = dir.path().display();
             settings.extend([
@@ -467,6 +490,7 @@ impl Postgres {
 #[derive(Debug, Clone)]
 pub struct PostgresBuilder {
     tls: bool,
+    tls_only: bool,
     max_connections: u32,
     settings: Vec<String>,
 }
@@ -475,6 +499,14 @@ impl PostgresBuilder {
     /// TLS on, as [`Postgres::start_tls`]. Default off.
     pub fn tls(mut self, on: bool) -> Self {
         self.tls = on;
+        self
+    }
+
+    /// TLS on, and TCP connections without it refused, as
+    /// [`Postgres::start_tls_only`].
+    pub fn tls_only(mut self) -> Self {
+        self.tls = true;
+        self.tls_only = true;
         self
     }
 

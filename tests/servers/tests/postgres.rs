@@ -69,6 +69,31 @@ fn a_tls_server_offers_tls_signed_by_its_ca() {
 }
 
 #[test]
+fn a_tls_only_server_refuses_plain_connections() {
+    let pg = Postgres::start_tls_only();
+    let out = pg.psql("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()");
+    assert_eq!(out, "t", "psql negotiated TLS");
+    let plain = std::process::Command::new("psql")
+        .args([
+            "-X",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg.port().to_string(),
+            "-U",
+            "postgres",
+        ])
+        .args(["-c", "SELECT 1"])
+        .env("PGPASSWORD", pg.password())
+        .env("PGSSLMODE", "disable")
+        .output()
+        .unwrap();
+    assert!(!plain.status.success(), "a plain connection was accepted");
+    let stderr = String::from_utf8_lossy(&plain.stderr);
+    assert!(stderr.contains("no encryption"), "{stderr}");
+}
+
+#[test]
 fn a_builder_sets_connections_and_other_settings() {
     let pg = Postgres::builder()
         .max_connections(450)
