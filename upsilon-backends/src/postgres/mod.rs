@@ -66,6 +66,7 @@
 
 mod complete;
 mod connection;
+mod conninfo;
 mod error;
 mod holding;
 mod listener;
