@@ -29,55 +29,92 @@ pub(super) fn parse(s: &str) -> Result<ConnInfo, String> {
     }
 }
 
-/// `s` for messages: any password replaced by `***`. A `key=value` string
-/// that does not parse is not shown at all.
+/// The options the driver knows besides those Upsilon takes itself. An
+/// option not in the list is refused without being named: in a `key=value`
+/// string whose password was not quoted, it may be the password's tail.
+const DRIVER_KEYS: &[&str] = &[
+    "user",
+    "password",
+    "dbname",
+    "options",
+    "application_name",
+    "sslnegotiation",
+    "host",
+    "hostaddr",
+    "port",
+    "connect_timeout",
+    "tcp_user_timeout",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_retries",
+    "target_session_attrs",
+    "channel_binding",
+    "load_balance_hosts",
+];
+
+fn known(key: &str) -> Result<(), String> {
+    if DRIVER_KEYS.contains(&key) {
+        Ok(())
+    } else {
+        Err(
+            "an option is not one that libpq and Upsilon both know (not shown, as it may be part of a password)"
+                .to_owned(),
+        )
+    }
+}
+
+/// `s` for messages: any password replaced by `***`. In a URL, a
+/// `password=` parameter and everything after it is hidden, and so is
+/// everything from the user name to the last `@`: a password whose `@`, `/`,
+/// `?` or `&` was not percent-encoded is hidden too. A `key=value` string
+/// that does not parse is not shown at all, nor is one with an option
+/// Upsilon does not know.
 pub(super) fn redact(s: &str) -> String {
     if let Some((scheme, rest)) = url_parts(s) {
-        let (base, query) = match rest.split_once('?') {
-            Some((b, q)) => (b, Some(q)),
-            None => (rest, None),
+        let cut = rest.match_indices(['?', '&']).map(|(i, _)| i).find(|&i| {
+            let pair = &rest[i + 1..];
+            let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+            percent_decode(key).as_deref() == Some("password")
+        });
+        let (rest, hidden) = match cut {
+            Some(i) => (&rest[..i], format!("{}password=***", &rest[i..=i])),
+            None => (rest, String::new()),
         };
-        let base = match base.rfind('@') {
+        let (user, rest) = match rest.rfind('@') {
             Some(at) => {
-                let (creds, host) = base.split_at(at);
-                match creds.split_once(':') {
-                    Some((user, _)) => format!("{user}:***{host}"),
-                    None => base.to_owned(),
+                let head = &rest[..at];
+                let user = head.split([':', '@', '/', '?']).next().unwrap_or_default();
+                if user == head {
+                    (format!("{head}@"), &rest[at + 1..])
+                } else {
+                    (format!("{user}:***@"), &rest[at + 1..])
                 }
             }
-            None => base.to_owned(),
+            None => (String::new(), rest),
         };
-        let mut out = format!("{scheme}{base}");
-        if let Some(q) = query {
-            let pairs: Vec<String> = q
-                .split('&')
-                .map(|pair| {
-                    let key = pair.split_once('=').map_or(pair, |(k, _)| k);
-                    if percent_decode(key).as_deref() == Some("password") {
-                        format!("{key}=***")
-                    } else {
-                        pair.to_owned()
-                    }
-                })
-                .collect();
-            out.push('?');
-            out.push_str(&pairs.join("&"));
-        }
-        return out;
+        return format!("{scheme}{user}{rest}{hidden}");
     }
     match key_values(s) {
-        Ok(pairs) => pairs
-            .iter()
-            .map(|(k, v)| {
-                if k == "password" {
-                    format!("{k}=***")
-                } else {
-                    format!("{k}={}", quote(v))
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(" "),
-        Err(_) => "(a connection string that does not parse; not shown, as it may hold a password)"
+        Ok(pairs)
+            if pairs.iter().all(|(k, _)| {
+                known(k).is_ok()
+                    || ["schema", "pgbouncer", "sslmode", "sslrootcert"].contains(&k.as_str())
+            }) =>
+        {
+            pairs
+                .iter()
+                .map(|(k, v)| {
+                    if k == "password" {
+                        format!("{k}=***")
+                    } else {
+                        format!("{k}={}", quote(v))
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        }
+        _ => "(a connection string that does not parse; not shown, as it may hold a password)"
             .to_owned(),
     }
 }
@@ -118,6 +155,7 @@ fn parse_url(scheme: &str, rest: &str) -> Result<ConnInfo, String> {
         if key == "password" {
             password = Some(value);
         } else if !info.take(&key, &value) {
+            known(&key)?;
             // Encoded again, so that no `@`, `&` or `=` in a value misleads
             // the driver's parser.
             kept.push(format!(
@@ -150,6 +188,7 @@ fn parse_key_values(s: &str) -> Result<ConnInfo, String> {
     let mut kept = Vec::new();
     for (key, value) in key_values(s)? {
         if !info.take(&key, &value) {
+            known(&key)?;
             kept.push(format!("{key}={}", quote(&value)));
         }
     }
@@ -328,22 +367,37 @@ mod tests {
             ("postgres://u:s3/cret@h/db", "postgres://u:***@h/db"),
             (
                 "postgres://u@h/db?password=s3cret&sslmode=require",
-                "postgres://u@h/db?password=***&sslmode=require",
+                "postgres://u@h/db?password=***",
+            ),
+            (
+                "postgres://u@h/db?sslmode=require&password=s3cret",
+                "postgres://u@h/db?sslmode=require&password=***",
             ),
             (
                 "postgres://u@h/db?pass%77ord=s3cret",
-                "postgres://u@h/db?pass%77ord=***",
+                "postgres://u@h/db?password=***",
             ),
             (
                 "host=h password = 's3 cret' dbname=d",
                 "host='h' password=*** dbname='d'",
             ),
             ("host=h password=s3cret", "host='h' password=***"),
+            ("postgres://u:s3?cr@et@h/db", "postgres://u:***@h/db"),
+            (
+                "postgres://u:s3?c=r&et@h/db?sslmode=require",
+                "postgres://u:***@h/db?sslmode=require",
+            ),
+            (
+                "postgres://u@h/db?password=s3@cret",
+                "postgres://u@h/db?password=***",
+            ),
         ] {
             assert_eq!(redact(s), shown, "{s}");
         }
-        let hidden = redact("host=h password='s3cret");
-        assert!(!hidden.contains("s3cret"), "{hidden}");
+        for s in ["host=h password='s3cret", "host=h password=s3 cr=et"] {
+            let hidden = redact(s);
+            assert!(!hidden.contains("s3") && !hidden.contains("cr"), "{hidden}");
+        }
     }
 
     #[test]
@@ -351,6 +405,8 @@ mod tests {
         for s in [
             "host=h password='s3cret",
             "host=h password=s3 cret",
+            "host=h password=s3 cr=et",
+            "postgres://u@h/db?password=s3&cr=et",
             "postgres://u:s3@cret@h/db",
             "postgres://u@h/db?password=s3cret%zz",
             "s3cret",
