@@ -28,6 +28,10 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+mod certs;
+
+use certs::make_certificates;
+
 /// The command that installs PostgreSQL's server binaries on Debian.
 pub const POSTGRES_INSTALL: &str = "apt-get install -y postgresql";
 
@@ -42,9 +46,9 @@ pub fn free_port() -> u16 {
 
 /// The user that runs a server: `postgres` when we are root, else ourselves.
 #[derive(Debug, Clone, Copy)]
-struct RunAs {
-    uid: u32,
-    gid: u32,
+pub(crate) struct RunAs {
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
 }
 
 fn run_as() -> Option<RunAs> {
@@ -533,86 +537,6 @@ impl PostgresBuilder {
 impl Drop for Postgres {
     fn drop(&mut self) {
         self.halt(Signal::SIGQUIT);
-    }
-}
-
-/// A CA and a server certificate it signs, for `localhost` and 127.0.0.1.
-fn make_certificates(dir: &Path, run_as: Option<RunAs>) {
-    let steps: [&[&str]; 3] = [
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=upsilon test CA",
-        ],
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=localhost",
-        ],
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.crt",
-            "-days",
-            "2",
-            "-extfile",
-            "san.ext",
-        ],
-    ];
-    fs::write(
-        dir.join("san.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-    )
-    .expect("writing the certificate extensions");
-    for args in steps {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run openssl: {e}; apt-get install -y openssl"));
-        assert!(
-            out.status.success(),
-            "openssl {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let key = dir.join("server.key");
-    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).expect("chmod of the key");
-    if let Some(u) = run_as {
-        for f in ["server.key", "server.crt"] {
-            std::os::unix::fs::chown(dir.join(f), Some(u.uid), Some(u.gid))
-                .expect("handing the certificate to the postgres user");
-        }
     }
 }
 
