@@ -19,9 +19,12 @@ use upsilon_backends::postgres::tokio_postgres::Client;
 use upsilon_backends::postgres::{PostgresBackend, PostgresOptions};
 use upsilon_test_servers::Postgres;
 
+// The default ping interval; a ping timeout (and so a grace) longer than
+// the defaults (200 ms, 600 ms), so that a ping slowed down by a busy test
+// machine is not taken for a lost session.
 const EVERY: Duration = Duration::from_millis(100);
-const TIMEOUT: Duration = Duration::from_millis(200);
-const GRACE: Duration = Duration::from_millis(600);
+const TIMEOUT: Duration = Duration::from_millis(1000);
+const GRACE: Duration = Duration::from_millis(1300);
 /// Scheduling and loopback latency on a busy two-core machine.
 const SLACK: Duration = Duration::from_millis(150);
 const TTL: Duration = Duration::from_secs(30);
@@ -311,7 +314,7 @@ async fn with_idle_session_timeout_the_holder_pings_keep_its_session_and_waiters
     .await;
     assert!(
         !reaped(&server().log(), &format!("[{pid} ")),
-        "the holder's session was closed"
+        "the holder's session {pid} was closed"
     );
     assert!(
         session_exists(&client, pid).await,

@@ -301,7 +301,10 @@ impl PostgresOptions {
     }
 
     /// How long a holder's ping may go unanswered before the holder takes
-    /// its session, and so its lease, as lost. Default 200 ms.
+    /// its session, and so its lease, as lost. Default 200 ms. A server or
+    /// host that stalls for longer makes a holder stop its task although
+    /// its session lives (safe, but the upgrade then fails and is retried):
+    /// where that happens, raise this and the takeover grace together.
     pub fn holder_ping_timeout(mut self, timeout: Duration) -> Self {
         self.ping_timeout = timeout;
         self
@@ -558,6 +561,14 @@ mod tests {
         let o = PostgresOptions::new().host("h").user("u").dbname("d");
         assert_eq!(o.target(), "h:5432/d as user `u`");
         o.validate().unwrap();
+        assert_eq!(
+            (o.ping_every, o.ping_timeout, o.takeover_grace),
+            (
+                Duration::from_millis(100),
+                Duration::from_millis(200),
+                Duration::from_millis(600)
+            )
+        );
         let same = PostgresOptions::new().tables("t", "t", "h");
         assert!(same.validate().is_err());
         for (o, named) in [
