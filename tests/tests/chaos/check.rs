@@ -2,8 +2,9 @@
 //! about the invariants.
 //!
 //! - E1: no two node processes run task code (a task or a rollback) at
-//!   overlapping times, unless one of them was paused (SIGSTOP) for longer
-//!   than its safety margin after it asked for the lease it ran under; and a
+//!   overlapping times, unless the one that ran under the older fence was
+//!   paused (SIGSTOP) for longer than its safety margin after it asked for
+//!   the lease it ran under and before its run stopped; and a
 //!   paused node's writes after it resumes commit only while its fence is
 //!   still the newest (no other node has claimed the store since: S2 seen
 //!   from outside).
@@ -245,7 +246,10 @@ pub fn check(cfg: &Config, t: &Trial) -> Checked {
             if end <= start {
                 continue;
             }
-            let excuse = pause_of(t, cfg, a).or_else(|| pause_of(t, cfg, b));
+            // Only the older run's pause can explain it: the newer holder was
+            // granted the lease after the older one's had to end.
+            let older = if a.fence <= b.fence { a } else { b };
+            let excuse = pause_of(t, cfg, older);
             let o = Overlap {
                 a: a.clone(),
                 b: b.clone(),
