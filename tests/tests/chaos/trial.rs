@@ -657,9 +657,9 @@ impl Harness<'_> {
         }
     }
 
-    /// The negative controls' faults, at the holder once it runs a task:
-    /// isolate it for `isolate` ms, or step the clock by `step` ms; then let
-    /// the cluster run for `wait` ms.
+    /// The negative controls' faults, once the holder runs a task: isolate
+    /// it for a while, or step the clock and let the cluster run for half a
+    /// task.
     async fn at_first_task(&mut self, plan: Plan, rng: &mut Rng) {
         let Some(n) = self.first_runner().await else {
             return;
@@ -680,7 +680,8 @@ impl Harness<'_> {
             Plan::StepClock { ms } => {
                 let e = self.event(Kind::ClockStep, None, format!("{ms:+} ms"));
                 assert!(self.env.step_clock(ms).await, "stepping the clock");
-                (e, 2 * self.cfg.task_ms)
+                // The others take the lease at their next poll, within 100 ms.
+                (e, self.cfg.task_ms / 2)
             }
             Plan::Random => unreachable!("not a single fault"),
         };
