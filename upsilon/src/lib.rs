@@ -57,6 +57,8 @@
 pub mod backend;
 mod context;
 mod error;
+#[cfg(feature = "http")]
+pub mod http;
 mod ids;
 pub mod planner;
 mod registry;
