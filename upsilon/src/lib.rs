@@ -60,6 +60,7 @@ mod error;
 #[cfg(feature = "http")]
 pub mod http;
 mod ids;
+pub mod metrics;
 pub mod planner;
 mod registry;
 mod runner;
