@@ -37,6 +37,8 @@
 //! backend's early takeover of a lease whose holder's session ended count as
 //! plain grants.
 
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use ::metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
@@ -214,6 +216,18 @@ pub(crate) fn stopped(service: &str) {
     counter!(STOPS, "service" => service.to_owned()).increment(1);
 }
 
+/// Moves the number of this process's runners of `service` that wait by
+/// `by`, and sets the gauge to it: a set, not an increment, so that
+/// recorders without gauge increments (some OpenTelemetry bridges) show it.
+fn waiting_nodes(service: &str, by: i64) {
+    static WAITING: Mutex<BTreeMap<String, i64>> = Mutex::new(BTreeMap::new());
+    let mut waiting = WAITING.lock().unwrap_or_else(|p| p.into_inner());
+    let n = waiting.entry(service.to_owned()).or_default();
+    *n += by;
+    // The gauge is set under the lock, so that two runners' sets land in order.
+    gauge!(WAITING_NODES, "service" => service.to_owned()).set(*n as f64);
+}
+
 /// A node's wait for another node's lease: counted in
 /// `upsilon_waiting_nodes` from [`Wait::begin`] until it is dropped, when
 /// its duration is recorded with the outcome [`Wait::end`] gave (`error`
@@ -238,7 +252,7 @@ impl<'a> Wait<'a> {
     pub(crate) fn begin(&mut self) {
         if self.since.is_none() {
             self.since = Some(Instant::now());
-            gauge!(WAITING_NODES, "service" => self.service.to_owned()).increment(1.0);
+            waiting_nodes(self.service, 1);
         }
     }
 
@@ -253,7 +267,7 @@ impl Drop for Wait<'_> {
         let Some(since) = self.since else {
             return;
         };
-        gauge!(WAITING_NODES, "service" => self.service.to_owned()).decrement(1.0);
+        waiting_nodes(self.service, -1);
         histogram!(WAIT_DURATION, "service" => self.service.to_owned(), "outcome" => self.outcome)
             .record(since.elapsed());
     }
