@@ -25,7 +25,8 @@ pub mod sqlite;
 /// Opens the backend a URL names:
 /// - `sqlite:PATH` or `sqlite://PATH` (`sqlite:///abs/path.db`), feature `sqlite`;
 /// - `postgres://` or `postgresql://` URLs, feature `postgres` (see
-///   [`postgres::PostgresOptions::from_url`] for the options they may carry).
+///   [`postgres::PostgresOptions::from_url`] for the options they may carry),
+///   and libpq `key=value` strings (`host=db user=app sslmode=require`).
 ///
 /// Errors show the URL with its password replaced.
 pub async fn connect(url: &str) -> Result<Arc<dyn Backend>, BackendError> {
@@ -41,6 +42,11 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Backend>, BackendError> {
         }
         #[cfg(feature = "postgres")]
         "postgres" | "postgresql" => {
+            Ok(Arc::new(postgres::PostgresBackend::connect_url(url).await?))
+        }
+        // A libpq `key=value` string (`host=db user=app`) has no scheme.
+        #[cfg(feature = "postgres")]
+        _ if !url.contains("://") && url.contains('=') => {
             Ok(Arc::new(postgres::PostgresBackend::connect_url(url).await?))
         }
         _ => Err(BackendError::other(format!(
@@ -62,22 +68,49 @@ fn enabled_schemes() -> Vec<&'static str> {
     schemes
 }
 
-/// The URL with any password replaced, for messages.
+/// The URL (or key=value connection string) with every password replaced,
+/// for messages: the URL's user info, `password=` query parameters and
+/// `password=` key=value pairs.
 pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let (authority, tail) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}:***@{host}{tail}")
+    let masked = match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, tail) = match rest.find(['/', '?']) {
+                Some(i) => rest.split_at(i),
+                None => (rest, ""),
+            };
+            match authority.rsplit_once('@') {
+                Some((userinfo, host)) => {
+                    let user = userinfo.split(':').next().unwrap_or_default();
+                    format!("{scheme}://{user}:***@{host}{tail}")
+                }
+                None => url.to_owned(),
+            }
         }
         None => url.to_owned(),
+    };
+    mask_password_values(&masked)
+}
+
+/// Replaces the value after every `password=` (case-insensitive), up to the
+/// next `&`, white space, or the closing quote of a quoted value.
+fn mask_password_values(text: &str) -> String {
+    const KEY: &str = "password=";
+    let lower = text.to_ascii_lowercase();
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    while let Some(found) = lower[at..].find(KEY) {
+        let value = at + found + KEY.len();
+        out.push_str(&text[at..value]);
+        out.push_str("***");
+        let rest = &text[value..];
+        let len = match rest.strip_prefix('\'') {
+            Some(quoted) => quoted.find('\'').map_or(rest.len(), |end| end + 2),
+            None => rest.find(['&', ' ', '\t', '\n']).unwrap_or(rest.len()),
+        };
+        at = value + len;
     }
+    out.push_str(&text[at..]);
+    out
 }
 
 #[cfg(test)]
@@ -91,6 +124,26 @@ mod tests {
             "postgres://app:***@db:5432/x"
         );
         assert_eq!(redact("sqlite:///tmp/a.db"), "sqlite:///tmp/a.db");
+        assert_eq!(
+            redact("postgres://db/x?user=app&password=s3cret&sslmode=require"),
+            "postgres://db/x?user=app&password=***&sslmode=require"
+        );
+        assert_eq!(
+            redact("host=db password='s3 cret' user=app"),
+            "host=db password=*** user=app"
+        );
+        assert_eq!(redact("host=db PASSWORD=s3cret"), "host=db PASSWORD=***");
+    }
+
+    #[tokio::test]
+    async fn a_key_value_string_is_not_echoed_with_its_password() {
+        for bad in [
+            "host=127.0.0.1 port=1 password=s3cret user=app connect_timeout=2",
+            "mysql://db/x?password=s3cret",
+        ] {
+            let err = connect(bad).await.err().unwrap().to_string();
+            assert!(!err.contains("s3cret"), "{err}");
+        }
     }
 
     #[tokio::test]

@@ -565,6 +565,41 @@ struct Behaviour {
     /// Task id whose connection is terminated after its write, before commit,
     /// on its first attempt.
     drop_connection: Option<String>,
+    /// Where the tasks record when their code starts and ends.
+    timeline: Option<Timeline>,
+}
+
+/// One moment of task code: node, task id, "start" or "end", when.
+type Moment = (String, String, &'static str, Instant);
+
+/// When task code ran.
+#[derive(Clone, Debug, Default)]
+struct Timeline(Arc<Mutex<Vec<Moment>>>);
+
+impl Timeline {
+    fn record(&self, node: &str, task: &str, event: &'static str) {
+        let entry = (node.to_owned(), task.to_owned(), event, Instant::now());
+        self.0.lock().unwrap().push(entry);
+    }
+
+    fn at(&self, node: &str, task: &str, event: &str) -> Option<Instant> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(n, t, e, _)| n == node && t == task && *e == event)
+            .map(|(_, _, _, at)| *at)
+    }
+}
+
+/// Records the end of a task's code when dropped: when the task returns,
+/// fails or is cancelled (its future dropped).
+struct EndOfTask(Timeline, String, String);
+
+impl Drop for EndOfTask {
+    fn drop(&mut self) {
+        self.0.record(&self.1, &self.2, "end");
+    }
 }
 
 fn effect_task(schema: &str, version: &str, order: u32, id: &str, b: &Behaviour) -> Task {
@@ -573,6 +608,11 @@ fn effect_task(schema: &str, version: &str, order: u32, id: &str, b: &Behaviour)
         let (schema, b) = (schema.clone(), b.clone());
         Box::pin(async move {
             let id = ctx.task().id.clone();
+            let _end = b.timeline.clone().map(|t| {
+                let node = ctx.holder().host.clone();
+                t.record(&node, &id, "start");
+                EndOfTask(t, node, id.clone())
+            });
             tokio::time::sleep(b.sleep).await;
             if b.hang.as_deref() == Some(&id) {
                 ctx.cancellation().cancelled().await;
@@ -673,6 +713,7 @@ fn node_process() {
         abort_after_commit: some("ABORT_AFTER_COMMIT"),
         hang: some("HANG"),
         drop_connection: None,
+        timeline: None,
     };
     let schema = env("SCHEMA");
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -863,7 +904,7 @@ async fn attempt_fence(client: &Client, schema: &str, service: &str, task: &str)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_holder_process_is_taken_over_within_about_a_second() {
+async fn a_killed_holder_process_is_taken_over_long_before_its_ttl() {
     let schema = "killed";
     let client = raw(&server().url()).await;
     effects_table(&client, schema).await;
@@ -896,18 +937,32 @@ async fn a_killed_holder_process_is_taken_over_within_about_a_second() {
         },
         "heir",
     );
-    // Let the heir find the lease held and start waiting.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The heir found the lease held and waits: its listening session has
+    // checked the holder's session once.
+    until(Duration::from_secs(20), || async {
+        client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'node heir'
+                 AND query LIKE 'SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            > 0
+    })
+    .await;
     holder.kill().unwrap();
-    let killed = Instant::now();
     let took = until(Duration::from_secs(25), || async {
         attempt_fence(&client, schema, "svc", "v1_0_t1").await != Some(fence)
     })
     .await;
+    // Detection (the waiter's check, about once a second) plus the takeover
+    // grace (600 ms), then the grant, the claim and the task's start.
     eprintln!(
-        "holder started its task after {first:?}; taken over {took:?} after SIGKILL (ttl 30 s)"
+        "holder started its task after {first:?}; failover after SIGKILL: {took:?} (ttl 30 s)"
     );
-    assert!(took < Duration::from_secs(3), "takeover took {took:?}");
+    assert!(took < Duration::from_secs(10), "takeover took {took:?}");
     let _ = holder.wait();
     let heir = tokio::task::spawn_blocking(move || outcome(waiter))
         .await
@@ -925,7 +980,6 @@ async fn a_killed_holder_process_is_taken_over_within_about_a_second() {
     );
     assert_eq!(t1[1].state, AttemptState::Completed);
     assert!(t1[1].fence > t1[0].fence);
-    let _ = killed;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -938,8 +992,10 @@ async fn a_terminated_holder_connection_hands_the_lease_over() {
             .await
             .unwrap();
     let heir_backend = backend(schema).await;
+    let timeline = Timeline::default();
     let hang = Behaviour {
         hang: Some("v1_0_t1".into()),
+        timeline: Some(timeline.clone()),
         ..Behaviour::default()
     };
     let canary = node(
@@ -956,7 +1012,14 @@ async fn a_terminated_holder_connection_hands_the_lease_over() {
         "svc",
         "heir",
         "1.0",
-        effect_tasks(schema, "1.0:2", &Behaviour::default()),
+        effect_tasks(
+            schema,
+            "1.0:2",
+            &Behaviour {
+                timeline: Some(timeline.clone()),
+                ..Behaviour::default()
+            },
+        ),
         Duration::from_secs(30),
         Duration::from_secs(1),
     );
@@ -970,8 +1033,16 @@ async fn a_terminated_holder_connection_hands_the_lease_over() {
     let fence = attempt_fence(&client, schema, "svc", "v1_0_t1")
         .await
         .unwrap();
+    let mut heir_status = heir.status();
     let heir_run = tokio::spawn(async move { heir.run().await });
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The heir finds the lease held and waits.
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        heir_status.wait_for(|s| matches!(s, upsilon::Status::Waiting { .. })),
+    )
+    .await
+    .expect("the heir waits")
+    .unwrap();
     let killed: i64 = client
         .query_one(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
@@ -987,13 +1058,14 @@ async fn a_terminated_holder_connection_hands_the_lease_over() {
     })
     .await;
     eprintln!("taken over {took:?} after pg_terminate_backend (ttl 30 s)");
-    assert!(took < Duration::from_secs(3), "takeover took {took:?}");
+    assert!(took < Duration::from_secs(10), "takeover took {took:?}");
     let heir_outcome = heir_run.await.unwrap().unwrap();
     assert!(
         matches!(heir_outcome, Outcome::Upgraded { .. }),
         "{heir_outcome}"
     );
-    // The canary finds out at its next renewal or write, and stops.
+    // The canary stops: at once once the runner follows `until_lost`, at its
+    // next renewal or write otherwise.
     let canary_outcome = tokio::time::timeout(Duration::from_secs(20), canary_run)
         .await
         .unwrap()
@@ -1005,6 +1077,28 @@ async fn a_terminated_holder_connection_hands_the_lease_over() {
     let effects = effects(&client, schema, "svc").await;
     assert_eq!(effects.len(), 2, "{effects:?}");
     assert!(effects.values().all(|n| *n == 1), "{effects:?}");
+
+    let canary_end = timeline
+        .at("canary", "v1_0_t1", "end")
+        .expect("the canary's task ended");
+    let heir_start = timeline
+        .at("heir", "v1_0_t1", "start")
+        .expect("the heir ran the task");
+    eprintln!(
+        "the canary's task ended {:?} the heir's started",
+        if canary_end < heir_start {
+            "before"
+        } else {
+            "after"
+        }
+    );
+    // E1: no two nodes run task code at overlapping times. This needs the
+    // runner to cancel the task when `Lock::until_lost` resolves.
+    assert!(
+        canary_end < heir_start,
+        "E1: the canary's task ended {:?} after the heir's started",
+        canary_end - heir_start
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1069,19 +1163,27 @@ async fn a_server_restart_mid_upgrade_is_ridden_out() {
         done.len() == 4 && done.values().all(|n| *n == 1),
         "{done:?}"
     );
-    assert!(
-        matches!(canary_outcome, Ok(Outcome::Upgraded { .. })),
-        "the canary keeps its lease across the restart: {canary_outcome:?}"
-    );
-    // The follower waited, or got the lease just after the canary let go and
-    // found nothing left to do.
-    assert!(
-        matches!(
-            follower_outcome,
-            Ok(Outcome::WaitedForOther { .. } | Outcome::UpToDate { .. })
-        ),
-        "{follower_outcome:?}"
-    );
+    // Either the canary rides the restart out and the follower finds
+    // nothing left to do, or the canary stops and the follower finishes:
+    // a runner that follows `Lock::until_lost` stops the canary's task when
+    // the restart ends its session (no node may take over early, since the
+    // lease row names a session of the old server, but the canary cannot
+    // tell a restart from a terminated session), and a task whose commit
+    // falls while the server is down fails (tasks are not retried here).
+    match (&canary_outcome, &follower_outcome) {
+        (
+            Ok(Outcome::Upgraded { .. }),
+            Ok(Outcome::WaitedForOther { .. } | Outcome::UpToDate { .. }),
+        ) => {}
+        (Err(Error::LeaseLost { .. }), Ok(Outcome::Upgraded { .. })) => {}
+        (Err(Error::TaskFailed { report }), Ok(Outcome::Upgraded { .. }))
+            if report
+                .failed
+                .as_ref()
+                .and_then(|f| f.error.as_deref())
+                .is_some_and(|e| e.contains("connect") || e.contains("closed")) => {}
+        other => panic!("one of them upgraded, the other waited: {other:?}"),
+    }
     drop(pg);
 }
 
@@ -1334,8 +1436,11 @@ async fn behind_a_pooler_waiting_nodes_poll() {
     assert!(effects.values().all(|n| *n == 1), "{effects:?}");
 }
 
-/// A loopback proxy in front of the server that counts round trips: each
-/// time the client sends after the server has answered is one more.
+/// A loopback proxy in front of the server that counts round trips on the
+/// first connection made through it (a backend's pooled connection, which
+/// `connect` opens; the listening session comes later, and its holder pings
+/// are not counted): each time the client sends after the server has
+/// answered is one more.
 async fn counting_proxy(upstream: u16) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
     use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1344,6 +1449,7 @@ async fn counting_proxy(upstream: u16) -> (u16, Arc<std::sync::atomic::AtomicUsi
     let turns = Arc::new(AtomicUsize::new(0));
     let counter = turns.clone();
     tokio::spawn(async move {
+        let mut first = true;
         while let Ok((client, _)) = listener.accept().await {
             let server = tokio::net::TcpStream::connect(("127.0.0.1", upstream))
                 .await
@@ -1352,13 +1458,14 @@ async fn counting_proxy(upstream: u16) -> (u16, Arc<std::sync::atomic::AtomicUsi
             let (mut sr, mut sw) = server.into_split();
             let last = Arc::new(AtomicU8::new(0));
             let (turns, last2) = (counter.clone(), last.clone());
+            let counted = std::mem::replace(&mut first, false);
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
                 while let Ok(n) = cr.read(&mut buf).await {
                     if n == 0 {
                         break;
                     }
-                    if last.swap(1, Ordering::SeqCst) != 1 {
+                    if last.swap(1, Ordering::SeqCst) != 1 && counted {
                         turns.fetch_add(1, Ordering::SeqCst);
                     }
                     if sw.write_all(&buf[..n]).await.is_err() {

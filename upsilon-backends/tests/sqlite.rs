@@ -91,8 +91,8 @@ impl Harness for Sqlite {
     async fn reset_format(&self) {
         self.raw()
             .execute(
-                "UPDATE upsilon_meta SET value = '1' WHERE key = 'format'",
-                [],
+                "UPDATE upsilon_meta SET value = ?1 WHERE key = 'format'",
+                [upsilon_backends::sqlite::FORMAT.to_string()],
             )
             .unwrap();
     }
@@ -246,4 +246,62 @@ async fn connect_by_url() {
             .contains("cannot open the SQLite database /nonexistent-dir/x/y.db: its directory"),
         "{err}"
     );
+}
+
+async fn grant(lock: &dyn Lock, n: usize) -> upsilon::backend::Lease {
+    let ttl = Duration::from_secs(60);
+    match lock.try_acquire("svc", &testing::holder(n), ttl).await {
+        Ok(upsilon::backend::Acquire::Granted(lease)) => lease,
+        other => panic!("grant {n}: {other:?}"),
+    }
+}
+
+/// `DELETE FROM upsilon_state` after a grant that wrote no history, claimed
+/// or not: the fences are kept apart from the state row, so the next grant
+/// is still above every earlier one (S1), and the store still refuses the
+/// fence it had seen before the newest (S2).
+#[tokio::test]
+async fn deleting_the_state_row_after_grants_without_history_keeps_the_fences() {
+    let h = Sqlite::new().await;
+    let lock = &*h.backend;
+    let first = grant(lock, 1).await;
+    h.backend.claim("svc", first.fence).await.unwrap();
+    h.delete_state_row("svc").await;
+
+    let second = grant(lock, 2).await;
+    assert!(second.fence > first.fence, "{second:?} after {first:?}");
+    h.delete_state_row("svc").await;
+
+    let third = grant(lock, 3).await;
+    assert!(third.fence > second.fence, "{third:?} after {second:?}");
+    h.backend.claim("svc", third.fence).await.unwrap();
+    h.delete_state_row("svc").await;
+    match h.backend.claim("svc", second.fence).await {
+        Err(BackendError::StaleFence { presented, current }) => {
+            assert_eq!((presented, current), (second.fence, third.fence));
+        }
+        other => panic!("a claim with an older fence after the deletion: {other:?}"),
+    }
+    assert!(grant(lock, 4).await.fence > third.fence);
+}
+
+/// Deleting the fences as well (every row of the service but its history):
+/// the history still carries the fence past the deletion.
+#[tokio::test]
+async fn deleting_the_fences_too_leaves_the_history_to_carry_the_fence() {
+    let h = Sqlite::new().await;
+    let lease = grant(&*h.backend, 1).await;
+    h.backend.claim("svc", lease.fence).await.unwrap();
+    h.backend
+        .apply("svc", lease.fence, &[testing::start_attempt("t", "1.0", 1)])
+        .await
+        .unwrap();
+    let c = h.raw();
+    for table in ["upsilon_state", "upsilon_fence"] {
+        let n = c
+            .execute(&format!("DELETE FROM {table} WHERE service = 'svc'"), [])
+            .unwrap();
+        assert_eq!(n, 1, "{table}");
+    }
+    assert!(grant(&*h.backend, 2).await.fence > lease.fence);
 }

@@ -95,3 +95,147 @@ fn processes_opening_a_new_file_at_once_all_succeed() {
         }
     }
 }
+
+/// The filesystems SQLite's locking holds on open without an option: the
+/// machine's own disk (the temporary directory) and tmpfs (`/dev/shm`).
+/// Refusal itself is checked on the `statfs` magic numbers in the unit
+/// tests: a network filesystem (NFS, SMB, FUSE, ...) cannot be mounted on
+/// the machines these tests run on, and a faked mount would test the fake.
+#[tokio::test]
+async fn local_disks_and_tmpfs_open() {
+    let disk = tempfile::tempdir().unwrap();
+    let mut dirs = vec![disk.path().to_path_buf()];
+    let shm = std::path::Path::new("/dev/shm");
+    let shm_dir = shm.is_dir().then(|| tempfile::tempdir_in(shm).unwrap());
+    dirs.extend(shm_dir.as_ref().map(|d| d.path().to_path_buf()));
+    for dir in dirs {
+        let path = dir.join("u.db");
+        SqliteBackend::open(&path)
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        // Opened again, when the file exists and is judged by itself.
+        SqliteBackend::open(&path).await.unwrap();
+    }
+}
+
+/// The tables as format 1 created them: leases judged by the wall clock,
+/// with no boot id.
+const FORMAT_1: &str = "
+CREATE TABLE upsilon_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE upsilon_state (
+    service          TEXT PRIMARY KEY,
+    data_version     TEXT,
+    baseline         TEXT,
+    store_fence      INTEGER NOT NULL DEFAULT 0,
+    granted          INTEGER NOT NULL DEFAULT 0,
+    lease_holder     TEXT,
+    lease_fence      INTEGER,
+    lease_expires_ms INTEGER
+);
+CREATE TABLE upsilon_history (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    service      TEXT NOT NULL,
+    version      TEXT NOT NULL,
+    task_id      TEXT NOT NULL,
+    attempt      INTEGER NOT NULL,
+    kind         TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    fence        INTEGER NOT NULL,
+    holder       TEXT NOT NULL,
+    description  TEXT NOT NULL,
+    started_ms   INTEGER NOT NULL,
+    finished_ms  INTEGER,
+    duration_ms  INTEGER,
+    error        TEXT,
+    UNIQUE (service, version, task_id, attempt)
+);
+INSERT INTO upsilon_meta (key, value) VALUES ('format', '1');
+";
+
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// A file written by format 1: service `live` with a lease 60 s from expiry
+/// and a completed task, service `dead` with an expired lease. Opening it
+/// migrates it to format 2 in one transaction: the live lease keeps the
+/// time it had left, the expired one stays expired, and the fences, the
+/// data version and the history are kept.
+#[tokio::test]
+async fn a_format_1_file_is_migrated_at_open() {
+    use upsilon::backend::{Acquire, Lock, Store};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    let holder = upsilon::testing::holder(1);
+    let old = Connection::open(&path).unwrap();
+    old.execute_batch(FORMAT_1).unwrap();
+    let now = wall_ms();
+    old.execute(
+        "INSERT INTO upsilon_state
+           (service, data_version, store_fence, granted, lease_holder, lease_fence, lease_expires_ms)
+         VALUES ('live', '1.0.0', 3, 3, ?1, 3, ?2), ('dead', NULL, 5, 5, ?1, 5, ?3)",
+        upsilon_backends::sqlite::rusqlite::params![holder.encode(), now + 60_000, now - 1_000],
+    )
+    .unwrap();
+    old.execute(
+        "INSERT INTO upsilon_history (service, version, task_id, attempt, kind, state, fence,
+           holder, description, started_ms, finished_ms, duration_ms)
+         VALUES ('live', '1.0.0', 'create', 1, 'run', 'completed', 2, ?1, 'creates', ?2, ?3, 5)",
+        upsilon_backends::sqlite::rusqlite::params![holder.encode(), now - 9_000, now - 8_995],
+    )
+    .unwrap();
+    drop(old);
+
+    let backend = SqliteBackend::open(&path).await.unwrap();
+    let format: String = Connection::open(&path)
+        .unwrap()
+        .query_row(
+            "SELECT value FROM upsilon_meta WHERE key = 'format'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(format, "2");
+
+    let live = backend.current("live").await.unwrap().expect("still held");
+    assert_eq!((&live.holder, live.fence), (&holder, 3));
+    let left = live.expires_at_ms - live.now_ms;
+    assert!((50_000..=60_000).contains(&left), "{left} ms left");
+    let other = upsilon::testing::holder(2);
+    let ttl = std::time::Duration::from_secs(10);
+    assert!(matches!(
+        backend.try_acquire("live", &other, ttl).await.unwrap(),
+        Acquire::Held(ref i) if i.fence == 3
+    ));
+
+    assert_eq!(backend.current("dead").await.unwrap(), None);
+    match backend.try_acquire("dead", &other, ttl).await.unwrap() {
+        Acquire::Granted(lease) => assert_eq!(lease.fence, 6),
+        held => panic!("an expired format-1 lease: {held:?}"),
+    }
+
+    let snap = backend.load("live").await.unwrap();
+    assert_eq!(
+        snap.data_version.map(|v| v.to_string()),
+        Some("1.0.0".into())
+    );
+    assert_eq!(snap.fence, 3);
+    let history = backend.history("live").await.unwrap();
+    assert_eq!(history.len(), 1);
+    assert_eq!(
+        (history[0].started_at_ms, history[0].finished_at_ms),
+        (now - 9_000, Some(now - 8_995))
+    );
+
+    // Opened again: already format 2, nothing to migrate.
+    drop(backend);
+    let again = SqliteBackend::open(&path).await.unwrap();
+    assert_eq!(
+        again.current("live").await.unwrap().map(|i| i.fence),
+        Some(3)
+    );
+}

@@ -4,7 +4,8 @@
 //! - [`Postgres`]: `initdb` + `postgres` on a temporary directory. As root,
 //!   both run as the `postgres` user (PostgreSQL refuses to run as root).
 //!   Password authentication over TCP, so tests see real credentials.
-//!   [`Postgres::builder`] starts one with more connections or other settings.
+//!   [`Postgres::builder`] starts one with more connections or other settings;
+//!   [`Postgres::start_tls`] and [`Postgres::start_tls_only`] ones with TLS.
 //!
 //! A server stops when its value is dropped. A watchdog process also stops it
 //! when the test process exits without dropping it (a `static` server, a
@@ -27,6 +28,10 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+mod certs;
+
+use certs::make_certificates;
+
 /// The command that installs PostgreSQL's server binaries on Debian.
 pub const POSTGRES_INSTALL: &str = "apt-get install -y postgresql";
 
@@ -41,9 +46,9 @@ pub fn free_port() -> u16 {
 
 /// The user that runs a server: `postgres` when we are root, else ourselves.
 #[derive(Debug, Clone, Copy)]
-struct RunAs {
-    uid: u32,
-    gid: u32,
+pub(crate) struct RunAs {
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
 }
 
 fn run_as() -> Option<RunAs> {
@@ -131,11 +136,18 @@ impl Postgres {
         Postgres::builder().tls(true).start()
     }
 
+    /// Like [`Postgres::start_tls`], and TCP connections without TLS are
+    /// refused (`hostssl` lines only in `pg_hba.conf`).
+    pub fn start_tls_only() -> Postgres {
+        Postgres::builder().tls_only().start()
+    }
+
     /// A server with settings of its own: more connections, extra server
     /// settings. [`Postgres::start`] is `Postgres::builder().start()`.
     pub fn builder() -> PostgresBuilder {
         PostgresBuilder {
             tls: false,
+            tls_only: false,
             max_connections: 300,
             settings: Vec::new(),
         }
@@ -144,6 +156,7 @@ impl Postgres {
     fn start_with(options: PostgresBuilder) -> Postgres {
         let PostgresBuilder {
             tls,
+            tls_only,
             max_connections,
             settings: extra,
         } = options;
@@ -194,8 +207,22 @@ impl Postgres {
             String::from_utf8_lossy(&out.stderr)
         );
         let _ = fs::remove_file(&pwfile);
+        if tls_only {
+            let hba = dir.path().join("data/pg_hba.conf");
+            fs::write(
+                &hba,
+                "local all all trust\n\
+                 hostssl all all 127.0.0.1/32 scram-sha-256\n\
+                 hostssl all all ::1/128 scram-sha-256\n",
+            )
+            .expect("writing pg_hba.conf");
+            if let Some(u) = run_as {
+                std::os::unix::fs::chown(&hba, Some(u.uid), Some(u.gid))
+                    .expect("handing pg_hba.conf to the postgres user");
+            }
+        }
         let mut settings = Vec::new();
-        if tls {
+        if tls || tls_only {
             make_certificates(dir.path(), run_as);
             let d = dir.path().display();
             settings.extend([
@@ -279,7 +306,7 @@ impl Postgres {
         });
         let pid = child.id();
         self.child = Some(child);
-        self.watchdog = Some(watchdog(pid));
+        self.watchdog = Some(watchdog(pid, self.dir.path()));
         let deadline = Instant::now() + Duration::from_secs(30);
         let pidfile = self.data_dir().join("postmaster.pid");
         loop {
@@ -467,6 +494,7 @@ impl Postgres {
 #[derive(Debug, Clone)]
 pub struct PostgresBuilder {
     tls: bool,
+    tls_only: bool,
     max_connections: u32,
     settings: Vec<String>,
 }
@@ -475,6 +503,14 @@ impl PostgresBuilder {
     /// TLS on, as [`Postgres::start_tls`]. Default off.
     pub fn tls(mut self, on: bool) -> Self {
         self.tls = on;
+        self
+    }
+
+    /// TLS on, and TCP connections without it refused, as
+    /// [`Postgres::start_tls_only`].
+    pub fn tls_only(mut self) -> Self {
+        self.tls = true;
+        self.tls_only = true;
         self
     }
 
@@ -504,86 +540,6 @@ impl Drop for Postgres {
     }
 }
 
-/// A CA and a server certificate it signs, for `localhost` and 127.0.0.1.
-fn make_certificates(dir: &Path, run_as: Option<RunAs>) {
-    let steps: [&[&str]; 3] = [
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=upsilon test CA",
-        ],
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=localhost",
-        ],
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.crt",
-            "-days",
-            "2",
-            "-extfile",
-            "san.ext",
-        ],
-    ];
-    fs::write(
-        dir.join("san.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-    )
-    .expect("writing the certificate extensions");
-    for args in steps {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run openssl: {e}; apt-get install -y openssl"));
-        assert!(
-            out.status.success(),
-            "openssl {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let key = dir.join("server.key");
-    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).expect("chmod of the key");
-    if let Some(u) = run_as {
-        for f in ["server.key", "server.crt"] {
-            std::os::unix::fs::chown(dir.join(f), Some(u.uid), Some(u.gid))
-                .expect("handing the certificate to the postgres user");
-        }
-    }
-}
-
 fn output(mut cmd: Command, run_as: Option<RunAs>) -> Output {
     if let Some(u) = run_as {
         cmd.uid(u.uid).gid(u.gid);
@@ -595,14 +551,20 @@ fn output(mut cmd: Command, run_as: Option<RunAs>) -> Output {
 }
 
 /// A shell that stops the server when this process is gone, for servers that
-/// are never dropped (statics) and test processes that die.
-fn watchdog(server: u32) -> Child {
+/// are never dropped (statics) and test processes that die, and then removes
+/// the server's directory. A server that stops while this process lives
+/// (a crash the test asked for) keeps its directory.
+fn watchdog(server: u32, dir: &Path) -> Child {
     let me = std::process::id();
+    let dir = dir.display().to_string().replace('\'', "'\\''");
     Command::new("sh")
         .arg("-c")
         .arg(format!(
             "while kill -0 {me} 2>/dev/null && kill -0 {server} 2>/dev/null; do sleep 0.2; done; \
-             kill -QUIT {server} 2>/dev/null; exit 0"
+             kill -0 {me} 2>/dev/null && exit 0; \
+             kill -QUIT {server} 2>/dev/null; \
+             n=0; while kill -0 {server} 2>/dev/null && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done; \
+             rm -rf '{dir}'; exit 0"
         ))
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -69,6 +69,31 @@ fn a_tls_server_offers_tls_signed_by_its_ca() {
 }
 
 #[test]
+fn a_tls_only_server_refuses_plain_connections() {
+    let pg = Postgres::start_tls_only();
+    let out = pg.psql("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()");
+    assert_eq!(out, "t", "psql negotiated TLS");
+    let plain = std::process::Command::new("psql")
+        .args([
+            "-X",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg.port().to_string(),
+            "-U",
+            "postgres",
+        ])
+        .args(["-c", "SELECT 1"])
+        .env("PGPASSWORD", pg.password())
+        .env("PGSSLMODE", "disable")
+        .output()
+        .unwrap();
+    assert!(!plain.status.success(), "a plain connection was accepted");
+    let stderr = String::from_utf8_lossy(&plain.stderr);
+    assert!(stderr.contains("no encryption"), "{stderr}");
+}
+
+#[test]
 fn a_builder_sets_connections_and_other_settings() {
     let pg = Postgres::builder()
         .max_connections(450)
@@ -82,4 +107,41 @@ fn a_builder_sets_connections_and_other_settings() {
         "the preloaded library answers"
     );
     assert_eq!(Postgres::start().psql("SHOW max_connections"), "300");
+}
+
+#[test]
+fn a_server_never_dropped_is_stopped_and_removed_when_its_process_exits() {
+    if let Ok(dir) = std::env::var("UPSILON_LEAK_SERVER") {
+        // The child: starts a server, prints where, and exits without
+        // dropping it.
+        let pg = Postgres::start();
+        let pid = std::fs::read_to_string(pg.dir().join("data/postmaster.pid")).unwrap();
+        std::fs::write(
+            dir,
+            format!("{}\n{}", pg.dir().display(), pid.lines().next().unwrap()),
+        )
+        .unwrap();
+        std::mem::forget(pg);
+        return;
+    }
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_server_never_dropped_is_stopped_and_removed_when_its_process_exits",
+            "--quiet",
+        ])
+        .env("UPSILON_LEAK_SERVER", out.path())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let written = std::fs::read_to_string(out.path()).unwrap();
+    let (dir, pid) = written.split_once('\n').unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while (running(pid) || Path::new(dir).exists()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(!running(pid), "the server was stopped");
+    assert!(!Path::new(dir).exists(), "its directory {dir} was removed");
 }

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use upsilon::backend::{AttemptState, BackendError, Change, Columns, FinishAttempt};
+use upsilon::backend::{AttemptState, BackendError, Change, Columns, FinishAttempt, Snapshot};
 use upsilon::{TaskContext, TaskKey};
 
 use super::error::{driver, driver_in, timed_out};
@@ -23,6 +23,14 @@ impl PostgresBackend {
     /// The runner's own completion record that follows is then found already
     /// written and skipped. Return `Ok` from the task right after this call:
     /// the task is recorded completed once this returns `Ok`.
+    ///
+    /// It runs `work` only while the attempt is running: a second call for
+    /// an attempt that completed (a retry after the reply to the commit was
+    /// lost, say) is refused with [`BackendError::Rejected`] and runs
+    /// nothing. The connection goes back to the pool with its session reset
+    /// (`DISCARD ALL`), so nothing `work` set (`SET synchronous_commit`,
+    /// `SET ROLE`, ...) reaches Upsilon's own statements; the completion
+    /// itself commits with `synchronous_commit = on` whatever `work` set.
     ///
     /// ```no_run
     /// use upsilon_backends::postgres::PostgresBackend;
@@ -82,7 +90,7 @@ impl PostgresBackend {
         .map_err(|_| timed_out("reading the store", timeout))?
         .map_err(driver)?;
         let mut snap = snapshot_of(&rows)?;
-        snap.clone().check(fence, &finish)?;
+        still_running(&mut snap.clone(), fence, &finish, &key, info.attempt)?;
 
         let value = work(&tx).await?;
 
@@ -92,15 +100,16 @@ impl PostgresBackend {
         let commit = async {
             let c = tx.client();
             let read = [
+                // Whatever the work set, Upsilon's completion is durable.
+                Stmt::Simple("SET LOCAL synchronous_commit = on"),
                 Stmt::Typed(&sql.lock_row, vec![text(service)]),
                 Stmt::Typed(&sql.snapshot, vec![text(service)]),
             ];
             let rows = first_error(pipeline(c, &read).await).map_err(|e| driver_in(e, &context))?;
-            snap = snapshot_of(&rows[1])?;
-            if !snap.check(fence, &finish)?.is_empty() {
-                let write = [finish_now];
-                first_error(pipeline(c, &write).await).map_err(|e| driver_in(e, &context))?;
-            }
+            snap = snapshot_of(&rows[2])?;
+            still_running(&mut snap, fence, &finish, &key, info.attempt)?;
+            let write = [finish_now];
+            first_error(pipeline(c, &write).await).map_err(|e| driver_in(e, &context))?;
             Ok::<(), BackendError>(())
         };
         tokio::time::timeout(timeout, commit)
@@ -110,7 +119,35 @@ impl PostgresBackend {
             .await
             .map_err(|_| timed_out("committing", timeout))?
             .map_err(|e| driver_in(e, &context))?;
-        conn.done();
+        // The work may have changed the session (`SET`, `SET ROLE`, temporary
+        // tables, advisory locks, `LISTEN`): none of it may reach Upsilon's
+        // own later statements on this connection. If the reset fails the
+        // connection is closed instead of pooled.
+        let reset = tokio::time::timeout(timeout, conn.client().batch_execute("DISCARD ALL")).await;
+        if let Ok(Ok(())) = reset {
+            // `DISCARD ALL` also dropped the statements the driver prepared
+            // to look types up.
+            conn.client().clear_type_cache();
+            conn.done();
+        }
         Ok(value)
     }
+}
+
+/// Refuses the completion unless the attempt is still running with `fence`:
+/// a completed attempt's work is never run, or committed, again, not even
+/// by a retry after the reply to its commit was lost.
+fn still_running(
+    snap: &mut Snapshot,
+    fence: u64,
+    finish: &[Change],
+    key: &TaskKey,
+    attempt: u32,
+) -> Result<(), BackendError> {
+    if snap.check(fence, finish)?.is_empty() {
+        return Err(BackendError::Rejected(format!(
+            "task {key}: attempt {attempt} is already completed; complete_with does not run its work again"
+        )));
+    }
+    Ok(())
 }

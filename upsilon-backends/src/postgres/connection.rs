@@ -54,23 +54,35 @@ pub(super) async fn open(
             client
         }),
     };
-    result.map_err(|e| {
-        let auth = e.code().is_some_and(|c| c.code().starts_with("28"));
-        // The driver's TLS errors have no kind of their own to match on.
-        let tls = e.code().is_none() && e.to_string().contains("TLS");
-        let err = driver_in(e, &context());
-        if auth {
-            BackendError::other(PgError::new(format!(
-                "{err}; check the user name and password"
-            )))
-        } else if tls {
-            BackendError::other(PgError::new(format!(
-                "{err}; check that the server's certificate is signed by a trusted CA (`sslrootcert`) and names the host connected to"
-            )))
-        } else {
-            err
+    result.map_err(|e| refused(e, &context()))
+}
+
+/// A failed connect as a [`BackendError`], with what to do about it.
+fn refused(e: tokio_postgres::Error, context: &str) -> BackendError {
+    let text = describe(&e);
+    let code = e.code().map(|c| c.code().to_owned());
+    let db_message = e.as_db_error().map(|d| d.message().to_owned());
+    let err = driver_in(e, context);
+    let hint = match code.as_deref() {
+        // pg_hba.conf has no line for a connection without TLS.
+        Some("28000") if db_message.is_some_and(|m| m.contains("no encryption")) => {
+            "the server accepts only TLS connections from here: use sslmode=require or verify-full, \
+             with sslrootcert=PATH for a private CA (feature `postgres-rustls`)"
         }
-    })
+        Some(c) if c.starts_with("28") => "check the user name and password",
+        Some(_) => return err,
+        // The driver's TLS errors have no kind of their own to match on.
+        None if text.contains("server does not support TLS") => {
+            "the server does not accept TLS connections: turn `ssl` on in the server, \
+             or use sslmode=prefer or sslmode=disable"
+        }
+        None if text.contains("TLS") => {
+            "check that the server's certificate is signed by a trusted CA (`sslrootcert`) and names \
+             the host connected to; Upsilon verifies it whenever it uses TLS, with sslmode=prefer too"
+        }
+        None => return err,
+    };
+    BackendError::other(PgError::new(format!("{err}; {hint}")))
 }
 
 fn spawn_driver<S, T>(

@@ -3,7 +3,7 @@
 //! lease holder as alive.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,6 +15,7 @@ use upsilon::backend::BackendError;
 
 use super::connection::{open, OnMessage};
 use super::error::{driver, PgError};
+use super::holding::{ping, Health};
 use super::options::PostgresOptions;
 use super::tls::Connector;
 use super::PostgresBackend;
@@ -108,14 +109,16 @@ pub(super) struct SessionId {
 pub(super) struct Session {
     pub(super) id: SessionId,
     /// The listening connection; between notifications it also answers
-    /// the waiting node's checks on the lease holder's session.
+    /// the waiting node's checks on the lease holder's session, and the
+    /// holder's pings.
     pub(super) client: Client,
-    closed: Arc<AtomicBool>,
+    /// Lost when the connection closes or a ping goes unanswered.
+    pub(super) health: Arc<Health>,
 }
 
 impl Session {
     pub(super) fn is_open(&self) -> bool {
-        !self.closed.load(Ordering::SeqCst) && !self.client.is_closed()
+        !self.health.is_lost() && !self.client.is_closed()
     }
 
     /// Opens the session: one connection that `LISTEN`s on `channel`, forwards
@@ -126,7 +129,7 @@ impl Session {
         channel: &str,
         wakeups: Arc<Wakeups>,
     ) -> Result<Session, BackendError> {
-        let closed = Arc::new(AtomicBool::new(false));
+        let health = Health::new();
         let on_message: OnMessage = {
             let wakeups = wakeups.clone();
             let channel = channel.to_owned();
@@ -139,10 +142,10 @@ impl Session {
             })
         };
         let on_close: Box<dyn FnOnce() + Send> = {
-            let closed = closed.clone();
+            let health = health.clone();
             let wakeups = wakeups.clone();
             Box::new(move || {
-                closed.store(true, Ordering::SeqCst);
+                health.lose("the connection closed");
                 wakeups.reset_all();
             })
         };
@@ -173,26 +176,26 @@ impl Session {
         Ok(Session {
             id: SessionId { pid, server_start },
             client,
-            closed,
+            health,
         })
     }
 }
 
 impl PostgresBackend {
-    /// The session's id, opening the session if needed; `None` when sessions
-    /// are off (transaction pooling) or it cannot be opened (then dead holders
-    /// are taken over after their TTL, and waiting nodes poll).
-    pub(super) async fn session_id(&self) -> Option<SessionId> {
+    /// The session, opening it if needed; `None` when sessions are off
+    /// (transaction pooling) or it cannot be opened (then dead holders are
+    /// taken over after their TTL, and waiting nodes poll).
+    pub(super) async fn session(&self) -> Option<Arc<Session>> {
         let inner = &self.inner;
         if inner.options.transaction_pooling {
             return None;
         }
         if let Some(s) = self.open_session() {
-            return Some(s.id);
+            return Some(s);
         }
         let mut failed_at = inner.opening.lock().await;
         if let Some(s) = self.open_session() {
-            return Some(s.id);
+            return Some(s);
         }
         if failed_at.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
             return None;
@@ -206,10 +209,16 @@ impl PostgresBackend {
         .await;
         match opened {
             Ok(s) => {
-                let id = s.id;
-                *inner.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(s));
+                let s = Arc::new(s);
+                tokio::spawn(ping(
+                    Arc::downgrade(&s),
+                    s.health.clone(),
+                    inner.options.ping_every,
+                    inner.options.ping_timeout,
+                ));
+                *inner.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(s.clone());
                 *failed_at = None;
-                Some(id)
+                Some(s)
             }
             Err(e) => {
                 debug!(error = %e, "no listening session; polling, and dead holders expire by TTL");
@@ -219,13 +228,13 @@ impl PostgresBackend {
         }
     }
 
-    /// The listening session, if one is open.
+    /// The listening session, if one is open. A session that is no longer
+    /// open is let go, so that its connection closes.
     pub(super) fn open_session(&self) -> Option<Arc<Session>> {
-        self.inner
-            .session
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .filter(|s| s.is_open())
+        let mut slot = self.inner.session.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.as_ref().is_some_and(|s| !s.is_open()) {
+            *slot = None;
+        }
+        slot.clone()
     }
 }

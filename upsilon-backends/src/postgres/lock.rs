@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Row;
-use tracing::info;
+use tracing::{debug, info};
 use upsilon::backend::{
     decide_acquire, fence_from_column, fence_to_column, jitter, ttl_ms, Acquire, BackendError,
     Lease, LeaseInfo, Lock, StoredLease,
@@ -54,55 +54,85 @@ impl PostgresBackend {
 
 /// The state row as `Sql::acquire_read` reads it under its lock.
 struct LeaseRow {
-    /// The stored lease; `None` when there is none or its holder's session
-    /// is gone.
+    /// The stored lease, if any.
     lease: Option<StoredLease>,
+    /// Whether the session the row names has ended (the server's answer).
+    gone: bool,
     /// The database's clock.
     now_ms: i64,
-    /// The grant counter, the store's fence and the history's newest fence.
-    fences: [u64; 3],
+    /// The grant counter, the store's fence, the history's newest fence and
+    /// the floor in the meta table.
+    fences: [u64; 4],
     /// The holder's listening session, if its lease row names one.
     session: Option<SessionId>,
 }
 
 impl LeaseRow {
-    fn decode(row: &Row, service: &str) -> Result<LeaseRow, BackendError> {
+    fn decode(row: &Row) -> Result<LeaseRow, BackendError> {
         format_of(row, 0)?;
         let lease = StoredLease::from_columns(
             get(row, 3, "the lease holder")?,
             get(row, 4, "the lease fence")?,
             get(row, 5, "the lease expiry")?,
         )?;
-        let now_ms = get(row, 6, "the clock")?;
-        let gone: bool = get(row, 7, "the holder's session")?;
         let fences = [
             fence_from_column(get(row, 1, "the granted fence")?, "the granted fence")?,
             fence_from_column(get(row, 2, "the store fence")?, "the store's fence")?,
             fence_from_column(get(row, 8, "the history's fence")?, "the history's fence")?,
+            floor(get(row, 11, "the fence floor")?)?,
         ];
-        let session = match (
-            get(row, 9, "the holder's session")?,
-            get(row, 10, "the holder's session")?,
+        Ok(LeaseRow {
+            lease,
+            gone: get(row, 7, "the holder's session")?,
+            now_ms: get(row, 6, "the clock")?,
+            fences,
+            session: session_of(row, 9)?,
+        })
+    }
+}
+
+/// The session named in columns `first` (pid) and `first + 1` (server start).
+fn session_of(row: &Row, first: usize) -> Result<Option<SessionId>, BackendError> {
+    Ok(
+        match (
+            get(row, first, "the holder's session")?,
+            get(row, first + 1, "the holder's session")?,
         ) {
             (Some(pid), Some(server_start)) => Some(SessionId { pid, server_start }),
             _ => None,
-        };
-        let lease = match lease {
-            Some(l) if gone => {
-                if l.live(now_ms).is_some() {
-                    info!(%service, holder = %l.holder, "the lease holder's session is gone; taking the lease over");
-                }
-                None
-            }
-            other => other,
-        };
-        Ok(LeaseRow {
-            lease,
-            now_ms,
-            fences,
-            session,
-        })
+        },
+    )
+}
+
+impl PostgresBackend {
+    /// The lease that stands in the way of a grant, as `found` shows it:
+    /// `None` when there is none, or when its holder's session has been seen
+    /// gone for the takeover grace (then the holder has stopped, see
+    /// `holding.rs`). An answer that shows the session gone for the first
+    /// time starts the grace.
+    fn standing<'r>(&self, service: &str, found: &'r LeaseRow) -> Option<&'r StoredLease> {
+        let lease = found.lease.as_ref()?;
+        if lease.live(found.now_ms).is_none() {
+            self.inner.waiting.forget(service);
+            return Some(lease);
+        }
+        let waiting = &self.inner.waiting;
+        if waiting.observe(service, lease.fence, found.session, found.gone) {
+            info!(%service, holder = %lease.holder, fence = lease.fence,
+                "the lease holder's session has been gone for the takeover grace; taking the lease over");
+            return None;
+        }
+        Some(lease)
     }
+}
+
+/// The fence floor as the meta table keeps it (text); none is 0.
+fn floor(value: Option<&str>) -> Result<u64, BackendError> {
+    let Some(text) = value else { return Ok(0) };
+    let n = text
+        .parse::<i64>()
+        .map_err(|_| BackendError::corrupt(format!("the fence floor {text:?} is not a number")))?;
+    fence_from_column(n, "the fence floor")
 }
 
 #[async_trait]
@@ -114,7 +144,8 @@ impl Lock for PostgresBackend {
         ttl: Duration,
     ) -> Result<Acquire, BackendError> {
         self.inner.wakeups.mark_seen(service);
-        let session = self.session_id().await;
+        let session = self.session().await;
+        let session_id = session.as_ref().map(|s| s.id);
         let sql = &self.inner.sql;
         let mut conn = self.conn().await?;
         let read = [
@@ -128,10 +159,10 @@ impl Lock for PostgresBackend {
             let row = rows[2]
                 .first()
                 .ok_or_else(|| BackendError::corrupt("the state row vanished under its lock"))?;
-            let found = LeaseRow::decode(row, service)?;
+            let found = LeaseRow::decode(row)?;
             let decision = decide_acquire(
                 service,
-                found.lease.as_ref(),
+                self.standing(service, &found),
                 found.now_ms,
                 found.fences,
                 holder,
@@ -141,14 +172,12 @@ impl Lock for PostgresBackend {
                 Acquire::Granted(lease) => lease,
                 Acquire::Held(info) => {
                     first_error(pipeline(c, &[Stmt::Simple("COMMIT")]).await).map_err(driver)?;
-                    self.inner
-                        .held_by
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(service.to_owned(), (info.fence, found.session));
                     return Ok(Acquire::Held(info));
                 }
             };
+            // Watched from before any other node can read the row that
+            // names the session.
+            let tie = session.as_ref().map(|s| self.inner.holding.tie(&lease, s));
             let write = [
                 Stmt::Typed(
                     &sql.grant,
@@ -157,9 +186,13 @@ impl Lock for PostgresBackend {
                         int8(fence_to_column(lease.fence)?),
                         text(holder.encode()),
                         int8(lease.expires_at_ms),
-                        opt_int4(session.map(|s| s.pid)),
-                        opt_int8(session.map(|s| s.server_start)),
+                        opt_int4(session_id.map(|s| s.pid)),
+                        opt_int8(session_id.map(|s| s.server_start)),
                     ],
+                ),
+                Stmt::Typed(
+                    &sql.raise_floor,
+                    vec![text(service), text(lease.fence.to_string())],
                 ),
                 Stmt::Simple("COMMIT"),
             ];
@@ -169,6 +202,10 @@ impl Lock for PostgresBackend {
                     "the state row vanished under its lock",
                 ));
             }
+            if let Some(t) = tie {
+                t.keep();
+            }
+            self.inner.waiting.forget(service);
             Ok(Acquire::Granted(lease))
         };
         let result = self.timed(op).await;
@@ -176,12 +213,6 @@ impl Lock for PostgresBackend {
     }
 
     async fn renew(&self, lease: &Lease) -> Result<Lease, BackendError> {
-        // A renewal must not wait long for a session: without one the lease
-        // row names none, and a dead holder is then taken over by its TTL.
-        let session = tokio::time::timeout(Duration::from_millis(500), self.session_id())
-            .await
-            .ok()
-            .flatten();
         let sql = &self.inner.sql;
         let mut conn = self.conn().await?;
         let stmt = [Stmt::Typed(
@@ -191,8 +222,6 @@ impl Lock for PostgresBackend {
                 text(lease.holder.encode()),
                 int8(fence_to_column(lease.fence)?),
                 int8(ttl_ms(lease.ttl)?),
-                opt_int4(session.map(|s| s.pid)),
-                opt_int8(session.map(|s| s.server_start)),
             ],
         )];
         let op = async {
@@ -206,7 +235,13 @@ impl Lock for PostgresBackend {
             }
         };
         let result = self.timed(op).await;
-        self.settle(&mut conn, "renewing the lease", result).await
+        let result = self.settle(&mut conn, "renewing the lease", result).await;
+        match &result {
+            Ok(renewed) => self.inner.holding.renewed(renewed),
+            Err(BackendError::LeaseLost(_)) => self.inner.holding.untie(lease),
+            Err(_) => {}
+        }
+        result
     }
 
     async fn release(&self, lease: &Lease) -> Result<(), BackendError> {
@@ -230,7 +265,11 @@ impl Lock for PostgresBackend {
             }
         };
         let result = self.timed(op).await;
-        self.settle(&mut conn, "releasing the lease", result).await
+        let result = self.settle(&mut conn, "releasing the lease", result).await;
+        if matches!(result, Ok(()) | Err(BackendError::LeaseLost(_))) {
+            self.inner.holding.untie(lease);
+        }
+        result
     }
 
     async fn current(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
@@ -242,16 +281,22 @@ impl Lock for PostgresBackend {
             let Some(r) = rows[0].first() else {
                 return Ok(None);
             };
-            if get::<bool>(r, 4, "the holder's session")? {
-                return Ok(None);
-            }
             let stored = StoredLease::from_columns(
                 get(r, 0, "the lease holder")?,
                 get(r, 1, "the lease fence")?,
                 get(r, 2, "the lease expiry")?,
             )?;
             let now = get(r, 3, "the clock")?;
-            Ok(stored.and_then(|s| s.live(now)))
+            let Some(info) = stored.and_then(|s| s.live(now)) else {
+                return Ok(None);
+            };
+            let gone = get::<bool>(r, 4, "the holder's session")?;
+            // Free only once a takeover would be granted.
+            let taken = self
+                .inner
+                .waiting
+                .observe(service, info.fence, session_of(r, 5)?, gone);
+            Ok((!taken).then_some(info))
         };
         let result = self.timed(op).await;
         self.settle(&mut conn, "reading the lease", result).await
@@ -263,27 +308,29 @@ impl Lock for PostgresBackend {
         seen: &LeaseInfo,
         timeout: Duration,
     ) -> Result<(), BackendError> {
+        let waiting = &self.inner.waiting;
+        // Once the holder's session was seen gone, the runner is to ask again
+        // when the takeover grace has passed.
+        let mut deadline = Instant::now() + timeout;
+        if let Some(at) = waiting.takeover_at(service, seen.fence) {
+            deadline = deadline.min(at);
+        }
         let Some(session) = self
             .open_session()
             .filter(|_| !self.inner.options.transaction_pooling)
         else {
-            tokio::time::sleep(timeout).await;
+            tokio::time::sleep_until(deadline).await;
             return Ok(());
         };
         let since = self.inner.wakeups.take_seen(service);
-        let holder = self
-            .inner
-            .held_by
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(service)
-            .filter(|(fence, _)| *fence == seen.fence)
-            .and_then(|(_, s)| *s);
-        let deadline = Instant::now() + timeout;
+        let mut holder = waiting.live_session(service, seen.fence);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            // A notification ends the wait; so does the holder's session
-            // ending, which no notification reports: check it now and then.
+            if left.is_zero() {
+                return Ok(());
+            }
+            // A notification ends the wait; the holder's session ending,
+            // which no notification reports, is checked now and then.
             let slice = match holder {
                 Some(_) => jitter(self.inner.options.holder_check).min(left),
                 None => left,
@@ -292,22 +339,43 @@ impl Lock for PostgresBackend {
                 return Ok(());
             }
             let Some(h) = holder.filter(|_| Instant::now() < deadline) else {
-                return Ok(());
+                continue;
             };
             let params: [(&(dyn ToSql + Sync), Type); 2] =
                 [(&h.pid, Type::INT4), (&h.server_start, Type::INT8)];
             let check = session
                 .client
                 .query_typed(&self.inner.sql.session_gone, &params);
-            match tokio::time::timeout(Duration::from_secs(2), check).await {
-                Ok(Ok(rows)) if rows.first().is_some_and(|r| !r.get::<_, bool>(0)) => {}
-                // Gone, or the check failed: let the runner ask for the lease.
-                _ => return Ok(()),
+            let gone = match tokio::time::timeout(Duration::from_secs(2), check).await {
+                Ok(Ok(rows)) => rows.first().and_then(|r| r.try_get::<_, bool>(0).ok()),
+                _ => None,
+            };
+            match gone {
+                Some(gone) => {
+                    waiting.observe(service, seen.fence, Some(h), gone);
+                    if gone {
+                        debug!(%service, holder = %seen.holder, fence = seen.fence,
+                            "the lease holder's session is gone; taking the lease over after the takeover grace");
+                        holder = None;
+                        if let Some(at) = waiting.takeover_at(service, seen.fence) {
+                            deadline = deadline.min(at);
+                        }
+                    }
+                }
+                // The check failed: let the runner ask for the lease.
+                None => return Ok(()),
             }
         }
     }
 
     fn notifies(&self) -> bool {
         !self.inner.options.transaction_pooling && self.open_session().is_some()
+    }
+
+    async fn until_lost(&self, lease: &Lease) -> BackendError {
+        self.inner
+            .holding
+            .until_lost(lease, || self.open_session().map(|s| s.id))
+            .await
     }
 }

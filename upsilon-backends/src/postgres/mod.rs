@@ -22,8 +22,9 @@
 //!   (`clock_timestamp()`), and holds no session state, so it works behind
 //!   PgBouncer in transaction mode. The fence is a counter in the same row
 //!   that only grows: a grant takes one more than the highest of the row's
-//!   counters and every fence in the history, so neither a forced release nor
-//!   deleting the row resets it.
+//!   counters, every fence in the history and the service's fence floor in
+//!   the meta table (which every grant raises), so neither a forced release
+//!   nor deleting the row resets it.
 //! - Every store write is one transaction that locks the service's state row
 //!   (`SELECT ... FOR UPDATE`), reads the state and the per-task summaries,
 //!   checks the write with
@@ -36,16 +37,22 @@
 //!   notification or the lease's expiry ([`Lock::notifies`](upsilon::backend::Lock::notifies)). Without
 //!   notifications (transaction pooling, or a lost session) they poll.
 //! - A holder also keeps a session of its own (the listening connection) and
-//!   records its server process id in the lease row. A node that finds the
-//!   lease held by a session that no longer exists treats it as expired, and
-//!   a waiting node checks for that about once a second
-//!   ([`PostgresOptions::holder_check_every`]), so a killed holder is taken
-//!   over within about a second rather than after the TTL. Safety never
-//!   depends on this: the new grant still gets a higher fence. Behind a
-//!   transaction-mode pooler this is off and the TTL decides.
+//!   records its server process id in the lease row. A waiting node checks
+//!   about once a second ([`PostgresOptions::holder_check_every`]) whether
+//!   that session still exists; once it has seen it gone for
+//!   [`PostgresOptions::takeover_grace`] it takes the lease over, so a killed
+//!   holder is taken over within a second or two rather than after the TTL.
+//!   The holder pings its session while it holds the lease
+//!   ([`PostgresOptions::holder_ping_every`]) and
+//!   [`Lock::until_lost`](upsilon::backend::Lock::until_lost) tells it, well
+//!   within the grace, that its session ended, so that it stops its task
+//!   before anyone else can start one (invariant E1). The new grant still
+//!   gets a higher fence. Behind a transaction-mode pooler this is off and
+//!   the TTL decides.
 //!
 //! Tables, in a configurable schema (default `public`):
-//! - `upsilon_meta(key, value)`: the stored format (`format` = 1);
+//! - `upsilon_meta(key, value)`: the stored format (`format` = 1) and each
+//!   service's fence floor (`fence:SERVICE`);
 //! - `upsilon_state(service, data_version, baseline, store_fence, granted,
 //!   lease_holder, lease_fence, lease_expires, lease_pid, lease_server_start)`:
 //!   one row per service;
@@ -59,7 +66,9 @@
 
 mod complete;
 mod connection;
+mod conninfo;
 mod error;
+mod holding;
 mod listener;
 mod lock;
 mod options;
@@ -67,11 +76,11 @@ mod pipeline;
 mod pool;
 mod sql;
 mod store;
+mod takeover;
 #[cfg(test)]
 mod tests;
 mod tls;
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -83,10 +92,13 @@ use tracing::info;
 use upsilon::backend::BackendError;
 
 use error::{driver, driver_in, timed_out};
-use listener::{Session, SessionId, Wakeups};
+use holding::Holding;
+use listener::{Session, Wakeups};
 pub use options::PostgresOptions;
+use pipeline::{pipeline, Stmt};
 use pool::Pool;
 use sql::Sql;
+use takeover::Waiting;
 use tls::Connector;
 
 /// The driver, for the transaction [`PostgresBackend::complete_with`] hands
@@ -113,9 +125,10 @@ struct Inner {
     session: std::sync::Mutex<Option<Arc<Session>>>,
     /// Held while a session is being opened; the time of the last failure.
     opening: tokio::sync::Mutex<Option<Instant>>,
-    /// Per service: the fence and session of the lease last found held by
-    /// another node, for the waiting node's checks.
-    held_by: std::sync::Mutex<HashMap<String, (u64, Option<SessionId>)>>,
+    /// The leases this node holds that are tied to its session.
+    holding: Holding,
+    /// The leases this node found held by others, for early takeovers.
+    waiting: Waiting,
 }
 
 impl fmt::Debug for PostgresBackend {
@@ -160,6 +173,7 @@ impl PostgresBackend {
         let connector = Connector::new(&options)?;
         let sql = Sql::new(&options);
         let pool = Pool::new(options.clone(), connector.clone());
+        let waiting = Waiting::new(options.takeover_grace);
         let backend = PostgresBackend {
             inner: Arc::new(Inner {
                 options,
@@ -169,7 +183,8 @@ impl PostgresBackend {
                 wakeups: Arc::new(Wakeups::default()),
                 session: std::sync::Mutex::new(None),
                 opening: tokio::sync::Mutex::new(None),
-                held_by: std::sync::Mutex::new(HashMap::new()),
+                holding: Holding::default(),
+                waiting,
             }),
         };
         backend.prepare_tables().await?;
@@ -192,8 +207,21 @@ impl PostgresBackend {
     async fn prepare_tables(&self) -> Result<(), BackendError> {
         let mut conn = self.conn().await?;
         let sql = &self.inner.sql;
-        let first = conn.client().query_typed(&sql.format, &[]).await;
-        match first {
+        let mut first = pipeline(
+            conn.client(),
+            &[
+                Stmt::Typed(&sql.format, vec![]),
+                Stmt::Typed(sql::IDLE_SESSION_TIMEOUT, vec![]),
+            ],
+        )
+        .await;
+        if let Some(Ok(rows)) = first.pop() {
+            let ms = rows.first().and_then(|r| r.try_get::<_, i64>(0).ok());
+            self.inner
+                .pool
+                .server_idle_timeout(ms.and_then(|ms| u64::try_from(ms).ok()).unwrap_or(0));
+        }
+        match first.pop().expect("the format's answer") {
             Ok(rows) if !rows.is_empty() => {
                 let f: String = get(&rows[0], 0, "the stored format")?;
                 check_format(&f)?;

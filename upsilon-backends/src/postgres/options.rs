@@ -3,14 +3,13 @@
 use std::fmt;
 #[cfg(feature = "postgres-rustls")]
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
 
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::Config;
 use upsilon::backend::BackendError;
 
-use crate::redact;
+use super::conninfo;
 
 /// Options of a [`PostgresBackend`](super::PostgresBackend): the server (from
 /// a URL or from parts), the schema and table names, TLS, the pool, and
@@ -39,6 +38,9 @@ pub struct PostgresOptions {
     pub(crate) op_timeout: Duration,
     pub(crate) transaction_pooling: bool,
     pub(crate) holder_check: Duration,
+    pub(crate) ping_every: Duration,
+    pub(crate) ping_timeout: Duration,
+    pub(crate) takeover_grace: Duration,
     pub(crate) tls: TlsChoice,
 }
 
@@ -67,6 +69,9 @@ impl fmt::Debug for PostgresOptions {
             .field("op_timeout", &self.op_timeout)
             .field("transaction_pooling", &self.transaction_pooling)
             .field("holder_check", &self.holder_check)
+            .field("ping_every", &self.ping_every)
+            .field("ping_timeout", &self.ping_timeout)
+            .field("takeover_grace", &self.takeover_grace)
             .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
@@ -85,6 +90,7 @@ impl PostgresOptions {
     pub fn new() -> PostgresOptions {
         let mut config = Config::new();
         config
+            .user("postgres")
             .application_name("upsilon")
             .connect_timeout(Duration::from_secs(5))
             .keepalives(true)
@@ -99,66 +105,51 @@ impl PostgresOptions {
             op_timeout: Duration::from_secs(10),
             transaction_pooling: false,
             holder_check: Duration::from_secs(1),
+            ping_every: Duration::from_millis(100),
+            ping_timeout: Duration::from_millis(200),
+            takeover_grace: Duration::from_millis(600),
             tls: TlsChoice::Off,
         }
     }
 
-    /// Options from a `postgres://` or `postgresql://` URL (or a libpq
-    /// `key=value` string). Besides what libpq knows, the query may carry:
+    /// Options from a `postgres://` or `postgresql://` URL, or a libpq
+    /// `key=value` string (`host=db user=app sslmode=require`). Besides what
+    /// libpq knows, both may carry:
     /// - `schema=NAME`: the schema of Upsilon's tables (default `public`);
     /// - `pgbouncer=true`: the server is reached through a pooler in
-    ///   transaction mode; see [`PostgresOptions::transaction_pooling`];
-    /// - `sslmode=require|verify-ca|verify-full` (TLS, feature
-    ///   `postgres-rustls`; the certificate is always verified) and
-    ///   `sslrootcert=PATH` (an extra CA file, PEM).
+    ///   transaction mode; see [`PostgresOptions::transaction_pooling`].
     ///
-    /// Errors name the URL with its password replaced.
+    /// TLS (feature `postgres-rustls`) follows `sslmode`: `disable` (or no
+    /// `sslmode`) connects without TLS; `prefer` tries TLS and falls back to
+    /// plaintext only when the server refuses TLS; `require`, `verify-ca`
+    /// and `verify-full` insist on it. Whenever TLS is used the server's
+    /// certificate is verified, chain and host name, against the system's
+    /// roots and `sslrootcert=PATH` (PEM), which alone also asks for TLS.
+    /// `sslmode=allow` is refused: use `prefer` or `disable`.
+    ///
+    /// Errors show the string with its password replaced.
     pub fn from_url(url: &str) -> Result<PostgresOptions, BackendError> {
         let bad = |why: String| {
-            BackendError::other(format!("invalid PostgreSQL URL {:?}: {why}", redact(url)))
+            let what = if url.contains("://") {
+                "URL"
+            } else {
+                "connection string"
+            };
+            BackendError::other(format!(
+                "invalid PostgreSQL {what} {:?}: {why}",
+                conninfo::redact(url)
+            ))
         };
+        let info = conninfo::parse(url).map_err(&bad)?;
         let mut options = PostgresOptions::new();
-        let (base, query) = match url.split_once('?') {
-            Some((b, q)) => (b, Some(q)),
-            None => (url, None),
-        };
-        let mut kept = Vec::new();
-        let mut sslmode = None;
-        let mut rootcert = None;
-        for pair in query
-            .unwrap_or_default()
-            .split('&')
-            .filter(|p| !p.is_empty())
-        {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let value = percent_decode(value).ok_or_else(|| {
-                bad(format!(
-                    "the value of `{key}` is not valid percent-encoding"
-                ))
-            })?;
-            match key {
-                "schema" => options.schema = value,
-                "pgbouncer" => {
-                    options.transaction_pooling = parse_bool(&value)
-                        .ok_or_else(|| bad(format!("pgbouncer={value:?} is not true or false")))?
-                }
-                "sslmode" => sslmode = Some(value),
-                "sslrootcert" => rootcert = Some(value),
-                _ => kept.push(pair),
-            }
+        if let Some(schema) = info.schema {
+            options.schema = schema;
         }
-        let is_url = base.starts_with("postgres://") || base.starts_with("postgresql://");
-        let rebuilt = if kept.is_empty() {
-            base.to_owned()
-        } else if is_url {
-            format!("{base}?{}", kept.join("&"))
-        } else {
-            return Err(bad(
-                "use a `postgres://` URL to give options after `?`".into()
-            ));
-        };
-        let parsed = Config::from_str(&rebuilt).map_err(|e| bad(e.to_string()))?;
-        let mut config = parsed;
+        if let Some(value) = info.pgbouncer {
+            options.transaction_pooling = parse_bool(&value)
+                .ok_or_else(|| bad(format!("pgbouncer={value:?} is not true or false")))?;
+        }
+        let mut config = info.config;
         if config.get_application_name().is_none() {
             config.application_name("upsilon");
         }
@@ -169,24 +160,32 @@ impl PostgresOptions {
             .keepalives(true)
             .keepalives_idle(Duration::from_secs(30));
         options.config = config;
-        match sslmode.as_deref() {
-            None | Some("disable") | Some("allow") | Some("prefer") => {
-                options.config.ssl_mode(SslMode::Disable);
-                if rootcert.is_some() {
-                    options.tls = tls_choice(rootcert);
-                    options.config.ssl_mode(SslMode::Require);
-                }
+        let rootcert = info.sslrootcert;
+        let (tls, mode) = match (info.sslmode.as_deref(), &rootcert) {
+            (None, None) | (Some("disable"), None) => (TlsChoice::Off, SslMode::Disable),
+            (Some("disable"), Some(_)) => {
+                return Err(bad(
+                    "sslmode=disable turns TLS off and sslrootcert asks for it: drop one of them"
+                        .into(),
+                ))
             }
-            Some("require") | Some("verify-ca") | Some("verify-full") => {
-                options.tls = tls_choice(rootcert);
-                options.config.ssl_mode(SslMode::Require);
+            (Some("allow"), _) => {
+                return Err(bad(
+                    "sslmode=allow is not supported: use sslmode=prefer (TLS when the server offers it) or sslmode=disable".into(),
+                ))
             }
-            Some(other) => {
+            (Some("prefer"), _) => (tls_choice(rootcert), SslMode::Prefer),
+            (None, Some(_)) | (Some("require" | "verify-ca" | "verify-full"), _) => {
+                (tls_choice(rootcert), SslMode::Require)
+            }
+            (Some(other), _) => {
                 return Err(bad(format!(
-                "sslmode={other:?} is not one of disable, prefer, require, verify-ca, verify-full"
-            )))
+                    "sslmode={other:?} is not one of disable, prefer, require, verify-ca, verify-full"
+                )))
             }
-        }
+        };
+        options.tls = tls;
+        options.config.ssl_mode(mode);
         Ok(options)
     }
 
@@ -281,10 +280,45 @@ impl PostgresOptions {
 
     /// How often a waiting node checks whether the lease holder's session
     /// still exists (one light query on its listening connection), so that a
-    /// dead holder is taken over this soon rather than when its lease runs
-    /// out. Jittered ±50 %. Default 1 s. Not used behind a transaction pooler.
+    /// dead holder is taken over this soon (plus
+    /// [`takeover_grace`](PostgresOptions::takeover_grace)) rather than when
+    /// its lease runs out. Jittered ±50 %. Default 1 s. Not used behind a
+    /// transaction pooler.
     pub fn holder_check_every(mut self, every: Duration) -> Self {
         self.holder_check = every;
+        self
+    }
+
+    /// How often a lease holder pings its listening session (`SELECT 1`)
+    /// while it holds a lease tied to it, so that it learns within
+    /// `holder_ping_every + holder_ping_timeout` that the session ended and
+    /// stops its task ([`Lock::until_lost`](upsilon::backend::Lock::until_lost))
+    /// before another node may take the lease over. The pings also keep the
+    /// session from being closed as idle. Default 100 ms. Only holders ping.
+    pub fn holder_ping_every(mut self, every: Duration) -> Self {
+        self.ping_every = every;
+        self
+    }
+
+    /// How long a holder's ping may go unanswered before the holder takes
+    /// its session, and so its lease, as lost. Default 200 ms. A server or
+    /// host that stalls for longer makes a holder stop its task although
+    /// its session lives (safe, but the upgrade then fails and is retried):
+    /// where that happens, raise this and the takeover grace together.
+    pub fn holder_ping_timeout(mut self, timeout: Duration) -> Self {
+        self.ping_timeout = timeout;
+        self
+    }
+
+    /// How long a waiting node waits, from the moment it first sees the
+    /// holder's session gone, before it takes the lease over (before the
+    /// lease's expiry). It must be longer than `holder_ping_every +
+    /// holder_ping_timeout`, so that the old holder has stopped its task by
+    /// then. Default 600 ms. **Every node of a service must use the same
+    /// three settings**: a waiter's grace covers the holder's pings only if
+    /// both use the same values (see docs/POSTGRES.md).
+    pub fn takeover_grace(mut self, grace: Duration) -> Self {
+        self.takeover_grace = grace;
         self
     }
 
@@ -308,9 +342,18 @@ impl PostgresOptions {
             None => "localhost".to_owned(),
         };
         let port = self.config.get_ports().first().copied().unwrap_or(5432);
-        let user = self.config.get_user().unwrap_or("postgres");
-        let db = self.config.get_dbname().unwrap_or(user);
-        format!("{host}:{port}/{db} as user `{user}`")
+        match self.config.get_user() {
+            Some(user) => {
+                let db = self.config.get_dbname().unwrap_or(user);
+                format!("{host}:{port}/{db} as user `{user}`")
+            }
+            // The driver then connects as the operating system's user, to
+            // the database of that name, as libpq does.
+            None => match self.config.get_dbname() {
+                Some(db) => format!("{host}:{port}/{db} as this process's operating-system user"),
+                None => format!("{host}:{port} as this process's operating-system user"),
+            },
+        }
     }
 
     /// Checks every identifier; the first bad one is named.
@@ -340,6 +383,19 @@ impl PostgresOptions {
                 "the holder check interval must not be zero",
             ));
         }
+        if self.ping_every.is_zero() || self.ping_timeout.is_zero() {
+            return Err(BackendError::other(
+                "the holder ping interval and timeout must not be zero",
+            ));
+        }
+        let budget = self.ping_every.saturating_add(self.ping_timeout);
+        if self.takeover_grace <= budget {
+            return Err(BackendError::other(format!(
+                "the takeover grace ({:?}) must be longer than the holder ping interval plus its timeout ({:?} + {:?}): \
+                 otherwise a waiting node may take a lease over before its holder has noticed that its session ended",
+                self.takeover_grace, self.ping_every, self.ping_timeout
+            )));
+        }
         if self.op_timeout.is_zero() {
             return Err(BackendError::other(
                 "the operation timeout must not be zero",
@@ -347,7 +403,7 @@ impl PostgresOptions {
         }
         if self.tls == TlsChoice::Unavailable {
             return Err(BackendError::other(
-                "the URL asks for TLS (sslmode or sslrootcert), and this build of upsilon-backends has no TLS: enable its `postgres-rustls` feature",
+                "the connection string asks for TLS (sslmode or sslrootcert), and this build of upsilon-backends has no TLS: enable its `postgres-rustls` feature, or use sslmode=disable to connect without TLS",
             ));
         }
         Ok(())
@@ -391,23 +447,6 @@ fn parse_bool(value: &str) -> Option<bool> {
         "false" | "0" | "off" | "no" => Some(false),
         _ => None,
     }
-}
-
-fn percent_decode(value: &str) -> Option<String> {
-    let bytes = value.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 #[cfg(test)]
@@ -463,12 +502,98 @@ mod tests {
     }
 
     #[test]
+    fn sslmode_is_honoured_in_every_form() {
+        for (s, mode) in [
+            ("postgres://h/db?sslmode=require", SslMode::Require),
+            ("host=h dbname=db sslmode=require", SslMode::Require),
+            ("host=h dbname=db sslmode = verify-full", SslMode::Require),
+            ("postgres://h/db?sslmode=prefer", SslMode::Prefer),
+            ("host=h sslmode=prefer", SslMode::Prefer),
+            ("host=h sslrootcert=/ca.pem", SslMode::Require),
+        ] {
+            let o = PostgresOptions::from_url(s).unwrap();
+            assert_eq!(o.config.get_ssl_mode(), mode, "{s}");
+            #[cfg(feature = "postgres-rustls")]
+            assert!(matches!(o.tls, TlsChoice::Rustls { .. }), "{s}");
+            #[cfg(not(feature = "postgres-rustls"))]
+            {
+                let err = o.validate().unwrap_err().to_string();
+                assert!(
+                    err.contains("postgres-rustls") && err.contains("sslmode=disable"),
+                    "{err}"
+                );
+            }
+        }
+        for s in [
+            "postgres://h/db",
+            "host=h",
+            "host=h sslmode=disable",
+            "postgres://h/db?sslmode=disable",
+        ] {
+            let o = PostgresOptions::from_url(s).unwrap();
+            assert_eq!(o.config.get_ssl_mode(), SslMode::Disable, "{s}");
+            assert_eq!(o.tls, TlsChoice::Off, "{s}");
+        }
+        for (s, says) in [
+            ("host=h sslmode=allow", "use sslmode=prefer"),
+            (
+                "host=h sslmode=disable sslrootcert=/ca.pem",
+                "drop one of them",
+            ),
+            ("host=h sslmode=sometimes", "is not one of"),
+        ] {
+            let err = PostgresOptions::from_url(s).err().unwrap().to_string();
+            assert!(err.contains(says), "{s}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_url_without_a_user_names_no_made_up_one() {
+        let o = PostgresOptions::from_url("postgres://db.example/app").unwrap();
+        assert_eq!(
+            o.target(),
+            "db.example:5432/app as this process's operating-system user"
+        );
+    }
+
+    #[test]
     fn parts_have_defaults() {
         let o = PostgresOptions::new().host("h").user("u").dbname("d");
         assert_eq!(o.target(), "h:5432/d as user `u`");
         o.validate().unwrap();
+        assert_eq!(
+            (o.ping_every, o.ping_timeout, o.takeover_grace),
+            (
+                Duration::from_millis(100),
+                Duration::from_millis(200),
+                Duration::from_millis(600)
+            )
+        );
         let same = PostgresOptions::new().tables("t", "t", "h");
         assert!(same.validate().is_err());
+        for (o, named) in [
+            (
+                PostgresOptions::new().takeover_grace(Duration::from_millis(300)),
+                "takeover grace",
+            ),
+            (
+                PostgresOptions::new().holder_ping_timeout(Duration::from_millis(500)),
+                "takeover grace",
+            ),
+            (
+                PostgresOptions::new().holder_ping_every(Duration::ZERO),
+                "must not be zero",
+            ),
+        ] {
+            let err = o.validate().unwrap_err().to_string();
+            assert!(err.contains(named), "{err}");
+        }
+        PostgresOptions::new()
+            .holder_ping_every(Duration::from_millis(50))
+            .holder_ping_timeout(Duration::from_millis(100))
+            .takeover_grace(Duration::from_millis(151))
+            .validate()
+            .unwrap();
         let reserved = PostgresOptions::new().schema("pg_catalog");
         assert!(reserved
             .validate()

@@ -2,10 +2,12 @@
 //! an operation takes one and gives it back.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_postgres::Client;
 use upsilon::backend::BackendError;
 
@@ -19,8 +21,13 @@ use super::PostgresBackend;
 pub(super) struct Pool {
     options: PostgresOptions,
     connector: Connector,
-    idle: Mutex<Vec<Client>>,
+    /// Idle clients and since when they are idle.
+    idle: Mutex<Vec<(Client, Instant)>>,
     permits: Arc<Semaphore>,
+    /// How long a client may stay idle and still be reused, in ms (0: no
+    /// limit): half the server's `idle_session_timeout`, so that a client
+    /// is not handed out just as the server closes it for idleness.
+    max_idle_ms: AtomicU64,
 }
 
 impl fmt::Debug for Pool {
@@ -40,7 +47,13 @@ impl Pool {
             connector,
             idle: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(size)),
+            max_idle_ms: AtomicU64::new(0),
         }
+    }
+
+    /// The server closes sessions idle for `timeout_ms` (0: never).
+    pub(super) fn server_idle_timeout(&self, timeout_ms: u64) {
+        self.max_idle_ms.store(timeout_ms / 2, Ordering::Relaxed);
     }
 
     /// A connection: an idle one that is still open, or a new one.
@@ -59,12 +72,15 @@ impl Pool {
         })?
         .map_err(BackendError::other)?;
         let idle = {
+            let max_idle = Duration::from_millis(self.max_idle_ms.load(Ordering::Relaxed));
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            idle.retain(|c| !c.is_closed());
+            idle.retain(|(c, since)| {
+                !c.is_closed() && (max_idle.is_zero() || since.elapsed() < max_idle)
+            });
             idle.pop()
         };
         let client = match idle {
-            Some(c) => c,
+            Some((c, _)) => c,
             None => open(&self.options, &self.connector, None, None).await?,
         };
         Ok(Conn {
@@ -110,7 +126,7 @@ impl Drop for Conn<'_> {
                     .idle
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .push(client);
+                    .push((client, Instant::now()));
             }
         }
     }

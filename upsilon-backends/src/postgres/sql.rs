@@ -8,6 +8,16 @@ use super::options::PostgresOptions;
 pub(crate) const SERVER_START: &str =
     "(extract(epoch FROM pg_postmaster_start_time()) * 1000000)::int8";
 
+/// The meta table's key of a service's fence floor (`$1` the service): the
+/// highest fence granted, kept apart from the state row so that deleting
+/// that row does not let a fence be granted twice.
+const FLOOR_KEY: &str = "'fence:' || $1";
+
+/// The server's `idle_session_timeout` for this session in ms (0: none; no
+/// row before PostgreSQL 14).
+pub(crate) const IDLE_SESSION_TIMEOUT: &str =
+    "SELECT setting::int8 FROM pg_settings WHERE name = 'idle_session_timeout'";
+
 /// Serialises Upsilon's table creation and migrations across nodes, per database.
 pub(crate) const MIGRATION_LOCK: i64 = 0x7570_7369_6c6f_6e01;
 
@@ -43,6 +53,8 @@ pub(crate) struct Sql {
     pub(crate) lock_row: String,
     pub(crate) acquire_read: String,
     pub(crate) grant: String,
+    /// Records the fence just granted as the service's floor (`$2`, text).
+    pub(crate) raise_floor: String,
     pub(crate) renew: String,
     pub(crate) release: String,
     pub(crate) current: String,
@@ -107,7 +119,8 @@ impl Sql {
                 "SELECT {format_col}, s.granted, s.store_fence, s.lease_holder, s.lease_fence,
                         {}, {}, {gone},
                         (SELECT coalesce(max(fence), 0)::int8 FROM {h} WHERE service = $1),
-                        s.lease_pid, s.lease_server_start
+                        s.lease_pid, s.lease_server_start,
+                        (SELECT value FROM {m} WHERE key = {FLOOR_KEY})
                  FROM {st} AS s CROSS JOIN LATERAL (SELECT clock_timestamp() AS now) AS c
                  WHERE s.service = $1 FOR UPDATE OF s",
                 ms("s.lease_expires"),
@@ -118,8 +131,12 @@ impl Sql {
                         lease_expires = {at}, lease_pid = $5, lease_server_start = $6
                  WHERE service = $1 RETURNING 1"
             ),
+            raise_floor: format!(
+                "INSERT INTO {m} (key, value) VALUES ({FLOOR_KEY}, $2)
+                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
+            ),
             renew: format!(
-                "UPDATE {st} SET lease_expires = {ttl}, lease_pid = $5, lease_server_start = $6
+                "UPDATE {st} SET lease_expires = {ttl}
                  WHERE service = $1 AND lease_holder = $2 AND lease_fence = $3
                    AND lease_expires > clock_timestamp()
                  RETURNING {}",
@@ -135,7 +152,8 @@ impl Sql {
                  SELECT r.service FROM r CROSS JOIN LATERAL pg_notify($4, r.service) AS n"
             ),
             current: format!(
-                "SELECT s.lease_holder, s.lease_fence, {}, {}, {gone}
+                "SELECT s.lease_holder, s.lease_fence, {}, {}, {gone},
+                        s.lease_pid, s.lease_server_start
                  FROM {st} AS s CROSS JOIN LATERAL (SELECT clock_timestamp() AS now) AS c
                  WHERE s.service = $1",
                 ms("s.lease_expires"),

@@ -34,4 +34,15 @@ async fn a_negative_fence_in_the_tables_is_corrupt_and_never_a_grant() {
     pg.psql("UPDATE upsilon_state SET store_fence = 0, granted = -1 WHERE service = 's'");
     assert!(is_corrupt(backend.try_acquire("s", &holder, ttl).await));
     assert!(backend.load("s").await.is_ok());
+
+    pg.psql("UPDATE upsilon_state SET granted = 1 WHERE service = 's'");
+    for floor in ["-2", "two"] {
+        pg.psql(&format!(
+            "UPDATE upsilon_meta SET value = '{floor}' WHERE key = 'fence:s'"
+        ));
+        assert!(
+            is_corrupt(backend.try_acquire("s", &holder, ttl).await),
+            "floor {floor}"
+        );
+    }
 }

@@ -8,7 +8,7 @@
 //!
 //! # Writing a backend
 //!
-//! `upsilon-backends/src/sqlite.rs` is the worked example: about 300 lines
+//! `upsilon-backends/src/sqlite/` is the worked example: a few hundred lines
 //! of SQL and column mapping, no protocol logic. Each method is one atomic
 //! operation in the backend's store (a transaction, a compare-and-set, a
 //! script):

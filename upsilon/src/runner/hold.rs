@@ -100,6 +100,9 @@ impl Inner {
 
     /// Step 3: claims the store with the fence and re-reads everything.
     async fn claim(&self, held: &Held, fence: u64, before: Snapshot) -> Result<Snapshot, Failure> {
+        if let Some(halt) = held.halt() {
+            return Err(halt.into());
+        }
         let snapshot = self
             .retry("claiming the store", || {
                 self.store.claim(&self.service, fence)

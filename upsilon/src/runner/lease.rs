@@ -40,6 +40,14 @@ impl Keeper {
             lost: CancellationToken::new(),
             reason: Mutex::new(None),
         });
+        if Instant::now() >= sent + (config.ttl - config.margin) {
+            // The reply came after the local deadline: nothing may run.
+            warn!("the grant's reply came after the lease's local deadline; giving it up");
+            held.lose(LeaseLoss::Deadline {
+                ttl: config.ttl,
+                margin: config.margin,
+            });
+        }
         let renewer = AbortOnDrop(tokio::spawn(
             renew_loop(lock.clone(), held.clone(), sent, config.clone())
                 .instrument(info_span!("upsilon.renew", fence)),

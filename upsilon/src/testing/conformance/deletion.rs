@@ -6,6 +6,42 @@ use crate::backend::{AttemptState, BackendError, Change};
 
 use super::{finish, grant, holder, key, start_attempt, v, Harness, TTL};
 
+/// A grant that wrote nothing but its claim, then the state row deleted: the
+/// next grant's fence is still above it (S1), and the old holder cannot
+/// write (S2). Nothing in the history carries the fence here, so the backend
+/// must keep its fence counters apart from the row an operator may delete.
+///
+/// Needs [`Harness::delete_state_row`]; returns `false` without it.
+pub async fn deleting_the_state_row_after_a_bare_claim_keeps_the_fence(
+    h: &dyn Harness,
+    service: &str,
+) -> bool {
+    let check = "deleting_the_state_row_after_a_bare_claim_keeps_the_fence";
+    let (lock, store) = (h.lock(), h.store());
+    let first = grant(&*lock, service, &holder(1), TTL).await;
+    store.claim(service, first.fence).await.expect("claim");
+    lock.release(&first).await.expect("release");
+    if !h.delete_state_row(service).await {
+        return false;
+    }
+    let next = grant(&*lock, service, &holder(2), TTL).await;
+    assert!(
+        next.fence > first.fence,
+        "{check}: fence {} was granted again after the state row was deleted",
+        next.fence
+    );
+    store.claim(service, next.fence).await.expect("claim");
+    let stale = store
+        .apply(service, first.fence, &[start_attempt("t", "1.1", 1)])
+        .await;
+    assert!(
+        matches!(stale, Err(BackendError::StaleFence { .. })),
+        "{check}: the old holder wrote after the deletion: {stale:?}"
+    );
+    lock.release(&next).await.expect("release");
+    true
+}
+
 /// After the state row of `service` is deleted (the lease, the fence
 /// counters, the data version and the baseline; see
 /// [`Harness::delete_state_row`]):

@@ -97,7 +97,11 @@ mod lease;
 mod store;
 mod wait;
 
-pub use deletion::{deleting_the_history_keeps_the_fence, deleting_the_state_row_keeps_the_fence};
+pub use deletion::{
+    deleting_the_history_keeps_the_fence,
+    deleting_the_state_row_after_a_bare_claim_keeps_the_fence,
+    deleting_the_state_row_keeps_the_fence,
+};
 
 pub use lease::{exclusive, expiry_takeover, fence_grows, non_holder_refused, renewal};
 pub use store::{
@@ -146,7 +150,8 @@ pub trait Harness: Send + Sync {
     /// fence counters, the data version and the baseline), behind the
     /// backend's back, as an operator might by hand, and returns `true`.
     /// `false` (the default) where the harness cannot. For
-    /// [`deleting_the_state_row_keeps_the_fence`].
+    /// [`deleting_the_state_row_keeps_the_fence`] and
+    /// [`deleting_the_state_row_after_a_bare_claim_keeps_the_fence`].
     async fn delete_state_row(&self, service: &str) -> bool {
         let _ = service;
         false
@@ -203,6 +208,10 @@ pub async fn run_all(h: &dyn Harness) -> Report {
     check!(services_are_separate, svc("a"), svc("b"));
     check!(corrupt_data_is_typed, svc("corrupt"));
     check!(deleting_the_state_row_keeps_the_fence, svc("del_state"));
+    check!(
+        deleting_the_state_row_after_a_bare_claim_keeps_the_fence,
+        svc("del_bare")
+    );
     check!(deleting_the_history_keeps_the_fence, svc("del_history"));
     for wake in [
         check!(wait_wakes_on_release, svc("wake_release")),

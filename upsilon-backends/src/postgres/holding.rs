@@ -1,0 +1,268 @@
+//! The holder's side of a lease tied to its listening session: the session's
+//! health, the pings that check it while a lease is tied to it, and
+//! [`Lock::until_lost`](upsilon::backend::Lock::until_lost).
+//!
+//! A lease row names the listening session of the node it was granted to. A
+//! waiting node that finds that session gone takes the lease over once
+//! `takeover_grace` has passed since it first saw it gone. The holder must
+//! have stopped its task by then: it learns that its session ended from the
+//! connection's driver (the connection closed) or, at the latest, from a
+//! ping that gets no answer within `holder_ping_timeout`, and pings every
+//! `holder_ping_every` while it holds a lease. See docs/POSTGRES.md for the
+//! bound and its assumptions.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::{Instant, MissedTickBehavior};
+use upsilon::backend::{BackendError, Lease};
+
+use super::error::describe;
+use super::listener::{Session, SessionId};
+
+/// Whether a session can still vouch for the leases tied to it, and until
+/// when one is tied to it (its pings run until then).
+#[derive(Debug)]
+pub(super) struct Health {
+    /// Why the session can no longer vouch for a lease; `None` while it can.
+    /// Once set it stays set: a lost session is replaced, never revived.
+    lost: watch::Sender<Option<String>>,
+    /// The latest local expiry of the leases tied to the session.
+    tied_until: watch::Sender<Option<Instant>>,
+}
+
+impl Health {
+    pub(super) fn new() -> Arc<Health> {
+        Arc::new(Health {
+            lost: watch::Sender::new(None),
+            tied_until: watch::Sender::new(None),
+        })
+    }
+
+    /// Records why the session is lost; the first reason stays.
+    pub(super) fn lose(&self, why: impl Into<String>) {
+        let why = why.into();
+        self.lost.send_if_modified(|lost| {
+            if lost.is_some() {
+                return false;
+            }
+            *lost = Some(why);
+            true
+        });
+    }
+
+    pub(super) fn is_lost(&self) -> bool {
+        self.lost.borrow().is_some()
+    }
+}
+
+/// Pings `session` while a lease is tied to it: a ping every `every`, each
+/// one answered within `timeout`, or the session is lost. Pings do not wait
+/// for each other, so a session that stops answering is found out within
+/// `every + timeout` of its last answer, however slow the answers were
+/// before. Ends when the session is lost or dropped.
+pub(super) async fn ping(
+    session: Weak<Session>,
+    health: Arc<Health>,
+    every: Duration,
+    timeout: Duration,
+) {
+    let mut tied = health.tied_until.subscribe();
+    let mut lost = health.lost.subscribe();
+    loop {
+        if lost.borrow_and_update().is_some() {
+            return;
+        }
+        let until = (*tied.borrow_and_update()).filter(|u| *u > Instant::now());
+        let Some(until) = until else {
+            // Nothing tied: no pings, until a lease is tied to the session.
+            tokio::select! {
+                changed = tied.changed() => if changed.is_err() { return },
+                _ = lost.changed() => return,
+            }
+            continue;
+        };
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut pings = JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if Instant::now() >= until {
+                        break;
+                    }
+                    let Some(s) = session.upgrade() else { return };
+                    pings.spawn(async move {
+                        tokio::time::timeout(timeout, s.client.simple_query("SELECT 1")).await
+                    });
+                }
+                Some(done) = pings.join_next() => {
+                    let why = match done {
+                        Ok(Ok(Ok(_))) => continue,
+                        Ok(Ok(Err(e))) => format!("a ping on it failed: {}", describe(&e)),
+                        Ok(Err(_)) => format!("a ping on it got no answer within {timeout:?}"),
+                        Err(e) => format!("a ping on it did not finish: {e}"),
+                    };
+                    health.lose(why);
+                    return;
+                }
+                changed = tied.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    break;
+                }
+                _ = lost.changed() => return,
+            }
+        }
+    }
+}
+
+/// The leases this backend holds that are tied to a session, by service
+/// and fence.
+#[derive(Debug, Default)]
+pub(super) struct Holding {
+    ties: Mutex<HashMap<(String, u64), Tie>>,
+}
+
+#[derive(Debug)]
+struct Tie {
+    session: SessionId,
+    health: Arc<Health>,
+    /// When the lease surely has expired, on this node's clock.
+    until: Instant,
+    /// Dropped when the lease is released or lost.
+    held: watch::Sender<()>,
+}
+
+/// A lease being granted with a session: tied (and its session pinged)
+/// before the grant is written, so that the session is watched from before
+/// any other node can read the row that names it. Untied on drop unless
+/// [`Pending::keep`] was called.
+pub(super) struct Pending<'h> {
+    holding: &'h Holding,
+    key: Option<(String, u64)>,
+}
+
+impl Pending<'_> {
+    pub(super) fn keep(mut self) {
+        self.key = None;
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            self.holding.remove(&key);
+        }
+    }
+}
+
+impl Holding {
+    fn ties(&self) -> std::sync::MutexGuard<'_, HashMap<(String, u64), Tie>> {
+        self.ties.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ties `lease` to `session` until its TTL from now has passed, and
+    /// starts the session's pings.
+    pub(super) fn tie(&self, lease: &Lease, session: &Session) -> Pending<'_> {
+        let key = (lease.service.clone(), lease.fence);
+        let mut ties = self.ties();
+        ties.insert(
+            key.clone(),
+            Tie {
+                session: session.id,
+                health: session.health.clone(),
+                until: Instant::now() + lease.ttl,
+                held: watch::Sender::new(()),
+            },
+        );
+        refresh(&ties, &session.health);
+        Pending {
+            holding: self,
+            key: Some(key),
+        }
+    }
+
+    /// The lease was renewed: its pings run for another TTL from now.
+    pub(super) fn renewed(&self, lease: &Lease) {
+        let mut ties = self.ties();
+        if let Some(tie) = ties.get_mut(&(lease.service.clone(), lease.fence)) {
+            tie.until = Instant::now() + lease.ttl;
+            let health = tie.health.clone();
+            refresh(&ties, &health);
+        }
+    }
+
+    /// The lease was released or lost.
+    pub(super) fn untie(&self, lease: &Lease) {
+        self.remove(&(lease.service.clone(), lease.fence));
+    }
+
+    fn remove(&self, key: &(String, u64)) {
+        let mut ties = self.ties();
+        if let Some(tie) = ties.remove(key) {
+            refresh(&ties, &tie.health);
+        }
+    }
+
+    /// Resolves when `lease`'s session can no longer vouch for it, or when
+    /// the lease was released or lost; never for a lease tied to no session
+    /// (the row names none, so no node takes it over before its expiry).
+    /// `current` tells which session is open now.
+    pub(super) async fn until_lost(
+        &self,
+        lease: &Lease,
+        current: impl Fn() -> Option<SessionId>,
+    ) -> BackendError {
+        let found = self
+            .ties()
+            .get(&(lease.service.clone(), lease.fence))
+            .map(|t| (t.session, t.health.lost.subscribe(), t.held.subscribe()));
+        let Some((session, mut lost, mut held)) = found else {
+            return std::future::pending().await;
+        };
+        let lost_because = |why: &str| {
+            BackendError::LeaseLost(format!(
+                "the lease of `{}` (fence {}) is tied to PostgreSQL session {} and {why}; \
+                 another node may take it over",
+                lease.service, lease.fence, session.pid
+            ))
+        };
+        loop {
+            if let Some(why) = lost.borrow_and_update().clone() {
+                return lost_because(&why);
+            }
+            if current() != Some(session) {
+                return lost_because("that session is no longer this node's open session");
+            }
+            tokio::select! {
+                changed = lost.changed() => {
+                    if changed.is_err() {
+                        return lost_because("the session was dropped");
+                    }
+                }
+                _ = held.changed() => {
+                    return BackendError::LeaseLost(format!(
+                        "the lease of `{}` (fence {}) was released or lost",
+                        lease.service, lease.fence
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Sets how long `health`'s session is pinged: until the latest expiry of
+/// the leases tied to it.
+fn refresh(ties: &HashMap<(String, u64), Tie>, health: &Arc<Health>) {
+    let until = ties
+        .values()
+        .filter(|t| Arc::ptr_eq(&t.health, health))
+        .map(|t| t.until)
+        .max();
+    health.tied_until.send_replace(until);
+}

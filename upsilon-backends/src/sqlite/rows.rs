@@ -1,0 +1,124 @@
+//! Reading a service's rows inside a transaction.
+
+use std::collections::BTreeSet;
+
+use rusqlite::{params, Transaction};
+use upsilon::backend::{Snapshot, StateColumns, StoredLease, SummaryColumns};
+use upsilon::TaskKey;
+
+use super::{driver, Now, Result};
+
+/// A service's state row and its fences.
+pub(super) struct StateRow {
+    pub(super) columns: StateColumns,
+    pub(super) granted: i64,
+    lease: Option<StoredLease>,
+    lease_boot: Option<String>,
+}
+
+impl StateRow {
+    /// The lease, unless it was written in an earlier boot of the host: its
+    /// holder died with that boot, and the lease clock restarted.
+    pub(super) fn lease(&self, now: &Now) -> Option<&StoredLease> {
+        self.lease
+            .as_ref()
+            .filter(|_| self.lease_boot.as_deref() == Some(&*now.boot))
+    }
+}
+
+/// The state row and the fences of `service`, each created if missing.
+pub(super) fn state(tx: &Transaction<'_>, service: &str) -> Result<StateRow> {
+    for table in ["upsilon_state", "upsilon_fence"] {
+        tx.prepare_cached(&format!(
+            "INSERT OR IGNORE INTO {table} (service) VALUES (?1)"
+        ))
+        .and_then(|mut insert| insert.execute([service]))
+        .map_err(driver)?;
+    }
+    let (columns, granted, holder, fence, expires, lease_boot) = tx
+        .query_row(
+            "SELECT s.data_version, s.baseline, f.store_fence, f.granted,
+                    s.lease_holder, s.lease_fence, s.lease_expires_ms, s.lease_boot
+             FROM upsilon_state s JOIN upsilon_fence f ON f.service = s.service
+             WHERE s.service = ?1",
+            [service],
+            |r| {
+                Ok((
+                    StateColumns {
+                        data_version: r.get(0)?,
+                        baseline: r.get(1)?,
+                        store_fence: r.get(2)?,
+                    },
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, Option<i64>>(5)?,
+                    r.get::<_, Option<i64>>(6)?,
+                    r.get::<_, Option<String>>(7)?,
+                ))
+            },
+        )
+        .map_err(driver)?;
+    Ok(StateRow {
+        columns,
+        granted,
+        lease: StoredLease::from_columns(holder.as_deref(), fence, expires)?,
+        lease_boot,
+    })
+}
+
+pub(super) fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<SummaryColumns> {
+    Ok(SummaryColumns {
+        version: r.get(0)?,
+        task_id: r.get(1)?,
+        attempt: r.get(2)?,
+        kind: r.get(3)?,
+        state: r.get(4)?,
+        fence: r.get(5)?,
+    })
+}
+
+pub(super) fn snapshot(tx: &Transaction<'_>, service: &str) -> Result<Snapshot> {
+    snapshot_of(tx, service, None)
+}
+
+/// The state of `service` with the summaries of the tasks in `only`, or of
+/// every task. A write needs only the tasks it touches, so that its cost does
+/// not grow with the history.
+pub(super) fn snapshot_of(
+    tx: &Transaction<'_>,
+    service: &str,
+    only: Option<&BTreeSet<&TaskKey>>,
+) -> Result<Snapshot> {
+    let row = state(tx, service)?;
+    let mut rows = Vec::new();
+    match only {
+        None => {
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT version, task_id, attempt, kind, state, fence FROM upsilon_history
+                     WHERE service = ?1 ORDER BY id",
+                )
+                .map_err(driver)?;
+            for r in stmt.query_map([service], summary).map_err(driver)? {
+                rows.push(r.map_err(driver)?);
+            }
+        }
+        Some(keys) => {
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT version, task_id, attempt, kind, state, fence FROM upsilon_history
+                     WHERE service = ?1 AND version = ?2 AND task_id = ?3 ORDER BY id",
+                )
+                .map_err(driver)?;
+            for k in keys {
+                let found = stmt
+                    .query_map(params![service, k.version.to_string(), k.id], summary)
+                    .map_err(driver)?;
+                for r in found {
+                    rows.push(r.map_err(driver)?);
+                }
+            }
+        }
+    }
+    Snapshot::from_columns(row.columns, rows)
+}

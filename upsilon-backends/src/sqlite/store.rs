@@ -1,0 +1,124 @@
+//! The store: data version and history, every write checked against the
+//! fence in the same transaction.
+
+use async_trait::async_trait;
+use rusqlite::params;
+use rusqlite::types::Value as SqlValue;
+use upsilon::backend::{
+    fence_to_column, BackendError, Change, Columns, HistoryColumns, HistoryEntry, Snapshot, Store,
+    Value, Write,
+};
+
+use super::rows::{snapshot, snapshot_of, summary};
+use super::{driver, Result, SqliteBackend};
+
+#[async_trait]
+impl Store for SqliteBackend {
+    async fn load(&self, service: &str) -> Result<Snapshot> {
+        let service = service.to_owned();
+        self.tx(move |tx, _| snapshot(tx, &service)).await
+    }
+
+    async fn claim(&self, service: &str, fence: u64) -> Result<Snapshot> {
+        let service = service.to_owned();
+        self.tx(move |tx, _| {
+            let mut snap = snapshot(tx, &service)?;
+            if snap.claim(fence)? {
+                tx.execute(
+                    "UPDATE upsilon_fence SET store_fence = ?2 WHERE service = ?1",
+                    params![service, fence_to_column(fence)?],
+                )
+                .map_err(driver)?;
+            }
+            Ok(snap)
+        })
+        .await
+    }
+
+    async fn apply(&self, service: &str, fence: u64, changes: &[Change]) -> Result<()> {
+        let service = service.to_owned();
+        let changes = changes.to_vec();
+        self.tx(move |tx, now| {
+            let touched = Change::touched(&changes);
+            let mut snap = snapshot_of(tx, &service, touched.as_ref())?;
+            let todo = snap.check(fence, &changes)?;
+            for change in todo {
+                write(tx, &service, now.wall, Columns::of(fence, change)?)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>> {
+        let service = service.to_owned();
+        self.tx(move |tx, _| {
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT version, task_id, attempt, kind, state, fence, holder, description,
+                            started_ms, finished_ms, duration_ms, error
+                     FROM upsilon_history WHERE service = ?1 ORDER BY id",
+                )
+                .map_err(driver)?;
+            let rows = stmt
+                .query_map([&service], |r| {
+                    Ok(HistoryColumns {
+                        summary: summary(r)?,
+                        holder: r.get(6)?,
+                        description: r.get(7)?,
+                        started_ms: r.get(8)?,
+                        finished_ms: r.get(9)?,
+                        duration_ms: r.get(10)?,
+                        error: r.get(11)?,
+                    })
+                })
+                .map_err(driver)?;
+            let mut out = Vec::new();
+            for row in rows {
+                out.push(row.map_err(driver)?.decode()?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+fn write(tx: &rusqlite::Transaction<'_>, service: &str, now: i64, columns: Columns) -> Result<()> {
+    let sql = match columns.write() {
+        Write::Start => {
+            "INSERT INTO upsilon_history
+               (service, version, task_id, attempt, kind, fence, holder, description, state, started_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'running', ?9)"
+        }
+        Write::Finish => {
+            "UPDATE upsilon_history SET state = ?5, duration_ms = ?6, error = ?7, finished_ms = ?8
+             WHERE service = ?1 AND version = ?2 AND task_id = ?3 AND attempt = ?4"
+        }
+        Write::DataVersion => "UPDATE upsilon_state SET data_version = ?2 WHERE service = ?1",
+        Write::Baseline => {
+            "UPDATE upsilon_state SET data_version = ?2, baseline = ?2 WHERE service = ?1"
+        }
+        other => {
+            return Err(BackendError::other(format!(
+                "this SQLite backend does not know the write {other:?}"
+            )))
+        }
+    };
+    let now =
+        matches!(columns.write(), Write::Start | Write::Finish).then_some(SqlValue::Integer(now));
+    let values = std::iter::once(SqlValue::Text(service.to_owned()))
+        .chain(columns.into_values().into_iter().map(sql_value))
+        .chain(now);
+    tx.execute(sql, rusqlite::params_from_iter(values))
+        .map(|_| ())
+        .map_err(driver)
+}
+
+fn sql_value(value: Value) -> SqlValue {
+    match value {
+        Value::Text(t) => SqlValue::Text(t),
+        Value::OptText(t) => t.map_or(SqlValue::Null, SqlValue::Text),
+        Value::Int4(i) => SqlValue::Integer(i.into()),
+        Value::Int8(i) => SqlValue::Integer(i),
+    }
+}

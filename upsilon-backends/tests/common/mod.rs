@@ -1,0 +1,157 @@
+//! Helpers the PostgreSQL test files share: one server per test binary,
+//! raw clients, backends in a schema of their own, a proxy that can cut or
+//! freeze connections, and waiting for a condition with a limit.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use upsilon::backend::{Acquire, Lease};
+use upsilon_backends::postgres::tokio_postgres::{self, Client, NoTls};
+use upsilon_backends::postgres::{PostgresBackend, PostgresOptions};
+use upsilon_test_servers::Postgres;
+
+/// The server shared by the tests of one test binary. Never dropped: its
+/// watchdog stops it when the test process exits.
+pub fn server() -> &'static Postgres {
+    static PG: OnceLock<Postgres> = OnceLock::new();
+    PG.get_or_init(Postgres::start)
+}
+
+/// A plain client of `url`, outside Upsilon.
+pub async fn raw(url: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// Options for the shared server with Upsilon's tables in `schema`.
+pub fn options(schema: &str) -> PostgresOptions {
+    PostgresOptions::from_url(&server().url())
+        .unwrap()
+        .schema(schema)
+}
+
+/// A backend (one node) on the shared server, tables in `schema`.
+pub async fn backend(schema: &str) -> PostgresBackend {
+    PostgresBackend::connect(options(schema)).await.unwrap()
+}
+
+/// The lease of a grant; panics on anything else.
+pub fn granted(a: Acquire) -> Lease {
+    match a {
+        Acquire::Granted(l) => l,
+        other => panic!("expected a grant, got {other:?}"),
+    }
+}
+
+/// Polls `f` every 10 ms until it is true, for at most `limit`; returns how
+/// long it took.
+pub async fn until<F, Fut>(limit: Duration, mut f: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !f().await {
+        assert!(start.elapsed() < limit, "still waiting after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    start.elapsed()
+}
+
+/// A loopback proxy in front of a server, for faults the server cannot make
+/// by itself. Every connection through it is affected by its switches.
+#[derive(Debug, Clone, Default)]
+pub struct Proxy {
+    /// When set, the next client message that contains `COMMIT` is passed on
+    /// and the server's answer to it is swallowed: the client's connection
+    /// is then closed, as if the reply had been lost on the way.
+    pub lose_commit_reply: Arc<AtomicBool>,
+    /// While set, nothing is passed on in either direction, and the
+    /// connections stay open: a network that stopped delivering.
+    pub frozen: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    /// Starts a proxy to `127.0.0.1:upstream`; returns it and its port.
+    pub async fn start(upstream: u16) -> (Proxy, u16) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let proxy = Proxy::default();
+        let p = proxy.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = tokio::net::TcpStream::connect(("127.0.0.1", upstream))
+                    .await
+                    .unwrap();
+                tokio::spawn(p.clone().relay(client, server));
+            }
+        });
+        (proxy, port)
+    }
+
+    async fn relay(self, client: tokio::net::TcpStream, server: tokio::net::TcpStream) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut cr, mut cw) = client.into_split();
+        let (mut sr, mut sw) = server.into_split();
+        let swallow = Arc::new(AtomicBool::new(false));
+        let up = {
+            let (proxy, swallow) = (self.clone(), swallow.clone());
+            async move {
+                let mut buf = vec![0u8; 65536];
+                while let Ok(n) = cr.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    proxy.wait_thawed().await;
+                    let commit = buf[..n].windows(6).any(|w| w == b"COMMIT");
+                    if commit && proxy.lose_commit_reply.swap(false, Ordering::SeqCst) {
+                        swallow.store(true, Ordering::SeqCst);
+                    }
+                    if sw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        };
+        let down = async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok(n) = sr.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                self.wait_thawed().await;
+                if swallow.load(Ordering::SeqCst) {
+                    // The server has answered the COMMIT: it is done. The
+                    // client never hears of it.
+                    break;
+                }
+                if cw.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+            let _ = cw.shutdown().await;
+        };
+        // Either direction ending ends the connection.
+        tokio::select! {
+            _ = up => {}
+            _ = down => {}
+        }
+    }
+
+    async fn wait_thawed(&self) {
+        while self.frozen.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// `url` with its port replaced by `port`.
+pub fn via_port(url: &str, from: u16, port: u16) -> String {
+    url.replace(&format!(":{from}/"), &format!(":{port}/"))
+}
