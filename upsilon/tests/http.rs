@@ -1,6 +1,5 @@
 //! `upsilon::http` served on loopback and asked with a real HTTP client
 //! while a node upgrades, waits, finishes and fails.
-#![cfg(feature = "http")]
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -4,7 +4,6 @@
 //!
 //! The recorder is the process's global one: each test has its own service,
 //! so its own label values.
-#![cfg(feature = "http")]
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
