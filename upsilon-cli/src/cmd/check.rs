@@ -97,6 +97,9 @@ pub(crate) fn run(app: &App) -> Output {
         }
     }
 
+    let app_version = version
+        .as_ref()
+        .map_or_else(|_| app.version().to_owned(), |v| v.to_string());
     let mut text = String::new();
     let n = registry.tasks().len();
     let _ = writeln!(
@@ -104,7 +107,7 @@ pub(crate) fn run(app: &App) -> Output {
         "{n} task{} registered for service {} at app version {}",
         if n == 1 { "" } else { "s" },
         app.service(),
-        app.version()
+        app_version
     );
     for t in registry.tasks() {
         let _ = writeln!(
@@ -132,7 +135,7 @@ pub(crate) fn run(app: &App) -> Output {
     let json = CheckJson {
         ok,
         service: app.service().to_owned(),
-        app_version: app.version().to_owned(),
+        app_version,
         tasks: registry.tasks().iter().map(TaskJson::from).collect(),
         crates,
         problems,
