@@ -57,11 +57,11 @@ pub(crate) fn run(app: &App) -> Output {
     if let Err(e) = &version {
         problems.push(problem("config", format!("app_version: {e}")));
     }
-    let registry = match app.registry() {
-        Ok(r) => r,
+    let (registry, complete) = match app.registry() {
+        Ok(r) => (r, true),
         Err(e) => {
             problems.extend(e.problems().iter().map(|p| problem(kind(p), p.to_string())));
-            Registry::default()
+            (Registry::default(), false)
         }
     };
     if let Ok(v) = &version {
@@ -70,7 +70,8 @@ pub(crate) fn run(app: &App) -> Output {
         }
     }
     let crates = registry.crates();
-    for asked in app.required_crates() {
+    // Which crates registered tasks is known only of a valid registry.
+    for asked in app.required_crates().iter().filter(|_| complete) {
         let name = asked.replace('-', "_");
         if !crates.contains_key(&name) {
             problems.push(problem(

@@ -10,6 +10,9 @@ pub(crate) mod status;
 pub(crate) mod unlock;
 pub(crate) mod watch;
 
+#[cfg(test)]
+mod tests;
+
 use std::sync::Arc;
 
 use upsilon::backend::{Backend, BackendError, LeaseInfo, Snapshot};
