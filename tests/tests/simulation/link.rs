@@ -261,6 +261,7 @@ pub fn describe(c: &Change) -> String {
             let kind = match s.kind {
                 upsilon::backend::AttemptKind::Run => "start",
                 upsilon::backend::AttemptKind::Rollback => "start rollback",
+                other => other.as_str(),
             };
             format!("{kind} {}#{}", s.key.id, s.attempt)
         }
