@@ -81,6 +81,10 @@ impl Store for TimedStore {
     async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>, BackendError> {
         self.inner.history(service).await
     }
+
+    async fn services(&self) -> Result<Vec<String>, BackendError> {
+        self.inner.services().await
+    }
 }
 
 /// A waiting node's backend that remembers when its last wait ended (the
@@ -112,6 +116,14 @@ impl Lock for Watched {
 
     async fn current(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
         self.inner.current(service).await
+    }
+
+    async fn force_release(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
+        self.inner.force_release(service).await
+    }
+
+    async fn until_lost(&self, lease: &Lease) -> BackendError {
+        self.inner.until_lost(lease).await
     }
 
     async fn wait(
@@ -151,6 +163,10 @@ impl Store for Watched {
 
     async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>, BackendError> {
         self.inner.history(service).await
+    }
+
+    async fn services(&self) -> Result<Vec<String>, BackendError> {
+        self.inner.services().await
     }
 }
 

@@ -11,9 +11,8 @@ use upsilon::backend::BackendError;
 pub enum Code {
     /// 0: done.
     Ok,
-    /// 1: the command failed for another reason (a corrupt store, a backend
-    /// that does not support the command yet, a runner setting that makes no
-    /// sense), or `check` found problems.
+    /// 1: the command failed for another reason (a corrupt store, a runner
+    /// setting that makes no sense), or `check` found problems.
     Failed,
     /// 2: bad usage: an unknown command or flag, a bad value, a missing URL.
     Usage,

@@ -167,6 +167,9 @@ impl Lock for NoStore {
     async fn current(&self, _: &str) -> Result<Option<LeaseInfo>, BackendError> {
         Err(no_store())
     }
+    async fn force_release(&self, _: &str) -> Result<Option<LeaseInfo>, BackendError> {
+        Err(no_store())
+    }
 }
 
 #[async_trait]
@@ -181,6 +184,9 @@ impl Store for NoStore {
         Err(no_store())
     }
     async fn history(&self, _: &str) -> Result<Vec<HistoryEntry>, BackendError> {
+        Err(no_store())
+    }
+    async fn services(&self) -> Result<Vec<String>, BackendError> {
         Err(no_store())
     }
 }

@@ -15,7 +15,7 @@ mod tests;
 
 use std::sync::Arc;
 
-use upsilon::backend::{Backend, BackendError, LeaseInfo, Snapshot};
+use upsilon::backend::{Backend, LeaseInfo, Snapshot};
 
 use crate::exit::{Code, Failure};
 
@@ -43,10 +43,6 @@ impl Ctx {
     pub(crate) async fn all_services(&self) -> Result<Vec<String>, Failure> {
         match self.backend.services().await {
             Ok(all) => Ok(all),
-            Err(e @ BackendError::Unsupported { .. }) => Err(Failure::new(
-                Code::Failed,
-                format!("{e}; name the service with --service (or UPSILON_SERVICE)"),
-            )),
             Err(e) => Err(Failure::backend("listing the store's services", &e)),
         }
     }

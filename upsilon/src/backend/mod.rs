@@ -100,14 +100,8 @@ pub trait Lock: Send + Sync + fmt::Debug {
     /// fence is above the freed one (S1; [`decide_acquire`] takes every fence
     /// seen). The old holder's renewals and releases then fail with
     /// [`BackendError::LeaseLost`]. A backend with notifications wakes its
-    /// waiters, as a release does. The default refuses with
-    /// [`BackendError::Unsupported`] and changes nothing.
-    async fn force_release(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
-        let _ = service;
-        Err(BackendError::unsupported::<Self>(
-            "forcing the release of a lease",
-        ))
-    }
+    /// waiters, as a release does.
+    async fn force_release(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError>;
 
     /// Returns when the lease or the data version of `service` may have
     /// changed since the caller read the lease as `seen`, or after `timeout`.
@@ -185,10 +179,7 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// The services this store holds anything for (a data version, a
     /// baseline, a fence above 0, a lease grant or a history row), in
     /// lexicographic order. A service that was only read is not listed.
-    /// The default refuses with [`BackendError::Unsupported`].
-    async fn services(&self) -> Result<Vec<String>, BackendError> {
-        Err(BackendError::unsupported::<Self>("listing its services"))
-    }
+    async fn services(&self) -> Result<Vec<String>, BackendError>;
 }
 
 /// A backend that is both the [`Lock`] and the [`Store`], as

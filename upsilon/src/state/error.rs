@@ -38,17 +38,6 @@ pub enum BackendError {
         /// The newest this build knows.
         supported: String,
     },
-    /// The backend does not implement this operation (yet): a trait
-    /// method's default, such as [`Store::services`](crate::backend::Store::services)
-    /// or [`Lock::force_release`](crate::backend::Lock::force_release).
-    /// Nothing was read or written.
-    #[error("the backend {backend} does not support {what} yet")]
-    Unsupported {
-        /// The backend's type.
-        backend: &'static str,
-        /// The operation, as a phrase: "listing its services".
-        what: &'static str,
-    },
     /// The backend could not be reached or timed out: worth retrying. Says
     /// what the driver says, and nothing more: the layer above names what
     /// was being done.
@@ -95,14 +84,6 @@ impl BackendError {
             Err(_) => Err(BackendError::corrupt(format!(
                 "{place} is {found:?}, not a number"
             ))),
-        }
-    }
-
-    /// A [`BackendError::Unsupported`] of backend type `B` for `what`.
-    pub fn unsupported<B: ?Sized>(what: &'static str) -> BackendError {
-        BackendError::Unsupported {
-            backend: std::any::type_name::<B>(),
-            what,
         }
     }
 

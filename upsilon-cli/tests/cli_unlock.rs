@@ -1,7 +1,5 @@
 //! `services` and `unlock` end to end, against SQLite and a real
-//! PostgreSQL. They need `Store::services` and `Lock::force_release` from
-//! the backend, whose defaults refuse ("does not support ... yet"): these
-//! tests pass once SQLite and PostgreSQL implement the two methods.
+//! PostgreSQL (`Store::services` and `Lock::force_release`).
 
 mod common;
 
