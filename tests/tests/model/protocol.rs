@@ -4,7 +4,7 @@
 //! grant, with the invariants S1-S7, E1 and L2/L3 as properties.
 //!
 //! Every protocol step of every node is one atomic action, as the runner
-//! (`upsilon/src/runner/`) takes them: preflight read, try-acquire,
+//! (`upsilon/src/runner`) takes them: preflight read, try-acquire,
 //! claim + re-read, one fenced write per step of the plan, the end of a task
 //! body, release. A task body is an interval: it begins with the fenced
 //! write that starts it and ends when it completes, is cancelled, or its node
@@ -979,6 +979,13 @@ impl Protocol {
                 }
             }
         }
+    }
+
+    /// Every action enabled in `s`.
+    pub fn actions_of(&self, s: &State) -> Vec<Action> {
+        let mut actions = Vec::new();
+        self.actions(s, &mut actions);
+        actions
     }
 
     /// No step of the protocol can be taken: only faults could change the
