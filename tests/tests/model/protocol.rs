@@ -382,8 +382,9 @@ pub enum Action {
     Release(u8),
     /// Step 5: renewal refused, the local deadline passed, or the holder
     /// learnt that its session ended: cancel the running task at once
-    /// (then a best-effort fenced write of the cancellation), start nothing
-    /// new, fail.
+    /// (then a best-effort fenced write of the cancellation, or of a
+    /// completion that was to ride with the next start), start nothing new,
+    /// fail.
     Lose(u8),
     /// Fault: the node crashes; with `restart`, it starts a fresh run.
     Crash {
@@ -849,13 +850,25 @@ impl Protocol {
             }
             Action::Lose(n) => {
                 let n = n as usize;
-                if let Pc::Running { task } = s.nodes[n].pc {
-                    let cancel = Change::Finish {
+                // Best effort: the cancellation of the running task, or a
+                // completion that was to ride with the next start; refused if
+                // another node has claimed the store.
+                let last = match s.nodes[n].pc {
+                    Pc::Running { task } => Some(Change::Finish {
                         task,
                         state: RowState::Cancelled,
-                    };
-                    // Best effort: refused if another node has claimed the store.
-                    outcome = match self.write(&mut s, n, &[cancel]) {
+                    }),
+                    Pc::Start {
+                        pending: Some(task),
+                        ..
+                    } => Some(Change::Finish {
+                        task,
+                        state: RowState::Completed,
+                    }),
+                    _ => None,
+                };
+                if let Some(change) = last {
+                    outcome = match self.write(&mut s, n, &[change]) {
                         Ok(()) => Outcome::Committed,
                         Err(r) => Outcome::Refused(r),
                     };
