@@ -120,7 +120,10 @@ fn a_paused_holder_overlaps_the_next_one_and_its_writes_are_refused() {
         (state, outcome) = model.step(&state, action);
         trace.push_str(&format!("    then {action}: {outcome:?}\n    {state}\n"));
     }
-    println!("{EXCUSED_OVERLAP}:\n{trace}");
+    println!(
+        "{EXCUSED_OVERLAP} ({} states explored):\n{trace}",
+        checker.unique_state_count()
+    );
     assert_eq!(outcome, Outcome::Refused(Refusal::StaleFence));
 }
 
