@@ -321,7 +321,7 @@ fn the_protocol_keeps_its_invariants_without_symmetry_reduction() {
 /// breaks, without the re-read only fault-free L2; without what keeps task
 /// code exclusive, only E1: the fences still keep the store safe.
 #[test]
-#[ignore = "explores about 10 million states; run with -- --ignored"]
+#[ignore = "explores about 9 million states; run with -- --ignored"]
 fn one_part_off_the_others_keep_safety() {
     let cases = [
         (
