@@ -19,12 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _};
-use async_trait::async_trait;
 use serde_json::json;
 use tokio::sync::watch;
-use upsilon::backend::{Acquire, Change, HistoryEntry, LeaseInfo};
-use upsilon::backend::{BackendError, Lease, Lock, Snapshot, Store};
-use upsilon::{Holder, Outcome, Status, TaskContext, TaskFuture, Upsilon};
+use upsilon::{Outcome, Status, TaskContext, TaskFuture, Upsilon};
 use upsilon_backends::postgres::PostgresBackend;
 
 use crate::common::{
@@ -33,126 +30,8 @@ use crate::common::{
 };
 use crate::report::{Report, Row, Unit};
 use crate::stats::{ms, slope, summary};
+use crate::wrappers::{TimedStore, Watched};
 use crate::Options;
-
-/// A store that remembers when its last successful write returned.
-#[derive(Debug)]
-pub struct TimedStore {
-    inner: Arc<PostgresBackend>,
-    last_write: Mutex<Option<Instant>>,
-}
-
-impl TimedStore {
-    pub fn new(inner: Arc<PostgresBackend>) -> TimedStore {
-        TimedStore {
-            inner,
-            last_write: Mutex::new(None),
-        }
-    }
-
-    pub fn last_write(&self) -> Option<Instant> {
-        *self.last_write.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-#[async_trait]
-impl Store for TimedStore {
-    async fn load(&self, service: &str) -> Result<Snapshot, BackendError> {
-        self.inner.load(service).await
-    }
-
-    async fn claim(&self, service: &str, fence: u64) -> Result<Snapshot, BackendError> {
-        self.inner.claim(service, fence).await
-    }
-
-    async fn apply(
-        &self,
-        service: &str,
-        fence: u64,
-        changes: &[Change],
-    ) -> Result<(), BackendError> {
-        let r = self.inner.apply(service, fence, changes).await;
-        if r.is_ok() {
-            *self.last_write.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-        }
-        r
-    }
-
-    async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>, BackendError> {
-        self.inner.history(service).await
-    }
-}
-
-/// A waiting node's backend that remembers when its last wait ended (the
-/// notification arrived), to tell the wake-up from the read that follows it.
-#[derive(Debug)]
-struct Watched {
-    inner: Arc<PostgresBackend>,
-    woke: Mutex<Option<Instant>>,
-}
-
-#[async_trait]
-impl Lock for Watched {
-    async fn try_acquire(
-        &self,
-        service: &str,
-        holder: &Holder,
-        ttl: Duration,
-    ) -> Result<Acquire, BackendError> {
-        self.inner.try_acquire(service, holder, ttl).await
-    }
-
-    async fn renew(&self, lease: &Lease) -> Result<Lease, BackendError> {
-        self.inner.renew(lease).await
-    }
-
-    async fn release(&self, lease: &Lease) -> Result<(), BackendError> {
-        self.inner.release(lease).await
-    }
-
-    async fn current(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
-        self.inner.current(service).await
-    }
-
-    async fn wait(
-        &self,
-        service: &str,
-        seen: &LeaseInfo,
-        timeout: Duration,
-    ) -> Result<(), BackendError> {
-        let r = self.inner.wait(service, seen, timeout).await;
-        *self.woke.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-        r
-    }
-
-    fn notifies(&self) -> bool {
-        self.inner.notifies()
-    }
-}
-
-#[async_trait]
-impl Store for Watched {
-    async fn load(&self, service: &str) -> Result<Snapshot, BackendError> {
-        self.inner.load(service).await
-    }
-
-    async fn claim(&self, service: &str, fence: u64) -> Result<Snapshot, BackendError> {
-        self.inner.claim(service, fence).await
-    }
-
-    async fn apply(
-        &self,
-        service: &str,
-        fence: u64,
-        changes: &[Change],
-    ) -> Result<(), BackendError> {
-        self.inner.apply(service, fence, changes).await
-    }
-
-    async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>, BackendError> {
-        self.inner.history(service).await
-    }
-}
 
 /// What one upgrade with waiting nodes gave, in ms after the canary's
 /// final commit.

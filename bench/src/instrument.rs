@@ -101,6 +101,15 @@ impl Lock for Instrumented {
         self.time("current", self.inner.current(service)).await
     }
 
+    async fn force_release(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
+        self.time("force_release", self.inner.force_release(service))
+            .await
+    }
+
+    async fn until_lost(&self, lease: &Lease) -> BackendError {
+        self.inner.until_lost(lease).await
+    }
+
     async fn wait(
         &self,
         service: &str,
@@ -138,5 +147,9 @@ impl Store for Instrumented {
 
     async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>, BackendError> {
         self.time("history", self.inner.history(service)).await
+    }
+
+    async fn services(&self) -> Result<Vec<String>, BackendError> {
+        self.time("services", self.inner.services()).await
     }
 }

@@ -24,6 +24,7 @@ mod report;
 mod scale;
 mod startup;
 mod stats;
+mod wrappers;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;

@@ -2,13 +2,7 @@
 //! package) but never names it. rustc then does not load the crate at all, so
 //! its tasks are not linked in, and `Builder::require_tasks_from` must say so.
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use async_trait::async_trait;
-use upsilon::backend::{Acquire, HistoryEntry, LeaseInfo};
-use upsilon::backend::{BackendError, Change, Lease, Lock, Snapshot, Store};
-use upsilon::{Holder, Registry, Upsilon};
+use upsilon::{Registry, Upsilon};
 
 /// A task in this crate, so that the registry is not simply empty.
 #[upsilon::task(version = "1.0", order = 1)]
@@ -34,7 +28,7 @@ fn tasks_of_an_unnamed_crate_are_not_linked_in() {
 fn require_tasks_from_reports_the_missing_crate() {
     let err = Upsilon::builder()
         .app_version("1.0")
-        .backend(Arc::new(Unused))
+        .backend(upsilon::testing::MemoryBackend::new())
         .require_tasks_from("unnamed_crate")
         .require_tasks_from("upsilon_task_lib")
         .build()
@@ -46,40 +40,4 @@ fn require_tasks_from_reports_the_missing_crate() {
     );
     assert!(err.contains("add `use upsilon_task_lib as _;`"), "{err}");
     assert!(err.contains("tasks found from: unnamed_crate"), "{err}");
-}
-
-/// `build` never touches the backend.
-#[derive(Debug)]
-struct Unused;
-
-#[async_trait]
-impl Lock for Unused {
-    async fn try_acquire(&self, _: &str, _: &Holder, _: Duration) -> Result<Acquire, BackendError> {
-        unreachable!()
-    }
-    async fn renew(&self, _: &Lease) -> Result<Lease, BackendError> {
-        unreachable!()
-    }
-    async fn release(&self, _: &Lease) -> Result<(), BackendError> {
-        unreachable!()
-    }
-    async fn current(&self, _: &str) -> Result<Option<LeaseInfo>, BackendError> {
-        unreachable!()
-    }
-}
-
-#[async_trait]
-impl Store for Unused {
-    async fn load(&self, _: &str) -> Result<Snapshot, BackendError> {
-        unreachable!()
-    }
-    async fn claim(&self, _: &str, _: u64) -> Result<Snapshot, BackendError> {
-        unreachable!()
-    }
-    async fn apply(&self, _: &str, _: u64, _: &[Change]) -> Result<(), BackendError> {
-        unreachable!()
-    }
-    async fn history(&self, _: &str) -> Result<Vec<HistoryEntry>, BackendError> {
-        unreachable!()
-    }
 }

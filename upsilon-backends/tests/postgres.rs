@@ -244,8 +244,11 @@ async fn forcing_a_release_does_not_reset_the_fence() {
             .unwrap(),
     );
     // An operator forces the lease free: the holder loses it, the fence stays.
-    let cleared = b.force_release("svc").await.unwrap();
-    assert_eq!(cleared, Some((testing::holder(7), held.fence)));
+    let cleared = b.force_release("svc").await.unwrap().unwrap();
+    assert_eq!(
+        (cleared.holder, cleared.fence),
+        (testing::holder(7), held.fence)
+    );
     assert_eq!(b.force_release("svc").await.unwrap(), None);
     assert!(matches!(
         b.renew(&held).await,

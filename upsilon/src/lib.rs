@@ -41,7 +41,9 @@
 //! - [`backend`]: what a backend implements, [`Lock`](backend::Lock) and
 //!   [`Store`](backend::Store), and the kit that makes its protocol decisions
 //!   (`upsilon-backends` has SQLite and PostgreSQL).
-//! - [`Status`] and [`Probe`]: readiness.
+//! - [`Status`] and [`Probe`]: readiness; `http` (feature `http`): the
+//!   `/livez`, `/readyz` and `/upsilon/status` endpoints as an axum router.
+//! - [`metrics`]: what the runner records through the `metrics` facade.
 //! - `testing` (feature `testing`, for tests only): in-memory backends with fault injection, a cluster helper
 //!   and the conformance suite every backend passes.
 //!
@@ -57,7 +59,10 @@
 pub mod backend;
 mod context;
 mod error;
+#[cfg(feature = "http")]
+pub mod http;
 mod ids;
+pub mod metrics;
 pub mod planner;
 mod registry;
 mod runner;

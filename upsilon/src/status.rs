@@ -3,6 +3,8 @@
 use std::fmt;
 
 use semver::Version;
+use serde::ser::{SerializeStruct, Serializer};
+use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::ids::Holder;
@@ -10,7 +12,39 @@ use crate::ids::Holder;
 /// Where a node is in its start-up.
 ///
 /// `Starting -> Waiting(holder) -> Upgrading(task i of n) -> Ready(data version) | Failed(error)`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// # As JSON
+///
+/// `Status` serializes (serde) as one object whose `phase` names the
+/// variant; the other keys are the variant's fields. This is the body of the
+/// `upsilon::http` endpoints `/readyz` and `/upsilon/status` (feature
+/// `http`). Keys are snake_case and stable: new keys or phases may be added,
+/// existing ones keep their name and meaning.
+///
+/// | `phase` | other keys |
+/// |---|---|
+/// | `"starting"` | none |
+/// | `"waiting"` | `holder`: `{"host", "pod" (string or null), "pid", "run_id"}`, or null while not yet known |
+/// | `"upgrading"` | `task` (id), `version` (`"1.1.0"`), `index` (1-based), `total`, `progress`: `{"done", "total", "message"}` or null |
+/// | `"ready"` | `data_version`: `"1.1.0"`, or null for a store with no version and no tasks |
+/// | `"failed"` | `error`: the error and its causes, joined with `": "` |
+///
+/// ```
+/// # use upsilon::{Progress, Status, Version};
+/// let status = Status::Upgrading {
+///     task: "backfill_accounts".into(),
+///     version: Version::new(1, 1, 0),
+///     index: 1,
+///     total: 3,
+///     progress: Some(Progress { done: 40, total: 100, message: "rows".into() }),
+/// };
+/// # let json = serde_json::to_string(&status).unwrap();
+/// # assert_eq!(json, r#"{"phase":"upgrading","task":"backfill_accounts","version":"1.1.0","index":1,"total":3,"progress":{"done":40,"total":100,"message":"rows"}}"#);
+/// // {"phase":"upgrading","task":"backfill_accounts","version":"1.1.0","index":1,"total":3,
+/// //  "progress":{"done":40,"total":100,"message":"rows"}}
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "phase", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Status {
     /// Reading the store.
@@ -18,6 +52,7 @@ pub enum Status {
     /// Another node holds the lease (`None` while it is not yet known who).
     Waiting {
         /// The node that holds the lease.
+        #[serde(serialize_with = "holder_json")]
         holder: Option<Holder>,
     },
     /// This node holds the lease and runs task `index` of `total`.
@@ -74,8 +109,9 @@ impl fmt::Display for Status {
     }
 }
 
-/// A task's progress report.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A task's progress report: `{"done": 40, "total": 100, "message": "rows"}`
+/// as JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Progress {
     /// Units done.
     pub done: u64,
@@ -83,6 +119,19 @@ pub struct Progress {
     pub total: u64,
     /// What the task says it is doing.
     pub message: String,
+}
+
+/// A holder as `{"host", "pod", "pid", "run_id"}`, or null.
+fn holder_json<S: Serializer>(holder: &Option<Holder>, s: S) -> Result<S::Ok, S::Error> {
+    let Some(h) = holder else {
+        return s.serialize_none();
+    };
+    let mut out = s.serialize_struct("Holder", 4)?;
+    out.serialize_field("host", &h.host)?;
+    out.serialize_field("pod", &h.pod)?;
+    out.serialize_field("pid", &h.pid)?;
+    out.serialize_field("run_id", &h.run_id)?;
+    out.end()
 }
 
 /// The two health checks of a node, for its probe endpoints.
@@ -122,5 +171,61 @@ impl Probe {
             .await
             .map(|s| s.clone());
         status.unwrap_or_else(|_| self.rx.borrow().clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(status: &Status) -> String {
+        serde_json::to_string(status).unwrap()
+    }
+
+    #[test]
+    fn every_phase_has_its_documented_json() {
+        assert_eq!(json(&Status::Starting), r#"{"phase":"starting"}"#);
+        assert_eq!(
+            json(&Status::Waiting { holder: None }),
+            r#"{"phase":"waiting","holder":null}"#
+        );
+        let holder = Holder {
+            host: "web-1".into(),
+            pod: Some("web-1-x".into()),
+            pid: 7,
+            run_id: "ab12".into(),
+        };
+        assert_eq!(
+            json(&Status::Waiting {
+                holder: Some(holder)
+            }),
+            r#"{"phase":"waiting","holder":{"host":"web-1","pod":"web-1-x","pid":7,"run_id":"ab12"}}"#
+        );
+        assert_eq!(
+            json(&Status::Upgrading {
+                task: "t".into(),
+                version: Version::new(1, 1, 0),
+                index: 2,
+                total: 3,
+                progress: None,
+            }),
+            r#"{"phase":"upgrading","task":"t","version":"1.1.0","index":2,"total":3,"progress":null}"#
+        );
+        assert_eq!(
+            json(&Status::Ready {
+                data_version: Some(Version::new(2, 0, 0))
+            }),
+            r#"{"phase":"ready","data_version":"2.0.0"}"#
+        );
+        assert_eq!(
+            json(&Status::Ready { data_version: None }),
+            r#"{"phase":"ready","data_version":null}"#
+        );
+        assert_eq!(
+            json(&Status::Failed {
+                error: "boom".into()
+            }),
+            r#"{"phase":"failed","error":"boom"}"#
+        );
     }
 }

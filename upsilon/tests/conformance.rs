@@ -96,6 +96,9 @@ impl Lock for Flawed {
     async fn current(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
         self.inner.current(service).await
     }
+    async fn force_release(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
+        self.inner.force_release(service).await
+    }
     async fn wait(
         &self,
         service: &str,
@@ -142,6 +145,9 @@ impl Store for Flawed {
     }
     async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>, BackendError> {
         self.inner.history(service).await
+    }
+    async fn services(&self) -> Result<Vec<String>, BackendError> {
+        self.inner.services().await
     }
 }
 

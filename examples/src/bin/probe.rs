@@ -1,21 +1,30 @@
-//! A readiness-probe server: serves Kubernetes' two checks while Upsilon
-//! upgrades the data.
+//! A readiness-probe server: serves Kubernetes' checks, the upgrade's status
+//! and its metrics while Upsilon upgrades the data.
 //!
-//! - `GET /healthz`: 200 while the process is alive (`probe.up()`), also while
-//!   it waits or upgrades: point the liveness probe here.
-//! - `GET /readyz`: 200 once the data is at this node's version
-//!   (`probe.ready()`), 503 before, with the status in the body: point the
-//!   readiness probe here.
+//! - `GET /livez` (also `/healthz`, its former name): 200 while the process
+//!   is alive, also while it waits or upgrades: point the liveness probe here.
+//! - `GET /readyz`: 200 once the data is at this node's version, 503 before,
+//!   with the status as JSON in the body: point the readiness probe here.
+//! - `GET /upsilon/status`: the status as JSON.
+//! - `GET /metrics`: the `upsilon_` metrics in Prometheus' text format.
+//!
+//! The first three are `upsilon::http::router` (feature `http`); `/metrics`
+//! is `metrics-exporter-prometheus`'s recorder, rendered by an axum route.
 //!
 //! ```text
 //! cargo run -p upsilon-examples --bin probe -- [ADDR] [SQLITE_PATH]
 //! ```
-//! `ADDR` defaults to 127.0.0.1:8080; the first line printed is the bound address.
+//! `ADDR` defaults to 127.0.0.1:8080; the first line printed is the bound
+//! address. SIGTERM or Ctrl-C stops it: mid-upgrade, the running task is
+//! cancelled and recorded, and the lease released.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use upsilon::{Probe, TaskContext, Upsilon};
 use upsilon_backends::sqlite::SqliteBackend;
@@ -30,36 +39,44 @@ async fn slow_backfill(ctx: &mut TaskContext) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Answers one HTTP/1.1 request from the probe.
-async fn answer(mut stream: tokio::net::TcpStream, probe: Probe) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    // Read the request head; the probe sends no body.
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            break;
+/// Histogram buckets for the `_seconds` metrics: tasks and waits last from
+/// milliseconds to an hour.
+const BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+];
+
+/// Installs the Prometheus recorder, and keeps its histograms drained.
+fn prometheus() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), BUCKETS)?
+        .install_recorder()?;
+    upsilon::metrics::describe();
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            upkeep.run_upkeep();
         }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let request = String::from_utf8_lossy(&buf);
-    let path = request.split_whitespace().nth(1).unwrap_or("/");
-    let (ok, body) = match path {
-        "/healthz" => (probe.up(), "up".to_owned()),
-        "/readyz" => (probe.ready(), probe.status().to_string()),
-        _ => (false, "not found".to_owned()),
-    };
-    let status = match (path, ok) {
-        ("/healthz" | "/readyz", true) => "200 OK",
-        ("/healthz" | "/readyz", false) => "503 Service Unavailable",
-        _ => "404 Not Found",
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+    });
+    Ok(handle)
+}
+
+/// The probe's routes and `/metrics`.
+fn app(probe: Probe, metrics: PrometheusHandle) -> Router {
+    let health = probe.clone();
+    Router::new()
+        .route("/metrics", get(move || async move { metrics.render() }))
+        .route(
+            "/healthz",
+            get(move || async move {
+                if health.up() {
+                    (StatusCode::OK, "live\n")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "down\n")
+                }
+            }),
+        )
+        .merge(upsilon::http::router(probe))
 }
 
 #[tokio::main]
@@ -78,6 +95,7 @@ async fn main() -> anyhow::Result<()> {
         .map(Into::into)
         .unwrap_or_else(|| dir.path().join("probe.db"));
 
+    let metrics = prometheus()?;
     let upsilon = Upsilon::builder()
         .service("probe-demo")
         .app_version("2.0")
@@ -85,21 +103,22 @@ async fn main() -> anyhow::Result<()> {
         .build()?;
     let listener = TcpListener::bind(&addr).await?;
     println!("listening on {}", listener.local_addr()?);
-    let probe = upsilon.probe();
+    let app = app(upsilon.probe(), metrics);
     tokio::spawn(async move {
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    tokio::spawn(answer(stream, probe.clone()));
-                }
-                Err(e) => tracing::warn!(error = %e, "accept failed"),
-            }
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the probe server stopped");
         }
     });
-    let outcome = upsilon.run().await?;
-    println!("ready: {outcome}");
+    match upsilon.run_until(upsilon::shutdown_signal()).await {
+        Ok(outcome) => println!("ready: {outcome}"),
+        Err(upsilon::Error::Stopped { .. }) => {
+            println!("stopped before the upgrade completed");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    }
     // A real service would serve traffic from here on; the demo keeps the
     // probe endpoints up until it is stopped.
-    tokio::signal::ctrl_c().await?;
+    upsilon::shutdown_signal().await;
     Ok(())
 }

@@ -500,6 +500,10 @@ impl Lock for Watched {
         self.inner.current(service).await
     }
 
+    async fn force_release(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
+        self.inner.force_release(service).await
+    }
+
     async fn wait(
         &self,
         service: &str,
@@ -557,6 +561,10 @@ impl Store for Watched {
 
     async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>, BackendError> {
         self.inner.history(service).await
+    }
+
+    async fn services(&self) -> Result<Vec<String>, BackendError> {
+        self.inner.services().await
     }
 }
 

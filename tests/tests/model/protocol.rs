@@ -1,18 +1,33 @@
 //! A model of the Upsilon protocol (docs/DESIGN.md, steps 1-7) for the
-//! stateright model checker: three nodes, three tasks, crashes, restarts and
-//! lease expiry, with the invariants S1-S7 and L2/L3 as properties.
+//! stateright model checker: three nodes, three tasks, crashes, restarts,
+//! lease expiry, a lease tied to its holder's session, and a lost reply to a
+//! grant, with the invariants S1-S7, E1 and L2/L3 as properties.
 //!
 //! Every protocol step of every node is one atomic action, as the runner
-//! (`upsilon/src/runner.rs`) takes them: preflight read, try-acquire,
-//! claim + re-read, one fenced write per step of the plan, the task body,
-//! release. The store refuses writes by the rules of `Snapshot::check`
-//! (`upsilon/src/backend.rs`). Faults are actions too: a node crashes (and
-//! may come back as a fresh run), and a lease expires while its holder is
-//! paused: the holder does not know and goes on acting.
+//! (`upsilon/src/runner`) takes them: preflight read, try-acquire,
+//! claim + re-read, one fenced write per step of the plan, the end of a task
+//! body, release. A task body is an interval: it begins with the fenced
+//! write that starts it and ends when it completes, is cancelled, or its node
+//! crashes, so two nodes' task code can be seen to overlap (E1). The store
+//! refuses writes by the rules of `Snapshot::check`
+//! (`upsilon/src/state/snapshot.rs`). Faults are actions too: a node crashes
+//! (and may come back as a fresh run), a holder is paused past its safety
+//! margin and its lease expires meanwhile (it does not know and goes on
+//! acting), a holder's session ends while it runs, a grant's reply is lost.
 //!
-//! Three switches turn off a part of the protocol, for the negative controls:
-//! the store's fence check, the re-read after the claim, and the store's
-//! refusal of a second run of a completed task.
+//! Time is not a number in the model: what the timing rules guarantee is
+//! kept as an order between events (docs/MODEL.md, "Time"). A live holder's
+//! lease expires only while it is paused past its margin, because its local
+//! deadline, counted from before the request, comes at least a margin
+//! before the expiry; a waiting node takes over a lease whose session ended
+//! only once the holder has learnt of it, because the grace exceeds the
+//! detection time (by the margin too, so that a pause within the margin is
+//! covered).
+//!
+//! Switches turn off a part of the protocol, for the negative controls: the
+//! store's fence check, the re-read after the claim, the store's refusal of
+//! a second run of a completed task, the holder's detection of its session's
+//! end, the grace's length, and where the local deadline counts from.
 
 use std::fmt;
 
@@ -29,6 +44,27 @@ pub const TASK_VERSION: [u8; TASKS] = [1, 1, 2];
 pub const APP: u8 = 2;
 /// The data version the store starts at: 1.0.
 pub const START: u8 = 0;
+/// The lease's holder when the run it was granted to crashed: a restarted
+/// node is another holder, and must not take its former run's grant for its
+/// own.
+pub const CRASHED_RUN: u8 = NODES as u8;
+
+/// How the grace (how long a waiting node waits after it first saw the
+/// holder's session gone, before it takes the lease over) compares with the
+/// detection time (within which the holder learns that its session ended)
+/// and the safety margin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grace {
+    /// Grace <= detection: a takeover may come before the holder knows.
+    NotPastDetection,
+    /// Detection < grace <= detection + margin: the holder knows first
+    /// unless it is paused around its detection, for longer than
+    /// grace - detection but possibly within its margin.
+    PastDetection,
+    /// Grace > detection + margin: a holder knows before any takeover
+    /// unless it is paused past its margin.
+    PastDetectionAndMargin,
+}
 
 /// Parts of the protocol that a negative control turns off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,15 +78,59 @@ pub struct Switches {
     /// number that does not follow the recorded rows (`Snapshot::check`'s
     /// defence in depth against a second completion).
     pub store_rejects_duplicates: bool,
+    /// A holder learns within the detection time that its session ended,
+    /// and then cancels its running task and fails (`Lock::until_lost`).
+    pub loss_detection: bool,
+    /// How long a waiting node waits before it takes over a lease whose
+    /// session ended.
+    pub grace: Grace,
+    /// The holder's local deadline counts from before its grant or renewal
+    /// request was sent; off, from its reply, which may come late.
+    pub deadline_from_request: bool,
 }
 
 impl Switches {
-    /// The protocol as designed and implemented.
+    /// The protocol as designed.
     pub const CORRECT: Switches = Switches {
         fence_check: true,
         reread_after_acquire: true,
         store_rejects_duplicates: true,
+        loss_detection: true,
+        grace: Grace::PastDetectionAndMargin,
+        deadline_from_request: true,
     };
+}
+
+/// Fault budgets (in a [`Protocol`]) and the faults used so far (in a
+/// [`State`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Faults {
+    /// Crashes in all (each may restart the node as a fresh run).
+    pub crashes: u8,
+    /// Expiries of a lease whose holder is alive: the holder was paused past
+    /// its margin (with the deadline counted from the reply: or its reply
+    /// came late). A dead holder's lease always expires, uncounted.
+    pub expiries: u8,
+    /// Sessions of a live holder that end (the server terminates them, an
+    /// idle timeout, a proxy cuts them).
+    pub session_ends: u8,
+    /// Grants whose reply is lost.
+    pub lost_replies: u8,
+}
+
+impl Faults {
+    /// No fault at all.
+    pub const NONE: Faults = Faults {
+        crashes: 0,
+        expiries: 0,
+        session_ends: 0,
+        lost_replies: 0,
+    };
+
+    /// Any fault happened.
+    pub fn any(&self) -> bool {
+        *self != Faults::NONE
+    }
 }
 
 /// The model: the switches and the fault budgets that keep it finite.
@@ -58,11 +138,8 @@ impl Switches {
 pub struct Protocol {
     /// Which parts of the protocol are on.
     pub switches: Switches,
-    /// Crashes in all (each may restart the node as a fresh run).
-    pub max_crashes: u8,
-    /// Expiries of a lease whose holder is alive (paused, or its clock or
-    /// renewals failing). A dead holder's lease always expires, uncounted.
-    pub max_expiries: u8,
+    /// How many faults of each kind may happen.
+    pub budget: Faults,
     /// Identify states that differ only in the numbering of the nodes (all
     /// nodes run the same version): each successor is relabelled to one
     /// representative, which divides the state space by up to 3! = 6.
@@ -71,11 +148,10 @@ pub struct Protocol {
 
 impl Protocol {
     /// The correct protocol with the given fault budgets.
-    pub fn new(max_crashes: u8, max_expiries: u8) -> Protocol {
+    pub fn new(budget: Faults) -> Protocol {
         Protocol {
             switches: Switches::CORRECT,
-            max_crashes,
-            max_expiries,
+            budget,
             symmetry: false,
         }
     }
@@ -84,13 +160,16 @@ impl Protocol {
 /// The cluster-wide lease, on the backend.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Lock {
-    /// Who holds it (the grant is identified by its fence: a restarted node
-    /// is another holder).
+    /// Who holds it: a node's current run, or [`CRASHED_RUN`] (a
+    /// restarted node is another holder).
     pub holder: Option<u8>,
     /// The fence of the newest grant; never decreases.
     pub fence: u8,
-    /// The holder's time is up on the backend's clock.
+    /// Another node may take it over: the holder's time is up on the
+    /// backend's clock, or the grace after its session ended ran out.
     pub expired: bool,
+    /// The holder's session ended (reset by the next grant).
+    pub session_ended: bool,
 }
 
 /// How the newest history row of a task ended.
@@ -160,7 +239,7 @@ pub enum Pc {
         /// A completion not yet written.
         pending: Option<u8>,
     },
-    /// `task` is started: its body runs next.
+    /// `task` is started and its body runs (task code: E1).
     Running {
         /// The task.
         task: u8,
@@ -199,6 +278,9 @@ pub struct Node {
     /// Its last read before the lease (kept only when it plans from it), then
     /// its mirror of the store while it holds the lease.
     pub view: Option<Data>,
+    /// This run was paused past its safety margin while it held its lease,
+    /// and its lease expired meanwhile (E1's exception).
+    pub paused: bool,
 }
 
 impl Node {
@@ -208,6 +290,7 @@ impl Node {
             fence: 0,
             plan: 0,
             view: None,
+            paused: false,
         }
     }
 
@@ -260,10 +343,8 @@ pub struct State {
     pub store: Store,
     /// The nodes.
     pub nodes: [Node; NODES],
-    /// Crashes so far.
-    pub crashes: u8,
-    /// Expiries of a live holder's lease so far.
-    pub expiries: u8,
+    /// The faults so far.
+    pub faults: Faults,
     /// What the properties check.
     pub audit: Audit,
 }
@@ -275,23 +356,35 @@ pub enum Action {
     Preflight(u8),
     /// Step 2: compare-and-swap the lease (free or expired: fence + 1).
     Acquire(u8),
+    /// Fault in step 2: the lease is granted, but its reply is lost. The
+    /// node goes on trying, and finds the lease held by itself.
+    AcquireReplyLost(u8),
+    /// Step 2, trying again after a lost reply: the lease is held by this
+    /// run, so the node renews it (compare-and-swap on holder and fence) and
+    /// holds it, its local deadline counted from before the renewal.
+    Adopt(u8),
     /// Step 2, while the lease is held elsewhere: read the store again;
     /// READY once the plan is empty.
     WaitRead(u8),
     /// Step 3: claim the store with the fence, re-read, plan.
     Claim(u8),
     /// Step 4: the fenced write that starts a task (with the previous
-    /// completion of the same version).
+    /// completion of the same version); once it commits, the task body
+    /// begins.
     StartTask(u8),
-    /// Step 4: the task body: an effect outside the store.
-    RunTask(u8),
+    /// Step 4: the task body ends, successfully: its effect outside the
+    /// store is done.
+    EndTask(u8),
     /// Steps 4 and 6: the fenced write of a version's last completion and
     /// the data version it reaches.
     FinishTask(u8),
     /// Step 7: compare-and-swap release on (holder, fence).
     Release(u8),
-    /// Step 5: renewal refused or the local deadline passed: cancel the
-    /// running task (best-effort fenced write), fail.
+    /// Step 5: renewal refused, the local deadline passed, or the holder
+    /// learnt that its session ended: cancel the running task at once
+    /// (then a best-effort fenced write of the cancellation, or of a
+    /// completion that was to ride with the next start), start nothing new,
+    /// fail.
     Lose(u8),
     /// Fault: the node crashes; with `restart`, it starts a fresh run.
     Crash {
@@ -300,8 +393,18 @@ pub enum Action {
         /// Whether it comes back.
         restart: bool,
     },
-    /// The lease expires on the backend. A fault when its holder is alive.
+    /// The lease expires on the backend (or, after its holder's session
+    /// ended, the grace runs out). A fault when its holder is alive: the
+    /// holder was paused past its margin (with the deadline counted from the
+    /// reply: or the reply came late).
     Expire,
+    /// Fault: the session of the live holder ends (the server terminates
+    /// it, an idle timeout, a proxy); the holder's process goes on.
+    EndSession,
+    /// The grace after the session's end runs out while the holder still
+    /// acts, not knowing (only without loss detection, or with a grace that
+    /// does not exceed detection plus margin).
+    GraceEnds,
 }
 
 impl fmt::Display for Action {
@@ -309,10 +412,12 @@ impl fmt::Display for Action {
         match *self {
             Action::Preflight(n) => write!(f, "n{n} preflight"),
             Action::Acquire(n) => write!(f, "n{n} acquire"),
+            Action::AcquireReplyLost(n) => write!(f, "n{n} acquire, reply lost"),
+            Action::Adopt(n) => write!(f, "n{n} adopt its own grant"),
             Action::WaitRead(n) => write!(f, "n{n} wait-read"),
             Action::Claim(n) => write!(f, "n{n} claim"),
             Action::StartTask(n) => write!(f, "n{n} start-task"),
-            Action::RunTask(n) => write!(f, "n{n} run-task"),
+            Action::EndTask(n) => write!(f, "n{n} end-task"),
             Action::FinishTask(n) => write!(f, "n{n} finish-task"),
             Action::Release(n) => write!(f, "n{n} release"),
             Action::Lose(n) => write!(f, "n{n} lose-lease"),
@@ -320,6 +425,8 @@ impl fmt::Display for Action {
                 write!(f, "n{node} crash{}", if restart { "+restart" } else { "" })
             }
             Action::Expire => f.write_str("lease expires"),
+            Action::EndSession => f.write_str("holder's session ends"),
+            Action::GraceEnds => f.write_str("grace runs out"),
         }
     }
 }
@@ -355,6 +462,16 @@ pub enum Outcome {
     Refused(Refusal),
     /// A release was refused (the lease was no longer this node's).
     ReleaseRefused,
+    /// A live holder's lease expired: it was paused past its margin.
+    HolderPaused,
+    /// A live holder's lease expired before its local deadline, which it
+    /// counted from a late reply.
+    DeadlineAfterExpiry,
+    /// A takeover became possible before the holder learnt that its session
+    /// ended: it never learns (no loss detection), the grace is no longer
+    /// than the detection time, or the holder was paused, within its
+    /// margin, around its detection.
+    HolderUnaware(Switches),
 }
 
 /// Data version 1.`v`.
@@ -484,12 +601,33 @@ impl Protocol {
         s.lock.holder == Some(n as u8) && s.lock.fence == node.fence && !s.lock.expired
     }
 
-    /// The holder of the lease is alive and acting on it.
+    /// The holder of the lease is alive and acting on it. A node whose
+    /// grant's reply was lost is too: it tries again within its retry
+    /// backoff, far below the TTL, finds the lease its own and adopts it
+    /// (a slower retry is a pause).
     fn holder_alive(&self, s: &State) -> bool {
-        s.lock.holder.is_some_and(|h| {
-            let node = &s.nodes[h as usize];
-            node.holding() && node.fence == s.lock.fence
-        })
+        s.lock
+            .holder
+            .filter(|&h| h != CRASHED_RUN)
+            .is_some_and(|h| {
+                let node = &s.nodes[h as usize];
+                node.pc == Pc::Acquiring || node.holding() && node.fence == s.lock.fence
+            })
+    }
+
+    /// Node `n` holds the lease and has learnt that its session ended: it
+    /// cancels its running task and fails (`Lose`).
+    fn knows_session_ended(&self, s: &State, n: usize) -> bool {
+        self.switches.loss_detection
+            && s.lock.session_ended
+            && s.lock.holder == Some(n as u8)
+            && s.lock.fence == s.nodes[n].fence
+    }
+
+    /// The grace after the session's end may run out while the holder is
+    /// alive and does not know: the holder never learns, or learns too late.
+    fn takeover_before_detection(&self) -> bool {
+        !self.switches.loss_detection || self.switches.grace != Grace::PastDetectionAndMargin
     }
 
     fn acquirable(&self, s: &State) -> bool {
@@ -572,17 +710,27 @@ impl Protocol {
                     }
                 }
             }
-            Action::Acquire(n) => {
+            Action::Acquire(n) | Action::AcquireReplyLost(n) => {
                 let fence = s.lock.fence + 1;
                 s.lock = Lock {
                     holder: Some(n),
                     fence,
                     expired: false,
+                    session_ended: false,
                 };
                 s.audit.granted |= 1 << fence;
                 s.audit.grants += 1;
+                if action == Action::Acquire(n) {
+                    let node = &mut s.nodes[n as usize];
+                    node.fence = fence;
+                    node.pc = Pc::Claiming;
+                } else {
+                    s.faults.lost_replies += 1;
+                }
+            }
+            Action::Adopt(n) => {
                 let node = &mut s.nodes[n as usize];
-                node.fence = fence;
+                node.fence = s.lock.fence;
                 node.pc = Pc::Claiming;
             }
             Action::WaitRead(n) => {
@@ -637,7 +785,7 @@ impl Protocol {
                 let result = self.write(&mut s, n, &changes);
                 outcome = self.after_write(&mut s, n, result, Pc::Running { task });
             }
-            Action::RunTask(n) => {
+            Action::EndTask(n) => {
                 let n = n as usize;
                 let Pc::Running { task } = s.nodes[n].pc else {
                     unreachable!()
@@ -702,13 +850,25 @@ impl Protocol {
             }
             Action::Lose(n) => {
                 let n = n as usize;
-                if let Pc::Running { task } = s.nodes[n].pc {
-                    let cancel = Change::Finish {
+                // Best effort: the cancellation of the running task, or a
+                // completion that was to ride with the next start; refused if
+                // another node has claimed the store.
+                let last = match s.nodes[n].pc {
+                    Pc::Running { task } => Some(Change::Finish {
                         task,
                         state: RowState::Cancelled,
-                    };
-                    // Best effort: refused if another node has claimed the store.
-                    outcome = match self.write(&mut s, n, &[cancel]) {
+                    }),
+                    Pc::Start {
+                        pending: Some(task),
+                        ..
+                    } => Some(Change::Finish {
+                        task,
+                        state: RowState::Completed,
+                    }),
+                    _ => None,
+                };
+                if let Some(change) = last {
+                    outcome = match self.write(&mut s, n, &[change]) {
                         Ok(()) => Outcome::Committed,
                         Err(r) => Outcome::Refused(r),
                     };
@@ -716,7 +876,10 @@ impl Protocol {
                 s.nodes[n] = Node::stopped(Pc::Failed);
             }
             Action::Crash { node, restart } => {
-                s.crashes += 1;
+                s.faults.crashes += 1;
+                if s.lock.holder == Some(node) {
+                    s.lock.holder = Some(CRASHED_RUN);
+                }
                 s.nodes[node as usize] = if restart {
                     Node::fresh()
                 } else {
@@ -725,9 +888,29 @@ impl Protocol {
             }
             Action::Expire => {
                 if self.holder_alive(&s) {
-                    s.expiries += 1;
+                    s.faults.expiries += 1;
+                    if self.switches.deadline_from_request {
+                        // Its local deadline comes at least a margin before
+                        // the expiry: only a pause past the margin lets the
+                        // lease expire while it still acts. (A node that
+                        // lost its grant's reply acts on nothing yet: it
+                        // will try again for a new grant.)
+                        let holder = &mut s.nodes[s.lock.holder.expect("a holder") as usize];
+                        holder.paused = holder.holding();
+                        outcome = Outcome::HolderPaused;
+                    } else {
+                        outcome = Outcome::DeadlineAfterExpiry;
+                    }
                 }
                 s.lock.expired = true;
+            }
+            Action::EndSession => {
+                s.faults.session_ends += 1;
+                s.lock.session_ended = true;
+            }
+            Action::GraceEnds => {
+                s.lock.expired = true;
+                outcome = Outcome::HolderUnaware(self.switches);
             }
         }
         (s, outcome)
@@ -742,6 +925,10 @@ impl Protocol {
                 Pc::Acquiring => {
                     if self.acquirable(s) {
                         actions.push(Action::Acquire(n));
+                    } else if s.lock.holder == Some(n) {
+                        // Its grant's reply was lost, and the lease is still
+                        // its own.
+                        actions.push(Action::Adopt(n));
                     }
                     let data = &s.store.data;
                     if plan_of(data) == 0 || node.view.as_ref().is_some_and(|v| v != data) {
@@ -750,7 +937,7 @@ impl Protocol {
                 }
                 Pc::Claiming => actions.push(Action::Claim(n)),
                 Pc::Start { .. } => actions.push(Action::StartTask(n)),
-                Pc::Running { .. } => actions.push(Action::RunTask(n)),
+                Pc::Running { .. } => actions.push(Action::EndTask(n)),
                 Pc::Finishing { .. } => actions.push(Action::FinishTask(n)),
                 Pc::Releasing { .. } => actions.push(Action::Release(n)),
                 Pc::Ready { .. } | Pc::Failed | Pc::Down => {}
@@ -758,19 +945,24 @@ impl Protocol {
             if matches!(
                 node.pc,
                 Pc::Claiming | Pc::Start { .. } | Pc::Running { .. } | Pc::Finishing { .. }
-            ) && !self.lease_valid(s, i)
+            ) && (!self.lease_valid(s, i) || self.knows_session_ended(s, i))
             {
                 actions.push(Action::Lose(n));
             }
         }
-        if s.lock.holder.is_some() && !s.lock.expired && !self.holder_alive(s) {
-            actions.push(Action::Expire);
+        if s.lock.holder.is_some() && !s.lock.expired {
+            if !self.holder_alive(s) {
+                actions.push(Action::Expire);
+            } else if s.lock.session_ended && self.takeover_before_detection() {
+                actions.push(Action::GraceEnds);
+            }
         }
     }
 
-    /// Faults: crashes, and the expiry of a live holder's lease.
+    /// Faults: crashes, the expiry of a live holder's lease, the end of a
+    /// live holder's session, a lost reply to a grant.
     pub fn fault_actions(&self, s: &State, actions: &mut Vec<Action>) {
-        if s.crashes < self.max_crashes {
+        if s.faults.crashes < self.budget.crashes {
             for (i, node) in s.nodes.iter().enumerate() {
                 let restarts: &[bool] = match node.pc {
                     Pc::Ready { .. } | Pc::Down => &[],
@@ -786,13 +978,27 @@ impl Protocol {
                 }
             }
         }
-        if s.lock.holder.is_some()
-            && !s.lock.expired
-            && self.holder_alive(s)
-            && s.expiries < self.max_expiries
-        {
+        let live = !s.lock.expired && self.holder_alive(s);
+        if live && s.faults.expiries < self.budget.expiries {
             actions.push(Action::Expire);
         }
+        if live && !s.lock.session_ended && s.faults.session_ends < self.budget.session_ends {
+            actions.push(Action::EndSession);
+        }
+        if self.acquirable(s) && s.faults.lost_replies < self.budget.lost_replies {
+            for (i, node) in s.nodes.iter().enumerate() {
+                if node.pc == Pc::Acquiring {
+                    actions.push(Action::AcquireReplyLost(i as u8));
+                }
+            }
+        }
+    }
+
+    /// Every action enabled in `s`.
+    pub fn actions_of(&self, s: &State) -> Vec<Action> {
+        let mut actions = Vec::new();
+        self.actions(s, &mut actions);
+        actions
     }
 
     /// No step of the protocol can be taken: only faults could change the
@@ -824,6 +1030,20 @@ impl Protocol {
                 Outcome::Refused(Refusal::StaleFence) => " [refused: stale fence]".to_owned(),
                 Outcome::Refused(Refusal::Rule(rule)) => format!(" [refused: {rule}]"),
                 Outcome::ReleaseRefused => " [release refused]".to_owned(),
+                Outcome::HolderPaused => " [its holder is paused past its margin]".to_owned(),
+                Outcome::DeadlineAfterExpiry => {
+                    " [before its holder's deadline, counted from a late reply]".to_owned()
+                }
+                Outcome::HolderUnaware(switches) => {
+                    let why = if !switches.loss_detection {
+                        "it never learns"
+                    } else if switches.grace == Grace::NotPastDetection {
+                        "the grace is not longer than detection"
+                    } else {
+                        "it was paused, within its margin, around its detection"
+                    };
+                    format!(" [its holder does not know the session ended: {why}]")
+                }
             };
             out.push_str(&format!("{:>2}. {action}{note}\n    {after}\n", i + 1));
         }
@@ -862,13 +1082,14 @@ fn pc_rank(pc: Pc) -> u32 {
 
 impl State {
     /// A measure that every step increases, compared in order: crashes, the
-    /// lease's fence, its expiry, the nodes' progress in their runs, what
-    /// they have read. Every component is bounded, so the model has no cycle
+    /// lease's fence, its expiry and its session's end, the nodes' progress
+    /// in their runs, what they have read. Every component is bounded, so
+    /// the model has no cycle
     /// and every path ends where no step is left: once the faults stop, a
     /// run reaches a state where no step of the protocol is left, which is
     /// where the L properties are checked. `next_state` asserts it on every
     /// transition the checker explores.
-    pub fn measure(&self) -> (u8, u8, bool, u32, u32) {
+    pub fn measure(&self) -> (u8, u8, (bool, bool), u32, u32) {
         let progress = self.nodes.iter().map(|n| pc_rank(n.pc)).sum();
         let read = self
             .nodes
@@ -877,9 +1098,9 @@ impl State {
             .map(data_measure)
             .sum();
         (
-            self.crashes,
+            self.faults.crashes,
             self.lock.fence,
-            self.lock.expired,
+            (self.lock.expired, self.lock.session_ended),
             progress,
             read,
         )
@@ -896,10 +1117,13 @@ impl State {
         for (new, &old) in order.iter().enumerate() {
             out.nodes[new] = self.nodes[old].clone();
         }
-        out.lock.holder = self
-            .lock
-            .holder
-            .map(|h| order.iter().position(|&o| o == h as usize).expect("a node") as u8);
+        out.lock.holder = self.lock.holder.map(|h| {
+            if h == CRASHED_RUN {
+                h
+            } else {
+                order.iter().position(|&o| o == h as usize).expect("a node") as u8
+            }
+        });
         out
     }
 }
@@ -907,13 +1131,17 @@ impl State {
 impl fmt::Display for State {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.lock.holder {
-            Some(h) => write!(
-                f,
-                "lock n{h} fence {}{}",
-                self.lock.fence,
-                if self.lock.expired { " expired" } else { "" }
-            )?,
+            Some(CRASHED_RUN) => write!(f, "lock (a crashed run) fence {}", self.lock.fence)?,
+            Some(h) => write!(f, "lock n{h} fence {}", self.lock.fence)?,
             None => write!(f, "lock free fence {}", self.lock.fence)?,
+        }
+        if self.lock.holder.is_some() {
+            if self.lock.session_ended {
+                f.write_str(" session ended")?;
+            }
+            if self.lock.expired {
+                f.write_str(" expired")?;
+            }
         }
         write!(
             f,
@@ -959,12 +1187,29 @@ impl fmt::Display for State {
                 Pc::Failed => f.write_str("failed")?,
                 Pc::Down => f.write_str("down")?,
             }
+            if node.paused {
+                f.write_str(" (paused)")?;
+            }
             if i + 1 < NODES {
                 f.write_str(",")?;
             }
         }
         Ok(())
     }
+}
+
+/// The name of the property that checks E1.
+pub const E1: &str = "E1 no two nodes run task code at once, unless one was paused past its margin";
+
+/// The name of the reachability check for E1's exception.
+pub const EXCUSED_OVERLAP: &str =
+    "two nodes run task code at once, one of them paused past its margin";
+
+/// The nodes running task code.
+fn running(s: &State) -> impl Iterator<Item = &Node> {
+    s.nodes
+        .iter()
+        .filter(|n| matches!(n.pc, Pc::Running { .. }))
 }
 
 /// Data version at least 1.`v` implies every task up to 1.`v` is complete,
@@ -993,6 +1238,7 @@ impl Model for Protocol {
                 holder: None,
                 fence: 0,
                 expired: false,
+                session_ended: false,
             },
             store: Store {
                 fence: 0,
@@ -1002,8 +1248,7 @@ impl Model for Protocol {
                 },
             },
             nodes: std::array::from_fn(|_| Node::fresh()),
-            crashes: 0,
-            expiries: 0,
+            faults: Faults::NONE,
             audit: Audit {
                 granted: 0,
                 grants: 0,
@@ -1034,7 +1279,7 @@ impl Model for Protocol {
     }
 
     fn properties(&self) -> Vec<Property<Self>> {
-        vec![
+        let mut properties = vec![
             Property::always("S1 fences granted grow and are distinct", |_, s: &State| {
                 let a = &s.audit;
                 a.granted.count_ones() == u32::from(a.grants)
@@ -1102,16 +1347,14 @@ impl Model for Protocol {
             Property::always(
                 "without faults, a task body runs at most once",
                 |_, s: &State| {
-                    s.crashes > 0
-                        || s.expiries > 0
+                    s.faults.any()
                         || (0..TASKS).all(|t| ((s.audit.effects >> (8 * t)) & 0xff).count_ones() <= 1)
                 },
             ),
             Property::always(
                 "L2 without faults, once no step is left every node is READY",
                 |m: &Protocol, s: &State| {
-                    s.crashes > 0
-                        || s.expiries > 0
+                    s.faults.any()
                         || !m.quiescent(s)
                         || s.nodes.iter().all(|n| matches!(n.pc, Pc::Ready { .. }))
                 },
@@ -1122,8 +1365,8 @@ impl Model for Protocol {
             Property::sometimes(
                 "the upgrade completes after a crash and an expiry",
                 |_, s: &State| {
-                    s.crashes > 0
-                        && s.expiries > 0
+                    s.faults.crashes > 0
+                        && s.faults.expiries > 0
                         && s.store.data.version == APP
                         && s.nodes.iter().any(|n| matches!(n.pc, Pc::Ready { .. }))
                 },
@@ -1132,6 +1375,34 @@ impl Model for Protocol {
                 "a task body runs twice (attempts are at-least-once)",
                 |_, s: &State| (0..TASKS).any(|t| ((s.audit.effects >> (8 * t)) & 0xff).count_ones() > 1),
             ),
-        ]
+            Property::always(E1, |_, s: &State| running(s).filter(|n| !n.paused).count() <= 1),
+        ];
+        // Reachability checks for the faults this model allows.
+        if self.budget.expiries > 0 && self.switches.deadline_from_request {
+            properties.push(Property::sometimes(EXCUSED_OVERLAP, |_, s: &State| {
+                running(s).count() > 1
+            }));
+        }
+        if self.budget.session_ends > 0 {
+            properties.push(Property::sometimes(
+                "the upgrade completes after the holder's session ended",
+                |_, s: &State| {
+                    s.faults.session_ends > 0
+                        && s.store.data.version == APP
+                        && s.nodes.iter().any(|n| matches!(n.pc, Pc::Ready { .. }))
+                },
+            ));
+        }
+        if self.budget.lost_replies > 0 {
+            properties.push(Property::sometimes(
+                "the upgrade completes after a grant's reply was lost",
+                |_, s: &State| {
+                    s.faults.lost_replies > 0
+                        && s.store.data.version == APP
+                        && s.nodes.iter().all(|n| matches!(n.pc, Pc::Ready { .. }))
+                },
+            ));
+        }
+        properties
     }
 }

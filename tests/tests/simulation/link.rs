@@ -184,6 +184,9 @@ impl Lock for Link {
         let r = self.world.backend.current(service).await;
         self.finish("current", gate, r)
     }
+    async fn force_release(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
+        self.world.backend.force_release(service).await
+    }
     async fn wait(
         &self,
         service: &str,
@@ -238,6 +241,9 @@ impl Store for Link {
     async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>, BackendError> {
         self.world.backend.history(service).await
     }
+    async fn services(&self) -> Result<Vec<String>, BackendError> {
+        self.world.backend.services().await
+    }
 }
 
 /// A snapshot that prints briefly in the trace.
@@ -261,6 +267,7 @@ pub fn describe(c: &Change) -> String {
             let kind = match s.kind {
                 upsilon::backend::AttemptKind::Run => "start",
                 upsilon::backend::AttemptKind::Rollback => "start rollback",
+                other => other.as_str(),
             };
             format!("{kind} {}#{}", s.key.id, s.attempt)
         }

@@ -19,39 +19,6 @@ use super::listener::SessionId;
 use super::pipeline::{first_error, int8, opt_int4, opt_int8, pipeline, text, Stmt};
 use super::{format_of, get, PostgresBackend};
 
-impl PostgresBackend {
-    /// Clears the lease of `service`, whoever holds it: an operator's tool for
-    /// a holder known to be dead. The fence stays: the next grant gets a
-    /// higher one. The old holder can no longer renew or release, and its
-    /// store writes are refused once the next holder has claimed the store.
-    /// Returns the holder and fence that were cleared, if any.
-    pub async fn force_release(
-        &self,
-        service: &str,
-    ) -> Result<Option<(Holder, u64)>, BackendError> {
-        let mut conn = self.conn().await?;
-        let sql = &self.inner.sql;
-        let stmt = [Stmt::Typed(
-            &sql.force_release,
-            vec![text(service), text(sql.channel.clone())],
-        )];
-        let op = async {
-            let rows = first_error(pipeline(conn.client(), &stmt).await).map_err(driver)?;
-            match rows[0].first() {
-                Some(r) => {
-                    let h: String = get(r, 0, "the lease holder")?;
-                    let f = fence_from_column(get(r, 1, "the lease fence")?, "the lease's fence")?;
-                    Ok(Some((Holder::decode(&h)?, f)))
-                }
-                None => Ok(None),
-            }
-        };
-        let result = self.timed(op).await;
-        self.settle(&mut conn, "force-releasing the lease", result)
-            .await
-    }
-}
-
 /// The state row as `Sql::acquire_read` reads it under its lock.
 struct LeaseRow {
     /// The stored lease, if any.
@@ -270,6 +237,33 @@ impl Lock for PostgresBackend {
             self.inner.holding.untie(lease);
         }
         result
+    }
+
+    async fn force_release(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
+        // The grant counter and the fence floor stay: the next grant gets a
+        // higher fence. Waiting nodes are notified.
+        let mut conn = self.conn().await?;
+        let sql = &self.inner.sql;
+        let stmt = [Stmt::Typed(
+            &sql.force_release,
+            vec![text(service), text(sql.channel.clone())],
+        )];
+        let op = async {
+            let rows = first_error(pipeline(conn.client(), &stmt).await).map_err(driver)?;
+            let Some(r) = rows[0].first() else {
+                return Ok(None);
+            };
+            let stored = StoredLease::from_columns(
+                get(r, 0, "the lease holder")?,
+                get(r, 1, "the lease fence")?,
+                get(r, 2, "the lease expiry")?,
+            )?;
+            let now = get(r, 3, "the clock")?;
+            Ok(stored.and_then(|s| s.live(now)))
+        };
+        let result = self.timed(op).await;
+        self.settle(&mut conn, "force-releasing the lease", result)
+            .await
     }
 
     async fn current(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {

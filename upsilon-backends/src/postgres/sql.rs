@@ -66,6 +66,8 @@ pub(crate) struct Sql {
     pub(crate) data_version: String,
     pub(crate) baseline: String,
     pub(crate) notify: String,
+    /// Every service the tables hold something of.
+    pub(crate) services: String,
     pub(crate) history_rows: String,
     /// The snapshot with the summaries of the given tasks only (`$2`
     /// versions, `$3` ids): what a write needs.
@@ -161,15 +163,18 @@ impl Sql {
             ),
             force_release: format!(
                 "WITH old AS (
-                   SELECT service, lease_holder, lease_fence FROM {st}
+                   SELECT service, lease_holder, lease_fence, {} AS expires_ms
+                   FROM {st}
                    WHERE service = $1 AND lease_holder IS NOT NULL FOR UPDATE),
                  r AS (
                    UPDATE {st} AS s SET lease_holder = NULL, lease_fence = NULL,
                           lease_expires = NULL, lease_pid = NULL, lease_server_start = NULL
                    FROM old WHERE s.service = old.service
-                   RETURNING old.lease_holder, old.lease_fence)
-                 SELECT r.lease_holder, r.lease_fence
-                 FROM r CROSS JOIN LATERAL pg_notify($2, $1) AS n"
+                   RETURNING old.lease_holder, old.lease_fence, old.expires_ms)
+                 SELECT r.lease_holder, r.lease_fence, r.expires_ms, {}
+                 FROM r CROSS JOIN LATERAL pg_notify($2, $1) AS n",
+                ms("lease_expires"),
+                ms("clock_timestamp()")
             ),
             raise_fence: format!("UPDATE {st} SET store_fence = $2 WHERE service = $1"),
             start: format!(
@@ -192,6 +197,12 @@ impl Sql {
                 "UPDATE {st} SET data_version = $2, baseline = $2 WHERE service = $1"
             ),
             notify: "SELECT 1 FROM pg_notify($1, $2) AS n".to_owned(),
+            services: format!(
+                "SELECT service FROM {st}
+                  WHERE data_version IS NOT NULL OR baseline IS NOT NULL
+                     OR lease_holder IS NOT NULL OR granted > 0 OR store_fence > 0
+                 UNION SELECT service FROM {h}"
+            ),
             history_rows: format!(
                 "SELECT version, task_id, attempt, kind, state, fence, holder, description,
                         {}, {}, duration_ms, error

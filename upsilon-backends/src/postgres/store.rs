@@ -169,6 +169,31 @@ impl Store for PostgresBackend {
         self.settle(&mut conn, "writing to the store", result).await
     }
 
+    async fn services(&self) -> Result<Vec<String>, BackendError> {
+        let sql = &self.inner.sql;
+        let mut conn = self.conn().await?;
+        let stmts = [
+            Stmt::Typed(&sql.format, vec![]),
+            Stmt::Typed(&sql.services, vec![]),
+        ];
+        let op = async {
+            let rows = first_error(pipeline(conn.client(), &stmts).await).map_err(driver)?;
+            match rows[0].first() {
+                Some(r) => format_of(r, 0)?,
+                None => return Err(BackendError::corrupt("the meta table has no `format` row")),
+            }
+            let mut names = rows[1]
+                .iter()
+                .map(|r| get::<String>(r, 0, "a service name"))
+                .collect::<Result<Vec<_>, _>>()?;
+            // Byte order, whatever the database's collation.
+            names.sort();
+            Ok(names)
+        };
+        let result = self.timed(op).await;
+        self.settle(&mut conn, "listing the services", result).await
+    }
+
     async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>, BackendError> {
         let sql = &self.inner.sql;
         let mut conn = self.conn().await?;

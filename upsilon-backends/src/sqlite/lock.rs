@@ -122,6 +122,27 @@ impl Lock for SqliteBackend {
         .await
     }
 
+    async fn force_release(&self, service: &str) -> Result<Option<LeaseInfo>> {
+        let service = service.to_owned();
+        self.tx(move |tx, now| {
+            let row = state(tx, &service)?;
+            let live = row
+                .lease(now)
+                .and_then(|l| l.live(now.lease))
+                .map(|info| reported(now, info));
+            // The grant counter stays in `upsilon_fence`: the next grant's
+            // fence is above the freed one.
+            tx.execute(
+                "UPDATE upsilon_state SET lease_holder = NULL, lease_fence = NULL,
+                 lease_expires_ms = NULL, lease_boot = NULL WHERE service = ?1",
+                [&service],
+            )
+            .map_err(driver)?;
+            Ok(live)
+        })
+        .await
+    }
+
     async fn current(&self, service: &str) -> Result<Option<LeaseInfo>> {
         let service = service.to_owned();
         self.tx(move |tx, now| {

@@ -50,6 +50,28 @@ impl Store for SqliteBackend {
         .await
     }
 
+    async fn services(&self) -> Result<Vec<String>> {
+        self.tx(move |tx, _| {
+            // Reads create empty state rows; a service is one the store
+            // holds something of.
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT service FROM upsilon_state
+                      WHERE data_version IS NOT NULL OR baseline IS NOT NULL
+                         OR lease_holder IS NOT NULL
+                     UNION SELECT service FROM upsilon_fence WHERE granted > 0 OR store_fence > 0
+                     UNION SELECT service FROM upsilon_history
+                     ORDER BY 1",
+                )
+                .map_err(driver)?;
+            let names = stmt
+                .query_map([], |r| r.get::<_, String>(0))
+                .map_err(driver)?;
+            names.map(|n| n.map_err(driver)).collect()
+        })
+        .await
+    }
+
     async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>> {
         let service = service.to_owned();
         self.tx(move |tx, _| {

@@ -25,6 +25,8 @@ pub struct StoredLease {
     pub fence: u64,
     /// Its expiry on the backend's clock (ms since the epoch).
     pub expires_at_ms: i64,
+    /// When it was granted, on the same clock, if the backend keeps it.
+    pub granted_at_ms: Option<i64>,
 }
 
 impl StoredLease {
@@ -44,7 +46,18 @@ impl StoredLease {
             holder: Holder::decode(holder)?,
             fence: fence_from_column(fence, "the lease's fence")?,
             expires_at_ms,
+            granted_at_ms: None,
         }))
+    }
+
+    /// The same lease, with the time it was granted (a column the backend
+    /// keeps beside the lease, written with the grant's `now_ms`), so that
+    /// [`LeaseInfo::held_for`] can say how long it has been held.
+    pub fn granted_at(self, granted_at_ms: Option<i64>) -> StoredLease {
+        StoredLease {
+            granted_at_ms,
+            ..self
+        }
     }
 
     /// The lease as another node sees it, if it is unexpired at `now_ms`.
@@ -54,6 +67,7 @@ impl StoredLease {
             fence: self.fence,
             expires_at_ms: self.expires_at_ms,
             now_ms,
+            granted_at_ms: self.granted_at_ms,
         })
     }
 }
@@ -403,6 +417,7 @@ mod tests {
             holder: holder(),
             fence: 4,
             expires_at_ms: 1_000,
+            granted_at_ms: None,
         };
         let ttl = Duration::from_secs(2);
         let held = decide_acquire("s", Some(&stored), 999, [4, 2, 3], &holder(), ttl).unwrap();

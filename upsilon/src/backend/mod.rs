@@ -22,6 +22,12 @@
 //! | [`Store::claim`] | the same, under lock | [`Snapshot::claim`] | the store's fence, when it rose |
 //! | [`Store::apply`] | the same, for the tasks [`Change::touched`] names | [`Snapshot::check`] | [`Columns::of`] each change it returns |
 //! | [`Store::history`] | every history row | [`HistoryColumns::decode`] | — |
+//! | [`Store::services`] | the services with a state or history row | — | — |
+//! | [`Lock::force_release`] | the lease row, the clock | [`StoredLease::live`] | clear the lease (holder, fence, expiry), keep the grant counter |
+//!
+//! A backend that keeps the time of each grant (the `now_ms` it wrote the
+//! grant with) reports it through [`StoredLease::granted_at`], so that an
+//! operator sees how long a lease has been held.
 //!
 //! A backend with change notifications also implements [`Lock::wait`] and
 //! [`Lock::notifies`]: a waiting node then sleeps until the lease is
@@ -41,16 +47,18 @@ use async_trait::async_trait;
 use crate::ids::Holder;
 
 mod kit;
+mod unlock;
 
 pub use crate::state::{
     Acquire, AttemptKind, AttemptState, BackendError, Change, FinishAttempt, HistoryEntry, LastRow,
-    Lease, LeaseInfo, Snapshot, StartAttempt, TaskSummary,
+    Lease, LeaseInfo, Snapshot, StartAttempt, TaskSummary, UNLOCK_TASK_ID,
 };
 pub use kit::{
     decide_acquire, expiry, fence_from_column, fence_to_column, jitter, ttl_ms,
     version_from_column, Columns, HistoryColumns, StateColumns, StoredLease, SummaryColumns, Value,
     Write,
 };
+pub use unlock::{unlock, Unlocked, UNLOCK_TTL};
 
 /// The cluster-wide lease: who may run a plan.
 ///
@@ -82,6 +90,18 @@ pub trait Lock: Send + Sync + fmt::Debug {
 
     /// The unexpired lease of `service`, if any.
     async fn current(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError>;
+
+    /// Frees the unexpired lease of `service`, whoever holds it, and returns
+    /// what it freed (`None`: no lease was held, nothing changed). The
+    /// operator's escape hatch: call [`unlock()`] rather than this alone, so
+    /// that the store fences the old holder out and the history records it.
+    ///
+    /// One atomic operation. The grant counter stays, so the next grant's
+    /// fence is above the freed one (S1; [`decide_acquire`] takes every fence
+    /// seen). The old holder's renewals and releases then fail with
+    /// [`BackendError::LeaseLost`]. A backend with notifications wakes its
+    /// waiters, as a release does.
+    async fn force_release(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError>;
 
     /// Returns when the lease or the data version of `service` may have
     /// changed since the caller read the lease as `seen`, or after `timeout`.
@@ -155,6 +175,11 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// Every history row of `service`, oldest first.
     async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>, BackendError>;
+
+    /// The services this store holds anything for (a data version, a
+    /// baseline, a fence above 0, a lease grant or a history row), in
+    /// lexicographic order. A service that was only read is not listed.
+    async fn services(&self) -> Result<Vec<String>, BackendError>;
 }
 
 /// A backend that is both the [`Lock`] and the [`Store`], as

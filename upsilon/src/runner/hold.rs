@@ -190,6 +190,7 @@ impl Work<'_> {
                 }
                 Ran::Failed(message) => {
                     failures += 1;
+                    crate::metrics::task_failed(&self.inner.service, task);
                     warn!(task = %task.key(), attempt, error = %message, ?duration, "task failed");
                     let failed = finish(
                         task,
@@ -267,6 +268,7 @@ impl Work<'_> {
     async fn back_off(&self, task: &Task, failures: u32) {
         let wait = self.inner.config.retry.backoff(failures);
         info!(task = %task.key(), failed_attempts = failures, ?wait, "retrying the task");
+        crate::metrics::task_retried(&self.inner.service, task);
         tokio::select! {
             biased;
             _ = tokio::time::sleep(wait) => {}

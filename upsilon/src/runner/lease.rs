@@ -137,6 +137,10 @@ impl Held {
     fn halt_with(&self, halt: Halt) {
         let mut r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
         if r.is_none() {
+            if let Halt::Lost(reason) = &halt {
+                let lease = self.lease.lock().unwrap_or_else(|p| p.into_inner());
+                crate::metrics::lease_lost(&lease.service, reason);
+            }
             *r = Some(halt);
         }
         drop(r);
@@ -196,15 +200,18 @@ async fn renew_loop(lock: Arc<dyn Lock>, held: Arc<Held>, sent: Instant, config:
         match tokio::time::timeout_at(deadline, lock.renew(&current)).await {
             Ok(Ok(renewed)) => {
                 debug!(fence = renewed.fence, "lease renewed");
+                crate::metrics::lease_renewed(&renewed.service);
                 *held.lease.lock().unwrap_or_else(|p| p.into_inner()) = renewed;
                 deadline = sent + budget;
                 next = sent + config.renew_every;
             }
             Ok(Err(e)) if e.is_transient() => {
+                crate::metrics::renewal_failed(&current.service, "transient");
                 warn!(error = %error_chain(&e), "renewing the lease failed; retrying before the deadline");
                 next = Instant::now() + (config.renew_every / 4).max(Duration::from_millis(10));
             }
             Ok(Err(e)) => {
+                crate::metrics::renewal_failed(&current.service, "refused");
                 warn!(error = %error_chain(&e), "renewal refused; cancelling the running task");
                 held.lose(LeaseLoss::RenewalRefused {
                     detail: error_chain(&e),
@@ -212,6 +219,7 @@ async fn renew_loop(lock: Arc<dyn Lock>, held: Arc<Held>, sent: Instant, config:
                 return;
             }
             Err(_) => {
+                crate::metrics::renewal_failed(&current.service, "timeout");
                 // The deadline passed while renewing: the top of the loop says so.
             }
         }

@@ -140,6 +140,7 @@ impl Upsilon {
                 _ = &mut stop, if !stop_fired => {
                     stop_fired = true;
                     token.cancel();
+                    crate::metrics::stopped(&self.inner.service);
                 }
             }
         }
@@ -152,6 +153,7 @@ impl Upsilon {
         async {
             inner.status.send_replace(Status::Starting);
             let result = inner.run(stop).await;
+            crate::metrics::run_finished(&inner.service, &result);
             match &result {
                 Ok(outcome) => {
                     info!(%outcome, "ready");
@@ -228,7 +230,12 @@ impl Inner {
                 lease,
                 sent,
                 snapshot,
-            } => self.hold(lease, sent, snapshot, stop).await,
+            } => {
+                let granted = tokio::time::Instant::now();
+                let result = self.hold(lease, sent, snapshot, stop).await;
+                crate::metrics::upgrade_finished(&self.service, granted.elapsed(), &result);
+                result
+            }
         }
     }
 

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::{Acquire, BackendError, Lease, LeaseInfo, Snapshot};
 use crate::error::{Error, OrNone, Report};
+use crate::metrics;
 use crate::planner::Plan;
 use crate::status::Status;
 use crate::util::jitter;
@@ -62,8 +63,11 @@ impl Inner {
         let started = Instant::now();
         let deadline = started + self.config.max_wait;
         let mut last_holder = None;
+        let mut last_seen: Option<LeaseInfo> = None;
+        let mut wait = metrics::Wait::new(&self.service);
         loop {
             if stop.is_cancelled() {
+                wait.end("stopped");
                 return Err(self.stopped());
             }
             // Counted from before the request: the grant may happen any time
@@ -72,6 +76,8 @@ impl Inner {
             let seen = match self.try_acquire().await? {
                 Acquire::Granted(lease) => {
                     info!(fence = lease.fence, "lease acquired");
+                    metrics::lease_granted(&lease, last_seen.as_ref());
+                    wait.end("granted");
                     return Ok(Start::Granted {
                         lease,
                         sent,
@@ -87,6 +93,8 @@ impl Inner {
                             fence = lease.fence,
                             "lease acquired (the reply to the grant was lost)"
                         );
+                        metrics::lease_granted(&lease, None);
+                        wait.end("granted");
                         return Ok(Start::Granted {
                             lease,
                             sent,
@@ -97,6 +105,8 @@ impl Inner {
                 }
                 Acquire::Held(info) => info,
             };
+            last_seen = Some(seen.clone());
+            wait.begin();
             if last_holder.as_ref() != Some(&seen.holder) {
                 info!(holder = %seen.holder, fence = seen.fence, "lease held by another node; waiting");
                 self.status.send_replace(Status::Waiting {
@@ -106,6 +116,7 @@ impl Inner {
             }
             let now = Instant::now();
             if now >= deadline {
+                wait.end("timeout");
                 return Err(Error::WaitTimeout {
                     service: self.service.clone(),
                     holder: last_holder,
@@ -114,12 +125,16 @@ impl Inner {
             }
             tokio::select! {
                 _ = self.wait_for_change(&seen, deadline - now) => {}
-                _ = stop.cancelled() => return Err(self.stopped()),
+                _ = stop.cancelled() => {
+                    wait.end("stopped");
+                    return Err(self.stopped());
+                }
             }
             snapshot = self.load().await?;
             let plan = self.plan(&snapshot);
             if self.nothing_to_do(&snapshot, &plan) {
                 self.preflight(&snapshot, &plan)?;
+                wait.end("ready");
                 return Ok(Start::Ready(Outcome::WaitedForOther {
                     holder: last_holder,
                     data_version: snapshot.data_version,

@@ -59,7 +59,16 @@ impl Inner {
         }
         .instrument(span)
         .await;
-        (ran, started.elapsed())
+        let took = started.elapsed();
+        let outcome = match (&ran, rollback) {
+            (Ran::Ok, false) => "completed",
+            (Ran::Failed(_), false) => "failed",
+            (Ran::Ok, true) => "rolled_back",
+            (Ran::Failed(_), true) => "rollback_failed",
+            (Ran::Cancelled(_), _) => "cancelled",
+        };
+        crate::metrics::task_ran(&self.service, task, outcome, took);
+        (ran, took)
     }
 }
 

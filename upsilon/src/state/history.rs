@@ -8,13 +8,19 @@ use semver::Version;
 use crate::ids::{Holder, TaskKey};
 use crate::state::BackendError;
 
-/// What a history row is: a run of the task, or a run of its rollback.
+/// What a history row is: a run of the task, a run of its rollback, or an
+/// operator's forced release of the lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum AttemptKind {
     /// The task itself.
     Run,
     /// The task's rollback.
     Rollback,
+    /// An operator forced the lease free (`upsilon unlock`). Recorded under
+    /// [`TaskKey::unlock`], which no task can have; it never counts as a
+    /// completion.
+    Unlock,
 }
 
 impl AttemptKind {
@@ -23,6 +29,7 @@ impl AttemptKind {
         match self {
             AttemptKind::Run => "run",
             AttemptKind::Rollback => "rollback",
+            AttemptKind::Unlock => "unlock",
         }
     }
 
@@ -31,10 +38,32 @@ impl AttemptKind {
         match s {
             "run" => Ok(AttemptKind::Run),
             "rollback" => Ok(AttemptKind::Rollback),
+            "unlock" => Ok(AttemptKind::Unlock),
             other => Err(BackendError::corrupt(format!(
                 "unknown attempt kind {other:?}"
             ))),
         }
+    }
+}
+
+/// The task id of [`TaskKey::unlock`]: the id rule refuses parentheses, so no
+/// task can have it.
+pub const UNLOCK_TASK_ID: &str = "(unlock)";
+
+// Beside the kind it goes with, rather than in `ids`: only unlock rows use it.
+impl TaskKey {
+    /// The pseudo task that [`AttemptKind::Unlock`] rows are recorded under:
+    /// version 0.0.0 and id [`UNLOCK_TASK_ID`], which no real task can have.
+    pub fn unlock() -> TaskKey {
+        TaskKey {
+            version: Version::new(0, 0, 0),
+            id: UNLOCK_TASK_ID.to_owned(),
+        }
+    }
+
+    /// Whether this is [`TaskKey::unlock`].
+    pub fn is_unlock(&self) -> bool {
+        self.id == UNLOCK_TASK_ID && self.version == Version::new(0, 0, 0)
     }
 }
 
@@ -121,7 +150,7 @@ pub struct StartAttempt {
     pub key: TaskKey,
     /// 1-based number of the row among the task's rows.
     pub attempt: u32,
-    /// Run or rollback.
+    /// Run, rollback or unlock.
     pub kind: AttemptKind,
     /// The task's description.
     pub description: String,
@@ -153,7 +182,7 @@ pub struct HistoryEntry {
     pub description: String,
     /// 1-based number among the task's rows.
     pub attempt: u32,
-    /// Run or rollback.
+    /// Run, rollback or unlock.
     pub kind: AttemptKind,
     /// Its state.
     pub state: AttemptState,

@@ -30,6 +30,23 @@ pub struct LeaseInfo {
     pub expires_at_ms: i64,
     /// The backend's clock when this was read (ms since the epoch).
     pub now_ms: i64,
+    /// When this grant was made, on the same clock, if the backend records
+    /// it (`None`: it does not). A renewal does not change it.
+    pub granted_at_ms: Option<i64>,
+}
+
+impl LeaseInfo {
+    /// How long the lease has been held when it was read, if the backend
+    /// knows when it was granted.
+    pub fn held_for(&self) -> Option<Duration> {
+        self.granted_at_ms
+            .map(|at| Duration::from_millis(self.now_ms.saturating_sub(at).max(0) as u64))
+    }
+
+    /// How long it has left when it was read.
+    pub fn expires_in(&self) -> Duration {
+        Duration::from_millis(self.expires_at_ms.saturating_sub(self.now_ms).max(0) as u64)
+    }
 }
 
 /// The answer to [`Lock::try_acquire`](crate::backend::Lock::try_acquire).

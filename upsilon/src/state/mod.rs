@@ -10,6 +10,8 @@ mod lease;
 mod snapshot;
 
 pub use error::BackendError;
-pub use history::{AttemptKind, AttemptState, Change, FinishAttempt, HistoryEntry, StartAttempt};
+pub use history::{
+    AttemptKind, AttemptState, Change, FinishAttempt, HistoryEntry, StartAttempt, UNLOCK_TASK_ID,
+};
 pub use lease::{Acquire, Lease, LeaseInfo};
 pub use snapshot::{LastRow, Snapshot, TaskSummary};

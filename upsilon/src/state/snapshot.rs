@@ -23,7 +23,7 @@ pub struct TaskSummary {
 pub struct LastRow {
     /// Its 1-based number among the task's rows.
     pub attempt: u32,
-    /// Run or rollback.
+    /// Run, rollback or unlock.
     pub kind: AttemptKind,
     /// Its state.
     pub state: AttemptState,
@@ -45,9 +45,13 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Whether the store has no data version, no baseline and no history.
+    /// Whether the store has no data version, no baseline and no task
+    /// history. Unlock rows ([`TaskKey::unlock`]) do not count: an operator
+    /// freeing the lease leaves no data behind.
     pub fn is_empty(&self) -> bool {
-        self.data_version.is_none() && self.baseline.is_none() && self.tasks.is_empty()
+        self.data_version.is_none()
+            && self.baseline.is_none()
+            && self.tasks.keys().all(TaskKey::is_unlock)
     }
 
     /// Folds one history row of `key` into the task summaries. Backends that
@@ -109,7 +113,9 @@ impl Snapshot {
     ///   that was never claimed);
     /// - a second completion of a completed task (S3);
     /// - a data version below the current one (S4);
-    /// - a baseline on a store that is not empty.
+    /// - a baseline on a store that is not empty;
+    /// - an unlock row anywhere but under [`TaskKey::unlock`], and any other
+    ///   kind of row there.
     pub fn check<'c>(
         &mut self,
         fence: u64,
@@ -139,6 +145,14 @@ impl Snapshot {
     fn check_one(&mut self, fence: u64, change: &Change) -> Result<bool, BackendError> {
         match change {
             Change::Start(start) => {
+                if start.key.is_unlock() != (start.kind == AttemptKind::Unlock) {
+                    return Err(BackendError::Rejected(format!(
+                        "a {} row cannot be recorded under {}: unlock rows, and only they, go under {}",
+                        start.kind.as_str(),
+                        start.key,
+                        TaskKey::unlock()
+                    )));
+                }
                 let summary = self.tasks.get(&start.key);
                 let rows = summary.map_or(0, |s| s.rows);
                 if let Some(s) = summary {
@@ -297,5 +311,62 @@ mod tests {
             .unwrap();
         snap.check(1, &[start("b", "1.2", 2, AttemptKind::Rollback)])
             .unwrap();
+    }
+
+    #[test]
+    fn unlock_rows_go_under_their_own_key_never_complete_and_leave_the_store_empty() {
+        let mut snap = Snapshot {
+            fence: 2,
+            ..Snapshot::default()
+        };
+        let unlock = TaskKey::unlock();
+        let row = |attempt| {
+            Change::Start(StartAttempt {
+                key: TaskKey::unlock(),
+                attempt,
+                kind: AttemptKind::Unlock,
+                description: "forced release".into(),
+                holder: holder(9),
+            })
+        };
+        let finish = |attempt| {
+            Change::Finish(crate::state::FinishAttempt {
+                key: TaskKey::unlock(),
+                attempt,
+                state: AttemptState::Completed,
+                error: None,
+                duration: std::time::Duration::ZERO,
+            })
+        };
+        snap.check(2, &[row(1), finish(1)]).unwrap();
+        assert!(!snap.is_completed(&unlock));
+        assert!(snap.is_empty(), "an unlock leaves no data: {snap:?}");
+        snap.check(2, &[row(2)]).unwrap();
+        // A replay of the same write is dropped, as for any row.
+        assert!(snap.check(2, &[row(2)]).unwrap().is_empty());
+        snap.check(2, &[finish(2)]).unwrap();
+        assert!(snap.check(2, &[finish(2)]).unwrap().is_empty());
+        assert_eq!(snap.tasks[&unlock].rows, 2);
+
+        for bad in [
+            start("a", "1.0", 1, AttemptKind::Unlock),
+            Change::Start(StartAttempt {
+                key: TaskKey::unlock(),
+                attempt: 3,
+                kind: AttemptKind::Run,
+                description: String::new(),
+                holder: holder(1),
+            }),
+        ] {
+            let err = snap.check(2, &[bad]).unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("only they, go under (unlock)@0.0.0"),
+                "{err}"
+            );
+        }
+        // Once empty of data, it still takes a baseline.
+        snap.check(2, &[Change::Baseline(v("1.4"))]).unwrap();
+        assert_eq!(snap.data_version, Some(v("1.4")));
     }
 }

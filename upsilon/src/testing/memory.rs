@@ -332,6 +332,7 @@ impl Lock for MemoryBackend {
                     holder: holder.clone(),
                     fence: lease.fence,
                     expires_at_ms: lease.expires_at_ms,
+                    granted_at_ms: Some(now),
                 });
                 lock(&self.grants).push(Grant {
                     service: service.to_owned(),
@@ -378,6 +379,16 @@ impl Lock for MemoryBackend {
         self.with_service(service, |s, now| {
             Ok(s.lease.as_ref().and_then(|l| l.live(now)))
         })
+    }
+
+    async fn force_release(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
+        let freed = self.with_service(service, |s, now| {
+            let freed = s.lease.take().and_then(|l| l.live(now));
+            s.session_ended_ms = None;
+            Ok(freed)
+        });
+        self.notify.notify_waiters();
+        freed
     }
 
     async fn wait(
@@ -542,5 +553,19 @@ impl Store for MemoryBackend {
             Self::readable(s)?;
             Ok(s.history.clone())
         })
+    }
+
+    async fn services(&self) -> Result<Vec<String>, BackendError> {
+        // Reads create entries: list only those that hold something.
+        Ok(lock(&self.services)
+            .iter()
+            .filter(|(_, s)| {
+                s.granted > 0
+                    || s.fence_floor > 0
+                    || !s.history.is_empty()
+                    || s.snapshot != Snapshot::default()
+            })
+            .map(|(name, _)| name.clone())
+            .collect())
     }
 }

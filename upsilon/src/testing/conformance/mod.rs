@@ -94,6 +94,7 @@ use super::{holder, start_attempt, v};
 
 mod deletion;
 mod lease;
+mod operator;
 mod store;
 mod wait;
 
@@ -104,6 +105,7 @@ pub use deletion::{
 };
 
 pub use lease::{exclusive, expiry_takeover, fence_grows, non_holder_refused, renewal};
+pub use operator::{force_release_keeps_the_fence, services_lists_what_the_store_holds};
 pub use store::{
     corrupt_data_is_typed, history_round_trip, replay_is_idempotent, services_are_separate,
     stale_fence_refused, store_rules, unknown_format_refused,
@@ -207,6 +209,12 @@ pub async fn run_all(h: &dyn Harness) -> Report {
     check!(history_round_trip, svc("history"));
     check!(services_are_separate, svc("a"), svc("b"));
     check!(corrupt_data_is_typed, svc("corrupt"));
+    check!(force_release_keeps_the_fence, svc("force"));
+    check!(
+        services_lists_what_the_store_holds,
+        svc("listed"),
+        svc("only_read")
+    );
     check!(deleting_the_state_row_keeps_the_fence, svc("del_state"));
     check!(
         deleting_the_state_row_after_a_bare_claim_keeps_the_fence,

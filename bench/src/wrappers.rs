@@ -1,0 +1,147 @@
+//! Backends wrapped to time what the convergence scenario measures: when a
+//! store's last write returned, when a waiting node's wait ended.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use upsilon::backend::{Acquire, Change, HistoryEntry, LeaseInfo};
+use upsilon::backend::{BackendError, Lease, Lock, Snapshot, Store};
+use upsilon::Holder;
+use upsilon_backends::postgres::PostgresBackend;
+
+/// A store that remembers when its last successful write returned.
+#[derive(Debug)]
+pub struct TimedStore {
+    inner: Arc<PostgresBackend>,
+    last_write: Mutex<Option<Instant>>,
+}
+
+impl TimedStore {
+    pub fn new(inner: Arc<PostgresBackend>) -> TimedStore {
+        TimedStore {
+            inner,
+            last_write: Mutex::new(None),
+        }
+    }
+
+    pub fn last_write(&self) -> Option<Instant> {
+        *self.last_write.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl Store for TimedStore {
+    async fn load(&self, service: &str) -> Result<Snapshot, BackendError> {
+        self.inner.load(service).await
+    }
+
+    async fn claim(&self, service: &str, fence: u64) -> Result<Snapshot, BackendError> {
+        self.inner.claim(service, fence).await
+    }
+
+    async fn apply(
+        &self,
+        service: &str,
+        fence: u64,
+        changes: &[Change],
+    ) -> Result<(), BackendError> {
+        let r = self.inner.apply(service, fence, changes).await;
+        if r.is_ok() {
+            *self.last_write.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        }
+        r
+    }
+
+    async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>, BackendError> {
+        self.inner.history(service).await
+    }
+
+    async fn services(&self) -> Result<Vec<String>, BackendError> {
+        self.inner.services().await
+    }
+}
+
+/// A waiting node's backend that remembers when its last wait ended (the
+/// notification arrived), to tell the wake-up from the read that follows it.
+#[derive(Debug)]
+pub struct Watched {
+    pub inner: Arc<PostgresBackend>,
+    /// When the last wait ended.
+    pub woke: Mutex<Option<Instant>>,
+}
+
+#[async_trait]
+impl Lock for Watched {
+    async fn try_acquire(
+        &self,
+        service: &str,
+        holder: &Holder,
+        ttl: Duration,
+    ) -> Result<Acquire, BackendError> {
+        self.inner.try_acquire(service, holder, ttl).await
+    }
+
+    async fn renew(&self, lease: &Lease) -> Result<Lease, BackendError> {
+        self.inner.renew(lease).await
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<(), BackendError> {
+        self.inner.release(lease).await
+    }
+
+    async fn current(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
+        self.inner.current(service).await
+    }
+
+    async fn force_release(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
+        self.inner.force_release(service).await
+    }
+
+    async fn until_lost(&self, lease: &Lease) -> BackendError {
+        self.inner.until_lost(lease).await
+    }
+
+    async fn wait(
+        &self,
+        service: &str,
+        seen: &LeaseInfo,
+        timeout: Duration,
+    ) -> Result<(), BackendError> {
+        let r = self.inner.wait(service, seen, timeout).await;
+        *self.woke.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        r
+    }
+
+    fn notifies(&self) -> bool {
+        self.inner.notifies()
+    }
+}
+
+#[async_trait]
+impl Store for Watched {
+    async fn load(&self, service: &str) -> Result<Snapshot, BackendError> {
+        self.inner.load(service).await
+    }
+
+    async fn claim(&self, service: &str, fence: u64) -> Result<Snapshot, BackendError> {
+        self.inner.claim(service, fence).await
+    }
+
+    async fn apply(
+        &self,
+        service: &str,
+        fence: u64,
+        changes: &[Change],
+    ) -> Result<(), BackendError> {
+        self.inner.apply(service, fence, changes).await
+    }
+
+    async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>, BackendError> {
+        self.inner.history(service).await
+    }
+
+    async fn services(&self) -> Result<Vec<String>, BackendError> {
+        self.inner.services().await
+    }
+}
