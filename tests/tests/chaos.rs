@@ -22,8 +22,9 @@
 //! run of task code with its start and end on the host's `CLOCK_MONOTONIC`,
 //! and each lease and store call with its outcome. The harness records each
 //! fault on the same clock. After each trial the checker (`chaos/check.rs`)
-//! verifies E1 (no two nodes run task code at once unless one was paused
-//! past its safety margin; a paused node's late writes are refused), the
+//! verifies E1 (no two nodes run task code at once unless the one under the
+//! older fence was paused past its safety margin; a paused node's late
+//! writes commit only while its fence is still the newest), the
 //! lease's exclusivity, effects vs refused completions, S3, S4 (sampled all
 //! along), and convergence (L2, L3).
 //!
@@ -35,11 +36,13 @@
 //!
 //! Sizes are parameters (small by default, for the README's test command):
 //! ```text
-//! UPSILON_CHAOS_TRIALS=500 UPSILON_CHAOS_NODES=5 cargo test --release -p upsilon-tests --test chaos -- --nocapture sqlite
+//! UPSILON_CHAOS_TRIALS=500 UPSILON_CHAOS_NODES=5 cargo test --release -p upsilon-tests --test chaos -- --nocapture sqlite_cluster
 //! UPSILON_CHAOS_TRIALS=500 UPSILON_CHAOS_NODES=5 cargo test --release -p upsilon-tests --test chaos -- --nocapture postgres_cluster
 //! ```
 //! `UPSILON_CHAOS_SEED` fixes the seed of the first trial;
-//! `UPSILON_CHAOS_CONTROL_TRIALS` the negative control's trials (1).
+//! `UPSILON_CHAOS_CONTROL_TRIALS` the negative controls' trials (1);
+//! `UPSILON_CHAOS_VERBOSE=1` prints every fault and hand-over;
+//! `UPSILON_CHAOS_KEEP=1` keeps each trial's directory (audit logs, stderr).
 
 #[path = "chaos/check.rs"]
 mod check;
