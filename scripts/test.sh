@@ -20,6 +20,17 @@ if ! have_postgres; then
     fi
 fi
 
+# The TLS tests make their certificates with the openssl command.
+if ! command -v openssl >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
+    else
+        echo "openssl is needed by the TLS tests: run 'sudo apt-get install -y openssl'" >&2
+        exit 1
+    fi
+fi
+
 # Two cores: keep the build and the test threads within them.
 export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
 cargo test --workspace --all-features "$@"
