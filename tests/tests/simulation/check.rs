@@ -16,8 +16,6 @@ use crate::{key, APP, TASKS};
 pub struct Tally {
     /// E1 overlaps whose older lease was cut short at the backend.
     pub excused: u64,
-    /// Runs of task code polled once, past the local deadline.
-    pub polled_late: u64,
     /// When the first E1 or deadline violation happened, for the report.
     pub focus: Option<Duration>,
 }
@@ -144,7 +142,6 @@ pub fn check(world: &World) -> (Vec<String>, Tally) {
     // and none starts after it (a grant whose reply comes after the
     // deadline is given up before anything runs).
     let deadlines = lock(&world.deadlines).clone();
-    let polled_late = 0;
     for r in &runs {
         match deadlines.get(&(r.run_id.clone(), r.fence)) {
             Some(by) if r.start > *by || end(r) > *by => {
@@ -172,14 +169,7 @@ pub fn check(world: &World) -> (Vec<String>, Tally) {
             "L2: the data version ended at {last_data:?}, not {APP}"
         ));
     }
-    (
-        v,
-        Tally {
-            excused,
-            polled_late,
-            focus,
-        },
-    )
+    (v, Tally { excused, focus })
 }
 
 /// E1: no two processes run task code (a task or a rollback) at overlapping

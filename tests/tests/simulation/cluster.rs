@@ -353,9 +353,6 @@ pub fn trial(seed: u64, controls: Controls) -> Trial {
         }
         let mut counts = lock(&world.counts).clone();
         counts.0.insert(Count::Excused, tally.excused);
-        counts
-            .0
-            .insert(Count::PolledPastDeadline, tally.polled_late);
         let rollbacks = lock(&world.runs)
             .iter()
             .filter(|r| r.code == Code::Rollback)

@@ -128,11 +128,10 @@ pub enum Count {
     RenewalsRefused,
     StaleRefused,
     Excused,
-    PolledPastDeadline,
 }
 
 impl Count {
-    pub const ALL: [Count; 25] = [
+    pub const ALL: [Count; 24] = [
         Count::Crashes,
         Count::Expiries,
         Count::ClockJumps,
@@ -157,7 +156,6 @@ impl Count {
         Count::RenewalsRefused,
         Count::StaleRefused,
         Count::Excused,
-        Count::PolledPastDeadline,
     ];
 
     /// Whether this counts an injected fault (the rest count what followed).
@@ -191,9 +189,6 @@ impl Count {
             Count::RenewalsRefused => "renewals refused",
             Count::StaleRefused => "stale-fence writes refused",
             Count::Excused => "E1 overlaps after a cut-short lease (excused)",
-            Count::PolledPastDeadline => {
-                "task code polled once past the local deadline (a grant reply after it)"
-            }
         }
     }
 }
