@@ -5,31 +5,34 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-have_postgres() {
-    compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || command -v postgres >/dev/null
+# Installs the Debian packages named after the command when it is missing;
+# without root or apt, says what to run and stops.
+need() {
+    local what=$1 check=$2
+    shift 2
+    if eval "$check" >/dev/null 2>&1; then
+        return
+    fi
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "installing $what ($*): the tests start their own servers"
+        if [ -z "${UPSILON_APT_UPDATED:-}" ]; then
+            apt-get update -qq
+            UPSILON_APT_UPDATED=1
+        fi
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+    else
+        echo "$what is needed by the tests: run 'sudo apt-get install -y $*'" >&2
+        exit 1
+    fi
 }
 
-if ! have_postgres; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "installing PostgreSQL's binaries (the tests start their own server)"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
-    else
-        echo "PostgreSQL is needed by the tests: run 'sudo apt-get install -y postgresql'" >&2
-        exit 1
-    fi
-fi
-
+need "PostgreSQL's binaries" 'compgen -G "/usr/lib/postgresql/*/bin/postgres" || command -v postgres' postgresql
 # The TLS tests make their certificates with the openssl command.
-if ! command -v openssl >/dev/null; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
-    else
-        echo "openssl is needed by the TLS tests: run 'sudo apt-get install -y openssl'" >&2
-        exit 1
-    fi
-fi
+need openssl 'command -v openssl' openssl
+need redis-server 'command -v redis-server' redis-server
+need etcd 'command -v etcd && command -v etcdctl' etcd-server etcd-client
+# etcd-client compiles etcd's .proto files at build time.
+need protoc 'command -v protoc' protobuf-compiler
 
 # Two cores: keep the build and the test threads within them.
 export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
