@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace, real servers included. Installs what the
-# tests need on a fresh machine (PostgreSQL's binaries); the tests start and
-# stop their own servers on throwaway directories and free loopback ports.
+# tests need on a fresh machine (PostgreSQL, Redis and etcd binaries, protoc);
+# the tests start and stop their own servers on throwaway directories and free
+# loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
