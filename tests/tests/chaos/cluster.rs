@@ -69,6 +69,11 @@ pub trait ClusterBackend: Send + Sync {
     fn server_says(&self) -> Option<String> {
         None
     }
+    /// The fence the store has seen before the trial's first grant (a store
+    /// used with another lock): grants up to it are behind the store.
+    fn used_store_fence(&self) -> u64 {
+        0
+    }
 }
 
 /// A SQLite file per trial. Every process that opens it (the nodes and the
@@ -331,6 +336,12 @@ impl ClusterBackend for Pg {
     }
 }
 
+/// The fence a mixed setup's store has seen before its trial starts.
+pub const USED_STORE_FENCE: u64 = 20;
+
+/// The service the nodes run.
+const SERVICE: &str = "cluster";
+
 /// The lease in one backend and the store in another: each node gets the
 /// store's URL and the lock's as `--lock-url`. It takes the faults of both.
 /// Proxy faults hit the lock's connections in even trials and the store's
@@ -371,6 +382,14 @@ impl ClusterBackend for Mixed {
         self.trial = trial;
         self.lock.fresh(trial, nodes).await;
         self.store.fresh(trial, nodes).await;
+        // A store used before with another lock: the fresh lock's first
+        // grants are behind it, and the nodes must catch the lock up
+        // (`Lock::raise_fence`) under the faults.
+        self.store
+            .store()
+            .claim(SERVICE, USED_STORE_FENCE)
+            .await
+            .unwrap();
     }
     fn node_url(&self, node: &str) -> String {
         self.store.node_url(node)
@@ -418,6 +437,9 @@ impl ClusterBackend for Mixed {
         } else {
             self.store.proxy(node).or_else(|| self.lock.proxy(node))
         }
+    }
+    fn used_store_fence(&self) -> u64 {
+        USED_STORE_FENCE
     }
     fn server_says(&self) -> Option<String> {
         match (self.lock.server_says(), self.store.server_says()) {
