@@ -151,8 +151,13 @@ pub async fn upsilon_round(
     for run in runs {
         let (r, ready) = run.await?;
         let outcome = r?;
+        // A node that polls may be granted the lease the canary has just
+        // released, and find the work done under it: up to date.
         ensure!(
-            matches!(outcome, Outcome::WaitedForOther { .. }),
+            matches!(
+                outcome,
+                Outcome::WaitedForOther { .. } | Outcome::UpToDate { .. }
+            ),
             "a waiting node did not wait for the canary: {outcome}"
         );
         each.push(signed_ms(ready, commit));
