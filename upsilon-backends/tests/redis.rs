@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use upsilon::backend::{Acquire, AttemptState, BackendError, Change, Lease, Lock, Store};
-use upsilon::testing::conformance::{self, Harness, Wake};
 use upsilon::testing;
+use upsilon::testing::conformance::{self, Harness, Wake};
 use upsilon::{Outcome, Task, TaskContext, TaskFuture, Upsilon};
 use upsilon_backends::redis::redis::{self as driver, aio::MultiplexedConnection};
 use upsilon_backends::redis::{RedisBackend, RedisOptions, FORMAT};
@@ -31,7 +31,9 @@ fn options(redis: &Redis, prefix: &str) -> RedisOptions {
 }
 
 async fn backend(redis: &Redis, prefix: &str) -> RedisBackend {
-    RedisBackend::connect_with(options(redis, prefix)).await.unwrap()
+    RedisBackend::connect_with(options(redis, prefix))
+        .await
+        .unwrap()
 }
 
 /// A plain connection of the test's own, behind the backend's back.
@@ -161,4 +163,707 @@ async fn redis_backend_conforms() {
     let report = conformance::run_all(&h).await;
     assert_eq!(report.wake, Wake::Notifies, "pub/sub wakes waiters");
     assert!(report.skipped.is_empty(), "skipped: {:?}", report.skipped);
+}
+
+/// Retries `op` while it fails with a transient error (a connection being
+/// re-established), for at most `limit`; how many transient errors it met.
+async fn riding_out<T, F, Fut>(limit: Duration, mut op: F) -> (T, usize)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, BackendError>>,
+{
+    let deadline = Instant::now() + limit;
+    let mut transient = 0;
+    loop {
+        match op().await {
+            Ok(v) => return (v, transient),
+            Err(e) if e.is_transient() && Instant::now() < deadline => {
+                transient += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("after {transient} transient errors: {e}"),
+        }
+    }
+}
+
+/// Until `cond` holds, checked every 10 ms, for at most `limit`; how long
+/// it took.
+async fn until<F: FnMut() -> bool>(limit: Duration, mut cond: F) -> Duration {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    start.elapsed()
+}
+
+fn v(s: &str) -> semver::Version {
+    upsilon::parse_version(s).unwrap()
+}
+
+fn finish(id: &str, version: &str, attempt: u32) -> Change {
+    Change::Finish(upsilon::backend::FinishAttempt {
+        key: upsilon::TaskKey {
+            version: v(version),
+            id: id.to_owned(),
+        },
+        attempt,
+        state: AttemptState::Completed,
+        error: None,
+        duration: Duration::from_millis(5),
+    })
+}
+
+/// Grants, claims and writes a completed task and a data version; leaves the
+/// second grant held. Returns (the held lease, the history written).
+async fn write_some(b: &RedisBackend, svc: &str) -> (Lease, Vec<upsilon::backend::HistoryEntry>) {
+    let first = granted(b.try_acquire(svc, &testing::holder(1), TTL).await.unwrap());
+    b.claim(svc, first.fence).await.unwrap();
+    b.apply(
+        svc,
+        first.fence,
+        &[
+            testing::start_attempt("t", "1.1", 1),
+            finish("t", "1.1", 1),
+            Change::DataVersion(v("1.1")),
+        ],
+    )
+    .await
+    .unwrap();
+    b.release(&first).await.unwrap();
+    let second = granted(b.try_acquire(svc, &testing::holder(2), TTL).await.unwrap());
+    assert!(second.fence > first.fence);
+    b.claim(svc, second.fence).await.unwrap();
+    (second, b.history(svc).await.unwrap())
+}
+
+/// `appendonly yes` with `appendfsync always`: every write is on disk before
+/// it is acknowledged, so a server killed with SIGKILL comes back with the
+/// fences, the lease, the data version and the history, and the backend
+/// reconnects by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_crash_with_appendfsync_always_nothing_is_lost() {
+    let mut redis =
+        tokio::task::spawn_blocking(|| Redis::builder().appendonly(Fsync::Always).start())
+            .await
+            .unwrap();
+    let b = backend(&redis, "aof").await;
+    let (held, history) = write_some(&b, "svc").await;
+    let redis_dir = redis.dir().to_owned();
+    redis = tokio::task::spawn_blocking(move || {
+        redis.crash();
+        redis.start_again();
+        redis
+    })
+    .await
+    .unwrap();
+    assert!(redis_dir.join("appendonlydir").exists());
+
+    // The same backend, reconnected.
+    let (snap, _) = riding_out(Duration::from_secs(10), || b.load("svc")).await;
+    assert_eq!(snap.data_version, Some(v("1.1")));
+    assert_eq!(snap.fence, held.fence, "the store's fence survived");
+    assert_eq!(b.history("svc").await.unwrap(), history);
+    let current = b.current("svc").await.unwrap().expect("the lease survived");
+    assert_eq!(
+        (current.holder, current.fence),
+        (testing::holder(2), held.fence)
+    );
+    assert!(matches!(
+        b.try_acquire("svc", &testing::holder(3), TTL)
+            .await
+            .unwrap(),
+        Acquire::Held(_)
+    ));
+    let renewed = b.renew(&held).await.unwrap();
+    b.release(&renewed).await.unwrap();
+    let next = granted(
+        b.try_acquire("svc", &testing::holder(3), TTL)
+            .await
+            .unwrap(),
+    );
+    assert!(
+        next.fence > held.fence,
+        "S1: {} after {}",
+        next.fence,
+        held.fence
+    );
+    match b
+        .apply("svc", held.fence - 1, &[Change::DataVersion(v("1.2"))])
+        .await
+    {
+        Err(BackendError::StaleFence { .. }) => {}
+        other => panic!("an older fence after the crash: {other:?}"),
+    }
+    drop(redis);
+}
+
+/// The control: without an append-only file a crash loses everything, and
+/// the next grant reuses a fence that was granted before (S1 broken). This
+/// is why Redis as the store needs `appendonly yes` (docs/REDIS.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_append_only_file_a_crash_forgets_the_fences() {
+    let mut redis = tokio::task::spawn_blocking(Redis::start).await.unwrap();
+    let b = backend(&redis, "noaof").await;
+    let (held, _) = write_some(&b, "svc").await;
+    redis = tokio::task::spawn_blocking(move || {
+        redis.crash();
+        redis.start_again();
+        redis
+    })
+    .await
+    .unwrap();
+    let (snap, _) = riding_out(Duration::from_secs(10), || b.load("svc")).await;
+    assert!(snap.is_empty() && snap.fence == 0, "{snap:?}");
+    let again = granted(
+        b.try_acquire("svc", &testing::holder(3), TTL)
+            .await
+            .unwrap(),
+    );
+    assert!(
+        again.fence <= held.fence,
+        "fence {} granted after the crash, {} before it",
+        again.fence,
+        held.fence
+    );
+    drop(redis);
+}
+
+fn counting(runs: &Arc<Mutex<Vec<String>>>, version: &str, order: u32, id: &str, ms: u64) -> Task {
+    let runs = runs.clone();
+    Task::new(
+        version,
+        order,
+        id,
+        move |ctx: &mut TaskContext| -> TaskFuture<'_> {
+            runs.lock()
+                .unwrap()
+                .push(format!("{}:{}", ctx.holder().host, ctx.task().id));
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok(())
+            })
+        },
+    )
+    .unwrap()
+}
+
+fn node(b: RedisBackend, name: &str, tasks: Vec<Task>, poll: Duration) -> Upsilon {
+    Upsilon::builder()
+        .service("svc")
+        .app_version("1.1")
+        .backend(Arc::new(b))
+        .holder(upsilon::Holder {
+            host: name.to_owned(),
+            ..upsilon::Holder::current()
+        })
+        .tasks(tasks)
+        .ttl(Duration::from_secs(6))
+        .poll_interval(poll)
+        .backend_attempts(20)
+        .max_wait(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_nodes_run_each_task_once() {
+    let runs = Arc::new(Mutex::new(Vec::new()));
+    let tasks = vec![
+        counting(&runs, "1.0", 1, "create", 20),
+        counting(&runs, "1.1", 1, "backfill", 20),
+        counting(&runs, "1.1", 2, "check", 20),
+    ];
+    let mut nodes = Vec::new();
+    for n in 0..6 {
+        let b = backend(server(), "once").await;
+        nodes.push(node(
+            b,
+            &format!("n{n}"),
+            tasks.clone(),
+            Duration::from_millis(50),
+        ));
+    }
+    let results = testing::run_nodes(nodes).await;
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    let upgraded = results
+        .iter()
+        .filter(|r| matches!(r, Ok(Outcome::Upgraded { .. })))
+        .count();
+    assert_eq!(upgraded, 1, "{results:?}");
+    let runs = runs.lock().unwrap().clone();
+    assert_eq!(runs.len(), 3, "{runs:?}");
+    let who = runs[0].split(':').next().unwrap();
+    assert!(
+        runs.iter().all(|r| r.starts_with(&format!("{who}:"))),
+        "{runs:?}"
+    );
+    let b = backend(server(), "once").await;
+    assert_eq!(b.load("svc").await.unwrap().data_version, Some(v("1.1")));
+    let history = b.history("svc").await.unwrap();
+    assert_eq!(history.len(), 3);
+    assert!(history.iter().all(|h| h.state == AttemptState::Completed));
+    // The keys are the documented ones, all with the service's hash tag.
+    let mut conn = raw(server()).await;
+    let mut keys: Vec<String> = cmd(&mut conn, &["KEYS", "once:*"]).await;
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "once:{svc}:history",
+            "once:{svc}:meta",
+            "once:{svc}:order",
+            "once:{svc}:state"
+        ]
+    );
+}
+
+/// A node waiting for the lease sleeps until a message on the channel: with
+/// a poll of 30 s, it still ends within a moment of the holder's release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_nodes_are_woken_by_pubsub_not_by_their_poll() {
+    let runs = Arc::new(Mutex::new(Vec::new()));
+    let tasks = vec![counting(&runs, "1.1", 1, "slow", 400)];
+    let first = node(
+        backend(server(), "wake").await,
+        "first",
+        tasks.clone(),
+        Duration::from_secs(30),
+    );
+    let mut waiters = Vec::new();
+    for n in 0..3 {
+        let b = backend(server(), "wake").await;
+        assert!(b.notifies(), "subscribed once connected");
+        waiters.push(node(
+            b,
+            &format!("w{n}"),
+            tasks.clone(),
+            Duration::from_secs(30),
+        ));
+    }
+    let start = Instant::now();
+    let first_run = tokio::spawn(async move { first.run().await });
+    let b = backend(server(), "wake").await;
+    until(Duration::from_secs(5), || runs.lock().unwrap().len() == 1).await;
+    assert!(b.current("svc").await.unwrap().is_some());
+    let results = testing::run_nodes(waiters).await;
+    let first_outcome = first_run.await.unwrap().unwrap();
+    let total = start.elapsed();
+    assert!(
+        matches!(first_outcome, Outcome::Upgraded { .. }),
+        "{first_outcome}"
+    );
+    for r in &results {
+        assert!(matches!(r, Ok(Outcome::WaitedForOther { .. })), "{r:?}");
+    }
+    assert!(
+        total < Duration::from_secs(5),
+        "waiters finished after {total:?}"
+    );
+    assert_eq!(runs.lock().unwrap().len(), 1);
+}
+
+/// The holder's connections are killed while its task runs (the command
+/// connection and the subscription): the backend reconnects, the renewals
+/// and the completion go through, and the subscription comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_connections_are_reconnected_mid_run() {
+    // A server of its own: the others' connections must not be killed.
+    let redis = Arc::new(tokio::task::spawn_blocking(Redis::start).await.unwrap());
+    let b = backend(&redis, "dropped").await;
+    let probe = b.clone();
+    let killed = Arc::new(Mutex::new(Vec::new()));
+    let k = killed.clone();
+    let r = redis.clone();
+    let task = Task::new(
+        "1.1",
+        1,
+        "long",
+        move |_ctx: &mut TaskContext| -> TaskFuture<'_> {
+            let (k, r) = (k.clone(), r.clone());
+            Box::pin(async move {
+                let mut conn = raw(&r).await;
+                for _ in 0..2 {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    // Every connection but this one: the holder's, the others'.
+                    let n: i64 = cmd(&mut conn, &["CLIENT", "KILL", "TYPE", "normal"]).await;
+                    let p: i64 = cmd(&mut conn, &["CLIENT", "KILL", "TYPE", "pubsub"]).await;
+                    k.lock().unwrap().push((n, p));
+                }
+                tokio::time::sleep(Duration::from_millis(900)).await;
+                Ok(())
+            })
+        },
+    )
+    .unwrap();
+    let up = Upsilon::builder()
+        .service("svc")
+        .app_version("1.1")
+        .backend(Arc::new(b.clone()))
+        .tasks(vec![task])
+        .ttl(Duration::from_millis(1500))
+        .backend_attempts(20)
+        .build()
+        .unwrap();
+    let outcome = up.run().await.unwrap();
+    assert!(matches!(outcome, Outcome::Upgraded { .. }), "{outcome}");
+    let killed = killed.lock().unwrap().clone();
+    assert_eq!(
+        killed[0],
+        (1, 1),
+        "the holder's connection and subscription were killed"
+    );
+    let history = probe.history("svc").await.unwrap();
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0].state, AttemptState::Completed);
+    assert_eq!(
+        probe.load("svc").await.unwrap().data_version,
+        Some(v("1.1"))
+    );
+    until(Duration::from_secs(10), || probe.notifies()).await;
+}
+
+/// While the subscription is down (here: a user that may not SUBSCRIBE),
+/// `notifies()` is false, `wait` sleeps its timeout, and waiting nodes
+/// poll: they still finish, one of them upgrading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_pubsub_waiting_nodes_poll() {
+    let mut conn = raw(server()).await;
+    let _: () = cmd(
+        &mut conn,
+        &[
+            "ACL",
+            "SETUSER",
+            "nosub",
+            "on",
+            ">nosub-pw",
+            "~*",
+            "&*",
+            "+@all",
+            "-subscribe",
+            "-psubscribe",
+            "-ssubscribe",
+        ],
+    )
+    .await;
+    let opts = || {
+        RedisOptions::from_url(&format!(
+            "redis://nosub:nosub-pw@127.0.0.1:{}/0",
+            server().port()
+        ))
+        .unwrap()
+        .prefix("poll")
+    };
+    let runs = Arc::new(Mutex::new(Vec::new()));
+    let tasks = vec![
+        counting(&runs, "1.1", 1, "a", 200),
+        counting(&runs, "1.1", 2, "b", 200),
+    ];
+    let mut nodes = Vec::new();
+    for n in 0..3 {
+        let b = RedisBackend::connect_with(opts()).await.unwrap();
+        assert!(!b.notifies(), "SUBSCRIBE is refused to this user");
+        nodes.push(node(
+            b,
+            &format!("p{n}"),
+            tasks.clone(),
+            Duration::from_millis(100),
+        ));
+    }
+    let results = testing::run_nodes(nodes).await;
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    let upgraded = results
+        .iter()
+        .filter(|r| matches!(r, Ok(Outcome::Upgraded { .. })))
+        .count();
+    assert_eq!(upgraded, 1, "{results:?}");
+    assert_eq!(runs.lock().unwrap().len(), 2);
+
+    // `wait` without a subscription returns by its timeout.
+    let b = RedisBackend::connect_with(opts()).await.unwrap();
+    let lease = granted(
+        b.try_acquire("quiet", &testing::holder(1), TTL)
+            .await
+            .unwrap(),
+    );
+    let seen = b.current("quiet").await.unwrap().unwrap();
+    let start = Instant::now();
+    b.wait("quiet", &seen, Duration::from_millis(300))
+        .await
+        .unwrap();
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    b.release(&lease).await.unwrap();
+}
+
+/// A subscription that is killed: `notifies()` turns false, a waiter is
+/// woken (a message may have been missed), and it comes back by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_subscription_wakes_waiters_and_comes_back() {
+    // A server of its own: the others' subscriptions must not be killed.
+    let redis = tokio::task::spawn_blocking(Redis::start).await.unwrap();
+    let b = backend(&redis, "resub").await;
+    let lease = granted(
+        b.try_acquire("svc", &testing::holder(1), TTL)
+            .await
+            .unwrap(),
+    );
+    let peer = backend(&redis, "resub").await;
+    let seen = match peer
+        .try_acquire("svc", &testing::holder(2), TTL)
+        .await
+        .unwrap()
+    {
+        Acquire::Held(info) => info,
+        other => panic!("{other:?}"),
+    };
+    assert!(peer.notifies());
+    let waiter = {
+        let peer = peer.clone();
+        tokio::spawn(async move {
+            let start = Instant::now();
+            peer.wait("svc", &seen, Duration::from_secs(30))
+                .await
+                .unwrap();
+            start.elapsed()
+        })
+    };
+    let mut conn = raw(&redis).await;
+    // Kill the subscriptions of both backends.
+    let killed: i64 = cmd(&mut conn, &["CLIENT", "KILL", "TYPE", "pubsub"]).await;
+    assert!(killed >= 2, "{killed}");
+    let woke = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("the waiter was woken")
+        .unwrap();
+    assert!(woke < Duration::from_secs(5), "{woke:?}");
+    until(Duration::from_secs(10), || peer.notifies()).await;
+    // Back up: a release wakes a waiter again.
+    let seen = match peer
+        .try_acquire("svc", &testing::holder(2), TTL)
+        .await
+        .unwrap()
+    {
+        Acquire::Held(info) => info,
+        other => panic!("{other:?}"),
+    };
+    let waiter = {
+        let peer = peer.clone();
+        tokio::spawn(async move { peer.wait("svc", &seen, Duration::from_secs(30)).await })
+    };
+    b.release(&lease).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("woken by the release")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_wrong_password_gives_a_clear_error_without_the_password() {
+    let good = server().password().unwrap().to_owned();
+    let bad_url = server().url().replace(&good, "not-the-password");
+    let err = RedisBackend::connect(&bad_url).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        !err.is_transient(),
+        "retrying a wrong password is pointless: {text}"
+    );
+    assert!(text.contains("check the user name and password"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "127.0.0.1:{} db 0 as user `default`",
+            server().port()
+        )),
+        "{text}"
+    );
+    assert!(!text.contains("not-the-password"), "{text}");
+    assert!(!format!("{err:?}").contains("not-the-password"));
+
+    // No password at all, where one is required.
+    let err = RedisBackend::connect(&format!("redis://127.0.0.1:{}/0", server().port()))
+        .await
+        .unwrap_err();
+    assert!(!err.is_transient(), "{err}");
+    assert!(
+        err.to_string().contains("check the user name and password"),
+        "{err}"
+    );
+
+    // Through connect(), the URL scheme picks the backend.
+    let err = upsilon_backends::connect(&bad_url)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("check the user name and password"), "{err}");
+    assert!(!err.contains("not-the-password"), "{err}");
+
+    // Nobody listening: worth retrying, and says where it tried.
+    let port = upsilon_test_servers::free_port();
+    let start = Instant::now();
+    let err = RedisBackend::connect_with(
+        RedisOptions::new()
+            .port(port)
+            .password("sekrit")
+            .connect_timeout(Duration::from_millis(500)),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("cannot connect to Redis at 127.0.0.1:{port}")),
+        "{text}"
+    );
+    assert!(!text.contains("sekrit"), "{text}");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+
+    let ok = upsilon_backends::connect(&server().url()).await.unwrap();
+    assert!(ok.load("svc").await.unwrap().is_empty());
+    assert!(!format!("{ok:?}").contains(&good));
+}
+
+/// `redis+unix://` through `upsilon_backends::connect`, and a prefix from
+/// the URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unix_socket_url_connects() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("redis.sock");
+    let s = sock.display().to_string();
+    let redis = tokio::task::spawn_blocking(move || {
+        Redis::builder()
+            .password(false)
+            .setting("unixsocket", &s)
+            .setting("unixsocketperm", "700")
+            .start()
+    })
+    .await
+    .unwrap();
+    let url = format!("redis+unix://{}?db=1&prefix=sock", sock.display());
+    let b = upsilon_backends::connect(&url).await.unwrap();
+    let lease = granted(
+        b.try_acquire("svc", &testing::holder(1), TTL)
+            .await
+            .unwrap(),
+    );
+    b.claim("svc", lease.fence).await.unwrap();
+    b.apply("svc", lease.fence, &[Change::Baseline(v("2.0"))])
+        .await
+        .unwrap();
+    assert!(b.notifies());
+    assert_eq!(b.services().await.unwrap(), ["svc"]);
+    let mut conn = driver::Client::open(format!("redis+unix://{}?db=1", sock.display()))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let baseline: String = cmd(&mut conn, &["HGET", "sock:{svc}:state", "baseline"]).await;
+    assert_eq!(baseline, "2.0.0");
+    drop(redis);
+}
+
+/// A node that dies holding the lease (it never renews nor releases): Redis
+/// has no session, so the lease is taken over once its TTL has run out, by
+/// a node that sleeps until the expiry (it is subscribed), and not before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_holders_lease_is_taken_over_at_its_expiry() {
+    let ttl = Duration::from_millis(1500);
+    let dead = backend(server(), "dead").await;
+    let lease = granted(
+        dead.try_acquire("svc", &testing::holder(7), ttl)
+            .await
+            .unwrap(),
+    );
+    let granted_at = Instant::now();
+    drop(dead);
+    let runs = Arc::new(Mutex::new(Vec::new()));
+    let b = backend(server(), "dead").await;
+    let up = node(
+        b.clone(),
+        "next",
+        vec![counting(&runs, "1.1", 1, "t", 10)],
+        Duration::from_secs(30),
+    );
+    let outcome = up.run().await.unwrap();
+    let took = granted_at.elapsed();
+    assert!(matches!(outcome, Outcome::Upgraded { .. }), "{outcome}");
+    assert!(
+        took >= ttl,
+        "taken over after {took:?}, before the TTL of {ttl:?}"
+    );
+    assert!(
+        took < ttl + Duration::from_secs(1),
+        "taken over only after {took:?}"
+    );
+    eprintln!("a dead holder's lease (TTL {ttl:?}) was taken over after {took:?}");
+    let history = b.history("svc").await.unwrap();
+    assert!(history[0].fence > lease.fence);
+}
+
+/// A TLS-only server: `rediss://` with the CA that signed its certificate
+/// works, subscription included; without that CA, or without TLS, the
+/// connection is refused with an error that says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_verifies_the_server_against_the_given_ca() {
+    let redis = tokio::task::spawn_blocking(|| Redis::builder().tls().start())
+        .await
+        .unwrap();
+    let ca = redis.ca_file();
+    let url = format!("{}?ca_file={}&prefix=tls", redis.url(), ca.display());
+    let b = RedisBackend::connect(&url).await.unwrap();
+    let lease = granted(
+        b.try_acquire("svc", &testing::holder(1), TTL)
+            .await
+            .unwrap(),
+    );
+    b.claim("svc", lease.fence).await.unwrap();
+    b.apply("svc", lease.fence, &[Change::DataVersion(v("1.0"))])
+        .await
+        .unwrap();
+    assert!(b.notifies(), "subscribed over TLS");
+    b.release(&lease).await.unwrap();
+
+    let localhost = url.replace("127.0.0.1", "localhost");
+    let b = RedisBackend::connect(&localhost).await.unwrap();
+    assert_eq!(b.load("svc").await.unwrap().data_version, Some(v("1.0")));
+
+    // The system's roots do not know the throwaway CA.
+    let err = RedisBackend::connect_with(
+        RedisOptions::from_url(&redis.url())
+            .unwrap()
+            .connect_timeout(Duration::from_secs(1)),
+    )
+    .await
+    .unwrap_err();
+    let text = err.to_string();
+    eprintln!("without the CA: {text}");
+    assert!(!err.is_transient(), "{text}");
+    assert!(text.contains("invalid peer certificate"), "{text}");
+    assert!(text.contains("ca_file=PATH"), "{text}");
+    assert!(!text.contains(redis.password().unwrap()), "{text}");
+
+    // Plain TCP to the TLS port.
+    let plain = redis.url().replace("rediss://", "redis://");
+    let err = RedisBackend::connect_with(
+        RedisOptions::from_url(&plain)
+            .unwrap()
+            .connect_timeout(Duration::from_secs(1))
+            .op_timeout(Duration::from_secs(1)),
+    )
+    .await
+    .unwrap_err();
+    eprintln!("without TLS: {err}");
+    assert!(err.to_string().contains("use rediss://"), "{err}");
+    assert!(
+        !err.to_string().contains(redis.password().unwrap()),
+        "{err}"
+    );
 }

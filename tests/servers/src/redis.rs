@@ -151,9 +151,7 @@ impl Redis {
         if options.tls {
             make_certificates(dir.path(), None);
         }
-        let password = options
-            .password
-            .then(|| format!("pw-{:016x}", random()));
+        let password = options.password.then(|| format!("pw-{:016x}", random()));
         let mut redis = Redis {
             bin,
             dir,

@@ -33,7 +33,36 @@ pub(super) fn driver(e: RedisError, what: &str, target: &str) -> BackendError {
             "{what}: a key of Upsilon's holds the wrong type of value on {target} ({e})"
         ));
     }
-    let mut message = format!("{what} on Redis at {target}: {e}");
+    classify(e, format!("{what} on Redis at {target}"))
+}
+
+/// Maps an error met while connecting to `target`: as [`driver`], and a
+/// certificate that does not verify (permanent) or a server that drops a
+/// plain connection at once (it may accept only TLS) says what to do.
+pub(super) fn connecting(e: RedisError, target: &str, tls: bool) -> BackendError {
+    let context = format!("cannot connect to Redis at {target}");
+    let text = e.to_string();
+    if tls && text.contains("certificate") {
+        return BackendError::other(RedisFailure {
+            message: format!(
+                "{context}: {text}; the server's certificate does not verify against the trusted CAs: \
+                 give the CA that signed it with `ca_file=PATH` in the URL (RedisOptions::tls(Some(path))), \
+                 and connect by a host name the certificate names"
+            ),
+        });
+    }
+    if !tls && e.is_connection_dropped() && !e.is_connection_refusal() {
+        return BackendError::unavailable(RedisFailure {
+            message: format!(
+                "{context}: {text}; the server closed the connection at once: if it accepts only TLS, use rediss://"
+            ),
+        });
+    }
+    classify(e, context)
+}
+
+fn classify(e: RedisError, context: String) -> BackendError {
+    let mut message = format!("{context}: {e}");
     let transient = e.is_io_error()
         || e.is_timeout()
         || e.is_connection_dropped()

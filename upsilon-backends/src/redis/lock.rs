@@ -4,7 +4,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::Value;
-use tokio::time::Instant;
 use upsilon::backend::{
     decide_acquire, fence_to_column, jitter, ttl_ms, Acquire, BackendError, Lease, LeaseInfo, Lock,
     StoredLease,
@@ -171,22 +170,14 @@ impl Lock for RedisBackend {
         _seen: &LeaseInfo,
         timeout: Duration,
     ) -> Result<(), BackendError> {
+        // A message for the service, or the subscription going down or
+        // coming back (messages may have been missed), ends the wait: the
+        // runner reads again, and sees from `notifies` whether it polls.
+        // While the subscription is down, only its return ends the wait
+        // before `timeout`, the runner's poll interval.
         let wakeups = &self.inner.wakeups;
         let since = wakeups.take_seen(service);
-        if !wakeups.is_up() {
-            tokio::time::sleep(timeout).await;
-            return Ok(());
-        }
-        let deadline = Instant::now() + timeout;
-        // A message, or the subscription going down or coming back, ends
-        // the wait: the runner reads again and sees whether it polls.
-        wakeups
-            .wait_since(
-                service,
-                since,
-                deadline.saturating_duration_since(Instant::now()),
-            )
-            .await;
+        wakeups.wait_since(service, since, timeout).await;
         Ok(())
     }
 

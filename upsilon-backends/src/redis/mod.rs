@@ -138,7 +138,7 @@ impl RedisBackend {
         let conn = tokio::time::timeout(options.connect_timeout * 3, connecting)
             .await
             .map_err(|_| timed_out("connecting", &target, options.connect_timeout * 3))?
-            .map_err(|e| driver(e, "connecting", &target))?;
+            .map_err(|e| error::connecting(e, &target, options.uses_tls()))?;
         let channel = format!("{}:wake", options.prefix);
         let wakeups = Arc::new(Wakeups::default());
         let (first, subscribed) = tokio::sync::oneshot::channel();

@@ -290,6 +290,10 @@ impl RedisOptions {
         Ok(())
     }
 
+    pub(crate) fn uses_tls(&self) -> bool {
+        matches!(self.info.addr(), ConnectionAddr::TcpTls { .. })
+    }
+
     pub(crate) fn ca_file(&self) -> Option<&Path> {
         self.ca_file.as_deref()
     }
