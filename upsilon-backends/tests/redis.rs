@@ -867,3 +867,104 @@ async fn tls_verifies_the_server_against_the_given_ca() {
         "{err}"
     );
 }
+
+/// `raise_fence` compares fences exactly, also above 2^53 where Lua's
+/// numbers (doubles) cannot tell 2^53 + 1 from 2^53.
+#[tokio::test]
+async fn raise_fence_is_exact_for_large_fences() {
+    let b = backend(server(), "raise").await;
+    let big: u64 = 1 << 53;
+    b.raise_fence("svc", big).await.unwrap();
+    b.raise_fence("svc", big + 1).await.unwrap();
+    let lease = granted(
+        b.try_acquire("svc", &testing::holder(1), TTL)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(lease.fence, big + 2);
+    b.release(&lease).await.unwrap();
+    b.raise_fence("svc", 5).await.unwrap();
+    let lease = granted(
+        b.try_acquire("svc", &testing::holder(1), TTL)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(lease.fence, big + 3, "a lower floor changes nothing");
+    let err = b.raise_fence("svc", u64::MAX).await.unwrap_err();
+    assert!(matches!(err, BackendError::Rejected(_)), "{err}");
+}
+
+/// Redis as the lock, PostgreSQL as the store: a Redis that forgets its
+/// counter in a crash (no append-only file) grants a fence the store has
+/// already seen; the store refuses it, and the runner raises Redis's
+/// counter to the store's fence and goes on, each task run once (S1, S2).
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_the_lock_before_a_postgres_store_a_forgetful_redis_catches_up() {
+    use upsilon_backends::postgres::PostgresBackend;
+    let (pg, mut redis) =
+        tokio::task::spawn_blocking(|| (upsilon_test_servers::Postgres::start(), Redis::start()))
+            .await
+            .unwrap();
+    let store = Arc::new(PostgresBackend::connect_url(&pg.url()).await.unwrap());
+    let runs = Arc::new(Mutex::new(Vec::new()));
+    let up = |lock: RedisBackend, app: &str, tasks: Vec<Task>| {
+        Upsilon::builder()
+            .service("svc")
+            .app_version(app)
+            .lock(Arc::new(lock))
+            .store(store.clone())
+            .tasks(tasks)
+            .ttl(Duration::from_secs(5))
+            .build()
+            .unwrap()
+    };
+    let lock = backend(&redis, "mixed").await;
+    let tasks_10 = vec![counting(&runs, "1.0", 1, "create", 1)];
+    for _ in 0..3 {
+        up(lock.clone(), "1.0", tasks_10.clone())
+            .run()
+            .await
+            .unwrap();
+        // Each run's lease is released; the next one is granted a new fence.
+        store
+            .claim("svc", store.load("svc").await.unwrap().fence + 1)
+            .await
+            .unwrap();
+    }
+    let seen = store.load("svc").await.unwrap().fence;
+    redis = tokio::task::spawn_blocking(move || {
+        redis.crash();
+        redis.start_again();
+        redis
+    })
+    .await
+    .unwrap();
+    let lock = backend(&redis, "mixed").await;
+    let mut tasks_11 = tasks_10.clone();
+    tasks_11.push(counting(&runs, "1.1", 1, "backfill", 1));
+    let outcome = up(lock.clone(), "1.1", tasks_11).run().await.unwrap();
+    let Outcome::Upgraded { report } = outcome else {
+        panic!("expected an upgrade, got {outcome:?}");
+    };
+    // Redis granted fence 1 again, the store refused it, the runner raised
+    // Redis's counter to the store's fence and was granted the one above.
+    assert_eq!(
+        report.fence,
+        seen + 1,
+        "upgraded with fence {} after {seen}",
+        report.fence
+    );
+    let ran: Vec<String> = runs
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.rsplit(':').next().unwrap().to_owned())
+        .collect();
+    assert_eq!(ran, ["create", "backfill"], "each task ran once");
+    assert_eq!(
+        store.load("svc").await.unwrap().data_version,
+        Some(v("1.1"))
+    );
+    drop((pg, redis));
+}

@@ -12,7 +12,7 @@ use upsilon::Holder;
 
 use super::error::unexpected;
 use super::rows::{self, fence, int, items, now_ms, text, Row};
-use super::scripts::{CURRENT, FORCE_RELEASE, GRANT, READ_LEASE, RELEASE, RENEW};
+use super::scripts::{CURRENT, FORCE_RELEASE, GRANT, RAISE_FENCE, READ_LEASE, RELEASE, RENEW};
 use super::{check_format, RedisBackend, FORMAT};
 
 /// How many times a grant or a store write reads again after another
@@ -162,6 +162,28 @@ impl Lock for RedisBackend {
             self.eval("force-releasing the lease", &force).await?,
             "force-releasing the lease",
         )
+    }
+
+    async fn raise_fence(&self, service: &str, floor: u64) -> Result<(), BackendError> {
+        let k = self.keys(service)?;
+        let mut raise = RAISE_FENCE.prepare_invoke();
+        raise
+            .key(&k.meta)
+            .arg(fence_to_column(floor)?.to_string())
+            .arg(FORMAT);
+        let v = items(
+            self.eval("raising the fence", &raise).await?,
+            0,
+            "raising the fence",
+        )?;
+        let (format, counter) = match &v[..] {
+            [] => (Value::Nil, Value::Nil),
+            [f] => (f.clone(), Value::Nil),
+            [f, c, ..] => (f.clone(), c.clone()),
+        };
+        check_format(&text(&format, "the stored format")?.unwrap_or_default())?;
+        fence(&counter, "the grant counter")?;
+        Ok(())
     }
 
     async fn wait(

@@ -166,3 +166,23 @@ if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
 return 1",
     )
 });
+
+/// KEYS: meta. ARGV: the floor, this build's format. Raises the grant
+/// counter to the floor (and the revision, so that a grant decided on the
+/// old counter is read again) when the format is this build's or none and
+/// the counter is an integer below it. Returns the format and the counter
+/// as they were, for the caller to say why it did nothing. Fences are
+/// compared as decimal text: Lua's numbers are doubles.
+pub(super) static RAISE_FENCE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        "local m = redis.call('HMGET', KEYS[1], 'format', 'granted')
+local g = m[2] or '0'
+if (m[1] and m[1] ~= ARGV[2]) or not string.match(g, '^%d+$') then return {m[1], m[2]} end
+g = string.gsub(g, '^0+(%d)', '%1')
+if #ARGV[1] > #g or (#ARGV[1] == #g and ARGV[1] > g) then
+  redis.call('HSET', KEYS[1], 'format', ARGV[2], 'granted', ARGV[1])
+  redis.call('HINCRBY', KEYS[1], 'rev', 1)
+end
+return {m[1], m[2]}",
+    )
+});
