@@ -672,6 +672,7 @@ async fn a_wrong_password_gives_a_clear_error_without_the_password() {
         !err.is_transient(),
         "retrying a wrong password is pointless: {text}"
     );
+    eprintln!("wrong password: {text}");
     assert!(text.contains("check the user name and password"), "{text}");
     assert!(
         text.contains(&format!(
@@ -967,4 +968,62 @@ async fn as_the_lock_before_a_postgres_store_a_forgetful_redis_catches_up() {
         Some(v("1.1"))
     );
     drop((pg, redis));
+}
+
+/// The ACL docs/REDIS.md gives is enough: a user limited to it runs an
+/// upgrade, lists the services and is woken by pub/sub; a user without
+/// the scripts is told what it lacks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_with_the_documented_acl_can_run_and_one_without_is_told_why() {
+    let mut conn = raw(server()).await;
+    let acl = "on >acl-pw resetkeys ~acl:* resetchannels &acl:wake -@all +ping +scan +evalsha \
+               +eval +script|load +time +hget +hmget +hset +hincrby +del +pexpireat +lindex \
+               +lrange +rpush +publish +subscribe";
+    let mut args = vec!["ACL", "SETUSER", "upsilon-acl"];
+    args.extend(acl.split_whitespace());
+    let _: () = cmd(&mut conn, &args).await;
+    let url = format!(
+        "redis://upsilon-acl:acl-pw@127.0.0.1:{}/0?prefix=acl",
+        server().port()
+    );
+    let b = RedisBackend::connect(&url).await.unwrap();
+    assert!(b.notifies(), "subscribed on the allowed channel");
+    let runs = Arc::new(Mutex::new(Vec::new()));
+    let outcome = node(
+        b.clone(),
+        "acl",
+        vec![counting(&runs, "1.1", 1, "t", 1)],
+        Duration::from_millis(100),
+    )
+    .run()
+    .await
+    .unwrap();
+    assert!(matches!(outcome, Outcome::Upgraded { .. }), "{outcome}");
+    assert_eq!(b.services().await.unwrap(), ["svc"]);
+    let _: () = cmd(
+        &mut conn,
+        &["ACL", "SETUSER", "upsilon-acl", "-evalsha", "-eval"],
+    )
+    .await;
+    let err = b.load("svc").await.unwrap_err();
+    assert!(!err.is_transient(), "{err}");
+    assert!(err.to_string().contains("Upsilon's user needs"), "{err}");
+    eprintln!("without EVALSHA: {err}");
+}
+
+/// The driver's RESP3 (`protocol=resp3`), where scripts' missing values
+/// come back as another type, conforms just the same.
+#[tokio::test]
+async fn over_resp3_it_conforms_too() {
+    let url = format!("{}?protocol=resp3&prefix=resp3", server().url());
+    let h = Rd {
+        backend: Arc::new(RedisBackend::connect(&url).await.unwrap()),
+        peer: Arc::new(RedisBackend::connect(&url).await.unwrap()),
+        prefix: "resp3".into(),
+        conn: tokio::sync::Mutex::new(raw(server()).await),
+        saved: Mutex::new(None),
+    };
+    let report = conformance::run_all(&h).await;
+    assert_eq!(report.wake, Wake::Notifies, "pub/sub wakes waiters");
+    assert!(report.skipped.is_empty(), "skipped: {:?}", report.skipped);
 }

@@ -84,7 +84,9 @@ fn classify(e: RedisError, context: String) -> BackendError {
     }
     if e.code() == Some("NOPERM") {
         message.push_str(
-            "; Upsilon's user needs the commands EVALSHA, EVAL, SCRIPT LOAD, SCAN, PUBLISH, SUBSCRIBE and PING on the keys `PREFIX:*` and the channel `PREFIX:wake`",
+            "; Upsilon's user needs, on the keys `PREFIX:*` and the channel `PREFIX:wake`, the commands \
+             PING SCAN EVALSHA EVAL SCRIPT|LOAD SUBSCRIBE and, run by its scripts, TIME HGET HMGET HSET HINCRBY \
+             DEL PEXPIREAT LINDEX LRANGE RPUSH PUBLISH (docs/REDIS.md gives the ACL)",
         );
         return BackendError::other(RedisFailure { message });
     }
