@@ -1027,3 +1027,110 @@ async fn over_resp3_it_conforms_too() {
     assert_eq!(report.wake, Wake::Notifies, "pub/sub wakes waiters");
     assert!(report.skipped.is_empty(), "skipped: {:?}", report.skipped);
 }
+
+/// Values that do not parse, wherever they are, give `Corrupt` from every
+/// operation that reads them, and neither a grant nor a write happens.
+#[tokio::test]
+async fn corrupt_keys_are_typed_errors_and_nothing_is_written() {
+    let h = Rd::new(server(), "corrupt").await;
+    let b = &h.backend;
+    // (what, the commands that break it, whether the store's operations
+    // read it, whether a grant reads it)
+    type Case<'a> = (&'a str, &'a [&'a [&'a str]], bool, bool);
+    let cases: [Case<'_>; 6] = [
+        (
+            "a grant counter that is not a number",
+            &[&["HSET", "meta", "granted", "lots"]],
+            false,
+            true,
+        ),
+        (
+            "a negative store fence",
+            &[&["HSET", "meta", "store", "-3"]],
+            true,
+            true,
+        ),
+        (
+            "a revision that is not a number",
+            &[&["HSET", "meta", "rev", "x"]],
+            true,
+            true,
+        ),
+        (
+            "a lease fence that is not a number",
+            &[&[
+                "HSET",
+                "lease",
+                "holder",
+                "h;;1;r",
+                "fence",
+                "one",
+                "expires_at_ms",
+                "99999999999999",
+            ]],
+            false,
+            true,
+        ),
+        (
+            "a history row that is not JSON",
+            &[&["HSET", "history", "1.1.0 t#1", "{not json"]],
+            true,
+            true,
+        ),
+        (
+            "a state key of the wrong type",
+            &[&["DEL", "state"], &["SET", "state", "a string"]],
+            true,
+            false,
+        ),
+    ];
+    for (n, (what, commands, store_reads, grant_reads)) in cases.iter().enumerate() {
+        let svc = format!("svc{n}");
+        let (held, _) = write_some(b, &svc).await;
+        b.release(&held).await.unwrap();
+        for c in *commands {
+            let mut args: Vec<String> = c.iter().map(|a| a.to_string()).collect();
+            args[1] = h.key(&svc, c[1]);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let _: driver::Value = h.cmd(&args).await;
+        }
+        let dump = || async {
+            let mut all = Vec::new();
+            for kind in ["meta", "lease", "state", "history", "order"] {
+                let d: Option<Vec<u8>> = h.cmd(&["DUMP", &h.key(&svc, kind)]).await;
+                all.push(d);
+            }
+            all
+        };
+        let before = dump().await;
+        let corrupt = |r: Result<(), BackendError>| matches!(r, Err(BackendError::Corrupt { .. }));
+        if *store_reads {
+            let apply = b
+                .apply(&svc, held.fence, &[testing::start_attempt("t", "1.1", 2)])
+                .await;
+            assert!(corrupt(apply), "{what}: apply");
+            assert!(corrupt(b.load(&svc).await.map(|_| ())), "{what}: load");
+            if what.contains("history row") {
+                assert!(
+                    corrupt(b.history(&svc).await.map(|_| ())),
+                    "{what}: history"
+                );
+            }
+            assert!(
+                corrupt(b.claim(&svc, held.fence + 1).await.map(|_| ())),
+                "{what}: claim"
+            );
+        }
+        if *grant_reads {
+            let grant = b.try_acquire(&svc, &testing::holder(5), TTL).await;
+            assert!(corrupt(grant.map(|_| ())), "{what}: grant");
+        }
+        if what.contains("lease") {
+            assert!(
+                corrupt(b.current(&svc).await.map(|_| ())),
+                "{what}: current"
+            );
+        }
+        assert_eq!(dump().await, before, "{what}: nothing was written");
+    }
+}
