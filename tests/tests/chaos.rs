@@ -58,7 +58,7 @@ use upsilon_tests::audit::{Outcome as Seen, Record};
 use upsilon_tests::clock::ms;
 
 use check::Checked;
-use cluster::{ClusterBackend, Pg, Sqlite};
+use cluster::{ClusterBackend, Mixed, Pg, Redis, Sqlite};
 use trial::{Config, Kind, Plan};
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -371,6 +371,25 @@ async fn sqlite_cluster_survives_faults() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_cluster_survives_faults() {
     survives(&mut Pg::start().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_survives_faults() {
+    survives(&mut Redis::start().await).await;
+}
+
+/// The lease in Redis, the data version and history in PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_lock_postgres_store_survives_faults() {
+    let lock = Box::new(Redis::start().await);
+    survives(&mut Mixed::new(lock, Box::new(Pg::start().await))).await;
+}
+
+/// The lease in PostgreSQL, the data version and history in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_lock_redis_store_survives_faults() {
+    let lock = Box::new(Pg::start().await);
+    survives(&mut Mixed::new(lock, Box::new(Redis::start().await))).await;
 }
 
 /// A holder running one long task, TTL 6 s: its local deadline is far off,

@@ -5,6 +5,7 @@
 //! |---|---|---|---|
 //! | `sqlite` (default) | [`sqlite::SqliteBackend`]: one database file, one host | row, `BEGIN IMMEDIATE` | poll |
 //! | `postgres` | [`postgres::PostgresBackend`]: the service's own PostgreSQL, any number of hosts; works behind PgBouncer in transaction mode | row judged by the database clock, fence checked under `SELECT ... FOR UPDATE` | `LISTEN`/`NOTIFY`, poll behind a pooler |
+//! | `redis` | [`redis::RedisBackend`]: a Redis the service already runs (TLS included); as the store only with `appendonly yes` and `appendfsync always` (docs/REDIS.md) | hash expiring on the server's clock, granted and written by Lua scripts that compare a revision | pub/sub, poll while it is down |
 //!
 //! Feature `postgres-rustls` adds TLS to PostgreSQL with rustls;
 //! `all-backends` turns every backend on.
@@ -19,6 +20,8 @@ use upsilon::backend::{Backend, BackendError};
 
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "redis")]
+pub mod redis;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 
@@ -26,7 +29,9 @@ pub mod sqlite;
 /// - `sqlite:PATH` or `sqlite://PATH` (`sqlite:///abs/path.db`), feature `sqlite`;
 /// - `postgres://` or `postgresql://` URLs, feature `postgres` (see
 ///   [`postgres::PostgresOptions::from_url`] for the options they may carry),
-///   and libpq `key=value` strings (`host=db user=app sslmode=require`).
+///   and libpq `key=value` strings (`host=db user=app sslmode=require`);
+/// - `redis://`, `rediss://` (TLS) or `redis+unix://` URLs, feature `redis`
+///   (see [`redis::RedisOptions::from_url`]).
 ///
 /// Errors show the URL with its password replaced.
 pub async fn connect(url: &str) -> Result<Arc<dyn Backend>, BackendError> {
@@ -44,6 +49,8 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Backend>, BackendError> {
         "postgres" | "postgresql" => {
             Ok(Arc::new(postgres::PostgresBackend::connect_url(url).await?))
         }
+        #[cfg(feature = "redis")]
+        "redis" | "rediss" | "redis+unix" => Ok(Arc::new(redis::RedisBackend::connect(url).await?)),
         // A libpq `key=value` string (`host=db user=app`) has no scheme.
         #[cfg(feature = "postgres")]
         _ if !url.contains("://") && url.contains('=') => {
@@ -65,6 +72,8 @@ fn enabled_schemes() -> Vec<&'static str> {
     schemes.push("`sqlite:`");
     #[cfg(feature = "postgres")]
     schemes.push("`postgres://`");
+    #[cfg(feature = "redis")]
+    schemes.extend(["`redis://`", "`rediss://`", "`redis+unix://`"]);
     schemes
 }
 

@@ -7,6 +7,10 @@
 //!   [`Postgres::builder`] starts one with more connections or other settings;
 //!   [`Postgres::start_tls`] and [`Postgres::start_tls_only`] ones with TLS.
 //!
+//! - [`Redis`]: `redis-server` on a temporary directory, with a password;
+//!   [`Redis::builder`] starts one with an append-only file
+//!   ([`Fsync::Always`]), TLS only, or other settings.
+//!
 //! A server stops when its value is dropped. A watchdog process also stops it
 //! when the test process exits without dropping it (a `static` server, a
 //! panic that aborts, a killed test binary), so no server outlives its tests.
@@ -29,8 +33,10 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 mod certs;
+mod redis;
 
 use certs::make_certificates;
+pub use redis::{redis_server_bin, Fsync, Redis, RedisBuilder, REDIS_INSTALL};
 
 /// The command that installs PostgreSQL's server binaries on Debian.
 pub const POSTGRES_INSTALL: &str = "apt-get install -y postgresql";
