@@ -34,17 +34,26 @@ const SERVICE: &str = "backends-startup";
 pub enum Kind {
     Postgres,
     Sqlite,
+    #[cfg(feature = "redis")]
+    Redis,
 }
 
 impl Kind {
     /// Every backend compiled in, in the table's order.
-    pub const ALL: &'static [Kind] = &[Kind::Postgres, Kind::Sqlite];
+    pub const ALL: &'static [Kind] = &[
+        Kind::Postgres,
+        Kind::Sqlite,
+        #[cfg(feature = "redis")]
+        Kind::Redis,
+    ];
 
     /// Its name in `--backends`.
     pub fn flag(self) -> &'static str {
         match self {
             Kind::Postgres => "postgres",
             Kind::Sqlite => "sqlite",
+            #[cfg(feature = "redis")]
+            Kind::Redis => "redis",
         }
     }
 
@@ -53,6 +62,8 @@ impl Kind {
         match self {
             Kind::Postgres => "PostgreSQL",
             Kind::Sqlite => "SQLite",
+            #[cfg(feature = "redis")]
+            Kind::Redis => "Redis",
         }
     }
 
@@ -67,6 +78,8 @@ impl Kind {
         match self {
             Kind::Postgres => "tokio-postgres connect + SELECT 1",
             Kind::Sqlite => "rusqlite open + SELECT 1",
+            #[cfg(feature = "redis")]
+            Kind::Redis => "redis crate connect + GET",
         }
     }
 
@@ -78,6 +91,10 @@ impl Kind {
                 "the floor: one NOTIFY to {n} LISTENing connections"
             )),
             Kind::Sqlite => None,
+            #[cfg(feature = "redis")]
+            Kind::Redis => Some(format!(
+                "the floor: one PUBLISH to {n} subscribed connections"
+            )),
         }
     }
 }
@@ -105,23 +122,42 @@ struct Subject<'e> {
     env: &'e Env,
     /// SQLite's file.
     path: Option<PathBuf>,
+    /// The server the benchmark started for it, stopped when dropped.
+    _server: Option<Box<dyn std::any::Any + Send>>,
+    /// A connection of the benchmark's own to Redis, to read its counts.
+    #[cfg(feature = "redis")]
+    redis: Option<redis::aio::MultiplexedConnection>,
 }
 
 impl<'e> Subject<'e> {
     async fn start(kind: Kind, env: &'e Env) -> anyhow::Result<Subject<'e>> {
-        let (url, path) = match kind {
-            Kind::Postgres => (env.url.clone(), None),
+        let mut subject = Subject {
+            kind,
+            url: env.url.clone(),
+            env,
+            path: None,
+            _server: None,
+            #[cfg(feature = "redis")]
+            redis: None,
+        };
+        match kind {
+            Kind::Postgres => {}
             Kind::Sqlite => {
                 let path = env.dir.path().join("backends.db");
-                (format!("sqlite://{}", path.display()), Some(path))
+                subject.url = format!("sqlite://{}", path.display());
+                subject.path = Some(path);
             }
-        };
-        Ok(Subject {
-            kind,
-            url,
-            env,
-            path,
-        })
+            #[cfg(feature = "redis")]
+            Kind::Redis => {
+                eprintln!("  6: starting Redis");
+                let guard = tokio::task::spawn_blocking(redis_bench::start).await?;
+                subject.url = guard.url();
+                subject._server = Some(Box::new(guard));
+                let client = redis::Client::open(subject.url.as_str())?;
+                subject.redis = Some(client.get_multiplexed_async_connection().await?);
+            }
+        }
+        Ok(subject)
     }
 
     fn name(&self) -> &'static str {
@@ -148,6 +184,8 @@ impl<'e> Subject<'e> {
                 let conn = rusqlite::Connection::open(path)?;
                 conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?;
             }
+            #[cfg(feature = "redis")]
+            Kind::Redis => redis_bench::bare(&self.url).await?,
         }
         Ok(())
     }
@@ -158,13 +196,22 @@ impl<'e> Subject<'e> {
         Ok(match self.kind {
             Kind::Postgres => Some(notify_floor(self.env, n, repeats).await?.0),
             Kind::Sqlite => None,
+            #[cfg(feature = "redis")]
+            Kind::Redis => Some(redis_bench::floor(&self.url, n, repeats).await?),
         })
     }
 
     /// The server's own count of each command so far, where it keeps one
     /// cheaply; `None` where it does not.
     async fn server_commands(&self) -> anyhow::Result<Option<BTreeMap<String, u64>>> {
-        Ok(None)
+        Ok(match self.kind {
+            Kind::Postgres | Kind::Sqlite => None,
+            #[cfg(feature = "redis")]
+            Kind::Redis => {
+                let mut conn = self.redis.clone().context("the Redis connection")?;
+                Some(redis_bench::commands(&mut conn).await?)
+            }
+        })
     }
 }
 
@@ -458,7 +505,7 @@ async fn load(
     eprintln!("  6d: {name}, {n} waiting nodes, {secs} s upgrade");
     let with = load_round(subject, o, "backends-load", n).await?;
     // The server's commands are counted for every client: an upgrade with
-    // no waiting node tells the canary's share.
+    // no waiting node tells the canary's share, which is subtracted.
     let alone = match with.commands {
         Some(_) => Some(load_round(subject, o, "backends-load-alone", 0).await?),
         None => None,
@@ -500,7 +547,7 @@ async fn load(
         let waiters = (total(all) - total(alone)).max(0.0) / n as f64;
         report.push(Row::new(
             "6d",
-            measure("server commands per waiting node (the canary's subtracted)"),
+            measure("server commands per waiting node, scripts' own included"),
             Unit::Count,
             waiters,
         ));
@@ -510,6 +557,17 @@ async fn load(
             Unit::PerS,
             waiters / with.wait_s,
         ));
+        // Redis counts the commands a Lua script runs as well as the
+        // script's call: the calls alone are what the nodes sent.
+        if all.contains_key("evalsha") {
+            let calls = |m: &BTreeMap<String, u64>| m.get("evalsha").copied().unwrap_or(0) as f64;
+            report.push(Row::new(
+                "6d",
+                measure("scripts called (EVALSHA) per waiting node"),
+                Unit::Count,
+                (calls(all) - calls(alone)).max(0.0) / n as f64,
+            ));
+        }
         commands_json = json!({"with_waiters": all, "canary_alone": alone});
     }
     Ok(json!({
@@ -557,4 +615,126 @@ pub async fn run(env: &Env, o: &Options, report: &mut Report) -> anyhow::Result<
     }
     report.detail("6", json!(details));
     Ok(())
+}
+
+#[cfg(feature = "redis")]
+mod redis_bench {
+    //! Redis's bare client, floor and command counts, with the `redis` crate.
+
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use anyhow::{ensure, Context as _};
+    use futures_util::StreamExt as _;
+
+    use crate::convergence::signed_ms;
+
+    const FLOOR_CHANNEL: &str = "bench:floor";
+
+    /// A server with an append-only file that is never synced, as the
+    /// PostgreSQL server runs with `fsync=off`.
+    pub fn start() -> upsilon_test_servers::Redis {
+        upsilon_test_servers::Redis::builder()
+            .appendonly(upsilon_test_servers::Fsync::No)
+            .start()
+    }
+
+    /// Connect, and one GET.
+    pub async fn bare(url: &str) -> anyhow::Result<()> {
+        let client = redis::Client::open(url)?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let _: Option<String> = redis::cmd("GET")
+            .arg("bench:nothing")
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// One PUBLISH reaching `n` subscribed connections, `repeats` times:
+    /// ms from the PUBLISH's reply to the last delivery.
+    pub async fn floor(url: &str, n: usize, repeats: usize) -> anyhow::Result<Vec<f64>> {
+        let client = redis::Client::open(url)?;
+        let delivered: Arc<Mutex<Vec<Instant>>> = Arc::default();
+        let mut readers = Vec::with_capacity(n);
+        for _ in 0..n {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(FLOOR_CHANNEL).await?;
+            let mut messages = pubsub.into_on_message();
+            let delivered = delivered.clone();
+            readers.push(tokio::spawn(async move {
+                while messages.next().await.is_some() {
+                    delivered
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(Instant::now());
+                }
+            }));
+        }
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let mut out = Vec::with_capacity(repeats);
+        for _ in 0..repeats {
+            delivered.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            let receivers: usize = redis::cmd("PUBLISH")
+                .arg(FLOOR_CHANNEL)
+                .arg("x")
+                .query_async(&mut conn)
+                .await?;
+            let acked = Instant::now();
+            ensure!(
+                receivers == n,
+                "a PUBLISH reached {receivers} of {n} subscribers"
+            );
+            let deadline = acked + Duration::from_secs(60);
+            let last = loop {
+                {
+                    let d = delivered.lock().unwrap_or_else(|p| p.into_inner());
+                    if d.len() >= n {
+                        break d.iter().copied().max().unwrap_or(acked);
+                    }
+                }
+                ensure!(
+                    Instant::now() < deadline,
+                    "a PUBLISH reached only some subscribers"
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            };
+            out.push(signed_ms(last, acked));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for r in readers {
+            r.abort();
+        }
+        Ok(out)
+    }
+
+    /// `INFO commandstats`: the calls of each command since the server
+    /// started, commands run inside scripts included; `INFO` itself left out.
+    pub async fn commands(
+        conn: &mut redis::aio::MultiplexedConnection,
+    ) -> anyhow::Result<BTreeMap<String, u64>> {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(conn)
+            .await?;
+        let mut out = BTreeMap::new();
+        for line in info.lines() {
+            let Some((name, fields)) = line
+                .strip_prefix("cmdstat_")
+                .and_then(|l| l.split_once(':'))
+            else {
+                continue;
+            };
+            if name == "info" {
+                continue;
+            }
+            let calls = fields
+                .split(',')
+                .find_map(|f| f.strip_prefix("calls="))
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("INFO commandstats: {line}"))?;
+            out.insert(name.to_owned(), calls);
+        }
+        Ok(out)
+    }
 }
