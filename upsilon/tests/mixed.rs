@@ -74,7 +74,11 @@ async fn a_new_lock_in_front_of_a_used_store_catches_up_after_one_ttl() {
     };
     assert!(report.fence > 40, "upgraded with fence {}", report.fence);
     let grants = lock.grants();
-    assert_eq!(grants.len(), 2, "the stale grant, then one above the store's: {grants:?}");
+    assert_eq!(
+        grants.len(),
+        2,
+        "the stale grant, then one above the store's: {grants:?}"
+    );
     assert!(grants[0].fence <= 40 && grants[1].fence > 40, "{grants:?}");
     assert!(
         grants[1].at_ms - grants[0].at_ms >= TTL.as_millis() as i64,

@@ -19,6 +19,13 @@ use crate::planner::Plan;
 use crate::status::Status;
 use crate::util::jitter;
 
+/// How far above the store's fence a lock behind it is raised. A lock that
+/// forgot its state may have granted fences above the store's that no node
+/// claimed yet (a grant whose holder was paused before its claim); every
+/// later grant must be above those too, so that such a holder, resuming, is
+/// refused by the store. Fences are 63-bit: the gap costs nothing.
+const CATCH_UP_GAP: u64 = 1 << 20;
+
 /// How start-up ended.
 pub(super) enum Start {
     /// READY without the lease.
@@ -160,8 +167,8 @@ impl Inner {
     /// that fence legitimately after the store saw it, so the lock is new in
     /// front of a used store, or it lost its state (a Redis restarted without
     /// its data) and with it, perhaps, the live lease of a holder that is
-    /// still running its task. So: raise the lock's counter to the store's
-    /// fence, keep this useless lease for one TTL, so that no other node is
+    /// still running its task. So: raise the lock's counter well above the
+    /// store's fence ([`CATCH_UP_GAP`]), keep this useless lease for one TTL, so that no other node is
     /// granted one while such a holder could still be running (its local
     /// deadline falls within a TTL of its last renewal, which was sent before
     /// the lock forgot it, so before this request), then release it and ask
@@ -197,7 +204,10 @@ impl Inner {
         let raised = self
             .retry(
                 "raising the lock's fence to the store's (the lock granted a fence the store has already seen)",
-                || self.lock.raise_fence(&self.service, snapshot.fence),
+                || {
+                    self.lock
+                        .raise_fence(&self.service, snapshot.fence.saturating_add(CATCH_UP_GAP))
+                },
             )
             .await;
         if raised.is_ok() {
