@@ -432,7 +432,7 @@ impl ClusterBackend for Mixed {
         self.store.idle_session_timeout(timeout).await || lock
     }
     fn proxy(&self, node: &str) -> Option<&FaultProxy> {
-        if self.trial % 2 == 0 {
+        if self.trial.is_multiple_of(2) {
             self.lock.proxy(node).or_else(|| self.store.proxy(node))
         } else {
             self.store.proxy(node).or_else(|| self.lock.proxy(node))
