@@ -83,7 +83,7 @@ impl Inner {
             let sent = Instant::now();
             let seen = match self.try_acquire().await? {
                 Acquire::Granted(lease) if lease.fence <= snapshot.fence => {
-                    self.catch_up_fence(lease, sent, &snapshot, &mut catch_ups, stop)
+                    self.catch_up_fence(lease, &snapshot, &mut catch_ups, stop)
                         .await?;
                     continue;
                 }
@@ -103,7 +103,7 @@ impl Inner {
                     // renewal rather than wait on ourselves until it expires.
                     if let Some((lease, sent)) = self.adopt(&info).await? {
                         if lease.fence <= snapshot.fence {
-                            self.catch_up_fence(lease, sent, &snapshot, &mut catch_ups, stop)
+                            self.catch_up_fence(lease, &snapshot, &mut catch_ups, stop)
                                 .await?;
                             continue;
                         }
@@ -171,12 +171,11 @@ impl Inner {
     /// store's fence ([`CATCH_UP_GAP`]), keep this useless lease for one TTL, so that no other node is
     /// granted one while such a holder could still be running (its local
     /// deadline falls within a TTL of its last renewal, which was sent before
-    /// the lock forgot it, so before this request), then release it and ask
-    /// again. Nothing runs under it, and the store would refuse it anyway.
+    /// the lock forgot it, so before this grant's reply), then release it and
+    /// ask again. Nothing runs under it, and the store would refuse it anyway.
     async fn catch_up_fence(
         &self,
         lease: Lease,
-        sent: Instant,
         snapshot: &Snapshot,
         catch_ups: &mut u32,
         stop: &CancellationToken,
@@ -212,7 +211,9 @@ impl Inner {
             .await;
         if raised.is_ok() {
             tokio::select! {
-                _ = tokio::time::sleep_until(sent + wait_out) => {}
+                // From the reply, not the request: the lock forgot before it
+                // granted, which may be any time up to the reply.
+                _ = tokio::time::sleep(wait_out) => {}
                 _ = stop.cancelled() => {}
             }
         }
