@@ -432,7 +432,7 @@ impl ClusterBackend for Mixed {
         self.store.idle_session_timeout(timeout).await || lock
     }
     fn proxy(&self, node: &str) -> Option<&FaultProxy> {
-        if self.trial % 2 == 0 {
+        if self.trial.is_multiple_of(2) {
             self.lock.proxy(node).or_else(|| self.store.proxy(node))
         } else {
             self.store.proxy(node).or_else(|| self.lock.proxy(node))
@@ -462,10 +462,23 @@ pub struct Redis {
 
 impl Redis {
     pub async fn start() -> Redis {
-        let server = tokio::task::spawn_blocking(|| {
-            upsilon_test_servers::Redis::builder()
-                .appendonly(upsilon_test_servers::Fsync::Always)
-                .start()
+        Redis::with(true).await
+    }
+
+    /// For a negative control: a Redis that keeps nothing across a crash
+    /// (no append-only file, no snapshots).
+    pub async fn without_persistence() -> Redis {
+        Redis::with(false).await
+    }
+
+    async fn with(persistent: bool) -> Redis {
+        let server = tokio::task::spawn_blocking(move || {
+            let builder = upsilon_test_servers::Redis::builder();
+            match persistent {
+                true => builder.appendonly(upsilon_test_servers::Fsync::Always),
+                false => builder,
+            }
+            .start()
         })
         .await
         .unwrap();
