@@ -10,7 +10,6 @@
 //! to 4, which measure it against sqlx.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -132,8 +131,9 @@ struct Subject<'e> {
     kind: Kind,
     url: String,
     env: &'e Env,
-    /// SQLite's file.
-    path: Option<PathBuf>,
+    /// What the bare client and the floor connect to: the server's URL,
+    /// SQLite's file, etcd's endpoint, the API server's URL.
+    raw: String,
     /// The server the benchmark started for it, stopped when dropped.
     _server: Option<Box<dyn std::any::Any + Send>>,
     /// A connection of the benchmark's own to Redis, to read its counts.
@@ -147,7 +147,7 @@ impl<'e> Subject<'e> {
             kind,
             url: env.url.clone(),
             env,
-            path: None,
+            raw: env.url.clone(),
             _server: None,
             #[cfg(feature = "redis")]
             redis: None,
@@ -157,13 +157,14 @@ impl<'e> Subject<'e> {
             Kind::Sqlite => {
                 let path = env.dir.path().join("backends.db");
                 subject.url = format!("sqlite://{}", path.display());
-                subject.path = Some(path);
+                subject.raw = path.display().to_string();
             }
             #[cfg(feature = "redis")]
             Kind::Redis => {
                 eprintln!("  6: starting Redis");
                 let guard = tokio::task::spawn_blocking(redis_bench::start).await?;
                 subject.url = guard.url();
+                subject.raw = subject.url.clone();
                 subject._server = Some(Box::new(guard));
                 let client = redis::Client::open(subject.url.as_str())?;
                 subject.redis = Some(client.get_multiplexed_async_connection().await?);
@@ -187,17 +188,16 @@ impl<'e> Subject<'e> {
         match self.kind {
             Kind::Postgres => {
                 let (client, conn) =
-                    tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await?;
+                    tokio_postgres::connect(&self.raw, tokio_postgres::NoTls).await?;
                 tokio::spawn(conn);
                 client.simple_query("SELECT 1").await?;
             }
             Kind::Sqlite => {
-                let path = self.path.as_ref().context("SQLite's file")?;
-                let conn = rusqlite::Connection::open(path)?;
+                let conn = rusqlite::Connection::open(&self.raw)?;
                 conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?;
             }
             #[cfg(feature = "redis")]
-            Kind::Redis => redis_bench::bare(&self.url).await?,
+            Kind::Redis => redis_bench::bare(&self.raw).await?,
         }
         Ok(())
     }
@@ -209,7 +209,7 @@ impl<'e> Subject<'e> {
             Kind::Postgres => Some(notify_floor(self.env, n, repeats).await?.0),
             Kind::Sqlite => None,
             #[cfg(feature = "redis")]
-            Kind::Redis => Some(redis_bench::floor(&self.url, n, repeats).await?),
+            Kind::Redis => Some(redis_bench::floor(&self.raw, n, repeats).await?),
         })
     }
 
