@@ -5,6 +5,7 @@
 //! |---|---|---|---|
 //! | `sqlite` (default) | [`sqlite::SqliteBackend`]: one database file, one host | row, `BEGIN IMMEDIATE` | poll |
 //! | `postgres` | [`postgres::PostgresBackend`]: the service's own PostgreSQL, any number of hosts; works behind PgBouncer in transaction mode | row judged by the database clock, fence checked under `SELECT ... FOR UPDATE` | `LISTEN`/`NOTIFY`, poll behind a pooler |
+//! | `etcd` | [`etcd::EtcdBackend`]: keys under a prefix of an etcd v3 cluster (3.4+), TLS and user/password included | key attached to an etcd lease (TTL at least 2 s), created by a transaction; fence from its create revision | watch, poll while it is down |
 //!
 //! Feature `postgres-rustls` adds TLS to PostgreSQL with rustls;
 //! `all-backends` turns every backend on.
@@ -17,6 +18,8 @@ use std::sync::Arc;
 
 use upsilon::backend::{Backend, BackendError};
 
+#[cfg(feature = "etcd")]
+pub mod etcd;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "sqlite")]
@@ -26,7 +29,9 @@ pub mod sqlite;
 /// - `sqlite:PATH` or `sqlite://PATH` (`sqlite:///abs/path.db`), feature `sqlite`;
 /// - `postgres://` or `postgresql://` URLs, feature `postgres` (see
 ///   [`postgres::PostgresOptions::from_url`] for the options they may carry),
-///   and libpq `key=value` strings (`host=db user=app sslmode=require`).
+///   and libpq `key=value` strings (`host=db user=app sslmode=require`);
+/// - `etcd://host:port,host2:port2/prefix` URLs, and `etcds://` for TLS,
+///   feature `etcd` (see [`etcd::EtcdOptions::from_url`]).
 ///
 /// Errors show the URL with its password replaced.
 pub async fn connect(url: &str) -> Result<Arc<dyn Backend>, BackendError> {
@@ -40,6 +45,8 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Backend>, BackendError> {
                 .unwrap_or_default();
             Ok(Arc::new(sqlite::SqliteBackend::open(path).await?))
         }
+        #[cfg(feature = "etcd")]
+        "etcd" | "etcds" => Ok(Arc::new(etcd::EtcdBackend::connect_url(url).await?)),
         #[cfg(feature = "postgres")]
         "postgres" | "postgresql" => {
             Ok(Arc::new(postgres::PostgresBackend::connect_url(url).await?))
@@ -65,6 +72,8 @@ fn enabled_schemes() -> Vec<&'static str> {
     schemes.push("`sqlite:`");
     #[cfg(feature = "postgres")]
     schemes.push("`postgres://`");
+    #[cfg(feature = "etcd")]
+    schemes.push("`etcd://`");
     schemes
 }
 
