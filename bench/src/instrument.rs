@@ -106,6 +106,10 @@ impl Lock for Instrumented {
             .await
     }
 
+    async fn raise_fence(&self, service: &str, floor: u64) -> Result<(), BackendError> {
+        self.inner.raise_fence(service, floor).await
+    }
+
     async fn until_lost(&self, lease: &Lease) -> BackendError {
         self.inner.until_lost(lease).await
     }

@@ -98,6 +98,10 @@ impl Lock for Watched {
         self.inner.force_release(service).await
     }
 
+    async fn raise_fence(&self, service: &str, floor: u64) -> Result<(), BackendError> {
+        self.inner.raise_fence(service, floor).await
+    }
+
     async fn until_lost(&self, lease: &Lease) -> BackendError {
         self.inner.until_lost(lease).await
     }

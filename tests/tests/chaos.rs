@@ -54,6 +54,7 @@ mod trial;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+use upsilon_tests::audit::{Outcome as Seen, Record};
 use upsilon_tests::clock::ms;
 
 use check::Checked;
@@ -122,11 +123,15 @@ struct Totals {
     releases: Vec<i64>,
     writes_after_pause: (usize, usize),
     overlaps: BTreeMap<Option<Kind>, Overlaps>,
+    /// Grants at or below the store's fence before the trial (a lock
+    /// behind its store), each released and the lock raised.
+    behind_grants: usize,
 }
 
 impl Totals {
-    fn add(&mut self, t: &trial::Trial, c: &Checked) {
+    fn add(&mut self, t: &trial::Trial, c: &Checked, used_store_fence: u64) {
         self.trials += 1;
+        self.behind_grants += behind_grants(t, used_store_fence);
         for e in &t.events {
             *self.faults.entry(e.kind).or_default() += 1;
         }
@@ -204,6 +209,12 @@ impl Totals {
             "  writes by paused nodes after they resumed: {} committed (their fence still the newest), {} refused\n",
             self.writes_after_pause.0, self.writes_after_pause.1
         );
+        if self.behind_grants > 0 {
+            r += &format!(
+                "  grants behind the store's fence, released and the lock raised: {}\n",
+                self.behind_grants
+            );
+        }
         if self.overlaps.is_empty() {
             r += "  overlapping task code: none\n";
         }
@@ -234,8 +245,9 @@ async fn run_trials(
     let mut failures = Vec::new();
     for i in 0..trials {
         let t = trial::run(env, cfg, i, seed + i as u64).await;
-        let c = check::check(cfg, &t);
-        totals.add(&t, &c);
+        let mut c = check::check(cfg, &t);
+        c.violations.extend(ran_behind(&t, env.used_store_fence()));
+        totals.add(&t, &c, env.used_store_fence());
 
         if std::env::var_os("UPSILON_CHAOS_VERBOSE").is_some() {
             for n in &c.notes {
@@ -302,10 +314,46 @@ async fn run_trials(
     (totals, failures)
 }
 
+/// The grants of a trial whose fence the store had already seen.
+fn behind_grants(t: &trial::Trial, used_store_fence: u64) -> usize {
+    t.logs
+        .iter()
+        .flat_map(|l| &l.records)
+        .filter(|r| {
+            matches!(r, Record::Lock { op, fence, outcome: Seen::Ok, .. }
+                if op == "acquire" && (1..=used_store_fence).contains(fence))
+        })
+        .count()
+}
+
+/// Task code run under a fence the store had already seen: the runner must
+/// give such a grant back before it runs anything.
+fn ran_behind(t: &trial::Trial, used_store_fence: u64) -> Vec<String> {
+    t.logs
+        .iter()
+        .flat_map(|l| l.records.iter().map(move |r| (l, r)))
+        .filter_map(|(l, r)| match r {
+            Record::Run { task, fence, .. } if *fence <= used_store_fence => Some(format!(
+                "S2: {} ran {task} under fence {fence}, which the store had seen before the trial",
+                l.node
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
 async fn survives(env: &mut dyn ClusterBackend) {
     let cfg = random_config();
     let trials = env_usize("UPSILON_CHAOS_TRIALS", 2);
     let (totals, failures) = run_trials(env, &cfg, trials).await;
+    if env.used_store_fence() > 0 {
+        assert!(
+            totals.behind_grants >= totals.trials,
+            "each trial of a fresh lock in front of a used store starts with a grant behind the store's fence; {} in {} trials",
+            totals.behind_grants,
+            totals.trials
+        );
+    }
     assert!(
         failures.is_empty(),
         "{} of {} trials broke the invariants; the first:\n{}",

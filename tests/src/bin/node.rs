@@ -3,7 +3,7 @@
 //! checker can tell which node did what, under which fence, and when.
 //!
 //! ```text
-//! node --url sqlite:///PATH --name NAME --app-version 1.1 --tasks 1.0:2,1.1:3 [--task-ms 50] [--ttl-ms 2000]
+//! node --url sqlite:///PATH [--lock-url URL] --name NAME --app-version 1.1 --tasks 1.0:2,1.1:3 [--task-ms 50] [--ttl-ms 2000]
 //!      [--audit-dir DIR] [--margin-ms MS] [--no-loss-signal] [--rollbacks] [--fail-task ID --fail-while PATH]
 //!      [--wall-clock-offset FILE] [--judge-expiry-by-wall-clock]
 //! ```
@@ -53,6 +53,10 @@ struct Args {
     /// in the same database.
     #[arg(long)]
     url: String,
+    /// The lock, when it lives apart from the store (a URL like `--url`'s):
+    /// the lease in one system, the data version and history in another.
+    #[arg(long, value_name = "URL")]
+    lock_url: Option<String>,
     /// The node's name (its holder's pod), in the audit rows and its output.
     #[arg(long)]
     name: String,
@@ -355,7 +359,8 @@ fn audit_task(version: &str, n: u32, rollback: bool) -> anyhow::Result<Task> {
 /// signal passed on unless it is switched off.
 #[derive(Debug)]
 struct Watched {
-    inner: Arc<dyn Backend>,
+    lock: Arc<dyn Lock>,
+    store: Arc<dyn Store>,
     log: Option<Arc<AuditLog>>,
     holder: Holder,
     loss_signal: bool,
@@ -471,7 +476,7 @@ impl Lock for Watched {
         ttl: Duration,
     ) -> Result<Acquire, BackendError> {
         let call = self.lock_call("acquire", 0);
-        let r = self.inner.try_acquire(service, holder, ttl).await;
+        let r = self.lock.try_acquire(service, holder, ttl).await;
         let (fence, outcome) = match &r {
             Ok(Acquire::Granted(l)) => (l.fence, Seen::Ok),
             Ok(Acquire::Held(i)) if i.holder == self.holder => (i.fence, Seen::HeldBySelf),
@@ -484,24 +489,28 @@ impl Lock for Watched {
 
     async fn renew(&self, lease: &Lease) -> Result<Lease, BackendError> {
         let call = self.lock_call("renew", lease.fence);
-        let r = self.inner.renew(lease).await;
+        let r = self.lock.renew(lease).await;
         call.done(r.as_ref().map_or_else(seen, |_| Seen::Ok), None);
         r
     }
 
     async fn release(&self, lease: &Lease) -> Result<(), BackendError> {
         let call = self.lock_call("release", lease.fence);
-        let r = self.inner.release(lease).await;
+        let r = self.lock.release(lease).await;
         call.done(r.as_ref().map_or_else(seen, |_| Seen::Ok), None);
         r
     }
 
     async fn current(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
-        self.inner.current(service).await
+        self.lock.current(service).await
     }
 
     async fn force_release(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
-        self.inner.force_release(service).await
+        self.lock.force_release(service).await
+    }
+
+    async fn raise_fence(&self, service: &str, floor: u64) -> Result<(), BackendError> {
+        self.lock.raise_fence(service, floor).await
     }
 
     async fn wait(
@@ -510,11 +519,11 @@ impl Lock for Watched {
         seen: &LeaseInfo,
         timeout: Duration,
     ) -> Result<(), BackendError> {
-        self.inner.wait(service, seen, timeout).await
+        self.lock.wait(service, seen, timeout).await
     }
 
     fn notifies(&self) -> bool {
-        self.inner.notifies()
+        self.lock.notifies()
     }
 
     async fn until_lost(&self, lease: &Lease) -> BackendError {
@@ -522,7 +531,7 @@ impl Lock for Watched {
             // The negative control: the signal never comes.
             return std::future::pending().await;
         }
-        let e = self.inner.until_lost(lease).await;
+        let e = self.lock.until_lost(lease).await;
         if let Some(log) = &self.log {
             log.write(&Record::Lost {
                 fence: lease.fence,
@@ -537,12 +546,12 @@ impl Lock for Watched {
 #[async_trait]
 impl Store for Watched {
     async fn load(&self, service: &str) -> Result<Snapshot, BackendError> {
-        self.inner.load(service).await
+        self.store.load(service).await
     }
 
     async fn claim(&self, service: &str, fence: u64) -> Result<Snapshot, BackendError> {
         let call = self.store_call("claim", fence, String::new());
-        let r = self.inner.claim(service, fence).await;
+        let r = self.store.claim(service, fence).await;
         call.done(r.as_ref().map_or_else(seen, |_| Seen::Ok), None);
         r
     }
@@ -554,31 +563,44 @@ impl Store for Watched {
         changes: &[Change],
     ) -> Result<(), BackendError> {
         let call = self.store_call("apply", fence, what(changes));
-        let r = self.inner.apply(service, fence, changes).await;
+        let r = self.store.apply(service, fence, changes).await;
         call.done(r.as_ref().map_or_else(seen, |_| Seen::Ok), None);
         r
     }
 
     async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>, BackendError> {
-        self.inner.history(service).await
+        self.store.history(service).await
     }
 
     async fn services(&self) -> Result<Vec<String>, BackendError> {
-        self.inner.services().await
+        self.store.services().await
     }
 }
 
-/// The backend of `--url`, with the SQLite clock options.
-async fn backend(args: &Args) -> anyhow::Result<Arc<dyn Backend>> {
-    let sqlite = args
-        .url
+/// The store of `--url` (with the SQLite clock options), and the lock of
+/// `--lock-url`, or of `--url` without it.
+async fn backend(args: &Args) -> anyhow::Result<(Arc<dyn Lock>, Arc<dyn Store>)> {
+    let sqlite = |url: &str| url.starts_with("sqlite:");
+    if (args.wall_clock_offset.is_some() || args.judge_expiry_by_wall_clock)
+        && !sqlite(&args.url)
+        && !args.lock_url.as_deref().is_some_and(sqlite)
+    {
+        bail!("--wall-clock-offset and --judge-expiry-by-wall-clock are for SQLite");
+    }
+    let store = open_backend(args, &args.url).await?;
+    let lock: Arc<dyn Lock> = match &args.lock_url {
+        Some(url) => open_backend(args, url).await?,
+        None => store.clone(),
+    };
+    Ok((lock, store))
+}
+
+async fn open_backend(args: &Args, url: &str) -> anyhow::Result<Arc<dyn Backend>> {
+    let sqlite = url
         .strip_prefix("sqlite://")
-        .or_else(|| args.url.strip_prefix("sqlite:"));
+        .or_else(|| url.strip_prefix("sqlite:"));
     let Some(path) = sqlite else {
-        if args.wall_clock_offset.is_some() || args.judge_expiry_by_wall_clock {
-            bail!("--wall-clock-offset and --judge-expiry-by-wall-clock are for SQLite");
-        }
-        return Ok(upsilon_backends::connect(&args.url).await?);
+        return Ok(upsilon_backends::connect(url).await?);
     };
     let mut options = SqliteOptions {
         judge_expiry_by_wall_clock: args.judge_expiry_by_wall_clock,
@@ -614,8 +636,10 @@ async fn node(args: Args, log: Option<Arc<AuditLog>>) -> anyhow::Result<u8> {
         pod: Some(args.name.clone()),
         ..Holder::current()
     };
+    let (lock, store) = backend(&args).await?;
     let backend = Watched {
-        inner: backend(&args).await?,
+        lock,
+        store,
         log: log.clone(),
         holder: holder.clone(),
         loss_signal: !args.no_loss_signal,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use upsilon::backend::Backend;
+use upsilon::backend::{Backend, Lock, Store};
 use upsilon_backends::sqlite::{SqliteBackend, SqliteOptions};
 use upsilon_tests::clock::SteppedWallClock;
 use upsilon_tests::fault_proxy::{FaultProxy, Upstream};
@@ -25,13 +25,15 @@ pub trait ClusterBackend: Send + Sync {
     async fn fresh(&mut self, trial: usize, nodes: &[String]);
     /// The `--url` node `node` gets.
     fn node_url(&self, node: &str) -> String;
-    /// Further flags every node gets.
-    fn node_args(&self) -> Vec<String> {
+    /// Further flags node `node` gets.
+    fn node_args(&self, node: &str) -> Vec<String> {
+        let _ = node;
         Vec::new()
     }
-    /// The lock and store of the current trial, read directly (not through
-    /// any fault).
-    fn backend(&self) -> Arc<dyn Backend>;
+    /// The lock of the current trial, read directly (not through any fault).
+    fn lock(&self) -> Arc<dyn Lock>;
+    /// The store of the current trial, read directly.
+    fn store(&self) -> Arc<dyn Store>;
     /// The faults of its own it can take, besides SIGKILL, SIGSTOP and
     /// SIGTERM.
     fn kinds(&self) -> &'static [Kind] {
@@ -66,6 +68,11 @@ pub trait ClusterBackend: Send + Sync {
     /// What the server says its faults did, for the report.
     fn server_says(&self) -> Option<String> {
         None
+    }
+    /// The fence the store has seen before the trial's first grant (a store
+    /// used with another lock): grants up to it are behind the store.
+    fn used_store_fence(&self) -> u64 {
+        0
     }
 }
 
@@ -119,7 +126,7 @@ impl ClusterBackend for Sqlite {
     fn node_url(&self, _node: &str) -> String {
         format!("sqlite://{}", self.path.display())
     }
-    fn node_args(&self) -> Vec<String> {
+    fn node_args(&self, _node: &str) -> Vec<String> {
         let mut args = vec![
             "--wall-clock-offset".to_owned(),
             self.clock.offset_file.display().to_string(),
@@ -129,7 +136,10 @@ impl ClusterBackend for Sqlite {
         }
         args
     }
-    fn backend(&self) -> Arc<dyn Backend> {
+    fn lock(&self) -> Arc<dyn Lock> {
+        self.backend.clone().expect("fresh() first")
+    }
+    fn store(&self) -> Arc<dyn Store> {
         self.backend.clone().expect("fresh() first")
     }
     fn kinds(&self) -> &'static [Kind] {
@@ -258,7 +268,10 @@ impl ClusterBackend for Pg {
             self.url.rsplit('/').next().unwrap()
         )
     }
-    fn backend(&self) -> Arc<dyn Backend> {
+    fn lock(&self) -> Arc<dyn Lock> {
+        self.backend.clone().expect("fresh() first")
+    }
+    fn store(&self) -> Arc<dyn Store> {
         self.backend.clone().expect("fresh() first")
     }
     fn kinds(&self) -> &'static [Kind] {
@@ -320,5 +333,118 @@ impl ClusterBackend for Pg {
             count("terminating connection due to administrator command"),
             count("database system is ready to accept connections")
         ))
+    }
+}
+
+/// The fence a mixed setup's store has seen before its trial starts.
+pub const USED_STORE_FENCE: u64 = 20;
+
+/// The service the nodes run.
+const SERVICE: &str = "cluster";
+
+/// The lease in one backend and the store in another: each node gets the
+/// store's URL and the lock's as `--lock-url`. It takes the faults of both.
+/// Proxy faults hit the lock's connections in even trials and the store's
+/// in odd ones, so that a fault's start and end reach the same proxy; a
+/// server restart restarts the lock's and the store's servers in turn.
+pub struct Mixed {
+    pub lock: Box<dyn ClusterBackend>,
+    pub store: Box<dyn ClusterBackend>,
+    name: &'static str,
+    kinds: &'static [Kind],
+    trial: usize,
+    restarts: usize,
+}
+
+impl Mixed {
+    pub fn new(lock: Box<dyn ClusterBackend>, store: Box<dyn ClusterBackend>) -> Mixed {
+        let name = format!("{} lock, {} store", lock.name(), store.name());
+        let mut kinds: Vec<Kind> = lock.kinds().to_vec();
+        kinds.extend(store.kinds().iter().filter(|k| !lock.kinds().contains(k)));
+        Mixed {
+            lock,
+            store,
+            // One per setup, for the whole run: leaking them is harmless.
+            name: Box::leak(name.into_boxed_str()),
+            kinds: Box::leak(kinds.into_boxed_slice()),
+            trial: 0,
+            restarts: 0,
+        }
+    }
+}
+
+#[async_trait]
+impl ClusterBackend for Mixed {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    async fn fresh(&mut self, trial: usize, nodes: &[String]) {
+        self.trial = trial;
+        self.lock.fresh(trial, nodes).await;
+        self.store.fresh(trial, nodes).await;
+        // A store used before with another lock: the fresh lock's first
+        // grants are behind it, and the nodes must catch the lock up
+        // (`Lock::raise_fence`) under the faults.
+        self.store
+            .store()
+            .claim(SERVICE, USED_STORE_FENCE)
+            .await
+            .unwrap();
+    }
+    fn node_url(&self, node: &str) -> String {
+        self.store.node_url(node)
+    }
+    fn node_args(&self, node: &str) -> Vec<String> {
+        let mut args = vec!["--lock-url".to_owned(), self.lock.node_url(node)];
+        args.extend(self.lock.node_args(node));
+        args.extend(self.store.node_args(node));
+        args
+    }
+    fn lock(&self) -> Arc<dyn Lock> {
+        self.lock.lock()
+    }
+    fn store(&self) -> Arc<dyn Store> {
+        self.store.store()
+    }
+    fn kinds(&self) -> &'static [Kind] {
+        self.kinds
+    }
+    async fn restart_server(&mut self) {
+        self.restarts += 1;
+        if self.restarts % 2 == 1 {
+            self.lock.restart_server().await;
+        } else {
+            self.store.restart_server().await;
+        }
+    }
+    async fn terminate_lease_session(&self) -> u64 {
+        self.lock.terminate_lease_session().await + self.store.terminate_lease_session().await
+    }
+    async fn terminate_sessions_of(&self, node: &str) -> u64 {
+        self.lock.terminate_sessions_of(node).await + self.store.terminate_sessions_of(node).await
+    }
+    async fn step_clock(&self, ms: i64) -> bool {
+        let lock = self.lock.step_clock(ms).await;
+        self.store.step_clock(ms).await || lock
+    }
+    async fn idle_session_timeout(&self, timeout: Option<Duration>) -> bool {
+        let lock = self.lock.idle_session_timeout(timeout).await;
+        self.store.idle_session_timeout(timeout).await || lock
+    }
+    fn proxy(&self, node: &str) -> Option<&FaultProxy> {
+        if self.trial % 2 == 0 {
+            self.lock.proxy(node).or_else(|| self.store.proxy(node))
+        } else {
+            self.store.proxy(node).or_else(|| self.lock.proxy(node))
+        }
+    }
+    fn used_store_fence(&self) -> u64 {
+        USED_STORE_FENCE
+    }
+    fn server_says(&self) -> Option<String> {
+        match (self.lock.server_says(), self.store.server_says()) {
+            (Some(a), Some(b)) => Some(format!("lock: {a}; store: {b}")),
+            (a, b) => a.or(b),
+        }
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
-use upsilon::backend::{AttemptKind, AttemptState, Backend, HistoryEntry, Snapshot};
+use upsilon::backend::{AttemptKind, AttemptState, HistoryEntry, Snapshot, Store};
 use upsilon_tests::audit::{self, ProcessLog, Record};
 use upsilon_tests::clock::now_us;
 use upsilon_tests::fault_proxy::{Direction, Flow};
@@ -249,7 +249,7 @@ impl Harness<'_> {
             .args(["--margin-ms", &cfg.margin_ms.to_string()])
             .arg("--audit-dir")
             .arg(&self.dir)
-            .args(self.env.node_args());
+            .args(self.env.node_args(name));
         if !cfg.loss_signal {
             c.arg("--no-loss-signal");
         }
@@ -376,8 +376,8 @@ impl Harness<'_> {
 
     /// The index of the node that holds the lease, if the harness can tell.
     async fn holder(&self) -> Option<usize> {
-        let store = self.env.backend();
-        let lease = tokio::time::timeout(Duration::from_millis(500), store.current("cluster"))
+        let lock = self.env.lock();
+        let lease = tokio::time::timeout(Duration::from_millis(500), lock.current("cluster"))
             .await
             .ok()?
             .ok()??;
@@ -761,7 +761,7 @@ impl Harness<'_> {
 /// Samples the store while the trial runs: the data version and completed
 /// tasks must never go back (S4), except a task whose version was rolled
 /// back (a completed rollback row after its completion).
-fn sampler(store: Arc<dyn Backend>, done: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<String>> {
+fn sampler(store: Arc<dyn Store>, done: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<String>> {
     tokio::spawn(async move {
         let mut violations = Vec::new();
         let mut last: Option<Snapshot> = None;
@@ -812,7 +812,7 @@ pub async fn run(env: &mut dyn ClusterBackend, cfg: &Config, index: usize, seed:
         File::create(&marker).unwrap();
     }
     let done = Arc::new(AtomicBool::new(false));
-    let sampling = sampler(env.backend(), done.clone());
+    let sampling = sampler(env.store(), done.clone());
     let mut h = Harness {
         env,
         cfg,
@@ -843,7 +843,7 @@ pub async fn run(env: &mut dyn ClusterBackend, cfg: &Config, index: usize, seed:
     let mut violations = h.converge().await;
     done.store(true, Ordering::SeqCst);
     violations.extend(sampling.await.unwrap());
-    let store = h.env.backend();
+    let store = h.env.store();
     let history = store.history("cluster").await.unwrap();
     let snapshot = store.load("cluster").await.unwrap();
     let logs = audit::read_dir(dir.path()).unwrap();

@@ -266,6 +266,23 @@ impl Lock for PostgresBackend {
             .await
     }
 
+    async fn raise_fence(&self, service: &str, floor: u64) -> Result<(), BackendError> {
+        let sql = &self.inner.sql;
+        let mut conn = self.conn().await?;
+        // The floor is one of the fences every grant rises above.
+        let stmt = [Stmt::Typed(
+            &sql.lift_floor,
+            vec![text(service), text(floor.to_string())],
+        )];
+        let op = async {
+            first_error(pipeline(conn.client(), &stmt).await).map_err(driver)?;
+            Ok(())
+        };
+        let result = self.timed(op).await;
+        self.settle(&mut conn, "raising the fence floor", result)
+            .await
+    }
+
     async fn current(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
         let sql = &self.inner.sql;
         let mut conn = self.conn().await?;

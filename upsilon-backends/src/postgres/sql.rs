@@ -55,6 +55,9 @@ pub(crate) struct Sql {
     pub(crate) grant: String,
     /// Records the fence just granted as the service's floor (`$2`, text).
     pub(crate) raise_floor: String,
+    /// Lifts the service's floor to at least `$2` (text), for
+    /// `Lock::raise_fence`.
+    pub(crate) lift_floor: String,
     pub(crate) renew: String,
     pub(crate) release: String,
     pub(crate) current: String,
@@ -136,6 +139,11 @@ impl Sql {
             raise_floor: format!(
                 "INSERT INTO {m} (key, value) VALUES ({FLOOR_KEY}, $2)
                  ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
+            ),
+            lift_floor: format!(
+                "INSERT INTO {m} (key, value) VALUES ({FLOOR_KEY}, $2)
+                 ON CONFLICT (key) DO UPDATE
+                 SET value = GREATEST({m}.value::int8, EXCLUDED.value::int8)::text"
             ),
             renew: format!(
                 "UPDATE {st} SET lease_expires = {ttl}

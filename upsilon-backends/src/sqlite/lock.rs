@@ -143,6 +143,20 @@ impl Lock for SqliteBackend {
         .await
     }
 
+    async fn raise_fence(&self, service: &str, floor: u64) -> Result<()> {
+        let service = service.to_owned();
+        self.tx(move |tx, _| {
+            state(tx, &service)?;
+            tx.execute(
+                "UPDATE upsilon_fence SET granted = MAX(granted, ?2) WHERE service = ?1",
+                params![service, fence_to_column(floor)?],
+            )
+            .map_err(driver)?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn current(&self, service: &str) -> Result<Option<LeaseInfo>> {
         let service = service.to_owned();
         self.tx(move |tx, now| {

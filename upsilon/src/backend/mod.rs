@@ -24,6 +24,7 @@
 //! | [`Store::history`] | every history row | [`HistoryColumns::decode`] | — |
 //! | [`Store::services`] | the services with a state or history row | — | — |
 //! | [`Lock::force_release`] | the lease row, the clock | [`StoredLease::live`] | clear the lease (holder, fence, expiry), keep the grant counter |
+//! | [`Lock::raise_fence`] | the grant counter | max(counter, floor) | the counter |
 //!
 //! A backend that keeps the time of each grant (the `now_ms` it wrote the
 //! grant with) reports it through [`StoredLease::granted_at`], so that an
@@ -102,6 +103,24 @@ pub trait Lock: Send + Sync + fmt::Debug {
     /// [`BackendError::LeaseLost`]. A backend with notifications wakes its
     /// waiters, as a release does.
     async fn force_release(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError>;
+
+    /// Makes every later grant of `service` carry a fence above `floor`. The
+    /// lease itself is not touched: a lease held now keeps its fence.
+    ///
+    /// The runner calls it when this lock granted a fence that the store
+    /// has already seen (a lock in one system in front of a store in
+    /// another: a new lock, or one that lost its counter). It releases that
+    /// lease, raises the floor to the store's fence and asks again, so that
+    /// the cluster catches up instead of being refused by the store forever.
+    /// Raising a counter that only grows can never let a fence be granted
+    /// twice (S1). The default refuses; a lock that can share a service
+    /// with another system's store implements it.
+    async fn raise_fence(&self, service: &str, floor: u64) -> Result<(), BackendError> {
+        let _ = floor;
+        Err(BackendError::Rejected(format!(
+            "the lock of `{service}` cannot raise its fence counter"
+        )))
+    }
 
     /// Returns when the lease or the data version of `service` may have
     /// changed since the caller read the lease as `seen`, or after `timeout`.

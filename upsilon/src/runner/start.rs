@@ -65,6 +65,7 @@ impl Inner {
         let mut last_holder = None;
         let mut last_seen: Option<LeaseInfo> = None;
         let mut wait = metrics::Wait::new(&self.service);
+        let mut catch_ups = 0;
         loop {
             if stop.is_cancelled() {
                 wait.end("stopped");
@@ -74,6 +75,11 @@ impl Inner {
             // after it is sent.
             let sent = Instant::now();
             let seen = match self.try_acquire().await? {
+                Acquire::Granted(lease) if lease.fence <= snapshot.fence => {
+                    self.catch_up_fence(lease, &snapshot, &mut catch_ups)
+                        .await?;
+                    continue;
+                }
                 Acquire::Granted(lease) => {
                     info!(fence = lease.fence, "lease acquired");
                     metrics::lease_granted(&lease, last_seen.as_ref());
@@ -89,6 +95,11 @@ impl Inner {
                     // found the lease held by this very run: take it up with a
                     // renewal rather than wait on ourselves until it expires.
                     if let Some((lease, sent)) = self.adopt(&info).await? {
+                        if lease.fence <= snapshot.fence {
+                            self.catch_up_fence(lease, &snapshot, &mut catch_ups)
+                                .await?;
+                            continue;
+                        }
                         info!(
                             fence = lease.fence,
                             "lease acquired (the reply to the grant was lost)"
@@ -142,6 +153,51 @@ impl Inner {
                 }));
             }
         }
+    }
+
+    /// A grant whose fence the store has already seen (read before the
+    /// request): the lock is behind the store, as a new lock in front of a
+    /// used store is, or one that lost its counter. No node can have been
+    /// granted that fence legitimately after the store saw it, so the lease
+    /// is useless: release it, raise the lock's counter to the store's fence
+    /// and ask again, instead of being refused by the store at every claim.
+    async fn catch_up_fence(
+        &self,
+        lease: Lease,
+        snapshot: &Snapshot,
+        catch_ups: &mut u32,
+    ) -> Result<(), Error> {
+        *catch_ups += 1;
+        warn!(granted = lease.fence, store_fence = snapshot.fence,
+            "the lock granted a fence the store has already seen; raising the lock's fence and asking again");
+        if *catch_ups > 3 {
+            return Err(Error::Backend {
+                during: "catching the lock's fence up with the store",
+                source: BackendError::Rejected(format!(
+                    "the lock granted fence {} after it was raised above {}: \
+                     it does not keep the floor `raise_fence` sets",
+                    lease.fence, snapshot.fence
+                )),
+            });
+        }
+        match self
+            .retry("releasing a lease behind the store's fence", || {
+                self.lock.release(&lease)
+            })
+            .await
+        {
+            Ok(())
+            | Err(Error::Backend {
+                source: BackendError::LeaseLost(_),
+                ..
+            }) => {}
+            Err(e) => return Err(e),
+        }
+        self.retry(
+            "raising the lock's fence to the store's (the lock granted a fence the store has already seen)",
+            || self.lock.raise_fence(&self.service, snapshot.fence),
+        )
+        .await
     }
 
     /// Renews a lease this run was granted without hearing so. `None` if it

@@ -391,6 +391,13 @@ impl Lock for MemoryBackend {
         freed
     }
 
+    async fn raise_fence(&self, service: &str, floor: u64) -> Result<(), BackendError> {
+        self.with_service(service, |s, _| {
+            s.granted = s.granted.max(floor);
+            Ok(())
+        })
+    }
+
     async fn wait(
         &self,
         service: &str,

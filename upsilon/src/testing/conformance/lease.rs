@@ -171,3 +171,47 @@ pub async fn non_holder_refused(h: &dyn Harness, service: &str) {
     assert_eq!((current.holder, current.fence), (holder(1), a.fence));
     lock.release(&a).await.expect("release");
 }
+
+/// After [`Lock::raise_fence`](crate::backend::Lock::raise_fence) with a
+/// floor, every later grant's fence is above it (a held lease keeps its
+/// own); a floor below the counter changes nothing, and the fence still
+/// grows. Skipped (`false`) for a lock that refuses to raise its fence (the
+/// trait's default): such a lock can only be used with its own store.
+pub async fn raise_fence_lifts_later_grants(h: &dyn Harness, service: &str) -> bool {
+    let lock = h.lock();
+    let a = grant(&*lock, service, &holder(1), TTL).await;
+    let floor = a.fence + 100;
+    match lock.raise_fence(service, floor).await {
+        Ok(()) => {}
+        Err(BackendError::Rejected(_)) => {
+            lock.release(&a).await.expect("release");
+            return false;
+        }
+        Err(e) => panic!("raise_fence_lifts_later_grants: raise_fence failed: {e}"),
+    }
+    let renewed = lock
+        .renew(&a)
+        .await
+        .expect("raise_fence_lifts_later_grants: the lease held while the floor rose renews");
+    assert_eq!(renewed.fence, a.fence, "a held lease keeps its fence");
+    lock.release(&renewed).await.expect("release");
+    let b = grant(&*lock, service, &holder(2), TTL).await;
+    assert!(
+        b.fence > floor,
+        "raise_fence_lifts_later_grants: the grant after raising the floor to {floor} got fence {}",
+        b.fence
+    );
+    lock.release(&b).await.expect("release");
+    lock.raise_fence(service, 1)
+        .await
+        .expect("raise_fence_lifts_later_grants: a floor below the counter is accepted");
+    let c = grant(&*lock, service, &holder(3), TTL).await;
+    assert!(
+        c.fence > b.fence,
+        "raise_fence_lifts_later_grants: a lower floor let fence {} follow {}",
+        c.fence,
+        b.fence
+    );
+    lock.release(&c).await.expect("release");
+    true
+}

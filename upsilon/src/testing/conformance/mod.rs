@@ -25,6 +25,9 @@
 //!   [`deleting_the_state_row_keeps_the_fence`] and
 //!   [`deleting_the_history_keeps_the_fence`].
 //!
+//! A lock that keeps the default [`Lock::raise_fence`] (it refuses) skips
+//! [`raise_fence_lifts_later_grants`]: it can only be used with its own store.
+//!
 //! A hook left at its default makes the checks that need it skip; the report
 //! lists them. Waiting is checked either way: a lock whose
 //! [`Lock::notifies`] is true must wake waiters promptly, one that does not
@@ -104,7 +107,10 @@ pub use deletion::{
     deleting_the_state_row_keeps_the_fence,
 };
 
-pub use lease::{exclusive, expiry_takeover, fence_grows, non_holder_refused, renewal};
+pub use lease::{
+    exclusive, expiry_takeover, fence_grows, non_holder_refused, raise_fence_lifts_later_grants,
+    renewal,
+};
 pub use operator::{force_release_keeps_the_fence, services_lists_what_the_store_holds};
 pub use store::{
     corrupt_data_is_typed, history_round_trip, replay_is_idempotent, services_are_separate,
@@ -210,6 +216,7 @@ pub async fn run_all(h: &dyn Harness) -> Report {
     check!(services_are_separate, svc("a"), svc("b"));
     check!(corrupt_data_is_typed, svc("corrupt"));
     check!(force_release_keeps_the_fence, svc("force"));
+    check!(raise_fence_lifts_later_grants, svc("raise"));
     check!(
         services_lists_what_the_store_holds,
         svc("listed"),
