@@ -500,6 +500,60 @@ impl Lock for EtcdBackend {
         Err(contended("force-releasing the lease", TRIES))
     }
 
+    async fn raise_fence(&self, service: &str, floor: u64) -> Result<(), BackendError> {
+        // Every later grant's create revision is above the revision read
+        // here, so an offset of at least `floor - revision` puts its fence
+        // above `floor`. The offset only grows; a held lease keeps the
+        // offset it was granted with, and so its fence.
+        let fence_key = self.inner.keys.fence(service);
+        for _ in 0..TRIES {
+            let read = self
+                .read(
+                    "reading the fence offset",
+                    vec![TxnOp::get(fence_key.as_str(), None)],
+                )
+                .await?;
+            let fence_kv = read.one(0);
+            let counters: FenceValue = match fence_kv {
+                Some(kv) => decode(kv.key(), kv.value())?,
+                None => FenceValue::default(),
+            };
+            let revision = u64::try_from(read.revision)
+                .map_err(|_| BackendError::other("etcd answered a negative revision"))?;
+            let offset = counters.offset.max(floor.saturating_sub(revision));
+            if offset == counters.offset {
+                return Ok(());
+            }
+            revision
+                .checked_add(offset)
+                .and_then(|f| f.checked_add(1))
+                .filter(|f| i64::try_from(*f).is_ok())
+                .ok_or_else(|| {
+                    BackendError::Rejected(format!(
+                        "a fence floor of {floor} leaves no higher fence to grant"
+                    ))
+                })?;
+            let fence_unchanged = match fence_kv {
+                Some(kv) => {
+                    Compare::mod_revision(fence_key.as_str(), CompareOp::Equal, kv.mod_revision())
+                }
+                None => Compare::create_revision(fence_key.as_str(), CompareOp::Equal, 0),
+            };
+            let txn = Txn::new()
+                .when([fence_unchanged, self.format_unchanged()])
+                .and_then([TxnOp::put(
+                    fence_key.as_str(),
+                    encode(&FenceValue { offset, ..counters }),
+                    None,
+                )]);
+            if self.txn("raising the fence offset", txn).await?.succeeded() {
+                debug!(%service, floor, offset, "raised the fence offset");
+                return Ok(());
+            }
+        }
+        Err(contended("raising the fence offset", TRIES))
+    }
+
     async fn wait(
         &self,
         service: &str,
