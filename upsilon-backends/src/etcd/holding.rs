@@ -16,6 +16,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use etcd_client::{
     Client, EventType, LeaseKeepAliveStream, LeaseKeeper, WatchOptions, WatchStream,
@@ -26,6 +27,9 @@ use upsilon::backend::{BackendError, Lease};
 use upsilon::Holder;
 
 use super::error::{classify, driver_in, Class};
+
+/// How many times a held lease's streams are tried to be opened.
+const OPEN_TRIES: u32 = 4;
 
 /// A keep-alive's answer: the etcd lease's TTL in seconds (0: it is gone).
 type Renewal = Result<i64, BackendError>;
@@ -119,15 +123,26 @@ impl Holding {
         let task = tokio::spawn(async move {
             let streams = match streams {
                 Some(s) => s,
-                None => match Streams::open(&client, lease_id, &key, create_revision).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        lost_tx.send_replace(Some(format!(
-                            "its keep-alive stream and watch could not be opened: {e}"
-                        )));
-                        return;
+                None => {
+                    // A connection error is tried again a few times: the
+                    // endpoint probes take a dead member out meanwhile.
+                    let mut tries = 0;
+                    loop {
+                        tries += 1;
+                        match Streams::open(&client, lease_id, &key, create_revision).await {
+                            Ok(s) => break s,
+                            Err(e) if e.is_transient() && tries < OPEN_TRIES => {
+                                tokio::time::sleep(Duration::from_millis(100) * tries).await;
+                            }
+                            Err(e) => {
+                                lost_tx.send_replace(Some(format!(
+                                    "its keep-alive stream and watch could not be opened: {e}"
+                                )));
+                                return;
+                            }
+                        }
                     }
-                },
+                }
             };
             let why = hold(streams, create_revision, requests).await;
             lost_tx.send_replace(Some(why));

@@ -47,6 +47,7 @@ mod error;
 mod holding;
 mod keys;
 mod lock;
+mod members;
 mod options;
 mod store;
 mod wakeups;
@@ -68,6 +69,7 @@ pub use options::{EtcdOptions, DEFAULT_PORT, DEFAULT_PREFIX};
 use error::{driver_in, timed_out};
 use holding::Holding;
 use keys::Keys;
+use members::Members;
 use wakeups::Wakeups;
 
 /// The stored format this build writes and reads.
@@ -89,14 +91,21 @@ struct Inner {
     keys: Keys,
     holding: Holding,
     wakeups: Arc<Wakeups>,
-    /// The wake-up watch; stopped when the last clone is dropped.
-    watch: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    members: Arc<Members>,
+    /// The wake-up watch and the endpoint probes; stopped when the last
+    /// clone is dropped.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if let Some(watch) = self.watch.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            watch.abort();
+        for task in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            task.abort();
         }
     }
 }
@@ -151,16 +160,36 @@ impl EtcdBackend {
     pub async fn connect(options: EtcdOptions) -> Result<EtcdBackend, BackendError> {
         options.validate()?;
         let target = options.target();
-        let cannot = |e: BackendError| match e {
-            BackendError::Unavailable { source } => {
-                BackendError::unavailable(format!("cannot connect to etcd at {target}: {source}"))
+        let plain = !options.tls;
+        let cannot = |e: BackendError| {
+            let said = |source: &dyn std::fmt::Display| {
+                let mut s = format!("cannot connect to etcd at {target}: {source}");
+                // What a server that takes TLS only answers a plain client.
+                if plain && s.ends_with("transport error") {
+                    s.push_str(
+                        "; if the cluster takes TLS connections only, use `etcds://` (`EtcdOptions::tls`)",
+                    );
+                }
+                s
+            };
+            match e {
+                BackendError::Unavailable { source } => BackendError::unavailable(said(&source)),
+                BackendError::Other { source } => BackendError::other(said(&source)),
+                other => other,
             }
-            BackendError::Other { source } => {
-                BackendError::other(format!("cannot connect to etcd at {target}: {source}"))
-            }
-            other => other,
         };
-        let connect = Client::connect(options.endpoint_urls(), Some(connect_options(&options)?));
+        let endpoints = options
+            .endpoints
+            .iter()
+            .cloned()
+            .zip(options.endpoint_urls())
+            .collect();
+        let (members, live) = Members::probe(endpoints, options.connect_timeout)
+            .await
+            .map_err(|why| {
+                BackendError::unavailable(format!("cannot connect to etcd at {target}: {why}"))
+            })?;
+        let connect = Client::connect(live, Some(connect_options(&options)?));
         let client = tokio::time::timeout(options.op_timeout, connect)
             .await
             .map_err(|_| cannot(timed_out("connecting", options.op_timeout)))?
@@ -174,7 +203,8 @@ impl EtcdBackend {
                 keys,
                 holding: Holding::default(),
                 wakeups,
-                watch: Mutex::new(None),
+                members: Arc::new(members),
+                tasks: Mutex::new(Vec::new()),
             }),
         };
         let revision = backend.prepare().await.map_err(cannot)?;
@@ -186,11 +216,16 @@ impl EtcdBackend {
             backend.inner.options.op_timeout,
         )
         .await;
-        *backend
+        let members = tokio::spawn(members::keep(
+            backend.inner.client.clone(),
+            backend.inner.members.clone(),
+        ));
+        backend
             .inner
-            .watch
+            .tasks
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(watch);
+            .unwrap_or_else(|p| p.into_inner())
+            .extend([watch, members]);
         Ok(backend)
     }
 
@@ -237,11 +272,15 @@ impl EtcdBackend {
         fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T, BackendError> {
         let limit = self.inner.options.op_timeout;
-        match tokio::time::timeout(limit, fut).await {
+        let result = match tokio::time::timeout(limit, fut).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(driver_in(e, what)),
             Err(_) => Err(timed_out(what, limit)),
+        };
+        if matches!(&result, Err(e) if e.is_transient()) {
+            self.inner.members.suspect();
         }
+        result
     }
 
     async fn txn(&self, what: &str, txn: Txn) -> Result<etcd_client::TxnResponse, BackendError> {
