@@ -25,12 +25,9 @@ impl std::error::Error for EtcdError {}
 // gRPC status codes (the client does not name the type they come in).
 const CANCELLED: i32 = 1;
 const UNKNOWN: i32 = 2;
-const INVALID_ARGUMENT: i32 = 3;
 const DEADLINE_EXCEEDED: i32 = 4;
 const NOT_FOUND: i32 = 5;
-const PERMISSION_DENIED: i32 = 7;
 const RESOURCE_EXHAUSTED: i32 = 8;
-const FAILED_PRECONDITION: i32 = 9;
 const ABORTED: i32 = 10;
 const INTERNAL: i32 = 13;
 const UNAVAILABLE: i32 = 14;
@@ -104,23 +101,31 @@ pub(super) fn driver_in(e: etcd_client::Error, doing: &str) -> BackendError {
     if !doing.is_empty() {
         message = format!("{doing}: {message}");
     }
-    if let etcd_client::Error::GRpcStatus(status) = &e {
-        let code = i32::from(status.code());
-        let text = status.message();
-        if code == INVALID_ARGUMENT && text.contains("authentication failed") {
-            message.push_str("; check the user name and password");
-        } else if code == PERMISSION_DENIED {
-            message.push_str(
-                "; Upsilon's etcd user needs a role that may read and write every key under its prefix",
-            );
-        } else if code == FAILED_PRECONDITION && text.contains("authentication is not enabled") {
-            message.push_str("; the cluster has authentication off: give no user and password");
-        } else if code == UNAUTHENTICATED && text.contains("user name is empty") {
-            message.push_str("; the cluster has authentication on: give a user and password");
-        }
+    let mut class = classify(&e);
+    let hint = if message.contains("authentication failed") {
+        Some("check the user name and password")
+    } else if message.contains("permission denied") {
+        Some("Upsilon's etcd user needs a role that may read and write every key under its prefix")
+    } else if message.contains("authentication is not enabled") {
+        Some("the cluster has authentication off: give no user and password")
+    } else if message.contains("user name is empty") {
+        Some("the cluster has authentication on: give a user and password")
+    } else if message.contains("invalid peer certificate") {
+        // Retrying does not make the certificate trusted.
+        class = Class::Permanent;
+        Some(
+            "the server's certificate is not trusted: give the CA that signed it \
+             (`cacert=PATH` in the URL, `EtcdOptions::tls(Some(ca_file))`)",
+        )
+    } else {
+        None
+    };
+    if let Some(hint) = hint {
+        message.push_str("; ");
+        message.push_str(hint);
     }
     let err = EtcdError { message };
-    match classify(&e) {
+    match class {
         Class::Transient => BackendError::unavailable(err),
         Class::LeaseNotFound | Class::Permanent => BackendError::other(err),
     }
