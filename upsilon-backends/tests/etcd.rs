@@ -635,7 +635,7 @@ async fn killing_etcd_resolves_until_lost_and_a_restart_keeps_fence_data_version
         .prefix("/crash")
         .op_timeout(Duration::from_secs(3));
     let b = EtcdBackend::connect(opts.clone()).await.unwrap();
-    let ttl = Duration::from_secs(2);
+    let ttl = Duration::from_secs(4);
     let lease = granted(
         b.try_acquire("svc", &testing::holder(1), ttl)
             .await
@@ -677,6 +677,13 @@ async fn killing_etcd_resolves_until_lost_and_a_restart_keeps_fence_data_version
     })
     .await
     .unwrap();
+    // etcd restores its leases with their whole TTL: the lease is still held.
+    let held = retrying(Duration::from_secs(10), || b.current("svc")).await;
+    assert_eq!(
+        held.map(|h| (h.holder, h.fence)),
+        Some((testing::holder(1), lease.fence)),
+        "the lease is held after the restart until its TTL runs out"
+    );
     let after = retrying(Duration::from_secs(10), || b.load("svc")).await;
     assert_eq!(after, before, "fence, data version and tasks survive");
     assert_eq!(after.fence, lease.fence);
@@ -775,6 +782,14 @@ async fn user_password_auth_works_and_a_wrong_password_is_told_without_the_passw
     );
     assert!(!err.contains("app-pw"), "{err}");
     assert!(!root.is_empty());
+
+    // Credentials for a cluster without authentication.
+    let err = EtcdBackend::connect(options("/noauth").user("app").password("app-pw"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("give no user and password"), "{err}");
+    assert!(!err.contains("app-pw"), "{err}");
 }
 
 #[tokio::test]
