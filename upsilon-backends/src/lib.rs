@@ -7,8 +7,8 @@
 //! | `postgres` | [`postgres::PostgresBackend`]: the service's own PostgreSQL, any number of hosts; works behind PgBouncer in transaction mode | row judged by the database clock, fence checked under `SELECT ... FOR UPDATE` | `LISTEN`/`NOTIFY`, poll behind a pooler |
 //! | `etcd` | [`etcd::EtcdBackend`]: keys under a prefix of an etcd v3 cluster (3.4+), TLS and user/password included | key attached to an etcd lease (TTL at least 2 s), created by a transaction; fence from its create revision | watch, poll while it is down |
 //!
-//! Feature `postgres-rustls` adds TLS to PostgreSQL with rustls;
-//! `all-backends` turns every backend on.
+//! Feature `postgres-rustls` adds TLS to PostgreSQL with rustls (`etcd`
+//! always has it); `all-backends` turns every backend on.
 //!
 //! [`connect`] opens a backend from a URL.
 #![warn(missing_docs)]
