@@ -147,7 +147,11 @@ impl Holding {
             let why = hold(streams, create_revision, requests).await;
             lost_tx.send_replace(Some(why));
         });
-        self.ties().insert(
+        let mut ties = self.ties();
+        // Leases lost without a release (expired, deleted) end their task;
+        // whoever awaits their loss already has it.
+        ties.retain(|_, t| !t.task.is_finished());
+        ties.insert(
             (lease.service.clone(), lease.fence),
             Tie {
                 holder: lease.holder.clone(),
