@@ -26,8 +26,9 @@ use crate::{free_port, random, watchdog};
 /// The command that installs etcd and etcdctl on Debian.
 pub const ETCD_INSTALL: &str = "apt-get install -y etcd-server etcd-client";
 
-/// Finds `name` (`etcd`, `etcdctl`) in `$ETCD_BIN` or on `PATH`; panics with
-/// the install command when it is missing.
+/// Finds `name` (`etcd`, `etcdctl`) in `$ETCD_BIN`, on `PATH`, or in
+/// `/usr/bin` and `/usr/local/bin`; panics with the install command when it
+/// is missing.
 fn binary(name: &str) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let dirs = std::env::var_os("ETCD_BIN")
@@ -35,6 +36,10 @@ fn binary(name: &str) -> PathBuf {
         .into_iter()
         .chain(std::env::split_paths(&path))
         .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/local/bin")]);
+    binary_in(name, dirs)
+}
+
+fn binary_in(name: &str, dirs: impl IntoIterator<Item = PathBuf>) -> PathBuf {
     for dir in dirs {
         let path = dir.join(name);
         if path.is_file() {
@@ -381,5 +386,17 @@ impl Etcd {
 impl Drop for Etcd {
     fn drop(&mut self) {
         self.halt();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[should_panic(expected = "the etcd tests need it: apt-get install -y etcd-server etcd-client")]
+    fn a_missing_binary_names_the_install_command() {
+        let empty = tempfile::tempdir().unwrap();
+        binary_in("etcd", [empty.path().to_owned()]);
     }
 }
