@@ -218,12 +218,20 @@ impl Etcd {
     /// Whether the server answers that it is healthy: `etcdctl endpoint
     /// health` over TLS, the `/health` endpoint of the client port without.
     fn healthy(&self) -> bool {
-        if self.tls {
-            return self.try_etcdctl(&["endpoint", "health"]).is_ok();
-        }
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.client_port)) else {
             return false;
         };
+        if self.tls {
+            drop(s);
+            return self
+                .try_etcdctl(&[
+                    "--dial-timeout=2s",
+                    "--command-timeout=2s",
+                    "endpoint",
+                    "health",
+                ])
+                .is_ok();
+        }
         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
         let request = "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
         if s.write_all(request.as_bytes()).is_err() {

@@ -22,7 +22,9 @@ fn starts_crashes_restarts_and_stops_a_server() {
     etcd.crash();
     assert!(!etcd.is_running());
     assert!(!running(pid), "SIGKILL stopped it");
-    assert!(etcd.try_etcdctl(&["get", "/t/k"]).is_err());
+    assert!(etcd
+        .try_etcdctl(&["--dial-timeout=1s", "--command-timeout=1s", "get", "/t/k"])
+        .is_err());
     etcd.start_again();
     assert_eq!(
         etcd.etcdctl(&["get", "/t/k", "--print-value-only"]),
@@ -55,7 +57,7 @@ fn serves_tls_with_its_own_ca() {
     etcd.etcdctl(&["put", "/t/k", "v"]);
     let plain = std::process::Command::new("etcdctl")
         .arg(format!("--endpoints=http://{}", etcd.endpoint()))
-        .args(["--dial-timeout=2s", "get", "/t/k"])
+        .args(["--dial-timeout=1s", "--command-timeout=1s", "get", "/t/k"])
         .output()
         .unwrap();
     assert!(!plain.status.success(), "plain TCP is refused");
