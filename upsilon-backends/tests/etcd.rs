@@ -841,3 +841,43 @@ async fn tls_verifies_the_server_against_the_given_ca() {
     .to_string();
     assert!(err.contains("use `etcds://`"), "{err}");
 }
+
+/// The lease moves to etcd in front of a store that another lock has taken
+/// to fence 1 000 000: the first grant is behind the store, the runner raises
+/// the lock's fence (`raise_fence`) and asks again, and runs the upgrade with
+/// a fence above the store's.
+#[tokio::test]
+async fn a_new_etcd_lock_in_front_of_a_used_store_catches_up_with_its_fence() {
+    let store = upsilon::testing::MemoryBackend::new();
+    store.claim("svc", 1_000_000).await.unwrap();
+    let lock = Arc::new(backend("/mixed").await);
+    let runs = Arc::new(Mutex::new(Vec::new()));
+    let outcome = Upsilon::builder()
+        .service("svc")
+        .app_version("1.0")
+        .lock(lock.clone())
+        .store(store.clone())
+        .ttl(Duration::from_secs(3))
+        .tasks([counting(&runs, "1.0", 1, "create")])
+        .build()
+        .unwrap()
+        .run()
+        .await
+        .unwrap();
+    let Outcome::Upgraded { report } = outcome else {
+        panic!("expected an upgrade, got {outcome:?}");
+    };
+    assert!(
+        report.fence > 1_000_000,
+        "upgraded with fence {}",
+        report.fence
+    );
+    assert_eq!(runs.lock().unwrap().len(), 1);
+    let next = granted(
+        lock.try_acquire("svc", &testing::holder(9), Duration::from_secs(30))
+            .await
+            .unwrap(),
+    );
+    assert!(next.fence > report.fence, "{next:?} after {}", report.fence);
+    lock.release(&next).await.unwrap();
+}
