@@ -58,7 +58,7 @@ use upsilon_tests::audit::{Outcome as Seen, Record};
 use upsilon_tests::clock::ms;
 
 use check::Checked;
-use cluster::{ClusterBackend, Pg, Sqlite};
+use cluster::{ClusterBackend, Mixed, Pg, Redis, Sqlite};
 use trial::{Config, Kind, Plan};
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -94,6 +94,7 @@ fn random_config() -> Config {
         task_ms: 150,
         margin_ms: 200,
         loss_signal: true,
+        wait_out: true,
         plan: Plan::Random,
     }
 }
@@ -373,6 +374,25 @@ async fn postgres_cluster_survives_faults() {
     survives(&mut Pg::start().await).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_survives_faults() {
+    survives(&mut Redis::start().await).await;
+}
+
+/// The lease in Redis, the data version and history in PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_lock_postgres_store_survives_faults() {
+    let lock = Box::new(Redis::start().await);
+    survives(&mut Mixed::new(lock, Box::new(Pg::start().await))).await;
+}
+
+/// The lease in PostgreSQL, the data version and history in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_lock_redis_store_survives_faults() {
+    let lock = Box::new(Pg::start().await);
+    survives(&mut Mixed::new(lock, Box::new(Redis::start().await))).await;
+}
+
 /// A holder running one long task, TTL 6 s: its local deadline is far off,
 /// so only what the backend does decides whether another node runs the
 /// task beside it.
@@ -386,6 +406,7 @@ fn one_long_task(loss_signal: bool, plan: Plan) -> Config {
         task_ms: 3000,
         margin_ms: 1200,
         loss_signal,
+        wait_out: true,
         plan,
     }
 }
@@ -428,4 +449,41 @@ async fn sqlite_judging_expiry_by_the_wall_clock_overlaps_after_a_step_and_is_ca
 async fn postgres_without_the_loss_signal_overlaps_and_is_caught() {
     let cfg = one_long_task(false, Plan::IsolateHolder { ms: 4000 });
     control_is_caught(&mut Pg::start().await, &cfg).await;
+}
+
+/// A Redis lock that keeps nothing across a crash forgets the lease when it
+/// crash-restarts while the holder runs a task. The waiting nodes' next
+/// grant is behind the PostgreSQL store's fence, which shows that the lock
+/// forgot: the node that got it holds it unused for a TTL, by when the old
+/// holder has stopped (its renewal was refused), and only then does any node
+/// run the task. No overlap, and every invariant holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_lock_that_forgets_its_lease_in_a_crash_still_keeps_e1() {
+    let cfg = one_long_task(true, Plan::RestartServer);
+    let lock = Box::new(Redis::without_persistence().await);
+    let mut env = Mixed::new(lock, Box::new(Pg::start().await));
+    let trials = env_usize("UPSILON_CHAOS_CONTROL_TRIALS", 1);
+    let (totals, failures) = run_trials(&mut env, &cfg, trials).await;
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(
+        totals.behind_grants >= 2 * trials,
+        "each trial's lock starts behind the store and falls behind again in the crash: {} grants behind in {trials} trials",
+        totals.behind_grants
+    );
+}
+
+/// Negative control for the test above: with the grant behind the store
+/// given back at once (`--no-wait-out`), a waiting node runs the task while
+/// the old holder still runs it, until the old holder's next renewal is
+/// refused. The checker must find the overlap; the store's fence keeps
+/// everything else.
+#[cfg(feature = "negative-controls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgetful_redis_lock_without_the_wait_out_overlaps_and_is_caught() {
+    let cfg = Config {
+        wait_out: false,
+        ..one_long_task(true, Plan::RestartServer)
+    };
+    let lock = Box::new(Redis::without_persistence().await);
+    control_is_caught(&mut Mixed::new(lock, Box::new(Pg::start().await)), &cfg).await;
 }

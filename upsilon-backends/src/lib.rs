@@ -5,6 +5,7 @@
 //! |---|---|---|---|
 //! | `sqlite` (default) | [`sqlite::SqliteBackend`]: one database file, one host | row, `BEGIN IMMEDIATE` | poll |
 //! | `postgres` | [`postgres::PostgresBackend`]: the service's own PostgreSQL, any number of hosts; works behind PgBouncer in transaction mode | row judged by the database clock, fence checked under `SELECT ... FOR UPDATE` | `LISTEN`/`NOTIFY`, poll behind a pooler |
+//! | `redis` | [`redis::RedisBackend`]: a Redis the service already runs (TLS included); as the store only with `appendonly yes` and `appendfsync always` (docs/REDIS.md) | hash expiring on the server's clock, granted and written by Lua scripts that compare a revision | pub/sub, poll while it is down |
 //! | `etcd` | [`etcd::EtcdBackend`]: keys under a prefix of an etcd v3 cluster (3.4+), TLS and user/password included | key attached to an etcd lease (TTL at least 2 s), created by a transaction; fence from its create revision | watch, poll while it is down |
 //!
 //! Feature `postgres-rustls` adds TLS to PostgreSQL with rustls (`etcd`
@@ -22,6 +23,8 @@ use upsilon::backend::{Backend, BackendError};
 pub mod etcd;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "redis")]
+pub mod redis;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 
@@ -30,6 +33,8 @@ pub mod sqlite;
 /// - `postgres://` or `postgresql://` URLs, feature `postgres` (see
 ///   [`postgres::PostgresOptions::from_url`] for the options they may carry),
 ///   and libpq `key=value` strings (`host=db user=app sslmode=require`);
+/// - `redis://`, `rediss://` (TLS) or `redis+unix://` URLs, feature `redis`
+///   (see [`redis::RedisOptions::from_url`]);
 /// - `etcd://host:port,host2:port2/prefix` URLs, and `etcds://` for TLS,
 ///   feature `etcd` (see [`etcd::EtcdOptions::from_url`]).
 ///
@@ -51,6 +56,8 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Backend>, BackendError> {
         "postgres" | "postgresql" => {
             Ok(Arc::new(postgres::PostgresBackend::connect_url(url).await?))
         }
+        #[cfg(feature = "redis")]
+        "redis" | "rediss" | "redis+unix" => Ok(Arc::new(redis::RedisBackend::connect(url).await?)),
         // A libpq `key=value` string (`host=db user=app`) has no scheme.
         #[cfg(feature = "postgres")]
         _ if !url.contains("://") && url.contains('=') => {
@@ -74,6 +81,8 @@ fn enabled_schemes() -> Vec<&'static str> {
     schemes.push("`postgres://`");
     #[cfg(feature = "etcd")]
     schemes.push("`etcd://`");
+    #[cfg(feature = "redis")]
+    schemes.extend(["`redis://`", "`rediss://`", "`redis+unix://`"]);
     schemes
 }
 

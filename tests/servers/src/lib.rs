@@ -6,6 +6,9 @@
 //!   Password authentication over TCP, so tests see real credentials.
 //!   [`Postgres::builder`] starts one with more connections or other settings;
 //!   [`Postgres::start_tls`] and [`Postgres::start_tls_only`] ones with TLS.
+//! - [`Redis`]: `redis-server` on a temporary directory, with a password;
+//!   [`Redis::builder`] starts one with an append-only file
+//!   ([`Fsync::Always`]), TLS only, or other settings.
 //! - [`Etcd`]: a single-member etcd on a temporary data directory, crashed
 //!   with SIGKILL and started again on it; [`Etcd::builder`] for fsync or TLS.
 //!
@@ -32,9 +35,11 @@ use nix::unistd::Pid;
 
 mod certs;
 mod etcd;
+mod redis;
 
 use certs::make_certificates;
 pub use etcd::{Etcd, EtcdBuilder, ETCD_INSTALL};
+pub use redis::{redis_server_bin, Fsync, Redis, RedisBuilder, REDIS_INSTALL};
 
 /// The command that installs PostgreSQL's server binaries on Debian.
 pub const POSTGRES_INSTALL: &str = "apt-get install -y postgresql";

@@ -225,6 +225,16 @@ impl Builder {
         self
     }
 
+    /// Negative control for fault tests: a grant whose fence the store has
+    /// already seen is given back at once, without waiting out the TTL of a
+    /// lease the lock may have forgotten. Breaks E1 on purpose; never use it
+    /// outside a test of the test harness itself.
+    #[cfg(feature = "_negative-controls")]
+    pub fn skip_waiting_out_a_forgetful_lock(mut self) -> Self {
+        self.config.skip_wait_out = true;
+        self
+    }
+
     /// Validates everything and builds the runner. Collects and validates the
     /// registry here, before any lock is taken.
     pub fn build(mut self) -> Result<Upsilon, Error> {

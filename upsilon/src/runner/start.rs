@@ -19,6 +19,13 @@ use crate::planner::Plan;
 use crate::status::Status;
 use crate::util::jitter;
 
+/// How far above the store's fence a lock behind it is raised. A lock that
+/// forgot its state may have granted fences above the store's that no node
+/// claimed yet (a grant whose holder was paused before its claim); every
+/// later grant must be above those too, so that such a holder, resuming, is
+/// refused by the store. Fences are 63-bit: the gap costs nothing.
+const CATCH_UP_GAP: u64 = 1 << 20;
+
 /// How start-up ended.
 pub(super) enum Start {
     /// READY without the lease.
@@ -76,7 +83,7 @@ impl Inner {
             let sent = Instant::now();
             let seen = match self.try_acquire().await? {
                 Acquire::Granted(lease) if lease.fence <= snapshot.fence => {
-                    self.catch_up_fence(lease, &snapshot, &mut catch_ups)
+                    self.catch_up_fence(lease, &snapshot, &mut catch_ups, stop)
                         .await?;
                     continue;
                 }
@@ -96,7 +103,7 @@ impl Inner {
                     // renewal rather than wait on ourselves until it expires.
                     if let Some((lease, sent)) = self.adopt(&info).await? {
                         if lease.fence <= snapshot.fence {
-                            self.catch_up_fence(lease, &snapshot, &mut catch_ups)
+                            self.catch_up_fence(lease, &snapshot, &mut catch_ups, stop)
                                 .await?;
                             continue;
                         }
@@ -156,20 +163,24 @@ impl Inner {
     }
 
     /// A grant whose fence the store has already seen (read before the
-    /// request): the lock is behind the store, as a new lock in front of a
-    /// used store is, or one that lost its counter. No node can have been
-    /// granted that fence legitimately after the store saw it, so the lease
-    /// is useless: release it, raise the lock's counter to the store's fence
-    /// and ask again, instead of being refused by the store at every claim.
+    /// request): the lock is behind the store. No node can have been granted
+    /// that fence legitimately after the store saw it, so the lock is new in
+    /// front of a used store, or it lost its state (a Redis restarted without
+    /// its data) and with it, perhaps, the live lease of a holder that is
+    /// still running its task. So: raise the lock's counter well above the
+    /// store's fence ([`CATCH_UP_GAP`]), keep this useless lease for one TTL, so that no other node is
+    /// granted one while such a holder could still be running (its local
+    /// deadline falls within a TTL of its last renewal, which was sent before
+    /// the lock forgot it, so before this grant's reply), then release it and
+    /// ask again. Nothing runs under it, and the store would refuse it anyway.
     async fn catch_up_fence(
         &self,
         lease: Lease,
         snapshot: &Snapshot,
         catch_ups: &mut u32,
+        stop: &CancellationToken,
     ) -> Result<(), Error> {
         *catch_ups += 1;
-        warn!(granted = lease.fence, store_fence = snapshot.fence,
-            "the lock granted a fence the store has already seen; raising the lock's fence and asking again");
         if *catch_ups > 3 {
             return Err(Error::Backend {
                 during: "catching the lock's fence up with the store",
@@ -179,6 +190,32 @@ impl Inner {
                     lease.fence, snapshot.fence
                 )),
             });
+        }
+        let wait_out = if self.config.skip_wait_out {
+            Duration::ZERO
+        } else {
+            self.config.ttl
+        };
+        warn!(granted = lease.fence, store_fence = snapshot.fence, ?wait_out,
+            "the lock granted a fence the store has already seen: it is new in front of a used store, \
+             or it lost its state and perhaps a live lease; raising its fence, and holding this lease \
+             unused for one TTL before asking again");
+        let raised = self
+            .retry(
+                "raising the lock's fence to the store's (the lock granted a fence the store has already seen)",
+                || {
+                    self.lock
+                        .raise_fence(&self.service, snapshot.fence.saturating_add(CATCH_UP_GAP))
+                },
+            )
+            .await;
+        if raised.is_ok() {
+            tokio::select! {
+                // From the reply, not the request: the lock forgot before it
+                // granted, which may be any time up to the reply.
+                _ = tokio::time::sleep(wait_out) => {}
+                _ = stop.cancelled() => {}
+            }
         }
         match self
             .retry("releasing a lease behind the store's fence", || {
@@ -193,11 +230,7 @@ impl Inner {
             }) => {}
             Err(e) => return Err(e),
         }
-        self.retry(
-            "raising the lock's fence to the store's (the lock granted a fence the store has already seen)",
-            || self.lock.raise_fence(&self.service, snapshot.fence),
-        )
-        .await
+        raised
     }
 
     /// Renews a lease this run was granted without hearing so. `None` if it
