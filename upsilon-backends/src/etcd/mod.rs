@@ -38,6 +38,9 @@
 //! - [`Lock::until_lost`](upsilon::backend::Lock::until_lost) resolves on the
 //!   holder when its keep-alive stream breaks, a keep-alive finds the etcd
 //!   lease gone, or the lease key is deleted (a watch of its own).
+//! - The client is given only the endpoints that take a connection, and
+//!   they are probed again every 2 s and after a connection error, so a
+//!   dead member neither fails the start nor keeps receiving requests.
 //!
 //! Keys (see `keys.rs`): `PREFIX/format`, and per service
 //! `PREFIX/s/SERVICE/{lock,fence,state}` and `PREFIX/s/SERVICE/h/...` (one
