@@ -174,4 +174,17 @@ mod tests {
         assert!(err.contains("\"mysql://u:***@h/db\""), "{err}");
         assert!(!err.contains("pw"), "{err}");
     }
+
+    #[cfg(feature = "etcd")]
+    #[tokio::test]
+    async fn etcd_urls_reach_the_etcd_backend() {
+        let err = connect("mysql://h").await.err().unwrap().to_string();
+        assert!(err.contains("`etcd://`"), "{err}");
+        for url in ["etcd://app:s3cret@h:0/x", "etcds://app:s3cret@h:0/x"] {
+            let err = connect(url).await.err().unwrap().to_string();
+            assert!(err.starts_with("invalid etcd URL"), "{err}");
+            assert!(err.contains("app:***@h:0/x"), "{err}");
+            assert!(!err.contains("s3cret"), "{err}");
+        }
+    }
 }
