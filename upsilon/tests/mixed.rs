@@ -119,7 +119,7 @@ impl Lock for Fixed {
     }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_lock_that_cannot_raise_its_fence_fails_with_a_clear_error_and_runs_nothing() {
     let store = used_store().await;
     let lock = MemoryBackend::new();

@@ -82,7 +82,7 @@ impl Inner {
             // after it is sent.
             let sent = Instant::now();
             let seen = match self.try_acquire().await? {
-                Acquire::Granted(lease) if lease.fence <= snapshot.fence => {
+                Acquire::Granted(lease) if self.behind(&lease, &mut snapshot).await? => {
                     self.catch_up_fence(lease, &snapshot, &mut catch_ups, stop)
                         .await?;
                     continue;
@@ -102,7 +102,7 @@ impl Inner {
                     // found the lease held by this very run: take it up with a
                     // renewal rather than wait on ourselves until it expires.
                     if let Some((lease, sent)) = self.adopt(&info).await? {
-                        if lease.fence <= snapshot.fence {
+                        if self.behind(&lease, &mut snapshot).await? {
                             self.catch_up_fence(lease, &snapshot, &mut catch_ups, stop)
                                 .await?;
                             continue;
@@ -162,32 +162,63 @@ impl Inner {
         }
     }
 
-    /// A grant whose fence the store has already seen (read before the
-    /// request): the lock is behind the store. No node can have been granted
-    /// that fence legitimately after the store saw it, so the lock is new in
-    /// front of a used store, or it lost its state (a Redis restarted without
-    /// its data) and with it, perhaps, the live lease of a holder that is
-    /// still running its task. So: raise the lock's counter well above the
-    /// store's fence ([`CATCH_UP_GAP`]), keep this useless lease for one TTL, so that no other node is
-    /// granted one while such a holder could still be running (its local
-    /// deadline falls within a TTL of its last renewal, which was sent before
-    /// the lock forgot it, so before this grant's reply), then release it and
-    /// ask again. Nothing runs under it, and the store would refuse it anyway.
+    /// Whether `lease` carries a fence the store has already seen. With the
+    /// lock apart from the store, `snapshot` is read again first: the read
+    /// before the request may predate a claim that the lock has forgotten
+    /// since (a grant of a lock that is its own store takes the store's fence
+    /// into account in the same atomic operation).
+    async fn behind(&self, lease: &Lease, snapshot: &mut Snapshot) -> Result<bool, Error> {
+        if self.lock_apart && lease.fence > snapshot.fence {
+            let now = match self.load().await {
+                Ok(now) => now,
+                Err(e) => {
+                    // Nothing ran: give the lease back rather than let the
+                    // others wait out its TTL.
+                    let _ = self.lock.release(lease).await;
+                    return Err(e);
+                }
+            };
+            if now.fence > snapshot.fence {
+                *snapshot = now;
+            }
+        }
+        Ok(lease.fence <= snapshot.fence)
+    }
+
+    /// A grant whose fence the store has already seen: the lock is behind
+    /// the store. No node can have been granted that fence legitimately
+    /// after the store saw it, so the lock is new in front of a used store,
+    /// or it lost its state (a Redis restarted without its data) and with
+    /// it, perhaps, the live lease of a holder that is still running its
+    /// task. So: hold this useless lease, renewing it, for one TTL from its
+    /// reply, so that no other node is granted one while such a holder could
+    /// still be running (its local deadline falls within a TTL of its last
+    /// renewal, which was sent before the lock forgot it, so before this
+    /// reply); then raise the lock's counter well above the store's fence
+    /// ([`CATCH_UP_GAP`]), release, and ask again. Until some node has held
+    /// a grant behind the store for a whole TTL, every grant is behind the
+    /// store and waits in the same way: a lock that forgets again meanwhile
+    /// only starts the wait again. Nothing runs under such a lease, and the
+    /// store would refuse it anyway.
     async fn catch_up_fence(
         &self,
-        lease: Lease,
+        mut lease: Lease,
         snapshot: &Snapshot,
         catch_ups: &mut u32,
         stop: &CancellationToken,
     ) -> Result<(), Error> {
         *catch_ups += 1;
-        if *catch_ups > 3 {
+        if *catch_ups > 10 {
+            let _ = self.lock.release(&lease).await;
             return Err(Error::Backend {
                 during: "catching the lock's fence up with the store",
                 source: BackendError::Rejected(format!(
-                    "the lock granted fence {} after it was raised above {}: \
-                     it does not keep the floor `raise_fence` sets",
-                    lease.fence, snapshot.fence
+                    "the lock granted a fence the store had already seen {} times in a row \
+                     (fence {} against the store's {}): it does not keep the floor \
+                     `raise_fence` sets, or it keeps losing its state",
+                    *catch_ups - 1,
+                    lease.fence,
+                    snapshot.fence
                 )),
             });
         }
@@ -198,25 +229,46 @@ impl Inner {
         };
         warn!(granted = lease.fence, store_fence = snapshot.fence, ?wait_out,
             "the lock granted a fence the store has already seen: it is new in front of a used store, \
-             or it lost its state and perhaps a live lease; raising its fence, and holding this lease \
-             unused for one TTL before asking again");
-        let raised = self
-            .retry(
-                "raising the lock's fence to the store's (the lock granted a fence the store has already seen)",
-                || {
-                    self.lock
-                        .raise_fence(&self.service, snapshot.fence.saturating_add(CATCH_UP_GAP))
-                },
-            )
-            .await;
-        if raised.is_ok() {
-            tokio::select! {
-                // From the reply, not the request: the lock forgot before it
-                // granted, which may be any time up to the reply.
-                _ = tokio::time::sleep(wait_out) => {}
-                _ = stop.cancelled() => {}
+             or it lost its state and perhaps a live lease; holding this lease unused for one TTL, \
+             then raising the lock's fence and asking again");
+        // From the reply, not the request: the lock forgot before it
+        // granted, which may be any time up to the reply.
+        let until = Instant::now() + wait_out;
+        let held = loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break true;
             }
-        }
+            tokio::select! {
+                _ = tokio::time::sleep(left.min(self.config.renew_every)) => {}
+                _ = stop.cancelled() => break false,
+            }
+            match self.lock.renew(&lease).await {
+                Ok(renewed) => lease = renewed,
+                Err(e) => {
+                    debug!(error = %error_chain(&e),
+                        "a lease behind the store's fence was not renewed; asking again");
+                    break false;
+                }
+            }
+        };
+        let raised = if held {
+            // The store's fence now: a claim may have come in meanwhile (the
+            // holder whose lease the lock forgot, before it stopped).
+            match self.load().await {
+                Ok(now) => {
+                    let floor = snapshot.fence.max(now.fence).saturating_add(CATCH_UP_GAP);
+                    self.retry(
+                        "raising the lock's fence above the store's (the lock granted a fence the store has already seen)",
+                        || self.lock.raise_fence(&self.service, floor),
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            }
+        } else {
+            Ok(())
+        };
         match self
             .retry("releasing a lease behind the store's fence", || {
                 self.lock.release(&lease)
