@@ -212,7 +212,7 @@ impl Totals {
         );
         if self.behind_grants > 0 {
             r += &format!(
-                "  grants behind the store's fence, released and the lock raised: {}\n",
+                "  grants behind the store's fence (given back, the lock raised a TTL later): {}\n",
                 self.behind_grants
             );
         }
