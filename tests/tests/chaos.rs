@@ -58,7 +58,7 @@ use upsilon_tests::audit::{Outcome as Seen, Record};
 use upsilon_tests::clock::ms;
 
 use check::Checked;
-use cluster::{ClusterBackend, Mixed, Pg, Redis, Sqlite};
+use cluster::{ClusterBackend, Etcd, Mixed, Pg, Redis, Sqlite};
 use trial::{Config, Kind, Plan};
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -212,7 +212,7 @@ impl Totals {
         );
         if self.behind_grants > 0 {
             r += &format!(
-                "  grants behind the store's fence, released and the lock raised: {}\n",
+                "  grants behind the store's fence (given back, the lock raised a TTL later): {}\n",
                 self.behind_grants
             );
         }
@@ -344,7 +344,14 @@ fn ran_behind(t: &trial::Trial, used_store_fence: u64) -> Vec<String> {
 }
 
 async fn survives(env: &mut dyn ClusterBackend) {
-    let cfg = random_config();
+    let mut cfg = random_config();
+    if env.min_ttl_ms() > cfg.ttl_ms {
+        // The same proportions: margin TTL/5, tasks TTL/6.7.
+        let scale = env.min_ttl_ms() as f64 / cfg.ttl_ms as f64;
+        cfg.ttl_ms = env.min_ttl_ms();
+        cfg.margin_ms = (cfg.margin_ms as f64 * scale) as u64;
+        cfg.task_ms = (cfg.task_ms as f64 * scale) as u64;
+    }
     let trials = env_usize("UPSILON_CHAOS_TRIALS", 2);
     let (totals, failures) = run_trials(env, &cfg, trials).await;
     if env.used_store_fence() > 0 {
@@ -391,6 +398,25 @@ async fn redis_lock_postgres_store_survives_faults() {
 async fn postgres_lock_redis_store_survives_faults() {
     let lock = Box::new(Pg::start().await);
     survives(&mut Mixed::new(lock, Box::new(Redis::start().await))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_cluster_survives_faults() {
+    survives(&mut Etcd::start().await).await;
+}
+
+/// The lease in etcd, the data version and history in PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_lock_postgres_store_survives_faults() {
+    let lock = Box::new(Etcd::start().await);
+    survives(&mut Mixed::new(lock, Box::new(Pg::start().await))).await;
+}
+
+/// The lease in PostgreSQL, the data version and history in etcd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_lock_etcd_store_survives_faults() {
+    let lock = Box::new(Pg::start().await);
+    survives(&mut Mixed::new(lock, Box::new(Etcd::start().await))).await;
 }
 
 /// A holder running one long task, TTL 6 s: its local deadline is far off,

@@ -50,10 +50,10 @@ fn node(lock: Arc<dyn Lock>, store: Arc<MemoryBackend>, n: usize) -> Upsilon {
         .unwrap()
 }
 
-/// The first grant of a new lock is behind the store: the node raises the
-/// lock's fence and keeps that grant unused for one TTL (the lock may have
-/// forgotten a live lease), so that no node is granted another meanwhile;
-/// then one node upgrades above the store's fence and the other waits.
+/// The first grants of a new lock are behind the store: nothing runs under
+/// them, and the lock is raised only a TTL after the first (the lock may
+/// have forgotten a live lease); then one node upgrades above the store's
+/// fence and the other waits.
 #[tokio::test(start_paused = true)]
 async fn a_new_lock_in_front_of_a_used_store_catches_up_after_one_ttl() {
     let store = used_store().await;
@@ -73,16 +73,18 @@ async fn a_new_lock_in_front_of_a_used_store_catches_up_after_one_ttl() {
         unreachable!()
     };
     assert!(report.fence > 40, "upgraded with fence {}", report.fence);
+    // Every grant of the first TTL is behind the store (each node's, as
+    // the store's raised fence bars the lock's counter); the first one
+    // above it comes a TTL after the first.
     let grants = lock.grants();
-    assert_eq!(
-        grants.len(),
-        2,
-        "the stale grant, then one above the store's: {grants:?}"
-    );
-    assert!(grants[0].fence <= 40 && grants[1].fence > 40, "{grants:?}");
+    let first = grants[0].at_ms;
+    let (early, late): (Vec<_>, Vec<_>) = grants
+        .iter()
+        .partition(|g| g.at_ms < first + TTL.as_millis() as i64);
+    assert!(early.iter().all(|g| g.fence <= 40), "{grants:?}");
     assert!(
-        grants[1].at_ms - grants[0].at_ms >= TTL.as_millis() as i64,
-        "no grant within a TTL of the one behind the store: {grants:?}"
+        !late.is_empty() && late.iter().all(|g| g.fence > 40),
+        "{grants:?}"
     );
     assert_eq!(lock.current("svc").await.unwrap(), None);
     let history = store.history("svc").await.unwrap();

@@ -6,17 +6,18 @@
 //!   Password authentication over TCP, so tests see real credentials.
 //!   [`Postgres::builder`] starts one with more connections or other settings;
 //!   [`Postgres::start_tls`] and [`Postgres::start_tls_only`] ones with TLS.
-//!
 //! - [`Redis`]: `redis-server` on a temporary directory, with a password;
 //!   [`Redis::builder`] starts one with an append-only file
 //!   ([`Fsync::Always`]), TLS only, or other settings.
+//! - [`Etcd`]: a single-member etcd on a temporary data directory, crashed
+//!   with SIGKILL and started again on it; [`Etcd::builder`] for fsync or TLS.
 //!
 //! A server stops when its value is dropped. A watchdog process also stops it
 //! when the test process exits without dropping it (a `static` server, a
 //! panic that aborts, a killed test binary), so no server outlives its tests.
 //!
-//! Missing binaries are an error, never a skip: [`Postgres::start`] panics with
-//! the command that installs them.
+//! Missing binaries are an error, never a skip: [`Postgres::start`] and
+//! [`Etcd::start`] panic with the command that installs them.
 #![warn(missing_docs)]
 #![deny(unreachable_pub)]
 
@@ -33,9 +34,11 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 mod certs;
+mod etcd;
 mod redis;
 
 use certs::make_certificates;
+pub use etcd::{Etcd, EtcdBuilder, ETCD_INSTALL};
 pub use redis::{redis_server_bin, Fsync, Redis, RedisBuilder, REDIS_INSTALL};
 
 /// The command that installs PostgreSQL's server binaries on Debian.

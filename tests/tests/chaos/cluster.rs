@@ -74,6 +74,10 @@ pub trait ClusterBackend: Send + Sync {
     fn used_store_fence(&self) -> u64 {
         0
     }
+    /// The shortest lease TTL the backend takes, in ms (0: any).
+    fn min_ttl_ms(&self) -> u64 {
+        0
+    }
 }
 
 /// A SQLite file per trial. Every process that opens it (the nodes and the
@@ -441,6 +445,9 @@ impl ClusterBackend for Mixed {
     fn used_store_fence(&self) -> u64 {
         USED_STORE_FENCE
     }
+    fn min_ttl_ms(&self) -> u64 {
+        self.lock.min_ttl_ms().max(self.store.min_ttl_ms())
+    }
     fn server_says(&self) -> Option<String> {
         match (self.lock.server_says(), self.store.server_says()) {
             (Some(a), Some(b)) => Some(format!("lock: {a}; store: {b}")),
@@ -550,5 +557,83 @@ impl ClusterBackend for Redis {
             log.matches("Ready to accept connections").count(),
             log.matches("DB loaded from append only file").count()
         ))
+    }
+}
+
+/// A real etcd started by the harness (fsync on, as in production), a key
+/// prefix per trial, and a fault proxy per node between the node and the
+/// server. etcd's smallest lease TTL is 2 s.
+pub struct Etcd {
+    pub server: upsilon_test_servers::Etcd,
+    prefix: String,
+    backend: Option<Arc<dyn Backend>>,
+    proxies: BTreeMap<String, FaultProxy>,
+}
+
+impl Etcd {
+    pub async fn start() -> Etcd {
+        let server = tokio::task::spawn_blocking(|| {
+            upsilon_test_servers::Etcd::builder().fsync(true).start()
+        })
+        .await
+        .unwrap();
+        Etcd {
+            server,
+            prefix: String::new(),
+            backend: None,
+            proxies: BTreeMap::new(),
+        }
+    }
+
+    fn url_via(&self, port: u16) -> String {
+        format!("etcd://127.0.0.1:{port}/{}", self.prefix)
+    }
+}
+
+#[async_trait]
+impl ClusterBackend for Etcd {
+    fn name(&self) -> &'static str {
+        "etcd"
+    }
+    async fn fresh(&mut self, trial: usize, nodes: &[String]) {
+        self.prefix = format!("trial{trial}");
+        let url = self.url_via(self.server.port());
+        self.backend = Some(upsilon_backends::connect(&url).await.unwrap());
+        self.proxies.clear();
+        for n in nodes {
+            let proxy = FaultProxy::start(Upstream::Tcp(self.server.port()))
+                .await
+                .unwrap();
+            self.proxies.insert(n.clone(), proxy);
+        }
+    }
+    fn node_url(&self, node: &str) -> String {
+        self.url_via(self.proxies[node].port())
+    }
+    fn lock(&self) -> Arc<dyn Lock> {
+        self.backend.clone().expect("fresh() first")
+    }
+    fn store(&self) -> Arc<dyn Store> {
+        self.backend.clone().expect("fresh() first")
+    }
+    fn kinds(&self) -> &'static [Kind] {
+        &[
+            Kind::ServerRestart,
+            Kind::Cut,
+            Kind::Delay,
+            Kind::Blackhole,
+            Kind::Isolate,
+        ]
+    }
+    async fn restart_server(&mut self) {
+        // SIGKILL, as a crash, then a start on the same data directory.
+        self.server.crash();
+        self.server.start_again();
+    }
+    fn proxy(&self, node: &str) -> Option<&FaultProxy> {
+        self.proxies.get(node)
+    }
+    fn min_ttl_ms(&self) -> u64 {
+        2000
     }
 }

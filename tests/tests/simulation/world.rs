@@ -197,7 +197,9 @@ impl Count {
             Count::StoppedDeadline => "holders stopped at the local deadline",
             Count::RenewalsRefused => "renewals refused",
             Count::StaleRefused => "stale-fence writes refused",
-            Count::BehindGrants => "grants behind the store's fence (held unused, then given back)",
+            Count::BehindGrants => {
+                "grants behind the store's fence (given back, the lock raised a TTL later)"
+            }
             Count::Excused => "E1 overlaps after a cut-short lease (excused)",
         }
     }

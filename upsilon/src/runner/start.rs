@@ -19,11 +19,12 @@ use crate::planner::Plan;
 use crate::status::Status;
 use crate::util::jitter;
 
-/// How far above the store's fence a lock behind it is raised. A lock that
-/// forgot its state may have granted fences above the store's that no node
-/// claimed yet (a grant whose holder was paused before its claim); every
-/// later grant must be above those too, so that such a holder, resuming, is
-/// refused by the store. Fences are 63-bit: the gap costs nothing.
+/// How far above its own fence the store is claimed when the lock is seen
+/// behind it. Above every fence the forgetful lock can grant before a node
+/// raises it (it counts up from where it lost its state), and above any it
+/// granted without a claim before it forgot (a holder paused between its
+/// grant and its claim is then refused by the store when it resumes).
+/// Fences are 63-bit: the gap costs nothing.
 const CATCH_UP_GAP: u64 = 1 << 20;
 
 /// How start-up ended.
@@ -190,19 +191,23 @@ impl Inner {
     /// after the store saw it, so the lock is new in front of a used store,
     /// or it lost its state (a Redis restarted without its data) and with
     /// it, perhaps, the live lease of a holder that is still running its
-    /// task. So: hold this useless lease, renewing it, for one TTL from its
-    /// reply, so that no other node is granted one while such a holder could
-    /// still be running (its local deadline falls within a TTL of its last
-    /// renewal, which was sent before the lock forgot it, so before this
-    /// reply); then raise the lock's counter well above the store's fence
-    /// ([`CATCH_UP_GAP`]), release, and ask again. Until some node has held
-    /// a grant behind the store for a whole TTL, every grant is behind the
-    /// store and waits in the same way: a lock that forgets again meanwhile
-    /// only starts the wait again. Nothing runs under such a lease, and the
-    /// store would refuse it anyway.
+    /// task. So, before anything runs:
+    /// 1. claim the store with a fence [`CATCH_UP_GAP`] above its own: from
+    ///    then on every fence the forgetful lock grants is behind the store,
+    ///    however far its counter climbs, and a holder whose lease it forgot
+    ///    is refused at its next write;
+    /// 2. give the useless lease back and wait one TTL from its reply: such a
+    ///    holder stops by then (its local deadline falls within a TTL of its
+    ///    last renewal, which was sent before the lock forgot it);
+    /// 3. raise the lock's counter to the store's fence and ask again,
+    ///    unless another node has claimed the store above this node's bar
+    ///    since (it caught the lock up already).
+    ///
+    /// Until some node has waited a whole TTL, nobody raises the counter, so
+    /// every grant is behind the store and waits in the same way.
     async fn catch_up_fence(
         &self,
-        mut lease: Lease,
+        lease: Lease,
         snapshot: &Snapshot,
         catch_ups: &mut u32,
         stop: &CancellationToken,
@@ -227,47 +232,27 @@ impl Inner {
         } else {
             self.config.ttl
         };
-        warn!(granted = lease.fence, store_fence = snapshot.fence, ?wait_out,
-            "the lock granted a fence the store has already seen: it is new in front of a used store, \
-             or it lost its state and perhaps a live lease; holding this lease unused for one TTL, \
-             then raising the lock's fence and asking again");
         // From the reply, not the request: the lock forgot before it
         // granted, which may be any time up to the reply.
         let until = Instant::now() + wait_out;
-        let held = loop {
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break true;
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(left.min(self.config.renew_every)) => {}
-                _ = stop.cancelled() => break false,
-            }
-            match self.lock.renew(&lease).await {
-                Ok(renewed) => lease = renewed,
-                Err(e) => {
-                    debug!(error = %error_chain(&e),
-                        "a lease behind the store's fence was not renewed; asking again");
-                    break false;
-                }
-            }
-        };
-        let raised = if held {
-            // The store's fence now: a claim may have come in meanwhile (the
-            // holder whose lease the lock forgot, before it stopped).
-            match self.load().await {
-                Ok(now) => {
-                    let floor = snapshot.fence.max(now.fence).saturating_add(CATCH_UP_GAP);
-                    self.retry(
-                        "raising the lock's fence above the store's (the lock granted a fence the store has already seen)",
-                        || self.lock.raise_fence(&self.service, floor),
-                    )
-                    .await
-                }
-                Err(e) => Err(e),
-            }
-        } else {
-            Ok(())
+        let bar = snapshot.fence.saturating_add(CATCH_UP_GAP);
+        warn!(granted = lease.fence, store_fence = snapshot.fence, ?wait_out,
+            "the lock granted a fence the store has already seen: it is new in front of a used store, \
+             or it lost its state and perhaps a live lease; raising the store's fence, waiting one TTL, \
+             then raising the lock's fence and asking again");
+        let barred = match self
+            .retry("raising the store's fence above a lock behind it", || {
+                self.store.claim(&self.service, bar)
+            })
+            .await
+        {
+            // A newer claim came first: it bars the lock as well.
+            Ok(_)
+            | Err(Error::Backend {
+                source: BackendError::StaleFence { .. },
+                ..
+            }) => Ok(()),
+            Err(e) => Err(e),
         };
         match self
             .retry("releasing a lease behind the store's fence", || {
@@ -282,7 +267,23 @@ impl Inner {
             }) => {}
             Err(e) => return Err(e),
         }
-        raised
+        barred?;
+        tokio::select! {
+            _ = tokio::time::sleep_until(until) => {}
+            _ = stop.cancelled() => return Ok(()),
+        }
+        let now = self.load().await?;
+        if now.fence > bar {
+            // Another node has caught the lock up and claimed the store
+            // since: raising now could hide a loss of the lock's state that
+            // came after its grant.
+            return Ok(());
+        }
+        self.retry(
+            "raising the lock's fence to the store's (the lock granted a fence the store has already seen)",
+            || self.lock.raise_fence(&self.service, now.fence),
+        )
+        .await
     }
 
     /// Renews a lease this run was granted without hearing so. `None` if it
