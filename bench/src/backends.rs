@@ -47,6 +47,8 @@ pub enum Kind {
     Sqlite,
     #[cfg(feature = "redis")]
     Redis,
+    #[cfg(feature = "etcd")]
+    Etcd,
 }
 
 impl Kind {
@@ -56,6 +58,8 @@ impl Kind {
         Kind::Sqlite,
         #[cfg(feature = "redis")]
         Kind::Redis,
+        #[cfg(feature = "etcd")]
+        Kind::Etcd,
     ];
 
     /// Its name in `--backends`.
@@ -65,6 +69,8 @@ impl Kind {
             Kind::Sqlite => "sqlite",
             #[cfg(feature = "redis")]
             Kind::Redis => "redis",
+            #[cfg(feature = "etcd")]
+            Kind::Etcd => "etcd",
         }
     }
 
@@ -75,6 +81,8 @@ impl Kind {
             Kind::Sqlite => "SQLite",
             #[cfg(feature = "redis")]
             Kind::Redis => "Redis",
+            #[cfg(feature = "etcd")]
+            Kind::Etcd => "etcd",
         }
     }
 
@@ -84,6 +92,28 @@ impl Kind {
         matches!(self, Kind::Postgres)
     }
 
+    /// What the server's own count in 6d counts.
+    fn count_name(self) -> &'static str {
+        match self {
+            #[cfg(feature = "etcd")]
+            Kind::Etcd => "gRPC messages received by the server",
+            _ => "server commands, scripts' own included",
+        }
+    }
+
+    /// The lease TTL 6c gives it: `--ttl-ms`, or the backend's shortest.
+    fn ttl_ms(self, asked: u64) -> u64 {
+        match self {
+            #[cfg(feature = "etcd")]
+            Kind::Etcd => {
+                let min = upsilon_backends::etcd::MIN_TTL.as_millis() as u64;
+                // etcd grants whole seconds.
+                asked.max(min).div_ceil(1000) * 1000
+            }
+            _ => asked,
+        }
+    }
+
     /// What the bare client does in 6a.
     fn bare_name(self) -> &'static str {
         match self {
@@ -91,6 +121,8 @@ impl Kind {
             Kind::Sqlite => "rusqlite open + SELECT 1",
             #[cfg(feature = "redis")]
             Kind::Redis => "redis crate connect + GET",
+            #[cfg(feature = "etcd")]
+            Kind::Etcd => "etcd-client connect + get",
         }
     }
 
@@ -106,6 +138,8 @@ impl Kind {
             Kind::Redis => Some(format!(
                 "the floor: one PUBLISH to {n} subscribed connections"
             )),
+            #[cfg(feature = "etcd")]
+            Kind::Etcd => Some(format!("the floor: one put to {n} watchers")),
         }
     }
 }
@@ -169,6 +203,14 @@ impl<'e> Subject<'e> {
                 let client = redis::Client::open(subject.url.as_str())?;
                 subject.redis = Some(client.get_multiplexed_async_connection().await?);
             }
+            #[cfg(feature = "etcd")]
+            Kind::Etcd => {
+                eprintln!("  6: starting etcd");
+                let guard = tokio::task::spawn_blocking(etcd_bench::start).await?;
+                subject.url = guard.url();
+                subject.raw = guard.endpoint();
+                subject._server = Some(Box::new(guard));
+            }
         }
         Ok(subject)
     }
@@ -198,6 +240,8 @@ impl<'e> Subject<'e> {
             }
             #[cfg(feature = "redis")]
             Kind::Redis => redis_bench::bare(&self.raw).await?,
+            #[cfg(feature = "etcd")]
+            Kind::Etcd => etcd_bench::bare(&self.raw).await?,
         }
         Ok(())
     }
@@ -210,6 +254,8 @@ impl<'e> Subject<'e> {
             Kind::Sqlite => None,
             #[cfg(feature = "redis")]
             Kind::Redis => Some(redis_bench::floor(&self.raw, n, repeats).await?),
+            #[cfg(feature = "etcd")]
+            Kind::Etcd => Some(etcd_bench::floor(&self.raw, n, repeats).await?),
         })
     }
 
@@ -223,6 +269,8 @@ impl<'e> Subject<'e> {
                 let mut conn = self.redis.clone().context("the Redis connection")?;
                 Some(redis_bench::commands(&mut conn).await?)
             }
+            #[cfg(feature = "etcd")]
+            Kind::Etcd => Some(etcd_bench::requests(&self.raw).await?),
         })
     }
 }
@@ -374,19 +422,20 @@ async fn failover(
     report: &mut Report,
 ) -> anyhow::Result<Value> {
     let reps = o.failover_repeats;
+    let ttl_ms = subject.kind.ttl_ms(o.ttl_ms);
     let name = subject.name();
     eprintln!(
         "  6c: {name}, {} waiters, {reps} kills, TTL {} ms",
-        o.failover_waiters, o.ttl_ms
+        o.failover_waiters, ttl_ms
     );
     let mut kills: Vec<Takeover> = Vec::with_capacity(reps);
     for r in 0..reps {
         let service = format!("backends-failover-{r}");
-        kills.push(upsilon_once(o, &service, &subject.url, o.ttl_ms).await?);
+        kills.push(upsilon_once(o, &service, &subject.url, ttl_ms).await?);
     }
     let holder = summary(&kills.iter().map(|t| t.holder / 1000.0).collect::<Vec<_>>());
     let ready = summary(&kills.iter().map(|t| t.ready / 1000.0).collect::<Vec<_>>());
-    let ttl = o.ttl_ms as f64 / 1000.0;
+    let ttl = ttl_ms as f64 / 1000.0;
     let how = if subject.kind.session_tie() {
         format!("{name}, session seen to die, TTL {ttl} s")
     } else {
@@ -437,7 +486,7 @@ async fn failover(
         .at_most(ready_target.0, ready_target.1),
     );
     Ok(json!({
-        "ttl_ms": o.ttl_ms, "waiters": o.failover_waiters, "repeats": reps,
+        "ttl_ms": ttl_ms, "waiters": o.failover_waiters, "repeats": reps,
         "kills": kills.iter().map(|t| json!({"holder_ms": t.holder, "ready_ms": t.ready})).collect::<Vec<_>>(),
     }))
 }
@@ -559,13 +608,16 @@ async fn load(
         let waiters = (total(all) - total(alone)).max(0.0) / n as f64;
         report.push(Row::new(
             "6d",
-            measure("server commands per waiting node, scripts' own included"),
+            measure(&format!("{} per waiting node", subject.kind.count_name())),
             Unit::Count,
             waiters,
         ));
         report.push(Row::new(
             "6d",
-            measure("server commands per waiting node per second"),
+            measure(&format!(
+                "{} per waiting node per second",
+                subject.kind.count_name()
+            )),
             Unit::PerS,
             waiters / with.wait_s,
         ));
@@ -752,6 +804,120 @@ mod redis_bench {
                 .and_then(|v| v.parse().ok())
                 .with_context(|| format!("INFO commandstats: {line}"))?;
             out.insert(name.to_owned(), calls);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(feature = "etcd")]
+mod etcd_bench {
+    //! etcd's bare client, floor and request counts, with `etcd-client`.
+
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use anyhow::{ensure, Context as _};
+    use etcd_client::Client;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use crate::convergence::signed_ms;
+
+    const FLOOR_KEY: &str = "bench/floor";
+
+    /// A single member, fsync off, as the PostgreSQL server runs.
+    pub fn start() -> upsilon_test_servers::Etcd {
+        upsilon_test_servers::Etcd::start()
+    }
+
+    /// Connect, and one `get`.
+    pub async fn bare(endpoint: &str) -> anyhow::Result<()> {
+        let mut client = Client::connect([endpoint], None).await?;
+        client.get("bench/nothing", None).await?;
+        Ok(())
+    }
+
+    /// One put reaching `n` watchers, each on a client (a connection) of
+    /// its own, `repeats` times: ms from the put's reply to the last event.
+    pub async fn floor(endpoint: &str, n: usize, repeats: usize) -> anyhow::Result<Vec<f64>> {
+        let delivered: Arc<Mutex<Vec<Instant>>> = Arc::default();
+        let mut watchers = Vec::with_capacity(n);
+        for _ in 0..n {
+            let mut client = Client::connect([endpoint], None).await?;
+            let mut stream = client.watch(FLOOR_KEY, None).await?;
+            // The watch is in place once etcd says it was created.
+            let created = stream.message().await?.context("the watch ended")?;
+            ensure!(
+                created.created(),
+                "the first watch response was not its creation"
+            );
+            let delivered = delivered.clone();
+            watchers.push(tokio::spawn(async move {
+                let _client = client;
+                while let Ok(Some(resp)) = stream.message().await {
+                    if !resp.events().is_empty() {
+                        delivered
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(Instant::now());
+                    }
+                }
+            }));
+        }
+        let mut client = Client::connect([endpoint], None).await?;
+        let mut out = Vec::with_capacity(repeats);
+        for _ in 0..repeats {
+            delivered.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            client.put(FLOOR_KEY, "x", None).await?;
+            let acked = Instant::now();
+            let deadline = acked + Duration::from_secs(60);
+            let last = loop {
+                {
+                    let d = delivered.lock().unwrap_or_else(|p| p.into_inner());
+                    if d.len() >= n {
+                        break d.iter().copied().max().unwrap_or(acked);
+                    }
+                }
+                ensure!(
+                    Instant::now() < deadline,
+                    "a put reached only some watchers"
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            };
+            out.push(signed_ms(last, acked));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for w in watchers {
+            w.abort();
+        }
+        Ok(out)
+    }
+
+    /// The gRPC messages the server has received, per method
+    /// (`grpc_server_msg_received_total` of its `/metrics`, on the client
+    /// port): each unary call is one, each message on a stream (a watch
+    /// created, a keep-alive) one more.
+    pub async fn requests(endpoint: &str) -> anyhow::Result<BTreeMap<String, u64>> {
+        let mut conn = tokio::net::TcpStream::connect(endpoint).await?;
+        conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await?;
+        let mut body = String::new();
+        conn.read_to_string(&mut body).await?;
+        let mut out = BTreeMap::new();
+        for line in body.lines() {
+            let Some(rest) = line.strip_prefix("grpc_server_msg_received_total{") else {
+                continue;
+            };
+            let (labels, value) = rest.split_once("} ").context("a metrics line")?;
+            let method = labels
+                .split(',')
+                .find_map(|l| l.strip_prefix("grpc_method=\""))
+                .and_then(|m| m.strip_suffix('"'))
+                .context("a metrics line without grpc_method")?;
+            let count: f64 = value.trim().parse().context("a metrics value")?;
+            if count > 0.0 {
+                out.insert(method.to_owned(), count as u64);
+            }
         }
         Ok(out)
     }
