@@ -92,12 +92,12 @@ impl Kind {
         matches!(self, Kind::Postgres)
     }
 
-    /// What the server's own count in 6d counts.
-    fn count_name(self) -> &'static str {
+    /// What the server's own count in 6d counts, and a note on it.
+    fn count_name(self) -> (&'static str, &'static str) {
         match self {
             #[cfg(feature = "etcd")]
-            Kind::Etcd => "gRPC messages received by the server",
-            _ => "server commands, scripts' own included",
+            Kind::Etcd => ("gRPC messages received by the server", ""),
+            _ => ("server commands", " (scripts' own included)"),
         }
     }
 
@@ -604,20 +604,18 @@ async fn load(
         &with.commands,
         alone.as_ref().and_then(|a| a.commands.as_ref()),
     ) {
+        let (noun, note) = subject.kind.count_name();
         let total = |m: &BTreeMap<String, u64>| m.values().sum::<u64>() as f64;
         let waiters = (total(all) - total(alone)).max(0.0) / n as f64;
         report.push(Row::new(
             "6d",
-            measure(&format!("{} per waiting node", subject.kind.count_name())),
+            measure(&format!("{noun} per waiting node{note}")),
             Unit::Count,
             waiters,
         ));
         report.push(Row::new(
             "6d",
-            measure(&format!(
-                "{} per waiting node per second",
-                subject.kind.count_name()
-            )),
+            measure(&format!("{noun} per waiting node per second")),
             Unit::PerS,
             waiters / with.wait_s,
         ));
