@@ -340,8 +340,10 @@ impl ClusterBackend for Pg {
     }
 }
 
-/// The fence a mixed setup's store has seen before its trial starts.
-pub const USED_STORE_FENCE: u64 = 20;
+/// The fence a mixed setup's store has seen before its trial starts: above
+/// any fence a fresh lock grants first (etcd's fences are revisions of the
+/// whole server, which every trial moves on).
+pub const USED_STORE_FENCE: u64 = 1 << 40;
 
 /// The service the nodes run.
 const SERVICE: &str = "cluster";
