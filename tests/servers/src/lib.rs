@@ -7,6 +7,9 @@
 //!   [`Postgres::builder`] starts one with more connections or other settings;
 //!   [`Postgres::start_tls`] and [`Postgres::start_tls_only`] ones with TLS.
 //!
+//! - [`kube_api::KubeApi`]: an in-process stand-in for
+//!   the Kubernetes API server's Lease and ConfigMap endpoints.
+//!
 //! A server stops when its value is dropped. A watchdog process also stops it
 //! when the test process exits without dropping it (a `static` server, a
 //! panic that aborts, a killed test binary), so no server outlives its tests.
@@ -29,6 +32,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 mod certs;
+pub mod kube_api;
 
 use certs::make_certificates;
 
