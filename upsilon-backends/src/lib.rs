@@ -4,6 +4,7 @@
 //! | feature | backend | lease | wake-up |
 //! |---|---|---|---|
 //! | `sqlite` (default) | [`sqlite::SqliteBackend`]: one database file, one host | row, `BEGIN IMMEDIATE` | poll |
+//! | `kubernetes` | [`kubernetes::KubernetesBackend`]: a Lease and ConfigMaps in one namespace, through the API server | `coordination.k8s.io/v1` Lease written with `resourceVersion` preconditions, expiry measured on each node's monotonic clock | watch |
 //! | `postgres` | [`postgres::PostgresBackend`]: the service's own PostgreSQL, any number of hosts; works behind PgBouncer in transaction mode | row judged by the database clock, fence checked under `SELECT ... FOR UPDATE` | `LISTEN`/`NOTIFY`, poll behind a pooler |
 //!
 //! Feature `postgres-rustls` adds TLS to PostgreSQL with rustls;
@@ -17,6 +18,8 @@ use std::sync::Arc;
 
 use upsilon::backend::{Backend, BackendError};
 
+#[cfg(feature = "kubernetes")]
+pub mod kubernetes;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "sqlite")]
@@ -24,6 +27,8 @@ pub mod sqlite;
 
 /// Opens the backend a URL names:
 /// - `sqlite:PATH` or `sqlite://PATH` (`sqlite:///abs/path.db`), feature `sqlite`;
+/// - `kubernetes://NAMESPACE`, feature `kubernetes` (see
+///   [`kubernetes::KubernetesOptions::from_url`]);
 /// - `postgres://` or `postgresql://` URLs, feature `postgres` (see
 ///   [`postgres::PostgresOptions::from_url`] for the options they may carry),
 ///   and libpq `key=value` strings (`host=db user=app sslmode=require`).
@@ -40,6 +45,10 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Backend>, BackendError> {
                 .unwrap_or_default();
             Ok(Arc::new(sqlite::SqliteBackend::open(path).await?))
         }
+        #[cfg(feature = "kubernetes")]
+        "kubernetes" => Ok(Arc::new(
+            kubernetes::KubernetesBackend::connect_url(url).await?,
+        )),
         #[cfg(feature = "postgres")]
         "postgres" | "postgresql" => {
             Ok(Arc::new(postgres::PostgresBackend::connect_url(url).await?))
@@ -65,6 +74,8 @@ fn enabled_schemes() -> Vec<&'static str> {
     schemes.push("`sqlite:`");
     #[cfg(feature = "postgres")]
     schemes.push("`postgres://`");
+    #[cfg(feature = "kubernetes")]
+    schemes.push("`kubernetes://`");
     schemes
 }
 
