@@ -35,7 +35,9 @@
 //!   written against an older `resourceVersion` is refused. The holder's
 //!   local deadline counts from before its renewal was sent, which is
 //!   before any other node can see that renewal, so the holder stops first
-//!   as long as the clocks' rates differ by less than margin / (2 × TTL)
+//!   as long as no node's clock runs faster than the holder's by a factor
+//!   of TTL / (TTL − safety margin) or more: 1.25 with the runner's
+//!   defaults, where real clocks differ by a few parts in ten thousand
 //!   (see docs/KUBERNETES.md). `renewTime` and `acquireTime` are written
 //!   for people, and never read to judge expiry.
 //! - **The fence** is the Lease's `upsilon.dev/fence-counter` annotation,
