@@ -14,6 +14,9 @@
 //!   `idle_session_timeout`, and from the node's proxy: connections cut,
 //!   traffic delayed or held back (a blackhole) in one direction or both,
 //!   and the node isolated (held both ways and its sessions terminated);
+//! - Kubernetes (the in-process stand-in API server, a fault proxy per
+//!   node): an API server restart, 500s with lost replies, watches dropped
+//!   and refused, a conflict storm, and the proxy's faults;
 //! - in every third trial, t2 fails for good while the faults run, so its
 //!   version is rolled back (t2, then t1: every task has a rollback there),
 //!   again and again as nodes restart; it succeeds once the faults heal.
@@ -38,6 +41,7 @@
 //! ```text
 //! UPSILON_CHAOS_TRIALS=500 UPSILON_CHAOS_NODES=5 cargo test --release -p upsilon-tests --test chaos -- --nocapture sqlite_cluster
 //! UPSILON_CHAOS_TRIALS=500 UPSILON_CHAOS_NODES=5 cargo test --release -p upsilon-tests --test chaos -- --nocapture postgres_cluster
+//! UPSILON_CHAOS_TRIALS=500 UPSILON_CHAOS_NODES=5 cargo test --release -p upsilon-tests --test chaos -- --nocapture kubernetes_cluster
 //! ```
 //! `UPSILON_CHAOS_SEED` fixes the seed of the first trial;
 //! `UPSILON_CHAOS_CONTROL_TRIALS` the negative controls' trials (1);
@@ -57,7 +61,7 @@ use std::time::Instant;
 use upsilon_tests::clock::ms;
 
 use check::Checked;
-use cluster::{ClusterBackend, Pg, Sqlite};
+use cluster::{ClusterBackend, Kube, Pg, Sqlite};
 use trial::{Config, Kind, Plan};
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -323,6 +327,11 @@ async fn sqlite_cluster_survives_faults() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_cluster_survives_faults() {
     survives(&mut Pg::start().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_cluster_survives_faults() {
+    survives(&mut Kube::start().await).await;
 }
 
 /// A holder running one long task, TTL 6 s: its local deadline is far off,
