@@ -146,6 +146,8 @@ struct Objects {
     log: VecDeque<Event>,
     /// Watches from a `resourceVersion` below this are too old (410).
     oldest: u64,
+    /// When each object was last written (created, changed or deleted).
+    written: BTreeMap<(Resource, String, String), std::time::Instant>,
 }
 
 #[derive(Debug)]
@@ -322,6 +324,18 @@ impl KubeApi {
             .filter(|((r, ns, _), _)| *r == resource && ns == namespace)
             .map(|(_, v)| v.clone())
             .collect()
+    }
+
+    /// When the object was last written (created, changed or deleted), as
+    /// the server committed it.
+    pub fn written_at(
+        &self,
+        resource: Resource,
+        namespace: &str,
+        name: &str,
+    ) -> Option<std::time::Instant> {
+        let o = self.shared.objects.lock().unwrap();
+        o.written.get(&key(resource, namespace, name)).copied()
     }
 
     /// The cluster's newest `resourceVersion`.
@@ -766,6 +780,13 @@ fn content(v: &Value) -> Value {
 
 impl Objects {
     fn record(&mut self, shared: &Shared, event: Event) {
+        let name = event.object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default();
+        self.written.insert(
+            key(event.resource, &event.namespace, name),
+            std::time::Instant::now(),
+        );
         self.log.push_back(event.clone());
         while self.log.len() > LOG_EVENTS {
             if let Some(old) = self.log.pop_front() {
