@@ -4,8 +4,8 @@
 //! loopback port, and SQLite files in a temporary directory.
 //!
 //! ```text
-//! cargo run --release -p upsilon-bench -- [--tiny] [--only 1,2,3,4,5] [--nodes 20,50,100,200]
-//!     [--repeats N] [--json PATH]
+//! cargo run --release -p upsilon-bench -- [--tiny] [--only 1,2,3,4,5,6] [--nodes 20,50,100,200]
+//!     [--kube-nodes 20,100] [--repeats N] [--json PATH]
 //! ```
 //!
 //! It prints a table (scenario | measure | upsilon | baseline | ratio |
@@ -17,6 +17,7 @@ mod common;
 mod convergence;
 mod failover;
 mod instrument;
+mod kubernetes;
 mod load;
 mod node;
 mod proxy;
@@ -70,17 +71,22 @@ struct Flags {
     /// Small sizes and short sleeps: checks that every scenario works (seconds).
     #[arg(long)]
     tiny: bool,
-    /// Scenarios to run, from 1 to 5 (default: all).
+    /// Scenarios to run, from 1 to 6 (default: all).
     #[arg(long, value_name = "LIST", value_delimiter = ',', action = ArgAction::Set,
         value_parser = scenario, allow_negative_numbers = true,
-        default_value = "1,2,3,4,5", hide_default_value = true)]
+        default_value = "1,2,3,4,5,6", hide_default_value = true)]
     only: Vec<u8>,
     /// Node counts of scenario 2, each at least 1 (with --tiny: 3).
     #[arg(long, value_name = "LIST", value_delimiter = ',', action = ArgAction::Set,
         value_parser = at_least_one, allow_negative_numbers = true,
         default_value = "20,50,100,200", default_value_if("tiny", "true", "3"))]
     nodes: Vec<usize>,
-    /// Upgrades per node count in scenario 2 (with --tiny: 1).
+    /// Node counts of scenario 6b, each at least 1 (with --tiny: 3).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', action = ArgAction::Set,
+        value_parser = at_least_one, allow_negative_numbers = true,
+        default_value = "20,100", default_value_if("tiny", "true", "3"))]
+    kube_nodes: Vec<usize>,
+    /// Upgrades per node count in scenarios 2 and 6b (with --tiny: 1).
     #[arg(long, value_name = "N", value_parser = at_least_one, allow_negative_numbers = true,
         default_value = "10", default_value_if("tiny", "true", "1"))]
     repeats: usize,
@@ -172,9 +178,9 @@ fn ttl_millis(s: &str) -> Result<u64, String> {
 
 fn scenario(s: &str) -> Result<u8, String> {
     match s.trim().parse::<u64>() {
-        Ok(id @ 1..=5) => Ok(id as u8),
-        Ok(id) => Err(format!("there is no scenario {id}; they are 1 to 5")),
-        Err(_) => Err("expected scenario numbers, 1 to 5".to_owned()),
+        Ok(id @ 1..=6) => Ok(id as u8),
+        Ok(id) => Err(format!("there is no scenario {id}; they are 1 to 6")),
+        Err(_) => Err("expected scenario numbers, 1 to 6".to_owned()),
     }
 }
 
@@ -184,6 +190,7 @@ pub struct Options {
     pub tiny: bool,
     pub only: BTreeSet<u8>,
     pub nodes: Vec<usize>,
+    pub kube_nodes: Vec<usize>,
     pub repeats: usize,
     pub json: PathBuf,
     pub startup_iters: usize,
@@ -226,6 +233,7 @@ impl From<Flags> for Options {
             tiny: f.tiny,
             only: f.only.into_iter().collect(),
             nodes: f.nodes,
+            kube_nodes: f.kube_nodes,
             repeats: f.repeats,
             json: f.json.unwrap_or_else(|| target.join(json)),
             startup_iters: f.startup_iters,
@@ -322,7 +330,7 @@ async fn run(o: &Options, args: &[String]) -> anyhow::Result<()> {
     ) -> std::pin::Pin<
         Box<dyn std::future::Future<Output = anyhow::Result<()>> + 'a>,
     >;
-    let scenarios: [(u8, &str, Scenario); 5] = [
+    let scenarios: [(u8, &str, Scenario); 6] = [
         (1, "start-up", |e, o, r| Box::pin(startup::run(e, o, r))),
         (2, "cluster convergence", |e, o, r| {
             Box::pin(convergence::run(e, o, r))
@@ -330,6 +338,9 @@ async fn run(o: &Options, args: &[String]) -> anyhow::Result<()> {
         (3, "store load", |e, o, r| Box::pin(load::run(e, o, r))),
         (4, "failover", |e, o, r| Box::pin(failover::run(e, o, r))),
         (5, "scale", |e, o, r| Box::pin(scale::run(e, o, r))),
+        (6, "the Kubernetes backend", |e, o, r| {
+            Box::pin(kubernetes::run(e.dir.path(), o, r))
+        }),
     ];
     let mut timings = serde_json::Map::new();
     for (id, name, f) in scenarios {
@@ -395,8 +406,9 @@ mod tests {
     fn defaults() {
         let o = parse(&[]);
         assert!(!o.tiny);
-        assert_eq!(o.only, (1..=5).collect());
+        assert_eq!(o.only, (1..=6).collect());
         assert_eq!(o.nodes, [20, 50, 100, 200]);
+        assert_eq!(o.kube_nodes, [20, 100]);
         assert_eq!(o.json, target_dir().join("upsilon-bench.json"));
         let sizes = [
             o.repeats,
@@ -419,8 +431,9 @@ mod tests {
     fn tiny_defaults() {
         let o = parse(&["--tiny"]);
         assert!(o.tiny);
-        assert_eq!(o.only, (1..=5).collect());
+        assert_eq!(o.only, (1..=6).collect());
         assert_eq!(o.nodes, [3]);
+        assert_eq!(o.kube_nodes, [3]);
         assert_eq!(o.json, target_dir().join("upsilon-bench-tiny.json"));
         let sizes = [
             o.repeats,

@@ -24,7 +24,7 @@ use crate::common::{migrator, released_tasks, sleeping_task, sqlx_connect_with};
 pub enum Kind {
     /// An Upsilon node: upgrades its service from 1.0 to 1.1.
     Upsilon {
-        /// The PostgreSQL server's URL.
+        /// The PostgreSQL server's URL, or a `kubernetes://` one.
         #[arg(long)]
         url: String,
         /// The service upgraded.
@@ -92,7 +92,11 @@ async fn run(kind: Kind) -> anyhow::Result<()> {
             task_ms,
             ttl_ms,
         } => {
-            let backend = Arc::new(PostgresBackend::connect_url(&url).await?);
+            let backend: Arc<dyn upsilon::backend::Backend> = if url.starts_with("kubernetes:") {
+                upsilon_backends::connect(&url).await?
+            } else {
+                Arc::new(PostgresBackend::connect_url(&url).await?)
+            };
             let mut tasks = released_tasks();
             tasks.push(sleeping_task(Duration::from_millis(task_ms)));
             let mut builder = upsilon::Upsilon::builder()

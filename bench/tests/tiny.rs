@@ -22,7 +22,7 @@ fn a_tiny_run_prints_every_scenario_and_writes_json() {
     );
     let header = "| scenario | measure";
     assert!(stdout.contains(header), "no table:\n{stdout}");
-    for scenario in ["1a", "1b", "2", "3", "4", "5a", "5b"] {
+    for scenario in ["1a", "1b", "2", "3", "4", "5a", "5b", "6a", "6b", "6c"] {
         assert!(
             stdout
                 .lines()
