@@ -363,7 +363,14 @@ async fn waiting_nodes_are_woken_by_the_watch_not_their_poll() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn internal_errors_are_retried_and_the_upgrade_runs_each_task_once() {
     let api = KubeApi::start().await;
-    let b = backend_on(&api, "errors", "upsilon").await;
+    // No watches: the next request is the load's own.
+    let b = KubernetesBackend::connect(
+        KubernetesOptions::new()
+            .config(config(&api, "errors"))
+            .watch(false),
+    )
+    .await
+    .unwrap();
     api.faults().fail_next.store(1, Ordering::SeqCst);
     let err = b.load("svc").await.unwrap_err();
     assert!(err.is_transient(), "{err}");

@@ -331,8 +331,10 @@ impl Store for KubernetesBackend {
                 .cloned();
             let name = cm.metadata.name.clone().unwrap_or_default();
             let holds = match part.as_deref() {
+                // One that does not read still holds something of its
+                // service: listed, so that an operator finds it.
                 Some(p) if p == Part::State.as_str() => {
-                    holds_anything(&State::decode(cm.clone(), &name)?)
+                    State::decode(cm.clone(), &name).map_or(true, |s| holds_anything(&s))
                 }
                 Some(p) if p == Part::History.as_str() => {
                     cm.data.as_ref().is_some_and(|d| !d.is_empty())
