@@ -134,6 +134,11 @@ impl Harness for K8s {
     fn peer_lock(&self) -> Arc<dyn Lock> {
         self.peer.clone()
     }
+    /// The Lease keeps the TTL in ms (`upsilon.dev/ttl-ms`), so any TTL the
+    /// runner accepts is honoured; the suite's shortest keeps it quick.
+    fn min_ttl(&self) -> Duration {
+        Duration::from_millis(300)
+    }
     async fn corrupt(&self, service: &str) {
         let mut cm = self.state(service).await;
         let data = cm.data.get_or_insert_with(BTreeMap::new);
