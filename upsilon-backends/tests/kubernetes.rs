@@ -231,10 +231,11 @@ async fn kubernetes_backend_conforms_on_a_real_cluster() {
         .unwrap_or_else(|e| panic!("no client configuration from KUBECONFIG={path}: {e}"));
     let namespace = std::env::var("UPSILON_TEST_NAMESPACE")
         .unwrap_or_else(|_| config.default_namespace.clone());
-    let prefix = format!(
-        "upsilon-t{:x}",
-        Instant::now().elapsed().as_nanos() as u32 ^ std::process::id()
-    );
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let prefix = format!("upsilon-t{:08x}", nanos ^ std::process::id());
     let client = kube::Client::try_from(config.clone()).unwrap();
     let h = K8s::new(
         client,
