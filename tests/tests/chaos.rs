@@ -58,10 +58,11 @@ mod trial;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+use upsilon_tests::audit::{Outcome as Seen, Record};
 use upsilon_tests::clock::ms;
 
 use check::Checked;
-use cluster::{ClusterBackend, Kube, Pg, Sqlite};
+use cluster::{ClusterBackend, Etcd, Kube, Mixed, Pg, Redis, Sqlite};
 use trial::{Config, Kind, Plan};
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -97,6 +98,7 @@ fn random_config() -> Config {
         task_ms: 150,
         margin_ms: 200,
         loss_signal: true,
+        wait_out: true,
         plan: Plan::Random,
     }
 }
@@ -126,11 +128,15 @@ struct Totals {
     releases: Vec<i64>,
     writes_after_pause: (usize, usize),
     overlaps: BTreeMap<Option<Kind>, Overlaps>,
+    /// Grants at or below the store's fence before the trial (a lock
+    /// behind its store), each released and the lock raised.
+    behind_grants: usize,
 }
 
 impl Totals {
-    fn add(&mut self, t: &trial::Trial, c: &Checked) {
+    fn add(&mut self, t: &trial::Trial, c: &Checked, used_store_fence: u64) {
         self.trials += 1;
+        self.behind_grants += behind_grants(t, used_store_fence);
         for e in &t.events {
             *self.faults.entry(e.kind).or_default() += 1;
         }
@@ -208,6 +214,12 @@ impl Totals {
             "  writes by paused nodes after they resumed: {} committed (their fence still the newest), {} refused\n",
             self.writes_after_pause.0, self.writes_after_pause.1
         );
+        if self.behind_grants > 0 {
+            r += &format!(
+                "  grants behind the store's fence (given back, the lock raised a TTL later): {}\n",
+                self.behind_grants
+            );
+        }
         if self.overlaps.is_empty() {
             r += "  overlapping task code: none\n";
         }
@@ -238,8 +250,9 @@ async fn run_trials(
     let mut failures = Vec::new();
     for i in 0..trials {
         let t = trial::run(env, cfg, i, seed + i as u64).await;
-        let c = check::check(cfg, &t);
-        totals.add(&t, &c);
+        let mut c = check::check(cfg, &t);
+        c.violations.extend(ran_behind(&t, env.used_store_fence()));
+        totals.add(&t, &c, env.used_store_fence());
 
         if std::env::var_os("UPSILON_CHAOS_VERBOSE").is_some() {
             for n in &c.notes {
@@ -306,10 +319,53 @@ async fn run_trials(
     (totals, failures)
 }
 
+/// The grants of a trial whose fence the store had already seen.
+fn behind_grants(t: &trial::Trial, used_store_fence: u64) -> usize {
+    t.logs
+        .iter()
+        .flat_map(|l| &l.records)
+        .filter(|r| {
+            matches!(r, Record::Lock { op, fence, outcome: Seen::Ok, .. }
+                if op == "acquire" && (1..=used_store_fence).contains(fence))
+        })
+        .count()
+}
+
+/// Task code run under a fence the store had already seen: the runner must
+/// give such a grant back before it runs anything.
+fn ran_behind(t: &trial::Trial, used_store_fence: u64) -> Vec<String> {
+    t.logs
+        .iter()
+        .flat_map(|l| l.records.iter().map(move |r| (l, r)))
+        .filter_map(|(l, r)| match r {
+            Record::Run { task, fence, .. } if *fence <= used_store_fence => Some(format!(
+                "S2: {} ran {task} under fence {fence}, which the store had seen before the trial",
+                l.node
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
 async fn survives(env: &mut dyn ClusterBackend) {
-    let cfg = random_config();
+    let mut cfg = random_config();
+    if env.min_ttl_ms() > cfg.ttl_ms {
+        // The same proportions: margin TTL/5, tasks TTL/6.7.
+        let scale = env.min_ttl_ms() as f64 / cfg.ttl_ms as f64;
+        cfg.ttl_ms = env.min_ttl_ms();
+        cfg.margin_ms = (cfg.margin_ms as f64 * scale) as u64;
+        cfg.task_ms = (cfg.task_ms as f64 * scale) as u64;
+    }
     let trials = env_usize("UPSILON_CHAOS_TRIALS", 2);
     let (totals, failures) = run_trials(env, &cfg, trials).await;
+    if env.used_store_fence() > 0 {
+        assert!(
+            totals.behind_grants >= totals.trials,
+            "each trial of a fresh lock in front of a used store starts with a grant behind the store's fence; {} in {} trials",
+            totals.behind_grants,
+            totals.trials
+        );
+    }
     assert!(
         failures.is_empty(),
         "{} of {} trials broke the invariants; the first:\n{}",
@@ -330,6 +386,44 @@ async fn postgres_cluster_survives_faults() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_survives_faults() {
+    survives(&mut Redis::start().await).await;
+}
+
+/// The lease in Redis, the data version and history in PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_lock_postgres_store_survives_faults() {
+    let lock = Box::new(Redis::start().await);
+    survives(&mut Mixed::new(lock, Box::new(Pg::start().await))).await;
+}
+
+/// The lease in PostgreSQL, the data version and history in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_lock_redis_store_survives_faults() {
+    let lock = Box::new(Pg::start().await);
+    survives(&mut Mixed::new(lock, Box::new(Redis::start().await))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_cluster_survives_faults() {
+    survives(&mut Etcd::start().await).await;
+}
+
+/// The lease in etcd, the data version and history in PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_lock_postgres_store_survives_faults() {
+    let lock = Box::new(Etcd::start().await);
+    survives(&mut Mixed::new(lock, Box::new(Pg::start().await))).await;
+}
+
+/// The lease in PostgreSQL, the data version and history in etcd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_lock_etcd_store_survives_faults() {
+    let lock = Box::new(Pg::start().await);
+    survives(&mut Mixed::new(lock, Box::new(Etcd::start().await))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_cluster_survives_faults() {
     survives(&mut Kube::start().await).await;
 }
@@ -347,6 +441,7 @@ fn one_long_task(loss_signal: bool, plan: Plan) -> Config {
         task_ms: 3000,
         margin_ms: 1200,
         loss_signal,
+        wait_out: true,
         plan,
     }
 }
@@ -389,4 +484,41 @@ async fn sqlite_judging_expiry_by_the_wall_clock_overlaps_after_a_step_and_is_ca
 async fn postgres_without_the_loss_signal_overlaps_and_is_caught() {
     let cfg = one_long_task(false, Plan::IsolateHolder { ms: 4000 });
     control_is_caught(&mut Pg::start().await, &cfg).await;
+}
+
+/// A Redis lock that keeps nothing across a crash forgets the lease when it
+/// crash-restarts while the holder runs a task. The waiting nodes' next
+/// grant is behind the PostgreSQL store's fence, which shows that the lock
+/// forgot: the node that got it holds it unused for a TTL, by when the old
+/// holder has stopped (its renewal was refused), and only then does any node
+/// run the task. No overlap, and every invariant holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_lock_that_forgets_its_lease_in_a_crash_still_keeps_e1() {
+    let cfg = one_long_task(true, Plan::RestartServer);
+    let lock = Box::new(Redis::without_persistence().await);
+    let mut env = Mixed::new(lock, Box::new(Pg::start().await));
+    let trials = env_usize("UPSILON_CHAOS_CONTROL_TRIALS", 1);
+    let (totals, failures) = run_trials(&mut env, &cfg, trials).await;
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(
+        totals.behind_grants >= 2 * trials,
+        "each trial's lock starts behind the store and falls behind again in the crash: {} grants behind in {trials} trials",
+        totals.behind_grants
+    );
+}
+
+/// Negative control for the test above: with the grant behind the store
+/// given back at once (`--no-wait-out`), a waiting node runs the task while
+/// the old holder still runs it, until the old holder's next renewal is
+/// refused. The checker must find the overlap; the store's fence keeps
+/// everything else.
+#[cfg(feature = "negative-controls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgetful_redis_lock_without_the_wait_out_overlaps_and_is_caught() {
+    let cfg = Config {
+        wait_out: false,
+        ..one_long_task(true, Plan::RestartServer)
+    };
+    let lock = Box::new(Redis::without_persistence().await);
+    control_is_caught(&mut Mixed::new(lock, Box::new(Pg::start().await)), &cfg).await;
 }

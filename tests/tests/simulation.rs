@@ -250,6 +250,26 @@ fn negative_control_without_the_fence_check_is_caught() {
     println!("fence check off, first S2 violation at seed {seed}:\n{report}");
 }
 
+/// E1's negative control for a lock that forgets its state: a grant behind
+/// the store's fence given back at once lets a waiting node run the task
+/// while the holder whose lease the lock forgot still runs it.
+#[cfg(feature = "negative-controls")]
+#[test]
+fn negative_control_without_the_wait_out_is_caught() {
+    let found = find_violation(
+        Controls {
+            skip_wait_out: true,
+            ..Controls::default()
+        },
+        "E1:",
+        2000,
+    );
+    let (seed, report) = found.expect(
+        "with grants behind the store given back at once, a lock that forgets must break E1",
+    );
+    println!("wait-out off, first E1 violation at seed {seed}:\n{report}");
+}
+
 #[cfg(feature = "negative-controls")]
 #[test]
 fn negative_control_without_the_reread_after_acquire_is_caught() {

@@ -6,9 +6,11 @@
 //! | `sqlite` (default) | [`sqlite::SqliteBackend`]: one database file, one host | row, `BEGIN IMMEDIATE` | poll |
 //! | `kubernetes` | [`kubernetes::KubernetesBackend`]: a Lease and ConfigMaps in one namespace, through the API server | `coordination.k8s.io/v1` Lease written with `resourceVersion` preconditions, expiry measured on each node's monotonic clock | watch |
 //! | `postgres` | [`postgres::PostgresBackend`]: the service's own PostgreSQL, any number of hosts; works behind PgBouncer in transaction mode | row judged by the database clock, fence checked under `SELECT ... FOR UPDATE` | `LISTEN`/`NOTIFY`, poll behind a pooler |
+//! | `redis` | [`redis::RedisBackend`]: a Redis the service already runs (TLS included); as the store only with `appendonly yes` and `appendfsync always` (docs/REDIS.md) | hash expiring on the server's clock, granted and written by Lua scripts that compare a revision | pub/sub, poll while it is down |
+//! | `etcd` | [`etcd::EtcdBackend`]: keys under a prefix of an etcd v3 cluster (3.4+), TLS and user/password included | key attached to an etcd lease (TTL at least 2 s), created by a transaction; fence from its create revision | watch, poll while it is down |
 //!
-//! Feature `postgres-rustls` adds TLS to PostgreSQL with rustls;
-//! `all-backends` turns every backend on.
+//! Feature `postgres-rustls` adds TLS to PostgreSQL with rustls (`etcd`
+//! always has it); `all-backends` turns every backend on.
 //!
 //! [`connect`] opens a backend from a URL.
 #![warn(missing_docs)]
@@ -18,10 +20,14 @@ use std::sync::Arc;
 
 use upsilon::backend::{Backend, BackendError};
 
+#[cfg(feature = "etcd")]
+pub mod etcd;
 #[cfg(feature = "kubernetes")]
 pub mod kubernetes;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "redis")]
+pub mod redis;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 
@@ -31,7 +37,11 @@ pub mod sqlite;
 ///   [`kubernetes::KubernetesOptions::from_url`]);
 /// - `postgres://` or `postgresql://` URLs, feature `postgres` (see
 ///   [`postgres::PostgresOptions::from_url`] for the options they may carry),
-///   and libpq `key=value` strings (`host=db user=app sslmode=require`).
+///   and libpq `key=value` strings (`host=db user=app sslmode=require`);
+/// - `redis://`, `rediss://` (TLS) or `redis+unix://` URLs, feature `redis`
+///   (see [`redis::RedisOptions::from_url`]);
+/// - `etcd://host:port,host2:port2/prefix` URLs, and `etcds://` for TLS,
+///   feature `etcd` (see [`etcd::EtcdOptions::from_url`]).
 ///
 /// Errors show the URL with its password replaced.
 pub async fn connect(url: &str) -> Result<Arc<dyn Backend>, BackendError> {
@@ -45,6 +55,8 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Backend>, BackendError> {
                 .unwrap_or_default();
             Ok(Arc::new(sqlite::SqliteBackend::open(path).await?))
         }
+        #[cfg(feature = "etcd")]
+        "etcd" | "etcds" => Ok(Arc::new(etcd::EtcdBackend::connect_url(url).await?)),
         #[cfg(feature = "kubernetes")]
         "kubernetes" => Ok(Arc::new(
             kubernetes::KubernetesBackend::connect_url(url).await?,
@@ -53,6 +65,8 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Backend>, BackendError> {
         "postgres" | "postgresql" => {
             Ok(Arc::new(postgres::PostgresBackend::connect_url(url).await?))
         }
+        #[cfg(feature = "redis")]
+        "redis" | "rediss" | "redis+unix" => Ok(Arc::new(redis::RedisBackend::connect(url).await?)),
         // A libpq `key=value` string (`host=db user=app`) has no scheme.
         #[cfg(feature = "postgres")]
         _ if !url.contains("://") && url.contains('=') => {
@@ -74,6 +88,10 @@ fn enabled_schemes() -> Vec<&'static str> {
     schemes.push("`sqlite:`");
     #[cfg(feature = "postgres")]
     schemes.push("`postgres://`");
+    #[cfg(feature = "etcd")]
+    schemes.push("`etcd://`");
+    #[cfg(feature = "redis")]
+    schemes.extend(["`redis://`", "`rediss://`", "`redis+unix://`"]);
     #[cfg(feature = "kubernetes")]
     schemes.push("`kubernetes://`");
     schemes
@@ -166,5 +184,18 @@ mod tests {
             .to_string();
         assert!(err.contains("\"mysql://u:***@h/db\""), "{err}");
         assert!(!err.contains("pw"), "{err}");
+    }
+
+    #[cfg(feature = "etcd")]
+    #[tokio::test]
+    async fn etcd_urls_reach_the_etcd_backend() {
+        let err = connect("mysql://h").await.err().unwrap().to_string();
+        assert!(err.contains("`etcd://`"), "{err}");
+        for url in ["etcd://app:s3cret@h:0/x", "etcds://app:s3cret@h:0/x"] {
+            let err = connect(url).await.err().unwrap().to_string();
+            assert!(err.starts_with("invalid etcd URL"), "{err}");
+            assert!(err.contains("app:***@h:0/x"), "{err}");
+            assert!(!err.contains("s3cret"), "{err}");
+        }
     }
 }

@@ -1358,12 +1358,17 @@ async fn waiting_nodes_are_woken_by_notify_not_by_their_poll() {
         sleep: Duration::from_millis(400),
         ..Behaviour::default()
     };
+    // Long enough for the waiters to start and wait on a loaded machine.
+    let slower = Behaviour {
+        sleep: Duration::from_millis(1500),
+        ..Behaviour::default()
+    };
     let first = node(
         backend(schema).await,
         "svc",
         "first",
         "1.0",
-        effect_tasks(schema, "1.0:1", &slow),
+        effect_tasks(schema, "1.0:1", &slower),
         Duration::from_secs(10),
         Duration::from_secs(30),
     );
@@ -1384,8 +1389,16 @@ async fn waiting_nodes_are_woken_by_notify_not_by_their_poll() {
         v
     };
     let start = Instant::now();
+    let mut first_status = first.status();
     let first_run = tokio::spawn(async move { first.run().await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The waiters start once the first node holds the lease and works.
+    first_status
+        .wait_for(|s| {
+            use upsilon::Status::*;
+            matches!(s, Upgrading { .. } | Ready { .. } | Failed { .. })
+        })
+        .await
+        .unwrap();
     let results = testing::run_nodes(waiters).await;
     let first_outcome = first_run.await.unwrap().unwrap();
     let total = start.elapsed();

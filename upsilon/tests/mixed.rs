@@ -34,40 +34,63 @@ async fn used_store() -> Arc<MemoryBackend> {
     store
 }
 
-fn node(lock: Arc<dyn Lock>, store: Arc<MemoryBackend>) -> Upsilon {
+const TTL: Duration = Duration::from_secs(3);
+
+fn node(lock: Arc<dyn Lock>, store: Arc<MemoryBackend>, n: usize) -> Upsilon {
     Upsilon::builder()
         .service("svc")
         .app_version("1.1")
         .lock(lock)
         .store(store)
-        .holder(testing::holder(2))
-        .ttl(Duration::from_secs(3))
+        .holder(testing::holder(n))
+        .ttl(TTL)
+        .poll_interval(Duration::from_millis(50))
         .tasks([task("1.0", "create"), task("1.1", "backfill")])
         .build()
         .unwrap()
 }
 
-#[tokio::test]
-async fn a_new_lock_in_front_of_a_used_store_catches_up_with_its_fence() {
+/// The first grants of a new lock are behind the store: nothing runs under
+/// them, and the lock is raised only a TTL after the first (the lock may
+/// have forgotten a live lease); then one node upgrades above the store's
+/// fence and the other waits.
+#[tokio::test(start_paused = true)]
+async fn a_new_lock_in_front_of_a_used_store_catches_up_after_one_ttl() {
     let store = used_store().await;
     let lock = MemoryBackend::new();
-    let outcome = node(lock.clone(), store.clone()).run().await.unwrap();
-    let Outcome::Upgraded { report } = outcome else {
-        panic!("expected an upgrade, got {outcome:?}");
+    let (one, two) = (
+        node(lock.clone(), store.clone(), 2),
+        node(lock.clone(), store.clone(), 3),
+    );
+    let (a, b) = tokio::join!(one.run(), two.run());
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let upgraded: Vec<&Outcome> = [&a, &b]
+        .into_iter()
+        .filter(|o| matches!(o, Outcome::Upgraded { .. }))
+        .collect();
+    assert_eq!(upgraded.len(), 1, "one upgrade, one wait: {a:?} / {b:?}");
+    let Outcome::Upgraded { report } = upgraded[0] else {
+        unreachable!()
     };
     assert!(report.fence > 40, "upgraded with fence {}", report.fence);
-    let fences: Vec<u64> = lock.grants().iter().map(|g| g.fence).collect();
-    assert_eq!(
-        fences.len(),
-        2,
-        "the stale grant, then one above the store's: {fences:?}"
+    // Every grant of the first TTL is behind the store (each node's, as
+    // the store's raised fence bars the lock's counter); the first one
+    // above it comes a TTL after the first.
+    let grants = lock.grants();
+    let first = grants[0].at_ms;
+    let (early, late): (Vec<_>, Vec<_>) = grants
+        .iter()
+        .partition(|g| g.at_ms < first + TTL.as_millis() as i64);
+    assert!(early.iter().all(|g| g.fence <= 40), "{grants:?}");
+    assert!(
+        !late.is_empty() && late.iter().all(|g| g.fence > 40),
+        "{grants:?}"
     );
-    assert!(fences[0] <= 40 && fences[1] > 40, "{fences:?}");
-    // The stale grant was released at once, not left to expire.
     assert_eq!(lock.current("svc").await.unwrap(), None);
     let history = store.history("svc").await.unwrap();
-    let backfill = history.iter().find(|r| r.key.id == "backfill").unwrap();
-    assert_eq!(backfill.fence, report.fence);
+    let backfill: Vec<_> = history.iter().filter(|r| r.key.id == "backfill").collect();
+    assert_eq!(backfill.len(), 1, "{history:?}");
+    assert_eq!(backfill[0].fence, report.fence);
 }
 
 /// A lock that keeps the trait's default `raise_fence` (it refuses).
@@ -98,11 +121,11 @@ impl Lock for Fixed {
     }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_lock_that_cannot_raise_its_fence_fails_with_a_clear_error_and_runs_nothing() {
     let store = used_store().await;
     let lock = MemoryBackend::new();
-    let err = node(Arc::new(Fixed(lock.clone())), store.clone())
+    let err = node(Arc::new(Fixed(lock.clone())), store.clone(), 2)
         .run()
         .await
         .unwrap_err();

@@ -6,6 +6,11 @@
 //!   Password authentication over TCP, so tests see real credentials.
 //!   [`Postgres::builder`] starts one with more connections or other settings;
 //!   [`Postgres::start_tls`] and [`Postgres::start_tls_only`] ones with TLS.
+//! - [`Redis`]: `redis-server` on a temporary directory, with a password;
+//!   [`Redis::builder`] starts one with an append-only file
+//!   ([`Fsync::Always`]), TLS only, or other settings.
+//! - [`Etcd`]: a single-member etcd on a temporary data directory, crashed
+//!   with SIGKILL and started again on it; [`Etcd::builder`] for fsync or TLS.
 //!
 //! - [`kube_api::KubeApi`]: an in-process stand-in for
 //!   the Kubernetes API server's Lease and ConfigMap endpoints.
@@ -14,8 +19,8 @@
 //! when the test process exits without dropping it (a `static` server, a
 //! panic that aborts, a killed test binary), so no server outlives its tests.
 //!
-//! Missing binaries are an error, never a skip: [`Postgres::start`] panics with
-//! the command that installs them.
+//! Missing binaries are an error, never a skip: [`Postgres::start`] and
+//! [`Etcd::start`] panic with the command that installs them.
 #![warn(missing_docs)]
 #![deny(unreachable_pub)]
 
@@ -32,9 +37,13 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 mod certs;
+mod etcd;
 pub mod kube_api;
+mod redis;
 
 use certs::make_certificates;
+pub use etcd::{Etcd, EtcdBuilder, ETCD_INSTALL};
+pub use redis::{redis_server_bin, Fsync, Redis, RedisBuilder, REDIS_INSTALL};
 
 /// The command that installs PostgreSQL's server binaries on Debian.
 pub const POSTGRES_INSTALL: &str = "apt-get install -y postgresql";

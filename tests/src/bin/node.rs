@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! node --url sqlite:///PATH [--lock-url URL] --name NAME --app-version 1.1 --tasks 1.0:2,1.1:3 [--task-ms 50] [--ttl-ms 2000]
-//!      [--audit-dir DIR] [--margin-ms MS] [--no-loss-signal] [--rollbacks] [--fail-task ID --fail-while PATH]
+//!      [--audit-dir DIR] [--margin-ms MS] [--no-loss-signal] [--no-wait-out] [--rollbacks] [--fail-task ID --fail-while PATH]
 //!      [--wall-clock-offset FILE] [--judge-expiry-by-wall-clock]
 //! ```
 //!
@@ -88,6 +88,12 @@ struct Args {
     /// loss only from its renewals and its local deadline.
     #[arg(long)]
     no_loss_signal: bool,
+    /// Negative control: a grant whose fence the store has already seen is
+    /// given back at once, not held unused for a TTL
+    /// (`Builder::skip_waiting_out_a_forgetful_lock`; feature
+    /// `negative-controls`).
+    #[arg(long)]
+    no_wait_out: bool,
     /// Give every task a rollback (recorded like a task), and roll back
     /// when a task fails for good.
     #[arg(long)]
@@ -662,6 +668,14 @@ async fn node(args: Args, log: Option<Arc<AuditLog>>) -> anyhow::Result<u8> {
         });
     if let Some(margin) = args.margin_ms {
         builder = builder.safety_margin(margin);
+    }
+    if args.no_wait_out {
+        #[cfg(feature = "negative-controls")]
+        {
+            builder = builder.skip_waiting_out_a_forgetful_lock();
+        }
+        #[cfg(not(feature = "negative-controls"))]
+        bail!("--no-wait-out needs the node built with the feature negative-controls");
     }
     let upsilon = builder.build()?;
     match upsilon.run_until(upsilon::shutdown_signal()).await {

@@ -69,6 +69,15 @@ pub trait ClusterBackend: Send + Sync {
     fn server_says(&self) -> Option<String> {
         None
     }
+    /// The fence the store has seen before the trial's first grant (a store
+    /// used with another lock): grants up to it are behind the store.
+    fn used_store_fence(&self) -> u64 {
+        0
+    }
+    /// The shortest lease TTL the backend takes, in ms (0: any).
+    fn min_ttl_ms(&self) -> u64 {
+        0
+    }
     /// Starts fault `which` (0, 1 or 2) of the API server itself, and says
     /// what it is; `None` where the backend has none.
     async fn api_fault(&self, which: u64) -> Option<String> {
@@ -339,6 +348,12 @@ impl ClusterBackend for Pg {
     }
 }
 
+/// The fence a mixed setup's store has seen before its trial starts.
+pub const USED_STORE_FENCE: u64 = 20;
+
+/// The service the nodes run.
+const SERVICE: &str = "cluster";
+
 /// The lease in one backend and the store in another: each node gets the
 /// store's URL and the lock's as `--lock-url`. It takes the faults of both.
 /// Proxy faults hit the lock's connections in even trials and the store's
@@ -379,6 +394,14 @@ impl ClusterBackend for Mixed {
         self.trial = trial;
         self.lock.fresh(trial, nodes).await;
         self.store.fresh(trial, nodes).await;
+        // A store used before with another lock: the fresh lock's first
+        // grants are behind it, and the nodes must catch the lock up
+        // (`Lock::raise_fence`) under the faults.
+        self.store
+            .store()
+            .claim(SERVICE, USED_STORE_FENCE)
+            .await
+            .unwrap();
     }
     fn node_url(&self, node: &str) -> String {
         self.store.node_url(node)
@@ -421,11 +444,17 @@ impl ClusterBackend for Mixed {
         self.store.idle_session_timeout(timeout).await || lock
     }
     fn proxy(&self, node: &str) -> Option<&FaultProxy> {
-        if self.trial % 2 == 0 {
+        if self.trial.is_multiple_of(2) {
             self.lock.proxy(node).or_else(|| self.store.proxy(node))
         } else {
             self.store.proxy(node).or_else(|| self.lock.proxy(node))
         }
+    }
+    fn used_store_fence(&self) -> u64 {
+        USED_STORE_FENCE
+    }
+    fn min_ttl_ms(&self) -> u64 {
+        self.lock.min_ttl_ms().max(self.store.min_ttl_ms())
     }
     fn server_says(&self) -> Option<String> {
         match (self.lock.server_says(), self.store.server_says()) {
@@ -570,5 +599,187 @@ impl ClusterBackend for Kube {
             r.get("update configmaps").unwrap_or(&0) + r.get("update leases").unwrap_or(&0),
             r.get("watch configmaps").unwrap_or(&0) + r.get("watch leases").unwrap_or(&0),
         ))
+    }
+}
+
+/// A real Redis server started by the harness, its append-only file synced
+/// before every write is acknowledged (`appendfsync always`: the setting
+/// docs/REDIS.md asks of a Redis that is the store), a key prefix per
+/// trial, and a fault proxy per node between the node and the server.
+pub struct Redis {
+    pub server: upsilon_test_servers::Redis,
+    prefix: String,
+    backend: Option<Arc<dyn Backend>>,
+    proxies: BTreeMap<String, FaultProxy>,
+}
+
+impl Redis {
+    pub async fn start() -> Redis {
+        Redis::with(true).await
+    }
+
+    /// For a negative control: a Redis that keeps nothing across a crash
+    /// (no append-only file, no snapshots).
+    pub async fn without_persistence() -> Redis {
+        Redis::with(false).await
+    }
+
+    async fn with(persistent: bool) -> Redis {
+        let server = tokio::task::spawn_blocking(move || {
+            let builder = upsilon_test_servers::Redis::builder();
+            match persistent {
+                true => builder.appendonly(upsilon_test_servers::Fsync::Always),
+                false => builder,
+            }
+            .start()
+        })
+        .await
+        .unwrap();
+        Redis {
+            server,
+            prefix: String::new(),
+            backend: None,
+            proxies: BTreeMap::new(),
+        }
+    }
+
+    fn url_via(&self, port: u16) -> String {
+        let auth = self
+            .server
+            .password()
+            .map(|pw| format!(":{pw}@"))
+            .unwrap_or_default();
+        format!("redis://{auth}127.0.0.1:{port}/0?prefix={}", self.prefix)
+    }
+}
+
+#[async_trait]
+impl ClusterBackend for Redis {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+    async fn fresh(&mut self, trial: usize, nodes: &[String]) {
+        self.prefix = format!("trial{trial}");
+        let url = self.url_via(self.server.port());
+        self.backend = Some(upsilon_backends::connect(&url).await.unwrap());
+        self.proxies.clear();
+        for n in nodes {
+            let proxy = FaultProxy::start(Upstream::Tcp(self.server.port()))
+                .await
+                .unwrap();
+            self.proxies.insert(n.clone(), proxy);
+        }
+    }
+    fn node_url(&self, node: &str) -> String {
+        self.url_via(self.proxies[node].port())
+    }
+    fn lock(&self) -> Arc<dyn Lock> {
+        self.backend.clone().expect("fresh() first")
+    }
+    fn store(&self) -> Arc<dyn Store> {
+        self.backend.clone().expect("fresh() first")
+    }
+    fn kinds(&self) -> &'static [Kind] {
+        &[
+            Kind::ServerRestart,
+            Kind::Cut,
+            Kind::Delay,
+            Kind::Blackhole,
+            Kind::Isolate,
+        ]
+    }
+    async fn restart_server(&mut self) {
+        // SIGKILL, as a crash, then a start on the same append-only file.
+        self.server.crash();
+        self.server.start_again();
+    }
+    fn proxy(&self, node: &str) -> Option<&FaultProxy> {
+        self.proxies.get(node)
+    }
+    fn server_says(&self) -> Option<String> {
+        let log = self.server.log();
+        Some(format!(
+            "the server's log: {} starts, {} loads of the append-only file",
+            log.matches("Ready to accept connections").count(),
+            log.matches("DB loaded from append only file").count()
+        ))
+    }
+}
+
+/// A real etcd started by the harness (fsync on, as in production), a key
+/// prefix per trial, and a fault proxy per node between the node and the
+/// server. etcd's smallest lease TTL is 2 s.
+pub struct Etcd {
+    pub server: upsilon_test_servers::Etcd,
+    prefix: String,
+    backend: Option<Arc<dyn Backend>>,
+    proxies: BTreeMap<String, FaultProxy>,
+}
+
+impl Etcd {
+    pub async fn start() -> Etcd {
+        let server = tokio::task::spawn_blocking(|| {
+            upsilon_test_servers::Etcd::builder().fsync(true).start()
+        })
+        .await
+        .unwrap();
+        Etcd {
+            server,
+            prefix: String::new(),
+            backend: None,
+            proxies: BTreeMap::new(),
+        }
+    }
+
+    fn url_via(&self, port: u16) -> String {
+        format!("etcd://127.0.0.1:{port}/{}", self.prefix)
+    }
+}
+
+#[async_trait]
+impl ClusterBackend for Etcd {
+    fn name(&self) -> &'static str {
+        "etcd"
+    }
+    async fn fresh(&mut self, trial: usize, nodes: &[String]) {
+        self.prefix = format!("trial{trial}");
+        let url = self.url_via(self.server.port());
+        self.backend = Some(upsilon_backends::connect(&url).await.unwrap());
+        self.proxies.clear();
+        for n in nodes {
+            let proxy = FaultProxy::start(Upstream::Tcp(self.server.port()))
+                .await
+                .unwrap();
+            self.proxies.insert(n.clone(), proxy);
+        }
+    }
+    fn node_url(&self, node: &str) -> String {
+        self.url_via(self.proxies[node].port())
+    }
+    fn lock(&self) -> Arc<dyn Lock> {
+        self.backend.clone().expect("fresh() first")
+    }
+    fn store(&self) -> Arc<dyn Store> {
+        self.backend.clone().expect("fresh() first")
+    }
+    fn kinds(&self) -> &'static [Kind] {
+        &[
+            Kind::ServerRestart,
+            Kind::Cut,
+            Kind::Delay,
+            Kind::Blackhole,
+            Kind::Isolate,
+        ]
+    }
+    async fn restart_server(&mut self) {
+        // SIGKILL, as a crash, then a start on the same data directory.
+        self.server.crash();
+        self.server.start_again();
+    }
+    fn proxy(&self, node: &str) -> Option<&FaultProxy> {
+        self.proxies.get(node)
+    }
+    fn min_ttl_ms(&self) -> u64 {
+        2000
     }
 }

@@ -118,6 +118,9 @@ pub enum Plan {
     /// One fault: the wall clock stepped by `ms` as soon as the holder runs
     /// a task.
     StepClock { ms: i64 },
+    /// One fault: the server crash-restarted ([`Kind::ServerRestart`]) as
+    /// soon as the holder runs a task.
+    RestartServer,
 }
 
 /// What one trial runs.
@@ -134,6 +137,10 @@ pub struct Config {
     pub margin_ms: u64,
     /// Off: the negative control (`node --no-loss-signal`).
     pub loss_signal: bool,
+    /// Whether a node that was granted a fence the store has already seen
+    /// holds it unused for a TTL (off: the negative control's
+    /// `--no-wait-out`).
+    pub wait_out: bool,
     pub plan: Plan,
 }
 
@@ -258,6 +265,9 @@ impl Harness<'_> {
             .arg("--audit-dir")
             .arg(&self.dir)
             .args(self.env.node_args(name));
+        if !cfg.wait_out {
+            c.arg("--no-wait-out");
+        }
         if !cfg.loss_signal {
             c.arg("--no-loss-signal");
         }
@@ -707,6 +717,12 @@ impl Harness<'_> {
                 let e = self.event(Kind::ClockStep, None, format!("{ms:+} ms"));
                 assert!(self.env.step_clock(ms).await, "stepping the clock");
                 // The others take the lease at their next poll, within 100 ms.
+                (e, self.cfg.task_ms / 2)
+            }
+            Plan::RestartServer => {
+                let e = self.event(Kind::ServerRestart, None, String::new());
+                self.env.restart_server().await;
+                self.end_event(e);
                 (e, self.cfg.task_ms / 2)
             }
             Plan::Random => unreachable!("not a single fault"),

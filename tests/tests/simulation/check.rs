@@ -16,6 +16,8 @@ use crate::{key, APP, TASKS};
 pub struct Tally {
     /// E1 overlaps whose older lease was cut short at the backend.
     pub excused: u64,
+    /// Grants behind the store's fence, after the lock forgot its state.
+    pub behind: u64,
     /// When the first E1 or deadline violation happened, for the report.
     pub focus: Option<Duration>,
 }
@@ -24,11 +26,33 @@ pub struct Tally {
 pub fn check(world: &World) -> (Vec<String>, Tally) {
     let mut v = Vec::new();
     let grants = world.backend.grants();
-    for w in grants.windows(2) {
-        if w[1].fence <= w[0].fence {
+    // A lock that forgot its state grants low fences again. Those at or
+    // below the store's fence when it forgot are behind the store: nothing
+    // may run under them. Any fence it grants again is no S1 violation of
+    // the runner's (the lock forgot it); the store's checks below (S2, E1)
+    // judge what comes of it.
+    let amnesias = lock(&world.amnesias).clone();
+    let mut behind: BTreeSet<(String, u64)> = BTreeSet::new();
+    let mut newest = 0;
+    for (i, g) in grants.iter().enumerate() {
+        if g.fence <= newest {
+            match amnesias.iter().rev().find(|a| a.grants <= i) {
+                Some(a) => {
+                    if g.fence <= a.store_fence {
+                        behind.insert((g.holder.run_id.clone(), g.fence));
+                    }
+                    continue;
+                }
+                None => v.push(format!("S1: fence {} granted after {newest}", g.fence)),
+            }
+        }
+        newest = newest.max(g.fence);
+    }
+    for r in lock(&world.runs).iter() {
+        if behind.contains(&(r.run_id.clone(), r.fence)) {
             v.push(format!(
-                "S1: fence {} granted after {}",
-                w[1].fence, w[0].fence
+                "S2: {} ran under a grant behind the store's fence",
+                r.describe()
             ));
         }
     }
@@ -169,7 +193,14 @@ pub fn check(world: &World) -> (Vec<String>, Tally) {
             "L2: the data version ended at {last_data:?}, not {APP}"
         ));
     }
-    (v, Tally { excused, focus })
+    (
+        v,
+        Tally {
+            excused,
+            behind: behind.len() as u64,
+            focus,
+        },
+    )
 }
 
 /// E1: no two processes run task code (a task or a rollback) at overlapping

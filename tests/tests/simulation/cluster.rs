@@ -11,7 +11,7 @@ use upsilon::{Error, Holder, LeaseLoss, RetryPolicy, Task, TaskContext, TaskFutu
 
 use crate::check::check;
 use crate::link::Link;
-use crate::world::{lock, Code, Controls, Count, Counts, World};
+use crate::world::{lock, Amnesia, Code, Controls, Count, Counts, World};
 use crate::{key, APP, CONVERGE_BY, FAULTS_UNTIL, MARGIN, SERVICE, TASKS, TTL};
 
 /// The result of one trial.
@@ -119,6 +119,10 @@ async fn drive(world: Arc<World>, node: usize, controls: Controls) {
         #[cfg(feature = "negative-controls")]
         if controls.skip_reread {
             builder = builder.skip_reread_after_acquire();
+        }
+        #[cfg(feature = "negative-controls")]
+        if controls.skip_wait_out {
+            builder = builder.skip_waiting_out_a_forgetful_lock();
         }
         let up = builder.build().unwrap();
         let w = world.clone();
@@ -291,6 +295,25 @@ async fn chaos(world: Arc<World>, nodes: usize) {
                 world.log(format!("RENEWALS fail for {length:?}"));
                 *lock(&world.renew_outage_until) = Some(world.now() + length);
             }
+            // Not before the store's first claim: then there is no fence to
+            // tell that the lock forgot (docs/DESIGN.md says so).
+            _ if world.lock_apart && world.backend.store_fence(SERVICE) > 0 => {
+                let amnesia = Amnesia {
+                    grants: world.backend.grants().len(),
+                    store_fence: world.backend.store_fence(SERVICE),
+                };
+                let forgot = world.backend.forget_lock(SERVICE);
+                lock(&world.amnesias).push(amnesia);
+                world.count(Count::LockAmnesias);
+                world.log(format!(
+                    "LOCK FORGETS its state ({})",
+                    if forgot {
+                        "a live lease with it"
+                    } else {
+                        "no live lease"
+                    }
+                ));
+            }
             _ => {}
         }
     }
@@ -320,10 +343,14 @@ pub fn trial(seed: u64, controls: Controls) -> Trial {
         let flaky = rng
             .chance(50)
             .then(|| TASKS[rng.below(TASKS.len() as u64) as usize].2);
-        let world = Arc::new(World::new(seed, backend, flaky));
+        // Half the trials keep the lock apart from the store, a lock that
+        // may forget its state (a Redis restarted without its data).
+        let lock_apart = rng.chance(50);
+        backend.set_lock_apart(lock_apart);
+        let world = Arc::new(World::new(seed, backend, flaky, lock_apart));
         let nodes = 2 + world.rng(|r| r.below(3)) as usize;
         world.log(format!(
-            "seed {seed}: {nodes} nodes, flaky task {flaky:?}, {model:?}, controls {controls:?}"
+            "seed {seed}: {nodes} nodes, flaky task {flaky:?}, lock apart {lock_apart}, {model:?}, controls {controls:?}"
         ));
         let chaos = tokio::spawn(chaos(world.clone(), nodes));
         let drivers: Vec<_> = (0..nodes)
@@ -353,6 +380,7 @@ pub fn trial(seed: u64, controls: Controls) -> Trial {
         }
         let mut counts = lock(&world.counts).clone();
         counts.0.insert(Count::Excused, tally.excused);
+        counts.0.insert(Count::BehindGrants, tally.behind);
         let rollbacks = lock(&world.runs)
             .iter()
             .filter(|r| r.code == Code::Rollback)

@@ -46,6 +46,9 @@ pub struct Controls {
     /// The holder learns that its session ended
     /// (`SessionModel::detection`); off, it never does (E1's control).
     pub loss_detection: bool,
+    /// A grant behind the store's fence is given back at once instead of
+    /// being held unused for a TTL (feature `negative-controls`).
+    pub skip_wait_out: bool,
 }
 
 impl Default for Controls {
@@ -54,6 +57,7 @@ impl Default for Controls {
             skip_fence_check: false,
             skip_reread: false,
             loss_detection: true,
+            skip_wait_out: false,
         }
     }
 }
@@ -115,6 +119,7 @@ pub enum Count {
     LostAcquireReplies,
     LostGrantReplies,
     RenewalOutages,
+    LockAmnesias,
     InjectedErrors,
     Delays,
     LostReplies,
@@ -127,11 +132,12 @@ pub enum Count {
     StoppedDeadline,
     RenewalsRefused,
     StaleRefused,
+    BehindGrants,
     Excused,
 }
 
 impl Count {
-    pub const ALL: [Count; 24] = [
+    pub const ALL: [Count; 26] = [
         Count::Crashes,
         Count::Expiries,
         Count::ClockJumps,
@@ -143,6 +149,7 @@ impl Count {
         Count::LostAcquireReplies,
         Count::LostGrantReplies,
         Count::RenewalOutages,
+        Count::LockAmnesias,
         Count::InjectedErrors,
         Count::Delays,
         Count::LostReplies,
@@ -155,6 +162,7 @@ impl Count {
         Count::StoppedDeadline,
         Count::RenewalsRefused,
         Count::StaleRefused,
+        Count::BehindGrants,
         Count::Excused,
     ];
 
@@ -176,6 +184,7 @@ impl Count {
             Count::LostAcquireReplies => "lost acquire replies (LoseReply)",
             Count::LostGrantReplies => "of which grants",
             Count::RenewalOutages => "renewal outages past the local deadline",
+            Count::LockAmnesias => "locks apart from the store that forgot their state",
             Count::InjectedErrors => "injected errors",
             Count::Delays => "delays",
             Count::LostReplies => "lost replies (any call)",
@@ -188,6 +197,9 @@ impl Count {
             Count::StoppedDeadline => "holders stopped at the local deadline",
             Count::RenewalsRefused => "renewals refused",
             Count::StaleRefused => "stale-fence writes refused",
+            Count::BehindGrants => {
+                "grants behind the store's fence (given back, the lock raised a TTL later)"
+            }
             Count::Excused => "E1 overlaps after a cut-short lease (excused)",
         }
     }
@@ -206,6 +218,15 @@ impl Counts {
     pub fn get(&self, k: Count) -> u64 {
         self.0.get(&k).copied().unwrap_or(0)
     }
+}
+
+/// The lock forgot its state.
+#[derive(Debug, Clone, Copy)]
+pub struct Amnesia {
+    /// How many grants the backend had logged by then.
+    pub grants: usize,
+    /// The store's fence then.
+    pub store_fence: u64,
 }
 
 /// What all parts of one trial share.
@@ -238,13 +259,23 @@ pub struct World {
     pub sessions_ended: Mutex<BTreeSet<u64>>,
     /// Per fence, the forward clock jumps (ms) while it was live.
     pub jumped: Mutex<BTreeMap<u64, i64>>,
+    /// The lock is kept apart from the store
+    /// (`MemoryBackend::set_lock_apart`), and may forget its state.
+    pub lock_apart: bool,
+    /// Each time the lock forgot its state.
+    pub amnesias: Mutex<Vec<Amnesia>>,
     /// Per (run id, fence): the latest instant that run's local deadline can
     /// be, from its successful grant and renewal calls.
     pub deadlines: Mutex<BTreeMap<(String, u64), Duration>>,
 }
 
 impl World {
-    pub fn new(seed: u64, backend: Arc<MemoryBackend>, flaky: Option<&'static str>) -> World {
+    pub fn new(
+        seed: u64,
+        backend: Arc<MemoryBackend>,
+        flaky: Option<&'static str>,
+        lock_apart: bool,
+    ) -> World {
         World {
             start: Instant::now(),
             rng: Mutex::new(Rng(seed)),
@@ -262,6 +293,8 @@ impl World {
             cut_short: Mutex::default(),
             sessions_ended: Mutex::default(),
             jumped: Mutex::default(),
+            lock_apart,
+            amnesias: Mutex::default(),
             deadlines: Mutex::default(),
         }
     }

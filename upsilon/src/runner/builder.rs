@@ -88,8 +88,13 @@ impl Builder {
         self
     }
 
-    /// The lock (may come from another backend than the store: the store's
-    /// own fence check keeps that safe).
+    /// The lock. It may come from another backend than the store (a lease in
+    /// Redis or etcd, the data version in PostgreSQL): the store's own fence
+    /// check keeps S1-S7. A lock that is new in front of a used store, or
+    /// one that forgot its state, grants fences the store has seen; the
+    /// runner then holds that grant unused for one TTL, raises the lock's
+    /// fence above the store's (`Lock::raise_fence`) and asks again
+    /// (docs/DESIGN.md, "Backends").
     pub fn lock(mut self, lock: Arc<dyn Lock>) -> Self {
         self.lock = Some(lock);
         self
@@ -225,6 +230,16 @@ impl Builder {
         self
     }
 
+    /// Negative control for fault tests: a grant whose fence the store has
+    /// already seen is given back at once, without waiting out the TTL of a
+    /// lease the lock may have forgotten. Breaks E1 on purpose; never use it
+    /// outside a test of the test harness itself.
+    #[cfg(feature = "_negative-controls")]
+    pub fn skip_waiting_out_a_forgetful_lock(mut self) -> Self {
+        self.config.skip_wait_out = true;
+        self
+    }
+
     /// Validates everything and builds the runner. Collects and validates the
     /// registry here, before any lock is taken.
     pub fn build(mut self) -> Result<Upsilon, Error> {
@@ -257,6 +272,7 @@ impl Builder {
             inner: Arc::new(Inner {
                 service: self.service,
                 app,
+                lock_apart: !std::ptr::addr_eq(Arc::as_ptr(&lock), Arc::as_ptr(&store)),
                 lock,
                 store,
                 registry,

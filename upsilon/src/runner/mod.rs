@@ -65,6 +65,9 @@ struct Inner {
     app: Version,
     lock: Arc<dyn Lock>,
     store: Arc<dyn Store>,
+    /// The lock and the store are different objects (`Builder::lock` and
+    /// `Builder::store`), so a grant cannot have seen the store's fence.
+    lock_apart: bool,
     registry: Registry,
     resources: Arc<Resources>,
     holder: Holder,

@@ -92,6 +92,9 @@ pub(super) struct Config {
     pub(super) baseline: Option<Version>,
     /// Negative control: plan from the read made before the lease.
     pub(super) skip_reread: bool,
+    /// Negative control: give a grant behind the store back at once instead
+    /// of waiting out the TTL.
+    pub(super) skip_wait_out: bool,
 }
 
 impl Default for Config {
@@ -111,6 +114,7 @@ impl Default for Config {
             backend_attempts: 5,
             baseline: None,
             skip_reread: false,
+            skip_wait_out: false,
         }
     }
 }

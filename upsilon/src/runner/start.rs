@@ -19,6 +19,14 @@ use crate::planner::Plan;
 use crate::status::Status;
 use crate::util::jitter;
 
+/// How far above its own fence the store is claimed when the lock is seen
+/// behind it. Above every fence the forgetful lock can grant before a node
+/// raises it (it counts up from where it lost its state), and above any it
+/// granted without a claim before it forgot (a holder paused between its
+/// grant and its claim is then refused by the store when it resumes).
+/// Fences are 63-bit: the gap costs nothing.
+const CATCH_UP_GAP: u64 = 1 << 20;
+
 /// How start-up ended.
 pub(super) enum Start {
     /// READY without the lease.
@@ -75,8 +83,8 @@ impl Inner {
             // after it is sent.
             let sent = Instant::now();
             let seen = match self.try_acquire().await? {
-                Acquire::Granted(lease) if lease.fence <= snapshot.fence => {
-                    self.catch_up_fence(lease, &snapshot, &mut catch_ups)
+                Acquire::Granted(lease) if self.behind(&lease, &mut snapshot).await? => {
+                    self.catch_up_fence(lease, &snapshot, &mut catch_ups, stop)
                         .await?;
                     continue;
                 }
@@ -95,8 +103,8 @@ impl Inner {
                     // found the lease held by this very run: take it up with a
                     // renewal rather than wait on ourselves until it expires.
                     if let Some((lease, sent)) = self.adopt(&info).await? {
-                        if lease.fence <= snapshot.fence {
-                            self.catch_up_fence(lease, &snapshot, &mut catch_ups)
+                        if self.behind(&lease, &mut snapshot).await? {
+                            self.catch_up_fence(lease, &snapshot, &mut catch_ups, stop)
                                 .await?;
                             continue;
                         }
@@ -155,31 +163,97 @@ impl Inner {
         }
     }
 
-    /// A grant whose fence the store has already seen (read before the
-    /// request): the lock is behind the store, as a new lock in front of a
-    /// used store is, or one that lost its counter. No node can have been
-    /// granted that fence legitimately after the store saw it, so the lease
-    /// is useless: release it, raise the lock's counter to the store's fence
-    /// and ask again, instead of being refused by the store at every claim.
+    /// Whether `lease` carries a fence the store has already seen. With the
+    /// lock apart from the store, `snapshot` is read again first: the read
+    /// before the request may predate a claim that the lock has forgotten
+    /// since (a grant of a lock that is its own store takes the store's fence
+    /// into account in the same atomic operation).
+    async fn behind(&self, lease: &Lease, snapshot: &mut Snapshot) -> Result<bool, Error> {
+        if self.lock_apart && lease.fence > snapshot.fence {
+            let now = match self.load().await {
+                Ok(now) => now,
+                Err(e) => {
+                    // Nothing ran: give the lease back rather than let the
+                    // others wait out its TTL.
+                    let _ = self.lock.release(lease).await;
+                    return Err(e);
+                }
+            };
+            if now.fence > snapshot.fence {
+                *snapshot = now;
+            }
+        }
+        Ok(lease.fence <= snapshot.fence)
+    }
+
+    /// A grant whose fence the store has already seen: the lock is behind
+    /// the store. No node can have been granted that fence legitimately
+    /// after the store saw it, so the lock is new in front of a used store,
+    /// or it lost its state (a Redis restarted without its data) and with
+    /// it, perhaps, the live lease of a holder that is still running its
+    /// task. So, before anything runs:
+    /// 1. claim the store with a fence [`CATCH_UP_GAP`] above its own: from
+    ///    then on every fence the forgetful lock grants is behind the store,
+    ///    however far its counter climbs, and a holder whose lease it forgot
+    ///    is refused at its next write;
+    /// 2. give the useless lease back and wait one TTL from its reply: such a
+    ///    holder stops by then (its local deadline falls within a TTL of its
+    ///    last renewal, which was sent before the lock forgot it);
+    /// 3. raise the lock's counter to the store's fence and ask again,
+    ///    unless another node has claimed the store above this node's bar
+    ///    since (it caught the lock up already).
+    ///
+    /// Until some node has waited a whole TTL, nobody raises the counter, so
+    /// every grant is behind the store and waits in the same way.
     async fn catch_up_fence(
         &self,
         lease: Lease,
         snapshot: &Snapshot,
         catch_ups: &mut u32,
+        stop: &CancellationToken,
     ) -> Result<(), Error> {
         *catch_ups += 1;
-        warn!(granted = lease.fence, store_fence = snapshot.fence,
-            "the lock granted a fence the store has already seen; raising the lock's fence and asking again");
-        if *catch_ups > 3 {
+        if *catch_ups > 10 {
+            let _ = self.lock.release(&lease).await;
             return Err(Error::Backend {
                 during: "catching the lock's fence up with the store",
                 source: BackendError::Rejected(format!(
-                    "the lock granted fence {} after it was raised above {}: \
-                     it does not keep the floor `raise_fence` sets",
-                    lease.fence, snapshot.fence
+                    "the lock granted a fence the store had already seen {} times in a row \
+                     (fence {} against the store's {}): it does not keep the floor \
+                     `raise_fence` sets, or it keeps losing its state",
+                    *catch_ups - 1,
+                    lease.fence,
+                    snapshot.fence
                 )),
             });
         }
+        let wait_out = if self.config.skip_wait_out {
+            Duration::ZERO
+        } else {
+            self.config.ttl
+        };
+        // From the reply, not the request: the lock forgot before it
+        // granted, which may be any time up to the reply.
+        let until = Instant::now() + wait_out;
+        let bar = snapshot.fence.saturating_add(CATCH_UP_GAP);
+        warn!(granted = lease.fence, store_fence = snapshot.fence, ?wait_out,
+            "the lock granted a fence the store has already seen: it is new in front of a used store, \
+             or it lost its state and perhaps a live lease; raising the store's fence, waiting one TTL, \
+             then raising the lock's fence and asking again");
+        let barred = match self
+            .retry("raising the store's fence above a lock behind it", || {
+                self.store.claim(&self.service, bar)
+            })
+            .await
+        {
+            // A newer claim came first: it bars the lock as well.
+            Ok(_)
+            | Err(Error::Backend {
+                source: BackendError::StaleFence { .. },
+                ..
+            }) => Ok(()),
+            Err(e) => Err(e),
+        };
         match self
             .retry("releasing a lease behind the store's fence", || {
                 self.lock.release(&lease)
@@ -193,9 +267,21 @@ impl Inner {
             }) => {}
             Err(e) => return Err(e),
         }
+        barred?;
+        tokio::select! {
+            _ = tokio::time::sleep_until(until) => {}
+            _ = stop.cancelled() => return Ok(()),
+        }
+        let now = self.load().await?;
+        if now.fence > bar {
+            // Another node has caught the lock up and claimed the store
+            // since: raising now could hide a loss of the lock's state that
+            // came after its grant.
+            return Ok(());
+        }
         self.retry(
             "raising the lock's fence to the store's (the lock granted a fence the store has already seen)",
-            || self.lock.raise_fence(&self.service, snapshot.fence),
+            || self.lock.raise_fence(&self.service, now.fence),
         )
         .await
     }

@@ -100,6 +100,8 @@ pub struct MemoryBackend {
     grants: Mutex<Vec<Grant>>,
     commits: Mutex<Vec<Commit>>,
     skip_fence_check: std::sync::atomic::AtomicBool,
+    /// See [`MemoryBackend::set_lock_apart`].
+    lock_apart: std::sync::atomic::AtomicBool,
     faults: Faults,
     notify: Notify,
     origin: Instant,
@@ -123,6 +125,7 @@ impl Default for MemoryBackend {
             grants: Mutex::default(),
             commits: Mutex::default(),
             skip_fence_check: Default::default(),
+            lock_apart: Default::default(),
             faults: Faults::default(),
             notify: Notify::new(),
             origin: Instant::now(),
@@ -176,6 +179,44 @@ impl MemoryBackend {
     /// Moves the backend's clock by `ms` (negative: back).
     pub fn jump_clock(&self, ms: i64) {
         *lock(&self.jump_ms) += ms;
+    }
+
+    /// Models a lock kept in another system than the store (a Redis lock in
+    /// front of a PostgreSQL store): a grant is above the lock's own grant
+    /// counter only, not above the store's fence or the history's, which
+    /// that lock cannot read. With [`MemoryBackend::forget_lock`], a lock
+    /// that loses its state.
+    pub fn set_lock_apart(&self, on: bool) {
+        self.lock_apart
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Models a lock that loses its state (a Redis restarted without its
+    /// data): the lease of `service`, live or not, and its grant counter are
+    /// gone, while the store keeps everything. Only with
+    /// [`MemoryBackend::set_lock_apart`] (a backend that is its own store
+    /// keeps its fences there); returns whether a live lease was forgotten.
+    pub fn forget_lock(&self, service: &str) -> bool {
+        let now = self.now_ms();
+        let forgot = match lock(&self.services).get_mut(service) {
+            Some(s) => {
+                let live = s.lease.take().is_some_and(|l| l.expires_at_ms > now);
+                s.granted = 0;
+                s.session_ended_ms = None;
+                live
+            }
+            None => false,
+        };
+        self.notify.notify_waiters();
+        forgot
+    }
+
+    /// The newest fence the store of `service` has seen, read past any
+    /// injected fault.
+    pub fn store_fence(&self, service: &str) -> u64 {
+        lock(&self.services)
+            .get(service)
+            .map_or(0, |s| s.snapshot.fence)
     }
 
     /// Makes the current lease of `service` expire now: its holder loses it
@@ -322,7 +363,11 @@ impl Lock for MemoryBackend {
             let gone = self.takeover_at(s).is_some_and(|at| now >= at);
             let stored = s.lease.as_ref().filter(|_| !gone);
             let history = s.history.iter().map(|r| r.fence).max().unwrap_or(0);
-            let seen = [s.granted, s.snapshot.fence, history, s.fence_floor];
+            let seen = if self.lock_apart.load(std::sync::atomic::Ordering::SeqCst) {
+                [s.granted, 0, 0, 0]
+            } else {
+                [s.granted, s.snapshot.fence, history, s.fence_floor]
+            };
             let decision = decide_acquire(service, stored, now, seen, holder, ttl)?;
             if let Acquire::Granted(lease) = &decision {
                 s.session_ended_ms = None;
