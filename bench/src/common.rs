@@ -205,7 +205,7 @@ pub async fn pg_node(
     url: &str,
     pool_size: usize,
     holder_check: Option<Duration>,
-) -> anyhow::Result<Arc<PostgresBackend>> {
+) -> anyhow::Result<Arc<dyn Backend>> {
     let mut options = PostgresOptions::from_url(url)?.pool_size(pool_size);
     if let Some(every) = holder_check {
         options = options.holder_check_every(every);

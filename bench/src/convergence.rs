@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context as _};
 use serde_json::json;
 use tokio::sync::watch;
+use upsilon::backend::Backend;
 use upsilon::{Outcome, Status, TaskContext, TaskFuture, Upsilon};
-use upsilon_backends::postgres::PostgresBackend;
 
 use crate::common::{
     at_released, gated_migrator, new_task, pg_node, released_tasks, sqlx_connect, sqlx_migrate,
@@ -77,11 +77,12 @@ async fn wait_status(
 }
 
 /// One upgrade of `service` from 1.0 to 1.1: `canary` runs the task while a
-/// node on each of `nodes` waits. `configure` adjusts each runner's builder.
+/// node on each of `nodes` waits, all on one backend (of any kind).
+/// `configure` adjusts each runner's builder.
 pub async fn upsilon_round(
     service: &str,
-    canary: &Arc<PostgresBackend>,
-    nodes: &[Arc<PostgresBackend>],
+    canary: &Arc<dyn Backend>,
+    nodes: &[Arc<dyn Backend>],
     task: Duration,
     configure: impl Fn(upsilon::Builder) -> upsilon::Builder,
     before_go: impl std::future::Future<Output = anyhow::Result<()>>,
@@ -150,8 +151,13 @@ pub async fn upsilon_round(
     for run in runs {
         let (r, ready) = run.await?;
         let outcome = r?;
+        // A node that polls may be granted the lease the canary has just
+        // released, and find the work done under it: up to date.
         ensure!(
-            matches!(outcome, Outcome::WaitedForOther { .. }),
+            matches!(
+                outcome,
+                Outcome::WaitedForOther { .. } | Outcome::UpToDate { .. }
+            ),
             "a waiting node did not wait for the canary: {outcome}"
         );
         each.push(signed_ms(ready, commit));
@@ -286,7 +292,11 @@ pub async fn sqlx_round(
 /// to the last delivery, and to the last of the `SELECT 1`s that each
 /// listener then sends on a second connection of its own (as a node reads
 /// the store on its pool connection once woken).
-async fn notify_floor(env: &Env, n: usize, repeats: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+pub async fn notify_floor(
+    env: &Env,
+    n: usize,
+    repeats: usize,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     type Times = Arc<Mutex<Vec<Instant>>>;
     let delivered: Times = Arc::default();
     let answered: Times = Arc::default();

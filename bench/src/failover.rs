@@ -2,14 +2,15 @@
 //! new release's task while other node processes wait; how long until
 //! another node holds the lease, and until every node is READY?
 //!
-//! Nodes are processes of this binary (`upsilon-bench node ...`). The new
-//! holder is seen by polling the lease every 2 ms from this process
-//! (`Lock::current`; for sqlx, `pg_locks`); READY is the instant a node's
-//! `ready` line arrives. The task runs again on the new holder (tasks run at
-//! least once): the waiters' copy of it takes 100 ms.
+//! Nodes are processes of this binary (`upsilon-bench node ...`), each
+//! opening its backend from a URL; scenario 6c runs the same kill on the
+//! other backends ([`upsilon_once`]). The new holder is seen by polling the
+//! lease every 2 ms from this process (`Lock::current`; for sqlx,
+//! `pg_locks`); READY is the instant a node's `ready` line arrives. The
+//! task runs again on the new holder (tasks run at least once): the
+//! waiters' copy of it takes 100 ms.
 
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _};
@@ -17,8 +18,6 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
-use upsilon::backend::Lock;
-use upsilon_backends::postgres::PostgresBackend;
 
 use crate::common::{at_released, Env};
 use crate::convergence::poll_until;
@@ -101,9 +100,9 @@ fn waiter_names(n: usize) -> Vec<String> {
 }
 
 /// Kill to new holder, kill to last node READY, in ms.
-struct Takeover {
-    holder: f64,
-    ready: f64,
+pub struct Takeover {
+    pub holder: f64,
+    pub ready: f64,
 }
 
 async fn finish(
@@ -132,19 +131,16 @@ async fn finish(
     })
 }
 
-async fn upsilon_once(
-    env: &Env,
+/// One kill of an Upsilon canary on the backend `url` names, its waiters
+/// and the lease poll on the same backend.
+pub async fn upsilon_once(
     o: &Options,
     service: &str,
     url: &str,
     ttl_ms: u64,
 ) -> anyhow::Result<Takeover> {
-    at_released(
-        service,
-        Arc::new(PostgresBackend::connect_url(&env.url).await?),
-    )
-    .await?;
-    let lock = PostgresBackend::connect_url(&env.url).await?;
+    let lock = upsilon_backends::connect(url).await?;
+    at_released(service, lock.clone()).await?;
     let mut ev = Events::new();
     let args = |name: &str, task_ms: u64| -> Vec<String> {
         [
@@ -280,18 +276,8 @@ pub async fn run(env: &Env, o: &Options, report: &mut Report) -> anyhow::Result<
     let mut sqlx_default = Vec::new();
     let pooled_url = format!("{}?pgbouncer=true", env.url);
     for r in 0..reps {
-        session
-            .push(upsilon_once(env, o, &format!("failover-session-{r}"), &env.url, 15_000).await?);
-        pooled.push(
-            upsilon_once(
-                env,
-                o,
-                &format!("failover-pooled-{r}"),
-                &pooled_url,
-                o.ttl_ms,
-            )
-            .await?,
-        );
+        session.push(upsilon_once(o, &format!("failover-session-{r}"), &env.url, 15_000).await?);
+        pooled.push(upsilon_once(o, &format!("failover-pooled-{r}"), &pooled_url, o.ttl_ms).await?);
         sqlx_check.push(
             sqlx_once(
                 env,

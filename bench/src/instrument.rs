@@ -45,6 +45,12 @@ impl Instrumented {
         r
     }
 
+    /// Per operation: how many calls so far.
+    pub fn calls(&self) -> BTreeMap<&'static str, u64> {
+        let calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+        calls.iter().map(|(op, (n, _))| (*op, *n)).collect()
+    }
+
     /// Per operation: calls and total ms; the mean ms of the first and of
     /// the last tenth of the writes.
     pub fn breakdown(&self) -> Value {

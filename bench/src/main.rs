@@ -1,11 +1,12 @@
 //! `upsilon-bench`: what Upsilon costs a service and its cluster, measured
 //! beside what users would otherwise run (sqlx's migrator; a bare connect
 //! and query), in one run, against a PostgreSQL server it starts on a free
-//! loopback port, and SQLite files in a temporary directory.
+//! loopback port, and SQLite files in a temporary directory; scenario 6
+//! measures every backend built in through the same generic code.
 //!
 //! ```text
 //! cargo run --release -p upsilon-bench -- [--tiny] [--only 1,2,3,4,5,6] [--nodes 20,50,100,200]
-//!     [--kube-nodes 20,100] [--repeats N] [--json PATH]
+//!     [--repeats N] [--backends postgres,sqlite,...] [--json PATH]
 //! ```
 //!
 //! It prints a table (scenario | measure | upsilon | baseline | ratio |
@@ -13,11 +14,11 @@
 //! JSON. `--help` lists every flag and its default. `docs/BENCHMARKS.md`
 //! says what each figure measures and limits it.
 
+mod backends;
 mod common;
 mod convergence;
 mod failover;
 mod instrument;
-mod kubernetes;
 mod load;
 mod node;
 mod proxy;
@@ -60,7 +61,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// One node process of scenario 4 (the benchmark starts these itself).
+    /// One node process of scenarios 4 and 6c (the benchmark starts these itself).
     #[command(subcommand)]
     Node(node::Kind),
 }
@@ -76,16 +77,15 @@ struct Flags {
         value_parser = scenario, allow_negative_numbers = true,
         default_value = "1,2,3,4,5,6", hide_default_value = true)]
     only: Vec<u8>,
-    /// Node counts of scenario 2, each at least 1 (with --tiny: 3).
+    /// Node counts of scenarios 2 and 6b, each at least 1 [default: 20,50,100,200
+    /// in 2, 20,100 in 6b; with --tiny: 3].
     #[arg(long, value_name = "LIST", value_delimiter = ',', action = ArgAction::Set,
-        value_parser = at_least_one, allow_negative_numbers = true,
-        default_value = "20,50,100,200", default_value_if("tiny", "true", "3"))]
-    nodes: Vec<usize>,
-    /// Node counts of scenario 6b, each at least 1 (with --tiny: 3).
+        value_parser = at_least_one, allow_negative_numbers = true)]
+    nodes: Option<Vec<usize>>,
+    /// Backends measured in scenario 6 [default: every backend built in].
     #[arg(long, value_name = "LIST", value_delimiter = ',', action = ArgAction::Set,
-        value_parser = at_least_one, allow_negative_numbers = true,
-        default_value = "20,100", default_value_if("tiny", "true", "3"))]
-    kube_nodes: Vec<usize>,
+        value_parser = backends::kind)]
+    backends: Option<Vec<backends::Kind>>,
     /// Upgrades per node count in scenarios 2 and 6b (with --tiny: 1).
     #[arg(long, value_name = "N", value_parser = at_least_one, allow_negative_numbers = true,
         default_value = "10", default_value_if("tiny", "true", "1"))]
@@ -94,32 +94,33 @@ struct Flags {
     /// or upsilon-bench-tiny.json with --tiny].
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
-    /// Start-ups timed per way in scenario 1a, twice as many checks in 1b (with --tiny: 5).
+    /// Start-ups timed per way in scenarios 1a and 6a, twice as many checks
+    /// in 1b (with --tiny: 5).
     #[arg(long, value_name = "N", value_parser = at_least_one, allow_negative_numbers = true,
         default_value = "300", default_value_if("tiny", "true", "5"))]
     startup_iters: usize,
-    /// The canary's task in scenario 2, in milliseconds (with --tiny: 300).
+    /// The canary's task in scenarios 2 and 6b, in milliseconds (with --tiny: 300).
     #[arg(long, value_name = "MS", value_parser = millis, allow_negative_numbers = true,
         default_value = "1000", default_value_if("tiny", "true", "300"))]
     task_ms: u64,
-    /// Waiting nodes in scenario 3 (with --tiny: 3).
+    /// Waiting nodes in scenarios 3 and 6d (with --tiny: 3).
     #[arg(long, value_name = "N", value_parser = at_least_one, allow_negative_numbers = true,
         default_value = "50", default_value_if("tiny", "true", "3"))]
     load_nodes: usize,
-    /// The upgrade's length in scenario 3, in milliseconds (with --tiny: 500).
+    /// The upgrade's length in scenarios 3 and 6d, in milliseconds (with --tiny: 500).
     #[arg(long, value_name = "MS", value_parser = millis, allow_negative_numbers = true,
         default_value = "10000", default_value_if("tiny", "true", "500"))]
     load_ms: u64,
-    /// Kills per way in scenario 4 (with --tiny: 1).
+    /// Kills per way in scenario 4, per backend in 6c (with --tiny: 1).
     #[arg(long, value_name = "N", value_parser = at_least_one, allow_negative_numbers = true,
         default_value = "5", default_value_if("tiny", "true", "1"))]
     failover_repeats: usize,
-    /// Waiting node processes in scenario 4 (with --tiny: 2).
+    /// Waiting node processes in scenarios 4 and 6c (with --tiny: 2).
     #[arg(long, value_name = "N", value_parser = at_least_one, allow_negative_numbers = true,
         default_value = "3", default_value_if("tiny", "true", "2"))]
     failover_waiters: usize,
-    /// Lease TTL behind a transaction pooler in scenario 4, in milliseconds,
-    /// at least 300 (with --tiny: 1000).
+    /// Lease TTL behind a transaction pooler in scenario 4, and of every
+    /// backend in 6c, in milliseconds, at least 300 (with --tiny: 1000).
     #[arg(long, value_name = "MS", value_parser = ttl_millis, allow_negative_numbers = true,
         default_value = "5000", default_value_if("tiny", "true", "1000"))]
     ttl_ms: u64,
@@ -189,8 +190,12 @@ fn scenario(s: &str) -> Result<u8, String> {
 pub struct Options {
     pub tiny: bool,
     pub only: BTreeSet<u8>,
+    /// Node counts of scenario 2.
     pub nodes: Vec<usize>,
-    pub kube_nodes: Vec<usize>,
+    /// Node counts of scenario 6b.
+    pub backend_nodes: Vec<usize>,
+    /// Backends of scenario 6, each once, in the table's order.
+    pub backends: Vec<backends::Kind>,
     pub repeats: usize,
     pub json: PathBuf,
     pub startup_iters: usize,
@@ -229,11 +234,20 @@ impl From<Flags> for Options {
         } else {
             "upsilon-bench.json"
         };
+        let (nodes, backend_nodes) = match (f.nodes, f.tiny) {
+            (Some(given), _) => (given.clone(), given),
+            (None, true) => (vec![3], vec![3]),
+            (None, false) => (vec![20, 50, 100, 200], vec![20, 100]),
+        };
+        let mut kinds = f.backends.unwrap_or_else(|| backends::Kind::ALL.to_vec());
+        kinds.sort();
+        kinds.dedup();
         Options {
             tiny: f.tiny,
             only: f.only.into_iter().collect(),
-            nodes: f.nodes,
-            kube_nodes: f.kube_nodes,
+            nodes,
+            backend_nodes,
+            backends: kinds,
             repeats: f.repeats,
             json: f.json.unwrap_or_else(|| target.join(json)),
             startup_iters: f.startup_iters,
@@ -316,7 +330,14 @@ fn load_average() -> String {
 async fn run(o: &Options, args: &[String]) -> anyhow::Result<()> {
     let started = Instant::now();
     let load_before = load_average();
-    let biggest = o.nodes.iter().copied().max().unwrap_or(1).max(o.load_nodes);
+    let biggest = o
+        .nodes
+        .iter()
+        .chain(&o.backend_nodes)
+        .copied()
+        .max()
+        .unwrap_or(1)
+        .max(o.load_nodes);
     // Each Upsilon node holds two connections (pool, listening session).
     let max_connections = (2 * biggest + 100).max(300) as u32;
     eprintln!("upsilon-bench: starting PostgreSQL (max_connections {max_connections})");
@@ -338,8 +359,8 @@ async fn run(o: &Options, args: &[String]) -> anyhow::Result<()> {
         (3, "store load", |e, o, r| Box::pin(load::run(e, o, r))),
         (4, "failover", |e, o, r| Box::pin(failover::run(e, o, r))),
         (5, "scale", |e, o, r| Box::pin(scale::run(e, o, r))),
-        (6, "the Kubernetes backend", |e, o, r| {
-            Box::pin(kubernetes::run(e.dir.path(), o, r))
+        (6, "other backends", |e, o, r| {
+            Box::pin(backends::run(e, o, r))
         }),
     ];
     let mut timings = serde_json::Map::new();
@@ -408,7 +429,8 @@ mod tests {
         assert!(!o.tiny);
         assert_eq!(o.only, (1..=6).collect());
         assert_eq!(o.nodes, [20, 50, 100, 200]);
-        assert_eq!(o.kube_nodes, [20, 100]);
+        assert_eq!(o.backend_nodes, [20, 100]);
+        assert_eq!(o.backends, backends::Kind::ALL);
         assert_eq!(o.json, target_dir().join("upsilon-bench.json"));
         let sizes = [
             o.repeats,
@@ -433,7 +455,7 @@ mod tests {
         assert!(o.tiny);
         assert_eq!(o.only, (1..=6).collect());
         assert_eq!(o.nodes, [3]);
-        assert_eq!(o.kube_nodes, [3]);
+        assert_eq!(o.backend_nodes, [3]);
         assert_eq!(o.json, target_dir().join("upsilon-bench-tiny.json"));
         let sizes = [
             o.repeats,
@@ -464,8 +486,8 @@ mod tests {
             "x.json",
         ]);
         assert_eq!(
-            (o.repeats, o.nodes, o.json),
-            (4, vec![5, 6], "x.json".into())
+            (o.repeats, o.nodes, o.backend_nodes, o.json),
+            (4, vec![5, 6], vec![5, 6], "x.json".into())
         );
         assert_eq!(o.startup_iters, 5);
     }
@@ -483,6 +505,18 @@ mod tests {
             "3",
         ]);
         assert_eq!((o.repeats, o.only), (6, [3].into()));
+    }
+
+    #[test]
+    fn backends_are_named_once_each_in_the_tables_order() {
+        let o = parse(&["--backends", "sqlite,postgres,sqlite"]);
+        assert_eq!(
+            o.backends,
+            [backends::Kind::Postgres, backends::Kind::Sqlite]
+        );
+        let argv = ["upsilon-bench", "--backends", "mysql"];
+        let err = Cli::try_parse_from(argv).unwrap_err().to_string();
+        assert!(err.contains("no backend \"mysql\""), "{err}");
     }
 
     #[test]

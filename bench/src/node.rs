@@ -1,8 +1,9 @@
-//! `upsilon-bench node`: one node of the failover scenario, as a process of
-//! its own so that it can be SIGKILLed. It upgrades a service from 1.0 to
-//! 1.1, whose one task sleeps `--task-ms`, and prints what it does, one word
-//! a line: `waiting`, `upgrading`, `ready`, `failed` (Upsilon), or `pid N`,
-//! `started`, `ready` (sqlx, N its server process id).
+//! `upsilon-bench node`: one node of the failover scenarios (4 and 6c), as
+//! a process of its own so that it can be SIGKILLed. It upgrades a service
+//! from 1.0 to 1.1, on the backend its URL names, whose one task sleeps
+//! `--task-ms`, and prints what it does, one word a line: `waiting`,
+//! `upgrading`, `ready`, `failed` (Upsilon), or `pid N`, `started`, `ready`
+//! (sqlx, N its server process id).
 //!
 //! ```text
 //! upsilon-bench node upsilon --url URL --service S --name NAME --task-ms MS [--ttl-ms MS]
@@ -10,12 +11,10 @@
 //! ```
 
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Subcommand;
 use upsilon::{Holder, Status};
-use upsilon_backends::postgres::PostgresBackend;
 
 use crate::common::{migrator, released_tasks, sleeping_task, sqlx_connect_with};
 
@@ -24,7 +23,7 @@ use crate::common::{migrator, released_tasks, sleeping_task, sqlx_connect_with};
 pub enum Kind {
     /// An Upsilon node: upgrades its service from 1.0 to 1.1.
     Upsilon {
-        /// The PostgreSQL server's URL, or a `kubernetes://` one.
+        /// The backend's URL, as `upsilon_backends::connect` takes it.
         #[arg(long)]
         url: String,
         /// The service upgraded.
@@ -92,11 +91,7 @@ async fn run(kind: Kind) -> anyhow::Result<()> {
             task_ms,
             ttl_ms,
         } => {
-            let backend: Arc<dyn upsilon::backend::Backend> = if url.starts_with("kubernetes:") {
-                upsilon_backends::connect(&url).await?
-            } else {
-                Arc::new(PostgresBackend::connect_url(&url).await?)
-            };
+            let backend = upsilon_backends::connect(&url).await?;
             let mut tasks = released_tasks();
             tasks.push(sleeping_task(Duration::from_millis(task_ms)));
             let mut builder = upsilon::Upsilon::builder()

@@ -10,6 +10,8 @@ pub enum Unit {
     Ms,
     S,
     Count,
+    /// A count per second.
+    PerS,
     MsPerNode,
 }
 
@@ -19,6 +21,7 @@ impl Unit {
             Unit::Ms => "ms",
             Unit::S => "s",
             Unit::Count => "count",
+            Unit::PerS => "/s",
             Unit::MsPerNode => "ms/node",
         }
     }
@@ -35,6 +38,7 @@ impl Unit {
         };
         match self {
             Unit::Count => n,
+            Unit::PerS => format!("{n}/s"),
             u => format!("{n} {}", u.name()),
         }
     }

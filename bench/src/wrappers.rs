@@ -6,19 +6,18 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use upsilon::backend::{Acquire, Change, HistoryEntry, LeaseInfo};
-use upsilon::backend::{BackendError, Lease, Lock, Snapshot, Store};
+use upsilon::backend::{Backend, BackendError, Lease, Lock, Snapshot, Store};
 use upsilon::Holder;
-use upsilon_backends::postgres::PostgresBackend;
 
 /// A store that remembers when its last successful write returned.
 #[derive(Debug)]
 pub struct TimedStore {
-    inner: Arc<PostgresBackend>,
+    inner: Arc<dyn Backend>,
     last_write: Mutex<Option<Instant>>,
 }
 
 impl TimedStore {
-    pub fn new(inner: Arc<PostgresBackend>) -> TimedStore {
+    pub fn new(inner: Arc<dyn Backend>) -> TimedStore {
         TimedStore {
             inner,
             last_write: Mutex::new(None),
@@ -66,7 +65,7 @@ impl Store for TimedStore {
 /// notification arrived), to tell the wake-up from the read that follows it.
 #[derive(Debug)]
 pub struct Watched {
-    pub inner: Arc<PostgresBackend>,
+    pub inner: Arc<dyn Backend>,
     /// When the last wait ended.
     pub woke: Mutex<Option<Instant>>,
 }

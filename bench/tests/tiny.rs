@@ -1,6 +1,6 @@
 //! The benchmark works: a tiny run (small sizes, short sleeps, no build-time
-//! scenario) exits 0, prints a table with every scenario, and writes JSON
-//! with a row per figure. It asserts nothing about the figures themselves.
+//! scenario) exits 0, prints a table with every scenario, every backend built
+//! in included, and writes JSON with a row per figure. It asserts nothing about the figures themselves.
 
 use std::process::Command;
 
@@ -22,7 +22,9 @@ fn a_tiny_run_prints_every_scenario_and_writes_json() {
     );
     let header = "| scenario | measure";
     assert!(stdout.contains(header), "no table:\n{stdout}");
-    for scenario in ["1a", "1b", "2", "3", "4", "5a", "5b", "6a", "6b", "6c"] {
+    for scenario in [
+        "1a", "1b", "2", "3", "4", "5a", "5b", "6a", "6b", "6c", "6d",
+    ] {
         assert!(
             stdout
                 .lines()
@@ -46,6 +48,7 @@ fn a_tiny_run_prints_every_scenario_and_writes_json() {
 fn bad_flags_are_refused_naming_the_flag() {
     for (args, said) in [
         (&["--only", "7"][..], "no scenario 7"),
+        (&["--backends", "mysql"], "no backend \"mysql\""),
         (&["--repeats", "0"], "--repeats <N>"),
         (&["--load-ms", "-1"], "--load-ms <MS>"),
         (&["--ttl-ms", "soon"], "--ttl-ms <MS>"),

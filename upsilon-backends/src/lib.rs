@@ -30,6 +30,8 @@ pub mod postgres;
 pub mod redis;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+#[cfg(any(feature = "postgres", feature = "redis"))]
+mod wakeups;
 
 /// Opens the backend a URL names:
 /// - `sqlite:PATH` or `sqlite://PATH` (`sqlite:///abs/path.db`), feature `sqlite`;

@@ -602,16 +602,100 @@ impl ClusterBackend for Kube {
     }
 }
 
-/// A real Redis server started by the harness, its append-only file synced
-/// before every write is acknowledged (`appendfsync always`: the setting
-/// docs/REDIS.md asks of a Redis that is the store), a key prefix per
-/// trial, and a fault proxy per node between the node and the server.
-pub struct Redis {
-    pub server: upsilon_test_servers::Redis,
+/// A server reached over TCP that keeps every service of a trial under a
+/// key prefix of its own: Redis, etcd.
+pub trait PrefixServer: Send + Sync {
+    /// What it is, for reports.
+    const NAME: &'static str;
+    /// Its client port.
+    fn port(&self) -> u16;
+    /// The URL of the server through `port` (a proxy's), with `prefix`.
+    fn url(&self, port: u16, prefix: &str) -> String;
+    /// SIGKILL, as a crash, then a start on the same data.
+    fn crash_and_restart(&mut self);
+    /// The shortest lease TTL it takes, in ms.
+    fn min_ttl_ms(&self) -> u64 {
+        0
+    }
+    /// What its log says its faults did.
+    fn says(&self) -> Option<String> {
+        None
+    }
+}
+
+/// A [`PrefixServer`] started by the harness, a key prefix per trial, and a
+/// fault proxy per node between the node and the server.
+pub struct Prefixed<S> {
+    pub server: S,
     prefix: String,
     backend: Option<Arc<dyn Backend>>,
     proxies: BTreeMap<String, FaultProxy>,
 }
+
+impl<S> Prefixed<S> {
+    fn new(server: S) -> Prefixed<S> {
+        Prefixed {
+            server,
+            prefix: String::new(),
+            backend: None,
+            proxies: BTreeMap::new(),
+        }
+    }
+}
+
+#[async_trait]
+impl<S: PrefixServer> ClusterBackend for Prefixed<S> {
+    fn name(&self) -> &'static str {
+        S::NAME
+    }
+    async fn fresh(&mut self, trial: usize, nodes: &[String]) {
+        self.prefix = format!("trial{trial}");
+        let url = self.server.url(self.server.port(), &self.prefix);
+        self.backend = Some(upsilon_backends::connect(&url).await.unwrap());
+        self.proxies.clear();
+        for n in nodes {
+            let proxy = FaultProxy::start(Upstream::Tcp(self.server.port()))
+                .await
+                .unwrap();
+            self.proxies.insert(n.clone(), proxy);
+        }
+    }
+    fn node_url(&self, node: &str) -> String {
+        self.server.url(self.proxies[node].port(), &self.prefix)
+    }
+    fn lock(&self) -> Arc<dyn Lock> {
+        self.backend.clone().expect("fresh() first")
+    }
+    fn store(&self) -> Arc<dyn Store> {
+        self.backend.clone().expect("fresh() first")
+    }
+    fn kinds(&self) -> &'static [Kind] {
+        &[
+            Kind::ServerRestart,
+            Kind::Cut,
+            Kind::Delay,
+            Kind::Blackhole,
+            Kind::Isolate,
+        ]
+    }
+    async fn restart_server(&mut self) {
+        self.server.crash_and_restart();
+    }
+    fn proxy(&self, node: &str) -> Option<&FaultProxy> {
+        self.proxies.get(node)
+    }
+    fn server_says(&self) -> Option<String> {
+        self.server.says()
+    }
+    fn min_ttl_ms(&self) -> u64 {
+        self.server.min_ttl_ms()
+    }
+}
+
+/// A real Redis server, its append-only file synced before every write is
+/// acknowledged (`appendfsync always`: the setting docs/REDIS.md asks of a
+/// Redis that is the store).
+pub type Redis = Prefixed<upsilon_test_servers::Redis>;
 
 impl Redis {
     pub async fn start() -> Redis {
@@ -635,69 +719,28 @@ impl Redis {
         })
         .await
         .unwrap();
-        Redis {
-            server,
-            prefix: String::new(),
-            backend: None,
-            proxies: BTreeMap::new(),
-        }
-    }
-
-    fn url_via(&self, port: u16) -> String {
-        let auth = self
-            .server
-            .password()
-            .map(|pw| format!(":{pw}@"))
-            .unwrap_or_default();
-        format!("redis://{auth}127.0.0.1:{port}/0?prefix={}", self.prefix)
+        Prefixed::new(server)
     }
 }
 
-#[async_trait]
-impl ClusterBackend for Redis {
-    fn name(&self) -> &'static str {
-        "redis"
+impl PrefixServer for upsilon_test_servers::Redis {
+    const NAME: &'static str = "redis";
+    fn port(&self) -> u16 {
+        upsilon_test_servers::Redis::port(self)
     }
-    async fn fresh(&mut self, trial: usize, nodes: &[String]) {
-        self.prefix = format!("trial{trial}");
-        let url = self.url_via(self.server.port());
-        self.backend = Some(upsilon_backends::connect(&url).await.unwrap());
-        self.proxies.clear();
-        for n in nodes {
-            let proxy = FaultProxy::start(Upstream::Tcp(self.server.port()))
-                .await
-                .unwrap();
-            self.proxies.insert(n.clone(), proxy);
-        }
+    fn url(&self, port: u16, prefix: &str) -> String {
+        let auth = self
+            .password()
+            .map(|pw| format!(":{pw}@"))
+            .unwrap_or_default();
+        format!("redis://{auth}127.0.0.1:{port}/0?prefix={prefix}")
     }
-    fn node_url(&self, node: &str) -> String {
-        self.url_via(self.proxies[node].port())
+    fn crash_and_restart(&mut self) {
+        self.crash();
+        self.start_again();
     }
-    fn lock(&self) -> Arc<dyn Lock> {
-        self.backend.clone().expect("fresh() first")
-    }
-    fn store(&self) -> Arc<dyn Store> {
-        self.backend.clone().expect("fresh() first")
-    }
-    fn kinds(&self) -> &'static [Kind] {
-        &[
-            Kind::ServerRestart,
-            Kind::Cut,
-            Kind::Delay,
-            Kind::Blackhole,
-            Kind::Isolate,
-        ]
-    }
-    async fn restart_server(&mut self) {
-        // SIGKILL, as a crash, then a start on the same append-only file.
-        self.server.crash();
-        self.server.start_again();
-    }
-    fn proxy(&self, node: &str) -> Option<&FaultProxy> {
-        self.proxies.get(node)
-    }
-    fn server_says(&self) -> Option<String> {
-        let log = self.server.log();
+    fn says(&self) -> Option<String> {
+        let log = self.log();
         Some(format!(
             "the server's log: {} starts, {} loads of the append-only file",
             log.matches("Ready to accept connections").count(),
@@ -706,15 +749,8 @@ impl ClusterBackend for Redis {
     }
 }
 
-/// A real etcd started by the harness (fsync on, as in production), a key
-/// prefix per trial, and a fault proxy per node between the node and the
-/// server. etcd's smallest lease TTL is 2 s.
-pub struct Etcd {
-    pub server: upsilon_test_servers::Etcd,
-    prefix: String,
-    backend: Option<Arc<dyn Backend>>,
-    proxies: BTreeMap<String, FaultProxy>,
-}
+/// A real etcd (fsync on, as in production). Its smallest lease TTL is 2 s.
+pub type Etcd = Prefixed<upsilon_test_servers::Etcd>;
 
 impl Etcd {
     pub async fn start() -> Etcd {
@@ -723,61 +759,21 @@ impl Etcd {
         })
         .await
         .unwrap();
-        Etcd {
-            server,
-            prefix: String::new(),
-            backend: None,
-            proxies: BTreeMap::new(),
-        }
-    }
-
-    fn url_via(&self, port: u16) -> String {
-        format!("etcd://127.0.0.1:{port}/{}", self.prefix)
+        Prefixed::new(server)
     }
 }
 
-#[async_trait]
-impl ClusterBackend for Etcd {
-    fn name(&self) -> &'static str {
-        "etcd"
+impl PrefixServer for upsilon_test_servers::Etcd {
+    const NAME: &'static str = "etcd";
+    fn port(&self) -> u16 {
+        upsilon_test_servers::Etcd::port(self)
     }
-    async fn fresh(&mut self, trial: usize, nodes: &[String]) {
-        self.prefix = format!("trial{trial}");
-        let url = self.url_via(self.server.port());
-        self.backend = Some(upsilon_backends::connect(&url).await.unwrap());
-        self.proxies.clear();
-        for n in nodes {
-            let proxy = FaultProxy::start(Upstream::Tcp(self.server.port()))
-                .await
-                .unwrap();
-            self.proxies.insert(n.clone(), proxy);
-        }
+    fn url(&self, port: u16, prefix: &str) -> String {
+        format!("etcd://127.0.0.1:{port}/{prefix}")
     }
-    fn node_url(&self, node: &str) -> String {
-        self.url_via(self.proxies[node].port())
-    }
-    fn lock(&self) -> Arc<dyn Lock> {
-        self.backend.clone().expect("fresh() first")
-    }
-    fn store(&self) -> Arc<dyn Store> {
-        self.backend.clone().expect("fresh() first")
-    }
-    fn kinds(&self) -> &'static [Kind] {
-        &[
-            Kind::ServerRestart,
-            Kind::Cut,
-            Kind::Delay,
-            Kind::Blackhole,
-            Kind::Isolate,
-        ]
-    }
-    async fn restart_server(&mut self) {
-        // SIGKILL, as a crash, then a start on the same data directory.
-        self.server.crash();
-        self.server.start_again();
-    }
-    fn proxy(&self, node: &str) -> Option<&FaultProxy> {
-        self.proxies.get(node)
+    fn crash_and_restart(&mut self) {
+        self.crash();
+        self.start_again();
     }
     fn min_ttl_ms(&self) -> u64 {
         2000

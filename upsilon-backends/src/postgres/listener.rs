@@ -2,12 +2,10 @@
 //! releases and data version changes, and whose server process id marks a
 //! lease holder as alive.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use crate::wakeups::Wakeups;
 use tokio::time::Instant;
 use tokio_postgres::{AsyncMessage, Client};
 use tracing::{debug, warn};
@@ -19,84 +17,6 @@ use super::holding::{ping, Health};
 use super::options::PostgresOptions;
 use super::tls::Connector;
 use super::PostgresBackend;
-
-/// Wake-ups for waiting nodes: a counter per service, bumped by each
-/// notification, and by every loss of the listening session (notifications
-/// may have been missed then).
-#[derive(Debug, Default)]
-pub(super) struct Wakeups {
-    per_service: Mutex<HashMap<String, u64>>,
-    seen: Mutex<HashMap<String, u64>>,
-    resets: AtomicU64,
-    notify: Notify,
-}
-
-impl Wakeups {
-    pub(super) fn bump(&self, service: &str) {
-        *self
-            .per_service
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(service.to_owned())
-            .or_default() += 1;
-        self.notify.notify_waiters();
-    }
-
-    pub(super) fn reset_all(&self) {
-        self.resets.fetch_add(1, Ordering::SeqCst);
-        self.notify.notify_waiters();
-    }
-
-    fn generation(&self, service: &str) -> u64 {
-        let own = self
-            .per_service
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(service)
-            .copied()
-            .unwrap_or(0);
-        own.wrapping_add(self.resets.load(Ordering::SeqCst) << 32)
-    }
-
-    /// Remembers what the caller has seen of `service`: a wake-up after this
-    /// ends the next wait at once, so none falls between a read and the wait
-    /// that follows it.
-    pub(super) fn mark_seen(&self, service: &str) {
-        let g = self.generation(service);
-        self.seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(service.to_owned(), g);
-    }
-
-    /// The generation the caller last saw of `service` (the current one if it
-    /// never marked any).
-    pub(super) fn take_seen(&self, service: &str) -> u64 {
-        self.seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(service)
-            .unwrap_or_else(|| self.generation(service))
-    }
-
-    /// Until a wake-up for `service` after generation `seen` (`true`), or
-    /// `timeout` (`false`).
-    pub(super) async fn wait_since(&self, service: &str, seen: u64, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.generation(service) != seen {
-                return true;
-            }
-            tokio::select! {
-                _ = notified => {}
-                _ = tokio::time::sleep_until(deadline) => return false,
-            }
-        }
-    }
-}
 
 /// The listening session: its server process id and the server's start time,
 /// kept in the lease row so that others can tell when it is gone.
@@ -146,7 +66,7 @@ impl Session {
             let wakeups = wakeups.clone();
             Box::new(move || {
                 health.lose("the connection closed");
-                wakeups.reset_all();
+                wakeups.set_up(false);
             })
         };
         let client = open(options, connector, Some(on_message), Some(on_close)).await?;

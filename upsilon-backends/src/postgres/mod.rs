@@ -91,9 +91,10 @@ use tokio_postgres::Row;
 use tracing::info;
 use upsilon::backend::BackendError;
 
+use crate::wakeups::Wakeups;
 use error::{driver, driver_in, timed_out};
 use holding::Holding;
-use listener::{Session, Wakeups};
+use listener::Session;
 pub use options::PostgresOptions;
 use pipeline::{pipeline, Stmt};
 use pool::Pool;

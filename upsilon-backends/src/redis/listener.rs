@@ -3,100 +3,14 @@
 //! releases and data version changes are published with the service as
 //! the message.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::wakeups::Wakeups;
 use futures_util::StreamExt;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::oneshot;
 use tracing::{debug, info};
 use upsilon::backend::jitter;
-
-/// Wake-ups for waiting nodes: a counter per service, bumped by each
-/// message, and by every loss or return of the subscription (messages may
-/// have been missed then).
-#[derive(Debug, Default)]
-pub(super) struct Wakeups {
-    per_service: Mutex<HashMap<String, u64>>,
-    seen: Mutex<HashMap<String, u64>>,
-    resets: AtomicU64,
-    notify: Notify,
-    /// Whether the subscription is up.
-    up: AtomicBool,
-}
-
-impl Wakeups {
-    fn bump(&self, service: &str) {
-        *self
-            .per_service
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(service.to_owned())
-            .or_default() += 1;
-        self.notify.notify_waiters();
-    }
-
-    fn set_up(&self, up: bool) {
-        self.up.store(up, Ordering::SeqCst);
-        self.resets.fetch_add(1, Ordering::SeqCst);
-        self.notify.notify_waiters();
-    }
-
-    pub(super) fn is_up(&self) -> bool {
-        self.up.load(Ordering::SeqCst)
-    }
-
-    fn generation(&self, service: &str) -> u64 {
-        let own = self
-            .per_service
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(service)
-            .copied()
-            .unwrap_or(0);
-        own.wrapping_add(self.resets.load(Ordering::SeqCst) << 32)
-    }
-
-    /// Remembers what the caller has seen of `service`: a wake-up after this
-    /// ends the next wait at once, so none falls between a read and the wait
-    /// that follows it.
-    pub(super) fn mark_seen(&self, service: &str) {
-        let g = self.generation(service);
-        self.seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(service.to_owned(), g);
-    }
-
-    /// The generation the caller last saw of `service` (the current one if it
-    /// never marked any).
-    pub(super) fn take_seen(&self, service: &str) -> u64 {
-        self.seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(service)
-            .unwrap_or_else(|| self.generation(service))
-    }
-
-    /// Until a wake-up for `service` after generation `seen` (`true`), or
-    /// `timeout` (`false`).
-    pub(super) async fn wait_since(&self, service: &str, seen: u64, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.generation(service) != seen {
-                return true;
-            }
-            tokio::select! {
-                _ = notified => {}
-                _ = tokio::time::sleep_until(deadline) => return false,
-            }
-        }
-    }
-}
 
 /// What the subscription needs to know.
 pub(super) struct Subscription {

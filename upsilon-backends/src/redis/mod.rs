@@ -64,8 +64,9 @@ use redis::{ConnectionAddr, ScriptInvocation, Value};
 use tracing::debug;
 use upsilon::backend::BackendError;
 
+use crate::wakeups::Wakeups;
 use error::{driver, timed_out};
-use listener::{Subscription, Wakeups};
+use listener::Subscription;
 pub use options::{redact, RedisOptions};
 
 /// The driver, for tasks that use the same Redis.

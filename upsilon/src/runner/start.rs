@@ -192,7 +192,8 @@ impl Inner {
     /// or it lost its state (a Redis restarted without its data) and with
     /// it, perhaps, the live lease of a holder that is still running its
     /// task. So, before anything runs:
-    /// 1. claim the store with a fence [`CATCH_UP_GAP`] above its own: from
+    /// 1. claim the store with a fence at least [`CATCH_UP_GAP`] above its own
+    ///    (unless it is barred already): from
     ///    then on every fence the forgetful lock grants is behind the store,
     ///    however far its counter climbs, and a holder whose lease it forgot
     ///    is refused at its next write;
@@ -235,7 +236,15 @@ impl Inner {
         // From the reply, not the request: the lock forgot before it
         // granted, which may be any time up to the reply.
         let until = Instant::now() + wait_out;
-        let bar = snapshot.fence.saturating_add(CATCH_UP_GAP);
+        // A multiple of the gap: nodes that see the same store (or one already
+        // barred) bar it at the same fence, so that their bars do not pass
+        // each other's, and a fence above a bar is a claim under a lock that
+        // was caught up.
+        let bar = if snapshot.fence > 0 && snapshot.fence.is_multiple_of(CATCH_UP_GAP) {
+            snapshot.fence
+        } else {
+            (snapshot.fence / CATCH_UP_GAP + 2).saturating_mul(CATCH_UP_GAP)
+        };
         warn!(granted = lease.fence, store_fence = snapshot.fence, ?wait_out,
             "the lock granted a fence the store has already seen: it is new in front of a used store, \
              or it lost its state and perhaps a live lease; raising the store's fence, waiting one TTL, \
