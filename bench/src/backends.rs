@@ -49,6 +49,8 @@ pub enum Kind {
     Redis,
     #[cfg(feature = "etcd")]
     Etcd,
+    #[cfg(feature = "kubernetes")]
+    Kubernetes,
 }
 
 impl Kind {
@@ -60,6 +62,8 @@ impl Kind {
         Kind::Redis,
         #[cfg(feature = "etcd")]
         Kind::Etcd,
+        #[cfg(feature = "kubernetes")]
+        Kind::Kubernetes,
     ];
 
     /// Its name in `--backends`.
@@ -71,6 +75,8 @@ impl Kind {
             Kind::Redis => "redis",
             #[cfg(feature = "etcd")]
             Kind::Etcd => "etcd",
+            #[cfg(feature = "kubernetes")]
+            Kind::Kubernetes => "kubernetes",
         }
     }
 
@@ -83,6 +89,8 @@ impl Kind {
             Kind::Redis => "Redis",
             #[cfg(feature = "etcd")]
             Kind::Etcd => "etcd",
+            #[cfg(feature = "kubernetes")]
+            Kind::Kubernetes => "Kubernetes (stand-in)",
         }
     }
 
@@ -97,6 +105,8 @@ impl Kind {
         match self {
             #[cfg(feature = "etcd")]
             Kind::Etcd => ("gRPC messages received by the server", ""),
+            #[cfg(feature = "kubernetes")]
+            Kind::Kubernetes => ("API requests the stand-in served", ""),
             _ => ("server commands", " (scripts' own included)"),
         }
     }
@@ -123,6 +133,8 @@ impl Kind {
             Kind::Redis => "redis crate connect + GET",
             #[cfg(feature = "etcd")]
             Kind::Etcd => "etcd-client connect + get",
+            #[cfg(feature = "kubernetes")]
+            Kind::Kubernetes => "kube client + GET of one ConfigMap",
         }
     }
 
@@ -140,6 +152,8 @@ impl Kind {
             )),
             #[cfg(feature = "etcd")]
             Kind::Etcd => Some(format!("the floor: one put to {n} watchers")),
+            #[cfg(feature = "kubernetes")]
+            Kind::Kubernetes => Some(format!("the floor: one ConfigMap update to {n} watchers")),
         }
     }
 }
@@ -173,6 +187,9 @@ struct Subject<'e> {
     /// A connection of the benchmark's own to Redis, to read its counts.
     #[cfg(feature = "redis")]
     redis: Option<redis::aio::MultiplexedConnection>,
+    /// The stand-in API server, to read its counts.
+    #[cfg(feature = "kubernetes")]
+    kube: Option<Arc<upsilon_test_servers::kube_api::KubeApi>>,
 }
 
 impl<'e> Subject<'e> {
@@ -185,6 +202,8 @@ impl<'e> Subject<'e> {
             _server: None,
             #[cfg(feature = "redis")]
             redis: None,
+            #[cfg(feature = "kubernetes")]
+            kube: None,
         };
         match kind {
             Kind::Postgres => {}
@@ -210,6 +229,20 @@ impl<'e> Subject<'e> {
                 subject.url = guard.url();
                 subject.raw = guard.endpoint();
                 subject._server = Some(Box::new(guard));
+            }
+            #[cfg(feature = "kubernetes")]
+            Kind::Kubernetes => {
+                eprintln!("  6: starting the Kubernetes API stand-in");
+                let api = Arc::new(upsilon_test_servers::kube_api::KubeApi::start().await);
+                let path = env.dir.path().join("bench.kubeconfig");
+                api.write_kubeconfig(&path, kube_bench::NAMESPACE);
+                subject.url = format!(
+                    "kubernetes://{}?kubeconfig={}",
+                    kube_bench::NAMESPACE,
+                    path.display()
+                );
+                subject.raw = path.display().to_string();
+                subject.kube = Some(api);
             }
         }
         Ok(subject)
@@ -242,6 +275,8 @@ impl<'e> Subject<'e> {
             Kind::Redis => redis_bench::bare(&self.raw).await?,
             #[cfg(feature = "etcd")]
             Kind::Etcd => etcd_bench::bare(&self.raw).await?,
+            #[cfg(feature = "kubernetes")]
+            Kind::Kubernetes => kube_bench::bare(&self.raw).await?,
         }
         Ok(())
     }
@@ -256,6 +291,8 @@ impl<'e> Subject<'e> {
             Kind::Redis => Some(redis_bench::floor(&self.raw, n, repeats).await?),
             #[cfg(feature = "etcd")]
             Kind::Etcd => Some(etcd_bench::floor(&self.raw, n, repeats).await?),
+            #[cfg(feature = "kubernetes")]
+            Kind::Kubernetes => Some(kube_bench::floor(&self.raw, n, repeats).await?),
         })
     }
 
@@ -271,6 +308,8 @@ impl<'e> Subject<'e> {
             }
             #[cfg(feature = "etcd")]
             Kind::Etcd => Some(etcd_bench::requests(&self.raw).await?),
+            #[cfg(feature = "kubernetes")]
+            Kind::Kubernetes => self.kube.as_ref().map(|api| api.requests()),
         })
     }
 }
@@ -916,6 +955,106 @@ mod etcd_bench {
             if count > 0.0 {
                 out.insert(method.to_owned(), count as u64);
             }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(feature = "kubernetes")]
+mod kube_bench {
+    //! The Kubernetes stand-in's bare client and floor, with kube.
+
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use anyhow::{ensure, Context as _};
+    use upsilon_backends::kubernetes::k8s_openapi::api::core::v1::ConfigMap;
+    use upsilon_backends::kubernetes::kube;
+    use upsilon_backends::kubernetes::kube::api::{
+        Api, ObjectMeta, PostParams, WatchEvent, WatchParams,
+    };
+    use upsilon_backends::kubernetes::kube::config::{KubeConfigOptions, Kubeconfig};
+
+    /// The namespace the benchmark's objects go in.
+    pub const NAMESPACE: &str = "bench";
+    const FLOOR: &str = "bench-floor";
+
+    async fn client(kubeconfig: &str) -> anyhow::Result<kube::Client> {
+        let kc = Kubeconfig::read_from(kubeconfig)?;
+        let config =
+            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+        Ok(kube::Client::try_from(config)?)
+    }
+
+    /// A client from the kubeconfig, and one GET (of the meta ConfigMap the
+    /// backend created).
+    pub async fn bare(kubeconfig: &str) -> anyhow::Result<()> {
+        let api: Api<ConfigMap> = Api::namespaced(client(kubeconfig).await?, NAMESPACE);
+        api.get("upsilon-meta").await?;
+        Ok(())
+    }
+
+    /// One ConfigMap update reaching `n` watchers (each its own client),
+    /// `repeats` times: ms from the update's reply to the last delivery.
+    pub async fn floor(kubeconfig: &str, n: usize, repeats: usize) -> anyhow::Result<Vec<f64>> {
+        use futures_util::StreamExt as _;
+        let writer: Api<ConfigMap> = Api::namespaced(client(kubeconfig).await?, NAMESPACE);
+        let mut cm = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(FLOOR.to_owned()),
+                labels: Some([("bench".to_owned(), "floor".to_owned())].into()),
+                ..ObjectMeta::default()
+            },
+            ..ConfigMap::default()
+        };
+        cm = match writer.get_opt(FLOOR).await? {
+            Some(found) => found,
+            None => writer.create(&PostParams::default(), &cm).await?,
+        };
+        let from = cm.metadata.resource_version.clone().unwrap_or_default();
+        let delivered: Arc<Mutex<Vec<Instant>>> = Arc::default();
+        let mut readers = Vec::with_capacity(n);
+        for _ in 0..n {
+            let api: Api<ConfigMap> = Api::namespaced(client(kubeconfig).await?, NAMESPACE);
+            let wp = WatchParams::default().labels("bench=floor");
+            let stream = api.watch(&wp, &from).await?;
+            let delivered = delivered.clone();
+            readers.push(tokio::spawn(async move {
+                let mut stream = std::pin::pin!(stream);
+                while let Some(e) = stream.next().await {
+                    if let Ok(WatchEvent::Modified(_)) = e {
+                        delivered
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(Instant::now());
+                    }
+                }
+            }));
+        }
+        let mut out = Vec::with_capacity(repeats);
+        for r in 0..repeats {
+            delivered.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            cm.data = Some([("n".to_owned(), r.to_string())].into());
+            cm = writer.replace(FLOOR, &PostParams::default(), &cm).await?;
+            let acked = Instant::now();
+            let deadline = acked + Duration::from_secs(60);
+            let last = loop {
+                {
+                    let d = delivered.lock().unwrap_or_else(|p| p.into_inner());
+                    if d.len() >= n {
+                        break d.iter().copied().max().context("a delivery")?;
+                    }
+                }
+                ensure!(
+                    Instant::now() < deadline,
+                    "an update reached fewer than {n} watchers"
+                );
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            };
+            out.push(crate::stats::ms(last.saturating_duration_since(acked)));
+        }
+        for r in readers {
+            r.abort();
         }
         Ok(out)
     }

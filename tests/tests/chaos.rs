@@ -14,6 +14,9 @@
 //!   `idle_session_timeout`, and from the node's proxy: connections cut,
 //!   traffic delayed or held back (a blackhole) in one direction or both,
 //!   and the node isolated (held both ways and its sessions terminated);
+//! - Kubernetes (the in-process stand-in API server, a fault proxy per
+//!   node): an API server restart, 500s with lost replies, watches dropped
+//!   and refused, a conflict storm, and the proxy's faults;
 //! - in every third trial, t2 fails for good while the faults run, so its
 //!   version is rolled back (t2, then t1: every task has a rollback there),
 //!   again and again as nodes restart; it succeeds once the faults heal.
@@ -38,6 +41,7 @@
 //! ```text
 //! UPSILON_CHAOS_TRIALS=500 UPSILON_CHAOS_NODES=5 cargo test --release -p upsilon-tests --test chaos -- --nocapture sqlite_cluster
 //! UPSILON_CHAOS_TRIALS=500 UPSILON_CHAOS_NODES=5 cargo test --release -p upsilon-tests --test chaos -- --nocapture postgres_cluster
+//! UPSILON_CHAOS_TRIALS=500 UPSILON_CHAOS_NODES=5 cargo test --release -p upsilon-tests --test chaos -- --nocapture kubernetes_cluster
 //! ```
 //! `UPSILON_CHAOS_SEED` fixes the seed of the first trial;
 //! `UPSILON_CHAOS_CONTROL_TRIALS` the negative controls' trials (1);
@@ -58,7 +62,7 @@ use upsilon_tests::audit::{Outcome as Seen, Record};
 use upsilon_tests::clock::ms;
 
 use check::Checked;
-use cluster::{ClusterBackend, Etcd, Mixed, Pg, Redis, Sqlite};
+use cluster::{ClusterBackend, Etcd, Kube, Mixed, Pg, Redis, Sqlite};
 use trial::{Config, Kind, Plan};
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -417,6 +421,11 @@ async fn etcd_lock_postgres_store_survives_faults() {
 async fn postgres_lock_etcd_store_survives_faults() {
     let lock = Box::new(Pg::start().await);
     survives(&mut Mixed::new(lock, Box::new(Etcd::start().await))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_cluster_survives_faults() {
+    survives(&mut Kube::start().await).await;
 }
 
 /// A holder running one long task, TTL 6 s: its local deadline is far off,

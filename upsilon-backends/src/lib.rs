@@ -4,6 +4,7 @@
 //! | feature | backend | lease | wake-up |
 //! |---|---|---|---|
 //! | `sqlite` (default) | [`sqlite::SqliteBackend`]: one database file, one host | row, `BEGIN IMMEDIATE` | poll |
+//! | `kubernetes` | [`kubernetes::KubernetesBackend`]: a Lease and ConfigMaps in one namespace, through the API server | `coordination.k8s.io/v1` Lease written with `resourceVersion` preconditions, expiry measured on each node's monotonic clock | watch |
 //! | `postgres` | [`postgres::PostgresBackend`]: the service's own PostgreSQL, any number of hosts; works behind PgBouncer in transaction mode | row judged by the database clock, fence checked under `SELECT ... FOR UPDATE` | `LISTEN`/`NOTIFY`, poll behind a pooler |
 //! | `redis` | [`redis::RedisBackend`]: a Redis the service already runs (TLS included); as the store only with `appendonly yes` and `appendfsync always` (docs/REDIS.md) | hash expiring on the server's clock, granted and written by Lua scripts that compare a revision | pub/sub, poll while it is down |
 //! | `etcd` | [`etcd::EtcdBackend`]: keys under a prefix of an etcd v3 cluster (3.4+), TLS and user/password included | key attached to an etcd lease (TTL at least 2 s), created by a transaction; fence from its create revision | watch, poll while it is down |
@@ -21,6 +22,8 @@ use upsilon::backend::{Backend, BackendError};
 
 #[cfg(feature = "etcd")]
 pub mod etcd;
+#[cfg(feature = "kubernetes")]
+pub mod kubernetes;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "redis")]
@@ -32,6 +35,8 @@ mod wakeups;
 
 /// Opens the backend a URL names:
 /// - `sqlite:PATH` or `sqlite://PATH` (`sqlite:///abs/path.db`), feature `sqlite`;
+/// - `kubernetes://NAMESPACE`, feature `kubernetes` (see
+///   [`kubernetes::KubernetesOptions::from_url`]);
 /// - `postgres://` or `postgresql://` URLs, feature `postgres` (see
 ///   [`postgres::PostgresOptions::from_url`] for the options they may carry),
 ///   and libpq `key=value` strings (`host=db user=app sslmode=require`);
@@ -54,6 +59,10 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Backend>, BackendError> {
         }
         #[cfg(feature = "etcd")]
         "etcd" | "etcds" => Ok(Arc::new(etcd::EtcdBackend::connect_url(url).await?)),
+        #[cfg(feature = "kubernetes")]
+        "kubernetes" => Ok(Arc::new(
+            kubernetes::KubernetesBackend::connect_url(url).await?,
+        )),
         #[cfg(feature = "postgres")]
         "postgres" | "postgresql" => {
             Ok(Arc::new(postgres::PostgresBackend::connect_url(url).await?))
@@ -85,6 +94,8 @@ fn enabled_schemes() -> Vec<&'static str> {
     schemes.push("`etcd://`");
     #[cfg(feature = "redis")]
     schemes.extend(["`redis://`", "`rediss://`", "`redis+unix://`"]);
+    #[cfg(feature = "kubernetes")]
+    schemes.push("`kubernetes://`");
     schemes
 }
 

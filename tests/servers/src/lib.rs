@@ -12,6 +12,9 @@
 //! - [`Etcd`]: a single-member etcd on a temporary data directory, crashed
 //!   with SIGKILL and started again on it; [`Etcd::builder`] for fsync or TLS.
 //!
+//! - [`kube_api::KubeApi`]: an in-process stand-in for
+//!   the Kubernetes API server's Lease and ConfigMap endpoints.
+//!
 //! A server stops when its value is dropped. A watchdog process also stops it
 //! when the test process exits without dropping it (a `static` server, a
 //! panic that aborts, a killed test binary), so no server outlives its tests.
@@ -35,6 +38,7 @@ use nix::unistd::Pid;
 
 mod certs;
 mod etcd;
+pub mod kube_api;
 mod redis;
 
 use certs::make_certificates;

@@ -78,6 +78,14 @@ pub trait ClusterBackend: Send + Sync {
     fn min_ttl_ms(&self) -> u64 {
         0
     }
+    /// Starts fault `which` (0, 1 or 2) of the API server itself, and says
+    /// what it is; `None` where the backend has none.
+    async fn api_fault(&self, which: u64) -> Option<String> {
+        let _ = which;
+        None
+    }
+    /// Ends the API server's fault.
+    async fn api_heal(&self) {}
 }
 
 /// A SQLite file per trial. Every process that opens it (the nodes and the
@@ -340,8 +348,10 @@ impl ClusterBackend for Pg {
     }
 }
 
-/// The fence a mixed setup's store has seen before its trial starts.
-pub const USED_STORE_FENCE: u64 = 20;
+/// The fence a mixed setup's store has seen before its trial starts: above
+/// any fence a fresh lock grants first (etcd's fences are revisions of the
+/// whole server, which every trial moves on).
+pub const USED_STORE_FENCE: u64 = 1 << 40;
 
 /// The service the nodes run.
 const SERVICE: &str = "cluster";
@@ -453,6 +463,144 @@ impl ClusterBackend for Mixed {
             (Some(a), Some(b)) => Some(format!("lock: {a}; store: {b}")),
             (a, b) => a.or(b),
         }
+    }
+    async fn api_fault(&self, which: u64) -> Option<String> {
+        match self.lock.api_fault(which).await {
+            Some(d) => Some(d),
+            None => self.store.api_fault(which).await,
+        }
+    }
+    async fn api_heal(&self) {
+        self.lock.api_heal().await;
+        self.store.api_heal().await;
+    }
+}
+
+/// The Kubernetes backend on the in-process stand-in API server, a
+/// namespace per trial, and a fault proxy per node between the node and the
+/// stand-in (each node gets a kubeconfig naming its proxy). Besides the
+/// proxy's faults it takes the API server's own: a restart (every
+/// connection dropped, the objects kept), 500s, watches dropped and
+/// refused, and a conflict storm.
+pub struct Kube {
+    pub api: upsilon_test_servers::kube_api::KubeApi,
+    dir: tempfile::TempDir,
+    namespace: String,
+    backend: Option<Arc<dyn Backend>>,
+    proxies: BTreeMap<String, FaultProxy>,
+    kubeconfigs: BTreeMap<String, PathBuf>,
+    faults: std::sync::atomic::AtomicUsize,
+}
+
+impl Kube {
+    pub async fn start() -> Kube {
+        Kube {
+            api: upsilon_test_servers::kube_api::KubeApi::start().await,
+            dir: tempfile::tempdir().unwrap(),
+            namespace: String::new(),
+            backend: None,
+            proxies: BTreeMap::new(),
+            kubeconfigs: BTreeMap::new(),
+            faults: Default::default(),
+        }
+    }
+}
+
+#[async_trait]
+impl ClusterBackend for Kube {
+    fn name(&self) -> &'static str {
+        "kubernetes"
+    }
+    async fn fresh(&mut self, trial: usize, nodes: &[String]) {
+        self.namespace = format!("trial-{trial}");
+        let direct = self.dir.path().join(format!("trial-{trial}.kubeconfig"));
+        self.api.write_kubeconfig(&direct, &self.namespace);
+        let url = format!(
+            "kubernetes://{}?kubeconfig={}",
+            self.namespace,
+            direct.display()
+        );
+        self.backend = Some(upsilon_backends::connect(&url).await.unwrap());
+        self.proxies.clear();
+        self.kubeconfigs.clear();
+        for n in nodes {
+            let proxy = FaultProxy::start(Upstream::Tcp(self.api.port()))
+                .await
+                .unwrap();
+            let path = self
+                .dir
+                .path()
+                .join(format!("trial-{trial}-{n}.kubeconfig"));
+            let via = self.api.kubeconfig(&self.namespace).replace(
+                &self.api.url(),
+                &format!("http://127.0.0.1:{}", proxy.port()),
+            );
+            std::fs::write(&path, via).unwrap();
+            self.kubeconfigs.insert(n.clone(), path);
+            self.proxies.insert(n.clone(), proxy);
+        }
+    }
+    fn node_url(&self, node: &str) -> String {
+        format!(
+            "kubernetes://{}?kubeconfig={}",
+            self.namespace,
+            self.kubeconfigs[node].display()
+        )
+    }
+    fn lock(&self) -> Arc<dyn Lock> {
+        self.backend.clone().expect("fresh() first")
+    }
+    fn store(&self) -> Arc<dyn Store> {
+        self.backend.clone().expect("fresh() first")
+    }
+    fn kinds(&self) -> &'static [Kind] {
+        &[
+            Kind::ServerRestart,
+            Kind::Cut,
+            Kind::Delay,
+            Kind::Blackhole,
+            Kind::Isolate,
+            Kind::ApiFault,
+        ]
+    }
+    async fn restart_server(&mut self) {
+        self.api.restart().await;
+    }
+    fn proxy(&self, node: &str) -> Option<&FaultProxy> {
+        self.proxies.get(node)
+    }
+    async fn api_fault(&self, which: u64) -> Option<String> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.faults.fetch_add(1, SeqCst);
+        let f = self.api.faults();
+        Some(match which {
+            0 => {
+                f.fail_per_mille.store(300, SeqCst);
+                f.lose_reply_per_mille.store(100, SeqCst);
+                "500s on 30% of requests, 10% of committed writes' replies lost".to_owned()
+            }
+            1 => {
+                f.refuse_watches.store(true, SeqCst);
+                self.api.drop_watches();
+                "watches dropped and refused".to_owned()
+            }
+            _ => {
+                f.conflict_per_mille.store(500, SeqCst);
+                "conflict storm: another writer before half of the updates".to_owned()
+            }
+        })
+    }
+    async fn api_heal(&self) {
+        self.api.heal();
+    }
+    fn server_says(&self) -> Option<String> {
+        let r = self.api.requests();
+        let total: u64 = r.values().sum();
+        Some(format!(
+            "the stand-in served {total} requests ({} updates, {} watches)",
+            r.get("update configmaps").unwrap_or(&0) + r.get("update leases").unwrap_or(&0),
+            r.get("watch configmaps").unwrap_or(&0) + r.get("watch leases").unwrap_or(&0),
+        ))
     }
 }
 

@@ -57,10 +57,13 @@ pub enum Kind {
     /// A step of the wall clock the backend reads (SQLite: the trial's
     /// `SteppedWallClock`), forward or back by more than the TTL.
     ClockStep,
+    /// A fault of the API server itself for a while (Kubernetes: 500s,
+    /// watches dropped and refused, or a conflict storm).
+    ApiFault,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 14] = [
+    pub const ALL: [Kind; 15] = [
         Kind::Kill,
         Kind::Stop,
         Kind::ShortStop,
@@ -75,6 +78,7 @@ impl Kind {
         Kind::Isolate,
         Kind::FailingTask,
         Kind::ClockStep,
+        Kind::ApiFault,
     ];
 
     pub fn name(self) -> &'static str {
@@ -93,6 +97,7 @@ impl Kind {
             Kind::Isolate => "node isolated",
             Kind::FailingTask => "failing task rolled back",
             Kind::ClockStep => "wall-clock step",
+            Kind::ApiFault => "API server fault",
         }
     }
 
@@ -226,6 +231,8 @@ enum Later {
     Heal(String, bool, usize),
     /// Reset the idle-session timeout, ending event `.0`.
     IdleReset(usize),
+    /// End the API server's fault, ending event `.0`.
+    ApiHeal(usize),
 }
 
 struct Harness<'a> {
@@ -240,6 +247,7 @@ struct Harness<'a> {
     /// Until when each node's proxy is busy with a fault.
     proxy_busy: BTreeMap<String, i64>,
     idle_busy: bool,
+    api_busy: bool,
     failed_exits: usize,
 }
 
@@ -427,6 +435,11 @@ impl Harness<'_> {
                     self.idle_busy = false;
                     self.end_event(e);
                 }
+                Later::ApiHeal(e) => {
+                    self.env.api_heal().await;
+                    self.api_busy = false;
+                    self.end_event(e);
+                }
             }
         }
     }
@@ -505,6 +518,19 @@ impl Harness<'_> {
                     self.end_event(e);
                 } else {
                     self.settle(e, 0, "");
+                }
+            }
+            Kind::ApiFault if !self.api_busy => {
+                let e = self.event(Kind::ApiFault, None, String::new());
+                match self.env.api_fault(rng.below(3)).await {
+                    Some(detail) => {
+                        let window = rng.range(300, 1500);
+                        self.events[e].detail = format!("{detail} for {window} ms");
+                        self.api_busy = true;
+                        self.later
+                            .push((now + window as i64 * MS, Later::ApiHeal(e)));
+                    }
+                    None => self.settle(e, 0, ""),
                 }
             }
             Kind::Cut if self.proxy_free(&name) => {
@@ -840,6 +866,7 @@ pub async fn run(env: &mut dyn ClusterBackend, cfg: &Config, index: usize, seed:
         later: Vec::new(),
         proxy_busy: BTreeMap::new(),
         idle_busy: false,
+        api_busy: false,
         failed_exits: 0,
     };
     if failing_task {
