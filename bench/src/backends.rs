@@ -19,7 +19,7 @@ use upsilon::backend::Backend;
 use upsilon::Outcome;
 
 use crate::common::{at_released, released_tasks, runner, Env};
-use crate::convergence::{notify_floor, upsilon_round};
+use crate::convergence::{notify_floor, signed_ms, upsilon_round};
 use crate::failover::{upsilon_once, Takeover};
 use crate::instrument::Instrumented;
 use crate::report::{Report, Row, Unit};
@@ -134,7 +134,7 @@ impl Kind {
             #[cfg(feature = "etcd")]
             Kind::Etcd => "etcd-client connect + get",
             #[cfg(feature = "kubernetes")]
-            Kind::Kubernetes => "kube client + GET of one ConfigMap",
+            Kind::Kubernetes => "a new reqwest client + one GET of a ConfigMap",
         }
     }
 
@@ -187,9 +187,13 @@ struct Subject<'e> {
     /// A connection of the benchmark's own to Redis, to read its counts.
     #[cfg(feature = "redis")]
     redis: Option<redis::aio::MultiplexedConnection>,
-    /// The stand-in API server, to read its counts.
+    /// The stand-in API server, to read its counts and when it committed a
+    /// write, and a backend of the benchmark's own to name its objects.
     #[cfg(feature = "kubernetes")]
-    kube: Option<Arc<upsilon_test_servers::kube_api::KubeApi>>,
+    kube: Option<(
+        Arc<upsilon_test_servers::kube_api::KubeApi>,
+        upsilon_backends::kubernetes::KubernetesBackend,
+    )>,
 }
 
 impl<'e> Subject<'e> {
@@ -242,7 +246,10 @@ impl<'e> Subject<'e> {
                     path.display()
                 );
                 subject.raw = path.display().to_string();
-                subject.kube = Some(api);
+                let names =
+                    upsilon_backends::kubernetes::KubernetesBackend::connect_url(&subject.url)
+                        .await?;
+                subject.kube = Some((api, names));
             }
         }
         Ok(subject)
@@ -276,7 +283,10 @@ impl<'e> Subject<'e> {
             #[cfg(feature = "etcd")]
             Kind::Etcd => etcd_bench::bare(&self.raw).await?,
             #[cfg(feature = "kubernetes")]
-            Kind::Kubernetes => kube_bench::bare(&self.raw).await?,
+            Kind::Kubernetes => {
+                let (api, _) = self.kube.as_ref().context("the Kubernetes stand-in")?;
+                kube_bench::bare(&api.url()).await?
+            }
         }
         Ok(())
     }
@@ -296,6 +306,27 @@ impl<'e> Subject<'e> {
         })
     }
 
+    /// When the server committed the write of `service`'s new data
+    /// version, where the backend's final write returns only after another
+    /// one (Kubernetes: the state ConfigMap, then the history's page).
+    fn committed_at(&self, service: &str) -> Option<Instant> {
+        match self.kind {
+            #[cfg(feature = "kubernetes")]
+            Kind::Kubernetes => {
+                let (api, names) = self.kube.as_ref()?;
+                api.written_at(
+                    upsilon_test_servers::kube_api::Resource::ConfigMaps,
+                    kube_bench::NAMESPACE,
+                    &names.object_name(service),
+                )
+            }
+            _ => {
+                let _ = service;
+                None
+            }
+        }
+    }
+
     /// The server's own count of each command so far, where it keeps one
     /// cheaply; `None` where it does not.
     async fn server_commands(&self) -> anyhow::Result<Option<BTreeMap<String, u64>>> {
@@ -309,7 +340,7 @@ impl<'e> Subject<'e> {
             #[cfg(feature = "etcd")]
             Kind::Etcd => Some(etcd_bench::requests(&self.raw).await?),
             #[cfg(feature = "kubernetes")]
-            Kind::Kubernetes => self.kube.as_ref().map(|api| api.requests()),
+            Kind::Kubernetes => self.kube.as_ref().map(|(api, _)| api.requests()),
         })
     }
 }
@@ -402,8 +433,13 @@ async fn convergence(
             let service = format!("backends-converge-{n}-{r}");
             let round =
                 upsilon_round(&service, &canary, &nodes, task, |b| b, async { Ok(()) }).await?;
-            ups.push(round.last);
-            woken.extend(round.last_woken);
+            // Counted from the commit where the server tells it apart from
+            // the final write's return.
+            let shift = subject
+                .committed_at(&service)
+                .map_or(0.0, |c| signed_ms(round.commit, c));
+            ups.push(round.last + shift);
+            woken.extend(round.last_woken.map(|w| w + shift));
         }
         drop(nodes);
         drop(canary);
@@ -986,11 +1022,23 @@ mod kube_bench {
         Ok(kube::Client::try_from(config)?)
     }
 
-    /// A client from the kubeconfig, and one GET (of the meta ConfigMap the
-    /// backend created).
-    pub async fn bare(kubeconfig: &str) -> anyhow::Result<()> {
-        let api: Api<ConfigMap> = Api::namespaced(client(kubeconfig).await?, NAMESPACE);
-        api.get("upsilon-meta").await?;
+    /// A new plain HTTP client (its own connection) and one GET of the
+    /// namespace's meta ConfigMap, which the backend made at its first
+    /// connect.
+    pub async fn bare(api: &str) -> anyhow::Result<()> {
+        let resp = reqwest::Client::new()
+            .get(format!(
+                "{api}/api/v1/namespaces/{NAMESPACE}/configmaps/upsilon-meta"
+            ))
+            .bearer_auth(upsilon_test_servers::kube_api::TOKEN)
+            .send()
+            .await?;
+        ensure!(
+            resp.status().is_success(),
+            "GET of the meta ConfigMap: {}",
+            resp.status()
+        );
+        resp.bytes().await?;
         Ok(())
     }
 

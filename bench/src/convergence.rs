@@ -42,6 +42,9 @@ pub struct Round {
     pub each: Vec<f64>,
     /// The last node woken (its wait for the lease ended); Upsilon only.
     pub last_woken: Option<f64>,
+    /// When the canary's final write returned (Upsilon) or its `run()`
+    /// did (sqlx): the instant the figures count from.
+    pub commit: Instant,
 }
 
 /// The canary's task waits for `go`, then sleeps `task`; the waiters' copy
@@ -176,6 +179,7 @@ pub async fn upsilon_round(
         last,
         each,
         last_woken,
+        commit,
     })
 }
 
@@ -284,6 +288,7 @@ pub async fn sqlx_round(
         last,
         each,
         last_woken: None,
+        commit: done,
     })
 }
 
