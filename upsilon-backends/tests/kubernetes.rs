@@ -383,13 +383,10 @@ async fn internal_errors_are_retried_and_the_upgrade_runs_each_task_once() {
     assert!(err.to_string().contains("500 InternalError"), "{err}");
     b.load("svc").await.unwrap();
 
-    api.faults().fail_per_mille.store(100, Ordering::SeqCst);
-    api.faults()
-        .lose_reply_per_mille
-        .store(50, Ordering::SeqCst);
     let runs = Runs::default();
     let tasks = tasks(&runs, 50);
     let mut nodes = Vec::new();
+    // Connected before the faults: a failed connect is not what this tests.
     for n in 0..3 {
         nodes.push(node(
             backend_on(&api, "errors", "upsilon").await,
@@ -398,6 +395,10 @@ async fn internal_errors_are_retried_and_the_upgrade_runs_each_task_once() {
             Duration::from_millis(100),
         ));
     }
+    api.faults().fail_per_mille.store(100, Ordering::SeqCst);
+    api.faults()
+        .lose_reply_per_mille
+        .store(50, Ordering::SeqCst);
     let results = testing::run_nodes(nodes).await;
     api.heal();
     check_once(&results, &runs, 3);
