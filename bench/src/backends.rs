@@ -1044,7 +1044,8 @@ mod kube_bench {
     }
 
     /// One ConfigMap update reaching `n` watchers (each its own client),
-    /// `repeats` times: ms from the update's reply to the last delivery.
+    /// `repeats` times: ms from the update's reply to the last delivery
+    /// (negative when the last delivery came first).
     pub async fn floor(kubeconfig: &str, n: usize, repeats: usize) -> anyhow::Result<Vec<f64>> {
         use futures_util::StreamExt as _;
         let writer: Api<ConfigMap> = Api::namespaced(client(kubeconfig).await?, NAMESPACE);
@@ -1100,7 +1101,9 @@ mod kube_bench {
                 );
                 tokio::time::sleep(Duration::from_micros(200)).await;
             };
-            out.push(crate::stats::ms(last.saturating_duration_since(acked)));
+            // The stand-in sends the event before its reply: a delivery
+            // may come before the writer hears back (negative).
+            out.push(crate::convergence::signed_ms(last, acked));
         }
         for r in readers {
             r.abort();

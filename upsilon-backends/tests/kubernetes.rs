@@ -439,8 +439,14 @@ async fn a_dropped_watch_falls_back_to_polling() {
     let runs = Runs::default();
     let tasks = tasks(&runs, 10);
     let node = node(waiter.clone(), 1, &tasks, Duration::from_millis(100));
+    let mut status = node.status();
     let waiting = tokio::spawn(async move { node.run().await });
-    // The holder does the work and lets go, while no watch runs.
+    // Once it waits, the holder does the work and lets go, while no watch
+    // runs.
+    status
+        .wait_for(|s| matches!(s, upsilon::Status::Waiting { .. }))
+        .await
+        .unwrap();
     holder
         .apply(
             "svc",
