@@ -180,7 +180,8 @@ struct Subject<'e> {
     url: String,
     env: &'e Env,
     /// What the bare client and the floor connect to: the server's URL,
-    /// SQLite's file, etcd's endpoint, the API server's URL.
+    /// SQLite's file, etcd's endpoint, the kubeconfig of the Kubernetes
+    /// stand-in (whose bare client takes the stand-in's URL).
     raw: String,
     /// The server the benchmark started for it, stopped when dropped.
     _server: Option<Box<dyn std::any::Any + Send>>,
