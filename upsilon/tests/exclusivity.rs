@@ -192,6 +192,40 @@ async fn a_late_grant_reply_counts_the_deadline_from_the_request() {
     assert!(stopped_ms < expiry, "stopped before the backend's expiry");
 }
 
+/// A grant request retried after transient errors for longer than the
+/// lease's local budget: the deadline counts from the try that was granted,
+/// not from the first of them, so the node runs its plan.
+#[tokio::test(start_paused = true)]
+async fn a_grant_after_long_retries_counts_the_deadline_from_its_own_request() {
+    let backend = MemoryBackend::new();
+    // Seven refused tries, backed off for about 9 s in all: longer than the
+    // 4.8 s the lease may be used for.
+    for nth in 1..=7 {
+        backend.faults().nth(Op::Acquire, nth, Fault::Unavailable);
+    }
+    let runs = Runs::default();
+    let started = Instant::now();
+    let node = Upsilon::builder()
+        .service(SERVICE)
+        .app_version("1.1")
+        .backend(backend.clone())
+        .holder(upsilon::testing::holder(1))
+        .ttl(TTL)
+        .backend_attempts(10)
+        .tasks([long_task(&runs, Duration::from_millis(100))])
+        .build()
+        .unwrap();
+    let outcome = node.run().await.unwrap();
+    assert!(matches!(outcome, Outcome::Upgraded { .. }), "{outcome}");
+    assert!(
+        started.elapsed() > TTL - TTL / 5,
+        "the retries outlasted the budget: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(backend.faults().calls(Op::Acquire), 8);
+    assert_eq!(backend.grants().len(), 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_lost_grant_reply_is_taken_up_not_waited_out() {
     let backend = MemoryBackend::new();

@@ -79,10 +79,8 @@ impl Inner {
                 wait.end("stopped");
                 return Err(self.stopped());
             }
-            // Counted from before the request: the grant may happen any time
-            // after it is sent.
-            let sent = Instant::now();
-            let seen = match self.try_acquire().await? {
+            let (acquired, sent) = self.try_acquire().await?;
+            let seen = match acquired {
                 Acquire::Granted(lease) if self.behind(&lease, &mut snapshot).await? => {
                     self.catch_up_fence(lease, &snapshot, &mut catch_ups, stop)
                         .await?;
@@ -305,9 +303,13 @@ impl Inner {
             expires_at_ms: info.expires_at_ms,
             ttl: self.config.ttl,
         };
-        let sent = Instant::now();
+        // Counted from before the attempt that got the reply: an earlier
+        // attempt that failed may have renewed too, but only to an earlier
+        // expiry.
+        let mut sent = Instant::now();
         match self
             .retry("renewing a lease granted without a reply", || {
+                sent = Instant::now();
                 self.lock.renew(&lease)
             })
             .await
@@ -331,13 +333,23 @@ impl Inner {
         }
     }
 
-    async fn try_acquire(&self) -> Result<Acquire, Error> {
-        self.retry("acquiring the lease", || {
-            self.lock
-                .try_acquire(&self.service, &self.holder, self.config.ttl)
-        })
-        .instrument(info_span!("upsilon.acquire"))
-        .await
+    /// Asks for the lease, and says when the request that got the reply was
+    /// sent. The local deadline of a grant counts from then: the grant may
+    /// have happened any time after. Not from the first of the retries,
+    /// though: a try whose reply was lost and that granted the lease leaves
+    /// it live, so a later try reports it held (by this run) rather than
+    /// granting it; a `Granted` reply is always the grant of its own request.
+    async fn try_acquire(&self) -> Result<(Acquire, Instant), Error> {
+        let mut sent = Instant::now();
+        let acquired = self
+            .retry("acquiring the lease", || {
+                sent = Instant::now();
+                self.lock
+                    .try_acquire(&self.service, &self.holder, self.config.ttl)
+            })
+            .instrument(info_span!("upsilon.acquire"))
+            .await?;
+        Ok((acquired, sent))
     }
 
     /// Waits, at most `left`, for the lease `seen` to change: for the lock's
