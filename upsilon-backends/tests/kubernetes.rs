@@ -308,7 +308,7 @@ fn node(backend: KubernetesBackend, n: usize, tasks: &[Task], poll: Duration) ->
         .holder(testing::holder(n))
         .ttl(Duration::from_secs(3))
         .poll_interval(poll)
-        .backend_attempts(10)
+        .backend_attempts(12)
         .tasks(tasks.to_vec())
         .build()
         .unwrap()
@@ -363,9 +363,10 @@ async fn waiting_nodes_are_woken_by_the_watch_not_their_poll() {
     assert!(took < Duration::from_secs(10), "took {took:?}");
 }
 
-/// 500s on a tenth of the requests, and a twentieth of the writes committed
-/// with their reply lost: every such failure is transient, the runner
-/// retries, and the upgrade still runs each task once.
+/// 500s on a twentieth of the requests, and a twentieth of the writes
+/// committed with their reply lost: every such failure is transient, the
+/// runner retries, and the upgrade still runs each task once. (A grant is
+/// five requests, so about one try in three fails: the nodes get twelve.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn internal_errors_are_retried_and_the_upgrade_runs_each_task_once() {
     let api = KubeApi::start().await;
@@ -395,7 +396,7 @@ async fn internal_errors_are_retried_and_the_upgrade_runs_each_task_once() {
             Duration::from_millis(100),
         ));
     }
-    api.faults().fail_per_mille.store(100, Ordering::SeqCst);
+    api.faults().fail_per_mille.store(50, Ordering::SeqCst);
     api.faults()
         .lose_reply_per_mille
         .store(50, Ordering::SeqCst);
