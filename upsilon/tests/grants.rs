@@ -209,9 +209,7 @@ async fn a_late_reply_to_the_start_up_read_is_read_again_before_asking() {
     let task = parked(&gate, &entered);
     let canary_run = canary(&backend, &task, &entered).await;
     let loads = backend.faults().calls(Op::Load);
-    backend
-        .faults()
-        .nth(Op::Load, 1, Fault::DelayReply(SLOW));
+    backend.faults().nth(Op::Load, 1, Fault::DelayReply(SLOW));
     let node = runner(2, Upsilon::builder().backend(backend.clone()), &task);
     let run = tokio::spawn(async move { node.run().await });
     // The node's read took effect (it is waiting for the reply).

@@ -516,11 +516,8 @@ impl Lock for Watched {
     }
 
     async fn prepare_wait(&self, service: &str) -> Result<(), BackendError> {
-
         self.lock.prepare_wait(service).await
-
     }
-
 
     async fn raise_fence(&self, service: &str, floor: u64) -> Result<(), BackendError> {
         self.lock.raise_fence(service, floor).await
