@@ -687,6 +687,7 @@ async fn node(args: Args, log: Option<Arc<AuditLog>>) -> anyhow::Result<u8> {
             let kind = match &outcome {
                 Outcome::Upgraded { .. } => "upgraded",
                 Outcome::WaitedForOther { .. } => "waited",
+                Outcome::FoundUpToDate { .. } => "found-up-to-date",
                 _ => "up-to-date",
             };
             println!("{} {kind}: {outcome}", args.name);
