@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::{mpsc, Notify};
 use upsilon::backend::{Acquire, BackendError, Lease, LeaseInfo, Lock};
-use upsilon::testing::{self, Fault, MemoryBackend, Op};
+use upsilon::testing::{self, MemoryBackend, Op};
 use upsilon::{Holder, Outcome, Task, TaskContext, TaskFuture, Upsilon};
 
 /// Longer than what is left of the canary's upgrade when the nodes start.
@@ -197,33 +197,6 @@ async fn a_slow_step_hidden_inside_the_lease_request_grants_once_per_node() {
         assert!(said.starts_with("took the lease (fence "), "{said}");
         assert!(!said.contains("already up to date"), "{said}");
     }
-}
-
-/// A slow reply to the start-up read: the store was read before the
-/// canary finished, the reply arrives after. The node reads again before
-/// it asks for the lease.
-#[tokio::test(start_paused = true)]
-async fn a_late_reply_to_the_start_up_read_is_read_again_before_asking() {
-    let backend = MemoryBackend::new();
-    let (gate, entered) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
-    let task = parked(&gate, &entered);
-    let canary_run = canary(&backend, &task, &entered).await;
-    let loads = backend.faults().calls(Op::Load);
-    backend.faults().nth(Op::Load, 1, Fault::DelayReply(SLOW));
-    let node = runner(2, Upsilon::builder().backend(backend.clone()), &task);
-    let run = tokio::spawn(async move { node.run().await });
-    // The node's read took effect (it is waiting for the reply).
-    while backend.faults().calls(Op::Load) == loads {
-        tokio::task::yield_now().await;
-    }
-    gate.notify_one();
-    canary_run.await.unwrap().unwrap();
-    let outcome = run.await.unwrap().unwrap();
-    assert!(waited(&outcome), "{outcome:?}");
-    assert_eq!(
-        backend.grants().iter().map(|g| g.fence).collect::<Vec<_>>(),
-        [1]
-    );
 }
 
 /// A node whose way to the request is quick reads the store once before

@@ -27,13 +27,13 @@ use crate::util::jitter;
 /// Fences are 63-bit: the gap costs nothing.
 const CATCH_UP_GAP: u64 = 1 << 20;
 
-/// How old the read a request for the lease rests on may be, counted from
-/// when the read was sent. An older one (the lock's preparation opened a
-/// connection, a reply was slow, the node stalled, a TTL was waited out) is
-/// read again first, once: another node may have finished the upgrade in the
+/// How long may pass between the reply to the read a request for the lease
+/// rests on and that request. When more did (the lock's preparation opened
+/// a connection, the node stalled, a TTL was waited out), the store is read
+/// again first, once: another node may have finished the upgrade in the
 /// meantime, and a node that asked anyway would be granted the lease only to
-/// find nothing left to do. A read followed at once by the request is
-/// younger than this on any network a cluster shares a store over.
+/// find nothing left to do. A request sent as soon as the read's reply
+/// arrives is well within it.
 const FRESH: Duration = Duration::from_millis(2);
 
 /// How start-up ended.
@@ -53,8 +53,8 @@ impl Inner {
     /// Step 1: preflight without a lock, and READY at once when there is
     /// nothing to do; step 2: acquire, or wait while another node works.
     pub(super) async fn start(&self, stop: &CancellationToken) -> Result<Start, Error> {
-        let read_at = Instant::now();
         let snapshot = self.load().await?;
+        let read_at = Instant::now();
         let plan = self.plan(&snapshot);
         self.preflight(&snapshot, &plan)?;
         if self.nothing_to_do(&snapshot, &plan) {
@@ -98,8 +98,8 @@ impl Inner {
                 return Err(self.stopped());
             }
             if may_reread && read_at.elapsed() > FRESH {
-                read_at = Instant::now();
                 snapshot = self.load().await?;
+                read_at = Instant::now();
                 may_reread = false;
                 if let Some(ready) = self.done_meanwhile(&snapshot, &last_holder, started)? {
                     info!(data_version = %OrNone(snapshot.data_version.as_ref()),
@@ -178,8 +178,8 @@ impl Inner {
                     return Err(self.stopped());
                 }
             }
-            read_at = Instant::now();
             snapshot = self.load().await?;
+            read_at = Instant::now();
             may_reread = false;
             if let Some(ready) = self.done_meanwhile(&snapshot, &last_holder, started)? {
                 wait.end("ready");
