@@ -19,7 +19,7 @@ use upsilon::backend::Backend;
 use upsilon::Outcome;
 
 use crate::common::{at_released, released_tasks, runner, Env};
-use crate::convergence::{notify_floor, signed_ms, upsilon_round};
+use crate::convergence::{grants_row, notify_floor, signed_ms, upsilon_round};
 use crate::failover::{upsilon_once, Takeover};
 use crate::instrument::Instrumented;
 use crate::report::{Report, Row, Unit};
@@ -430,10 +430,12 @@ async fn convergence(
         }
         let mut ups = Vec::new();
         let mut woken = Vec::new();
+        let mut grants = Vec::new();
         for r in 0..o.repeats {
             let service = format!("backends-converge-{n}-{r}");
             let round =
                 upsilon_round(&service, &canary, &nodes, task, |b| b, async { Ok(()) }).await?;
+            grants.push(round.grants);
             // Counted from the commit where the server tells it apart from
             // the final write's return.
             let shift = subject
@@ -471,6 +473,7 @@ async fn convergence(
                     .push(Row::new("6b", measure(&p99), Unit::Ms, u.p99).at_most(10.0, "<= 10 ms"));
             }
         }
+        report.push(grants_row("6b", &format!("{name}, {n} nodes: "), &grants));
         if subject.kind == Kind::Postgres {
             pg_here.insert(n, u.p50);
         } else if let Some(pg) = scenario_2_p50(report, n) {
@@ -484,6 +487,7 @@ async fn convergence(
             "nodes": n,
             "upsilon_ms": ups,
             "upsilon_last_woken_ms": woken,
+            "upsilon_grants": grants,
             "floor_ms": floor,
         }));
     }

@@ -45,6 +45,9 @@ pub struct Round {
     /// When the canary's final write returned (Upsilon) or its `run()`
     /// did (sqlx): the instant the figures count from.
     pub commit: Instant,
+    /// Leases granted in the upgrade, the canary's included (Upsilon; 1
+    /// when no waiting node took the lease). 0 for sqlx, which has none.
+    pub grants: u64,
 }
 
 /// The canary's task waits for `go`, then sleeps `task`; the waiters' copy
@@ -93,13 +96,14 @@ pub async fn upsilon_round(
     at_released(service, canary.clone()).await?;
     let (go_tx, go_rx) = watch::channel(false);
     let store = Arc::new(TimedStore::new(canary.clone()));
+    let canary_lock = Arc::new(Watched::new(canary.clone()));
     let mut tasks = released_tasks();
     tasks.push(gated_task(go_rx, task));
     let canary_up = configure(
         Upsilon::builder()
             .service(service)
             .app_version("1.1")
-            .lock(canary.clone())
+            .lock(canary_lock.clone())
             .store(store.clone())
             .tasks(tasks),
     )
@@ -118,10 +122,7 @@ pub async fn upsilon_round(
     for node in nodes {
         let mut tasks = released_tasks();
         tasks.push(never_task(ran.clone()));
-        let backend = Arc::new(Watched {
-            inner: node.clone(),
-            woke: Mutex::new(None),
-        });
+        let backend = Arc::new(Watched::new(node.clone()));
         watched.push(backend.clone());
         let up = configure(
             Upsilon::builder()
@@ -159,7 +160,9 @@ pub async fn upsilon_round(
         ensure!(
             matches!(
                 outcome,
-                Outcome::WaitedForOther { .. } | Outcome::UpToDate { .. }
+                Outcome::WaitedForOther { .. }
+                    | Outcome::UpToDate { .. }
+                    | Outcome::FoundUpToDate { .. }
             ),
             "a waiting node did not wait for the canary: {outcome}"
         );
@@ -175,12 +178,32 @@ pub async fn upsilon_round(
         .filter_map(|w| *w.woke.lock().unwrap_or_else(|p| p.into_inner()))
         .max()
         .map(|t| signed_ms(t, commit));
+    let grants = canary_lock.granted.load(Ordering::SeqCst)
+        + watched
+            .iter()
+            .map(|w| w.granted.load(Ordering::SeqCst))
+            .sum::<u64>();
     Ok(Round {
         last,
         each,
         last_woken,
         commit,
+        grants,
     })
+}
+
+/// The row of the leases granted per upgrade (the most in one of them),
+/// against the target of one: a waiting node that took the lease found
+/// nothing left to do under it.
+pub fn grants_row(scenario: &str, what: &str, grants: &[u64]) -> Row {
+    let most = grants.iter().copied().max().unwrap_or(0);
+    Row::new(
+        scenario,
+        format!("{what}leases granted per upgrade, most of {}", grants.len()),
+        Unit::Count,
+        most as f64,
+    )
+    .at_most(1.0, "1")
 }
 
 /// `a - b` in ms, negative when `a` came first.
@@ -289,6 +312,7 @@ pub async fn sqlx_round(
         each,
         last_woken: None,
         commit: done,
+        grants: 0,
     })
 }
 
@@ -379,10 +403,12 @@ pub async fn run(env: &Env, o: &Options, report: &mut Report) -> anyhow::Result<
         let mut ups = Vec::new();
         let mut up_each = Vec::new();
         let mut woken = Vec::new();
+        let mut grants = Vec::new();
         for r in 0..o.repeats {
             let service = format!("converge-{n}-{r}");
             let round =
                 upsilon_round(&service, &canary, &nodes, task, |b| b, async { Ok(()) }).await?;
+            grants.push(round.grants);
             ups.push(round.last);
             up_each.push(round.each);
             woken.extend(round.last_woken);
@@ -452,6 +478,7 @@ pub async fn run(env: &Env, o: &Options, report: &mut Report) -> anyhow::Result<
                 fr.p50,
             ),
         );
+        report.push(grants_row("2", &format!("{n} nodes: "), &grants));
         p50s.0.push(n as f64);
         p50s.1.push(u.p50);
         p50s.2.push(s.p50);
@@ -459,6 +486,7 @@ pub async fn run(env: &Env, o: &Options, report: &mut Report) -> anyhow::Result<
             "nodes": n,
             "upsilon_ms": ups,
             "upsilon_last_woken_ms": woken,
+            "upsilon_grants": grants,
             "notify_floor_ms": floor,
             "notify_then_select1_ms": floor_read,
             "sqlx_ms": sqlxs,

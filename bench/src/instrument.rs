@@ -112,6 +112,10 @@ impl Lock for Instrumented {
             .await
     }
 
+    async fn prepare_wait(&self, service: &str) -> Result<(), BackendError> {
+        self.inner.prepare_wait(service).await
+    }
+
     async fn raise_fence(&self, service: &str, floor: u64) -> Result<(), BackendError> {
         self.inner.raise_fence(service, floor).await
     }

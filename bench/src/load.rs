@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::common::{pg_node, sqlx_connect, Env, Statement, WAITER_ROLE};
-use crate::convergence::{sqlx_round, upsilon_round};
+use crate::convergence::{grants_row, sqlx_round, upsilon_round};
 use crate::proxy::{Proxy, Tally};
 use crate::report::{Report, Row, Unit};
 use crate::Options;
@@ -32,6 +32,8 @@ struct Cost {
     opened: f64,
     wait_s: f64,
     by_statement: Value,
+    /// Leases granted in the upgrade, the canary's included (0 for sqlx).
+    grants: u64,
 }
 
 async fn reset(env: &Env, proxy: &Proxy) -> anyhow::Result<()> {
@@ -66,6 +68,7 @@ fn cost(
         opened: end.opened as f64 / n,
         wait_s: wait.as_secs_f64(),
         by_statement: stmts.1,
+        grants: 0,
     }
 }
 
@@ -88,7 +91,7 @@ async fn upsilon_cost(
     reset(env, proxy).await?;
     let at_wait = std::sync::Mutex::new(Tally::default());
     let started = Instant::now();
-    upsilon_round(
+    let round = upsilon_round(
         service,
         &canary,
         &nodes,
@@ -104,7 +107,10 @@ async fn upsilon_cost(
     let end = proxy.tally();
     let stmts = statements(env).await?;
     let at_wait = *at_wait.lock().unwrap_or_else(|p| p.into_inner());
-    Ok(cost(name, n, at_wait, end, stmts, wait))
+    Ok(Cost {
+        grants: round.grants,
+        ..cost(name, n, at_wait, end, stmts, wait)
+    })
 }
 
 async fn sqlx_cost(env: &Env, proxy: &Arc<Proxy>, o: &Options) -> anyhow::Result<Cost> {
@@ -199,6 +205,9 @@ pub async fn run(env: &Env, o: &Options, report: &mut Report) -> anyhow::Result<
             .at_most(3.0, "<= 3"),
         );
     }
+    for c in [&default, &off, &pooled] {
+        report.push(grants_row("3", &format!("{}: ", c.name), &[c.grants]));
+    }
     report.push(
         Row::new(
             "3",
@@ -223,6 +232,7 @@ pub async fn run(env: &Env, o: &Options, report: &mut Report) -> anyhow::Result<
             "connection_setup_round_trips_per_node": c.setup_round_trips,
             "statements_per_node": c.statements, "connections_held_per_node": c.held,
             "connections_opened_per_node": c.opened, "wait_s": c.wait_s,
+            "grants": c.grants,
             "statements_by_text": c.by_statement,
         })
     };

@@ -1,6 +1,7 @@
 //! Backends wrapped to time what the convergence scenario measures: when a
 //! store's last write returned, when a waiting node's wait ended.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -68,6 +69,18 @@ pub struct Watched {
     pub inner: Arc<dyn Backend>,
     /// When the last wait ended.
     pub woke: Mutex<Option<Instant>>,
+    /// Leases granted to it.
+    pub granted: AtomicU64,
+}
+
+impl Watched {
+    pub fn new(inner: Arc<dyn Backend>) -> Watched {
+        Watched {
+            inner,
+            woke: Mutex::new(None),
+            granted: AtomicU64::new(0),
+        }
+    }
 }
 
 #[async_trait]
@@ -78,7 +91,11 @@ impl Lock for Watched {
         holder: &Holder,
         ttl: Duration,
     ) -> Result<Acquire, BackendError> {
-        self.inner.try_acquire(service, holder, ttl).await
+        let r = self.inner.try_acquire(service, holder, ttl).await;
+        if let Ok(Acquire::Granted(_)) = &r {
+            self.granted.fetch_add(1, Ordering::SeqCst);
+        }
+        r
     }
 
     async fn renew(&self, lease: &Lease) -> Result<Lease, BackendError> {
@@ -95,6 +112,10 @@ impl Lock for Watched {
 
     async fn force_release(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
         self.inner.force_release(service).await
+    }
+
+    async fn prepare_wait(&self, service: &str) -> Result<(), BackendError> {
+        self.inner.prepare_wait(service).await
     }
 
     async fn raise_fence(&self, service: &str, floor: u64) -> Result<(), BackendError> {

@@ -128,6 +128,7 @@ pub(crate) fn run_finished(service: &str, result: &Result<Outcome, Error>) {
     let outcome = match result {
         Ok(Outcome::UpToDate { .. }) => "up_to_date",
         Ok(Outcome::Upgraded { .. }) => "upgraded",
+        Ok(Outcome::FoundUpToDate { .. }) => "found_up_to_date",
         Ok(Outcome::WaitedForOther { .. }) => "waited",
         Err(e) => error_outcome(e),
     };
@@ -137,7 +138,7 @@ pub(crate) fn run_finished(service: &str, result: &Result<Outcome, Error>) {
 /// The work under a lease ended, `held` after the grant.
 pub(crate) fn upgrade_finished(service: &str, held: Duration, result: &Result<Outcome, Error>) {
     let outcome = match result {
-        Ok(Outcome::UpToDate { .. }) => "up_to_date",
+        Ok(Outcome::UpToDate { .. } | Outcome::FoundUpToDate { .. }) => "up_to_date",
         Ok(_) => "upgraded",
         Err(e) => error_outcome(e),
     };

@@ -99,6 +99,9 @@ impl Lock for Flawed {
     async fn force_release(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
         self.inner.force_release(service).await
     }
+    async fn prepare_wait(&self, service: &str) -> Result<(), BackendError> {
+        self.inner.prepare_wait(service).await
+    }
     async fn raise_fence(&self, service: &str, floor: u64) -> Result<(), BackendError> {
         self.inner.raise_fence(service, floor).await
     }

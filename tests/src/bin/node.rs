@@ -515,6 +515,10 @@ impl Lock for Watched {
         self.lock.force_release(service).await
     }
 
+    async fn prepare_wait(&self, service: &str) -> Result<(), BackendError> {
+        self.lock.prepare_wait(service).await
+    }
+
     async fn raise_fence(&self, service: &str, floor: u64) -> Result<(), BackendError> {
         self.lock.raise_fence(service, floor).await
     }
@@ -683,6 +687,7 @@ async fn node(args: Args, log: Option<Arc<AuditLog>>) -> anyhow::Result<u8> {
             let kind = match &outcome {
                 Outcome::Upgraded { .. } => "upgraded",
                 Outcome::WaitedForOther { .. } => "waited",
+                Outcome::FoundUpToDate { .. } => "found-up-to-date",
                 _ => "up-to-date",
             };
             println!("{} {kind}: {outcome}", args.name);

@@ -187,6 +187,9 @@ impl Lock for Link {
     async fn force_release(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
         self.world.backend.force_release(service).await
     }
+    async fn prepare_wait(&self, service: &str) -> Result<(), BackendError> {
+        self.world.backend.prepare_wait(service).await
+    }
     async fn raise_fence(&self, service: &str, floor: u64) -> Result<(), BackendError> {
         self.world.backend.raise_fence(service, floor).await
     }

@@ -179,6 +179,16 @@ impl Lock for PostgresBackend {
         self.settle(&mut conn, "acquiring the lease", result).await
     }
 
+    async fn prepare_wait(&self, _service: &str) -> Result<(), BackendError> {
+        // Opening the listening session takes a connection of its own (tens
+        // of milliseconds with password authentication): the runner does it
+        // here, and reads the store again after it, rather than let the
+        // first `try_acquire` open it between the runner's read and the
+        // lease row's, by when another node may have finished the upgrade.
+        self.session().await;
+        Ok(())
+    }
+
     async fn renew(&self, lease: &Lease) -> Result<Lease, BackendError> {
         let sql = &self.inner.sql;
         let mut conn = self.conn().await?;

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -75,6 +75,12 @@ pub struct Proxy {
     /// While set, nothing is passed on in either direction, and the
     /// connections stay open: a network that stopped delivering.
     pub frozen: Arc<AtomicBool>,
+    /// Milliseconds each new connection waits before the proxy relays it:
+    /// a connection that is slow to open (a password exchange over a slow
+    /// network, a busy server).
+    pub connect_delay_ms: Arc<AtomicU64>,
+    /// Connections accepted so far.
+    pub accepted: Arc<AtomicU64>,
 }
 
 impl Proxy {
@@ -86,10 +92,16 @@ impl Proxy {
         let p = proxy.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let server = tokio::net::TcpStream::connect(("127.0.0.1", upstream))
-                    .await
-                    .unwrap();
-                tokio::spawn(p.clone().relay(client, server));
+                let p = p.clone();
+                p.accepted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let delay = p.connect_delay_ms.load(Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                    let server = tokio::net::TcpStream::connect(("127.0.0.1", upstream))
+                        .await
+                        .unwrap();
+                    p.relay(client, server).await;
+                });
             }
         });
         (proxy, port)

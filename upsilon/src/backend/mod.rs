@@ -122,6 +122,20 @@ pub trait Lock: Send + Sync + fmt::Debug {
         )))
     }
 
+    /// Gets ready to wait for `service`: opens what [`Lock::wait`] and
+    /// [`Lock::try_acquire`] will need (a listening session, a
+    /// subscription) if it is not open yet. The runner calls it once a
+    /// start-up read has found work to do, before it first asks for the
+    /// lease, and reads the store again if this (or anything else) took
+    /// long, so that a node whose preparation outlasted another node's
+    /// upgrade does not take the lease only to find nothing left to do.
+    /// A failure here is not the runner's to report: the next call opens
+    /// what it needs, or polls. The default does nothing.
+    async fn prepare_wait(&self, service: &str) -> Result<(), BackendError> {
+        let _ = service;
+        Ok(())
+    }
+
     /// Returns when the lease or the data version of `service` may have
     /// changed since the caller read the lease as `seen`, or after `timeout`.
     /// A backend with notifications returns at once if a change arrived

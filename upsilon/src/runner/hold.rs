@@ -60,7 +60,11 @@ impl Inner {
         if report.completed.is_empty() && report.baselined.is_none() && report.to == report.from {
             // Another node finished between our read and our grant: the
             // re-read under the lease found nothing to do.
-            return Ok(Outcome::UpToDate {
+            info!(fence = report.fence, data_version = %OrNone(report.to.as_ref()),
+                "took the lease and found the data already at this version: another node \
+                 finished first; nothing ran");
+            return Ok(Outcome::FoundUpToDate {
+                fence: report.fence,
                 data_version: report.to,
             });
         }

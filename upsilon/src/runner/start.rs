@@ -27,6 +27,15 @@ use crate::util::jitter;
 /// Fences are 63-bit: the gap costs nothing.
 const CATCH_UP_GAP: u64 = 1 << 20;
 
+/// How long may pass between the reply to the read a request for the lease
+/// rests on and that request. When more did (the lock's preparation opened
+/// a connection, the node stalled, a TTL was waited out), the store is read
+/// again first, once: another node may have finished the upgrade in the
+/// meantime, and a node that asked anyway would be granted the lease only to
+/// find nothing left to do. A request sent as soon as the read's reply
+/// arrives is well within it.
+const FRESH: Duration = Duration::from_millis(2);
+
 /// How start-up ended.
 pub(super) enum Start {
     /// READY without the lease.
@@ -45,6 +54,7 @@ impl Inner {
     /// nothing to do; step 2: acquire, or wait while another node works.
     pub(super) async fn start(&self, stop: &CancellationToken) -> Result<Start, Error> {
         let snapshot = self.load().await?;
+        let read_at = Instant::now();
         let plan = self.plan(&snapshot);
         self.preflight(&snapshot, &plan)?;
         if self.nothing_to_do(&snapshot, &plan) {
@@ -54,7 +64,7 @@ impl Inner {
         }
         info!(tasks = plan.steps.len(), data_version = %OrNone(snapshot.data_version.as_ref()),
             "upgrade needed; acquiring the lease");
-        self.acquire(snapshot, stop).await
+        self.acquire(snapshot, read_at, stop).await
     }
 
     fn nothing_to_do(&self, snapshot: &Snapshot, plan: &Plan) -> bool {
@@ -66,6 +76,7 @@ impl Inner {
     async fn acquire(
         &self,
         mut snapshot: Snapshot,
+        mut read_at: Instant,
         stop: &CancellationToken,
     ) -> Result<Start, Error> {
         let started = Instant::now();
@@ -74,16 +85,35 @@ impl Inner {
         let mut last_seen: Option<LeaseInfo> = None;
         let mut wait = metrics::Wait::new(&self.service);
         let mut catch_ups = 0;
+        // Whether `snapshot` may be read again before the next request: not
+        // when it was read for that very reason (a slow store would
+        // otherwise be read for ever), nor right after a wake-up.
+        let mut may_reread = true;
+        if let Err(e) = self.lock.prepare_wait(&self.service).await {
+            debug!(error = %error_chain(&e), "getting ready to wait failed; asking for the lease anyway");
+        }
         loop {
             if stop.is_cancelled() {
                 wait.end("stopped");
                 return Err(self.stopped());
+            }
+            if may_reread && read_at.elapsed() > FRESH {
+                snapshot = self.load().await?;
+                read_at = Instant::now();
+                may_reread = false;
+                if let Some(ready) = self.done_meanwhile(&snapshot, &last_holder, started)? {
+                    info!(data_version = %OrNone(snapshot.data_version.as_ref()),
+                        "another node brought the data to this version before this node asked for the lease");
+                    wait.end("ready");
+                    return Ok(ready);
+                }
             }
             let (acquired, sent) = self.try_acquire().await?;
             let seen = match acquired {
                 Acquire::Granted(lease) if self.behind(&lease, &mut snapshot).await? => {
                     self.catch_up_fence(lease, &snapshot, &mut catch_ups, stop)
                         .await?;
+                    may_reread = true;
                     continue;
                 }
                 Acquire::Granted(lease) => {
@@ -104,6 +134,7 @@ impl Inner {
                         if self.behind(&lease, &mut snapshot).await? {
                             self.catch_up_fence(lease, &snapshot, &mut catch_ups, stop)
                                 .await?;
+                            may_reread = true;
                             continue;
                         }
                         info!(
@@ -148,17 +179,33 @@ impl Inner {
                 }
             }
             snapshot = self.load().await?;
-            let plan = self.plan(&snapshot);
-            if self.nothing_to_do(&snapshot, &plan) {
-                self.preflight(&snapshot, &plan)?;
+            read_at = Instant::now();
+            may_reread = false;
+            if let Some(ready) = self.done_meanwhile(&snapshot, &last_holder, started)? {
                 wait.end("ready");
-                return Ok(Start::Ready(Outcome::WaitedForOther {
-                    holder: last_holder,
-                    data_version: snapshot.data_version,
-                    waited: started.elapsed(),
-                }));
+                return Ok(ready);
             }
         }
+    }
+
+    /// READY, if another node has done the work by the read `snapshot`:
+    /// this node waited since `started` and never took the lease.
+    fn done_meanwhile(
+        &self,
+        snapshot: &Snapshot,
+        holder: &Option<crate::ids::Holder>,
+        started: Instant,
+    ) -> Result<Option<Start>, Error> {
+        let plan = self.plan(snapshot);
+        if !self.nothing_to_do(snapshot, &plan) {
+            return Ok(None);
+        }
+        self.preflight(snapshot, &plan)?;
+        Ok(Some(Start::Ready(Outcome::WaitedForOther {
+            holder: holder.clone(),
+            data_version: snapshot.data_version.clone(),
+            waited: started.elapsed(),
+        })))
     }
 
     /// Whether `lease` carries a fence the store has already seen. With the

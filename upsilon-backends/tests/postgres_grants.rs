@@ -1,0 +1,196 @@
+//! Nodes that arrive while the canary upgrades, each with a listening
+//! session that is slow to open (longer than what is left of the upgrade),
+//! take no lease of their own: one grant per upgrade.
+#![cfg(feature = "postgres")]
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::{options, raw, server, until, via_port, Proxy};
+use tokio::sync::Notify;
+use upsilon::backend::{Acquire, BackendError, Lease, LeaseInfo, Lock};
+use upsilon::{Holder, Outcome, Task, TaskContext, TaskFuture, Upsilon};
+use upsilon_backends::postgres::PostgresBackend;
+
+const NODES: u64 = 3;
+/// How long a new connection through the proxy takes to open: longer than
+/// the canary's final write and release on a busy machine.
+const SLOW: Duration = Duration::from_millis(1500);
+
+/// PostgreSQL's lock without [`Lock::prepare_wait`]: its listening session
+/// opens inside the first `try_acquire`, after the runner's read, as it did
+/// before the runner prepared it.
+#[derive(Debug)]
+struct OpensInsideTheRequest(PostgresBackend);
+
+#[async_trait]
+impl Lock for OpensInsideTheRequest {
+    async fn try_acquire(
+        &self,
+        service: &str,
+        holder: &Holder,
+        ttl: Duration,
+    ) -> Result<Acquire, BackendError> {
+        self.0.try_acquire(service, holder, ttl).await
+    }
+    async fn renew(&self, lease: &Lease) -> Result<Lease, BackendError> {
+        self.0.renew(lease).await
+    }
+    async fn release(&self, lease: &Lease) -> Result<(), BackendError> {
+        self.0.release(lease).await
+    }
+    async fn current(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
+        self.0.current(service).await
+    }
+    async fn force_release(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
+        self.0.force_release(service).await
+    }
+    async fn wait(
+        &self,
+        service: &str,
+        seen: &LeaseInfo,
+        timeout: Duration,
+    ) -> Result<(), BackendError> {
+        self.0.wait(service, seen, timeout).await
+    }
+    fn notifies(&self) -> bool {
+        self.0.notifies()
+    }
+    async fn until_lost(&self, lease: &Lease) -> BackendError {
+        self.0.until_lost(lease).await
+    }
+}
+
+fn parked(gate: &Arc<Notify>, entered: &Arc<Notify>) -> Task {
+    let (gate, entered) = (gate.clone(), entered.clone());
+    Task::new(
+        "1.1",
+        1,
+        "backfill",
+        move |_: &mut TaskContext| -> TaskFuture<'_> {
+            let (gate, entered) = (gate.clone(), entered.clone());
+            Box::pin(async move {
+                entered.notify_one();
+                gate.notified().await;
+                Ok(())
+            })
+        },
+    )
+    .unwrap()
+}
+
+fn runner(builder: upsilon::Builder, n: usize, task: &Task) -> Upsilon {
+    builder
+        .service("svc")
+        .app_version("1.1")
+        .holder(upsilon::testing::holder(n))
+        .tasks([task.clone()])
+        .build()
+        .unwrap()
+}
+
+/// The canary parks in its task; `NODES` nodes, connected through a proxy
+/// whose new connections then take `SLOW` to open, start and read the
+/// store; once each is opening its listening session the canary finishes.
+/// Returns the nodes' outcomes and the grants the state row counts.
+async fn nodes_with_slow_sessions(schema: &str, prepared: bool) -> (Vec<Outcome>, i64) {
+    let (proxy, port) = Proxy::start(server().port()).await;
+    let slow_url = via_port(&server().url(), server().port(), port);
+    let canary_backend = PostgresBackend::connect(options(schema)).await.unwrap();
+    let (gate, entered) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let task = parked(&gate, &entered);
+    let canary = runner(
+        Upsilon::builder().backend(Arc::new(canary_backend)),
+        0,
+        &task,
+    );
+    let canary_run = tokio::spawn(async move { canary.run().await });
+    entered.notified().await;
+
+    let mut nodes = Vec::new();
+    for n in 0..NODES {
+        let o = upsilon_backends::postgres::PostgresOptions::from_url(&slow_url)
+            .unwrap()
+            .schema(schema);
+        let backend = PostgresBackend::connect(o).await.unwrap();
+        let builder = if prepared {
+            Upsilon::builder().backend(Arc::new(backend))
+        } else {
+            Upsilon::builder()
+                .lock(Arc::new(OpensInsideTheRequest(backend.clone())))
+                .store(Arc::new(backend))
+        };
+        nodes.push(runner(builder, n as usize + 1, &task));
+    }
+    // Each node's pool connection is open; from now on a connection takes
+    // SLOW to open.
+    let pooled = proxy.accepted.load(Ordering::SeqCst);
+    proxy
+        .connect_delay_ms
+        .store(SLOW.as_millis() as u64, Ordering::SeqCst);
+    let runs: Vec<_> = nodes
+        .into_iter()
+        .map(|n| tokio::spawn(async move { n.run().await }))
+        .collect();
+    // Every node has read the store and is opening its listening session.
+    until(Duration::from_secs(30), || async {
+        proxy.accepted.load(Ordering::SeqCst) >= pooled + NODES
+    })
+    .await;
+    gate.notify_one();
+    let done = canary_run.await.unwrap().unwrap();
+    assert!(matches!(done, Outcome::Upgraded { .. }), "{done:?}");
+    let mut outcomes = Vec::new();
+    for r in runs {
+        outcomes.push(r.await.unwrap().unwrap());
+    }
+    let client = raw(&server().url()).await;
+    let row = client
+        .query_one(
+            &format!("SELECT granted FROM \"{schema}\".upsilon_state WHERE service = 'svc'"),
+            &[],
+        )
+        .await
+        .unwrap();
+    (outcomes, row.get(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_with_a_slow_listening_session_take_no_lease_after_the_upgrade() {
+    let (outcomes, grants) = nodes_with_slow_sessions("grants_prepared", true).await;
+    assert_eq!(grants, 1, "one grant for one upgrade: {outcomes:?}");
+    for o in &outcomes {
+        assert!(
+            matches!(o, Outcome::WaitedForOther { data_version: Some(v), .. } if v.to_string() == "1.1.0"),
+            "{o:?}"
+        );
+    }
+}
+
+/// The negative control: the same nodes, with the session opened inside the
+/// request for the lease, where the runner cannot read the store after it.
+/// At least one of them is granted the lease for nothing, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_opened_inside_the_lease_request_grants_the_lease_for_nothing() {
+    let (outcomes, grants) = nodes_with_slow_sessions("grants_unprepared", false).await;
+    let found = outcomes
+        .iter()
+        .filter(|o| matches!(o, Outcome::FoundUpToDate { fence, .. } if *fence > 1))
+        .count();
+    assert!(grants > 1, "{grants} grants: {outcomes:?}");
+    assert_eq!(found as i64, grants - 1, "{outcomes:?}");
+    for o in &outcomes {
+        assert!(
+            matches!(
+                o,
+                Outcome::FoundUpToDate { .. } | Outcome::WaitedForOther { .. }
+            ),
+            "{o:?}"
+        );
+        assert!(!o.to_string().contains("already up to date"), "{o}");
+    }
+}

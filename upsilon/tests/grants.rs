@@ -1,0 +1,226 @@
+//! Nodes that arrive while the canary upgrades are granted no lease of their
+//! own, however slow their way to the first request for it: one grant per
+//! upgrade, and each node's outcome says what it did.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{mpsc, Notify};
+use upsilon::backend::{Acquire, BackendError, Lease, LeaseInfo, Lock};
+use upsilon::testing::{self, MemoryBackend, Op};
+use upsilon::{Holder, Outcome, Task, TaskContext, TaskFuture, Upsilon};
+
+/// Longer than what is left of the canary's upgrade when the nodes start.
+const SLOW: Duration = Duration::from_millis(300);
+const NODES: usize = 3;
+
+/// A lock in front of the in-memory backend that, like PostgreSQL's, opens
+/// something slow (a listening session) before its first answer: in
+/// [`Lock::prepare_wait`] when `prepares`, else inside the first
+/// [`Lock::try_acquire`], where the runner cannot see it (as PostgreSQL's
+/// backend did before it had `prepare_wait`).
+#[derive(Debug)]
+struct SlowToWait {
+    inner: Arc<MemoryBackend>,
+    /// How long opening takes.
+    delay: Duration,
+    prepares: bool,
+    opened: tokio::sync::OnceCell<()>,
+    opening: mpsc::UnboundedSender<()>,
+}
+
+impl SlowToWait {
+    async fn open(&self) {
+        self.opened
+            .get_or_init(|| async {
+                let _ = self.opening.send(());
+                tokio::time::sleep(self.delay).await;
+            })
+            .await;
+    }
+}
+
+#[async_trait]
+impl Lock for SlowToWait {
+    async fn try_acquire(
+        &self,
+        service: &str,
+        holder: &Holder,
+        ttl: Duration,
+    ) -> Result<Acquire, BackendError> {
+        self.open().await;
+        self.inner.try_acquire(service, holder, ttl).await
+    }
+    async fn prepare_wait(&self, service: &str) -> Result<(), BackendError> {
+        if self.prepares {
+            self.open().await;
+        }
+        self.inner.prepare_wait(service).await
+    }
+    async fn renew(&self, lease: &Lease) -> Result<Lease, BackendError> {
+        self.inner.renew(lease).await
+    }
+    async fn release(&self, lease: &Lease) -> Result<(), BackendError> {
+        self.inner.release(lease).await
+    }
+    async fn current(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
+        self.inner.current(service).await
+    }
+    async fn force_release(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
+        self.inner.force_release(service).await
+    }
+    async fn raise_fence(&self, service: &str, floor: u64) -> Result<(), BackendError> {
+        self.inner.raise_fence(service, floor).await
+    }
+    async fn wait(
+        &self,
+        service: &str,
+        seen: &LeaseInfo,
+        timeout: Duration,
+    ) -> Result<(), BackendError> {
+        self.inner.wait(service, seen, timeout).await
+    }
+    fn notifies(&self) -> bool {
+        self.inner.notifies()
+    }
+}
+
+/// The canary's task: parks until `gate`, after saying so on `entered`.
+fn parked(gate: &Arc<Notify>, entered: &Arc<Notify>) -> Task {
+    let (gate, entered) = (gate.clone(), entered.clone());
+    Task::new(
+        "1.1",
+        1,
+        "backfill",
+        move |_: &mut TaskContext| -> TaskFuture<'_> {
+            let (gate, entered) = (gate.clone(), entered.clone());
+            Box::pin(async move {
+                entered.notify_one();
+                gate.notified().await;
+                Ok(())
+            })
+        },
+    )
+    .unwrap()
+}
+
+fn runner(n: usize, builder: upsilon::Builder, task: &Task) -> Upsilon {
+    builder
+        .service("svc")
+        .app_version("1.1")
+        .holder(testing::holder(n))
+        .tasks([task.clone()])
+        .build()
+        .unwrap()
+}
+
+/// Starts the canary and lets its task park; returns its run and the gate.
+async fn canary(
+    backend: &Arc<MemoryBackend>,
+    task: &Task,
+    entered: &Notify,
+) -> tokio::task::JoinHandle<Result<Outcome, upsilon::Error>> {
+    let canary = runner(1, Upsilon::builder().backend(backend.clone()), task);
+    let run = tokio::spawn(async move { canary.run().await });
+    entered.notified().await;
+    run
+}
+
+fn waited(outcome: &Outcome) -> bool {
+    matches!(outcome, Outcome::WaitedForOther { data_version, .. }
+        if data_version.as_ref().map(ToString::to_string).as_deref() == Some("1.1.0"))
+}
+
+/// `NODES` nodes start while the canary's task runs; each is slow to get
+/// ready to wait, and the canary finishes meanwhile. Returns the nodes'
+/// outcomes and the fences granted.
+async fn nodes_slow_to_wait(prepares: bool) -> (Vec<Outcome>, Vec<u64>) {
+    let backend = MemoryBackend::new();
+    let (gate, entered) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let task = parked(&gate, &entered);
+    let canary_run = canary(&backend, &task, &entered).await;
+    let (opening, mut opened) = mpsc::unbounded_channel();
+    let runs: Vec<_> = (2..2 + NODES)
+        .map(|n| {
+            let lock = Arc::new(SlowToWait {
+                inner: backend.clone(),
+                // One after the other, as connections open.
+                delay: SLOW + Duration::from_millis(10) * n as u32,
+                prepares,
+                opened: tokio::sync::OnceCell::new(),
+                opening: opening.clone(),
+            });
+            let builder = Upsilon::builder().lock(lock).store(backend.clone());
+            let node = runner(n, builder, &task);
+            tokio::spawn(async move { node.run().await })
+        })
+        .collect();
+    // Every node has read the store (the upgrade is under way) and is
+    // opening its slow session; the canary finishes before any is open.
+    for _ in 0..NODES {
+        opened.recv().await.unwrap();
+    }
+    gate.notify_one();
+    let done = canary_run.await.unwrap().unwrap();
+    assert!(matches!(done, Outcome::Upgraded { .. }), "{done:?}");
+    let mut outcomes = Vec::new();
+    for r in runs {
+        outcomes.push(r.await.unwrap().unwrap());
+    }
+    let fences = backend.grants().iter().map(|g| g.fence).collect();
+    (outcomes, fences)
+}
+
+#[tokio::test(start_paused = true)]
+async fn nodes_slow_to_get_ready_to_wait_take_no_lease_after_the_upgrade() {
+    let (outcomes, fences) = nodes_slow_to_wait(true).await;
+    assert_eq!(fences, [1], "one grant for one upgrade: {outcomes:?}");
+    assert!(outcomes.iter().all(waited), "{outcomes:?}");
+}
+
+/// The negative control: the same nodes with their slow session opened
+/// inside the request for the lease, where the runner cannot read the store
+/// after it. Each is granted the lease in turn, finds nothing to do, and
+/// says so.
+#[tokio::test(start_paused = true)]
+async fn a_slow_step_hidden_inside_the_lease_request_grants_once_per_node() {
+    let (outcomes, fences) = nodes_slow_to_wait(false).await;
+    assert_eq!(fences.len(), 1 + NODES, "{fences:?}: {outcomes:?}");
+    for outcome in &outcomes {
+        assert!(
+            matches!(outcome, Outcome::FoundUpToDate { fence, data_version }
+                if *fence > 1 && data_version.as_ref().map(ToString::to_string).as_deref() == Some("1.1.0")),
+            "{outcome:?}"
+        );
+        let said = outcome.to_string();
+        assert!(said.starts_with("took the lease (fence "), "{said}");
+        assert!(!said.contains("already up to date"), "{said}");
+    }
+}
+
+/// A node whose way to the request is quick reads the store once before
+/// asking: the re-read costs nothing on the common path.
+#[tokio::test(start_paused = true)]
+async fn a_prompt_node_reads_once_before_asking() {
+    let backend = MemoryBackend::new();
+    let (gate, entered) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let task = parked(&gate, &entered);
+    let canary_run = canary(&backend, &task, &entered).await;
+    let (loads, acquires) = (
+        backend.faults().calls(Op::Load),
+        backend.faults().calls(Op::Acquire),
+    );
+    let node = runner(2, Upsilon::builder().backend(backend.clone()), &task);
+    let mut status = node.status();
+    let run = tokio::spawn(async move { node.run().await });
+    status
+        .wait_for(|s| matches!(s, upsilon::Status::Waiting { .. }))
+        .await
+        .unwrap();
+    assert_eq!(backend.faults().calls(Op::Load) - loads, 1);
+    assert_eq!(backend.faults().calls(Op::Acquire) - acquires, 1);
+    gate.notify_one();
+    canary_run.await.unwrap().unwrap();
+    assert!(waited(&run.await.unwrap().unwrap()));
+}
