@@ -197,6 +197,7 @@ mod tests {
                             kind: AttemptKind::Run,
                             state: AttemptState::Completed,
                             fence: 1,
+                            checkpoint: None,
                         },
                     },
                 )

@@ -12,8 +12,8 @@ use semver::Version;
 
 use crate::ids::{Holder, TaskKey};
 use crate::state::{
-    Acquire, AttemptKind, AttemptState, BackendError, Change, HistoryEntry, LastRow, Lease,
-    LeaseInfo, Snapshot,
+    Acquire, AttemptKind, AttemptState, BackendError, Change, Checkpoint, HistoryEntry, LastRow,
+    Lease, LeaseInfo, Snapshot,
 };
 
 /// A lease row as a backend keeps it, decoded.
@@ -183,6 +183,85 @@ pub struct SummaryColumns {
     pub state: String,
     /// The fence it was written with.
     pub fence: i64,
+    /// The row's checkpoint, if it has one (a store made before checkpoints
+    /// existed has none).
+    pub checkpoint: Option<CheckpointColumns>,
+}
+
+/// A row's checkpoint as a store keeps it: four nullable columns in a table
+/// (the position's column null when there is none), or one optional field of
+/// a serialised record (`#[serde(default)]`, so records written before
+/// checkpoints existed still read).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointColumns {
+    /// The position, as JSON text. Stored as written, never parsed by the
+    /// store: a position that no longer reads is the task's error to report.
+    pub position: String,
+    /// Wall clock of the node that saved it (ms since the epoch).
+    pub saved_ms: i64,
+    /// Units done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub done: Option<i64>,
+    /// Units in all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<i64>,
+}
+
+impl CheckpointColumns {
+    /// The columns of a checkpoint.
+    pub fn of(c: &Checkpoint) -> Result<CheckpointColumns, BackendError> {
+        let count = |n: Option<u64>| {
+            n.map(|n| {
+                i64::try_from(n).map_err(|_| {
+                    BackendError::Rejected(format!(
+                        "a progress count of {n} does not fit a store column"
+                    ))
+                })
+            })
+            .transpose()
+        };
+        Ok(CheckpointColumns {
+            position: c.position.clone(),
+            saved_ms: c.saved_at_ms,
+            done: count(c.done)?,
+            total: count(c.total)?,
+        })
+    }
+
+    /// From the four nullable columns of a table: `None` when the position's
+    /// column is null.
+    pub fn from_nullable(
+        position: Option<String>,
+        saved_ms: Option<i64>,
+        done: Option<i64>,
+        total: Option<i64>,
+    ) -> Option<CheckpointColumns> {
+        position.map(|position| CheckpointColumns {
+            position,
+            saved_ms: saved_ms.unwrap_or(0),
+            done,
+            total,
+        })
+    }
+
+    /// The checkpoint these columns hold.
+    pub fn decode(self) -> Result<Checkpoint, BackendError> {
+        let count = |n: Option<i64>, what: &str| {
+            n.map(|n| {
+                u64::try_from(n).map_err(|_| {
+                    BackendError::corrupt(format!("a checkpoint's {what} count is {n}"))
+                })
+            })
+            .transpose()
+        };
+        Ok(Checkpoint {
+            position: self.position,
+            saved_at_ms: self.saved_ms,
+            done: count(self.done, "done")?,
+            total: count(self.total, "total")?,
+        })
+    }
 }
 
 impl SummaryColumns {
@@ -198,6 +277,7 @@ impl SummaryColumns {
                 kind: AttemptKind::parse(&self.kind)?,
                 state: AttemptState::parse(&self.state)?,
                 fence: fence_from_column(self.fence, "a history row's fence")?,
+                checkpoint: self.checkpoint.map(CheckpointColumns::decode).transpose()?,
             },
         ))
     }
@@ -286,6 +366,7 @@ impl HistoryColumns {
                 .duration_ms
                 .map(|d| Duration::from_millis(d.max(0) as u64)),
             error: self.error,
+            checkpoint: last.checkpoint,
         })
     }
 }
@@ -297,7 +378,9 @@ impl HistoryColumns {
 pub enum Write {
     /// Insert a history row in state `running`: version, task id, attempt
     /// (`Int4`), kind ([`AttemptKind::as_str`]), fence (`Int8`), holder
-    /// ([`Holder::encode`]), description.
+    /// ([`Holder::encode`]), description, then the checkpoint it starts
+    /// from: position (`OptText`), saved at (`OptInt8`), done (`OptInt8`),
+    /// total (`OptInt8`). [`Columns::checkpoint`] has the same, decoded.
     Start,
     /// End the history row `(version, task id, attempt)`: version, task id,
     /// attempt (`Int4`), state ([`AttemptState::as_str`]), run time in ms
@@ -307,6 +390,11 @@ pub enum Write {
     DataVersion,
     /// Set the data version and the baseline: the version.
     Baseline,
+    /// Set the checkpoint of the history row `(version, task id, attempt)`:
+    /// version, task id, attempt (`Int4`), position (`OptText`, never null
+    /// here), saved at (`OptInt8`), done (`OptInt8`), total (`OptInt8`).
+    /// [`Columns::checkpoint`] has the same, decoded.
+    Checkpoint,
 }
 
 /// One value a write binds.
@@ -320,6 +408,8 @@ pub enum Value {
     Int4(i32),
     /// A 64-bit integer.
     Int8(i64),
+    /// A 64-bit integer or null.
+    OptInt8(Option<i64>),
 }
 
 /// A change as the column values a store writes: what to do, and the values
@@ -329,6 +419,7 @@ pub enum Value {
 pub struct Columns {
     write: Write,
     values: Vec<Value>,
+    checkpoint: Option<CheckpointColumns>,
 }
 
 impl Columns {
@@ -340,10 +431,25 @@ impl Columns {
             })
         };
         let text = |t: &str| Value::Text(t.to_owned());
+        let checkpoint = match change {
+            Change::Start(a) => a.checkpoint.as_ref(),
+            Change::Checkpoint(c) => Some(&c.checkpoint),
+            _ => None,
+        }
+        .map(CheckpointColumns::of)
+        .transpose()?;
+        let checkpoint_values = |c: Option<&CheckpointColumns>| {
+            [
+                Value::OptText(c.map(|c| c.position.clone())),
+                Value::OptInt8(c.map(|c| c.saved_ms)),
+                Value::OptInt8(c.and_then(|c| c.done)),
+                Value::OptInt8(c.and_then(|c| c.total)),
+            ]
+        };
         let (write, values) = match change {
             Change::Start(a) => (
                 Write::Start,
-                vec![
+                [
                     Value::Text(a.key.version.to_string()),
                     text(&a.key.id),
                     attempt(a.attempt)?,
@@ -351,7 +457,21 @@ impl Columns {
                     Value::Int8(fence_to_column(fence)?),
                     Value::Text(a.holder.encode()),
                     text(&a.description),
-                ],
+                ]
+                .into_iter()
+                .chain(checkpoint_values(checkpoint.as_ref()))
+                .collect(),
+            ),
+            Change::Checkpoint(c) => (
+                Write::Checkpoint,
+                [
+                    Value::Text(c.key.version.to_string()),
+                    text(&c.key.id),
+                    attempt(c.attempt)?,
+                ]
+                .into_iter()
+                .chain(checkpoint_values(checkpoint.as_ref()))
+                .collect(),
             ),
             Change::Finish(f) => (
                 Write::Finish,
@@ -367,7 +487,17 @@ impl Columns {
             Change::DataVersion(v) => (Write::DataVersion, vec![Value::Text(v.to_string())]),
             Change::Baseline(v) => (Write::Baseline, vec![Value::Text(v.to_string())]),
         };
-        Ok(Columns { write, values })
+        Ok(Columns {
+            write,
+            values,
+            checkpoint,
+        })
+    }
+
+    /// The checkpoint a [`Write::Start`] or [`Write::Checkpoint`] stores,
+    /// for a backend that keeps serialised records rather than columns.
+    pub fn checkpoint(&self) -> Option<&CheckpointColumns> {
+        self.checkpoint.as_ref()
     }
 
     /// What the write does.

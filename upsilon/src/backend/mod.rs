@@ -51,13 +51,14 @@ mod kit;
 mod unlock;
 
 pub use crate::state::{
-    Acquire, AttemptKind, AttemptState, BackendError, Change, FinishAttempt, HistoryEntry, LastRow,
-    Lease, LeaseInfo, Snapshot, StartAttempt, TaskSummary, UNLOCK_TASK_ID,
+    Acquire, AttemptKind, AttemptState, BackendError, Change, Checkpoint, FinishAttempt,
+    HistoryEntry, LastRow, Lease, LeaseInfo, SaveCheckpoint, Snapshot, StartAttempt, TaskSummary,
+    UNLOCK_TASK_ID,
 };
 pub use kit::{
     decide_acquire, expiry, fence_from_column, fence_to_column, jitter, ttl_ms,
-    version_from_column, Columns, HistoryColumns, StateColumns, StoredLease, SummaryColumns, Value,
-    Write,
+    version_from_column, CheckpointColumns, Columns, HistoryColumns, StateColumns, StoredLease,
+    SummaryColumns, Value, Write,
 };
 pub use unlock::{unlock, Unlocked, UNLOCK_TTL};
 
