@@ -82,6 +82,12 @@ impl Inner {
         }
         .instrument(span)
         .await;
+        // A task that failed because the lease was lost under it (a
+        // checkpoint the store refused) was cancelled by the loss.
+        let ran = match (ran, held.halt()) {
+            (Ran::Failed(_), Some(halt @ Halt::Lost(_))) => Ran::Cancelled(halt),
+            (ran, _) => ran,
+        };
         let took = started.elapsed();
         let outcome = match (&ran, rollback) {
             (Ran::Ok, false) => "completed",
