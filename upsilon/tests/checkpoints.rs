@@ -85,7 +85,10 @@ async fn each_attempt_resumes_where_the_last_got_on_this_node_and_the_next() {
     let history = backend.history("svc").await.unwrap();
     // Each row shows the position its attempt reached.
     let some = |s: &str| Some(s.to_owned());
-    assert_eq!(positions(&history), vec![some("40"), some("70"), some("70")]);
+    assert_eq!(
+        positions(&history),
+        vec![some("40"), some("70"), some("70")]
+    );
     let c = history[1].checkpoint.as_ref().unwrap();
     assert_eq!((c.done, c.total), (Some(70), Some(100)));
     assert!(c.saved_at_ms > 0);

@@ -64,6 +64,7 @@
 //! store whose format is newer than it knows. See `docs/POSTGRES.md` for the
 //! privileges it needs and for PgBouncer.
 
+mod batch;
 mod complete;
 mod connection;
 mod conninfo;

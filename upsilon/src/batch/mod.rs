@@ -188,6 +188,11 @@ where
         }
     }
 
+    /// The task's context the loop runs in.
+    pub fn context(&self) -> &'c TaskContext {
+        self.ctx
+    }
+
     /// Rows per batch at most (default 1000; at least 1).
     pub fn size(mut self, rows: u64) -> Self {
         self.size = rows.max(1);
