@@ -92,7 +92,7 @@ fn key() -> TaskKey {
 /// The position the store holds for the task's newest row.
 async fn stored(b: &PostgresBackend) -> Option<BatchPosition<i64>> {
     let snap = b.load("test").await.unwrap();
-    let c = snap.tasks[&key()].last.checkpoint.clone()?;
+    let c = snap.tasks[&key()].checkpoint.clone()?;
     Some(serde_json::from_str(&c.position).unwrap())
 }
 
@@ -193,15 +193,15 @@ async fn a_batch_whose_commit_reply_was_lost_is_not_done_again() {
     );
     // The task tries again: it resumes after the batch that committed.
     let ctx = context(&b).await;
-    let mut afters = Vec::new();
+    let afters = Mutex::new(Vec::new());
     let done = b
         .run_batches(ctx.batches::<i64>().size(3), async |tx, batch| {
-            afters.push(batch.after);
+            afters.lock().unwrap().push(batch.after);
             fill(tx, schema, batch).await
         })
         .await
         .unwrap();
-    assert_eq!(afters, [Some(6), Some(9), Some(10)]);
+    assert_eq!(*afters.lock().unwrap(), [Some(6), Some(9), Some(10)]);
     assert_eq!((done.batches, done.rows), (2, 10));
     assert_eq!(
         done_counts(&client, schema).await,

@@ -330,7 +330,7 @@ async fn a_file_from_before_checkpoints_gains_their_columns_at_open() {
         .await
         .unwrap();
     let snap = backend.load("svc").await.unwrap();
-    assert_eq!(snap.tasks[&key].last.checkpoint.as_ref(), Some(&saved));
+    assert_eq!(snap.tasks[&key].checkpoint.as_ref(), Some(&saved));
     let format: String = Connection::open(&path)
         .unwrap()
         .query_row(

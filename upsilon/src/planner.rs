@@ -197,8 +197,8 @@ mod tests {
                             kind: AttemptKind::Run,
                             state: AttemptState::Completed,
                             fence: 1,
-                            checkpoint: None,
                         },
+                        checkpoint: None,
                     },
                 )
             })

@@ -297,10 +297,10 @@ impl State {
         let mut newest: BTreeMap<TaskKey, u64> = BTreeMap::new();
         let mut fence = 0;
         for row in rows.values() {
-            let (key, last) = row.summary().decode()?;
+            let (key, last, checkpoint) = row.summary().decode_checkpointed()?;
             fence = fence.max(last.fence);
             newest.insert(key.clone(), row.id);
-            snapshot.fold_row(key, last);
+            snapshot.fold_row_checkpointed(key, last, checkpoint);
         }
         let mut state = State {
             fence,
@@ -333,7 +333,7 @@ impl State {
         )?;
         let mut rows = BTreeMap::new();
         for t in &self.tasks {
-            let (key, last): (TaskKey, LastRow) = SummaryColumns {
+            let (key, last, checkpoint): (TaskKey, LastRow, _) = SummaryColumns {
                 version: t.version.clone(),
                 task_id: t.task.clone(),
                 attempt: t.attempt,
@@ -342,7 +342,7 @@ impl State {
                 fence: t.fence,
                 checkpoint: t.checkpoint.clone(),
             }
-            .decode()?;
+            .decode_checkpointed()?;
             if t.rows < last.attempt {
                 return Err(BackendError::corrupt(format!(
                     "the summary of {key} counts {} rows and its newest is attempt {}",
@@ -356,6 +356,7 @@ impl State {
                     rows: t.rows,
                     completed: t.completed,
                     last,
+                    checkpoint,
                 },
             );
         }
@@ -378,7 +379,6 @@ impl State {
                 fence: t.last.fence as i64,
                 row: rows.get(key).copied().unwrap_or_default(),
                 checkpoint: t
-                    .last
                     .checkpoint
                     .as_ref()
                     .and_then(|c| CheckpointColumns::of(c).ok()),

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use semver::Version;
 
+use super::CheckpointColumns;
 use crate::ids::{Holder, TaskKey};
 use crate::state::{
     Acquire, AttemptKind, AttemptState, BackendError, Change, Checkpoint, HistoryEntry, LastRow,
@@ -188,85 +189,18 @@ pub struct SummaryColumns {
     pub checkpoint: Option<CheckpointColumns>,
 }
 
-/// A row's checkpoint as a store keeps it: four nullable columns in a table
-/// (the position's column null when there is none), or one optional field of
-/// a serialised record (`#[serde(default)]`, so records written before
-/// checkpoints existed still read).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct CheckpointColumns {
-    /// The position, as JSON text. Stored as written, never parsed by the
-    /// store: a position that no longer reads is the task's error to report.
-    pub position: String,
-    /// Wall clock of the node that saved it (ms since the epoch).
-    pub saved_ms: i64,
-    /// Units done.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub done: Option<i64>,
-    /// Units in all.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub total: Option<i64>,
-}
-
-impl CheckpointColumns {
-    /// The columns of a checkpoint.
-    pub fn of(c: &Checkpoint) -> Result<CheckpointColumns, BackendError> {
-        let count = |n: Option<u64>| {
-            n.map(|n| {
-                i64::try_from(n).map_err(|_| {
-                    BackendError::Rejected(format!(
-                        "a progress count of {n} does not fit a store column"
-                    ))
-                })
-            })
-            .transpose()
-        };
-        Ok(CheckpointColumns {
-            position: c.position.clone(),
-            saved_ms: c.saved_at_ms,
-            done: count(c.done)?,
-            total: count(c.total)?,
-        })
-    }
-
-    /// From the four nullable columns of a table: `None` when the position's
-    /// column is null.
-    pub fn from_nullable(
-        position: Option<String>,
-        saved_ms: Option<i64>,
-        done: Option<i64>,
-        total: Option<i64>,
-    ) -> Option<CheckpointColumns> {
-        position.map(|position| CheckpointColumns {
-            position,
-            saved_ms: saved_ms.unwrap_or(0),
-            done,
-            total,
-        })
-    }
-
-    /// The checkpoint these columns hold.
-    pub fn decode(self) -> Result<Checkpoint, BackendError> {
-        let count = |n: Option<i64>, what: &str| {
-            n.map(|n| {
-                u64::try_from(n).map_err(|_| {
-                    BackendError::corrupt(format!("a checkpoint's {what} count is {n}"))
-                })
-            })
-            .transpose()
-        };
-        Ok(Checkpoint {
-            position: self.position,
-            saved_at_ms: self.saved_ms,
-            done: count(self.done, "done")?,
-            total: count(self.total, "total")?,
-        })
-    }
-}
-
 impl SummaryColumns {
-    /// The row's task and what a snapshot keeps of it.
+    /// The row's task and what a snapshot keeps of it, without its
+    /// checkpoint.
     pub fn decode(self) -> Result<(TaskKey, LastRow), BackendError> {
+        self.decode_checkpointed().map(|(key, last, _)| (key, last))
+    }
+
+    /// The row's task, what a snapshot keeps of it, and its checkpoint.
+    pub fn decode_checkpointed(
+        self,
+    ) -> Result<(TaskKey, LastRow, Option<Checkpoint>), BackendError> {
+        let checkpoint = self.checkpoint.map(CheckpointColumns::decode).transpose()?;
         Ok((
             TaskKey {
                 version: version_from_column(&self.version, "a history row's version")?,
@@ -277,8 +211,8 @@ impl SummaryColumns {
                 kind: AttemptKind::parse(&self.kind)?,
                 state: AttemptState::parse(&self.state)?,
                 fence: fence_from_column(self.fence, "a history row's fence")?,
-                checkpoint: self.checkpoint.map(CheckpointColumns::decode).transpose()?,
             },
+            checkpoint,
         ))
     }
 }
@@ -306,8 +240,8 @@ impl Snapshot {
             tasks: Default::default(),
         };
         for row in rows {
-            let (key, last) = row.decode()?;
-            snapshot.fold_row(key, last);
+            let (key, last, checkpoint) = row.decode_checkpointed()?;
+            snapshot.fold_row_checkpointed(key, last, checkpoint);
         }
         Ok(snapshot)
     }
@@ -351,7 +285,7 @@ pub struct HistoryColumns {
 impl HistoryColumns {
     /// The history entry these columns hold.
     pub fn decode(self) -> Result<HistoryEntry, BackendError> {
-        let (key, last) = self.summary.decode()?;
+        let (key, last, checkpoint) = self.summary.decode_checkpointed()?;
         Ok(HistoryEntry {
             key,
             description: self.description,
@@ -366,7 +300,7 @@ impl HistoryColumns {
                 .duration_ms
                 .map(|d| Duration::from_millis(d.max(0) as u64)),
             error: self.error,
-            checkpoint: last.checkpoint,
+            checkpoint,
         })
     }
 }

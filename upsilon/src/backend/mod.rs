@@ -47,6 +47,7 @@ use async_trait::async_trait;
 
 use crate::ids::Holder;
 
+mod checkpoint_columns;
 mod kit;
 mod unlock;
 
@@ -55,10 +56,11 @@ pub use crate::state::{
     HistoryEntry, LastRow, Lease, LeaseInfo, SaveCheckpoint, Snapshot, StartAttempt, TaskSummary,
     UNLOCK_TASK_ID,
 };
+pub use checkpoint_columns::CheckpointColumns;
 pub use kit::{
     decide_acquire, expiry, fence_from_column, fence_to_column, jitter, ttl_ms,
-    version_from_column, CheckpointColumns, Columns, HistoryColumns, StateColumns, StoredLease,
-    SummaryColumns, Value, Write,
+    version_from_column, Columns, HistoryColumns, StateColumns, StoredLease, SummaryColumns, Value,
+    Write,
 };
 pub use unlock::{unlock, Unlocked, UNLOCK_TTL};
 

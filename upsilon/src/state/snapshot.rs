@@ -16,6 +16,9 @@ pub struct TaskSummary {
     pub completed: bool,
     /// The newest row.
     pub last: LastRow,
+    /// The newest row's checkpoint: where the task's next attempt of the
+    /// same kind resumes.
+    pub checkpoint: Option<Checkpoint>,
 }
 
 /// The newest history row of a task.
@@ -29,9 +32,6 @@ pub struct LastRow {
     pub state: AttemptState,
     /// The fence it was written with.
     pub fence: u64,
-    /// Its newest checkpoint: where the task's next attempt of the same kind
-    /// resumes.
-    pub checkpoint: Option<Checkpoint>,
 }
 
 /// Everything a node reads from the store: one round trip.
@@ -60,16 +60,28 @@ impl Snapshot {
     /// Folds one history row of `key` into the task summaries. Backends that
     /// keep rows call it for each row, oldest first, to build a snapshot.
     pub fn fold_row(&mut self, key: TaskKey, row: LastRow) {
+        self.fold_row_checkpointed(key, row, None);
+    }
+
+    /// [`Snapshot::fold_row`] for a row with its checkpoint.
+    pub fn fold_row_checkpointed(
+        &mut self,
+        key: TaskKey,
+        row: LastRow,
+        checkpoint: Option<Checkpoint>,
+    ) {
         let entry = self.tasks.entry(key).or_insert(TaskSummary {
             rows: 0,
             completed: false,
             last: row.clone(),
+            checkpoint: None,
         });
         entry.rows += 1;
         if row.state == AttemptState::Completed {
             entry.completed = row.kind == AttemptKind::Run;
         }
         entry.last = row;
+        entry.checkpoint = checkpoint;
     }
 
     /// A copy with only the task summaries in `keys` (all of them for
@@ -202,8 +214,8 @@ impl Snapshot {
                             kind: start.kind,
                             state: AttemptState::Running,
                             fence,
-                            checkpoint: start.checkpoint.clone(),
                         },
+                        checkpoint: start.checkpoint.clone(),
                     },
                 );
                 Ok(true)
@@ -218,7 +230,7 @@ impl Snapshot {
                 let Some(s) = self.tasks.get_mut(&save.key) else {
                     return refuse("the task has no attempt".to_owned());
                 };
-                let l = &mut s.last;
+                let l = &s.last;
                 if l.attempt != save.attempt || l.fence != fence {
                     return refuse(format!(
                         "its newest row is attempt {} with fence {}, not attempt {} with fence {fence}",
@@ -236,10 +248,10 @@ impl Snapshot {
                 {
                     return refuse(format!("its position is not JSON ({e})"));
                 }
-                if l.checkpoint.as_ref() == Some(&save.checkpoint) {
+                if s.checkpoint.as_ref() == Some(&save.checkpoint) {
                     return Ok(false);
                 }
-                l.checkpoint = Some(save.checkpoint.clone());
+                s.checkpoint = Some(save.checkpoint.clone());
                 Ok(true)
             }
             Change::Finish(finish) => {

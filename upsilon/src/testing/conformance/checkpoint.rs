@@ -29,7 +29,7 @@ fn save(id: &str, attempt: u32, c: &Checkpoint) -> Change {
 
 async fn newest(store: &dyn Store, service: &str, id: &str) -> Option<Checkpoint> {
     let snap = store.load(service).await.expect("load");
-    snap.tasks[&key(id, "1.0")].last.checkpoint.clone()
+    snap.tasks[&key(id, "1.0")].checkpoint.clone()
 }
 
 /// A checkpoint written to a running attempt reads back, exactly, through
