@@ -23,7 +23,8 @@ impl PostgresBackend {
     ///
     /// The tables `batch` writes must be in this database (any schema).
     /// Like [`PostgresBackend::complete_with`], the connection's session is
-    /// reset (`DISCARD ALL`) after each batch.
+    /// reset (`DISCARD ALL`) after each batch. `batch` is called once per
+    /// batch on a clone of itself, as in [`Batches::run`].
     ///
     /// ```no_run
     /// use upsilon::{BatchDone, BoxError, TaskContext};
@@ -55,19 +56,21 @@ impl PostgresBackend {
     pub async fn run_batches<K, F>(
         &self,
         batches: Batches<'_, K>,
-        mut batch: F,
+        batch: F,
     ) -> Result<Batched<K>, BatchError>
     where
         K: Serialize + DeserializeOwned + Clone,
-        F: AsyncFnMut(
-            &tokio_postgres::Transaction<'_>,
-            &Batch<K>,
-        ) -> Result<BatchDone<K>, BoxError>,
+        F: AsyncFnOnce(
+                &tokio_postgres::Transaction<'_>,
+                &Batch<K>,
+            ) -> Result<BatchDone<K>, BoxError>
+            + Clone,
     {
         let ctx = batches.context();
+        let batch = &batch;
         batches
-            .run_committing(async |b: Batch<K>| {
-                self.one_batch(ctx, &b, &mut batch)
+            .run_committing(async move |b: Batch<K>| {
+                self.one_batch(ctx, &b, batch.clone())
                     .await
                     .map_err(|e| e.into_box())
             })
@@ -78,11 +81,11 @@ impl PostgresBackend {
         &self,
         ctx: &TaskContext,
         b: &Batch<K>,
-        work: &mut F,
+        work: F,
     ) -> Result<(BatchDone<K>, Option<upsilon::backend::Checkpoint>), OneError>
     where
         K: Serialize,
-        F: AsyncFnMut(
+        F: AsyncFnOnce(
             &tokio_postgres::Transaction<'_>,
             &Batch<K>,
         ) -> Result<BatchDone<K>, BoxError>,

@@ -229,19 +229,16 @@ where
     /// died in between) is done again by the next attempt: make a batch's
     /// writes idempotent, or commit them with the checkpoint where the
     /// backend allows it (PostgreSQL's `PostgresBackend::batches`).
-    pub async fn run<F>(self, mut batch: F) -> Result<Batched<K>, BatchError>
+    ///
+    /// `batch` is called once per batch, on a clone of itself: a closure
+    /// that captures references (a pool, the context) is `Clone` as it is;
+    /// keep state that must outlive a batch behind a reference (a `Mutex`,
+    /// an atomic) or in the checkpoint.
+    pub async fn run<F>(self, batch: F) -> Result<Batched<K>, BatchError>
     where
-        F: AsyncFnMut(Batch<K>) -> Result<BatchDone<K>, BoxError>,
+        F: AsyncFnOnce(Batch<K>) -> Result<BatchDone<K>, BoxError> + Clone,
     {
-        let ctx = self.ctx;
-        self.drive(async |b: Batch<K>| {
-            let done = batch(b.clone()).await?;
-            if let Some(c) = b.checkpoint(&done)? {
-                ctx.checkpoints.save_prepared(c).await?;
-            }
-            Ok(done)
-        })
-        .await
+        self.drive(batch).await
     }
 
     /// [`Batches::run`] for a backend that commits each batch's checkpoint
@@ -249,24 +246,17 @@ where
     /// [`Batch::checkpoint`] with it, and returns what it did with the
     /// checkpoint it committed. The loop then only keeps that checkpoint for
     /// the task's next attempt.
-    pub async fn run_committing<F>(self, mut batch: F) -> Result<Batched<K>, BatchError>
+    pub async fn run_committing<F>(self, batch: F) -> Result<Batched<K>, BatchError>
     where
-        F: AsyncFnMut(Batch<K>) -> Result<(BatchDone<K>, Option<Checkpoint>), BoxError>,
+        F: AsyncFnOnce(Batch<K>) -> Result<(BatchDone<K>, Option<Checkpoint>), BoxError> + Clone,
     {
-        let ctx = self.ctx;
-        self.drive(async |b: Batch<K>| {
-            let (done, committed) = batch(b).await?;
-            if let Some(c) = committed {
-                ctx.checkpoints.set_current(c);
-            }
-            Ok(done)
-        })
-        .await
+        self.drive(batch).await
     }
 
-    async fn drive<F>(self, mut step: F) -> Result<Batched<K>, BatchError>
+    async fn drive<F, O>(self, step: F) -> Result<Batched<K>, BatchError>
     where
-        F: AsyncFnMut(Batch<K>) -> Result<BatchDone<K>, StepError>,
+        F: AsyncFnOnce(Batch<K>) -> Result<O, BoxError> + Clone,
+        O: StepOutput<K>,
     {
         let ctx = self.ctx;
         let key = ctx.checkpoints.key.clone();
@@ -296,18 +286,26 @@ where
                 rows_before: rows,
                 total: self.total,
             };
-            let done = match step(b).await {
-                Ok(done) => done,
-                Err(StepError::Batch(source)) => {
-                    return Err(BatchError::Failed {
-                        task: key,
-                        batch: number + 1,
-                        after: serde_json::to_string(&after).unwrap_or_default(),
-                        source,
-                    })
-                }
-                Err(StepError::Checkpoint(e)) => return Err(e.into()),
+            let failed = |source| BatchError::Failed {
+                task: key.clone(),
+                batch: number + 1,
+                after: serde_json::to_string(&after).unwrap_or_default(),
+                source,
             };
+            let (done, committed) = match step.clone()(b.clone()).await {
+                Ok(out) => out.split(),
+                Err(source) => return Err(failed(source)),
+            };
+            match committed {
+                // The backend committed it with the batch.
+                Committed::Yes(Some(c)) => ctx.checkpoints.set_current(c),
+                Committed::Yes(None) => {}
+                Committed::No => {
+                    if let Some(c) = b.checkpoint(&done).map_err(failed)? {
+                        ctx.checkpoints.save_prepared(c).await?;
+                    }
+                }
+            }
             let Some(last) = done.last.filter(|_| done.rows > 0) else {
                 return Ok(Batched {
                     resumed_from,
@@ -340,21 +338,28 @@ where
     }
 }
 
-/// Why one step of the loop failed.
-enum StepError {
-    Batch(BoxError),
-    Checkpoint(CheckpointError),
+/// What one batch returns: what it did, and whether it committed the
+/// checkpoint itself.
+trait StepOutput<K> {
+    fn split(self) -> (BatchDone<K>, Committed);
 }
 
-impl From<BoxError> for StepError {
-    fn from(e: BoxError) -> StepError {
-        StepError::Batch(e)
+enum Committed {
+    /// The loop saves the checkpoint.
+    No,
+    /// The batch committed this one (none: the batch ended the loop).
+    Yes(Option<Checkpoint>),
+}
+
+impl<K> StepOutput<K> for BatchDone<K> {
+    fn split(self) -> (BatchDone<K>, Committed) {
+        (self, Committed::No)
     }
 }
 
-impl From<CheckpointError> for StepError {
-    fn from(e: CheckpointError) -> StepError {
-        StepError::Checkpoint(e)
+impl<K> StepOutput<K> for (BatchDone<K>, Option<Checkpoint>) {
+    fn split(self) -> (BatchDone<K>, Committed) {
+        (self.0, Committed::Yes(self.1))
     }
 }
 

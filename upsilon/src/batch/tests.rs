@@ -1,3 +1,4 @@
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -25,17 +26,17 @@ fn position(ctx: &TaskContext) -> BatchPosition<i64> {
 async fn a_rate_paces_the_batches_exactly_and_every_batch_is_checkpointed() {
     let (ctx, _cancel) = context("fill", "1.1", Resources::default());
     let t0 = Instant::now();
-    let mut starts = Vec::new();
-    let mut saved = Vec::new();
+    let starts = Mutex::new(Vec::new());
+    let saved = Mutex::new(Vec::new());
     let done = ctx
         .batches::<i64>()
         .size(50)
         .rate(100)
         .total(120)
         .run(async |b: Batch<i64>| {
-            starts.push(t0.elapsed());
+            starts.lock().unwrap().push(t0.elapsed());
             if b.number > 1 {
-                saved.push(position(&ctx));
+                saved.lock().unwrap().push(position(&ctx));
             }
             Ok(take(120, &b))
         })
@@ -43,9 +44,17 @@ async fn a_rate_paces_the_batches_exactly_and_every_batch_is_checkpointed() {
         .unwrap();
     // 50 rows at 100 a second: half a second each; 20 rows: a fifth.
     let ms = |m| Duration::from_millis(m);
-    assert_eq!(starts, vec![ms(0), ms(500), ms(1000), ms(1200)]);
+    assert_eq!(
+        *starts.lock().unwrap(),
+        vec![ms(0), ms(500), ms(1000), ms(1200)]
+    );
     assert_eq!((done.batches, done.rows, done.resumed_from), (3, 120, None));
-    let after: Vec<_> = saved.iter().map(|p| (p.last, p.rows, p.batches)).collect();
+    let after: Vec<_> = saved
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|p| (p.last, p.rows, p.batches))
+        .collect();
     assert_eq!(after, vec![(50, 50, 1), (100, 100, 2), (120, 120, 3)]);
     let c = ctx.saved_checkpoint().unwrap();
     assert_eq!((c.done, c.total), (Some(120), Some(120)));
@@ -55,30 +64,30 @@ async fn a_rate_paces_the_batches_exactly_and_every_batch_is_checkpointed() {
 async fn a_pause_follows_every_batch_but_the_last() {
     let (ctx, _cancel) = context("fill", "1.1", Resources::default());
     let t0 = Instant::now();
-    let mut starts = Vec::new();
+    let starts = Mutex::new(Vec::new());
     ctx.batches::<i64>()
         .size(10)
         .pause(Duration::from_millis(250))
         .run(async |b: Batch<i64>| {
-            starts.push(t0.elapsed().as_millis());
+            starts.lock().unwrap().push(t0.elapsed().as_millis());
             Ok(take(25, &b))
         })
         .await
         .unwrap();
-    assert_eq!(starts, vec![0, 250, 500, 750]);
+    assert_eq!(*starts.lock().unwrap(), vec![0, 250, 500, 750]);
     assert_eq!(t0.elapsed(), Duration::from_millis(750));
 }
 
 #[tokio::test(start_paused = true)]
 async fn cancellation_stops_the_loop_between_batches_and_says_after_which() {
     let (ctx, cancel) = context("fill", "1.1", Resources::default());
-    let mut ran = Vec::new();
+    let ran = Mutex::new(Vec::new());
     let err = ctx
         .batches::<i64>()
         .size(10)
         .pause(Duration::from_secs(3600))
         .run(async |b: Batch<i64>| {
-            ran.push(b.number);
+            ran.lock().unwrap().push(b.number);
             if b.number == 2 {
                 cancel.cancel();
             }
@@ -86,7 +95,11 @@ async fn cancellation_stops_the_loop_between_batches_and_says_after_which() {
         })
         .await
         .unwrap_err();
-    assert_eq!(ran, vec![1, 2], "no batch starts once cancelled");
+    assert_eq!(
+        *ran.lock().unwrap(),
+        vec![1, 2],
+        "no batch starts once cancelled"
+    );
     assert!(
         matches!(
             err,
@@ -143,18 +156,21 @@ async fn a_loop_resumes_after_the_saved_position() {
         batches: 2,
     };
     resume_from(&ctx, &from);
-    let mut firsts = Vec::new();
+    let firsts = Mutex::new(Vec::new());
     let done = ctx
         .batches::<i64>()
         .size(100)
         .run(async |b: Batch<i64>| {
-            firsts.push((b.after, b.number, b.rows_before));
+            firsts
+                .lock()
+                .unwrap()
+                .push((b.after, b.number, b.rows_before));
             Ok(take(450, &b))
         })
         .await
         .unwrap();
     assert_eq!(
-        firsts,
+        *firsts.lock().unwrap(),
         vec![
             (Some(200), 3, 200),
             (Some(300), 4, 300),
@@ -170,16 +186,19 @@ async fn a_loop_resumes_after_the_saved_position() {
 async fn a_position_of_another_type_is_an_error_naming_the_task_not_a_restart() {
     let (ctx, _cancel) = context("fill", "1.1", Resources::default());
     resume_from_json(&ctx, r#"{"last":"user-17","rows":17,"batches":1}"#);
-    let mut ran = false;
+    let ran = std::sync::atomic::AtomicBool::new(false);
     let err = ctx
         .batches::<i64>()
         .run(async |b: Batch<i64>| {
-            ran = true;
+            ran.store(true, std::sync::atomic::Ordering::SeqCst);
             Ok(take(10, &b))
         })
         .await
         .unwrap_err();
-    assert!(!ran, "nothing runs from a position that does not read");
+    assert!(
+        !ran.into_inner(),
+        "nothing runs from a position that does not read"
+    );
     let text = err.to_string();
     for part in [
         "task fill@1.1.0",
