@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::backend::{BackendError, Change, Checkpoint, SaveCheckpoint, Store};
 use crate::error::LeaseLoss;
 use crate::ids::TaskKey;
+use crate::status::Status;
 use crate::util::jitter;
 
 /// What [`TaskContext::checkpoint`](crate::TaskContext::checkpoint) and
@@ -100,6 +101,8 @@ pub(crate) struct Checkpoints {
     pub(crate) saver: Option<Saver>,
     /// Shared with the runner, which carries it into the next attempt.
     pub(crate) current: Arc<Mutex<Option<Checkpoint>>>,
+    /// Where a saved checkpoint is shown (`None` in a test context).
+    pub(crate) status: Option<tokio::sync::watch::Sender<Status>>,
 }
 
 impl Checkpoints {
@@ -162,8 +165,16 @@ impl Checkpoints {
         Ok(())
     }
 
-    /// Keeps `checkpoint` as the newest, already in the store.
+    /// Keeps `checkpoint` as the newest, already in the store, and shows it
+    /// in the status.
     pub(crate) fn set_current(&self, checkpoint: Checkpoint) {
+        if let Some(status) = &self.status {
+            status.send_modify(|s| {
+                if let Status::Upgrading { checkpoint: c, .. } = s {
+                    *c = Some(checkpoint.clone());
+                }
+            });
+        }
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(checkpoint);
     }
 

@@ -156,15 +156,16 @@ impl Work<'_> {
         let mut failures = 0;
         loop {
             let attempt = self.start_attempt(task, AttemptKind::Run).await?;
+            let resume = self.checkpoint_of(task);
             self.inner.status.send_replace(Status::Upgrading {
                 task: task.id().to_owned(),
                 version: task.version().clone(),
                 index: i + 1,
                 total,
                 progress: None,
+                checkpoint: resume.clone(),
             });
             let info = task_info(task, attempt, i + 1, total, false);
-            let resume = self.checkpoint_of(task);
             let (ran, duration, newest) = self.inner.run_one(self.held, task, info, resume).await;
             self.keep_checkpoint(task, newest);
             let mut task_report = TaskReport {
@@ -237,7 +238,7 @@ impl Work<'_> {
         // from a rollback's.
         let checkpoint = summary
             .filter(|s| s.last.kind == kind)
-            .and_then(|s| s.last.checkpoint.clone());
+            .and_then(|s| s.checkpoint.clone());
         self.pending.push(Change::Start(StartAttempt {
             key: task.key().clone(),
             attempt,
@@ -256,14 +257,14 @@ impl Work<'_> {
         self.snapshot
             .tasks
             .get(task.key())
-            .and_then(|s| s.last.checkpoint.clone())
+            .and_then(|s| s.checkpoint.clone())
     }
 
     /// Keeps the checkpoint the task's attempt saved last in the mirror, for
     /// its next attempt to start from.
     fn keep_checkpoint(&mut self, task: &Task, newest: Option<Checkpoint>) {
         if let Some(s) = self.snapshot.tasks.get_mut(task.key()) {
-            s.last.checkpoint = newest;
+            s.checkpoint = newest;
         }
     }
 

@@ -49,6 +49,7 @@ impl Inner {
                 lose,
             }),
             current: current.clone(),
+            status: Some(self.status.clone()),
         };
         let mut ctx = TaskContext {
             info,

@@ -123,6 +123,7 @@ pub fn context(
             service: Arc::from("test"),
             saver: None,
             current: Default::default(),
+            status: None,
         },
     };
     (ctx, cancel)
