@@ -185,3 +185,73 @@ async fn a_checkpoint_after_another_node_claimed_the_store_is_refused_and_stops_
     let history = backend.history("svc").await.unwrap();
     assert_eq!(positions(&history), vec![Some("1".to_owned())]);
 }
+
+/// A batch loop whose holder is overtaken in the middle of a batch (its
+/// writes done, its checkpoint not yet saved): the stale holder's
+/// checkpoint is refused, and the next holder starts after the last batch
+/// saved, so that one batch, and only it, is done twice.
+#[tokio::test]
+async fn a_takeover_in_the_middle_of_a_batch_does_that_batch_again_and_no_other() {
+    let backend = MemoryBackend::new();
+    // How many times each of the items 1..=10 was done.
+    let done = Arc::new(Mutex::new(vec![0u32; 10]));
+    let backfill = |take_over_in: Option<u64>| {
+        let (store, done) = (backend.clone(), done.clone());
+        Task::new(
+            "1.1",
+            1,
+            "fill",
+            move |ctx: &mut TaskContext| -> TaskFuture<'_> {
+                let (store, done) = (store.clone(), done.clone());
+                Box::pin(async move {
+                    let (done, store, ctx_ref) = (&done, &store, &*ctx);
+                    ctx_ref
+                        .batches::<u64>()
+                        .size(3)
+                        .run(async |batch| {
+                            let first = batch.after.unwrap_or(0) + 1;
+                            let last = (first + batch.size - 1).min(10);
+                            if first > 10 {
+                                return Ok(upsilon::BatchDone::end());
+                            }
+                            for i in first..=last {
+                                done.lock().unwrap()[i as usize - 1] += 1;
+                            }
+                            if Some(batch.number) == take_over_in {
+                                store.claim("svc", ctx_ref.fence() + 1).await?;
+                            }
+                            Ok(upsilon::BatchDone::next(last, last - first + 1))
+                        })
+                        .await?;
+                    Ok(())
+                })
+            },
+        )
+        .unwrap()
+    };
+    let err = node(&backend, 1, vec![backfill(Some(3))])
+        .build()
+        .unwrap()
+        .run()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::LeaseLost { .. }), "{err}");
+    node(&backend, 2, vec![backfill(None)])
+        .build()
+        .unwrap()
+        .run()
+        .await
+        .unwrap();
+    assert_eq!(
+        *done.lock().unwrap(),
+        [1, 1, 1, 1, 1, 1, 2, 2, 2, 1],
+        "batch 3 (items 7 to 9) was done twice, every other batch once"
+    );
+    let history = backend.history("svc").await.unwrap();
+    let reached: Vec<_> = history
+        .iter()
+        .map(|r| r.checkpoint.as_ref().and_then(|c| c.done))
+        .collect();
+    // The first holder's attempt got to 6 rows; the second started there.
+    assert_eq!(reached, [Some(6), Some(10)]);
+}
