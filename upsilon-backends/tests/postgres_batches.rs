@@ -289,3 +289,68 @@ async fn a_database_from_before_checkpoints_gains_their_columns_when_a_node_conn
         .get(0);
     assert_eq!(format, "1", "the format stays: the columns are only added");
 }
+
+/// Through the runner: the reply to batch 2's COMMIT is lost, the attempt
+/// fails, and the runner's retry resumes after batch 2, which the store
+/// holds, rather than after batch 1, which is all the failed attempt knew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runners_retry_after_a_lost_commit_reply_resumes_from_the_store() {
+    let schema = "batches_runner_retry";
+    let client = raw(&server().url()).await;
+    items(&client, schema, 10).await;
+    let (proxy, port) = Proxy::start(server().port()).await;
+    let url = via_port(&server().url(), server().port(), port);
+    let b = PostgresBackend::connect(PostgresOptions::from_url(&url).unwrap().schema(schema))
+        .await
+        .unwrap();
+    let lost_once = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let task = {
+        let (proxy, lost_once) = (proxy.clone(), lost_once.clone());
+        upsilon::Task::new(
+            "1.0",
+            1,
+            "fill",
+            move |ctx: &mut upsilon::TaskContext| -> upsilon::TaskFuture<'_> {
+                let (proxy, lost_once) = (proxy.clone(), lost_once.clone());
+                Box::pin(async move {
+                    let pg = ctx.resource::<PostgresBackend>()?.clone();
+                    let (proxy, lost_once) = (&proxy, &lost_once);
+                    pg.run_batches(ctx.batches::<i64>().size(3), async |tx, batch| {
+                        let done = fill(tx, schema, batch).await?;
+                        if batch.number == 2 && !lost_once.swap(true, Ordering::SeqCst) {
+                            proxy.lose_commit_reply.store(true, Ordering::SeqCst);
+                        }
+                        Ok(done)
+                    })
+                    .await?;
+                    Ok(())
+                })
+            },
+        )
+        .unwrap()
+    };
+    upsilon::Upsilon::builder()
+        .service("runner_retry")
+        .app_version("1.0")
+        .backend(Arc::new(b.clone()))
+        .resource(b.clone())
+        .retry(upsilon::RetryPolicy::attempts(2, Duration::from_millis(50)))
+        .tasks(vec![task])
+        .build()
+        .unwrap()
+        .run()
+        .await
+        .unwrap();
+    assert!(lost_once.load(Ordering::SeqCst));
+    assert_eq!(
+        done_counts(&client, schema).await,
+        [1; 10],
+        "each item once"
+    );
+    let history = b.history("runner_retry").await.unwrap();
+    let reached: Vec<_> = history
+        .iter()
+        .map(|r| r.checkpoint.as_ref().and_then(|c| c.done))
+        .collect();
+    assert_eq!(reached, [Some(6), Some(10)]);
+}

@@ -214,6 +214,7 @@ impl Work<'_> {
                         return Err(Failure::Task);
                     }
                     self.back_off(task, failures).await;
+                    self.reread_checkpoint(task).await?;
                 }
             }
         }
@@ -258,6 +259,24 @@ impl Work<'_> {
             .tasks
             .get(task.key())
             .and_then(|s| s.checkpoint.clone())
+    }
+
+    /// Before a retry: the checkpoint the store holds for the task's newest
+    /// row. A checkpoint whose write failed may still have committed (a
+    /// lost reply, or PostgreSQL's `run_batches` committing a batch with its
+    /// checkpoint), so the retry starts from what the store says.
+    async fn reread_checkpoint(&mut self, task: &Task) -> Result<(), Failure> {
+        let (inner, key) = (self.inner, task.key());
+        let stored = inner
+            .retry("reading the store", || inner.store.load(&inner.service))
+            .await
+            .map_err(|e| lost_or(self.held, e))?;
+        if let (Some(s), Some(mine)) = (stored.tasks.get(key), self.snapshot.tasks.get_mut(key)) {
+            if s.last.attempt == mine.last.attempt && s.last.fence == self.fence {
+                mine.checkpoint = s.checkpoint.clone();
+            }
+        }
+        Ok(())
     }
 
     /// Keeps the checkpoint the task's attempt saved last in the mirror, for
