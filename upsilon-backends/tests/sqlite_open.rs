@@ -347,4 +347,23 @@ async fn a_file_from_before_checkpoints_gains_their_columns_at_open() {
         again.history("svc").await.unwrap()[0].checkpoint.as_ref(),
         Some(&saved)
     );
+
+    // A stored position that is no longer JSON (edited by hand, say) still
+    // reads as the text it is; the task that resumes from it gets an error
+    // naming it, not a panic and not a restart from nothing.
+    Connection::open(&path)
+        .unwrap()
+        .execute("UPDATE upsilon_history SET checkpoint = '{\"last\":' ", [])
+        .unwrap();
+    let snap = again.load("svc").await.unwrap();
+    let stored = snap.tasks[&key].checkpoint.clone().unwrap();
+    assert_eq!(stored.position, "{\"last\":");
+    let (ctx, _) = upsilon::testing::context("backfill", "1.1", upsilon::Resources::default());
+    upsilon::testing::resume_from_json(&ctx, &stored.position);
+    let err = ctx.checkpoint::<serde_json::Value>().unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("task backfill@1.1.0: the checkpoint that attempt 1 resumes from"),
+        "{err}"
+    );
 }
