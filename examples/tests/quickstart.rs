@@ -1,5 +1,6 @@
 //! The README's first command works: the quickstart exits 0 and shows one
-//! node doing each version's work while the others skip it.
+//! node doing each version's work while the others skip it, and a stopped
+//! backfill resuming from its checkpoint.
 
 use std::process::Command;
 
@@ -32,5 +33,16 @@ fn quickstart_rolls_three_nodes_from_1_0_to_1_1() {
         stdout.contains("accounts with a normalised email: 3000"),
         "{stdout}"
     );
-    assert!(stdout.contains("Each task ran exactly once"), "{stdout}");
+    assert!(
+        stdout.contains("Each task completed exactly once"),
+        "{stdout}"
+    );
+    // The first 1.1 node was stopped part-way; the canary resumed from the
+    // backfill's checkpoint rather than from the first account.
+    assert!(stdout.contains("stopped part-way"), "{stdout}");
+    let resumed = stdout
+        .lines()
+        .find(|l| l.contains("backfill: resuming after account"))
+        .unwrap_or_else(|| panic!("no resumed backfill:\n{stdout}"));
+    assert!(!resumed.contains("after account 0 "), "{resumed}");
 }

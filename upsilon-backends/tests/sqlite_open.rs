@@ -239,3 +239,131 @@ async fn a_format_1_file_is_migrated_at_open() {
         Some(3)
     );
 }
+
+/// Format 2 as the release before checkpoints created it: the history has
+/// no checkpoint columns.
+const FORMAT_2_BEFORE_CHECKPOINTS: &str = "
+CREATE TABLE upsilon_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE upsilon_fence (
+    service     TEXT PRIMARY KEY,
+    granted     INTEGER NOT NULL DEFAULT 0,
+    store_fence INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE upsilon_state (
+    service          TEXT PRIMARY KEY,
+    data_version     TEXT,
+    baseline         TEXT,
+    lease_holder     TEXT,
+    lease_fence      INTEGER,
+    lease_expires_ms INTEGER,
+    lease_boot       TEXT
+);
+CREATE TABLE upsilon_history (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    service      TEXT NOT NULL,
+    version      TEXT NOT NULL,
+    task_id      TEXT NOT NULL,
+    attempt      INTEGER NOT NULL,
+    kind         TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    fence        INTEGER NOT NULL,
+    holder       TEXT NOT NULL,
+    description  TEXT NOT NULL,
+    started_ms   INTEGER NOT NULL,
+    finished_ms  INTEGER,
+    duration_ms  INTEGER,
+    error        TEXT,
+    UNIQUE (service, version, task_id, attempt)
+);
+INSERT INTO upsilon_meta (key, value) VALUES ('format', '2');
+INSERT INTO upsilon_fence (service, granted, store_fence) VALUES ('svc', 2, 2);
+INSERT INTO upsilon_state (service) VALUES ('svc');
+";
+
+/// A file of the release before checkpoints, with a running attempt, gains
+/// the checkpoint columns when it is opened: its rows read with no
+/// checkpoint, the running attempt takes one, and the format stays 2 (a
+/// node of that release still opens the file during the rollout).
+#[tokio::test]
+async fn a_file_from_before_checkpoints_gains_their_columns_at_open() {
+    use upsilon::backend::{Change, Checkpoint, SaveCheckpoint, Store};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("before.db");
+    let holder = upsilon::testing::holder(1);
+    let old = Connection::open(&path).unwrap();
+    old.execute_batch(FORMAT_2_BEFORE_CHECKPOINTS).unwrap();
+    old.execute(
+        "INSERT INTO upsilon_history (service, version, task_id, attempt, kind, state, fence,
+           holder, description, started_ms)
+         VALUES ('svc', '1.1.0', 'backfill', 1, 'run', 'running', 2, ?1, 'fills', ?2)",
+        upsilon_backends::sqlite::rusqlite::params![holder.encode(), wall_ms()],
+    )
+    .unwrap();
+    drop(old);
+
+    let backend = SqliteBackend::open(&path).await.unwrap();
+    let history = backend.history("svc").await.unwrap();
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0].checkpoint, None);
+    let key = upsilon::TaskKey {
+        version: "1.1.0".parse().unwrap(),
+        id: "backfill".into(),
+    };
+    let saved = Checkpoint {
+        position: "{\"last\":500}".into(),
+        saved_at_ms: wall_ms(),
+        done: Some(500),
+        total: Some(2_000),
+    };
+    backend.claim("svc", 2).await.unwrap();
+    backend
+        .apply(
+            "svc",
+            2,
+            &[Change::Checkpoint(SaveCheckpoint {
+                key: key.clone(),
+                attempt: 1,
+                checkpoint: saved.clone(),
+            })],
+        )
+        .await
+        .unwrap();
+    let snap = backend.load("svc").await.unwrap();
+    assert_eq!(snap.tasks[&key].checkpoint.as_ref(), Some(&saved));
+    let format: String = Connection::open(&path)
+        .unwrap()
+        .query_row(
+            "SELECT value FROM upsilon_meta WHERE key = 'format'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(format, "2");
+    // Opened again: the columns are there, nothing is added twice.
+    drop(backend);
+    let again = SqliteBackend::open(&path).await.unwrap();
+    assert_eq!(
+        again.history("svc").await.unwrap()[0].checkpoint.as_ref(),
+        Some(&saved)
+    );
+
+    // A stored position that is no longer JSON (edited by hand, say) still
+    // reads as the text it is; the task that resumes from it gets an error
+    // naming it, not a panic and not a restart from nothing.
+    Connection::open(&path)
+        .unwrap()
+        .execute("UPDATE upsilon_history SET checkpoint = '{\"last\":' ", [])
+        .unwrap();
+    let snap = again.load("svc").await.unwrap();
+    let stored = snap.tasks[&key].checkpoint.clone().unwrap();
+    assert_eq!(stored.position, "{\"last\":");
+    let (ctx, _) = upsilon::testing::context("backfill", "1.1", upsilon::Resources::default());
+    upsilon::testing::resume_from_json(&ctx, &stored.position);
+    let err = ctx.checkpoint::<serde_json::Value>().unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("task backfill@1.1.0: the checkpoint that attempt 1 resumes from"),
+        "{err}"
+    );
+}

@@ -2,7 +2,7 @@
 //! each field).
 
 use serde::Serialize;
-use upsilon::backend::{HistoryEntry, LeaseInfo};
+use upsilon::backend::{Checkpoint, HistoryEntry, LeaseInfo};
 use upsilon::Holder;
 
 use crate::text;
@@ -99,6 +99,37 @@ pub(crate) struct RowJson {
     pub(crate) duration_ms: Option<u64>,
     /// Error text of a failure.
     pub(crate) error: Option<String>,
+    /// The row's newest checkpoint: the position its attempt reached.
+    pub(crate) checkpoint: Option<CheckpointJson>,
+}
+
+/// A row's checkpoint.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct CheckpointJson {
+    /// The position as the task saved it: JSON, or the stored text as a
+    /// string if it does not parse.
+    pub(crate) position: serde_json::Value,
+    /// When it was saved, ms since the epoch on the saving node's clock.
+    pub(crate) saved_at_ms: i64,
+    /// The same, as RFC 3339 (UTC).
+    pub(crate) saved_at: String,
+    /// Units done, if the task counts them.
+    pub(crate) done: Option<u64>,
+    /// Units in all, if known.
+    pub(crate) total: Option<u64>,
+}
+
+impl From<&Checkpoint> for CheckpointJson {
+    fn from(c: &Checkpoint) -> CheckpointJson {
+        CheckpointJson {
+            position: serde_json::from_str(&c.position)
+                .unwrap_or_else(|_| serde_json::Value::String(c.position.clone())),
+            saved_at_ms: c.saved_at_ms,
+            saved_at: text::timestamp(c.saved_at_ms),
+            done: c.done,
+            total: c.total,
+        }
+    }
 }
 
 impl RowJson {
@@ -119,6 +150,7 @@ impl RowJson {
             finished_at_ms: e.finished_at_ms,
             duration_ms: e.duration.map(|d| d.as_millis() as u64),
             error: e.error.clone(),
+            checkpoint: e.checkpoint.as_ref().map(CheckpointJson::from),
         }
     }
 }

@@ -50,6 +50,13 @@ pub fn status_shows_versions_the_lease_and_the_running_task(kind: Kind) {
         (&"backfill".into(), &true.into())
     );
     assert!(running["elapsed_ms"].is_u64(), "{running}");
+    // Where the running attempt got, as its last checkpoint says.
+    let c = &running["checkpoint"];
+    assert_eq!(
+        (&c["position"]["last_id"], &c["done"], &c["total"]),
+        (&1500.into(), &1500.into(), &6000.into())
+    );
+    assert!(c["saved_at"].as_str().unwrap().ends_with('Z'), "{c}");
     assert_eq!(j["last_unlock"], Value::Null);
 
     let text = f.run(&["--service", "accounts", "status"]).expect(0).stdout;
@@ -58,6 +65,8 @@ pub fn status_shows_versions_the_lease_and_the_running_task(kind: Kind) {
         "data version  1.0.0",
         "held by pod accounts-7d9f on node-a (pid 4242, run run-a) with fence",
         "running       backfill@1.1.0 attempt 1",
+        "; at {\"last_id\":1500}, saved ",
+        "1500/6000 done (25%)",
         "completed",
     ] {
         assert!(text.contains(want), "{want:?} in {text}");
@@ -111,6 +120,15 @@ pub fn history_lists_every_attempt_and_filters(kind: Kind) {
         "{failed}"
     );
     assert_eq!(entries[0]["description"], "creates the table");
+    // Each row shows the checkpoint its attempt reached.
+    assert_eq!(entries[0]["checkpoint"], Value::Null);
+    assert_eq!(
+        (
+            &failed["checkpoint"]["position"],
+            &failed["checkpoint"]["done"]
+        ),
+        (&serde_json::json!({"last_id": 300}), &300.into())
+    );
 
     let by_version = f
         .run(&[
@@ -156,6 +174,11 @@ pub fn history_lists_every_attempt_and_filters(kind: Kind) {
         .stdout;
     assert!(text.contains("service accounts: 3 attempts"), "{text}");
     assert!(text.contains("error: the disk is full"), "{text}");
+    assert!(
+        text.contains("checkpoint: {\"last_id\":300}, saved "),
+        "{text}"
+    );
+    assert!(text.contains("300/1200 done (25%)"), "{text}");
 }
 
 pub fn baseline_adopts_an_empty_store_and_refuses_a_used_one(kind: Kind) {

@@ -10,6 +10,12 @@ use semver::Version;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::backend::Checkpoint;
+use crate::batch::Batches;
+use crate::checkpoint::{CheckpointError, Checkpoints};
 use crate::ids::Holder;
 use crate::status::{Progress, Status};
 
@@ -81,6 +87,7 @@ pub struct TaskContext {
     pub(crate) cancel: CancellationToken,
     pub(crate) resources: Arc<Resources>,
     pub(crate) status: watch::Sender<Status>,
+    pub(crate) checkpoints: Checkpoints,
 }
 
 impl fmt::Debug for TaskContext {
@@ -165,5 +172,57 @@ impl TaskContext {
                 *p = Some(progress);
             }
         });
+    }
+
+    /// The position this attempt resumes from: the newest checkpoint that an
+    /// earlier attempt of this task (of the same kind: a rollback never reads
+    /// a run's checkpoint) saved, or the one this attempt saved last; `None`
+    /// when there is none, so the task starts from the beginning.
+    ///
+    /// A stored position that does not read as `T` is an error
+    /// ([`CheckpointError::Incompatible`]) naming the task, never a silent
+    /// restart from nothing.
+    pub fn checkpoint<T: DeserializeOwned>(&self) -> Result<Option<T>, CheckpointError> {
+        self.checkpoints.read()
+    }
+
+    /// The checkpoint as stored: its JSON, when it was saved, its counts.
+    pub fn saved_checkpoint(&self) -> Option<Checkpoint> {
+        self.checkpoints.current()
+    }
+
+    /// Saves `position` as this attempt's checkpoint, in one store write
+    /// fenced like every other: a node that lost the lease is refused
+    /// ([`CheckpointError::Refused`], which also cancels the task as a lost
+    /// lease does). Transient store errors are retried as the runner's own
+    /// writes are. Return the error from the task if it fails.
+    pub async fn save_checkpoint<T: Serialize + ?Sized>(
+        &self,
+        position: &T,
+    ) -> Result<(), CheckpointError> {
+        self.checkpoints.save(position, None, None).await
+    }
+
+    /// [`TaskContext::save_checkpoint`] with the progress it implies: `done`
+    /// units of `total` (if known), kept with the checkpoint and reported as
+    /// [`TaskContext::progress`] does.
+    pub async fn save_checkpoint_with_progress<T: Serialize + ?Sized>(
+        &self,
+        position: &T,
+        done: u64,
+        total: Option<u64>,
+    ) -> Result<(), CheckpointError> {
+        self.checkpoints.save(position, Some(done), total).await?;
+        self.progress(done, total.unwrap_or(0), "checkpoint saved");
+        Ok(())
+    }
+
+    /// A batched, paced, resumable loop over keys of type `K`, checkpointed
+    /// after each batch: see [`Batches`].
+    pub fn batches<K>(&self) -> Batches<'_, K>
+    where
+        K: Serialize + DeserializeOwned + Clone,
+    {
+        Batches::new(self)
     }
 }

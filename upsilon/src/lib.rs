@@ -57,6 +57,8 @@
 #![deny(unreachable_pub)]
 
 pub mod backend;
+mod batch;
+mod checkpoint;
 mod context;
 mod error;
 #[cfg(feature = "http")]
@@ -73,6 +75,8 @@ pub mod testing;
 mod util;
 mod version;
 
+pub use batch::{Batch, BatchDone, BatchError, BatchPosition, Batched, Batches};
+pub use checkpoint::CheckpointError;
 pub use context::{MissingResource, Resources, TaskContext, TaskInfo};
 pub use error::{Error, LeaseLoss, Report, TaskReport};
 pub use ids::{BoxError, Holder, InvalidHolder, TaskKey};

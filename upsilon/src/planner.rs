@@ -198,6 +198,7 @@ mod tests {
                             state: AttemptState::Completed,
                             fence: 1,
                         },
+                        checkpoint: None,
                     },
                 )
             })

@@ -8,6 +8,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::ids::Holder;
+use crate::state::Checkpoint;
 
 /// Where a node is in its start-up.
 ///
@@ -25,7 +26,7 @@ use crate::ids::Holder;
 /// |---|---|
 /// | `"starting"` | none |
 /// | `"waiting"` | `holder`: `{"host", "pod" (string or null), "pid", "run_id"}`, or null while not yet known |
-/// | `"upgrading"` | `task` (id), `version` (`"1.1.0"`), `index` (1-based), `total`, `progress`: `{"done", "total", "message"}` or null |
+/// | `"upgrading"` | `task` (id), `version` (`"1.1.0"`), `index` (1-based), `total`, `progress`: `{"done", "total", "message"}` or null, `checkpoint`: `{"position" (the JSON text the task saved), "saved_at_ms", "done"?, "total"?}` or null |
 /// | `"ready"` | `data_version`: `"1.1.0"`, or null for a store with no version and no tasks |
 /// | `"failed"` | `error`: the error and its causes, joined with `": "` |
 ///
@@ -37,11 +38,12 @@ use crate::ids::Holder;
 ///     index: 1,
 ///     total: 3,
 ///     progress: Some(Progress { done: 40, total: 100, message: "rows".into() }),
+///     checkpoint: None,
 /// };
 /// # let json = serde_json::to_string(&status).unwrap();
-/// # assert_eq!(json, r#"{"phase":"upgrading","task":"backfill_accounts","version":"1.1.0","index":1,"total":3,"progress":{"done":40,"total":100,"message":"rows"}}"#);
+/// # assert_eq!(json, r#"{"phase":"upgrading","task":"backfill_accounts","version":"1.1.0","index":1,"total":3,"progress":{"done":40,"total":100,"message":"rows"},"checkpoint":null}"#);
 /// // {"phase":"upgrading","task":"backfill_accounts","version":"1.1.0","index":1,"total":3,
-/// //  "progress":{"done":40,"total":100,"message":"rows"}}
+/// //  "progress":{"done":40,"total":100,"message":"rows"},"checkpoint":null}
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "phase", rename_all = "snake_case")]
@@ -67,6 +69,9 @@ pub enum Status {
         total: usize,
         /// The task's last progress report.
         progress: Option<Progress>,
+        /// Where the task got, as its newest checkpoint says (the one it
+        /// resumed from, until it saves another).
+        checkpoint: Option<Checkpoint>,
     },
     /// The data is at a version this node can serve.
     Ready {
@@ -93,10 +98,14 @@ impl fmt::Display for Status {
                 index,
                 total,
                 progress,
+                checkpoint,
             } => {
                 write!(f, "upgrading: task {index} of {total} ({task}@{version})")?;
                 if let Some(p) = progress {
                     write!(f, ", {}/{} {}", p.done, p.total, p.message)?;
+                }
+                if let Some(c) = checkpoint {
+                    write!(f, ", checkpoint at {}", c.position)?;
                 }
                 Ok(())
             }
@@ -208,8 +217,30 @@ mod tests {
                 index: 2,
                 total: 3,
                 progress: None,
+                checkpoint: None,
             }),
-            r#"{"phase":"upgrading","task":"t","version":"1.1.0","index":2,"total":3,"progress":null}"#
+            r#"{"phase":"upgrading","task":"t","version":"1.1.0","index":2,"total":3,"progress":null,"checkpoint":null}"#
+        );
+        let at = Status::Upgrading {
+            task: "t".into(),
+            version: Version::new(1, 1, 0),
+            index: 2,
+            total: 3,
+            progress: None,
+            checkpoint: Some(Checkpoint {
+                position: r#"{"last":40}"#.into(),
+                saved_at_ms: 1_714_564_972_000,
+                done: Some(40),
+                total: None,
+            }),
+        };
+        assert_eq!(
+            json(&at),
+            r#"{"phase":"upgrading","task":"t","version":"1.1.0","index":2,"total":3,"progress":null,"checkpoint":{"position":"{\"last\":40}","saved_at_ms":1714564972000,"done":40}}"#
+        );
+        assert_eq!(
+            at.to_string(),
+            r#"upgrading: task 2 of 3 (t@1.1.0), checkpoint at {"last":40}"#
         );
         assert_eq!(
             json(&Status::Ready {

@@ -112,6 +112,7 @@ async fn probes_follow_an_upgrade_from_a_parked_task_to_ready() {
         "index": 1,
         "total": 2,
         "progress": {"done": 3, "total": 10, "message": "rows"},
+        "checkpoint": null,
     });
     assert_eq!(
         get_json(&client, &format!("{base}/readyz")).await,

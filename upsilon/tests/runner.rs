@@ -1292,6 +1292,7 @@ async fn a_data_version_left_behind_by_a_completed_task_is_caught_up() {
                     kind: AttemptKind::Run,
                     description: String::new(),
                     holder: testing::holder(9),
+                    checkpoint: None,
                 }),
                 Change::Finish(FinishAttempt {
                     key,

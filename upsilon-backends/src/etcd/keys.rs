@@ -175,6 +175,9 @@ pub(super) struct HistoryValue {
     pub(super) finished_ms: Option<i64>,
     pub(super) duration_ms: Option<i64>,
     pub(super) error: Option<String>,
+    /// Absent from rows written before checkpoints existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) checkpoint: Option<upsilon::backend::CheckpointColumns>,
 }
 
 /// Decodes the JSON value of `key`; a value that does not parse is corrupt.

@@ -46,6 +46,7 @@ fn summary(v: &HistoryValue) -> SummaryColumns {
         kind: v.kind.clone(),
         state: v.state.clone(),
         fence: v.fence,
+        checkpoint: v.checkpoint.clone(),
     }
 }
 
@@ -187,6 +188,7 @@ impl EtcdBackend {
                         finished_ms: None,
                         duration_ms: None,
                         error: None,
+                        checkpoint: columns.checkpoint().cloned(),
                     };
                     let replaces = loaded.rows.get(&key).map(|(kv, _)| kv);
                     puts.insert(key, (replaces, row));
@@ -212,6 +214,23 @@ impl EtcdBackend {
                         _ => None,
                     };
                     row.finished_ms = Some(now);
+                    puts.insert(key, (replaces, row));
+                }
+                Write::Checkpoint => {
+                    let (version, task_id, attempt) = (text(v, 0)?, text(v, 1)?, int(v, 2)?);
+                    let key = keys.row(service, &version, &task_id, attempt);
+                    let (replaces, mut row) = match puts.remove(&key) {
+                        Some(put) => put,
+                        None => match loaded.rows.get(&key) {
+                            Some((kv, row)) => (Some(kv), row.clone()),
+                            None => {
+                                return Err(BackendError::corrupt(format!(
+                                    "the history row {key} that a checkpoint updates is missing"
+                                )))
+                            }
+                        },
+                    };
+                    row.checkpoint = columns.checkpoint().cloned();
                     puts.insert(key, (replaces, row));
                 }
                 Write::DataVersion => {

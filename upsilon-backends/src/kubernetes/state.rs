@@ -16,8 +16,8 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::ObjectMeta;
 use serde::{Deserialize, Serialize};
 use upsilon::backend::{
-    version_from_column, AttemptState, BackendError, HistoryColumns, HistoryEntry, LastRow,
-    Snapshot, SummaryColumns, TaskSummary,
+    version_from_column, AttemptState, BackendError, CheckpointColumns, HistoryColumns,
+    HistoryEntry, LastRow, Snapshot, SummaryColumns, TaskSummary,
 };
 use upsilon::TaskKey;
 
@@ -56,6 +56,9 @@ pub(crate) struct Row {
     pub(crate) duration_ms: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) error: Option<String>,
+    /// Absent from rows written before checkpoints existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) checkpoint: Option<CheckpointColumns>,
 }
 
 impl Row {
@@ -67,6 +70,7 @@ impl Row {
             kind: self.kind.clone(),
             state: self.state.clone(),
             fence: self.fence,
+            checkpoint: self.checkpoint.clone(),
         }
     }
 
@@ -85,10 +89,14 @@ impl Row {
 
     /// Whether `finish` is the end of this row: same task, attempt and fence.
     fn matches(&self, finish: &Finish) -> bool {
-        self.version == finish.version
-            && self.task == finish.task
-            && self.attempt == finish.attempt
-            && self.fence == finish.fence
+        self.is(&finish.version, &finish.task, finish.attempt, finish.fence)
+    }
+
+    fn is(&self, version: &str, task: &str, attempt: i64, fence: i64) -> bool {
+        self.version == version
+            && self.task == task
+            && self.attempt == attempt
+            && self.fence == fence
     }
 }
 
@@ -117,6 +125,20 @@ pub(crate) enum Pending {
     Start(Row),
     /// The end of a row.
     Finish(Finish),
+    /// A running row's new checkpoint.
+    Checkpoint(Mark),
+}
+
+/// A running row's checkpoint, as a pending entry keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct Mark {
+    pub(crate) id: u64,
+    pub(crate) version: String,
+    pub(crate) task: String,
+    pub(crate) attempt: i64,
+    pub(crate) fence: i64,
+    pub(crate) checkpoint: CheckpointColumns,
 }
 
 impl Pending {
@@ -124,6 +146,7 @@ impl Pending {
         match self {
             Pending::Start(r) => r.id,
             Pending::Finish(f) => f.id,
+            Pending::Checkpoint(m) => m.id,
         }
     }
 
@@ -149,6 +172,17 @@ impl Pending {
                 }
                 _ => false,
             },
+            Pending::Checkpoint(m) => match rows.get_mut(&m.id) {
+                Some(row)
+                    if row.is(&m.version, &m.task, m.attempt, m.fence)
+                        && row.state == AttemptState::Running.as_str()
+                        && row.checkpoint.as_ref() != Some(&m.checkpoint) =>
+                {
+                    row.checkpoint = Some(m.checkpoint.clone());
+                    true
+                }
+                _ => false,
+            },
         }
     }
 }
@@ -166,6 +200,10 @@ pub(crate) struct Summary {
     pub(crate) fence: i64,
     /// The id of the task's newest row.
     pub(crate) row: u64,
+    /// The newest row's checkpoint; absent from states written before
+    /// checkpoints existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) checkpoint: Option<CheckpointColumns>,
 }
 
 /// A service's state ConfigMap, read.
@@ -259,10 +297,10 @@ impl State {
         let mut newest: BTreeMap<TaskKey, u64> = BTreeMap::new();
         let mut fence = 0;
         for row in rows.values() {
-            let (key, last) = row.summary().decode()?;
+            let (key, last, checkpoint) = row.summary().decode_checkpointed()?;
             fence = fence.max(last.fence);
             newest.insert(key.clone(), row.id);
-            snapshot.fold_row(key, last);
+            snapshot.fold_row_checkpointed(key, last, checkpoint);
         }
         let mut state = State {
             fence,
@@ -295,15 +333,16 @@ impl State {
         )?;
         let mut rows = BTreeMap::new();
         for t in &self.tasks {
-            let (key, last): (TaskKey, LastRow) = SummaryColumns {
+            let (key, last, checkpoint): (TaskKey, LastRow, _) = SummaryColumns {
                 version: t.version.clone(),
                 task_id: t.task.clone(),
                 attempt: t.attempt,
                 kind: t.kind.clone(),
                 state: t.state.clone(),
                 fence: t.fence,
+                checkpoint: t.checkpoint.clone(),
             }
-            .decode()?;
+            .decode_checkpointed()?;
             if t.rows < last.attempt {
                 return Err(BackendError::corrupt(format!(
                     "the summary of {key} counts {} rows and its newest is attempt {}",
@@ -317,6 +356,7 @@ impl State {
                     rows: t.rows,
                     completed: t.completed,
                     last,
+                    checkpoint,
                 },
             );
         }
@@ -338,6 +378,10 @@ impl State {
                 state: t.last.state.as_str().to_owned(),
                 fence: t.last.fence as i64,
                 row: rows.get(key).copied().unwrap_or_default(),
+                checkpoint: t
+                    .checkpoint
+                    .as_ref()
+                    .and_then(|c| CheckpointColumns::of(c).ok()),
             })
             .collect();
     }
@@ -458,6 +502,12 @@ pub(crate) fn entry_key(e: &Pending) -> String {
     match e {
         Pending::Start(r) => format!("s{}", r.id),
         Pending::Finish(f) => format!("f{}:{}", f.id, f.state),
+        Pending::Checkpoint(m) => {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            m.checkpoint.hash(&mut h);
+            format!("c{}:{:016x}", m.id, h.finish())
+        }
     }
 }
 
@@ -480,6 +530,9 @@ pub(crate) fn check_pending(state: &State) -> Result<(), BackendError> {
             Pending::Finish(f) => {
                 AttemptState::parse(&f.state)?;
                 version_from_column(&f.version, "a pending history entry's version")?;
+            }
+            Pending::Checkpoint(m) => {
+                version_from_column(&m.version, "a pending history entry's version")?;
             }
         }
     }

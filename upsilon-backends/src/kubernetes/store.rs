@@ -16,7 +16,7 @@ use super::api::{chain, Written};
 use super::names::{Part, PART_LABEL, PREFIX_LABEL};
 use super::state::{
     by_page, check_pending, clip, entry_key, holds_anything, page_object, page_rows, pages,
-    service_of, Finish, Pending, Row, State, DESCRIPTION_MAX, ERROR_MAX,
+    service_of, Finish, Mark, Pending, Row, State, DESCRIPTION_MAX, ERROR_MAX,
 };
 use super::watch::{rv_number, Entry};
 use super::{wall_ms, Inner, KubernetesBackend};
@@ -210,6 +210,7 @@ impl Store for KubernetesBackend {
                             finished: None,
                             duration_ms: None,
                             error: None,
+                            checkpoint: columns.checkpoint().cloned(),
                         };
                         let (key, _) = row.summary().decode()?;
                         newest.insert(key, row.id);
@@ -245,6 +246,29 @@ impl Store for KubernetesBackend {
                             finished: now,
                             duration_ms: int(&v[4])?,
                             error,
+                        }));
+                    }
+                    Write::Checkpoint => {
+                        let (version, task) = (text(&v[0])?, text(&v[1])?);
+                        let key = upsilon::TaskKey {
+                            version: upsilon::backend::version_from_column(&version, "a version")?,
+                            id: task.clone(),
+                        };
+                        let id = newest.get(&key).copied().ok_or_else(|| {
+                            BackendError::corrupt(format!(
+                                "the summary of {key} names no row to checkpoint"
+                            ))
+                        })?;
+                        let checkpoint = columns.checkpoint().cloned().ok_or_else(|| {
+                            BackendError::other("a checkpoint write without its checkpoint")
+                        })?;
+                        entries.push(Pending::Checkpoint(Mark {
+                            id,
+                            version,
+                            task,
+                            attempt: int(&v[2])?,
+                            fence: i64::try_from(fence).unwrap_or(i64::MAX),
+                            checkpoint,
                         }));
                     }
                     Write::DataVersion => state.data_version = Some(text(&v[0])?),

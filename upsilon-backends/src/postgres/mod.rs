@@ -64,6 +64,7 @@
 //! store whose format is newer than it knows. See `docs/POSTGRES.md` for the
 //! privileges it needs and for PgBouncer.
 
+mod batch;
 mod complete;
 mod connection;
 mod conninfo;
@@ -144,6 +145,19 @@ impl fmt::Debug for PostgresBackend {
     }
 }
 
+/// The parameters of `Sql::has_checkpoints`.
+fn checkpoint_columns(sql: &Sql) -> [(pipeline::Param, tokio_postgres::types::Type); 2] {
+    [
+        pipeline::text(sql.history.clone()),
+        pipeline::text_array(
+            sql::CHECKPOINT_COLUMNS
+                .iter()
+                .map(|(name, _)| (*name).to_owned())
+                .collect(),
+        ),
+    ]
+}
+
 fn check_format(found: &str) -> Result<(), BackendError> {
     BackendError::check_format(found, FORMAT, "the meta table's format")
 }
@@ -213,9 +227,17 @@ impl PostgresBackend {
             &[
                 Stmt::Typed(&sql.format, vec![]),
                 Stmt::Typed(sql::IDLE_SESSION_TIMEOUT, vec![]),
+                Stmt::Typed(&sql.has_checkpoints, checkpoint_columns(sql).into()),
             ],
         )
         .await;
+        let checkpoints_there = match first.pop() {
+            Some(Ok(rows)) => rows
+                .first()
+                .and_then(|r| r.try_get::<_, i64>(0).ok())
+                .is_some_and(|n| n == sql::CHECKPOINT_COLUMNS.len() as i64),
+            _ => false,
+        };
         if let Some(Ok(rows)) = first.pop() {
             let ms = rows.first().and_then(|r| r.try_get::<_, i64>(0).ok());
             self.inner
@@ -226,8 +248,10 @@ impl PostgresBackend {
             Ok(rows) if !rows.is_empty() => {
                 let f: String = get(&rows[0], 0, "the stored format")?;
                 check_format(&f)?;
-                conn.done();
-                return Ok(());
+                if checkpoints_there {
+                    conn.done();
+                    return Ok(());
+                }
             }
             Ok(_) => {}
             Err(e)
@@ -281,6 +305,28 @@ impl PostgresBackend {
                 None => None,
             };
             check_format(f.as_deref().unwrap_or_default())?;
+            // A history made before checkpoints existed gains their columns:
+            // nullable, so the format stays and a node of the previous
+            // release, which names the columns it reads and writes, still
+            // works beside this one.
+            let [(history, history_type), (names, names_type)] = checkpoint_columns(sql);
+            let have: i64 = c
+                .query_typed(
+                    &sql.has_checkpoints,
+                    &[(&*history, history_type), (&*names, names_type)],
+                )
+                .await
+                .map_err(driver)
+                .and_then(|rows| get(&rows[0], 0, "the checkpoint columns"))?;
+            if have < sql::CHECKPOINT_COLUMNS.len() as i64 {
+                c.batch_execute(&sql.add_checkpoints).await.map_err(|e| {
+                    driver_in(
+                        e,
+                        &format!("adding the checkpoint columns to {}", sql.history),
+                    )
+                })?;
+                info!(table = %sql.history, "added the checkpoint columns to the history");
+            }
             c.batch_execute("COMMIT").await.map_err(driver)?;
             if creating {
                 info!(schema = %o.schema, "created Upsilon's tables");

@@ -18,6 +18,19 @@ const FLOOR_KEY: &str = "'fence:' || $1";
 pub(crate) const IDLE_SESSION_TIMEOUT: &str =
     "SELECT setting::int8 FROM pg_settings WHERE name = 'idle_session_timeout'";
 
+/// A history row's checkpoint columns, as `summary` reads them.
+const CHECKPOINT_OF_H: &str =
+    "h.checkpoint, h.checkpoint_saved_ms, h.checkpoint_done, h.checkpoint_total";
+
+/// The checkpoint columns of the history and their types: created with the
+/// table, and added to a table made before checkpoints existed.
+pub(crate) const CHECKPOINT_COLUMNS: [(&str, &str); 4] = [
+    ("checkpoint", "text"),
+    ("checkpoint_saved_ms", "bigint"),
+    ("checkpoint_done", "bigint"),
+    ("checkpoint_total", "bigint"),
+];
+
 /// Serialises Upsilon's table creation and migrations across nodes, per database.
 pub(crate) const MIGRATION_LOCK: i64 = 0x7570_7369_6c6f_6e01;
 
@@ -65,6 +78,12 @@ pub(crate) struct Sql {
     pub(crate) raise_fence: String,
     pub(crate) start: String,
     pub(crate) finish: String,
+    pub(crate) checkpoint: String,
+    /// How many of the checkpoint columns the history has (`$1` the history
+    /// table's name, `$2` their names).
+    pub(crate) has_checkpoints: String,
+    /// Adds the checkpoint columns the history lacks.
+    pub(crate) add_checkpoints: String,
     pub(crate) finish_now: String,
     pub(crate) data_version: String,
     pub(crate) baseline: String,
@@ -101,7 +120,8 @@ impl Sql {
             format: format!("SELECT value FROM {m} WHERE key = 'format'"),
             snapshot: format!(
                 "SELECT {format_col}, s.data_version, s.baseline, s.store_fence,
-                        h.version, h.task_id, h.attempt, h.kind, h.state, h.fence
+                        h.version, h.task_id, h.attempt, h.kind, h.state, h.fence,
+                        {CHECKPOINT_OF_H}
                  FROM (VALUES (1)) AS one (x)
                  LEFT JOIN {st} AS s ON s.service = $1
                  LEFT JOIN {h} AS h ON h.service = $1
@@ -109,7 +129,8 @@ impl Sql {
             ),
             snapshot_of_tasks: format!(
                 "SELECT {format_col}, s.data_version, s.baseline, s.store_fence,
-                        h.version, h.task_id, h.attempt, h.kind, h.state, h.fence
+                        h.version, h.task_id, h.attempt, h.kind, h.state, h.fence,
+                        {CHECKPOINT_OF_H}
                  FROM (VALUES (1)) AS one (x)
                  LEFT JOIN {st} AS s ON s.service = $1
                  LEFT JOIN {h} AS h ON h.service = $1
@@ -187,8 +208,27 @@ impl Sql {
             raise_fence: format!("UPDATE {st} SET store_fence = $2 WHERE service = $1"),
             start: format!(
                 "INSERT INTO {h} (service, version, task_id, attempt, kind, state, fence, holder,
-                                  description, started)
-                 VALUES ($1, $2, $3, $4, $5, 'running', $6, $7, $8, clock_timestamp())"
+                                  description, checkpoint, checkpoint_saved_ms, checkpoint_done,
+                                  checkpoint_total, started)
+                 VALUES ($1, $2, $3, $4, $5, 'running', $6, $7, $8, $9, $10, $11, $12,
+                         clock_timestamp())"
+            ),
+            checkpoint: format!(
+                "UPDATE {h} SET checkpoint = $5, checkpoint_saved_ms = $6, checkpoint_done = $7,
+                        checkpoint_total = $8
+                 WHERE service = $1 AND version = $2 AND task_id = $3 AND attempt = $4"
+            ),
+            has_checkpoints: "SELECT count(*) FROM pg_attribute
+                 WHERE attrelid = to_regclass($1) AND attname = ANY($2::text[])
+                   AND NOT attisdropped"
+                .to_owned(),
+            add_checkpoints: format!(
+                "ALTER TABLE {h} {}",
+                CHECKPOINT_COLUMNS
+                    .iter()
+                    .map(|(name, kind)| format!("ADD COLUMN IF NOT EXISTS {name} {kind}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             finish: format!(
                 "UPDATE {h} SET state = $5, finished = clock_timestamp(), duration_ms = $6, error = $7
@@ -212,8 +252,9 @@ impl Sql {
                  UNION SELECT service FROM {h}"
             ),
             history_rows: format!(
-                "SELECT version, task_id, attempt, kind, state, fence, holder, description,
-                        {}, {}, duration_ms, error
+                "SELECT version, task_id, attempt, kind, state, fence, checkpoint,
+                        checkpoint_saved_ms, checkpoint_done, checkpoint_total, holder,
+                        description, {}, {}, duration_ms, error
                  FROM {h} WHERE service = $1 ORDER BY id",
                 ms("started"),
                 ms("finished")
@@ -281,6 +322,10 @@ impl Sql {
                    finished    timestamptz,
                    duration_ms bigint,
                    error       text,
+                   checkpoint          text,
+                   checkpoint_saved_ms bigint,
+                   checkpoint_done     bigint,
+                   checkpoint_total    bigint,
                    UNIQUE (service, version, task_id, attempt))",
                 self.history
             ));

@@ -7,13 +7,15 @@ use async_trait::async_trait;
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Row};
 use upsilon::backend::{
-    fence_to_column, BackendError, Change, Columns, HistoryColumns, HistoryEntry, Snapshot,
-    StateColumns, Store, SummaryColumns, Value, Write,
+    fence_to_column, BackendError, Change, CheckpointColumns, Columns, HistoryColumns,
+    HistoryEntry, Snapshot, StateColumns, Store, SummaryColumns, Value, Write,
 };
 use upsilon::TaskKey;
 
 use super::error::driver;
-use super::pipeline::{first_error, int4, int8, opt_text, pipeline, text, text_array, Param, Stmt};
+use super::pipeline::{
+    first_error, int4, int8, opt_int8, opt_text, pipeline, text, text_array, Param, Stmt,
+};
 use super::{format_of, get, PostgresBackend};
 
 /// The columns a snapshot needs of one history row, from `first` on.
@@ -25,6 +27,12 @@ fn summary(row: &Row, first: usize) -> Result<SummaryColumns, BackendError> {
         kind: get(row, first + 3, "an attempt kind")?,
         state: get(row, first + 4, "an attempt state")?,
         fence: get(row, first + 5, "a history row's fence")?,
+        checkpoint: CheckpointColumns::from_nullable(
+            get(row, first + 6, "a checkpoint's position")?,
+            get(row, first + 7, "a checkpoint's time")?,
+            get(row, first + 8, "a checkpoint's done count")?,
+            get(row, first + 9, "a checkpoint's total")?,
+        ),
     })
 }
 
@@ -88,6 +96,7 @@ impl PostgresBackend {
         let statement = match columns.write() {
             Write::Start => &sql.start,
             Write::Finish => &sql.finish,
+            Write::Checkpoint => &sql.checkpoint,
             Write::DataVersion => &sql.data_version,
             Write::Baseline => &sql.baseline,
             other => {
@@ -211,12 +220,12 @@ impl Store for PostgresBackend {
             for r in &rows[1] {
                 let columns = HistoryColumns {
                     summary: summary(r, 0)?,
-                    holder: get(r, 6, "a history row's holder")?,
-                    description: get(r, 7, "a history row's description")?,
-                    started_ms: get(r, 8, "a start time")?,
-                    finished_ms: get(r, 9, "an end time")?,
-                    duration_ms: get(r, 10, "a duration")?,
-                    error: get(r, 11, "an error text")?,
+                    holder: get(r, 10, "a history row's holder")?,
+                    description: get(r, 11, "a history row's description")?,
+                    started_ms: get(r, 12, "a start time")?,
+                    finished_ms: get(r, 13, "an end time")?,
+                    duration_ms: get(r, 14, "a duration")?,
+                    error: get(r, 15, "an error text")?,
                 };
                 out.push(columns.decode()?);
             }
@@ -235,6 +244,7 @@ pub(super) fn bound(service: &str, columns: Columns) -> Vec<(Param, Type)> {
             Value::OptText(t) => opt_text(t),
             Value::Int4(i) => int4(i),
             Value::Int8(i) => int8(i),
+            Value::OptInt8(i) => opt_int8(i),
         }))
         .collect()
 }

@@ -4,8 +4,8 @@
 use redis::Value;
 use serde::{Deserialize, Serialize};
 use upsilon::backend::{
-    fence_from_column, BackendError, HistoryColumns, Snapshot, StateColumns, StoredLease,
-    SummaryColumns,
+    fence_from_column, BackendError, CheckpointColumns, HistoryColumns, Snapshot, StateColumns,
+    StoredLease, SummaryColumns,
 };
 use upsilon::TaskKey;
 
@@ -88,6 +88,9 @@ pub(super) struct Row {
     pub(super) finished_ms: Option<i64>,
     pub(super) duration_ms: Option<i64>,
     pub(super) error: Option<String>,
+    /// Absent from rows written before checkpoints existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) checkpoint: Option<CheckpointColumns>,
 }
 
 impl Row {
@@ -109,6 +112,7 @@ impl Row {
             kind: self.kind.clone(),
             state: self.state.clone(),
             fence: self.fence,
+            checkpoint: self.checkpoint.clone(),
         }
     }
 

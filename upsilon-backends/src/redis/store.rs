@@ -133,6 +133,7 @@ impl Store for RedisBackend {
                 let columns = Columns::of(fence, change)?;
                 wake |= columns.wakes_waiters();
                 let write = columns.write();
+                let checkpoint = columns.checkpoint().cloned();
                 let v = columns.into_values();
                 match write {
                     Write::Start => {
@@ -149,6 +150,7 @@ impl Store for RedisBackend {
                             finished_ms: None,
                             duration_ms: None,
                             error: None,
+                            checkpoint,
                         };
                         let id = row_id(&row.version, &row.task_id, row.attempt);
                         appended.push(id.clone());
@@ -172,6 +174,19 @@ impl Store for RedisBackend {
                             other => Some(txt(other)),
                         };
                         row.finished_ms = Some(read.now_ms);
+                        rows.insert(id, row);
+                    }
+                    Write::Checkpoint => {
+                        let id = row_id(&txt(&v[0]), &txt(&v[1]), num(&v[2]));
+                        let mut row = match rows.remove(&id).or_else(|| found.remove(&id)) {
+                            Some(row) => row,
+                            None => {
+                                return Err(BackendError::corrupt(format!(
+                                    "the history row {id:?} that the summaries name is missing"
+                                )))
+                            }
+                        };
+                        row.checkpoint = checkpoint;
                         rows.insert(id, row);
                     }
                     Write::DataVersion => {
@@ -267,6 +282,7 @@ fn txt(v: &Bound) -> String {
         Bound::OptText(t) => t.clone().unwrap_or_default(),
         Bound::Int4(i) => i.to_string(),
         Bound::Int8(i) => i.to_string(),
+        Bound::OptInt8(i) => i.map(|i| i.to_string()).unwrap_or_default(),
     }
 }
 
@@ -275,6 +291,7 @@ fn num(v: &Bound) -> i64 {
         Bound::Int4(i) => (*i).into(),
         Bound::Int8(i) => *i,
         Bound::Text(t) | Bound::OptText(Some(t)) => t.parse().unwrap_or_default(),
-        Bound::OptText(None) => 0,
+        Bound::OptText(None) | Bound::OptInt8(None) => 0,
+        Bound::OptInt8(Some(i)) => *i,
     }
 }

@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 
 use rusqlite::{params, Transaction};
-use upsilon::backend::{Snapshot, StateColumns, StoredLease, SummaryColumns};
+use upsilon::backend::{CheckpointColumns, Snapshot, StateColumns, StoredLease, SummaryColumns};
 use upsilon::TaskKey;
 
 use super::{driver, Now, Result};
@@ -74,6 +74,7 @@ pub(super) fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<SummaryColumns>
         kind: r.get(3)?,
         state: r.get(4)?,
         fence: r.get(5)?,
+        checkpoint: CheckpointColumns::from_nullable(r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?),
     })
 }
 
@@ -95,7 +96,8 @@ pub(super) fn snapshot_of(
         None => {
             let mut stmt = tx
                 .prepare_cached(
-                    "SELECT version, task_id, attempt, kind, state, fence FROM upsilon_history
+                    "SELECT version, task_id, attempt, kind, state, fence, checkpoint, checkpoint_saved_ms,
+                            checkpoint_done, checkpoint_total FROM upsilon_history
                      WHERE service = ?1 ORDER BY id",
                 )
                 .map_err(driver)?;
@@ -106,7 +108,8 @@ pub(super) fn snapshot_of(
         Some(keys) => {
             let mut stmt = tx
                 .prepare_cached(
-                    "SELECT version, task_id, attempt, kind, state, fence FROM upsilon_history
+                    "SELECT version, task_id, attempt, kind, state, fence, checkpoint, checkpoint_saved_ms,
+                            checkpoint_done, checkpoint_total FROM upsilon_history
                      WHERE service = ?1 AND version = ?2 AND task_id = ?3 ORDER BY id",
                 )
                 .map_err(driver)?;

@@ -57,9 +57,24 @@ CREATE TABLE upsilon_history (
     finished_ms  INTEGER,
     duration_ms  INTEGER,
     error        TEXT,
+    checkpoint          TEXT,
+    checkpoint_saved_ms INTEGER,
+    checkpoint_done     INTEGER,
+    checkpoint_total    INTEGER,
     UNIQUE (service, version, task_id, attempt)
 );
 ";
+
+/// The checkpoint columns of the history, which files made before
+/// checkpoints existed lack. Nullable and added in place: the format stays
+/// 2, so a node of the previous release still opens the file (it names the
+/// columns it writes, and a row it starts has no checkpoint).
+const CHECKPOINT_COLUMNS: [(&str, &str); 4] = [
+    ("checkpoint", "TEXT"),
+    ("checkpoint_saved_ms", "INTEGER"),
+    ("checkpoint_done", "INTEGER"),
+    ("checkpoint_total", "INTEGER"),
+];
 
 /// At open, in the transaction that holds the file's lock: creates the
 /// tables of a new file, migrates a format-1 file, and refuses any other
@@ -68,9 +83,35 @@ pub(super) fn prepare(tx: &Transaction<'_>, now: &Now) -> Result<()> {
     tx.execute_batch(META).map_err(driver)?;
     match stored_format(tx)?.as_deref() {
         None => create(tx),
-        Some("1") => migrate_from_1(tx, now),
-        Some(f) => check_format(f),
+        Some("1") => migrate_from_1(tx, now).and_then(|()| add_checkpoint_columns(tx)),
+        Some(f) => check_format(f).and_then(|()| add_checkpoint_columns(tx)),
     }
+}
+
+/// Adds the checkpoint columns a file made by an earlier release lacks.
+fn add_checkpoint_columns(tx: &Transaction<'_>) -> Result<()> {
+    let mut stmt = tx
+        .prepare("SELECT name FROM pragma_table_info('upsilon_history')")
+        .map_err(driver)?;
+    let have: Vec<String> = stmt
+        .query_map([], |r| r.get(0))
+        .map_err(driver)?
+        .collect::<rusqlite::Result<_>>()
+        .map_err(driver)?;
+    let mut added = 0;
+    for (name, kind) in CHECKPOINT_COLUMNS {
+        if !have.iter().any(|h| h == name) {
+            tx.execute_batch(&format!(
+                "ALTER TABLE upsilon_history ADD COLUMN {name} {kind}"
+            ))
+            .map_err(driver)?;
+            added += 1;
+        }
+    }
+    if added > 0 {
+        tracing::info!("added the checkpoint columns to the SQLite history");
+    }
+    Ok(())
 }
 
 fn create(tx: &Transaction<'_>) -> Result<()> {

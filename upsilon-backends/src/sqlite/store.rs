@@ -77,8 +77,9 @@ impl Store for SqliteBackend {
         self.tx(move |tx, _| {
             let mut stmt = tx
                 .prepare_cached(
-                    "SELECT version, task_id, attempt, kind, state, fence, holder, description,
-                            started_ms, finished_ms, duration_ms, error
+                    "SELECT version, task_id, attempt, kind, state, fence, checkpoint,
+                            checkpoint_saved_ms, checkpoint_done, checkpoint_total, holder,
+                            description, started_ms, finished_ms, duration_ms, error
                      FROM upsilon_history WHERE service = ?1 ORDER BY id",
                 )
                 .map_err(driver)?;
@@ -86,12 +87,12 @@ impl Store for SqliteBackend {
                 .query_map([&service], |r| {
                     Ok(HistoryColumns {
                         summary: summary(r)?,
-                        holder: r.get(6)?,
-                        description: r.get(7)?,
-                        started_ms: r.get(8)?,
-                        finished_ms: r.get(9)?,
-                        duration_ms: r.get(10)?,
-                        error: r.get(11)?,
+                        holder: r.get(10)?,
+                        description: r.get(11)?,
+                        started_ms: r.get(12)?,
+                        finished_ms: r.get(13)?,
+                        duration_ms: r.get(14)?,
+                        error: r.get(15)?,
                     })
                 })
                 .map_err(driver)?;
@@ -109,8 +110,15 @@ fn write(tx: &rusqlite::Transaction<'_>, service: &str, now: i64, columns: Colum
     let sql = match columns.write() {
         Write::Start => {
             "INSERT INTO upsilon_history
-               (service, version, task_id, attempt, kind, fence, holder, description, state, started_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'running', ?9)"
+               (service, version, task_id, attempt, kind, fence, holder, description,
+                checkpoint, checkpoint_saved_ms, checkpoint_done, checkpoint_total,
+                state, started_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 'running', ?13)"
+        }
+        Write::Checkpoint => {
+            "UPDATE upsilon_history SET checkpoint = ?5, checkpoint_saved_ms = ?6,
+                    checkpoint_done = ?7, checkpoint_total = ?8
+             WHERE service = ?1 AND version = ?2 AND task_id = ?3 AND attempt = ?4"
         }
         Write::Finish => {
             "UPDATE upsilon_history SET state = ?5, duration_ms = ?6, error = ?7, finished_ms = ?8
@@ -142,5 +150,6 @@ fn sql_value(value: Value) -> SqlValue {
         Value::OptText(t) => t.map_or(SqlValue::Null, SqlValue::Text),
         Value::Int4(i) => SqlValue::Integer(i.into()),
         Value::Int8(i) => SqlValue::Integer(i),
+        Value::OptInt8(i) => i.map_or(SqlValue::Null, SqlValue::Integer),
     }
 }

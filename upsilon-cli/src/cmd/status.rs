@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use serde::Serialize;
-use upsilon::backend::{AttemptState, HistoryEntry, LeaseInfo, Snapshot};
+use upsilon::backend::{AttemptState, Checkpoint, HistoryEntry, LeaseInfo, Snapshot};
 use upsilon::TaskKey;
 
 use super::Ctx;
@@ -151,6 +151,14 @@ impl Read {
             text::duration(self.elapsed(row)),
             row.holder
         );
+        let what = match &row.checkpoint {
+            Some(c) => format!(
+                "{what}; at {} ({} ago)",
+                checkpoint_line(c),
+                text::duration(text::between(c.saved_at_ms, text::now_ms()))
+            ),
+            None => what,
+        };
         if self.is_live(row) {
             what
         } else {
@@ -175,6 +183,25 @@ pub(crate) fn lease_line(lease: Option<&LeaseInfo>) -> String {
         l.holder,
         l.fence,
         text::duration(l.expires_in())
+    )
+}
+
+/// A checkpoint in one line: its position (clipped), when it was saved,
+/// the progress it records.
+pub(crate) fn checkpoint_line(c: &Checkpoint) -> String {
+    const LONGEST: usize = 120;
+    let mut position: String = c.position.chars().take(LONGEST).collect();
+    if position.len() < c.position.len() {
+        position.push('…');
+    }
+    let progress = match (c.done, c.total) {
+        (Some(d), Some(t)) if t > 0 => format!(", {d}/{t} done ({}%)", d * 100 / t),
+        (Some(d), _) => format!(", {d} done"),
+        _ => String::new(),
+    };
+    format!(
+        "{position}, saved {}{progress}",
+        text::timestamp(c.saved_at_ms)
     )
 }
 
@@ -215,6 +242,9 @@ pub(crate) fn table(rows: &[&HistoryEntry], indent: &str) -> String {
         out.push('\n');
         if let Some(e) = &entry.error {
             let _ = writeln!(out, "{indent}  error: {e}");
+        }
+        if let Some(c) = &entry.checkpoint {
+            let _ = writeln!(out, "{indent}  checkpoint: {}", checkpoint_line(c));
         }
     }
     out

@@ -11,8 +11,16 @@ use std::time::Duration;
 
 use serde_json::Value;
 use upsilon::backend::{
-    Acquire, AttemptKind, AttemptState, Backend, Change, FinishAttempt, Lease, StartAttempt,
+    Acquire, AttemptKind, AttemptState, Backend, Change, Checkpoint, FinishAttempt, Lease,
+    SaveCheckpoint, StartAttempt,
 };
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
 use upsilon::{Holder, Task, TaskContext, TaskFuture, TaskKey, Upsilon};
 use upsilon_test_servers::Postgres;
 
@@ -134,8 +142,13 @@ fn ok(_: &mut TaskContext) -> TaskFuture<'_> {
     Box::pin(async { Ok(()) })
 }
 
-fn fails(_: &mut TaskContext) -> TaskFuture<'_> {
-    Box::pin(async { Err("the disk is full".into()) })
+/// Gets a quarter of the way, saves its checkpoint there, and fails.
+fn fails(ctx: &mut TaskContext) -> TaskFuture<'_> {
+    Box::pin(async {
+        ctx.save_checkpoint_with_progress(&serde_json::json!({"last_id": 300}), 300, Some(1200))
+            .await?;
+        Err("the disk is full".into())
+    })
 }
 
 /// The tasks every test registers: two of 1.0, and 1.1's `backfill`,
@@ -200,6 +213,27 @@ pub async fn live_holder(backend: &Arc<dyn Backend>, service: &str, ttl: Duratio
                 kind: AttemptKind::Run,
                 description: "backfills".into(),
                 holder: node(),
+                checkpoint: None,
+            })],
+        )
+        .await
+        .unwrap();
+    backend
+        .apply(
+            service,
+            lease.fence,
+            &[Change::Checkpoint(SaveCheckpoint {
+                key: TaskKey {
+                    version: upsilon::Version::new(1, 1, 0),
+                    id: "backfill".into(),
+                },
+                attempt,
+                checkpoint: Checkpoint {
+                    position: r#"{"last_id":1500}"#.into(),
+                    saved_at_ms: now_ms(),
+                    done: Some(1500),
+                    total: Some(6000),
+                },
             })],
         )
         .await
@@ -293,6 +327,7 @@ pub const ROW: &[&str] = &[
     "finished_at_ms",
     "duration_ms",
     "error",
+    "checkpoint",
 ];
 pub const UNLOCK: &[&str] = &[
     "service", "unlocked", "cleared", "fence", "recorded", "taken_by", "held_ms", "released",
@@ -313,10 +348,15 @@ pub fn shape(v: &Value, fields: &[&str]) {
     assert_eq!(keys, want, "{v}");
 }
 
+pub const CHECKPOINT: &[&str] = &["position", "saved_at_ms", "saved_at", "done", "total"];
+
 #[track_caller]
 pub fn row_shape(row: &Value) {
     shape(row, ROW);
     shape(&row["holder"], HOLDER);
+    if !row["checkpoint"].is_null() {
+        shape(&row["checkpoint"], CHECKPOINT);
+    }
 }
 
 #[track_caller]

@@ -10,10 +10,11 @@ use std::time::Duration;
 
 use semver::Version;
 
+use super::CheckpointColumns;
 use crate::ids::{Holder, TaskKey};
 use crate::state::{
-    Acquire, AttemptKind, AttemptState, BackendError, Change, HistoryEntry, LastRow, Lease,
-    LeaseInfo, Snapshot,
+    Acquire, AttemptKind, AttemptState, BackendError, Change, Checkpoint, HistoryEntry, LastRow,
+    Lease, LeaseInfo, Snapshot,
 };
 
 /// A lease row as a backend keeps it, decoded.
@@ -183,11 +184,23 @@ pub struct SummaryColumns {
     pub state: String,
     /// The fence it was written with.
     pub fence: i64,
+    /// The row's checkpoint, if it has one (a store made before checkpoints
+    /// existed has none).
+    pub checkpoint: Option<CheckpointColumns>,
 }
 
 impl SummaryColumns {
-    /// The row's task and what a snapshot keeps of it.
+    /// The row's task and what a snapshot keeps of it, without its
+    /// checkpoint.
     pub fn decode(self) -> Result<(TaskKey, LastRow), BackendError> {
+        self.decode_checkpointed().map(|(key, last, _)| (key, last))
+    }
+
+    /// The row's task, what a snapshot keeps of it, and its checkpoint.
+    pub fn decode_checkpointed(
+        self,
+    ) -> Result<(TaskKey, LastRow, Option<Checkpoint>), BackendError> {
+        let checkpoint = self.checkpoint.map(CheckpointColumns::decode).transpose()?;
         Ok((
             TaskKey {
                 version: version_from_column(&self.version, "a history row's version")?,
@@ -199,6 +212,7 @@ impl SummaryColumns {
                 state: AttemptState::parse(&self.state)?,
                 fence: fence_from_column(self.fence, "a history row's fence")?,
             },
+            checkpoint,
         ))
     }
 }
@@ -226,8 +240,8 @@ impl Snapshot {
             tasks: Default::default(),
         };
         for row in rows {
-            let (key, last) = row.decode()?;
-            snapshot.fold_row(key, last);
+            let (key, last, checkpoint) = row.decode_checkpointed()?;
+            snapshot.fold_row_checkpointed(key, last, checkpoint);
         }
         Ok(snapshot)
     }
@@ -271,7 +285,7 @@ pub struct HistoryColumns {
 impl HistoryColumns {
     /// The history entry these columns hold.
     pub fn decode(self) -> Result<HistoryEntry, BackendError> {
-        let (key, last) = self.summary.decode()?;
+        let (key, last, checkpoint) = self.summary.decode_checkpointed()?;
         Ok(HistoryEntry {
             key,
             description: self.description,
@@ -286,6 +300,7 @@ impl HistoryColumns {
                 .duration_ms
                 .map(|d| Duration::from_millis(d.max(0) as u64)),
             error: self.error,
+            checkpoint,
         })
     }
 }
@@ -297,7 +312,9 @@ impl HistoryColumns {
 pub enum Write {
     /// Insert a history row in state `running`: version, task id, attempt
     /// (`Int4`), kind ([`AttemptKind::as_str`]), fence (`Int8`), holder
-    /// ([`Holder::encode`]), description.
+    /// ([`Holder::encode`]), description, then the checkpoint it starts
+    /// from: position (`OptText`), saved at (`OptInt8`), done (`OptInt8`),
+    /// total (`OptInt8`). [`Columns::checkpoint`] has the same, decoded.
     Start,
     /// End the history row `(version, task id, attempt)`: version, task id,
     /// attempt (`Int4`), state ([`AttemptState::as_str`]), run time in ms
@@ -307,6 +324,11 @@ pub enum Write {
     DataVersion,
     /// Set the data version and the baseline: the version.
     Baseline,
+    /// Set the checkpoint of the history row `(version, task id, attempt)`:
+    /// version, task id, attempt (`Int4`), position (`OptText`, never null
+    /// here), saved at (`OptInt8`), done (`OptInt8`), total (`OptInt8`).
+    /// [`Columns::checkpoint`] has the same, decoded.
+    Checkpoint,
 }
 
 /// One value a write binds.
@@ -320,6 +342,8 @@ pub enum Value {
     Int4(i32),
     /// A 64-bit integer.
     Int8(i64),
+    /// A 64-bit integer or null.
+    OptInt8(Option<i64>),
 }
 
 /// A change as the column values a store writes: what to do, and the values
@@ -329,6 +353,7 @@ pub enum Value {
 pub struct Columns {
     write: Write,
     values: Vec<Value>,
+    checkpoint: Option<CheckpointColumns>,
 }
 
 impl Columns {
@@ -340,10 +365,25 @@ impl Columns {
             })
         };
         let text = |t: &str| Value::Text(t.to_owned());
+        let checkpoint = match change {
+            Change::Start(a) => a.checkpoint.as_ref(),
+            Change::Checkpoint(c) => Some(&c.checkpoint),
+            _ => None,
+        }
+        .map(CheckpointColumns::of)
+        .transpose()?;
+        let checkpoint_values = |c: Option<&CheckpointColumns>| {
+            [
+                Value::OptText(c.map(|c| c.position.clone())),
+                Value::OptInt8(c.map(|c| c.saved_ms)),
+                Value::OptInt8(c.and_then(|c| c.done)),
+                Value::OptInt8(c.and_then(|c| c.total)),
+            ]
+        };
         let (write, values) = match change {
             Change::Start(a) => (
                 Write::Start,
-                vec![
+                [
                     Value::Text(a.key.version.to_string()),
                     text(&a.key.id),
                     attempt(a.attempt)?,
@@ -351,7 +391,21 @@ impl Columns {
                     Value::Int8(fence_to_column(fence)?),
                     Value::Text(a.holder.encode()),
                     text(&a.description),
-                ],
+                ]
+                .into_iter()
+                .chain(checkpoint_values(checkpoint.as_ref()))
+                .collect(),
+            ),
+            Change::Checkpoint(c) => (
+                Write::Checkpoint,
+                [
+                    Value::Text(c.key.version.to_string()),
+                    text(&c.key.id),
+                    attempt(c.attempt)?,
+                ]
+                .into_iter()
+                .chain(checkpoint_values(checkpoint.as_ref()))
+                .collect(),
             ),
             Change::Finish(f) => (
                 Write::Finish,
@@ -367,7 +421,17 @@ impl Columns {
             Change::DataVersion(v) => (Write::DataVersion, vec![Value::Text(v.to_string())]),
             Change::Baseline(v) => (Write::Baseline, vec![Value::Text(v.to_string())]),
         };
-        Ok(Columns { write, values })
+        Ok(Columns {
+            write,
+            values,
+            checkpoint,
+        })
+    }
+
+    /// The checkpoint a [`Write::Start`] or [`Write::Checkpoint`] stores,
+    /// for a backend that keeps serialised records rather than columns.
+    pub fn checkpoint(&self) -> Option<&CheckpointColumns> {
+        self.checkpoint.as_ref()
     }
 
     /// What the write does.

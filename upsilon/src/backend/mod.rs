@@ -47,13 +47,16 @@ use async_trait::async_trait;
 
 use crate::ids::Holder;
 
+mod checkpoint_columns;
 mod kit;
 mod unlock;
 
 pub use crate::state::{
-    Acquire, AttemptKind, AttemptState, BackendError, Change, FinishAttempt, HistoryEntry, LastRow,
-    Lease, LeaseInfo, Snapshot, StartAttempt, TaskSummary, UNLOCK_TASK_ID,
+    Acquire, AttemptKind, AttemptState, BackendError, Change, Checkpoint, FinishAttempt,
+    HistoryEntry, LastRow, Lease, LeaseInfo, SaveCheckpoint, Snapshot, StartAttempt, TaskSummary,
+    UNLOCK_TASK_ID,
 };
+pub use checkpoint_columns::CheckpointColumns;
 pub use kit::{
     decide_acquire, expiry, fence_from_column, fence_to_column, jitter, ttl_ms,
     version_from_column, Columns, HistoryColumns, StateColumns, StoredLease, SummaryColumns, Value,

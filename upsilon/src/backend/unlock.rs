@@ -156,6 +156,7 @@ async fn record(
             cleared.holder, cleared.fence, cleared.fence
         ),
         holder: lease.holder.clone(),
+        checkpoint: None,
     });
     // Two writes: each is dropped when replayed after a lost reply, which a
     // start and its finish in one write would not be.

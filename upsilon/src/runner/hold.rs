@@ -2,6 +2,7 @@
 //! re-read, run the plan with a fenced write after each task, record the data
 //! version; the rollbacks after a failure.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::{error, info, warn};
@@ -13,7 +14,8 @@ use super::lease::{Halt, Held, Keeper};
 use super::task::{task_info, Ran};
 use super::{Inner, Outcome};
 use crate::backend::{
-    AttemptKind, AttemptState, BackendError, Change, FinishAttempt, Lease, Snapshot, StartAttempt,
+    AttemptKind, AttemptState, BackendError, Change, Checkpoint, FinishAttempt, Lease, Snapshot,
+    StartAttempt,
 };
 use crate::error::{Error, LeaseLoss, OrNone, Report, TaskReport};
 use crate::planner::{self, Plan};
@@ -74,7 +76,7 @@ impl Inner {
     /// Steps 3, 4 and 6.
     async fn upgrade(
         &self,
-        held: &Held,
+        held: &Arc<Held>,
         report: &mut Report,
         before: Snapshot,
     ) -> Result<(), Failure> {
@@ -124,7 +126,7 @@ impl Inner {
 /// not yet sent, and the report so far.
 struct Work<'a> {
     inner: &'a Inner,
-    held: &'a Held,
+    held: &'a Arc<Held>,
     fence: u64,
     snapshot: Snapshot,
     /// Changes that ride with the next write.
@@ -158,15 +160,18 @@ impl Work<'_> {
         let mut failures = 0;
         loop {
             let attempt = self.start_attempt(task, AttemptKind::Run).await?;
+            let resume = self.checkpoint_of(task);
             self.inner.status.send_replace(Status::Upgrading {
                 task: task.id().to_owned(),
                 version: task.version().clone(),
                 index: i + 1,
                 total,
                 progress: None,
+                checkpoint: resume.clone(),
             });
             let info = task_info(task, attempt, i + 1, total, false);
-            let (ran, duration) = self.inner.run_one(self.held, task, info).await;
+            let (ran, duration, newest) = self.inner.run_one(self.held, task, info, resume).await;
+            self.keep_checkpoint(task, newest);
             let mut task_report = TaskReport {
                 key: task.key().clone(),
                 description: task.description().to_owned(),
@@ -213,6 +218,7 @@ impl Work<'_> {
                         return Err(Failure::Task);
                     }
                     self.back_off(task, failures).await;
+                    self.reread_checkpoint(task).await?;
                 }
             }
         }
@@ -230,17 +236,59 @@ impl Work<'_> {
             }
             return Err(halt.into());
         }
-        let attempt = self.snapshot.tasks.get(task.key()).map_or(0, |s| s.rows) + 1;
+        let summary = self.snapshot.tasks.get(task.key());
+        let attempt = summary.map_or(0, |s| s.rows) + 1;
+        // The new row starts where the task's previous row of the same kind
+        // got: a rollback never resumes from a run's position, nor a run
+        // from a rollback's.
+        let checkpoint = summary
+            .filter(|s| s.last.kind == kind)
+            .and_then(|s| s.checkpoint.clone());
         self.pending.push(Change::Start(StartAttempt {
             key: task.key().clone(),
             attempt,
             kind,
             description: task.description().to_owned(),
             holder: self.inner.holder.clone(),
+            checkpoint,
         }));
         let changes = std::mem::take(&mut self.pending);
         self.write(changes).await?;
         Ok(attempt)
+    }
+
+    /// The checkpoint the task's newest row holds.
+    fn checkpoint_of(&self, task: &Task) -> Option<Checkpoint> {
+        self.snapshot
+            .tasks
+            .get(task.key())
+            .and_then(|s| s.checkpoint.clone())
+    }
+
+    /// Before a retry: the checkpoint the store holds for the task's newest
+    /// row. A checkpoint whose write failed may still have committed (a
+    /// lost reply, or PostgreSQL's `run_batches` committing a batch with its
+    /// checkpoint), so the retry starts from what the store says.
+    async fn reread_checkpoint(&mut self, task: &Task) -> Result<(), Failure> {
+        let (inner, key) = (self.inner, task.key());
+        let stored = inner
+            .retry("reading the store", || inner.store.load(&inner.service))
+            .await
+            .map_err(|e| lost_or(self.held, e))?;
+        if let (Some(s), Some(mine)) = (stored.tasks.get(key), self.snapshot.tasks.get_mut(key)) {
+            if s.last.attempt == mine.last.attempt && s.last.fence == self.fence {
+                mine.checkpoint = s.checkpoint.clone();
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps the checkpoint the task's attempt saved last in the mirror, for
+    /// its next attempt to start from.
+    fn keep_checkpoint(&mut self, task: &Task, newest: Option<Checkpoint>) {
+        if let Some(s) = self.snapshot.tasks.get_mut(task.key()) {
+            s.checkpoint = newest;
+        }
     }
 
     /// Records a cancelled attempt, best effort: the store refuses it if
@@ -366,7 +414,9 @@ impl Work<'_> {
         let attempt = self.start_attempt(task, AttemptKind::Rollback).await?;
         let info = task_info(task, attempt, index, total, true);
         info!(task = %task.key(), "rolling back");
-        let (ran, duration) = self.inner.run_one(self.held, task, info).await;
+        let resume = self.checkpoint_of(task);
+        let (ran, duration, newest) = self.inner.run_one(self.held, task, info, resume).await;
+        self.keep_checkpoint(task, newest);
         let (state, error) = match ran {
             Ran::Ok => (AttemptState::Completed, None),
             Ran::Failed(e) => (AttemptState::Failed, Some(e)),

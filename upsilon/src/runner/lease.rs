@@ -69,7 +69,7 @@ impl Keeper {
         }
     }
 
-    pub(super) fn held(&self) -> &Held {
+    pub(super) fn held(&self) -> &Arc<Held> {
         &self.held
     }
 }

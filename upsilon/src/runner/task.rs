@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -13,29 +13,53 @@ use tracing::{info_span, Instrument};
 
 use super::lease::{Halt, Held};
 use super::Inner;
+use crate::backend::Checkpoint;
+use crate::checkpoint::{Checkpoints, Saver};
 use crate::context::{TaskContext, TaskInfo};
 use crate::registry::Task;
 
 impl Inner {
     /// Runs `task` (or its rollback, as `info` says) once: until it returns,
-    /// panics, or the lease is lost.
+    /// panics, or the lease is lost. It resumes from `resume`, and the
+    /// answer has the newest checkpoint it saved (or `resume`).
     pub(super) async fn run_one(
         &self,
-        held: &Held,
+        held: &Arc<Held>,
         task: &Task,
         info: TaskInfo,
-    ) -> (Ran, Duration) {
+        resume: Option<Checkpoint>,
+    ) -> (Ran, Duration, Option<Checkpoint>) {
         let rollback = info.rollback;
         let span = info_span!("upsilon.task", task = %task.id(), version = %task.version(),
             attempt = info.attempt, rollback);
+        let service: Arc<str> = Arc::from(self.service.as_str());
+        let current = Arc::new(Mutex::new(resume));
+        let lose = {
+            let held = held.clone();
+            Arc::new(move |loss| held.lose(loss))
+        };
+        let checkpoints = Checkpoints {
+            key: task.key().clone(),
+            attempt: info.attempt,
+            fence: held.fence(),
+            service: service.clone(),
+            saver: Some(Saver {
+                store: self.store.clone(),
+                attempts: self.config.backend_attempts,
+                lose,
+            }),
+            current: current.clone(),
+            status: Some(self.status.clone()),
+        };
         let mut ctx = TaskContext {
             info,
-            service: Arc::from(self.service.as_str()),
+            service,
             fence: held.fence(),
             holder: self.holder.clone(),
             cancel: held.lost.child_token(),
             resources: self.resources.clone(),
             status: self.status.clone(),
+            checkpoints,
         };
         let started = Instant::now();
         let ran = async {
@@ -59,6 +83,12 @@ impl Inner {
         }
         .instrument(span)
         .await;
+        // A task that failed because the lease was lost under it (a
+        // checkpoint the store refused) was cancelled by the loss.
+        let ran = match (ran, held.halt()) {
+            (Ran::Failed(_), Some(halt @ Halt::Lost(_))) => Ran::Cancelled(halt),
+            (ran, _) => ran,
+        };
         let took = started.elapsed();
         let outcome = match (&ran, rollback) {
             (Ran::Ok, false) => "completed",
@@ -68,7 +98,9 @@ impl Inner {
             (Ran::Cancelled(_), _) => "cancelled",
         };
         crate::metrics::task_ran(&self.service, task, outcome, took);
-        (ran, took)
+        drop(ctx);
+        let newest = current.lock().unwrap_or_else(|p| p.into_inner()).take();
+        (ran, took, newest)
     }
 }
 

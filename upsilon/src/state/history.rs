@@ -118,6 +118,8 @@ pub enum Change {
     DataVersion(Version),
     /// An empty store adopts `version` as its data version and baseline.
     Baseline(Version),
+    /// The task's newest row, still running, records how far it got.
+    Checkpoint(SaveCheckpoint),
 }
 
 impl Change {
@@ -134,6 +136,9 @@ impl Change {
                 }
                 Change::Finish(f) => {
                     keys.insert(&f.key);
+                }
+                Change::Checkpoint(c) => {
+                    keys.insert(&c.key);
                 }
                 Change::DataVersion(_) => {}
                 Change::Baseline(_) => return None,
@@ -156,6 +161,39 @@ pub struct StartAttempt {
     pub description: String,
     /// Who runs it.
     pub holder: Holder,
+    /// The position the row starts from: the checkpoint of the task's
+    /// previous row when that row is of the same kind (a run after a run, a
+    /// rollback after a rollback), so that the newest row always holds the
+    /// latest position. `None` for a first row, or after a row of another
+    /// kind.
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// How far a running attempt got, as a task saved it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Checkpoint {
+    /// The position, as JSON.
+    pub position: String,
+    /// Wall clock of the node that saved it (ms since the epoch).
+    pub saved_at_ms: i64,
+    /// Units done, if the task counts them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub done: Option<u64>,
+    /// Units in all, if the task knows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
+}
+
+/// A checkpoint written to the task's newest row, which must be `attempt`,
+/// still running, written with the same fence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SaveCheckpoint {
+    /// The task.
+    pub key: TaskKey,
+    /// The row's number.
+    pub attempt: u32,
+    /// What it saves.
+    pub checkpoint: Checkpoint,
 }
 
 /// The end of a history row.
@@ -198,4 +236,6 @@ pub struct HistoryEntry {
     pub duration: Option<Duration>,
     /// Error text of a failure.
     pub error: Option<String>,
+    /// The newest checkpoint of the row: the position its attempt reached.
+    pub checkpoint: Option<Checkpoint>,
 }

@@ -11,7 +11,8 @@ mod snapshot;
 
 pub use error::BackendError;
 pub use history::{
-    AttemptKind, AttemptState, Change, FinishAttempt, HistoryEntry, StartAttempt, UNLOCK_TASK_ID,
+    AttemptKind, AttemptState, Change, Checkpoint, FinishAttempt, HistoryEntry, SaveCheckpoint,
+    StartAttempt, UNLOCK_TASK_ID,
 };
 pub use lease::{Acquire, Lease, LeaseInfo};
 pub use snapshot::{LastRow, Snapshot, TaskSummary};

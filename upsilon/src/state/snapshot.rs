@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use semver::Version;
 
 use crate::ids::TaskKey;
-use crate::state::{AttemptKind, AttemptState, BackendError, Change};
+use crate::state::{AttemptKind, AttemptState, BackendError, Change, Checkpoint};
 
 /// What the store knows of one task: enough to plan and to check writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +16,9 @@ pub struct TaskSummary {
     pub completed: bool,
     /// The newest row.
     pub last: LastRow,
+    /// The newest row's checkpoint: where the task's next attempt of the
+    /// same kind resumes.
+    pub checkpoint: Option<Checkpoint>,
 }
 
 /// The newest history row of a task.
@@ -57,16 +60,28 @@ impl Snapshot {
     /// Folds one history row of `key` into the task summaries. Backends that
     /// keep rows call it for each row, oldest first, to build a snapshot.
     pub fn fold_row(&mut self, key: TaskKey, row: LastRow) {
+        self.fold_row_checkpointed(key, row, None);
+    }
+
+    /// [`Snapshot::fold_row`] for a row with its checkpoint.
+    pub fn fold_row_checkpointed(
+        &mut self,
+        key: TaskKey,
+        row: LastRow,
+        checkpoint: Option<Checkpoint>,
+    ) {
         let entry = self.tasks.entry(key).or_insert(TaskSummary {
             rows: 0,
             completed: false,
             last: row.clone(),
+            checkpoint: None,
         });
         entry.rows += 1;
         if row.state == AttemptState::Completed {
             entry.completed = row.kind == AttemptKind::Run;
         }
         entry.last = row;
+        entry.checkpoint = checkpoint;
     }
 
     /// A copy with only the task summaries in `keys` (all of them for
@@ -115,7 +130,9 @@ impl Snapshot {
     /// - a data version below the current one (S4);
     /// - a baseline on a store that is not empty;
     /// - an unlock row anywhere but under [`TaskKey::unlock`], and any other
-    ///   kind of row there.
+    ///   kind of row there;
+    /// - a checkpoint for any row but the task's newest, running row of the
+    ///   same fence, or whose position is not JSON.
     pub fn check<'c>(
         &mut self,
         fence: u64,
@@ -198,8 +215,43 @@ impl Snapshot {
                             state: AttemptState::Running,
                             fence,
                         },
+                        checkpoint: start.checkpoint.clone(),
                     },
                 );
+                Ok(true)
+            }
+            Change::Checkpoint(save) => {
+                let refuse = |why: String| {
+                    Err(BackendError::Rejected(format!(
+                        "task {}: the checkpoint of attempt {} is refused: {why}",
+                        save.key, save.attempt
+                    )))
+                };
+                let Some(s) = self.tasks.get_mut(&save.key) else {
+                    return refuse("the task has no attempt".to_owned());
+                };
+                let l = &s.last;
+                if l.attempt != save.attempt || l.fence != fence {
+                    return refuse(format!(
+                        "its newest row is attempt {} with fence {}, not attempt {} with fence {fence}",
+                        l.attempt, l.fence, save.attempt
+                    ));
+                }
+                if l.state != AttemptState::Running {
+                    return refuse(format!("the attempt is already {}", l.state.as_str()));
+                }
+                if l.kind == AttemptKind::Unlock {
+                    return refuse("an unlock row keeps no checkpoint".to_owned());
+                }
+                if let Err(e) =
+                    serde_json::from_str::<serde::de::IgnoredAny>(&save.checkpoint.position)
+                {
+                    return refuse(format!("its position is not JSON ({e})"));
+                }
+                if s.checkpoint.as_ref() == Some(&save.checkpoint) {
+                    return Ok(false);
+                }
+                s.checkpoint = Some(save.checkpoint.clone());
                 Ok(true)
             }
             Change::Finish(finish) => {
@@ -286,6 +338,7 @@ mod tests {
             kind,
             description: String::new(),
             holder: holder(1),
+            checkpoint: None,
         })
     }
 
@@ -327,6 +380,7 @@ mod tests {
                 kind: AttemptKind::Unlock,
                 description: "forced release".into(),
                 holder: holder(9),
+                checkpoint: None,
             })
         };
         let finish = |attempt| {
@@ -356,6 +410,7 @@ mod tests {
                 kind: AttemptKind::Run,
                 description: String::new(),
                 holder: holder(1),
+                checkpoint: None,
             }),
         ] {
             let err = snap.check(2, &[bad]).unwrap_err();

@@ -576,6 +576,7 @@ impl Store for MemoryBackend {
                         finished_at_ms: None,
                         duration: None,
                         error: None,
+                        checkpoint: a.checkpoint.clone(),
                     }),
                     Change::Finish(f) => {
                         if let Some(row) = s
@@ -588,6 +589,16 @@ impl Store for MemoryBackend {
                             row.finished_at_ms = Some(now);
                             row.duration = Some(f.duration);
                             row.error = f.error.clone();
+                        }
+                    }
+                    Change::Checkpoint(c) => {
+                        if let Some(row) = s
+                            .history
+                            .iter_mut()
+                            .rev()
+                            .find(|r| r.key == c.key && r.attempt == c.attempt)
+                        {
+                            row.checkpoint = Some(c.checkpoint.clone());
                         }
                     }
                     Change::DataVersion(_) | Change::Baseline(_) => {}

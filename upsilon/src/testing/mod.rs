@@ -74,6 +74,7 @@ pub fn start_attempt(id: &str, version: &str, attempt: u32) -> crate::backend::C
         kind: crate::backend::AttemptKind::Run,
         description: format!("task {id}"),
         holder: holder(1),
+        checkpoint: None,
     })
 }
 
@@ -112,8 +113,39 @@ pub fn context(
         cancel: cancel.clone(),
         resources: Arc::new(resources),
         status,
+        checkpoints: crate::checkpoint::Checkpoints {
+            key: crate::TaskKey {
+                version,
+                id: task.to_owned(),
+            },
+            attempt: 1,
+            fence: 1,
+            service: Arc::from("test"),
+            saver: None,
+            current: Default::default(),
+            status: None,
+        },
     };
     (ctx, cancel)
+}
+
+/// Makes a [`context`] resume from `position`, as if an earlier attempt had
+/// saved it with [`TaskContext::save_checkpoint`]. The context keeps its
+/// saves in memory only; read them with [`TaskContext::saved_checkpoint`].
+pub fn resume_from<T: serde::Serialize + ?Sized>(ctx: &TaskContext, position: &T) {
+    let position = serde_json::to_string(position).unwrap_or_else(|e| panic!("{e}"));
+    resume_from_json(ctx, &position);
+}
+
+/// [`resume_from`] with the stored JSON as it is, for a position that an
+/// older release of the task saved.
+pub fn resume_from_json(ctx: &TaskContext, json: &str) {
+    ctx.checkpoints.set_current(crate::backend::Checkpoint {
+        position: json.to_owned(),
+        saved_at_ms: 0,
+        done: None,
+        total: None,
+    });
 }
 
 /// Runs `f` to completion on a fresh current-thread runtime.

@@ -95,12 +95,14 @@ use crate::ids::{Holder, TaskKey};
 
 use super::{holder, start_attempt, v};
 
+mod checkpoint;
 mod deletion;
 mod lease;
 mod operator;
 mod store;
 mod wait;
 
+pub use checkpoint::{checkpoint_carried_by_a_start, checkpoint_refused, checkpoint_round_trip};
 pub use deletion::{
     deleting_the_history_keeps_the_fence,
     deleting_the_state_row_after_a_bare_claim_keeps_the_fence,
@@ -213,6 +215,9 @@ pub async fn run_all(h: &dyn Harness) -> Report {
     check!(store_rules, svc("rules"));
     check!(replay_is_idempotent, svc("replay"));
     check!(history_round_trip, svc("history"));
+    check!(checkpoint_round_trip, svc("ckpt"));
+    check!(checkpoint_refused, svc("ckpt_refused"));
+    check!(checkpoint_carried_by_a_start, svc("ckpt_carried"));
     check!(services_are_separate, svc("a"), svc("b"));
     check!(corrupt_data_is_typed, svc("corrupt"));
     check!(force_release_keeps_the_fence, svc("force"));

@@ -175,6 +175,7 @@ pub async fn history_round_trip(h: &dyn Harness, service: &str) {
                     pod: Some("pod-7;odd%name".into()),
                     ..holder(1)
                 },
+                checkpoint: None,
             })],
         )
         .await
