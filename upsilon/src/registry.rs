@@ -504,6 +504,18 @@ mod tests {
         })
     }
 
+    #[tokio::test]
+    async fn a_boxed_task_future_keeps_its_output_and_converts_its_error() {
+        let ok = crate::__private::box_task(async { Ok::<(), std::io::Error>(()) });
+        assert!(ok.await.is_ok());
+        let err =
+            crate::__private::box_task(async { Err::<(), _>(std::io::Error::other("disk full")) });
+        assert_eq!(err.await.unwrap_err().to_string(), "disk full");
+        let borrowed = String::from("borrowed");
+        let err = crate::__private::box_task(async { Err::<(), &str>(borrowed.as_str()) });
+        assert_eq!(err.await.unwrap_err().to_string(), "borrowed");
+    }
+
     #[test]
     fn task_new_applies_the_id_rule_of_the_attribute() {
         assert_eq!(task("backfill.v2-x_1").unwrap().id(), "backfill.v2-x_1");
