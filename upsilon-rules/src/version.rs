@@ -24,21 +24,19 @@ pub fn parse_version(text: &str) -> Result<Version, VersionError> {
 /// version for whatever this accepts.
 fn parse_plain(text: &str) -> Option<Version> {
     let mut parts = [0u64; 3];
-    let mut count = 0;
-    for part in text.as_bytes().split(|&b| b == b'.') {
+    for (i, part) in text.as_bytes().split(|&b| b == b'.').enumerate() {
+        // A fourth part finds no slot.
+        let slot = parts.get_mut(i)?;
         let leading_zero = part.len() > 1 && part[0] == b'0';
-        if count == 3 || part.is_empty() || leading_zero {
+        if part.is_empty() || leading_zero {
             return None;
         }
-        let mut n: u64 = 0;
         for &b in part {
             if !b.is_ascii_digit() {
                 return None;
             }
-            n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+            *slot = slot.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
         }
-        parts[count] = n;
-        count += 1;
     }
     Some(Version::new(parts[0], parts[1], parts[2]))
 }
