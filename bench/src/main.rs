@@ -64,6 +64,9 @@ enum Command {
     /// One node process of scenarios 4 and 6c (the benchmark starts these itself).
     #[command(subcommand)]
     Node(node::Kind),
+    /// One run of scenario 5a under callgrind (the benchmark starts it itself).
+    #[command(hide = true)]
+    ScaleWorkload(scale::Workload),
 }
 
 /// The sizes and switches of a run.
@@ -279,6 +282,7 @@ fn main() -> ExitCode {
     });
     let flags = match cli.command {
         Some(Command::Node(kind)) => return node::main(kind),
+        Some(Command::ScaleWorkload(w)) => return scale::workload_main(w),
         None => cli.flags,
     };
     let options = Options::from(flags);

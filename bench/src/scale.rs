@@ -22,6 +22,10 @@ use crate::report::{Report, Row, Unit};
 use crate::stats::{ms, summary};
 use crate::Options;
 
+mod callgrind;
+
+pub use callgrind::{workload_main, Workload};
+
 fn version_of(i: usize, per_version: usize) -> String {
     format!("1.{}", i / per_version + 1)
 }
@@ -61,6 +65,43 @@ impl Names {
     }
 }
 
+/// Collect, validate, plan, once: what callgrind counts. The registry and
+/// the plan are returned, so that dropping them is left out.
+#[inline(never)]
+fn collect_and_plan_once(
+    names: &Names,
+    snapshot: &Snapshot,
+    app: &upsilon::Version,
+) -> anyhow::Result<(Registry, planner::Plan)> {
+    let registry = Registry::new(names.tasks())?;
+    let plan = planner::plan(&registry, snapshot, app, PlanOptions::default());
+    Ok((registry, plan))
+}
+
+/// A store in which every one of `names` is completed, at data version `app`.
+fn completed_snapshot(names: &Names, app: &upsilon::Version) -> anyhow::Result<Snapshot> {
+    let mut done = Snapshot {
+        data_version: Some(app.clone()),
+        fence: 1,
+        ..Snapshot::default()
+    };
+    for (id, version) in names.ids.iter().zip(&names.versions) {
+        done.fold_row(
+            TaskKey {
+                version: upsilon::parse_version(version)?,
+                id: id.clone(),
+            },
+            LastRow {
+                attempt: 1,
+                kind: AttemptKind::Run,
+                state: AttemptState::Completed,
+                fence: 1,
+            },
+        );
+    }
+    Ok(done)
+}
+
 /// Collect, validate, plan; the time of each step in ms.
 fn collect_and_plan(
     names: &Names,
@@ -91,25 +132,7 @@ fn plan_rows(o: &Options, report: &mut Report) -> anyhow::Result<serde_json::Val
     let names = Names::new(n);
     let app = upsilon::parse_version(&version_of(n - 1, 100))?;
     let fresh = Snapshot::default();
-    let mut done = Snapshot {
-        data_version: Some(app.clone()),
-        fence: 1,
-        ..Snapshot::default()
-    };
-    for (id, version) in names.ids.iter().zip(&names.versions) {
-        done.fold_row(
-            TaskKey {
-                version: upsilon::parse_version(version)?,
-                id: id.clone(),
-            },
-            LastRow {
-                attempt: 1,
-                kind: AttemptKind::Run,
-                state: AttemptState::Completed,
-                fence: 1,
-            },
-        );
-    }
+    let done = completed_snapshot(&names, &app)?;
     let mut a = Vec::new();
     let mut b = Vec::new();
     let mut steps_a = [Vec::new(), Vec::new(), Vec::new()];
@@ -147,6 +170,7 @@ fn plan_rows(o: &Options, report: &mut Report) -> anyhow::Result<serde_json::Val
         )
         .at_most(5.0, "< 5 ms"),
     );
+    let instructions = instruction_rows(o, report)?;
     let p50s = |v: &[Vec<f64>; 3]| {
         json!({
             "collect_ms": summary(&v[0]).p50,
@@ -157,6 +181,65 @@ fn plan_rows(o: &Options, report: &mut Report) -> anyhow::Result<serde_json::Val
     Ok(json!({
         "tasks": n, "repeats": a.n, "fresh_ms": a.p50, "completed_ms": b.p50,
         "fresh_steps": p50s(&steps_a), "completed_steps": p50s(&steps_b),
+        "instructions": instructions,
+    }))
+}
+
+/// 5a counted by callgrind: the instructions of one collect, validate and
+/// plan, and the same 5 ms budget in instructions at this machine's rate
+/// (the reference work's instructions over its fastest native run).
+fn instruction_rows(o: &Options, report: &mut Report) -> anyhow::Result<serde_json::Value> {
+    use callgrind::{instructions, reference_seconds, Measured};
+    let n = o.plan_tasks;
+    let dir = tempfile::tempdir()?;
+    let reference = instructions(n, Measured::Reference, dir.path())?;
+    let (reference, reference_s) = match reference {
+        Ok(ir) => (ir, reference_seconds(7)),
+        Err(why) => {
+            report.push(Row::new(
+                "5a",
+                format!(
+                    "{n} tasks collected, validated, planned: instructions not counted ({why})"
+                ),
+                Unit::Count,
+                0.0,
+            ));
+            return Ok(json!({ "not_counted": why }));
+        }
+    };
+    let rate = reference as f64 / reference_s;
+    let budget = 0.005 * rate;
+    let mut counts = serde_json::Map::new();
+    for (what, store) in [
+        (Measured::Fresh, "fresh store"),
+        (Measured::Completed, "all completed"),
+    ] {
+        let ir = instructions(n, what, dir.path())?.map_err(anyhow::Error::msg)?;
+        report.push(
+            Row::new(
+                "5a",
+                format!(
+                    "{n} tasks collected, validated, planned: {store}, instructions (callgrind; \
+                     {:.0} a task, {:.2} ms at {:.2} G/s)",
+                    ir as f64 / n as f64,
+                    ir as f64 / rate * 1000.0,
+                    rate / 1e9
+                ),
+                Unit::Count,
+                ir as f64,
+            )
+            .at_most(
+                budget,
+                format!("< {:.1} M (5 ms at {:.2} G/s)", budget / 1e6, rate / 1e9),
+            ),
+        );
+        counts.insert(format!("{what:?}").to_lowercase(), json!(ir));
+    }
+    Ok(json!({
+        "counts": counts,
+        "reference_instructions": reference,
+        "reference_fastest_s": reference_s,
+        "instructions_per_s": rate,
     }))
 }
 

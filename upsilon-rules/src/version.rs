@@ -12,6 +12,36 @@ use semver::Version;
 /// rejected: it takes no part in precedence, so two versions that differ only
 /// by it would name the same data version. Surrounding whitespace is ignored.
 pub fn parse_version(text: &str) -> Result<Version, VersionError> {
+    match parse_plain(text) {
+        Some(version) => Ok(version),
+        None => parse_any(text),
+    }
+}
+
+/// The common case without allocating: one to three decimal parts, no
+/// leading zeros, no pre-release, no surrounding whitespace. `None` sends
+/// everything else, errors included, to [`parse_any`], which gives the same
+/// version for whatever this accepts.
+fn parse_plain(text: &str) -> Option<Version> {
+    let mut parts = [0u64; 3];
+    for (i, part) in text.as_bytes().split(|&b| b == b'.').enumerate() {
+        // A fourth part finds no slot.
+        let slot = parts.get_mut(i)?;
+        let leading_zero = part.len() > 1 && part[0] == b'0';
+        if part.is_empty() || leading_zero {
+            return None;
+        }
+        for &b in part {
+            if !b.is_ascii_digit() {
+                return None;
+            }
+            *slot = slot.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+        }
+    }
+    Some(Version::new(parts[0], parts[1], parts[2]))
+}
+
+fn parse_any(text: &str) -> Result<Version, VersionError> {
     let bad = |why: &'static str| VersionError {
         text: text.to_owned(),
         why,
@@ -92,6 +122,57 @@ mod tests {
         let rc = parse_version("2.0.0-rc.1").unwrap();
         assert_eq!(rc.to_string(), "2.0.0-rc.1");
         assert_eq!(rc.pre.as_str(), "rc.1");
+    }
+
+    #[test]
+    fn the_plain_form_parses_as_the_general_parser_does() {
+        let texts = [
+            "0",
+            "1",
+            "10",
+            "1.2",
+            "1.2.3",
+            "0.0.0",
+            "18446744073709551615.1",
+            "18446744073709551616",
+            "01",
+            "1.01",
+            "1.0.00",
+            "1.",
+            ".1",
+            "1..2",
+            "1.2.3.4",
+            "1.2.3.",
+            " 1.2",
+            "1.2 ",
+            "+1",
+            "-1",
+            "1.2.3-rc.1",
+            "1.2.3+b",
+            "1.x",
+            "",
+            "٣",
+            "1_000",
+        ];
+        for text in texts {
+            if let Some(plain) = parse_plain(text) {
+                assert_eq!(parse_any(text), Ok(plain), "{text:?}");
+            }
+            assert_eq!(parse_version(text), parse_any(text), "{text:?}");
+        }
+        for text in ["0", "1.2", "1.2.3", "18446744073709551615.1"] {
+            assert!(parse_plain(text).is_some(), "{text:?}");
+        }
+        for text in [
+            "01",
+            "1.",
+            "1.2.3.4",
+            " 1",
+            "1.2.3-rc.1",
+            "18446744073709551616",
+        ] {
+            assert!(parse_plain(text).is_none(), "{text:?}");
+        }
     }
 
     #[test]

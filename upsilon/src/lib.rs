@@ -104,8 +104,14 @@ pub mod __private {
     where
         F: ::core::future::Future<Output = ::core::result::Result<(), E>> + Send + 'a,
         E: Into<BoxError>,
+        // Always holds for a task fn: its error type can borrow nothing that
+        // its context does not outlive.
+        E: 'a,
     {
-        Box::pin(async move { future.await.map_err(Into::into) })
+        // Boxed as it is, and converted by code generic over the error type
+        // only: a task adds its own future's code and no state machine of
+        // its own around it.
+        crate::registry::err_into::<E>(Box::pin(future))
     }
 
     /// The check behind the test that `#[upsilon::task]` adds to the defining

@@ -7,7 +7,7 @@ use semver::Version;
 
 use crate::ids::TaskKey;
 use crate::registry::{Registry, Task};
-use crate::state::Snapshot;
+use crate::state::{Snapshot, TaskSummary};
 
 /// Why a task is in the plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,11 +76,13 @@ pub struct PlanOptions {
 /// Tasks at or below the store's baseline are taken as done.
 pub fn plan(registry: &Registry, snapshot: &Snapshot, app: &Version, options: PlanOptions) -> Plan {
     let data = snapshot.data_version.as_ref();
+    let summaries = summaries(registry, snapshot);
     let mut steps = Vec::new();
     let mut out_of_order = Vec::new();
-    for task in registry.tasks() {
+    for (i, task) in registry.tasks().iter().enumerate() {
         let v = task.version();
-        if v > app || snapshot.is_completed(task.key()) {
+        let summary = summaries.as_ref().and_then(|s| s[i]);
+        if v > app || summary.is_some_and(|t| t.completed) {
             continue;
         }
         if snapshot.baseline.as_ref().is_some_and(|b| v <= b) {
@@ -89,7 +91,7 @@ pub fn plan(registry: &Registry, snapshot: &Snapshot, app: &Version, options: Pl
         let reason = match data {
             None => Reason::FreshStore,
             Some(d) if v > d => Reason::Pending,
-            Some(_) if snapshot.tasks.contains_key(task.key()) => {
+            Some(_) if summary.is_some() => {
                 // Seen but not completed at or below the data version: it was
                 // rolled back, or recorded under a data version that a
                 // baseline set. Either way it is owed.
@@ -113,6 +115,35 @@ pub fn plan(registry: &Registry, snapshot: &Snapshot, app: &Version, options: Pl
         out_of_order,
         data_ahead: data.is_some_and(|d| d > app),
     }
+}
+
+/// The store's summary of each registered task, by position in the
+/// registry; `None` for a store without task history. Both sides are walked
+/// in key order, one seek into the store's summaries per version, rather
+/// than one lookup per task.
+fn summaries<'s>(
+    registry: &Registry,
+    snapshot: &'s Snapshot,
+) -> Option<Vec<Option<&'s TaskSummary>>> {
+    if snapshot.tasks.is_empty() {
+        return None;
+    }
+    let tasks = registry.tasks();
+    let mut found = vec![None; tasks.len()];
+    let mut rows = snapshot.tasks.range::<TaskKey, _>(..).peekable();
+    let mut version = None;
+    for &i in registry.by_key() {
+        let key = tasks[i].key();
+        if version != Some(&key.version) {
+            version = Some(&key.version);
+            rows = snapshot.tasks.range(key..).peekable();
+        }
+        while rows.next_if(|(k, _)| *k < key).is_some() {}
+        if let Some((_, summary)) = rows.peek().filter(|(k, _)| *k == key) {
+            found[i] = Some(*summary);
+        }
+    }
+    Some(found)
 }
 
 /// The data version the store's completed tasks reach, given the registry:

@@ -1,7 +1,7 @@
 //! The tasks known to this binary: collected at link time from every
 //! `#[upsilon::task]`, or given explicitly to the builder.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -19,6 +19,31 @@ pub type TaskFuture<'a> = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Se
 /// The shape every task body and rollback has once erased: what
 /// `#[upsilon::task]` generates, and what [`Task::new`] takes.
 pub type TaskFn = for<'a> fn(&'a mut TaskContext) -> TaskFuture<'a>;
+
+/// A task's future before its error is converted.
+pub(crate) type RawFuture<'a, E> = Pin<Box<dyn Future<Output = Result<(), E>> + Send + 'a>>;
+
+/// Converts the error of a boxed task future into a [`BoxError`]. Generic
+/// over the error type alone: compiled once per error type, not once per
+/// task.
+pub(crate) fn err_into<'a, E: Into<BoxError> + 'a>(future: RawFuture<'a, E>) -> TaskFuture<'a> {
+    Box::pin(ErrInto { future })
+}
+
+struct ErrInto<'a, E> {
+    future: RawFuture<'a, E>,
+}
+
+impl<E: Into<BoxError>> Future for ErrInto<'_, E> {
+    type Output = Result<(), BoxError>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        self.future.as_mut().poll(cx).map_err(Into::into)
+    }
+}
 
 type TaskBody = Arc<dyn for<'a> Fn(&'a mut TaskContext) -> TaskFuture<'a> + Send + Sync>;
 
@@ -223,9 +248,20 @@ impl Task {
 }
 
 /// The validated, ordered set of tasks a runner works from.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct Registry {
     tasks: Vec<Task>,
+    /// Positions in `tasks`, in the order of their keys (version, then id):
+    /// the order of a store's task summaries.
+    by_key: Vec<usize>,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registry")
+            .field("tasks", &self.tasks)
+            .finish()
+    }
 }
 
 impl Registry {
@@ -249,14 +285,24 @@ impl Registry {
     /// share an `order` or an id.
     pub fn new(mut tasks: Vec<Task>) -> Result<Registry, RegistryError> {
         tasks.sort_by(|a, b| a.plan_cmp(b));
+        let by_key = key_order(&tasks);
+        // In plan order, tasks that share a version and an order are
+        // neighbours; in key order, tasks that share a version and an id are.
+        // Each duplicate is paired with the last task before it (in plan
+        // order) that it clashes with.
+        let mut same_id: Vec<(usize, usize)> = by_key
+            .windows(2)
+            .filter(|w| tasks[w[0]].key() == tasks[w[1]].key())
+            .map(|w| (w[1], w[0]))
+            .collect();
+        same_id.sort_unstable();
+        let mut same_id = same_id.into_iter().peekable();
         let mut problems = Vec::new();
-        // Hash maps: the tasks are already sorted, so the problems come out
-        // in plan order all the same.
-        let mut by_order: HashMap<(&Version, u32), &Task> = HashMap::with_capacity(tasks.len());
-        let mut by_id: HashMap<&TaskKey, &Task> = HashMap::with_capacity(tasks.len());
-        for task in &tasks {
-            if let Some(first) = by_order.insert((&task.inner.key.version, task.inner.order), task)
-            {
+        for (i, task) in tasks.iter().enumerate() {
+            let before = i.checked_sub(1).map(|j| &tasks[j]);
+            if let Some(first) = before.filter(|b| {
+                b.inner.order == task.inner.order && b.inner.key.version == task.inner.key.version
+            }) {
                 problems.push(Problem::DuplicateOrder {
                     version: task.inner.key.version.clone(),
                     order: task.inner.order,
@@ -264,19 +310,25 @@ impl Registry {
                     second: (task.inner.key.id.clone(), task.inner.location.clone()),
                 });
             }
-            if let Some(first) = by_id.insert(&task.inner.key, task) {
+            if let Some((_, first)) = same_id.next_if(|(second, _)| *second == i) {
                 problems.push(Problem::DuplicateId {
                     key: task.inner.key.clone(),
-                    first: first.inner.location.clone(),
+                    first: tasks[first].inner.location.clone(),
                     second: task.inner.location.clone(),
                 });
             }
         }
         if problems.is_empty() {
-            Ok(Registry { tasks })
+            Ok(Registry { tasks, by_key })
         } else {
             Err(RegistryError { problems })
         }
+    }
+
+    /// Positions of the registry's tasks in key order (version, then id,
+    /// then position). Where two tasks share a key, the earlier comes first.
+    pub(crate) fn by_key(&self) -> &[usize] {
+        &self.by_key
     }
 
     /// The tasks in plan order (semver, then order, then id).
@@ -407,6 +459,24 @@ pub enum Problem {
     },
 }
 
+/// Positions of `tasks`, sorted in plan order, in key order: each version's
+/// tasks are contiguous, so only they are sorted, by id then position.
+fn key_order(tasks: &[Task]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..tasks.len()).collect();
+    let mut start = 0;
+    while start < tasks.len() {
+        let version = tasks[start].version();
+        let len = tasks[start..]
+            .iter()
+            .position(|t| t.version() != version)
+            .unwrap_or(tasks.len() - start);
+        order[start..start + len]
+            .sort_by(|&a, &b| tasks[a].id().cmp(tasks[b].id()).then(a.cmp(&b)));
+        start += len;
+    }
+    order
+}
+
 pub(crate) fn problem_involves(problem: &Problem, version: &str, id: &str) -> bool {
     let Ok(version) = parse_version(version) else {
         return false;
@@ -432,6 +502,18 @@ mod tests {
         Task::new("1.0", 1, id, |_: &mut TaskContext| -> TaskFuture<'_> {
             Box::pin(async { Ok(()) })
         })
+    }
+
+    #[tokio::test]
+    async fn a_boxed_task_future_keeps_its_output_and_converts_its_error() {
+        let ok = crate::__private::box_task(async { Ok::<(), std::io::Error>(()) });
+        assert!(ok.await.is_ok());
+        let err =
+            crate::__private::box_task(async { Err::<(), _>(std::io::Error::other("disk full")) });
+        assert_eq!(err.await.unwrap_err().to_string(), "disk full");
+        let borrowed = String::from("borrowed");
+        let err = crate::__private::box_task(async { Err::<(), &str>(borrowed.as_str()) });
+        assert_eq!(err.await.unwrap_err().to_string(), "borrowed");
     }
 
     #[test]

@@ -4,13 +4,14 @@
 use proc_macro2::{Group, Literal, Span, TokenStream, TokenTree};
 use quote::{format_ident, quote, quote_spanned, ToTokens};
 use syn::ext::IdentExt;
-use syn::{Ident, ItemFn, Lit, LitStr, Path};
+use syn::{Ident, Lit, LitStr, Path};
 
 use super::attr::as_lit;
+use super::TaskFn;
 
 /// A checked task, ready to expand.
 pub(super) struct Task<'a> {
-    pub(super) func: &'a ItemFn,
+    pub(super) func: &'a TaskFn,
     pub(super) version: String,
     pub(super) order: u32,
     pub(super) id: String,

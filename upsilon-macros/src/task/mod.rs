@@ -12,7 +12,8 @@ use std::fmt::Display;
 
 use proc_macro2::{Span, TokenStream};
 use quote::{quote, ToTokens};
-use syn::ItemFn;
+use syn::parse::{Parse, ParseStream};
+use syn::{Attribute, Signature, Visibility};
 
 use attr::{default_id, Args, Attrs};
 use expand::Task;
@@ -34,7 +35,7 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
             None
         }
     };
-    let func = match syn::parse2::<ItemFn>(item.clone()) {
+    let func = match syn::parse2::<TaskFn>(item.clone()) {
         Ok(func) => func,
         Err(_) => {
             cx.error_spanned_by(
@@ -76,6 +77,29 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
             quote!(#item #expanded)
         }
         _ => with_errors(item, cx),
+    }
+}
+
+/// The fn under the attribute, parsed as `syn::ItemFn` parses it except
+/// for its statements: the macro reads the attributes and the signature
+/// only, and emits the fn's tokens unchanged, so the compiler is the one
+/// to parse (and report errors in) the body.
+pub(super) struct TaskFn {
+    /// The outer attributes, then the body's inner ones, as in `ItemFn`.
+    pub(super) attrs: Vec<Attribute>,
+    pub(super) sig: Signature,
+}
+
+impl Parse for TaskFn {
+    fn parse(input: ParseStream<'_>) -> syn::Result<TaskFn> {
+        let mut attrs = input.call(Attribute::parse_outer)?;
+        input.parse::<Visibility>()?;
+        let sig: Signature = input.parse()?;
+        let body;
+        syn::braced!(body in input);
+        attrs.extend(body.call(Attribute::parse_inner)?);
+        body.parse::<TokenStream>()?;
+        Ok(TaskFn { attrs, sig })
     }
 }
 
@@ -204,6 +228,29 @@ mod tests {
         assert_eq!(errs.len(), 1, "{errs:#?}");
         assert!(errs[0].starts_with("the fn name `café` cannot be a task id"));
         assert!(errors(quote!(version = "1", order = 1, id = "cafe"), item).is_empty());
+    }
+
+    #[test]
+    fn the_body_is_left_to_the_compiler_but_its_inner_attributes_count() {
+        let out = expand(
+            quote!(version = "1", order = 1),
+            quote! {
+                async fn t(ctx: &mut TaskContext) -> Result<(), E> {
+                    #![doc = "Inner."]
+                    not a statement at all
+                }
+            },
+        )
+        .to_string();
+        assert!(!out.contains("compile_error"), "{out}");
+        assert!(out.contains("description : \"Inner.\""), "{out}");
+        assert!(out.contains("not a statement at all"), "{out}");
+        let errs = errors(
+            quote!(version = "1", order = 1),
+            quote! { async fn t(ctx: &mut TaskContext) -> Result<(), E> {} extra },
+        );
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert!(errs[0].contains("goes on an async fn"), "{errs:#?}");
     }
 
     #[test]
