@@ -6,7 +6,12 @@
 //! node --url sqlite:///PATH [--lock-url URL] --name NAME --app-version 1.1 --tasks 1.0:2,1.1:3 [--task-ms 50] [--ttl-ms 2000]
 //!      [--audit-dir DIR] [--margin-ms MS] [--no-loss-signal] [--no-wait-out] [--rollbacks] [--fail-task ID --fail-while PATH]
 //!      [--wall-clock-offset FILE] [--judge-expiry-by-wall-clock]
+//!      [--backfill ROWS [--batch-size N] [--batch-pause-ms MS] [--backfill-db PATH] [--backfill-ignores-checkpoint]]
 //! ```
+//!
+//! With `--backfill`, task t1 is a batched backfill over the harness's
+//! table of ROWS rows (`upsilon_tests::backfill`), recorded in the audit log
+//! like any task.
 //!
 //! Without `--audit-dir`, each task appends a row (task, node, fence, start,
 //! end) to an `audit` table in the store's database. With it, the node writes
@@ -41,6 +46,7 @@ use upsilon::backend::{
 use upsilon::{AboveAppPolicy, Error, Holder, Outcome, Task, TaskContext, TaskFuture, Upsilon};
 use upsilon_backends::sqlite::{SqliteBackend, SqliteOptions};
 use upsilon_tests::audit::{AuditLog, Ended, Outcome as Seen, Record};
+use upsilon_tests::backfill::{self, Backfill};
 use upsilon_tests::clock::{now_us, SteppedWallClock};
 
 /// A cluster node for the multi-process tests: runs Upsilon with generated
@@ -113,6 +119,25 @@ struct Args {
     /// (`SqliteOptions::judge_expiry_by_wall_clock`).
     #[arg(long)]
     judge_expiry_by_wall_clock: bool,
+    /// Task t1 backfills the harness's table of ROWS rows in batches
+    /// (PostgreSQL: `run_batches` in the store's database; SQLite: the plain
+    /// batch loop over --backfill-db).
+    #[arg(long, value_name = "ROWS")]
+    backfill: Option<u64>,
+    /// Rows per batch of the backfill.
+    #[arg(long, value_name = "N", default_value = "20", requires = "backfill")]
+    batch_size: u64,
+    /// The pause after each batch of the backfill, in milliseconds.
+    #[arg(long, value_name = "MS", value_parser = millis, default_value = "30",
+        requires = "backfill")]
+    batch_pause_ms: Duration,
+    /// SQLite: the file with the backfill's tables.
+    #[arg(long, value_name = "PATH", requires = "backfill")]
+    backfill_db: Option<PathBuf>,
+    /// Negative control: each attempt of the backfill starts from its first
+    /// row, whatever its checkpoint says.
+    #[arg(long, requires = "backfill")]
+    backfill_ignores_checkpoint: bool,
 }
 
 fn task_count(s: &str) -> Result<(String, u32), String> {
@@ -241,6 +266,7 @@ struct Tasks {
     log: Option<Arc<AuditLog>>,
     task: Duration,
     fail: Option<(String, PathBuf)>,
+    backfill: Option<Backfill>,
 }
 
 impl Tasks {
@@ -330,6 +356,18 @@ impl Drop for RunRecord {
 fn body(ctx: &mut TaskContext) -> TaskFuture<'_> {
     Box::pin(async move {
         let tasks = ctx.resource::<Tasks>()?;
+        if let (Some(backfill), Some(log)) = (&tasks.backfill, &tasks.log) {
+            if ctx.task().id == "t1" && !ctx.task().rollback {
+                let mut run = RunRecord::start(log, ctx);
+                let r = backfill.run(ctx).await;
+                run.end(if r.is_ok() {
+                    Ended::Returned
+                } else {
+                    Ended::Failed
+                });
+                return r;
+            }
+        }
         if let Some(log) = &tasks.log {
             let mut run = RunRecord::start(log, ctx);
             tokio::time::sleep(tasks.task).await;
@@ -643,6 +681,22 @@ async fn node(args: Args, log: Option<Arc<AuditLog>>) -> anyhow::Result<u8> {
         ..Holder::current()
     };
     let (lock, store) = backend(&args).await?;
+    let backfill = match args.backfill {
+        Some(rows) => Some(Backfill {
+            target: match &args.backfill_db {
+                Some(path) => backfill::Target::Sqlite(path.clone()),
+                None => backfill::Target::Postgres(
+                    upsilon_backends::postgres::PostgresBackend::connect_url(&args.url).await?,
+                ),
+            },
+            batch: args.batch_size,
+            pause: args.batch_pause_ms,
+            rows,
+            ignore_checkpoint: args.backfill_ignores_checkpoint,
+            node: args.name.clone(),
+        }),
+        None => None,
+    };
     let backend = Watched {
         lock,
         store,
@@ -665,6 +719,7 @@ async fn node(args: Args, log: Option<Arc<AuditLog>>) -> anyhow::Result<u8> {
             log,
             task: args.task_ms,
             fail: args.fail_task.clone().zip(args.fail_while.clone()),
+            backfill,
         });
     if let Some(margin) = args.margin_ms {
         builder = builder.safety_margin(margin);
