@@ -46,7 +46,8 @@ impl Harness<'_> {
     /// faults (PostgreSQL: the lease session and the node's sessions
     /// terminated), each once the checkpoint has moved on by 1 to 3 batches
     /// (a paused holder is left alone: its lease runs out and another node
-    /// takes over). Gives up after 60 s, or when the backfill ends first.
+    /// takes over), and lets the last pause end when it is due. Gives up
+    /// after 60 s, or when the backfill ends first.
     pub(super) async fn backfill_faults(&mut self, faults: usize, rng: &mut Rng) {
         let mut kinds = vec![Kind::Kill, Kind::Stop];
         kinds.extend(
@@ -92,6 +93,12 @@ impl Harness<'_> {
                 last = batches;
                 wait = rng.range(1, 4);
             }
+        }
+        // Let the last pause run its course: healing sends SIGCONT at once.
+        while !self.later.is_empty() && now_us() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            self.run_later(now_us()).await;
+            self.tend(rng);
         }
     }
 }
