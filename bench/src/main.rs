@@ -5,7 +5,7 @@
 //! measures every backend built in through the same generic code.
 //!
 //! ```text
-//! cargo run --release -p upsilon-bench -- [--tiny] [--only 1,2,3,4,5,6] [--nodes 20,50,100,200]
+//! cargo run --release -p upsilon-bench -- [--tiny] [--only 1,2,3,4,5,6,7] [--nodes 20,50,100,200]
 //!     [--repeats N] [--backends postgres,sqlite,...] [--json PATH]
 //! ```
 //!
@@ -15,6 +15,7 @@
 //! says what each figure measures and limits it.
 
 mod backends;
+mod checkpoint;
 mod common;
 mod convergence;
 mod failover;
@@ -75,10 +76,10 @@ struct Flags {
     /// Small sizes and short sleeps: checks that every scenario works (seconds).
     #[arg(long)]
     tiny: bool,
-    /// Scenarios to run, from 1 to 6 (default: all).
+    /// Scenarios to run, from 1 to 7 (default: all).
     #[arg(long, value_name = "LIST", value_delimiter = ',', action = ArgAction::Set,
         value_parser = scenario, allow_negative_numbers = true,
-        default_value = "1,2,3,4,5,6", hide_default_value = true)]
+        default_value = "1,2,3,4,5,6,7", hide_default_value = true)]
     only: Vec<u8>,
     /// Node counts of scenarios 2 and 6b, each at least 1 [default: 20,50,100,200
     /// in 2, 20,100 in 6b; with --tiny: 3].
@@ -182,9 +183,9 @@ fn ttl_millis(s: &str) -> Result<u64, String> {
 
 fn scenario(s: &str) -> Result<u8, String> {
     match s.trim().parse::<u64>() {
-        Ok(id @ 1..=6) => Ok(id as u8),
-        Ok(id) => Err(format!("there is no scenario {id}; they are 1 to 6")),
-        Err(_) => Err("expected scenario numbers, 1 to 6".to_owned()),
+        Ok(id @ 1..=7) => Ok(id as u8),
+        Ok(id) => Err(format!("there is no scenario {id}; they are 1 to 7")),
+        Err(_) => Err("expected scenario numbers, 1 to 7".to_owned()),
     }
 }
 
@@ -355,7 +356,7 @@ async fn run(o: &Options, args: &[String]) -> anyhow::Result<()> {
     ) -> std::pin::Pin<
         Box<dyn std::future::Future<Output = anyhow::Result<()>> + 'a>,
     >;
-    let scenarios: [(u8, &str, Scenario); 6] = [
+    let scenarios: [(u8, &str, Scenario); 7] = [
         (1, "start-up", |e, o, r| Box::pin(startup::run(e, o, r))),
         (2, "cluster convergence", |e, o, r| {
             Box::pin(convergence::run(e, o, r))
@@ -365,6 +366,9 @@ async fn run(o: &Options, args: &[String]) -> anyhow::Result<()> {
         (5, "scale", |e, o, r| Box::pin(scale::run(e, o, r))),
         (6, "other backends", |e, o, r| {
             Box::pin(backends::run(e, o, r))
+        }),
+        (7, "checkpoint overhead", |e, o, r| {
+            Box::pin(checkpoint::run(e, o, r))
         }),
     ];
     let mut timings = serde_json::Map::new();
@@ -431,7 +435,7 @@ mod tests {
     fn defaults() {
         let o = parse(&[]);
         assert!(!o.tiny);
-        assert_eq!(o.only, (1..=6).collect());
+        assert_eq!(o.only, (1..=7).collect());
         assert_eq!(o.nodes, [20, 50, 100, 200]);
         assert_eq!(o.backend_nodes, [20, 100]);
         assert_eq!(o.backends, backends::Kind::ALL);
@@ -457,7 +461,7 @@ mod tests {
     fn tiny_defaults() {
         let o = parse(&["--tiny"]);
         assert!(o.tiny);
-        assert_eq!(o.only, (1..=6).collect());
+        assert_eq!(o.only, (1..=7).collect());
         assert_eq!(o.nodes, [3]);
         assert_eq!(o.backend_nodes, [3]);
         assert_eq!(o.json, target_dir().join("upsilon-bench-tiny.json"));

@@ -23,7 +23,7 @@ fn a_tiny_run_prints_every_scenario_and_writes_json() {
     let header = "| scenario | measure";
     assert!(stdout.contains(header), "no table:\n{stdout}");
     for scenario in [
-        "1a", "1b", "2", "3", "4", "5a", "5b", "6a", "6b", "6c", "6d",
+        "1a", "1b", "2", "3", "4", "5a", "5b", "6a", "6b", "6c", "6d", "7a", "7b",
     ] {
         assert!(
             stdout
@@ -47,7 +47,7 @@ fn a_tiny_run_prints_every_scenario_and_writes_json() {
 #[test]
 fn bad_flags_are_refused_naming_the_flag() {
     for (args, said) in [
-        (&["--only", "7"][..], "no scenario 7"),
+        (&["--only", "8"][..], "no scenario 8"),
         (&["--backends", "mysql"], "no backend \"mysql\""),
         (&["--repeats", "0"], "--repeats <N>"),
         (&["--load-ms", "-1"], "--load-ms <MS>"),

@@ -1,8 +1,11 @@
 //! Workspace-level tests live in tests/. This library holds what the fault
 //! test (`tests/chaos.rs`) shares with its node binary (`src/bin/node.rs`):
 //! the host clock both read, the audit log the nodes write and the checker
-//! reads, and the fault proxy between nodes and their server.
+//! reads, the backfill task and its tables, the node's recording backend wrapper,
+//! and the fault proxy between nodes and their server.
 
 pub mod audit;
+pub mod backfill;
 pub mod clock;
 pub mod fault_proxy;
+pub mod watched;

@@ -37,6 +37,14 @@
 //! and SQLite nodes that judge lease expiry by the wall clock, with the wall
 //! clock stepped forward past the TTL while the holder runs a task.
 //!
+//! The backfill trials (`chaos/backfill.rs`): task t1 is a batched backfill,
+//! its holder is hit (SIGKILL, SIGSTOP past the TTL, PostgreSQL sessions
+//! terminated) each time its checkpoint has moved, and every row must be
+//! done (on PostgreSQL exactly once), each attempt starting after the
+//! checkpoint of the one before; the negative control ignores the
+//! checkpoint and must be caught. `UPSILON_CHAOS_BACKFILL_TRIALS` (1) and
+//! `UPSILON_CHAOS_BACKFILL_FAULTS` (4 per trial) size them.
+//!
 //! Sizes are parameters (small by default, for the README's test command):
 //! ```text
 //! UPSILON_CHAOS_TRIALS=500 UPSILON_CHAOS_NODES=5 cargo test --release -p upsilon-tests --test chaos -- --nocapture sqlite_cluster
@@ -48,6 +56,8 @@
 //! `UPSILON_CHAOS_VERBOSE=1` prints every fault and hand-over;
 //! `UPSILON_CHAOS_KEEP=1` keeps each trial's directory (audit logs, stderr).
 
+#[path = "chaos/backfill.rs"]
+mod backfill;
 #[path = "chaos/check.rs"]
 mod check;
 #[path = "chaos/cluster.rs"]
@@ -521,4 +531,69 @@ async fn a_forgetful_redis_lock_without_the_wait_out_overlaps_and_is_caught() {
     };
     let lock = Box::new(Redis::without_persistence().await);
     control_is_caught(&mut Mixed::new(lock, Box::new(Pg::start().await)), &cfg).await;
+}
+
+/// A backfill of 10-row batches, 30 ms apart, with room for `faults`
+/// faults (each lands after a batch that moved the checkpoint).
+fn backfill_shape(faults: usize, ignore_checkpoint: bool) -> backfill::Shape {
+    backfill::Shape {
+        rows: 40 * (faults as u64 + 4),
+        batch: 10,
+        pause_ms: 30,
+        ignore_checkpoint,
+    }
+}
+
+async fn backfill_resumes(under: backfill::Under) {
+    let faults = env_usize("UPSILON_CHAOS_BACKFILL_FAULTS", 4);
+    let trials = env_usize("UPSILON_CHAOS_BACKFILL_TRIALS", 1);
+    let mut env = backfill::Backfilled::new(under, backfill_shape(faults, false));
+    let t = backfill::run_trials(&mut env, faults, trials).await;
+    assert!(
+        t.failures.is_empty(),
+        "{} of {trials} trials failed; the first:\n{}",
+        t.failures.len(),
+        t.failures[0]
+    );
+    assert!(
+        t.resumed >= trials,
+        "{} attempts resumed from a checkpoint in {trials} trials: the faults missed the backfill",
+        t.resumed
+    );
+}
+
+/// Negative control: every attempt starts from the first row, whatever
+/// its checkpoint says; each trial must be caught, and only by the
+/// backfill's checks.
+async fn backfill_ignoring_its_checkpoint_is_caught(under: backfill::Under) {
+    let trials = env_usize("UPSILON_CHAOS_CONTROL_TRIALS", 1);
+    let mut env = backfill::Backfilled::new(under, backfill_shape(2, true));
+    let t = backfill::run_trials(&mut env, 2, trials).await;
+    assert_eq!(
+        (t.failures.len(), t.other_violations),
+        (trials, 0),
+        "each trial of the negative control must break the backfill's checks and nothing else:\n{}",
+        t.failures.join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_backfill_resumes_from_its_checkpoint_on_postgres() {
+    backfill_resumes(backfill::Under::Pg(Box::new(Pg::start().await))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_backfill_resumes_from_its_checkpoint_on_sqlite() {
+    backfill_resumes(backfill::Under::Sqlite(Sqlite::new(false))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_ignoring_its_checkpoint_is_caught_on_postgres() {
+    backfill_ignoring_its_checkpoint_is_caught(backfill::Under::Pg(Box::new(Pg::start().await)))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_ignoring_its_checkpoint_is_caught_on_sqlite() {
+    backfill_ignoring_its_checkpoint_is_caught(backfill::Under::Sqlite(Sqlite::new(false))).await;
 }

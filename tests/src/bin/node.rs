@@ -6,7 +6,12 @@
 //! node --url sqlite:///PATH [--lock-url URL] --name NAME --app-version 1.1 --tasks 1.0:2,1.1:3 [--task-ms 50] [--ttl-ms 2000]
 //!      [--audit-dir DIR] [--margin-ms MS] [--no-loss-signal] [--no-wait-out] [--rollbacks] [--fail-task ID --fail-while PATH]
 //!      [--wall-clock-offset FILE] [--judge-expiry-by-wall-clock]
+//!      [--backfill ROWS [--batch-size N] [--batch-pause-ms MS] [--backfill-db PATH] [--backfill-ignores-checkpoint]]
 //! ```
+//!
+//! With `--backfill`, task t1 is a batched backfill over the harness's
+//! table of ROWS rows (`upsilon_tests::backfill`), recorded in the audit log
+//! like any task.
 //!
 //! Without `--audit-dir`, each task appends a row (task, node, fence, start,
 //! end) to an `audit` table in the store's database. With it, the node writes
@@ -30,18 +35,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use async_trait::async_trait;
 use clap::{ArgAction, Parser};
 use rusqlite::Connection;
 use tokio_util::sync::CancellationToken;
-use upsilon::backend::HistoryEntry;
-use upsilon::backend::{
-    Acquire, Backend, BackendError, Change, Lease, LeaseInfo, Lock, Snapshot, Store,
-};
+use upsilon::backend::{Backend, Lock, Store};
 use upsilon::{AboveAppPolicy, Error, Holder, Outcome, Task, TaskContext, TaskFuture, Upsilon};
 use upsilon_backends::sqlite::{SqliteBackend, SqliteOptions};
-use upsilon_tests::audit::{AuditLog, Ended, Outcome as Seen, Record};
+use upsilon_tests::audit::{AuditLog, Ended, Record};
+use upsilon_tests::backfill::{self, Backfill};
 use upsilon_tests::clock::{now_us, SteppedWallClock};
+use upsilon_tests::watched::Watched;
 
 /// A cluster node for the multi-process tests: runs Upsilon with generated
 /// tasks, each recording its runs in an `audit` table of the store's
@@ -113,6 +116,25 @@ struct Args {
     /// (`SqliteOptions::judge_expiry_by_wall_clock`).
     #[arg(long)]
     judge_expiry_by_wall_clock: bool,
+    /// Task t1 backfills the harness's table of ROWS rows in batches
+    /// (PostgreSQL: `run_batches` in the store's database; SQLite: the plain
+    /// batch loop over --backfill-db).
+    #[arg(long, value_name = "ROWS")]
+    backfill: Option<u64>,
+    /// Rows per batch of the backfill.
+    #[arg(long, value_name = "N", default_value = "20", requires = "backfill")]
+    batch_size: u64,
+    /// The pause after each batch of the backfill, in milliseconds.
+    #[arg(long, value_name = "MS", value_parser = millis, default_value = "30",
+        requires = "backfill")]
+    batch_pause_ms: Duration,
+    /// SQLite: the file with the backfill's tables.
+    #[arg(long, value_name = "PATH", requires = "backfill")]
+    backfill_db: Option<PathBuf>,
+    /// Negative control: each attempt of the backfill starts from its first
+    /// row, whatever its checkpoint says.
+    #[arg(long, requires = "backfill")]
+    backfill_ignores_checkpoint: bool,
 }
 
 fn task_count(s: &str) -> Result<(String, u32), String> {
@@ -241,6 +263,7 @@ struct Tasks {
     log: Option<Arc<AuditLog>>,
     task: Duration,
     fail: Option<(String, PathBuf)>,
+    backfill: Option<Backfill>,
 }
 
 impl Tasks {
@@ -330,6 +353,18 @@ impl Drop for RunRecord {
 fn body(ctx: &mut TaskContext) -> TaskFuture<'_> {
     Box::pin(async move {
         let tasks = ctx.resource::<Tasks>()?;
+        if let (Some(backfill), Some(log)) = (&tasks.backfill, &tasks.log) {
+            if ctx.task().id == "t1" && !ctx.task().rollback {
+                let mut run = RunRecord::start(log, ctx);
+                let r = backfill.run(ctx).await;
+                run.end(if r.is_ok() {
+                    Ended::Returned
+                } else {
+                    Ended::Failed
+                });
+                return r;
+            }
+        }
         if let Some(log) = &tasks.log {
             let mut run = RunRecord::start(log, ctx);
             tokio::time::sleep(tasks.task).await;
@@ -358,233 +393,6 @@ fn audit_task(version: &str, n: u32, rollback: bool) -> anyhow::Result<Task> {
     } else {
         task
     })
-}
-
-/// The backend as the runner sees it: every call passed on, the lease and
-/// store calls recorded in the audit log (if there is one), and the loss
-/// signal passed on unless it is switched off.
-#[derive(Debug)]
-struct Watched {
-    lock: Arc<dyn Lock>,
-    store: Arc<dyn Store>,
-    log: Option<Arc<AuditLog>>,
-    holder: Holder,
-    loss_signal: bool,
-}
-
-fn seen(e: &BackendError) -> Seen {
-    match e {
-        BackendError::StaleFence { .. } => Seen::Stale,
-        BackendError::LeaseLost(_) => Seen::Lost,
-        BackendError::Rejected(_) => Seen::Rejected,
-        e if e.is_transient() => Seen::Unavailable,
-        _ => Seen::Other,
-    }
-}
-
-fn what(changes: &[Change]) -> String {
-    let names: Vec<String> = changes
-        .iter()
-        .map(|c| match c {
-            Change::Start(s) => format!("start {} #{} {}", s.key.id, s.attempt, s.kind.as_str()),
-            Change::Finish(f) => format!("finish {} #{} {}", f.key.id, f.attempt, f.state.as_str()),
-            Change::DataVersion(v) => format!("data version {v}"),
-            Change::Baseline(v) => format!("baseline {v}"),
-            _ => "other".to_owned(),
-        })
-        .collect();
-    names.join(", ")
-}
-
-/// One lease or store call in the audit log: written when it returns, or
-/// as dropped if the caller stops waiting for it first.
-struct Call<'a> {
-    log: Option<&'a AuditLog>,
-    record: Option<Record>,
-}
-
-impl Call<'_> {
-    fn done(mut self, outcome: Seen, fence: Option<u64>) {
-        if let Some(r) = self.record.as_mut() {
-            match r {
-                Record::Lock {
-                    done,
-                    outcome: o,
-                    fence: f,
-                    ..
-                } => {
-                    *done = now_us();
-                    *o = outcome;
-                    if let Some(fence) = fence {
-                        *f = fence;
-                    }
-                }
-                Record::Store {
-                    done, outcome: o, ..
-                } => {
-                    *done = now_us();
-                    *o = outcome;
-                }
-                _ => {}
-            }
-        }
-    }
-}
-
-impl Drop for Call<'_> {
-    fn drop(&mut self) {
-        if let (Some(log), Some(mut record)) = (self.log, self.record.take()) {
-            if let Record::Lock { done, .. } | Record::Store { done, .. } = &mut record {
-                if *done == 0 {
-                    *done = now_us();
-                }
-            }
-            log.write(&record);
-        }
-    }
-}
-
-impl Watched {
-    fn lock_call(&self, op: &str, fence: u64) -> Call<'_> {
-        Call {
-            log: self.log.as_deref(),
-            record: Some(Record::Lock {
-                op: op.to_owned(),
-                fence,
-                sent: now_us(),
-                done: 0,
-                outcome: Seen::Dropped,
-            }),
-        }
-    }
-
-    fn store_call(&self, op: &str, fence: u64, what: String) -> Call<'_> {
-        Call {
-            log: self.log.as_deref(),
-            record: Some(Record::Store {
-                op: op.to_owned(),
-                fence,
-                sent: now_us(),
-                done: 0,
-                outcome: Seen::Dropped,
-                what,
-            }),
-        }
-    }
-}
-
-#[async_trait]
-impl Lock for Watched {
-    async fn try_acquire(
-        &self,
-        service: &str,
-        holder: &Holder,
-        ttl: Duration,
-    ) -> Result<Acquire, BackendError> {
-        let call = self.lock_call("acquire", 0);
-        let r = self.lock.try_acquire(service, holder, ttl).await;
-        let (fence, outcome) = match &r {
-            Ok(Acquire::Granted(l)) => (l.fence, Seen::Ok),
-            Ok(Acquire::Held(i)) if i.holder == self.holder => (i.fence, Seen::HeldBySelf),
-            Ok(Acquire::Held(i)) => (i.fence, Seen::Held),
-            Err(e) => (0, seen(e)),
-        };
-        call.done(outcome, Some(fence));
-        r
-    }
-
-    async fn renew(&self, lease: &Lease) -> Result<Lease, BackendError> {
-        let call = self.lock_call("renew", lease.fence);
-        let r = self.lock.renew(lease).await;
-        call.done(r.as_ref().map_or_else(seen, |_| Seen::Ok), None);
-        r
-    }
-
-    async fn release(&self, lease: &Lease) -> Result<(), BackendError> {
-        let call = self.lock_call("release", lease.fence);
-        let r = self.lock.release(lease).await;
-        call.done(r.as_ref().map_or_else(seen, |_| Seen::Ok), None);
-        r
-    }
-
-    async fn current(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
-        self.lock.current(service).await
-    }
-
-    async fn force_release(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
-        self.lock.force_release(service).await
-    }
-
-    async fn prepare_wait(&self, service: &str) -> Result<(), BackendError> {
-        self.lock.prepare_wait(service).await
-    }
-
-    async fn raise_fence(&self, service: &str, floor: u64) -> Result<(), BackendError> {
-        self.lock.raise_fence(service, floor).await
-    }
-
-    async fn wait(
-        &self,
-        service: &str,
-        seen: &LeaseInfo,
-        timeout: Duration,
-    ) -> Result<(), BackendError> {
-        self.lock.wait(service, seen, timeout).await
-    }
-
-    fn notifies(&self) -> bool {
-        self.lock.notifies()
-    }
-
-    async fn until_lost(&self, lease: &Lease) -> BackendError {
-        if !self.loss_signal {
-            // The negative control: the signal never comes.
-            return std::future::pending().await;
-        }
-        let e = self.lock.until_lost(lease).await;
-        if let Some(log) = &self.log {
-            log.write(&Record::Lost {
-                fence: lease.fence,
-                at: now_us(),
-                detail: e.to_string(),
-            });
-        }
-        e
-    }
-}
-
-#[async_trait]
-impl Store for Watched {
-    async fn load(&self, service: &str) -> Result<Snapshot, BackendError> {
-        self.store.load(service).await
-    }
-
-    async fn claim(&self, service: &str, fence: u64) -> Result<Snapshot, BackendError> {
-        let call = self.store_call("claim", fence, String::new());
-        let r = self.store.claim(service, fence).await;
-        call.done(r.as_ref().map_or_else(seen, |_| Seen::Ok), None);
-        r
-    }
-
-    async fn apply(
-        &self,
-        service: &str,
-        fence: u64,
-        changes: &[Change],
-    ) -> Result<(), BackendError> {
-        let call = self.store_call("apply", fence, what(changes));
-        let r = self.store.apply(service, fence, changes).await;
-        call.done(r.as_ref().map_or_else(seen, |_| Seen::Ok), None);
-        r
-    }
-
-    async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>, BackendError> {
-        self.store.history(service).await
-    }
-
-    async fn services(&self) -> Result<Vec<String>, BackendError> {
-        self.store.services().await
-    }
 }
 
 /// The store of `--url` (with the SQLite clock options), and the lock of
@@ -647,6 +455,22 @@ async fn node(args: Args, log: Option<Arc<AuditLog>>) -> anyhow::Result<u8> {
         ..Holder::current()
     };
     let (lock, store) = backend(&args).await?;
+    let backfill = match args.backfill {
+        Some(rows) => Some(Backfill {
+            target: match &args.backfill_db {
+                Some(path) => backfill::Target::Sqlite(path.clone()),
+                None => backfill::Target::Postgres(
+                    upsilon_backends::postgres::PostgresBackend::connect_url(&args.url).await?,
+                ),
+            },
+            batch: args.batch_size,
+            pause: args.batch_pause_ms,
+            rows,
+            ignore_checkpoint: args.backfill_ignores_checkpoint,
+            node: args.name.clone(),
+        }),
+        None => None,
+    };
     let backend = Watched {
         lock,
         store,
@@ -669,6 +493,7 @@ async fn node(args: Args, log: Option<Arc<AuditLog>>) -> anyhow::Result<u8> {
             log,
             task: args.task_ms,
             fail: args.fail_task.clone().zip(args.fail_while.clone()),
+            backfill,
         });
     if let Some(margin) = args.margin_ms {
         builder = builder.safety_margin(margin);

@@ -190,7 +190,7 @@ impl Pg {
 
     /// The harness's URL of the trial's database: over the server's Unix
     /// socket (see `fresh`), named `harness`.
-    fn harness_url(&self) -> String {
+    pub fn harness_url(&self) -> String {
         format!(
             "postgres://postgres@/{}?host={}&port={}&application_name=harness",
             self.url.rsplit('/').next().unwrap(),

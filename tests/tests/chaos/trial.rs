@@ -19,6 +19,9 @@ use upsilon_tests::fault_proxy::{Direction, Flow};
 
 use crate::cluster::ClusterBackend;
 
+#[path = "backfill_faults.rs"]
+mod backfill_faults;
+
 const NODE: &str = env!("CARGO_BIN_EXE_node");
 
 /// A kind of fault, as the report counts them.
@@ -121,6 +124,9 @@ pub enum Plan {
     /// One fault: the server crash-restarted ([`Kind::ServerRestart`]) as
     /// soon as the holder runs a task.
     RestartServer,
+    /// `faults` faults at the holder of the backfill (t1), each once its
+    /// checkpoint has moved since the last one (`backfill_faults.rs`).
+    Backfill { faults: usize },
 }
 
 /// What one trial runs.
@@ -725,7 +731,7 @@ impl Harness<'_> {
                 self.end_event(e);
                 (e, self.cfg.task_ms / 2)
             }
-            Plan::Random => unreachable!("not a single fault"),
+            Plan::Random | Plan::Backfill { .. } => unreachable!("not a single fault"),
         };
         let until = now_us() + wait as i64 * MS;
         while now_us() < until {
@@ -878,6 +884,7 @@ pub async fn run(env: &mut dyn ClusterBackend, cfg: &Config, index: usize, seed:
     }
     match cfg.plan {
         Plan::Random => h.random_faults(&mut rng).await,
+        Plan::Backfill { faults } => h.backfill_faults(faults, &mut rng).await,
         plan => h.at_first_task(plan, &mut rng).await,
     }
     if failing_task {
