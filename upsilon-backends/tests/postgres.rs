@@ -1176,7 +1176,11 @@ async fn a_server_restart_mid_upgrade_is_ridden_out() {
     match (&canary_outcome, &follower_outcome) {
         (
             Ok(Outcome::Upgraded { .. }),
-            Ok(Outcome::WaitedForOther { .. } | Outcome::UpToDate { .. }),
+            Ok(
+                Outcome::WaitedForOther { .. }
+                | Outcome::UpToDate { .. }
+                | Outcome::FoundUpToDate { .. },
+            ),
         ) => {}
         (Err(Error::LeaseLost { .. }), Ok(Outcome::Upgraded { .. })) => {}
         (Err(Error::TaskFailed { report }), Ok(Outcome::Upgraded { .. }))
