@@ -1029,19 +1029,43 @@ fn durations_too_long_for_a_clock_are_refused_not_overflowed() {
 }
 
 /// What the runner logs on this thread, as a user's fmt subscriber prints it.
+///
+/// One global subscriber serves every test of this binary and writes to the
+/// buffer of the thread that logs, if that thread captures. (A subscriber set
+/// per thread would not do: tracing caches each call site's interest across
+/// threads, so a test running beside it on another thread, with no
+/// subscriber, can switch a call site off in the middle of a capture.)
 #[derive(Clone, Default)]
 struct Logs(Arc<Mutex<Vec<u8>>>);
 
+thread_local! {
+    static CAPTURING: std::cell::RefCell<Option<Logs>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Stops a thread's capture when dropped.
+struct Capture;
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        CAPTURING.with(|c| c.borrow_mut().take());
+    }
+}
+
 impl Logs {
     /// Captures this thread's logs until the guard is dropped.
-    fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
+    fn capture() -> (Logs, Capture) {
+        static GLOBAL: std::sync::Once = std::sync::Once::new();
+        GLOBAL.call_once(|| {
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(|| ThreadLogs)
+                .with_ansi(false)
+                .with_max_level(tracing::Level::INFO)
+                .finish();
+            tracing::subscriber::set_global_default(subscriber).unwrap();
+        });
         let logs = Logs::default();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(logs.clone())
-            .with_ansi(false)
-            .with_max_level(tracing::Level::INFO)
-            .finish();
-        (logs, tracing::subscriber::set_default(subscriber))
+        CAPTURING.with(|c| *c.borrow_mut() = Some(logs.clone()));
+        (logs, Capture)
     }
 
     fn text(&self) -> String {
@@ -1057,20 +1081,20 @@ impl Logs {
     }
 }
 
-impl std::io::Write for Logs {
+/// The global subscriber's writer: the logging thread's capture, or nowhere.
+struct ThreadLogs;
+
+impl std::io::Write for ThreadLogs {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
+        CAPTURING.with(|c| {
+            if let Some(logs) = c.borrow().as_ref() {
+                logs.0.lock().unwrap().extend_from_slice(buf);
+            }
+        });
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
-    type Writer = Logs;
-    fn make_writer(&'a self) -> Logs {
-        self.clone()
     }
 }
 
