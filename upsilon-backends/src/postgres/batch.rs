@@ -163,11 +163,7 @@ impl PostgresBackend {
             .await
             .map_err(|_| timed_out("committing", timeout))?
             .map_err(|e| driver_in(e, &context))?;
-        let reset = tokio::time::timeout(timeout, conn.client().batch_execute("DISCARD ALL")).await;
-        if let Ok(Ok(())) = reset {
-            conn.client().clear_type_cache();
-            conn.done();
-        }
+        conn.reset_and_done(timeout).await;
         Ok((done, checkpoint))
     }
 }

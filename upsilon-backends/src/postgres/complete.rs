@@ -119,17 +119,7 @@ impl PostgresBackend {
             .await
             .map_err(|_| timed_out("committing", timeout))?
             .map_err(|e| driver_in(e, &context))?;
-        // The work may have changed the session (`SET`, `SET ROLE`, temporary
-        // tables, advisory locks, `LISTEN`): none of it may reach Upsilon's
-        // own later statements on this connection. If the reset fails the
-        // connection is closed instead of pooled.
-        let reset = tokio::time::timeout(timeout, conn.client().batch_execute("DISCARD ALL")).await;
-        if let Ok(Ok(())) = reset {
-            // `DISCARD ALL` also dropped the statements the driver prepared
-            // to look types up.
-            conn.client().clear_type_cache();
-            conn.done();
-        }
+        conn.reset_and_done(timeout).await;
         Ok(value)
     }
 }

@@ -116,6 +116,22 @@ impl Conn<'_> {
     pub(super) fn done(&mut self) {
         self.clean = true;
     }
+
+    /// After a task's own statements ran on this connection (in
+    /// `complete_with` or a batch): resets the session (`DISCARD ALL`) and
+    /// marks the connection reusable, so that nothing the task changed
+    /// (`SET`, `SET ROLE`, temporary tables, advisory locks, `LISTEN`)
+    /// reaches Upsilon's own later statements. If the reset fails or takes
+    /// longer than `timeout`, the connection is closed instead of pooled.
+    pub(super) async fn reset_and_done(&mut self, timeout: std::time::Duration) {
+        let reset = tokio::time::timeout(timeout, self.client().batch_execute("DISCARD ALL")).await;
+        if let Ok(Ok(())) = reset {
+            // `DISCARD ALL` also dropped the statements the driver prepared
+            // to look types up.
+            self.client().clear_type_cache();
+            self.done();
+        }
+    }
 }
 
 impl Drop for Conn<'_> {
