@@ -49,6 +49,14 @@ impl Events {
         }
     }
 
+    fn last(&self, name: &str, prefix: &str) -> Option<Instant> {
+        self.seen
+            .iter()
+            .rev()
+            .find(|(n, l, _)| n == name && l.starts_with(prefix))
+            .map(|(_, _, t)| *t)
+    }
+
     fn first(&self, name: &str, prefix: &str) -> Option<(Instant, &str)> {
         self.seen
             .iter()
@@ -103,6 +111,9 @@ fn waiter_names(n: usize) -> Vec<String> {
 pub struct Takeover {
     pub holder: f64,
     pub ready: f64,
+    /// From the new holder's last store write returning to the last of the
+    /// other waiters READY (Upsilon nodes only: they print `wrote`).
+    pub after_commit: Option<f64>,
 }
 
 async fn finish(
@@ -125,9 +136,22 @@ async fn finish(
         let status = w.wait().await?;
         ensure!(status.success(), "a waiter exited with {status}");
     }
+    let upgraded = names
+        .iter()
+        .find(|n| ev.first(n, "ready upgraded").is_some());
+    let after_commit = upgraded.and_then(|u| {
+        let wrote = ev.last(u, "wrote")?;
+        let others = names
+            .iter()
+            .filter(|n| *n != u)
+            .filter_map(|n| ev.first(n, "ready").map(|(t, _)| t))
+            .max()?;
+        Some(ms(others.saturating_duration_since(wrote)))
+    });
     Ok(Takeover {
         holder: ms(holder - killed),
         ready: ms(ready - killed),
+        after_commit,
     })
 }
 
@@ -344,6 +368,24 @@ pub async fn run(env: &Env, o: &Options, report: &mut Report) -> anyhow::Result<
         .vs(check, cr.p50)
         .at_most(1.1, "<= 1 s + 0.1 s re-run"),
     );
+    let after: Vec<f64> = session
+        .iter()
+        .filter_map(|t| t.after_commit.map(|a| a / 1000.0))
+        .collect();
+    if !after.is_empty() {
+        report.push(
+            Row::new(
+                "4",
+                format!(
+                    "session seen to die: new holder's last commit to every other node READY, max of {}",
+                    after.len()
+                ),
+                Unit::S,
+                summary(&after).max,
+            )
+            .at_most(0.2, "<= 0.2 s"),
+        );
+    }
     let ttl = o.ttl_ms as f64 / 1000.0;
     report.push(
         Row::new(
@@ -369,7 +411,7 @@ pub async fn run(env: &Env, o: &Options, report: &mut Report) -> anyhow::Result<
     let d = |v: &[Takeover]| {
         json!(v
             .iter()
-            .map(|t| json!({"holder_ms": t.holder, "ready_ms": t.ready}))
+            .map(|t| json!({"holder_ms": t.holder, "ready_ms": t.ready, "after_commit_ms": t.after_commit}))
             .collect::<Vec<_>>())
     };
     report.detail(

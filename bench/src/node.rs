@@ -2,7 +2,8 @@
 //! a process of its own so that it can be SIGKILLed. It upgrades a service
 //! from 1.0 to 1.1, on the backend its URL names, whose one task sleeps
 //! `--task-ms`, and prints what it does, one word a line: `waiting`,
-//! `upgrading`, `ready`, `failed` (Upsilon), or `pid N`, `started`, `ready`
+//! `upgrading`, `wrote` (a store write returned), `ready`, `failed`
+//! (Upsilon), or `pid N`, `started`, `ready`
 //! (sqlx, N its server process id).
 //!
 //! ```text
@@ -11,12 +12,14 @@
 //! ```
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Subcommand;
 use upsilon::{Holder, Status};
 
 use crate::common::{migrator, released_tasks, sleeping_task, sqlx_connect_with};
+use crate::wrappers::TimedStore;
 
 /// Which way the node upgrades.
 #[derive(Debug, Subcommand)]
@@ -97,7 +100,8 @@ async fn run(kind: Kind) -> anyhow::Result<()> {
             let mut builder = upsilon::Upsilon::builder()
                 .service(service)
                 .app_version("1.1")
-                .backend(backend)
+                .lock(backend.clone())
+                .store(Arc::new(TimedStore::printing(backend)))
                 .tasks(tasks)
                 .holder(Holder {
                     pod: Some(name),

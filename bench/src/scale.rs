@@ -320,7 +320,7 @@ async fn run_rows(
             u.p50,
         )
         .vs(format!("{n} SELECT 1 round trips"), s.p50)
-        .ratio_at_most(1.2, "<= 1.2x"),
+        .ratio_at_most(1.5, "<= 1.5x"),
     );
     report.push(
         Row::new(
@@ -330,7 +330,7 @@ async fn run_rows(
             ul.p50,
         )
         .vs(format!("{n} single-statement transactions"), lt.p50)
-        .ratio_at_most(1.2, "<= 1.2x"),
+        .ratio_at_most(2.0, "<= 2x"),
     );
     Ok(json!({
         "tasks": n, "repeats": o.scale_repeats,
@@ -454,7 +454,8 @@ fn build_rows(o: &Options, report: &mut Report) -> anyhow::Result<serde_json::Va
             Unit::S,
             a.p50 / 1000.0,
         )
-        .vs("the same fns without #[upsilon::task]", p.p50 / 1000.0),
+        .vs("the same fns without #[upsilon::task]", p.p50 / 1000.0)
+        .ratio_at_most(2.0, "<= 2x"),
     );
     Ok(json!({"tasks": n, "repeats": o.build_repeats, "attr_ms": attr, "plain_ms": plain}))
 }

@@ -15,6 +15,9 @@ use upsilon::Holder;
 pub struct TimedStore {
     inner: Arc<dyn Backend>,
     last_write: Mutex<Option<Instant>>,
+    /// Whether each successful write also prints `wrote` on stdout (for a
+    /// node process whose parent times its lines).
+    print: bool,
 }
 
 impl TimedStore {
@@ -22,6 +25,15 @@ impl TimedStore {
         TimedStore {
             inner,
             last_write: Mutex::new(None),
+            print: false,
+        }
+    }
+
+    /// A store that prints `wrote` on stdout as each successful write returns.
+    pub fn printing(inner: Arc<dyn Backend>) -> TimedStore {
+        TimedStore {
+            print: true,
+            ..TimedStore::new(inner)
         }
     }
 
@@ -49,6 +61,9 @@ impl Store for TimedStore {
         let r = self.inner.apply(service, fence, changes).await;
         if r.is_ok() {
             *self.last_write.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+            if self.print {
+                println!("wrote");
+            }
         }
         r
     }
