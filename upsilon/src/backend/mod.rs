@@ -92,7 +92,10 @@ pub trait Lock: Send + Sync + fmt::Debug {
     /// if not (nothing is changed then).
     async fn release(&self, lease: &Lease) -> Result<(), BackendError>;
 
-    /// The unexpired lease of `service`, if any.
+    /// The unexpired lease of `service`, if any: `None` once a request for
+    /// it would be granted (it expired, or its holder's session ended and a
+    /// takeover is allowed). A polling node that finds the lease it last saw
+    /// still here waits again without asking for it.
     async fn current(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError>;
 
     /// Frees the unexpired lease of `service`, whoever holds it, and returns

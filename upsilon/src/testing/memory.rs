@@ -422,7 +422,8 @@ impl Lock for MemoryBackend {
 
     async fn current(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
         self.with_service(service, |s, now| {
-            Ok(s.lease.as_ref().and_then(|l| l.live(now)))
+            let gone = self.takeover_at(s).is_some_and(|at| now >= at);
+            Ok(s.lease.as_ref().filter(|_| !gone).and_then(|l| l.live(now)))
         })
     }
 
