@@ -76,7 +76,7 @@ fn the_check_catches_waiting_nodes_that_poll() {
         broken.join("\n")
     );
     for rule in [
-        "polled: more than one wait before the commit: 99 of 100 nodes",
+        "waited more than once before the commit (polling, or woken early): 99 of 100 nodes",
         "not woken exactly once by the commit: 99 of 100 nodes",
     ] {
         assert!(

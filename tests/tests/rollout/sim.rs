@@ -314,7 +314,7 @@ pub fn check(run: &Run) -> Vec<String> {
         }
         if before.waits > 1 || before.woken > 0 || before.timed_out > 0 {
             b.add(
-                "polled: more than one wait before the commit",
+                "waited more than once before the commit (polling, or woken early)",
                 &w.holder,
                 format!("{before:?}"),
             );
