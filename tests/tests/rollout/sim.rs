@@ -364,7 +364,7 @@ pub fn check(run: &Run) -> Vec<String> {
 /// The table's header and one row per rollout.
 pub fn table(runs: &[Run]) -> String {
     let mut t = String::from(
-        "| N | store calls per waiting node: reads, lease calls, waits (max) | store calls in all (per node) | canary's commit to last READY | bound | wall time |\n\
+        "| N | calls per waiting node: reads, lease calls, waits (max) | store calls in all (per node) | canary's commit to last READY | bound | wall time |\n\
          | - | - | - | - | - | - |\n",
     );
     for r in runs {
