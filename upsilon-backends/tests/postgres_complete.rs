@@ -128,6 +128,8 @@ async fn a_tasks_session_settings_never_reach_upsilons_writes() {
     let b = PostgresBackend::connect(options(schema).pool_size(1))
         .await
         .unwrap();
+    // The first call creates the tables.
+    b.load("t").await.unwrap();
     client
         .batch_execute(&format!(
             "CREATE TABLE {schema}.seen (setting text NOT NULL);
