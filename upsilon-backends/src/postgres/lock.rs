@@ -16,7 +16,7 @@ use upsilon::Holder;
 
 use super::error::driver;
 use super::listener::SessionId;
-use super::pipeline::{first_error, int8, opt_int4, opt_int8, pipeline, text, Stmt};
+use super::pipeline::{first_error, int8, opt_int4, opt_int8, text, Stmt};
 use super::{format_of, format_row, get, sql, PostgresBackend};
 
 /// The state row as `Sql::acquire_read` reads it under its lock.
@@ -122,8 +122,8 @@ impl Lock for PostgresBackend {
                 Stmt::Typed(&sql.acquire_read, vec![text(service)]),
             ];
             let op = async {
-                let c = conn.client();
-                let rows = first_error(pipeline(c, &read).await).map_err(driver)?;
+                let c = &conn;
+                let rows = first_error(c.pipeline(&read).await).map_err(driver)?;
                 let row = rows[2].first().ok_or_else(|| {
                     BackendError::corrupt("the state row vanished under its lock")
                 })?;
@@ -140,8 +140,7 @@ impl Lock for PostgresBackend {
                 let lease = match decision {
                     Acquire::Granted(lease) => lease,
                     Acquire::Held(info) => {
-                        first_error(pipeline(c, &[Stmt::Simple("COMMIT")]).await)
-                            .map_err(driver)?;
+                        first_error(c.pipeline(&[Stmt::Simple("COMMIT")]).await).map_err(driver)?;
                         return Ok(Acquire::Held(info));
                     }
                 };
@@ -166,7 +165,7 @@ impl Lock for PostgresBackend {
                     ),
                     Stmt::Simple("COMMIT"),
                 ];
-                let rows = first_error(pipeline(c, &write).await).map_err(driver)?;
+                let rows = first_error(c.pipeline(&write).await).map_err(driver)?;
                 if rows[0].is_empty() {
                     return Err(BackendError::corrupt(
                         "the state row vanished under its lock",
@@ -209,7 +208,7 @@ impl Lock for PostgresBackend {
                     ],
                 )];
                 let op = async {
-                    let rows = first_error(pipeline(conn.client(), &stmt).await).map_err(driver)?;
+                    let rows = first_error(conn.pipeline(&stmt).await).map_err(driver)?;
                     match rows[0].first() {
                         Some(r) => Ok(Lease {
                             expires_at_ms: get(r, 0, "the lease expiry")?,
@@ -245,7 +244,7 @@ impl Lock for PostgresBackend {
                     ],
                 )];
                 let op = async {
-                    let rows = first_error(pipeline(conn.client(), &stmt).await).map_err(driver)?;
+                    let rows = first_error(conn.pipeline(&stmt).await).map_err(driver)?;
                     if rows[0].len() == 1 {
                         Ok(())
                     } else {
@@ -277,11 +276,11 @@ impl Lock for PostgresBackend {
                 ),
             ];
             let op = async {
-                let c = conn.client();
-                let rows = first_error(pipeline(c, &stmts).await).map_err(driver)?;
+                let c = &conn;
+                let rows = first_error(c.pipeline(&stmts).await).map_err(driver)?;
                 // A store of another format is left as it was (rolled back).
                 format_row(&rows[1])?;
-                first_error(pipeline(c, &[Stmt::Simple("COMMIT")]).await).map_err(driver)?;
+                first_error(c.pipeline(&[Stmt::Simple("COMMIT")]).await).map_err(driver)?;
                 let Some(r) = rows[2].first() else {
                     return Ok(None);
                 };
@@ -314,10 +313,10 @@ impl Lock for PostgresBackend {
                 ),
             ];
             let op = async {
-                let c = conn.client();
-                let rows = first_error(pipeline(c, &stmts).await).map_err(driver)?;
+                let c = &conn;
+                let rows = first_error(c.pipeline(&stmts).await).map_err(driver)?;
                 format_row(&rows[1])?;
-                first_error(pipeline(c, &[Stmt::Simple("COMMIT")]).await).map_err(driver)?;
+                first_error(c.pipeline(&[Stmt::Simple("COMMIT")]).await).map_err(driver)?;
                 Ok(())
             };
             let result = self.timed(op).await;
@@ -333,7 +332,7 @@ impl Lock for PostgresBackend {
             let mut conn = self.conn().await?;
             let stmt = [Stmt::Typed(&sql.current, vec![text(service)])];
             let op = async {
-                let rows = first_error(pipeline(conn.client(), &stmt).await).map_err(driver)?;
+                let rows = first_error(conn.pipeline(&stmt).await).map_err(driver)?;
                 let Some(r) = rows[0].first() else {
                     return Ok(None);
                 };

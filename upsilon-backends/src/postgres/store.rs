@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use async_trait::async_trait;
 use tokio_postgres::types::Type;
-use tokio_postgres::{Client, Row};
+use tokio_postgres::Row;
 use upsilon::backend::{
     fence_to_column, BackendError, Change, CheckpointColumns, Columns, HistoryColumns,
     HistoryEntry, Snapshot, StateColumns, Store, SummaryColumns, Value, Write,
@@ -13,9 +13,8 @@ use upsilon::backend::{
 use upsilon::TaskKey;
 
 use super::error::driver;
-use super::pipeline::{
-    first_error, int4, int8, opt_int8, opt_text, pipeline, text, text_array, Param, Stmt,
-};
+use super::pipeline::{first_error, int4, int8, opt_int8, opt_text, text, text_array, Param, Stmt};
+use super::pool::Conn;
 use super::{format_of, get, sql, PostgresBackend};
 
 /// The columns a snapshot needs of one history row, from `first` on.
@@ -64,7 +63,7 @@ impl PostgresBackend {
     /// what it touches, so that its cost does not grow with the history.
     async fn locked_snapshot(
         &self,
-        c: &Client,
+        c: &Conn<'_>,
         service: &str,
         only: Option<&BTreeSet<&TaskKey>>,
     ) -> Result<Snapshot, BackendError> {
@@ -76,7 +75,7 @@ impl PostgresBackend {
             Stmt::Typed(&sql.lock_row, vec![text(service)]),
             read_snapshot,
         ];
-        let rows = first_error(pipeline(c, &read).await).map_err(driver)?;
+        let rows = first_error(c.pipeline(&read).await).map_err(driver)?;
         snapshot_of(&rows[3])
     }
 
@@ -92,7 +91,7 @@ impl PostgresBackend {
             let mut conn = self.conn().await?;
             let stmt = [self.snapshot_stmt(service, only)];
             let op = async {
-                let rows = first_error(pipeline(conn.client(), &stmt).await).map_err(driver)?;
+                let rows = first_error(conn.pipeline(&stmt).await).map_err(driver)?;
                 if let (None, Some(row)) = (only, rows[0].first()) {
                     self.learn_idle_timeout(row, sql::SNAPSHOT_IDLE_TIMEOUT);
                 }
@@ -151,7 +150,7 @@ impl Store for PostgresBackend {
             let sql = &self.inner.sql;
             let mut conn = self.conn().await?;
             let op = async {
-                let c = conn.client();
+                let c = &conn;
                 let mut snap = self.locked_snapshot(c, service, None).await?;
                 let mut write = Vec::with_capacity(2);
                 if snap.claim(fence)? {
@@ -161,7 +160,7 @@ impl Store for PostgresBackend {
                     ));
                 }
                 write.push(Stmt::Simple("COMMIT"));
-                first_error(pipeline(c, &write).await).map_err(driver)?;
+                first_error(c.pipeline(&write).await).map_err(driver)?;
                 Ok(snap)
             };
             let result = self.timed(op).await;
@@ -180,7 +179,7 @@ impl Store for PostgresBackend {
             let sql = &self.inner.sql;
             let mut conn = self.conn().await?;
             let op = async {
-                let c = conn.client();
+                let c = &conn;
                 let touched = Change::touched(changes);
                 let mut snap = self.locked_snapshot(c, service, touched.as_ref()).await?;
                 let todo = snap.check(fence, changes)?;
@@ -198,7 +197,7 @@ impl Store for PostgresBackend {
                     ));
                 }
                 write.push(Stmt::Simple("COMMIT"));
-                first_error(pipeline(c, &write).await).map_err(driver)?;
+                first_error(c.pipeline(&write).await).map_err(driver)?;
                 Ok(())
             };
             let result = self.timed(op).await;
@@ -216,7 +215,7 @@ impl Store for PostgresBackend {
                 Stmt::Typed(&sql.services, vec![]),
             ];
             let op = async {
-                let rows = first_error(pipeline(conn.client(), &stmts).await).map_err(driver)?;
+                let rows = first_error(conn.pipeline(&stmts).await).map_err(driver)?;
                 match rows[0].first() {
                     Some(r) => format_of(r, 0)?,
                     None => {
@@ -246,7 +245,7 @@ impl Store for PostgresBackend {
                 Stmt::Typed(&sql.history_rows, vec![text(service)]),
             ];
             let op = async {
-                let rows = first_error(pipeline(conn.client(), &stmts).await).map_err(driver)?;
+                let rows = first_error(conn.pipeline(&stmts).await).map_err(driver)?;
                 match rows[0].first() {
                     Some(r) => format_of(r, 0)?,
                     None => {
