@@ -357,3 +357,51 @@ async fn nodes_starting_together_on_an_empty_database_all_start() {
         assert_eq!(checkpoint_columns(&client, schema).await, 4, "{schema}");
     }
 }
+
+/// Behind a transaction pooler each statement may run on another server
+/// session, so every statement is sent unnamed; otherwise a statement run
+/// again on a connection runs as one prepared on it (named).
+#[tokio::test]
+async fn statements_are_prepared_except_behind_a_transaction_pooler() {
+    let pg = upsilon_test_servers::Postgres::builder()
+        .setting("log_line_prefix", "[%a] ")
+        .setting("log_statement", "all")
+        .start();
+    let run = |app: &'static str, pooling: bool| {
+        let url = pg.url();
+        async move {
+            let b = PostgresBackend::connect(
+                upsilon_backends::postgres::PostgresOptions::from_url(&url)
+                    .unwrap()
+                    .application_name(app)
+                    .transaction_pooling(pooling),
+            )
+            .await
+            .unwrap();
+            for n in 0..3 {
+                b.load("svc").await.unwrap();
+                let lease = granted(
+                    b.try_acquire("svc", &testing::holder(n), TTL)
+                        .await
+                        .unwrap(),
+                );
+                b.renew(&lease).await.unwrap();
+                b.release(&lease).await.unwrap();
+            }
+        }
+    };
+    run("behind a pooler", true).await;
+    run("direct", false).await;
+    let log = pg.log();
+    let executes = |app: &str, named: bool| {
+        log.lines()
+            .filter(|l| l.starts_with(&format!("[{app}] ")) && l.contains("execute "))
+            .filter(|l| l.contains("execute <unnamed>") != named)
+            .count()
+    };
+    assert!(executes("behind a pooler", false) > 0, "{log}");
+    assert_eq!(executes("behind a pooler", true), 0, "{log}");
+    // The snapshot, the lease row and the lease statements, from their
+    // second run on.
+    assert!(executes("direct", true) >= 5, "{log}");
+}
