@@ -203,27 +203,27 @@ async fn behind_a_transaction_pooler_it_conforms_and_polls() {
 }
 
 #[tokio::test]
-async fn a_newer_format_is_refused_at_connect_and_nothing_is_written() {
+async fn a_newer_format_is_refused_from_the_first_call_and_nothing_is_written() {
     let h = Pg::new("newer_format").await;
+    h.backend.load("svc").await.unwrap();
     h.future_format().await;
-    let err = PostgresBackend::connect(options("newer_format"))
+    // Connecting sends no statement; the first call reads the format.
+    let fresh = PostgresBackend::connect(options("newer_format"))
         .await
-        .unwrap_err();
-    assert!(
-        matches!(err, BackendError::UnsupportedFormat { .. }),
-        "{err}"
-    );
-    assert!(err.to_string().contains("format 99"), "{err}");
-    let err = h.backend.load("svc").await.unwrap_err();
-    assert!(
-        matches!(err, BackendError::UnsupportedFormat { .. }),
-        "{err}"
-    );
-    let err = h.backend.claim("svc", 1).await.unwrap_err();
-    assert!(
-        matches!(err, BackendError::UnsupportedFormat { .. }),
-        "{err}"
-    );
+        .unwrap();
+    for b in [&fresh, &*h.backend] {
+        let err = b.load("svc").await.unwrap_err();
+        assert!(
+            matches!(err, BackendError::UnsupportedFormat { .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("format 99"), "{err}");
+        let err = b.claim("svc", 1).await.unwrap_err();
+        assert!(
+            matches!(err, BackendError::UnsupportedFormat { .. }),
+            "{err}"
+        );
+    }
     let rows: i64 = h
         .client
         .query_one("SELECT count(*) FROM newer_format.upsilon_state", &[])
@@ -311,6 +311,12 @@ async fn names_are_validated_before_connecting_and_tables_land_where_configured(
     let custom = PostgresBackend::connect(options("custom_names").tables("meta1", "order", &long))
         .await
         .unwrap();
+    let lease = granted(
+        custom
+            .try_acquire("svc", &testing::holder(1), Duration::from_secs(5))
+            .await
+            .unwrap(),
+    );
     let client = raw(&server().url()).await;
     let tables: Vec<String> = client
         .query(
@@ -324,12 +330,6 @@ async fn names_are_validated_before_connecting_and_tables_land_where_configured(
         .map(|r| r.get(0))
         .collect();
     assert_eq!(tables, vec![long.clone(), "meta1".into(), "order".into()]);
-    let lease = granted(
-        custom
-            .try_acquire("svc", &testing::holder(1), Duration::from_secs(5))
-            .await
-            .unwrap(),
-    );
     custom.claim("svc", lease.fence).await.unwrap();
     custom.release(&lease).await.unwrap();
     assert_eq!(custom.load("svc").await.unwrap().fence, lease.fence);
@@ -397,7 +397,7 @@ async fn a_user_with_table_privileges_only_can_run_and_a_user_without_is_told_wh
     // An administrator sets Upsilon's tables up once (here: Upsilon itself,
     // connected as the superuser), then grants the app's user what it needs.
     let admin = raw(&server().url()).await;
-    backend("granted").await;
+    backend("granted").await.load("svc").await.unwrap();
     admin
         .batch_execute(
             "CREATE ROLE upsilon_app LOGIN PASSWORD 'app-pw';
@@ -445,21 +445,25 @@ async fn a_user_with_table_privileges_only_can_run_and_a_user_without_is_told_wh
     assert!(matches!(outcome, Outcome::Upgraded { .. }), "{outcome}");
     assert_eq!(*runs.lock().unwrap(), 1);
 
-    // No CREATE on the database: the schema cannot be created.
-    let err = PostgresBackend::connect(as_user("upsilon_nobody", "nobody-pw", "fresh_schema"))
-        .await
-        .unwrap_err()
-        .to_string();
+    // No CREATE on the database: the schema cannot be created, which the
+    // first call finds out.
+    let nobody = |schema| async move {
+        PostgresBackend::connect(as_user("upsilon_nobody", "nobody-pw", schema))
+            .await
+            .unwrap()
+            .load("svc")
+            .await
+            .unwrap_err()
+            .to_string()
+    };
+    let err = nobody("fresh_schema").await;
     assert!(
         err.contains("permission denied for database postgres"),
         "{err}"
     );
     assert!(err.contains("USAGE on the schema"), "{err}");
     // No privileges on existing tables.
-    let err = PostgresBackend::connect(as_user("upsilon_nobody", "nobody-pw", "granted"))
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = nobody("granted").await;
     assert!(
         err.contains("permission denied for schema granted"),
         "{err}"
@@ -912,6 +916,8 @@ async fn a_killed_holder_process_is_taken_over_long_before_its_ttl() {
     let client = raw(&server().url()).await;
     effects_table(&client, schema).await;
     let b = backend(schema).await;
+    // The tables, for the reads below: the first call creates them.
+    b.load("svc").await.unwrap();
     // A TTL of 30 s: a takeover much sooner than that comes from seeing the
     // holder's session end.
     let spec = NodeSpec {
@@ -995,6 +1001,8 @@ async fn a_terminated_holder_connection_hands_the_lease_over() {
             .await
             .unwrap();
     let heir_backend = backend(schema).await;
+    // The tables, for the reads below: the first call creates them.
+    heir_backend.load("svc").await.unwrap();
     let timeline = Timeline::default();
     let hang = Behaviour {
         hang: Some("v1_0_t1".into()),

@@ -239,7 +239,7 @@ INSERT INTO before_checkpoints.upsilon_state (service, store_fence, granted) VAL
 ";
 
 #[tokio::test]
-async fn a_database_from_before_checkpoints_gains_their_columns_when_a_node_connects() {
+async fn a_database_from_before_checkpoints_gains_their_columns_at_a_nodes_first_call() {
     let client = raw(&server().url()).await;
     client
         .batch_execute("DROP SCHEMA IF EXISTS before_checkpoints CASCADE")
@@ -276,7 +276,7 @@ async fn a_database_from_before_checkpoints_gains_their_columns_when_a_node_conn
             batches: 2
         })
     );
-    // A second node connecting finds the columns there.
+    // A second node finds the columns there.
     let again = backend("before_checkpoints").await;
     assert!(again.history("test").await.unwrap()[0].checkpoint.is_some());
     let format: String = client

@@ -128,6 +128,8 @@ async fn a_tasks_session_settings_never_reach_upsilons_writes() {
     let b = PostgresBackend::connect(options(schema).pool_size(1))
         .await
         .unwrap();
+    // The first call creates the tables.
+    b.load("t").await.unwrap();
     client
         .batch_execute(&format!(
             "CREATE TABLE {schema}.seen (setting text NOT NULL);
@@ -209,4 +211,54 @@ async fn the_fence_never_repeats_after_the_state_row_is_deleted() {
             .unwrap(),
     );
     assert_eq!(other.fence, 1);
+}
+
+/// Upsilon's statements, prepared on its pooled connection after their
+/// first use, still run after a task's `complete_with` reset that session
+/// (`DISCARD ALL` drops prepared statements), and after a batch's.
+#[tokio::test]
+async fn calls_after_a_tasks_session_reset_run_on_the_same_connection() {
+    let schema = "prepared_reset";
+    let b = PostgresBackend::connect(options(schema).pool_size(1))
+        .await
+        .unwrap();
+    // Each call three times: run once, prepared, run prepared.
+    for _ in 0..3 {
+        b.load("test").await.unwrap();
+        b.current("test").await.unwrap();
+    }
+    let lease = running(&b, "t").await;
+    for n in 0..3 {
+        b.renew(&lease).await.unwrap();
+        b.apply(
+            "test",
+            lease.fence,
+            &[testing::start_attempt(&format!("before{n}"), "1.0", 1)],
+        )
+        .await
+        .unwrap();
+    }
+    let ctx = context_of(&b, "t");
+    b.complete_with(&ctx, async |tx| {
+        tx.batch_execute("SELECT 1").await?;
+        Ok::<_, upsilon::BoxError>(())
+    })
+    .await
+    .unwrap();
+    // The same (only) connection, its session reset.
+    for n in 0..3 {
+        b.load("test").await.unwrap();
+        b.current("test").await.unwrap();
+        b.renew(&lease).await.unwrap();
+        b.apply(
+            "test",
+            lease.fence,
+            &[testing::start_attempt(&format!("after{n}"), "1.0", 1)],
+        )
+        .await
+        .unwrap();
+    }
+    let snap = b.load("test").await.unwrap();
+    assert_eq!(snap.tasks.len(), 7, "t, three before, three after");
+    b.release(&lease).await.unwrap();
 }

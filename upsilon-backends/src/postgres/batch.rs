@@ -109,19 +109,21 @@ impl PostgresBackend {
                 ],
             )
         };
+        // Before the work: is the attempt still ours? (A database of the
+        // previous layout gains its columns here.)
+        let only = std::collections::BTreeSet::from([&key]);
+        still_ours(
+            &self.read_snapshot(service, Some(&only)).await?,
+            fence,
+            &key,
+            attempt,
+        )?;
         let timeout = self.inner.options.op_timeout;
         let mut conn = self.conn().await?;
         let tx = tokio::time::timeout(timeout, conn.client_mut().transaction())
             .await
             .map_err(|_| timed_out("beginning a transaction", timeout))?
             .map_err(driver)?;
-        // Before the work: is the attempt still ours?
-        let rows = tokio::time::timeout(timeout, async {
-            first_error(pipeline(tx.client(), &[read()]).await).map_err(driver)
-        })
-        .await
-        .map_err(|_| timed_out("reading the store", timeout))??;
-        still_ours(&snapshot_of(&rows[0])?, fence, &key, attempt)?;
 
         let done = work(&tx, b).await.map_err(OneError::Batch)?;
         let checkpoint = b.checkpoint(&done).map_err(OneError::Batch)?;

@@ -72,25 +72,16 @@ impl PostgresBackend {
         let mut params = bound(service, Columns::of(fence, &finish[0])?);
         params.truncate(5);
         let finish_now = Stmt::Typed(&sql.finish_now, params);
+        // Before the work: is this attempt still ours to finish? (A database
+        // of the previous layout gains its columns here.)
+        let snap = self.read_snapshot(service, None).await?;
+        still_running(&mut snap.clone(), fence, &finish, &key, info.attempt)?;
         let mut conn = self.conn().await?;
         let timeout = self.inner.options.op_timeout;
         let tx = tokio::time::timeout(timeout, conn.client_mut().transaction())
             .await
             .map_err(|_| timed_out("beginning a transaction", timeout))?
             .map_err(driver)?;
-        // Before the work: is this attempt still ours to finish?
-        let rows = tokio::time::timeout(
-            timeout,
-            tx.query_typed(
-                &sql.snapshot,
-                &[(&service, tokio_postgres::types::Type::TEXT)],
-            ),
-        )
-        .await
-        .map_err(|_| timed_out("reading the store", timeout))?
-        .map_err(driver)?;
-        let mut snap = snapshot_of(&rows)?;
-        still_running(&mut snap.clone(), fence, &finish, &key, info.attempt)?;
 
         let value = work(&tx).await?;
 
@@ -106,7 +97,7 @@ impl PostgresBackend {
                 Stmt::Typed(&sql.snapshot, vec![text(service)]),
             ];
             let rows = first_error(pipeline(c, &read).await).map_err(|e| driver_in(e, &context))?;
-            snap = snapshot_of(&rows[2])?;
+            let mut snap = snapshot_of(&rows[2])?;
             still_running(&mut snap, fence, &finish, &key, info.attempt)?;
             let write = [finish_now];
             first_error(pipeline(c, &write).await).map_err(|e| driver_in(e, &context))?;

@@ -12,13 +12,29 @@ use upsilon::backend::BackendError;
 #[derive(Debug)]
 pub(super) struct PgError {
     message: String,
+    /// The statement named a schema, table or column of Upsilon's that is
+    /// not there (yet).
+    missing: bool,
 }
 
 impl PgError {
     pub(super) fn new(message: impl Into<String>) -> PgError {
         PgError {
             message: message.into(),
+            missing: false,
         }
+    }
+}
+
+/// Whether `e` says that a statement found Upsilon's schema, a table, or a
+/// column of the current layout missing: the tables are to be created or
+/// upgraded, and the statement sent again.
+pub(super) fn tables_missing(e: &BackendError) -> bool {
+    match e {
+        BackendError::Other { source } => source
+            .downcast_ref::<PgError>()
+            .is_some_and(|pg| pg.missing),
+        _ => false,
     }
 }
 
@@ -91,7 +107,13 @@ pub(super) fn driver_in(e: tokio_postgres::Error, context: &str) -> BackendError
             "; Upsilon's user needs USAGE on the schema and SELECT, INSERT, UPDATE on its tables (and CREATE the first time, to create them)",
         );
     }
-    let err = PgError { message };
+    let missing = matches!(
+        e.code(),
+        Some(&SqlState::UNDEFINED_TABLE)
+            | Some(&SqlState::UNDEFINED_COLUMN)
+            | Some(&SqlState::INVALID_SCHEMA_NAME)
+    );
+    let err = PgError { message, missing };
     if transient {
         BackendError::unavailable(err)
     } else {

@@ -16,8 +16,8 @@ use upsilon::Holder;
 
 use super::error::driver;
 use super::listener::SessionId;
-use super::pipeline::{first_error, int8, opt_int4, opt_int8, pipeline, text, Stmt};
-use super::{format_of, get, PostgresBackend};
+use super::pipeline::{first_error, int8, opt_int4, opt_int8, text, Stmt};
+use super::{format_of, format_row, get, sql, PostgresBackend};
 
 /// The state row as `Sql::acquire_read` reads it under its lock.
 struct LeaseRow {
@@ -110,73 +110,77 @@ impl Lock for PostgresBackend {
         holder: &Holder,
         ttl: Duration,
     ) -> Result<Acquire, BackendError> {
-        self.inner.wakeups.mark_seen(service);
-        let session = self.session().await;
-        let session_id = session.as_ref().map(|s| s.id);
-        let sql = &self.inner.sql;
-        let mut conn = self.conn().await?;
-        let read = [
-            Stmt::Simple("BEGIN"),
-            Stmt::Typed(&sql.ensure_row, vec![text(service)]),
-            Stmt::Typed(&sql.acquire_read, vec![text(service)]),
-        ];
-        let op = async {
-            let c = conn.client();
-            let rows = first_error(pipeline(c, &read).await).map_err(driver)?;
-            let row = rows[2]
-                .first()
-                .ok_or_else(|| BackendError::corrupt("the state row vanished under its lock"))?;
-            let found = LeaseRow::decode(row)?;
-            let decision = decide_acquire(
-                service,
-                self.standing(service, &found),
-                found.now_ms,
-                found.fences,
-                holder,
-                ttl,
-            )?;
-            let lease = match decision {
-                Acquire::Granted(lease) => lease,
-                Acquire::Held(info) => {
-                    first_error(pipeline(c, &[Stmt::Simple("COMMIT")]).await).map_err(driver)?;
-                    return Ok(Acquire::Held(info));
-                }
-            };
-            // Watched from before any other node can read the row that
-            // names the session.
-            let tie = session.as_ref().map(|s| self.inner.holding.tie(&lease, s));
-            let write = [
-                Stmt::Typed(
-                    &sql.grant,
-                    vec![
-                        text(service),
-                        int8(fence_to_column(lease.fence)?),
-                        text(holder.encode()),
-                        int8(lease.expires_at_ms),
-                        opt_int4(session_id.map(|s| s.pid)),
-                        opt_int8(session_id.map(|s| s.server_start)),
-                    ],
-                ),
-                Stmt::Typed(
-                    &sql.raise_floor,
-                    vec![text(service), text(lease.fence.to_string())],
-                ),
-                Stmt::Simple("COMMIT"),
+        self.with_tables(|| async move {
+            self.inner.wakeups.mark_seen(service);
+            let session = self.session().await;
+            let session_id = session.as_ref().map(|s| s.id);
+            let sql = &self.inner.sql;
+            let mut conn = self.conn().await?;
+            let read = [
+                Stmt::Simple("BEGIN"),
+                Stmt::Typed(&sql.ensure_row, vec![text(service)]),
+                Stmt::Typed(&sql.acquire_read, vec![text(service)]),
             ];
-            let rows = first_error(pipeline(c, &write).await).map_err(driver)?;
-            if rows[0].is_empty() {
-                return Err(BackendError::corrupt(
-                    "the state row vanished under its lock",
-                ));
-            }
-            if let Some(t) = tie {
-                t.keep();
-            }
-            self.inner.waiting.forget(service);
-            Ok(Acquire::Granted(lease))
-        };
-        let result = self.timed(op).await;
-        self.settle(&mut conn, "acquiring the lease", result).await
+            let op = async {
+                let c = &conn;
+                let rows = first_error(c.pipeline(&read).await).map_err(driver)?;
+                let row = rows[2].first().ok_or_else(|| {
+                    BackendError::corrupt("the state row vanished under its lock")
+                })?;
+                self.learn_idle_timeout(row, sql::ACQUIRE_IDLE_TIMEOUT);
+                let found = LeaseRow::decode(row)?;
+                let decision = decide_acquire(
+                    service,
+                    self.standing(service, &found),
+                    found.now_ms,
+                    found.fences,
+                    holder,
+                    ttl,
+                )?;
+                let lease = match decision {
+                    Acquire::Granted(lease) => lease,
+                    Acquire::Held(info) => {
+                        first_error(c.pipeline(&[Stmt::Simple("COMMIT")]).await).map_err(driver)?;
+                        return Ok(Acquire::Held(info));
+                    }
+                };
+                // Watched from before any other node can read the row that
+                // names the session.
+                let tie = session.as_ref().map(|s| self.inner.holding.tie(&lease, s));
+                let write = [
+                    Stmt::Typed(
+                        &sql.grant,
+                        vec![
+                            text(service),
+                            int8(fence_to_column(lease.fence)?),
+                            text(holder.encode()),
+                            int8(lease.expires_at_ms),
+                            opt_int4(session_id.map(|s| s.pid)),
+                            opt_int8(session_id.map(|s| s.server_start)),
+                        ],
+                    ),
+                    Stmt::Typed(
+                        &sql.raise_floor,
+                        vec![text(service), text(lease.fence.to_string())],
+                    ),
+                    Stmt::Simple("COMMIT"),
+                ];
+                let rows = first_error(c.pipeline(&write).await).map_err(driver)?;
+                if rows[0].is_empty() {
+                    return Err(BackendError::corrupt(
+                        "the state row vanished under its lock",
+                    ));
+                }
+                if let Some(t) = tie {
+                    t.keep();
+                }
+                self.inner.waiting.forget(service);
+                Ok(Acquire::Granted(lease))
+            };
+            let result = self.timed(op).await;
+            self.settle(&mut conn, "acquiring the lease", result).await
+        })
+        .await
     }
 
     async fn prepare_wait(&self, _service: &str) -> Result<(), BackendError> {
@@ -190,29 +194,33 @@ impl Lock for PostgresBackend {
     }
 
     async fn renew(&self, lease: &Lease) -> Result<Lease, BackendError> {
-        let sql = &self.inner.sql;
-        let mut conn = self.conn().await?;
-        let stmt = [Stmt::Typed(
-            &sql.renew,
-            vec![
-                text(lease.service.clone()),
-                text(lease.holder.encode()),
-                int8(fence_to_column(lease.fence)?),
-                int8(ttl_ms(lease.ttl)?),
-            ],
-        )];
-        let op = async {
-            let rows = first_error(pipeline(conn.client(), &stmt).await).map_err(driver)?;
-            match rows[0].first() {
-                Some(r) => Ok(Lease {
-                    expires_at_ms: get(r, 0, "the lease expiry")?,
-                    ..lease.clone()
-                }),
-                None => Err(BackendError::lease_lost("renew", lease)),
-            }
-        };
-        let result = self.timed(op).await;
-        let result = self.settle(&mut conn, "renewing the lease", result).await;
+        let result = self
+            .with_tables(|| async move {
+                let sql = &self.inner.sql;
+                let mut conn = self.conn().await?;
+                let stmt = [Stmt::Typed(
+                    &sql.renew,
+                    vec![
+                        text(lease.service.clone()),
+                        text(lease.holder.encode()),
+                        int8(fence_to_column(lease.fence)?),
+                        int8(ttl_ms(lease.ttl)?),
+                    ],
+                )];
+                let op = async {
+                    let rows = first_error(conn.pipeline(&stmt).await).map_err(driver)?;
+                    match rows[0].first() {
+                        Some(r) => Ok(Lease {
+                            expires_at_ms: get(r, 0, "the lease expiry")?,
+                            ..lease.clone()
+                        }),
+                        None => Err(BackendError::lease_lost("renew", lease)),
+                    }
+                };
+                let result = self.timed(op).await;
+                self.settle(&mut conn, "renewing the lease", result).await
+            })
+            .await;
         match &result {
             Ok(renewed) => self.inner.holding.renewed(renewed),
             Err(BackendError::LeaseLost(_)) => self.inner.holding.untie(lease),
@@ -222,27 +230,31 @@ impl Lock for PostgresBackend {
     }
 
     async fn release(&self, lease: &Lease) -> Result<(), BackendError> {
-        let sql = &self.inner.sql;
-        let mut conn = self.conn().await?;
-        let stmt = [Stmt::Typed(
-            &sql.release,
-            vec![
-                text(lease.service.clone()),
-                text(lease.holder.encode()),
-                int8(fence_to_column(lease.fence)?),
-                text(sql.channel.clone()),
-            ],
-        )];
-        let op = async {
-            let rows = first_error(pipeline(conn.client(), &stmt).await).map_err(driver)?;
-            if rows[0].len() == 1 {
-                Ok(())
-            } else {
-                Err(BackendError::lease_lost("release", lease))
-            }
-        };
-        let result = self.timed(op).await;
-        let result = self.settle(&mut conn, "releasing the lease", result).await;
+        let result = self
+            .with_tables(|| async move {
+                let sql = &self.inner.sql;
+                let mut conn = self.conn().await?;
+                let stmt = [Stmt::Typed(
+                    &sql.release,
+                    vec![
+                        text(lease.service.clone()),
+                        text(lease.holder.encode()),
+                        int8(fence_to_column(lease.fence)?),
+                        text(sql.channel.clone()),
+                    ],
+                )];
+                let op = async {
+                    let rows = first_error(conn.pipeline(&stmt).await).map_err(driver)?;
+                    if rows[0].len() == 1 {
+                        Ok(())
+                    } else {
+                        Err(BackendError::lease_lost("release", lease))
+                    }
+                };
+                let result = self.timed(op).await;
+                self.settle(&mut conn, "releasing the lease", result).await
+            })
+            .await;
         if matches!(result, Ok(()) | Err(BackendError::LeaseLost(_))) {
             self.inner.holding.untie(lease);
         }
@@ -252,75 +264,100 @@ impl Lock for PostgresBackend {
     async fn force_release(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
         // The grant counter and the fence floor stay: the next grant gets a
         // higher fence. Waiting nodes are notified.
-        let mut conn = self.conn().await?;
-        let sql = &self.inner.sql;
-        let stmt = [Stmt::Typed(
-            &sql.force_release,
-            vec![text(service), text(sql.channel.clone())],
-        )];
-        let op = async {
-            let rows = first_error(pipeline(conn.client(), &stmt).await).map_err(driver)?;
-            let Some(r) = rows[0].first() else {
-                return Ok(None);
+        self.with_tables(|| async move {
+            let mut conn = self.conn().await?;
+            let sql = &self.inner.sql;
+            let stmts = [
+                Stmt::Simple("BEGIN"),
+                Stmt::Typed(&sql.format, vec![]),
+                Stmt::Typed(
+                    &sql.force_release,
+                    vec![text(service), text(sql.channel.clone())],
+                ),
+            ];
+            let op = async {
+                let c = &conn;
+                let rows = first_error(c.pipeline(&stmts).await).map_err(driver)?;
+                // A store of another format is left as it was (rolled back).
+                format_row(&rows[1])?;
+                first_error(c.pipeline(&[Stmt::Simple("COMMIT")]).await).map_err(driver)?;
+                let Some(r) = rows[2].first() else {
+                    return Ok(None);
+                };
+                let stored = StoredLease::from_columns(
+                    get(r, 0, "the lease holder")?,
+                    get(r, 1, "the lease fence")?,
+                    get(r, 2, "the lease expiry")?,
+                )?;
+                let now = get(r, 3, "the clock")?;
+                Ok(stored.and_then(|s| s.live(now)))
             };
-            let stored = StoredLease::from_columns(
-                get(r, 0, "the lease holder")?,
-                get(r, 1, "the lease fence")?,
-                get(r, 2, "the lease expiry")?,
-            )?;
-            let now = get(r, 3, "the clock")?;
-            Ok(stored.and_then(|s| s.live(now)))
-        };
-        let result = self.timed(op).await;
-        self.settle(&mut conn, "force-releasing the lease", result)
-            .await
+            let result = self.timed(op).await;
+            self.settle(&mut conn, "force-releasing the lease", result)
+                .await
+        })
+        .await
     }
 
     async fn raise_fence(&self, service: &str, floor: u64) -> Result<(), BackendError> {
-        let sql = &self.inner.sql;
-        let mut conn = self.conn().await?;
-        // The floor is one of the fences every grant rises above.
-        let stmt = [Stmt::Typed(
-            &sql.lift_floor,
-            vec![text(service), text(floor.to_string())],
-        )];
-        let op = async {
-            first_error(pipeline(conn.client(), &stmt).await).map_err(driver)?;
-            Ok(())
-        };
-        let result = self.timed(op).await;
-        self.settle(&mut conn, "raising the fence floor", result)
-            .await
+        self.with_tables(|| async move {
+            let sql = &self.inner.sql;
+            let mut conn = self.conn().await?;
+            // The floor is one of the fences every grant rises above.
+            let stmts = [
+                Stmt::Simple("BEGIN"),
+                Stmt::Typed(&sql.format, vec![]),
+                Stmt::Typed(
+                    &sql.lift_floor,
+                    vec![text(service), text(floor.to_string())],
+                ),
+            ];
+            let op = async {
+                let c = &conn;
+                let rows = first_error(c.pipeline(&stmts).await).map_err(driver)?;
+                format_row(&rows[1])?;
+                first_error(c.pipeline(&[Stmt::Simple("COMMIT")]).await).map_err(driver)?;
+                Ok(())
+            };
+            let result = self.timed(op).await;
+            self.settle(&mut conn, "raising the fence floor", result)
+                .await
+        })
+        .await
     }
 
     async fn current(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
-        let sql = &self.inner.sql;
-        let mut conn = self.conn().await?;
-        let stmt = [Stmt::Typed(&sql.current, vec![text(service)])];
-        let op = async {
-            let rows = first_error(pipeline(conn.client(), &stmt).await).map_err(driver)?;
-            let Some(r) = rows[0].first() else {
-                return Ok(None);
+        self.with_tables(|| async move {
+            let sql = &self.inner.sql;
+            let mut conn = self.conn().await?;
+            let stmt = [Stmt::Typed(&sql.current, vec![text(service)])];
+            let op = async {
+                let rows = first_error(conn.pipeline(&stmt).await).map_err(driver)?;
+                let Some(r) = rows[0].first() else {
+                    return Ok(None);
+                };
+                format_of(r, 7)?;
+                let stored = StoredLease::from_columns(
+                    get(r, 0, "the lease holder")?,
+                    get(r, 1, "the lease fence")?,
+                    get(r, 2, "the lease expiry")?,
+                )?;
+                let now = get(r, 3, "the clock")?;
+                let Some(info) = stored.and_then(|s| s.live(now)) else {
+                    return Ok(None);
+                };
+                let gone = get::<bool>(r, 4, "the holder's session")?;
+                // Free only once a takeover would be granted.
+                let taken =
+                    self.inner
+                        .waiting
+                        .observe(service, info.fence, session_of(r, 5)?, gone);
+                Ok((!taken).then_some(info))
             };
-            let stored = StoredLease::from_columns(
-                get(r, 0, "the lease holder")?,
-                get(r, 1, "the lease fence")?,
-                get(r, 2, "the lease expiry")?,
-            )?;
-            let now = get(r, 3, "the clock")?;
-            let Some(info) = stored.and_then(|s| s.live(now)) else {
-                return Ok(None);
-            };
-            let gone = get::<bool>(r, 4, "the holder's session")?;
-            // Free only once a takeover would be granted.
-            let taken = self
-                .inner
-                .waiting
-                .observe(service, info.fence, session_of(r, 5)?, gone);
-            Ok((!taken).then_some(info))
-        };
-        let result = self.timed(op).await;
-        self.settle(&mut conn, "reading the lease", result).await
+            let result = self.timed(op).await;
+            self.settle(&mut conn, "reading the lease", result).await
+        })
+        .await
     }
 
     async fn wait(

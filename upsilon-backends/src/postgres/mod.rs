@@ -86,7 +86,6 @@ use std::fmt;
 use std::sync::Arc;
 
 use tokio::time::Instant;
-use tokio_postgres::error::SqlState;
 use tokio_postgres::types::FromSql;
 use tokio_postgres::Row;
 use tracing::info;
@@ -97,7 +96,6 @@ use error::{driver, driver_in, timed_out};
 use holding::Holding;
 use listener::Session;
 pub use options::PostgresOptions;
-use pipeline::{pipeline, Stmt};
 use pool::Pool;
 use sql::Sql;
 use takeover::Waiting;
@@ -169,6 +167,14 @@ fn format_of(row: &Row, idx: usize) -> Result<(), BackendError> {
     }
 }
 
+/// The stored format from the rows of `Sql::format`.
+fn format_row(rows: &[Row]) -> Result<(), BackendError> {
+    match rows.first() {
+        Some(r) => format_of(r, 0),
+        None => Err(BackendError::corrupt("the meta table has no `format` row")),
+    }
+}
+
 fn get<'r, T: FromSql<'r>>(row: &'r Row, idx: usize, what: &str) -> Result<T, BackendError> {
     row.try_get(idx)
         .map_err(|e| BackendError::corrupt(format!("{what} does not read: {e}")))
@@ -181,8 +187,10 @@ impl PostgresBackend {
         PostgresBackend::connect(PostgresOptions::from_url(url)?).await
     }
 
-    /// Connects, creates Upsilon's schema and tables if they are missing, and
-    /// checks the stored format.
+    /// Connects, and sends no statement. The first operation that finds
+    /// Upsilon's schema or tables missing creates them (and adds the columns
+    /// a table of the previous layout lacks); every operation refuses a
+    /// stored format newer than this build knows.
     pub async fn connect(options: PostgresOptions) -> Result<PostgresBackend, BackendError> {
         options.validate()?;
         let connector = Connector::new(&options)?;
@@ -202,7 +210,10 @@ impl PostgresBackend {
                 waiting,
             }),
         };
-        backend.prepare_tables().await?;
+        // One connection, so that a wrong address or password is reported
+        // here; no statement: the first operation's own statements find out
+        // whether the tables are there and which format they hold.
+        backend.conn().await?.done();
         Ok(backend)
     }
 
@@ -217,50 +228,40 @@ impl PostgresBackend {
         &self.inner.sql.channel
     }
 
+    /// Tells the pool the server's `idle_session_timeout`, from column
+    /// `idx` of `row`.
+    fn learn_idle_timeout(&self, row: &Row, idx: usize) {
+        if let Ok(Some(text)) = row.try_get::<_, Option<&str>>(idx) {
+            if let Some(ms) = sql::idle_timeout_ms(text) {
+                self.inner.pool.server_idle_timeout(ms);
+            }
+        }
+    }
+
+    /// Runs `op`; when one of its statements found Upsilon's schema, a
+    /// table or a column missing (an empty database, or one of the previous
+    /// layout), creates or upgrades the tables and runs `op` once more. `op`
+    /// ends its own transaction on an error (see [`PostgresBackend::settle`]),
+    /// so the second run starts on a clean connection.
+    pub(super) async fn with_tables<T, F, Fut>(&self, op: F) -> Result<T, BackendError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, BackendError>>,
+    {
+        match op().await {
+            Err(e) if error::tables_missing(&e) => {
+                self.prepare_tables().await?;
+                op().await
+            }
+            result => result,
+        }
+    }
+
     /// Creates what is missing, under a transaction-level advisory lock so
     /// that nodes starting together do not race; refuses unknown formats.
     async fn prepare_tables(&self) -> Result<(), BackendError> {
         let mut conn = self.conn().await?;
         let sql = &self.inner.sql;
-        let mut first = pipeline(
-            conn.client(),
-            &[
-                Stmt::Typed(&sql.format, vec![]),
-                Stmt::Typed(sql::IDLE_SESSION_TIMEOUT, vec![]),
-                Stmt::Typed(&sql.has_checkpoints, checkpoint_columns(sql).into()),
-            ],
-        )
-        .await;
-        let checkpoints_there = match first.pop() {
-            Some(Ok(rows)) => rows
-                .first()
-                .and_then(|r| r.try_get::<_, i64>(0).ok())
-                .is_some_and(|n| n == sql::CHECKPOINT_COLUMNS.len() as i64),
-            _ => false,
-        };
-        if let Some(Ok(rows)) = first.pop() {
-            let ms = rows.first().and_then(|r| r.try_get::<_, i64>(0).ok());
-            self.inner
-                .pool
-                .server_idle_timeout(ms.and_then(|ms| u64::try_from(ms).ok()).unwrap_or(0));
-        }
-        match first.pop().expect("the format's answer") {
-            Ok(rows) if !rows.is_empty() => {
-                let f: String = get(&rows[0], 0, "the stored format")?;
-                check_format(&f)?;
-                if checkpoints_there {
-                    conn.done();
-                    return Ok(());
-                }
-            }
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.code(),
-                    Some(&SqlState::UNDEFINED_TABLE) | Some(&SqlState::INVALID_SCHEMA_NAME)
-                ) => {}
-            Err(e) => return Err(driver_in(e, "reading Upsilon's stored format")),
-        }
         let o = &self.inner.options;
         let op = async {
             let c = conn.client();

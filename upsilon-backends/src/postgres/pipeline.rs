@@ -4,8 +4,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::Poll;
 
+use std::collections::HashMap;
+
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{Client, Row};
+use tokio_postgres::{Client, Row, Statement};
 
 /// One statement of a pipeline: simple-protocol text (no parameters), or a
 /// statement with typed, bound parameters (the unnamed prepared statement,
@@ -46,6 +48,30 @@ pub(super) fn int4(v: i32) -> (Param, Type) {
     (Box::new(v), Type::INT4)
 }
 
+/// The statements prepared on one connection (named, so the server keeps
+/// their parse and their plan), by the address of their text in [`Sql`](super::sql::Sql).
+/// A statement is prepared on its second use on a connection: a connection
+/// that runs a statement once (a node's start-up read) pays nothing for it.
+#[derive(Default)]
+pub(super) struct Prepared {
+    by_text: HashMap<usize, Slot>,
+}
+
+enum Slot {
+    /// Run once, unnamed.
+    Seen,
+    Ready(Statement),
+}
+
+impl Prepared {
+    /// Forgets every statement: the session dropped them (`DISCARD ALL`).
+    pub(super) fn clear(&mut self) {
+        self.by_text.clear();
+    }
+}
+
+type Prepare<'a> = Pin<Box<dyn Future<Output = (usize, Option<Statement>)> + Send + 'a>>;
+
 type Pending<'a> =
     Pin<Box<dyn Future<Output = Result<Vec<Row>, tokio_postgres::Error>> + Send + 'a>>;
 
@@ -56,19 +82,65 @@ pub(super) async fn pipeline<'a>(
     client: &'a Client,
     stmts: &'a [Stmt<'a>],
 ) -> Vec<Result<Vec<Row>, tokio_postgres::Error>> {
+    pipeline_prepared(client, None, stmts).await
+}
+
+/// [`pipeline`], with the typed statements run as the named statements of
+/// `prepared` where they are prepared, and prepared (in the same flight,
+/// before the lot) on their second use.
+pub(super) async fn pipeline_prepared<'a>(
+    client: &'a Client,
+    prepared: Option<&std::sync::Mutex<Prepared>>,
+    stmts: &'a [Stmt<'a>],
+) -> Vec<Result<Vec<Row>, tokio_postgres::Error>> {
+    let mut prepares: Vec<Prepare<'a>> = Vec::new();
+    let mut named: Vec<Option<Statement>> = stmts.iter().map(|_| None).collect();
+    if let Some(cache) = prepared {
+        let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+        for (s, named) in stmts.iter().zip(named.iter_mut()) {
+            let Stmt::Typed(sql, params) = s else {
+                continue;
+            };
+            let key = sql.as_ptr() as usize;
+            match cache.by_text.get(&key) {
+                Some(Slot::Ready(st)) => *named = Some(st.clone()),
+                Some(Slot::Seen) => {
+                    let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
+                    prepares.push(Box::pin(async move {
+                        (key, client.prepare_typed(sql, &types).await.ok())
+                    }));
+                }
+                None => {
+                    cache.by_text.insert(key, Slot::Seen);
+                }
+            }
+        }
+    }
     let mut pending: Vec<Option<Pending<'a>>> = stmts
         .iter()
-        .map(|s| {
+        .zip(named)
+        .map(|(s, named)| {
             let fut: Pending<'a> = match s {
                 Stmt::Simple(sql) => {
                     Box::pin(async move { client.batch_execute(sql).await.map(|()| Vec::new()) })
                 }
                 Stmt::Typed(sql, params) => Box::pin(async move {
-                    let refs: Vec<(&(dyn ToSql + Sync), Type)> = params
-                        .iter()
-                        .map(|(p, t)| (&**p as &(dyn ToSql + Sync), t.clone()))
-                        .collect();
-                    client.query_typed(sql, &refs).await
+                    match named {
+                        Some(st) => {
+                            let refs: Vec<&(dyn ToSql + Sync)> = params
+                                .iter()
+                                .map(|(p, _)| &**p as &(dyn ToSql + Sync))
+                                .collect();
+                            client.query(&st, &refs).await
+                        }
+                        None => {
+                            let refs: Vec<(&(dyn ToSql + Sync), Type)> = params
+                                .iter()
+                                .map(|(p, t)| (&**p as &(dyn ToSql + Sync), t.clone()))
+                                .collect();
+                            client.query_typed(sql, &refs).await
+                        }
+                    }
                 }),
             };
             Some(fut)
@@ -76,10 +148,23 @@ pub(super) async fn pipeline<'a>(
         .collect();
     let mut results: Vec<Option<Result<Vec<Row>, tokio_postgres::Error>>> =
         stmts.iter().map(|_| None).collect();
+    let mut prepares: Vec<Option<Prepare<'a>>> = prepares.into_iter().map(Some).collect();
+    let mut ready: Vec<(usize, Option<Statement>)> = Vec::with_capacity(prepares.len());
     // Each future sends its request on its first poll, so polling them in
-    // order sends them in order.
+    // order sends them in order: the prepares, then the statements.
     std::future::poll_fn(|cx| {
         let mut all = true;
+        for slot in prepares.iter_mut() {
+            if let Some(fut) = slot {
+                match fut.as_mut().poll(cx) {
+                    Poll::Ready(r) => {
+                        ready.push(r);
+                        *slot = None;
+                    }
+                    Poll::Pending => all = false,
+                }
+            }
+        }
         for (slot, result) in pending.iter_mut().zip(results.iter_mut()) {
             if let Some(fut) = slot {
                 match fut.as_mut().poll(cx) {
@@ -98,6 +183,16 @@ pub(super) async fn pipeline<'a>(
         }
     })
     .await;
+    if let Some(cache) = prepared {
+        let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+        for (key, st) in ready {
+            // A prepare that failed (its statement failed too, or the
+            // transaction was aborted) is tried again on the next use.
+            if let Some(st) = st {
+                cache.by_text.insert(key, Slot::Ready(st));
+            }
+        }
+    }
     results
         .into_iter()
         .map(|r| r.expect("every statement answered"))

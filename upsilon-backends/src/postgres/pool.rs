@@ -14,6 +14,7 @@ use upsilon::backend::BackendError;
 use super::connection::open;
 use super::error::{timed_out, PgError};
 use super::options::PostgresOptions;
+use super::pipeline::{pipeline_prepared, Prepared, Stmt};
 use super::tls::Connector;
 use super::PostgresBackend;
 
@@ -21,8 +22,9 @@ use super::PostgresBackend;
 pub(super) struct Pool {
     options: PostgresOptions,
     connector: Connector,
-    /// Idle clients and since when they are idle.
-    idle: Mutex<Vec<(Client, Instant)>>,
+    /// Idle clients, the statements prepared on each, and since when they
+    /// are idle.
+    idle: Mutex<Vec<(Client, Prepared, Instant)>>,
     permits: Arc<Semaphore>,
     /// How long a client may stay idle and still be reused, in ms (0: no
     /// limit): half the server's `idle_session_timeout`, so that a client
@@ -74,17 +76,21 @@ impl Pool {
         let idle = {
             let max_idle = Duration::from_millis(self.max_idle_ms.load(Ordering::Relaxed));
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            idle.retain(|(c, since)| {
+            idle.retain(|(c, _, since)| {
                 !c.is_closed() && (max_idle.is_zero() || since.elapsed() < max_idle)
             });
             idle.pop()
         };
-        let client = match idle {
-            Some((c, _)) => c,
-            None => open(&self.options, &self.connector, None, None).await?,
+        let (client, prepared) = match idle {
+            Some((c, p, _)) => (c, p),
+            None => (
+                open(&self.options, &self.connector, None, None).await?,
+                Prepared::default(),
+            ),
         };
         Ok(Conn {
             client: Some(client),
+            prepared: Mutex::new(prepared),
             pool: self,
             clean: false,
             _permit: permit,
@@ -97,6 +103,8 @@ impl Pool {
 /// otherwise it is closed.
 pub(super) struct Conn<'p> {
     client: Option<Client>,
+    /// The statements prepared on this connection's session.
+    prepared: Mutex<Prepared>,
     pool: &'p Pool,
     clean: bool,
     _permit: OwnedSemaphorePermit,
@@ -105,6 +113,18 @@ pub(super) struct Conn<'p> {
 impl Conn<'_> {
     pub(super) fn client(&self) -> &Client {
         self.client.as_ref().expect("a checked-out client")
+    }
+
+    /// Sends `stmts` together (see [`pipeline`](super::pipeline::pipeline)),
+    /// as statements prepared on this connection where no transaction
+    /// pooler is in the way: there each statement may run on another server
+    /// session, which would not have it.
+    pub(super) async fn pipeline<'a>(
+        &'a self,
+        stmts: &'a [Stmt<'a>],
+    ) -> Vec<Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>> {
+        let prepared = (!self.pool.options.transaction_pooling).then_some(&self.prepared);
+        pipeline_prepared(self.client(), prepared, stmts).await
     }
 
     pub(super) fn client_mut(&mut self) -> &mut Client {
@@ -127,8 +147,12 @@ impl Conn<'_> {
         let reset = tokio::time::timeout(timeout, self.client().batch_execute("DISCARD ALL")).await;
         if let Ok(Ok(())) = reset {
             // `DISCARD ALL` also dropped the statements the driver prepared
-            // to look types up.
+            // to look types up, and Upsilon's own.
             self.client().clear_type_cache();
+            self.prepared
+                .get_mut()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
             self.done();
         }
     }
@@ -142,7 +166,11 @@ impl Drop for Conn<'_> {
                     .idle
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .push((client, Instant::now()));
+                    .push((
+                        client,
+                        std::mem::take(self.prepared.get_mut().unwrap_or_else(|p| p.into_inner())),
+                        Instant::now(),
+                    ));
             }
         }
     }

@@ -13,10 +13,34 @@ pub(crate) const SERVER_START: &str =
 /// that row does not let a fence be granted twice.
 const FLOOR_KEY: &str = "'fence:' || $1";
 
-/// The server's `idle_session_timeout` for this session in ms (0: none; no
-/// row before PostgreSQL 14).
-pub(crate) const IDLE_SESSION_TIMEOUT: &str =
-    "SELECT setting::int8 FROM pg_settings WHERE name = 'idle_session_timeout'";
+/// The server's `idle_session_timeout` for this session, as `SHOW` gives it
+/// (`0`, `500ms`, `10min`, ...; null before PostgreSQL 14): a column of the
+/// reads every node starts with, so that the pool learns it without a
+/// statement of its own. See [`idle_timeout_ms`].
+const IDLE_SESSION_TIMEOUT: &str = "(SELECT current_setting('idle_session_timeout', true))";
+
+/// The column of [`Sql::snapshot`] and [`Sql::acquire_read`] with the
+/// server's `idle_session_timeout`.
+pub(crate) const SNAPSHOT_IDLE_TIMEOUT: usize = 14;
+pub(crate) const ACQUIRE_IDLE_TIMEOUT: usize = 12;
+
+/// `idle_session_timeout` in ms from its `SHOW` form; `None` if it does not
+/// parse.
+pub(crate) fn idle_timeout_ms(text: &str) -> Option<u64> {
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let n: u64 = text[..digits].parse().ok()?;
+    let unit = match text[digits..].trim() {
+        "" | "ms" => 1,
+        "s" => 1_000,
+        "min" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    n.checked_mul(unit)
+}
 
 /// A history row's checkpoint columns, as `summary` reads them.
 const CHECKPOINT_OF_H: &str =
@@ -121,7 +145,7 @@ impl Sql {
             snapshot: format!(
                 "SELECT {format_col}, s.data_version, s.baseline, s.store_fence,
                         h.version, h.task_id, h.attempt, h.kind, h.state, h.fence,
-                        {CHECKPOINT_OF_H}
+                        {CHECKPOINT_OF_H}, {IDLE_SESSION_TIMEOUT}
                  FROM (VALUES (1)) AS one (x)
                  LEFT JOIN {st} AS s ON s.service = $1
                  LEFT JOIN {h} AS h ON h.service = $1
@@ -146,7 +170,7 @@ impl Sql {
                         {}, {}, {gone},
                         (SELECT coalesce(max(fence), 0)::int8 FROM {h} WHERE service = $1),
                         s.lease_pid, s.lease_server_start,
-                        (SELECT value FROM {m} WHERE key = {FLOOR_KEY})
+                        (SELECT value FROM {m} WHERE key = {FLOOR_KEY}), {IDLE_SESSION_TIMEOUT}
                  FROM {st} AS s CROSS JOIN LATERAL (SELECT clock_timestamp() AS now) AS c
                  WHERE s.service = $1 FOR UPDATE OF s",
                 ms("s.lease_expires"),
@@ -184,9 +208,9 @@ impl Sql {
             ),
             current: format!(
                 "SELECT s.lease_holder, s.lease_fence, {}, {}, {gone},
-                        s.lease_pid, s.lease_server_start
-                 FROM {st} AS s CROSS JOIN LATERAL (SELECT clock_timestamp() AS now) AS c
-                 WHERE s.service = $1",
+                        s.lease_pid, s.lease_server_start, {format_col}
+                 FROM (SELECT clock_timestamp() AS now) AS c
+                 LEFT JOIN {st} AS s ON s.service = $1",
                 ms("s.lease_expires"),
                 ms("c.now")
             ),

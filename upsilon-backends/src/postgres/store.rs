@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use async_trait::async_trait;
 use tokio_postgres::types::Type;
-use tokio_postgres::{Client, Row};
+use tokio_postgres::Row;
 use upsilon::backend::{
     fence_to_column, BackendError, Change, CheckpointColumns, Columns, HistoryColumns,
     HistoryEntry, Snapshot, StateColumns, Store, SummaryColumns, Value, Write,
@@ -13,10 +13,9 @@ use upsilon::backend::{
 use upsilon::TaskKey;
 
 use super::error::driver;
-use super::pipeline::{
-    first_error, int4, int8, opt_int8, opt_text, pipeline, text, text_array, Param, Stmt,
-};
-use super::{format_of, get, PostgresBackend};
+use super::pipeline::{first_error, int4, int8, opt_int8, opt_text, text, text_array, Param, Stmt};
+use super::pool::Conn;
+use super::{format_of, get, sql, PostgresBackend};
 
 /// The columns a snapshot needs of one history row, from `first` on.
 fn summary(row: &Row, first: usize) -> Result<SummaryColumns, BackendError> {
@@ -64,12 +63,51 @@ impl PostgresBackend {
     /// what it touches, so that its cost does not grow with the history.
     async fn locked_snapshot(
         &self,
-        c: &Client,
+        c: &Conn<'_>,
         service: &str,
         only: Option<&BTreeSet<&TaskKey>>,
     ) -> Result<Snapshot, BackendError> {
         let sql = &self.inner.sql;
-        let read_snapshot = match only {
+        let read_snapshot = self.snapshot_stmt(service, only);
+        let read = [
+            Stmt::Simple("BEGIN"),
+            Stmt::Typed(&sql.ensure_row, vec![text(service)]),
+            Stmt::Typed(&sql.lock_row, vec![text(service)]),
+            read_snapshot,
+        ];
+        let rows = first_error(c.pipeline(&read).await).map_err(driver)?;
+        snapshot_of(&rows[3])
+    }
+
+    /// Reads the snapshot of `service` outside any transaction, with the
+    /// summaries of the tasks in `only` (every task for `None`): one round
+    /// trip.
+    pub(super) async fn read_snapshot(
+        &self,
+        service: &str,
+        only: Option<&BTreeSet<&TaskKey>>,
+    ) -> Result<Snapshot, BackendError> {
+        self.with_tables(|| async move {
+            let mut conn = self.conn().await?;
+            let stmt = [self.snapshot_stmt(service, only)];
+            let op = async {
+                let rows = first_error(conn.pipeline(&stmt).await).map_err(driver)?;
+                if let (None, Some(row)) = (only, rows[0].first()) {
+                    self.learn_idle_timeout(row, sql::SNAPSHOT_IDLE_TIMEOUT);
+                }
+                snapshot_of(&rows[0])
+            };
+            let result = self.timed(op).await;
+            self.settle(&mut conn, "reading the store", result).await
+        })
+        .await
+    }
+
+    /// The statement that reads the snapshot of `service` with the
+    /// summaries of the tasks in `only` (every task for `None`).
+    fn snapshot_stmt<'s>(&'s self, service: &str, only: Option<&BTreeSet<&TaskKey>>) -> Stmt<'s> {
+        let sql = &self.inner.sql;
+        match only {
             None => Stmt::Typed(&sql.snapshot, vec![text(service)]),
             Some(keys) => Stmt::Typed(
                 &sql.snapshot_of_tasks,
@@ -79,15 +117,7 @@ impl PostgresBackend {
                     text_array(keys.iter().map(|k| k.id.clone()).collect()),
                 ],
             ),
-        };
-        let read = [
-            Stmt::Simple("BEGIN"),
-            Stmt::Typed(&sql.ensure_row, vec![text(service)]),
-            Stmt::Typed(&sql.lock_row, vec![text(service)]),
-            read_snapshot,
-        ];
-        let rows = first_error(pipeline(c, &read).await).map_err(driver)?;
-        snapshot_of(&rows[3])
+        }
     }
 
     /// The statement that stores `columns` for `service`.
@@ -112,36 +142,31 @@ impl PostgresBackend {
 #[async_trait]
 impl Store for PostgresBackend {
     async fn load(&self, service: &str) -> Result<Snapshot, BackendError> {
-        let sql = &self.inner.sql;
-        let mut conn = self.conn().await?;
-        let stmt = [Stmt::Typed(&sql.snapshot, vec![text(service)])];
-        let op = async {
-            let rows = first_error(pipeline(conn.client(), &stmt).await).map_err(driver)?;
-            snapshot_of(&rows[0])
-        };
-        let result = self.timed(op).await;
-        self.settle(&mut conn, "reading the store", result).await
+        self.read_snapshot(service, None).await
     }
 
     async fn claim(&self, service: &str, fence: u64) -> Result<Snapshot, BackendError> {
-        let sql = &self.inner.sql;
-        let mut conn = self.conn().await?;
-        let op = async {
-            let c = conn.client();
-            let mut snap = self.locked_snapshot(c, service, None).await?;
-            let mut write = Vec::with_capacity(2);
-            if snap.claim(fence)? {
-                write.push(Stmt::Typed(
-                    &sql.raise_fence,
-                    vec![text(service), int8(fence_to_column(fence)?)],
-                ));
-            }
-            write.push(Stmt::Simple("COMMIT"));
-            first_error(pipeline(c, &write).await).map_err(driver)?;
-            Ok(snap)
-        };
-        let result = self.timed(op).await;
-        self.settle(&mut conn, "claiming the store", result).await
+        self.with_tables(|| async move {
+            let sql = &self.inner.sql;
+            let mut conn = self.conn().await?;
+            let op = async {
+                let c = &conn;
+                let mut snap = self.locked_snapshot(c, service, None).await?;
+                let mut write = Vec::with_capacity(2);
+                if snap.claim(fence)? {
+                    write.push(Stmt::Typed(
+                        &sql.raise_fence,
+                        vec![text(service), int8(fence_to_column(fence)?)],
+                    ));
+                }
+                write.push(Stmt::Simple("COMMIT"));
+                first_error(c.pipeline(&write).await).map_err(driver)?;
+                Ok(snap)
+            };
+            let result = self.timed(op).await;
+            self.settle(&mut conn, "claiming the store", result).await
+        })
+        .await
     }
 
     async fn apply(
@@ -150,89 +175,102 @@ impl Store for PostgresBackend {
         fence: u64,
         changes: &[Change],
     ) -> Result<(), BackendError> {
-        let sql = &self.inner.sql;
-        let mut conn = self.conn().await?;
-        let op = async {
-            let c = conn.client();
-            let touched = Change::touched(changes);
-            let mut snap = self.locked_snapshot(c, service, touched.as_ref()).await?;
-            let todo = snap.check(fence, changes)?;
-            let mut write = Vec::with_capacity(todo.len() + 2);
-            let mut notify = false;
-            for change in todo {
-                let columns = Columns::of(fence, change)?;
-                notify |= columns.wakes_waiters();
-                write.push(self.write_stmt(service, columns)?);
-            }
-            if notify {
-                write.push(Stmt::Typed(
-                    &sql.notify,
-                    vec![text(sql.channel.clone()), text(service)],
-                ));
-            }
-            write.push(Stmt::Simple("COMMIT"));
-            first_error(pipeline(c, &write).await).map_err(driver)?;
-            Ok(())
-        };
-        let result = self.timed(op).await;
-        self.settle(&mut conn, "writing to the store", result).await
+        self.with_tables(|| async move {
+            let sql = &self.inner.sql;
+            let mut conn = self.conn().await?;
+            let op = async {
+                let c = &conn;
+                let touched = Change::touched(changes);
+                let mut snap = self.locked_snapshot(c, service, touched.as_ref()).await?;
+                let todo = snap.check(fence, changes)?;
+                let mut write = Vec::with_capacity(todo.len() + 2);
+                let mut notify = false;
+                for change in todo {
+                    let columns = Columns::of(fence, change)?;
+                    notify |= columns.wakes_waiters();
+                    write.push(self.write_stmt(service, columns)?);
+                }
+                if notify {
+                    write.push(Stmt::Typed(
+                        &sql.notify,
+                        vec![text(sql.channel.clone()), text(service)],
+                    ));
+                }
+                write.push(Stmt::Simple("COMMIT"));
+                first_error(c.pipeline(&write).await).map_err(driver)?;
+                Ok(())
+            };
+            let result = self.timed(op).await;
+            self.settle(&mut conn, "writing to the store", result).await
+        })
+        .await
     }
 
     async fn services(&self) -> Result<Vec<String>, BackendError> {
-        let sql = &self.inner.sql;
-        let mut conn = self.conn().await?;
-        let stmts = [
-            Stmt::Typed(&sql.format, vec![]),
-            Stmt::Typed(&sql.services, vec![]),
-        ];
-        let op = async {
-            let rows = first_error(pipeline(conn.client(), &stmts).await).map_err(driver)?;
-            match rows[0].first() {
-                Some(r) => format_of(r, 0)?,
-                None => return Err(BackendError::corrupt("the meta table has no `format` row")),
-            }
-            let mut names = rows[1]
-                .iter()
-                .map(|r| get::<String>(r, 0, "a service name"))
-                .collect::<Result<Vec<_>, _>>()?;
-            // Byte order, whatever the database's collation.
-            names.sort();
-            Ok(names)
-        };
-        let result = self.timed(op).await;
-        self.settle(&mut conn, "listing the services", result).await
+        self.with_tables(|| async move {
+            let sql = &self.inner.sql;
+            let mut conn = self.conn().await?;
+            let stmts = [
+                Stmt::Typed(&sql.format, vec![]),
+                Stmt::Typed(&sql.services, vec![]),
+            ];
+            let op = async {
+                let rows = first_error(conn.pipeline(&stmts).await).map_err(driver)?;
+                match rows[0].first() {
+                    Some(r) => format_of(r, 0)?,
+                    None => {
+                        return Err(BackendError::corrupt("the meta table has no `format` row"))
+                    }
+                }
+                let mut names = rows[1]
+                    .iter()
+                    .map(|r| get::<String>(r, 0, "a service name"))
+                    .collect::<Result<Vec<_>, _>>()?;
+                // Byte order, whatever the database's collation.
+                names.sort();
+                Ok(names)
+            };
+            let result = self.timed(op).await;
+            self.settle(&mut conn, "listing the services", result).await
+        })
+        .await
     }
 
     async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>, BackendError> {
-        let sql = &self.inner.sql;
-        let mut conn = self.conn().await?;
-        let stmts = [
-            Stmt::Typed(&sql.format, vec![]),
-            Stmt::Typed(&sql.history_rows, vec![text(service)]),
-        ];
-        let op = async {
-            let rows = first_error(pipeline(conn.client(), &stmts).await).map_err(driver)?;
-            match rows[0].first() {
-                Some(r) => format_of(r, 0)?,
-                None => return Err(BackendError::corrupt("the meta table has no `format` row")),
-            }
-            let mut out = Vec::with_capacity(rows[1].len());
-            for r in &rows[1] {
-                let columns = HistoryColumns {
-                    summary: summary(r, 0)?,
-                    holder: get(r, 10, "a history row's holder")?,
-                    description: get(r, 11, "a history row's description")?,
-                    started_ms: get(r, 12, "a start time")?,
-                    finished_ms: get(r, 13, "an end time")?,
-                    duration_ms: get(r, 14, "a duration")?,
-                    error: get(r, 15, "an error text")?,
-                };
-                out.push(columns.decode()?);
-            }
-            Ok(out)
-        };
-        let result = self.timed(op).await;
-        self.settle(&mut conn, "reading the history", result).await
+        self.with_tables(|| async move {
+            let sql = &self.inner.sql;
+            let mut conn = self.conn().await?;
+            let stmts = [
+                Stmt::Typed(&sql.format, vec![]),
+                Stmt::Typed(&sql.history_rows, vec![text(service)]),
+            ];
+            let op = async {
+                let rows = first_error(conn.pipeline(&stmts).await).map_err(driver)?;
+                match rows[0].first() {
+                    Some(r) => format_of(r, 0)?,
+                    None => {
+                        return Err(BackendError::corrupt("the meta table has no `format` row"))
+                    }
+                }
+                let mut out = Vec::with_capacity(rows[1].len());
+                for r in &rows[1] {
+                    let columns = HistoryColumns {
+                        summary: summary(r, 0)?,
+                        holder: get(r, 10, "a history row's holder")?,
+                        description: get(r, 11, "a history row's description")?,
+                        started_ms: get(r, 12, "a start time")?,
+                        finished_ms: get(r, 13, "an end time")?,
+                        duration_ms: get(r, 14, "a duration")?,
+                        error: get(r, 15, "an error text")?,
+                    };
+                    out.push(columns.decode()?);
+                }
+                Ok(out)
+            };
+            let result = self.timed(op).await;
+            self.settle(&mut conn, "reading the history", result).await
+        })
+        .await
     }
 }
 
