@@ -242,8 +242,13 @@ async fn a_wall_clock_step_while_a_task_runs_lets_no_other_node_run_it() {
     let (runs, second) = upgrade_across_a_step(&host, host.options()).await;
     assert_eq!(runs.most_at_once.load(Ordering::SeqCst), 1, "E1");
     assert_eq!(runs.started.load(Ordering::SeqCst), 1);
+    // A second node whose read came just before the first's last commit
+    // may be granted the lease after it, and find the work done.
     assert!(
-        matches!(second, Outcome::WaitedForOther { .. }),
+        matches!(
+            second,
+            Outcome::WaitedForOther { .. } | Outcome::FoundUpToDate { .. }
+        ),
         "{second:?}"
     );
 }

@@ -367,3 +367,64 @@ async fn a_file_from_before_checkpoints_gains_their_columns_at_open() {
         "{err}"
     );
 }
+
+/// The commits other connections have made to `path`, as `conn` sees them.
+fn data_version(conn: &Connection) -> i64 {
+    conn.query_row("PRAGMA data_version", [], |r| r.get(0))
+        .unwrap()
+}
+
+/// A node starting on a file that is set up and holds its service's rows
+/// only reads: opening it and reading the service commits nothing, and
+/// neither waits for a node that holds the write lock (here for longer than
+/// the backend's busy timeout) nor blocks it. A service the file has no rows
+/// of yet gets them at its first read.
+#[tokio::test]
+async fn a_start_up_on_a_file_already_set_up_writes_nothing() {
+    use upsilon::backend::Store;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("u.db");
+    SqliteBackend::open(&path)
+        .await
+        .unwrap()
+        .load("svc")
+        .await
+        .unwrap();
+    let watcher = Connection::open(&path).unwrap();
+    let before = data_version(&watcher);
+    let wal = std::fs::metadata(path.with_extension("db-wal"))
+        .unwrap()
+        .len();
+
+    watcher.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let start_up = async {
+        let backend = SqliteBackend::open(&path).await.unwrap();
+        assert!(backend.load("svc").await.unwrap().is_empty());
+        backend
+    };
+    let backend = tokio::time::timeout(std::time::Duration::from_secs(5), start_up)
+        .await
+        .expect("a start-up beside a writer");
+    watcher.execute_batch("COMMIT").unwrap();
+    assert_eq!(data_version(&watcher), before, "a commit by the start-up");
+    assert_eq!(
+        std::fs::metadata(path.with_extension("db-wal"))
+            .unwrap()
+            .len(),
+        wal,
+        "WAL frames written by the start-up"
+    );
+
+    backend.load("other").await.unwrap();
+    assert_ne!(data_version(&watcher), before, "the new service's rows");
+    let rows: i64 = watcher
+        .query_row(
+            "SELECT COUNT(*) FROM upsilon_state s JOIN upsilon_fence f USING (service)
+             WHERE service = 'other'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(rows, 1);
+}

@@ -11,7 +11,7 @@ use upsilon::backend::{
 use upsilon::Holder;
 
 use super::rows::state;
-use super::{driver, Now, Result, SqliteBackend};
+use super::{driver, exec, query_row, Now, Result, SqliteBackend};
 
 #[async_trait]
 impl Lock for SqliteBackend {
@@ -19,13 +19,13 @@ impl Lock for SqliteBackend {
         let (service, holder) = (service.to_owned(), holder.clone());
         self.tx(move |tx, now| {
             let row = state(tx, &service)?;
-            let history_max: i64 = tx
-                .query_row(
-                    "SELECT COALESCE(MAX(fence), 0) FROM upsilon_history WHERE service = ?1",
-                    [&service],
-                    |r| r.get(0),
-                )
-                .map_err(driver)?;
+            let history_max: i64 = query_row(
+                tx,
+                "SELECT COALESCE(MAX(fence), 0) FROM upsilon_history WHERE service = ?1",
+                [&service],
+                |r| r.get(0),
+            )
+            .map_err(driver)?;
             let seen = [
                 fence_from_column(row.granted, "the granted fence")?,
                 fence_from_column(row.columns.store_fence, "the store's fence")?,
@@ -35,12 +35,13 @@ impl Lock for SqliteBackend {
             Ok(match decision {
                 Acquire::Granted(lease) => {
                     let fence = fence_to_column(lease.fence)?;
-                    tx.execute(
+                    exec(
+                        tx,
                         "UPDATE upsilon_fence SET granted = ?2 WHERE service = ?1",
                         params![service, fence],
-                    )
-                    .map_err(driver)?;
-                    tx.execute(
+                    )?;
+                    exec(
+                        tx,
                         "UPDATE upsilon_state SET lease_holder = ?3, lease_fence = ?2,
                          lease_expires_ms = ?4, lease_boot = ?5 WHERE service = ?1",
                         params![
@@ -50,8 +51,7 @@ impl Lock for SqliteBackend {
                             lease.expires_at_ms,
                             now.boot,
                         ],
-                    )
-                    .map_err(driver)?;
+                    )?;
                     Acquire::Granted(Lease {
                         expires_at_ms: now.reported(lease.expires_at_ms),
                         ..lease
@@ -66,24 +66,24 @@ impl Lock for SqliteBackend {
     async fn renew(&self, lease: &Lease) -> Result<Lease> {
         let lease = lease.clone();
         self.tx(move |tx, now| {
-            let renewed: Option<i64> = tx
-                .query_row(
-                    "UPDATE upsilon_state SET lease_expires_ms = ?5
+            let renewed: Option<i64> = query_row(
+                tx,
+                "UPDATE upsilon_state SET lease_expires_ms = ?5
                      WHERE service = ?1 AND lease_holder = ?2 AND lease_fence = ?3
                        AND lease_expires_ms > ?4 AND lease_boot = ?6
                      RETURNING lease_expires_ms",
-                    params![
-                        lease.service,
-                        lease.holder.encode(),
-                        fence_to_column(lease.fence)?,
-                        now.lease,
-                        expiry(now.lease, lease.ttl)?,
-                        now.boot,
-                    ],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(driver)?;
+                params![
+                    lease.service,
+                    lease.holder.encode(),
+                    fence_to_column(lease.fence)?,
+                    now.lease,
+                    expiry(now.lease, lease.ttl)?,
+                    now.boot,
+                ],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(driver)?;
             match renewed {
                 Some(at) => Ok(Lease {
                     expires_at_ms: now.reported(at),
@@ -98,21 +98,20 @@ impl Lock for SqliteBackend {
     async fn release(&self, lease: &Lease) -> Result<()> {
         let lease = lease.clone();
         self.tx(move |tx, now| {
-            let n = tx
-                .execute(
-                    "UPDATE upsilon_state SET lease_holder = NULL, lease_fence = NULL,
+            let n = exec(
+                tx,
+                "UPDATE upsilon_state SET lease_holder = NULL, lease_fence = NULL,
                      lease_expires_ms = NULL, lease_boot = NULL
                      WHERE service = ?1 AND lease_holder = ?2 AND lease_fence = ?3
                        AND lease_expires_ms > ?4 AND lease_boot = ?5",
-                    params![
-                        lease.service,
-                        lease.holder.encode(),
-                        fence_to_column(lease.fence)?,
-                        now.lease,
-                        now.boot,
-                    ],
-                )
-                .map_err(driver)?;
+                params![
+                    lease.service,
+                    lease.holder.encode(),
+                    fence_to_column(lease.fence)?,
+                    now.lease,
+                    now.boot,
+                ],
+            )?;
             if n == 1 {
                 Ok(())
             } else {
@@ -132,12 +131,12 @@ impl Lock for SqliteBackend {
                 .map(|info| reported(now, info));
             // The grant counter stays in `upsilon_fence`: the next grant's
             // fence is above the freed one.
-            tx.execute(
+            exec(
+                tx,
                 "UPDATE upsilon_state SET lease_holder = NULL, lease_fence = NULL,
                  lease_expires_ms = NULL, lease_boot = NULL WHERE service = ?1",
                 [&service],
-            )
-            .map_err(driver)?;
+            )?;
             Ok(live)
         })
         .await
@@ -147,11 +146,11 @@ impl Lock for SqliteBackend {
         let service = service.to_owned();
         self.tx(move |tx, _| {
             state(tx, &service)?;
-            tx.execute(
+            exec(
+                tx,
                 "UPDATE upsilon_fence SET granted = MAX(granted, ?2) WHERE service = ?1",
                 params![service, fence_to_column(floor)?],
-            )
-            .map_err(driver)?;
+            )?;
             Ok(())
         })
         .await

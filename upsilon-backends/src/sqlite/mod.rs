@@ -21,8 +21,13 @@
 //! ```
 //!
 //! How it works (docs/SQLITE.md says more):
-//! - Every operation is one `BEGIN IMMEDIATE` transaction, so SQLite's file
-//!   lock serialises them across processes.
+//! - Every operation that may write is one `BEGIN IMMEDIATE` transaction,
+//!   so SQLite's file lock serialises them across processes. Reads (the
+//!   snapshot of a service whose rows exist, its history, the services) are
+//!   deferred transactions, which take no write lock; so is the check at
+//!   open of a file that is already set up.
+//! - The connection belongs to one thread of the backend's, which runs its
+//!   calls in turn.
 //! - The lease's expiry is judged by `CLOCK_MONOTONIC`, read once the
 //!   transaction holds the lock ([`Clock`]): it never steps and every process
 //!   on the host shares it, so a wall-clock step neither hands a live lease
@@ -46,11 +51,13 @@
 //!   granted and claimed, per service, kept when the state row is deleted;
 //! - `upsilon_history(...)`: one row per task attempt.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rusqlite::{Connection, Transaction, TransactionBehavior};
+use tokio::sync::oneshot;
 use upsilon::backend::BackendError;
 
 mod clock;
@@ -62,6 +69,7 @@ mod schema;
 mod store;
 #[cfg(test)]
 mod tests;
+mod worker;
 
 pub use clock::{Clock, HostTime, SystemClock};
 pub use options::SqliteOptions;
@@ -74,12 +82,44 @@ pub use schema::FORMAT;
 type Result<T, E = BackendError> = std::result::Result<T, E>;
 
 /// Lock and store in one SQLite database file.
+///
+/// Clones share one connection. Its calls run in turn on a blocking thread,
+/// one thread while they keep coming ([`worker`]). The connection closes
+/// when the last clone is dropped, or after the call that runs then.
 #[derive(Debug, Clone)]
 pub struct SqliteBackend {
-    conn: Arc<Mutex<Connection>>,
+    shared: Arc<Shared>,
+}
+
+/// What the clones of a backend share.
+#[derive(Debug)]
+struct Shared {
+    session: Mutex<Session>,
+    queue: Arc<worker::Queue>,
     path: PathBuf,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.queue.close();
+    }
+}
+
+/// The backend's connection, and the clocks its transactions read.
+struct Session {
+    conn: Connection,
     clock: Arc<dyn Clock>,
     by_wall_clock: bool,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("conn", &self.conn)
+            .field("clock", &self.clock)
+            .field("by_wall_clock", &self.by_wall_clock)
+            .finish()
+    }
 }
 
 /// The time a transaction runs at, read once it holds the file's lock.
@@ -124,6 +164,24 @@ fn driver(e: rusqlite::Error) -> BackendError {
     }
 }
 
+/// Runs `sql`, prepared once per connection, with `params`: the rows it
+/// changed.
+fn exec(tx: &Transaction<'_>, sql: &str, params: impl rusqlite::Params) -> Result<usize> {
+    tx.prepare_cached(sql)
+        .and_then(|mut stmt| stmt.execute(params))
+        .map_err(driver)
+}
+
+/// The first row of `sql`, prepared once per connection, run with `params`.
+fn query_row<T>(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: impl rusqlite::Params,
+    f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    tx.prepare_cached(sql)?.query_row(params, f)
+}
+
 impl SqliteBackend {
     /// Opens (creating if needed) the database at `path` with the default
     /// [`SqliteOptions`], creates Upsilon's tables and checks the stored
@@ -145,74 +203,174 @@ impl SqliteBackend {
                 "the SQLite path is empty; give a file path like `sqlite:///var/lib/app/upsilon.db`",
             ));
         }
+        let (opened, open_result) = oneshot::channel();
         let p = path.clone();
-        let (clock, by_wall_clock) = (options.clock.clone(), options.judge_expiry_by_wall_clock);
-        let conn = tokio::task::spawn_blocking(move || -> Result<Connection> {
-            filesystem::check(&p, options.allow_network_filesystem)?;
-            let mut conn = connect(&p)?;
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(driver)?;
-            // A clock that cannot be read fails the open, not the first lease.
-            let now = Now::read(&*clock, by_wall_clock)?;
-            schema::prepare(&tx, &now)?;
-            tx.commit().map_err(driver)?;
-            Ok(conn)
-        })
-        .await
-        .map_err(BackendError::other)??;
-        Ok(SqliteBackend {
-            conn: Arc::new(Mutex::new(conn)),
-            path,
-            clock: options.clock,
-            by_wall_clock,
-        })
+        // The thread that opens the file goes on to take the backend's
+        // first calls: a start-up's read follows at once.
+        tokio::task::spawn_blocking(move || {
+            let session = match guarded(|| Session::open(&p, options)) {
+                Ok(session) => session,
+                Err(e) => {
+                    let _ = opened.send(Err(e));
+                    return;
+                }
+            };
+            let queue = Arc::new(worker::Queue::default());
+            queue.serving();
+            let shared = Arc::new(Shared {
+                session: Mutex::new(session),
+                queue: queue.clone(),
+                path: p,
+            });
+            let weak = Arc::downgrade(&shared);
+            // Dropped here if the open was given up: the queue closes.
+            let _ = opened.send(Ok(shared));
+            worker::serve(&queue, &weak);
+        });
+        let shared = open_result.await.map_err(|_| stopped())??;
+        Ok(SqliteBackend { shared })
     }
 
     /// The database file.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.shared.path
     }
 
-    /// Runs `f` in one `BEGIN IMMEDIATE` transaction on a blocking thread,
-    /// with the time read once the transaction holds the file's lock, and
-    /// commits if it returns `Ok`.
+    /// Runs `f` on the backend's thread, with its connection.
+    async fn call<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Session) -> Result<T> + Send + 'static,
+    {
+        let (done, result) = oneshot::channel();
+        worker::Queue::push(
+            &self.shared,
+            Box::new(move |shared| {
+                let value = {
+                    let mut session = shared.session.lock().unwrap_or_else(|p| p.into_inner());
+                    guarded(|| f(&mut session))
+                };
+                drop(shared);
+                let _ = done.send(value);
+            }),
+        );
+        result.await.map_err(|_| stopped())?
+    }
+
+    /// Runs `f` in one `BEGIN IMMEDIATE` transaction ([`Session::write`]).
     async fn tx<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Transaction<'_>, &Now) -> Result<T> + Send + 'static,
     {
-        let (conn, clock, by_wall_clock) =
-            (self.conn.clone(), self.clock.clone(), self.by_wall_clock);
-        tokio::task::spawn_blocking(move || {
-            let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(driver)?;
-            schema::check_stored(&tx)?;
-            let now = Now::read(&*clock, by_wall_clock)?;
-            let value = f(&tx, &now)?;
-            tx.commit().map_err(driver)?;
-            Ok(value)
-        })
-        .await
-        .map_err(BackendError::other)?
+        self.call(move |session| session.write(f)).await
     }
 }
 
-/// Opens a connection to `path` as the backend uses every one: WAL, a busy
-/// timeout, and `synchronous = FULL`, which syncs the WAL at every commit.
+/// `f`, with a panic as an error: the transaction it was in rolls back as
+/// the panic unwinds, and the thread goes on with the next call.
+fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(BackendError::other(format!(
+            "the SQLite backend panicked: {why}"
+        )))
+    })
+}
+
+/// A call that ended without an answer: the thread that ran it was stopped
+/// (its runtime shut down).
+fn stopped() -> BackendError {
+    BackendError::other("the SQLite backend's call was dropped before it ran")
+}
+
+impl Session {
+    /// Opens the connection and makes sure the file holds this build's
+    /// tables ([`schema::prepare`]).
+    fn open(path: &Path, options: SqliteOptions) -> Result<Session> {
+        filesystem::check(path, options.allow_network_filesystem)?;
+        let mut conn = connect(path)?;
+        // A clock that cannot be read fails the open, not the first lease.
+        let now = Now::read(&*options.clock, options.judge_expiry_by_wall_clock)?;
+        schema::prepare(&mut conn, &now)?;
+        Ok(Session {
+            conn,
+            clock: options.clock,
+            by_wall_clock: options.judge_expiry_by_wall_clock,
+        })
+    }
+
+    /// Runs `f` in one `BEGIN IMMEDIATE` transaction, with the time read
+    /// once the transaction holds the file's lock, and commits if it returns
+    /// `Ok`. SQLite's lock on the file serialises these across processes.
+    fn write<T>(&mut self, f: impl FnOnce(&Transaction<'_>, &Now) -> Result<T>) -> Result<T> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(driver)?;
+        schema::check_stored(&tx)?;
+        let now = Now::read(&*self.clock, self.by_wall_clock)?;
+        let value = f(&tx, &now)?;
+        tx.commit().map_err(driver)?;
+        Ok(value)
+    }
+
+    /// Runs `f` in one deferred transaction, which reads one snapshot of the
+    /// file without taking its write lock. `f` must not write: a deferred
+    /// transaction that starts writing after it has read can fail with
+    /// `SQLITE_BUSY` when another connection wrote in between.
+    fn read<T>(&mut self, f: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Deferred)
+            .map_err(driver)?;
+        schema::check_stored(&tx)?;
+        let value = f(&tx)?;
+        tx.commit().map_err(driver)?;
+        Ok(value)
+    }
+
+    /// Runs `f` on the rows of `service` in a read transaction; if the
+    /// service has no rows yet, creates them in a write transaction of their
+    /// own and runs `f` there.
+    fn read_service<T>(
+        &mut self,
+        service: &str,
+        f: impl Fn(&Transaction<'_>, rows::StateRow) -> Result<T>,
+    ) -> Result<T> {
+        let found = self.read(|tx| match rows::find_state(tx, service)? {
+            Some(row) => f(tx, row).map(Some),
+            None => Ok(None),
+        })?;
+        match found {
+            Some(value) => Ok(value),
+            None => self.write(|tx, _| f(tx, rows::state(tx, service)?)),
+        }
+    }
+}
+
+/// Opens a connection to `path` as the backend uses every one: a busy
+/// timeout, and `synchronous = FULL`, which syncs the WAL at every commit
+/// (the file is switched to WAL when it is prepared, [`schema::prepare`]).
 /// `NORMAL` (SQLite's WAL default) syncs only at checkpoints, so a power loss
 /// can take back the newest acknowledged commits: a lost grant would let the
 /// next grant reuse its fence while the first holder still works.
 fn connect(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path).map_err(|e| cannot_open(path, e))?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(driver)?;
-    wal(&conn)?;
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(driver)?;
+    // Room for every statement the backend runs, each prepared once.
+    conn.set_prepared_statement_cache_capacity(STATEMENTS);
     Ok(conn)
 }
+
+/// More than the statements the backend runs.
+const STATEMENTS: usize = 32;
 
 /// How long a statement waits for another process's lock on the file.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -250,7 +408,7 @@ fn cannot_open(path: &Path, e: rusqlite::Error) -> BackendError {
 /// Switches the file to WAL. The switch takes the file's lock without the
 /// busy timeout, so processes that open a new file at once retry it here
 /// until the timeout instead of failing with `database is locked`.
-fn wal(conn: &Connection) -> Result<()> {
+pub(super) fn wal(conn: &Connection) -> Result<()> {
     let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
     loop {
         match conn.pragma_update(None, "journal_mode", "WAL") {

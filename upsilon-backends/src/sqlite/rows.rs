@@ -2,8 +2,10 @@
 
 use std::collections::BTreeSet;
 
-use rusqlite::{params, Transaction};
-use upsilon::backend::{CheckpointColumns, Snapshot, StateColumns, StoredLease, SummaryColumns};
+use rusqlite::{params, OptionalExtension, Transaction};
+use upsilon::backend::{
+    BackendError, CheckpointColumns, Snapshot, StateColumns, StoredLease, SummaryColumns,
+};
 use upsilon::TaskKey;
 
 use super::{driver, Now, Result};
@@ -26,8 +28,12 @@ impl StateRow {
     }
 }
 
-/// The state row and the fences of `service`, each created if missing.
+/// The state row and the fences of `service`, each created if missing. In
+/// a write transaction only.
 pub(super) fn state(tx: &Transaction<'_>, service: &str) -> Result<StateRow> {
+    if let Some(row) = find_state(tx, service)? {
+        return Ok(row);
+    }
     for table in ["upsilon_state", "upsilon_fence"] {
         tx.prepare_cached(&format!(
             "INSERT OR IGNORE INTO {table} (service) VALUES (?1)"
@@ -35,36 +41,54 @@ pub(super) fn state(tx: &Transaction<'_>, service: &str) -> Result<StateRow> {
         .and_then(|mut insert| insert.execute([service]))
         .map_err(driver)?;
     }
-    let (columns, granted, holder, fence, expires, lease_boot) = tx
-        .query_row(
+    find_state(tx, service)?
+        .ok_or_else(|| BackendError::other(format!("the state row of {service} is missing")))
+}
+
+/// The state row and the fences of `service`, if it has both.
+pub(super) fn find_state(tx: &Transaction<'_>, service: &str) -> Result<Option<StateRow>> {
+    let mut stmt = tx
+        .prepare_cached(
             "SELECT s.data_version, s.baseline, f.store_fence, f.granted,
                     s.lease_holder, s.lease_fence, s.lease_expires_ms, s.lease_boot
              FROM upsilon_state s JOIN upsilon_fence f ON f.service = s.service
              WHERE s.service = ?1",
-            [service],
-            |r| {
-                Ok((
-                    StateColumns {
-                        data_version: r.get(0)?,
-                        baseline: r.get(1)?,
-                        store_fence: r.get(2)?,
-                    },
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, Option<String>>(4)?,
-                    r.get::<_, Option<i64>>(5)?,
-                    r.get::<_, Option<i64>>(6)?,
-                    r.get::<_, Option<String>>(7)?,
-                ))
-            },
         )
         .map_err(driver)?;
-    Ok(StateRow {
+    let found = stmt
+        .query_row([service], |r| {
+            Ok((
+                StateColumns {
+                    data_version: r.get(0)?,
+                    baseline: r.get(1)?,
+                    store_fence: r.get(2)?,
+                },
+                r.get::<_, i64>(3)?,
+                r.get::<_, Option<String>>(4)?,
+                r.get::<_, Option<i64>>(5)?,
+                r.get::<_, Option<i64>>(6)?,
+                r.get::<_, Option<String>>(7)?,
+            ))
+        })
+        .optional()
+        .map_err(driver)?;
+    let Some((columns, granted, holder, fence, expires, lease_boot)) = found else {
+        return Ok(None);
+    };
+    Ok(Some(StateRow {
         columns,
         granted,
         lease: StoredLease::from_columns(holder.as_deref(), fence, expires)?,
         lease_boot,
-    })
+    }))
 }
+
+/// The summaries of a service's tasks, from every column of the history.
+pub(super) const HISTORY: &str = "
+SELECT version, task_id, attempt, kind, state, fence, checkpoint, checkpoint_saved_ms,
+       checkpoint_done, checkpoint_total, holder, description, started_ms, finished_ms,
+       duration_ms, error
+  FROM upsilon_history WHERE service = ?1 ORDER BY id";
 
 pub(super) fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<SummaryColumns> {
     Ok(SummaryColumns {
@@ -78,29 +102,37 @@ pub(super) fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<SummaryColumns>
     })
 }
 
+/// The state of `service` with the summaries of every task, its rows created
+/// if missing. In a write transaction only.
 pub(super) fn snapshot(tx: &Transaction<'_>, service: &str) -> Result<Snapshot> {
     snapshot_of(tx, service, None)
 }
 
 /// The state of `service` with the summaries of the tasks in `only`, or of
-/// every task. A write needs only the tasks it touches, so that its cost does
-/// not grow with the history.
+/// every task, its rows created if missing. In a write transaction only. A
+/// write needs only the tasks it touches, so that its cost does not grow
+/// with the history.
 pub(super) fn snapshot_of(
     tx: &Transaction<'_>,
     service: &str,
     only: Option<&BTreeSet<&TaskKey>>,
 ) -> Result<Snapshot> {
     let row = state(tx, service)?;
+    snapshot_with(tx, row, service, only)
+}
+
+/// The state `row` of `service` with the summaries of the tasks in `only`,
+/// or of every task.
+pub(super) fn snapshot_with(
+    tx: &Transaction<'_>,
+    row: StateRow,
+    service: &str,
+    only: Option<&BTreeSet<&TaskKey>>,
+) -> Result<Snapshot> {
     let mut rows = Vec::new();
     match only {
         None => {
-            let mut stmt = tx
-                .prepare_cached(
-                    "SELECT version, task_id, attempt, kind, state, fence, checkpoint, checkpoint_saved_ms,
-                            checkpoint_done, checkpoint_total FROM upsilon_history
-                     WHERE service = ?1 ORDER BY id",
-                )
-                .map_err(driver)?;
+            let mut stmt = tx.prepare_cached(HISTORY).map_err(driver)?;
             for r in stmt.query_map([service], summary).map_err(driver)? {
                 rows.push(r.map_err(driver)?);
             }

@@ -1,10 +1,10 @@
 //! The tables, the stored format every transaction checks, and the
-//! migration from format 1.
+//! migrations.
 
-use rusqlite::{params, OptionalExtension, Transaction};
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use upsilon::backend::BackendError;
 
-use super::{driver, Now, Result};
+use super::{driver, rows, wal, Now, Result};
 
 /// The stored format this build writes and reads. Format 2 judges leases by
 /// `CLOCK_MONOTONIC` and the boot id (`lease_boot`), and keeps the fences in
@@ -76,10 +76,51 @@ const CHECKPOINT_COLUMNS: [(&str, &str); 4] = [
     ("checkpoint_total", "INTEGER"),
 ];
 
-/// At open, in the transaction that holds the file's lock: creates the
-/// tables of a new file, migrates a format-1 file, and refuses any other
-/// format.
-pub(super) fn prepare(tx: &Transaction<'_>, now: &Now) -> Result<()> {
+/// At open: makes sure the file is in WAL and holds this build's tables.
+/// A file already set up is only read, without the write lock; otherwise,
+/// in a transaction that holds the file's lock, creates the tables of a new
+/// file, migrates a format-1 file, adds the checkpoint columns a file of an
+/// earlier release lacks, and refuses any other format.
+pub(super) fn prepare(conn: &mut Connection, now: &Now) -> Result<()> {
+    if set_up(conn)? {
+        return Ok(());
+    }
+    wal(conn)?;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(driver)?;
+    upgrade(&tx, now)?;
+    tx.commit().map_err(driver)
+}
+
+/// Whether the file needs nothing done: in WAL, with this build's format
+/// and every column of the history. Read in one deferred transaction; a
+/// newer format is an error. A table or a column missing fails a
+/// statement's preparation here, and anything else that fails leaves the
+/// file to [`upgrade`], which says what is wrong if something is.
+fn set_up(conn: &mut Connection) -> Result<bool> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Deferred)
+        .map_err(driver)?;
+    let wal = tx
+        .query_row("PRAGMA journal_mode", [], |r| r.get::<_, String>(0))
+        .is_ok_and(|mode| mode.eq_ignore_ascii_case("wal"));
+    let Ok(Some(format)) = stored_format(&tx) else {
+        return Ok(false);
+    };
+    if format == "1" {
+        return Ok(false);
+    }
+    check_format(&format)?;
+    // Names every column of the history; prepared once for the connection.
+    let columns = tx.prepare_cached(rows::HISTORY).is_ok();
+    tx.commit().map_err(driver)?;
+    Ok(wal && columns)
+}
+
+/// In the transaction that holds the file's lock: creates the tables of a
+/// new file, migrates a format-1 file, and refuses any other format.
+fn upgrade(tx: &Transaction<'_>, now: &Now) -> Result<()> {
     tx.execute_batch(META).map_err(driver)?;
     match stored_format(tx)?.as_deref() {
         None => create(tx),
@@ -174,13 +215,9 @@ pub(super) fn check_stored(tx: &Transaction<'_>) -> Result<()> {
 }
 
 fn stored_format(tx: &Transaction<'_>) -> Result<Option<String>> {
-    tx.query_row(
-        "SELECT value FROM upsilon_meta WHERE key = 'format'",
-        [],
-        |r| r.get(0),
-    )
-    .optional()
-    .map_err(driver)
+    tx.prepare_cached("SELECT value FROM upsilon_meta WHERE key = 'format'")
+        .and_then(|mut stmt| stmt.query_row([], |r| r.get(0)).optional())
+        .map_err(driver)
 }
 
 fn check_format(found: &str) -> Result<()> {

@@ -9,14 +9,17 @@ use upsilon::backend::{
     Value, Write,
 };
 
-use super::rows::{snapshot, snapshot_of, summary};
-use super::{driver, Result, SqliteBackend};
+use super::rows::{snapshot, snapshot_of, snapshot_with, summary, HISTORY};
+use super::{driver, exec, Result, SqliteBackend};
 
 #[async_trait]
 impl Store for SqliteBackend {
     async fn load(&self, service: &str) -> Result<Snapshot> {
         let service = service.to_owned();
-        self.tx(move |tx, _| snapshot(tx, &service)).await
+        self.call(move |session| {
+            session.read_service(&service, |tx, row| snapshot_with(tx, row, &service, None))
+        })
+        .await
     }
 
     async fn claim(&self, service: &str, fence: u64) -> Result<Snapshot> {
@@ -24,11 +27,11 @@ impl Store for SqliteBackend {
         self.tx(move |tx, _| {
             let mut snap = snapshot(tx, &service)?;
             if snap.claim(fence)? {
-                tx.execute(
+                exec(
+                    tx,
                     "UPDATE upsilon_fence SET store_fence = ?2 WHERE service = ?1",
                     params![service, fence_to_column(fence)?],
-                )
-                .map_err(driver)?;
+                )?;
             }
             Ok(snap)
         })
@@ -51,56 +54,53 @@ impl Store for SqliteBackend {
     }
 
     async fn services(&self) -> Result<Vec<String>> {
-        self.tx(move |tx, _| {
-            // Reads create empty state rows; a service is one the store
-            // holds something of.
-            let mut stmt = tx
-                .prepare_cached(
-                    "SELECT service FROM upsilon_state
+        self.call(move |session| {
+            session.read(|tx| {
+                // Reads create empty state rows; a service is one the store
+                // holds something of.
+                let mut stmt = tx
+                    .prepare_cached(
+                        "SELECT service FROM upsilon_state
                       WHERE data_version IS NOT NULL OR baseline IS NOT NULL
                          OR lease_holder IS NOT NULL
                      UNION SELECT service FROM upsilon_fence WHERE granted > 0 OR store_fence > 0
                      UNION SELECT service FROM upsilon_history
                      ORDER BY 1",
-                )
-                .map_err(driver)?;
-            let names = stmt
-                .query_map([], |r| r.get::<_, String>(0))
-                .map_err(driver)?;
-            names.map(|n| n.map_err(driver)).collect()
+                    )
+                    .map_err(driver)?;
+                let names = stmt
+                    .query_map([], |r| r.get::<_, String>(0))
+                    .map_err(driver)?;
+                names.map(|n| n.map_err(driver)).collect()
+            })
         })
         .await
     }
 
     async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>> {
         let service = service.to_owned();
-        self.tx(move |tx, _| {
-            let mut stmt = tx
-                .prepare_cached(
-                    "SELECT version, task_id, attempt, kind, state, fence, checkpoint,
-                            checkpoint_saved_ms, checkpoint_done, checkpoint_total, holder,
-                            description, started_ms, finished_ms, duration_ms, error
-                     FROM upsilon_history WHERE service = ?1 ORDER BY id",
-                )
-                .map_err(driver)?;
-            let rows = stmt
-                .query_map([&service], |r| {
-                    Ok(HistoryColumns {
-                        summary: summary(r)?,
-                        holder: r.get(10)?,
-                        description: r.get(11)?,
-                        started_ms: r.get(12)?,
-                        finished_ms: r.get(13)?,
-                        duration_ms: r.get(14)?,
-                        error: r.get(15)?,
+        self.call(move |session| {
+            session.read(|tx| {
+                let mut stmt = tx.prepare_cached(HISTORY).map_err(driver)?;
+                let rows = stmt
+                    .query_map([&service], |r| {
+                        Ok(HistoryColumns {
+                            summary: summary(r)?,
+                            holder: r.get(10)?,
+                            description: r.get(11)?,
+                            started_ms: r.get(12)?,
+                            finished_ms: r.get(13)?,
+                            duration_ms: r.get(14)?,
+                            error: r.get(15)?,
+                        })
                     })
-                })
-                .map_err(driver)?;
-            let mut out = Vec::new();
-            for row in rows {
-                out.push(row.map_err(driver)?.decode()?);
-            }
-            Ok(out)
+                    .map_err(driver)?;
+                let mut out = Vec::new();
+                for row in rows {
+                    out.push(row.map_err(driver)?.decode()?);
+                }
+                Ok(out)
+            })
         })
         .await
     }
@@ -139,7 +139,8 @@ fn write(tx: &rusqlite::Transaction<'_>, service: &str, now: i64, columns: Colum
     let values = std::iter::once(SqlValue::Text(service.to_owned()))
         .chain(columns.into_values().into_iter().map(sql_value))
         .chain(now);
-    tx.execute(sql, rusqlite::params_from_iter(values))
+    tx.prepare_cached(sql)
+        .and_then(|mut stmt| stmt.execute(rusqlite::params_from_iter(values)))
         .map(|_| ())
         .map_err(driver)
 }

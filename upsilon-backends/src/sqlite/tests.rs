@@ -1,8 +1,14 @@
 use super::*;
 
-fn synchronous(backend: &SqliteBackend) -> i64 {
-    let conn = backend.conn.lock().unwrap();
-    conn.pragma_query_value(None, "synchronous", |r| r.get(0))
+async fn synchronous(backend: &SqliteBackend) -> i64 {
+    backend
+        .call(|session| {
+            session
+                .conn
+                .pragma_query_value(None, "synchronous", |r| r.get(0))
+                .map_err(driver)
+        })
+        .await
         .unwrap()
 }
 
@@ -16,6 +22,6 @@ async fn every_connection_syncs_each_commit() {
     let first = SqliteBackend::open(&path).await.unwrap();
     let second = SqliteBackend::open(&path).await.unwrap();
     for backend in [&first, &second, &first.clone()] {
-        assert_eq!(synchronous(backend), 2, "PRAGMA synchronous");
+        assert_eq!(synchronous(backend).await, 2, "PRAGMA synchronous");
     }
 }
