@@ -300,7 +300,7 @@ async fn run_rows(
             // As Upsilon's SQLite backend sets it up.
             let c = rusqlite::Connection::open(&path)?;
             c.pragma_update(None, "journal_mode", "WAL")?;
-            c.pragma_update(None, "synchronous", "NORMAL")?;
+            c.pragma_update(None, "synchronous", "FULL")?;
             c.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, x INTEGER NOT NULL)")?;
             let t = Instant::now();
             for i in 0..n {
