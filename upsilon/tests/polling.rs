@@ -87,13 +87,17 @@ impl Store for Polling {
     }
 }
 
-/// A task that parks until `gate`, after saying so on `entered`.
+/// A task at 1.1 that parks until `gate`, after saying so on `entered`.
 fn parked(gate: &Arc<Notify>, entered: &Arc<Notify>) -> Task {
+    parked_at("1.1", "backfill", gate, entered)
+}
+
+fn parked_at(version: &str, name: &str, gate: &Arc<Notify>, entered: &Arc<Notify>) -> Task {
     let (gate, entered) = (gate.clone(), entered.clone());
     Task::new(
-        "1.1",
+        version,
         1,
-        "backfill",
+        name,
         move |_: &mut TaskContext| -> TaskFuture<'_> {
             let (gate, entered) = (gate.clone(), entered.clone());
             Box::pin(async move {
@@ -223,23 +227,7 @@ async fn a_polling_node_is_ready_when_the_data_reaches_its_version_under_a_held_
     let (gate_1, entered_1) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
     let (gate_2, entered_2) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
     let first = parked(&gate_1, &entered_1);
-    let later = {
-        let (gate, entered) = (gate_2.clone(), entered_2.clone());
-        Task::new(
-            "1.2",
-            1,
-            "later",
-            move |_: &mut TaskContext| -> TaskFuture<'_> {
-                let (gate, entered) = (gate.clone(), entered.clone());
-                Box::pin(async move {
-                    entered.notify_one();
-                    gate.notified().await;
-                    Ok(())
-                })
-            },
-        )
-        .unwrap()
-    };
+    let later = parked_at("1.2", "later", &gate_2, &entered_2);
     let holder = Upsilon::builder()
         .backend(backend.clone())
         .service("svc")
