@@ -48,6 +48,8 @@ pub struct Round {
     /// Leases granted in the upgrade, the canary's included (Upsilon; 1
     /// when no waiting node took the lease). 0 for sqlx, which has none.
     pub grants: u64,
+    /// Waits the waiting nodes began, all together (Upsilon; 0 for sqlx).
+    pub waits: u64,
 }
 
 /// The canary's task waits for `go`, then sleeps `task`; the waiters' copy
@@ -183,12 +185,14 @@ pub async fn upsilon_round(
             .iter()
             .map(|w| w.granted.load(Ordering::SeqCst))
             .sum::<u64>();
+    let waits = watched.iter().map(|w| w.waits.load(Ordering::SeqCst)).sum();
     Ok(Round {
         last,
         each,
         last_woken,
         commit,
         grants,
+        waits,
     })
 }
 
@@ -313,6 +317,7 @@ pub async fn sqlx_round(
         last_woken: None,
         commit: done,
         grants: 0,
+        waits: 0,
     })
 }
 

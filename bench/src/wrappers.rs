@@ -86,6 +86,8 @@ pub struct Watched {
     pub woke: Mutex<Option<Instant>>,
     /// Leases granted to it.
     pub granted: AtomicU64,
+    /// Waits it began (polls, for a lock without notifications).
+    pub waits: AtomicU64,
 }
 
 impl Watched {
@@ -94,6 +96,7 @@ impl Watched {
             inner,
             woke: Mutex::new(None),
             granted: AtomicU64::new(0),
+            waits: AtomicU64::new(0),
         }
     }
 }
@@ -147,6 +150,7 @@ impl Lock for Watched {
         seen: &LeaseInfo,
         timeout: Duration,
     ) -> Result<(), BackendError> {
+        self.waits.fetch_add(1, Ordering::SeqCst);
         let r = self.inner.wait(service, seen, timeout).await;
         *self.woke.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         r
