@@ -22,6 +22,9 @@ use crate::proxy::{Proxy, Tally};
 use crate::report::{Report, Row, Unit};
 use crate::Options;
 
+/// One of a [`Cost`]'s figures.
+type Figure = fn(&Cost) -> f64;
+
 /// One way of waiting, and what it cost per node.
 struct Cost {
     name: &'static str,
@@ -192,34 +195,27 @@ pub async fn run(env: &Env, o: &Options, report: &mut Report) -> anyhow::Result<
     .await?;
     let sqlx = sqlx_cost(env, &proxy, o).await?;
     let base = "sqlx Migrator::run";
-    for c in [&default, &off, &pooled] {
-        let row = Row::new(
-            "3",
-            format!("round trips per waiting node, {}", c.name),
-            Unit::Count,
-            c.round_trips,
-        )
-        .vs(base, sqlx.round_trips);
+    let round_trips: Figure = |c| c.round_trips;
+    let statements: Figure = |c| c.statements;
+    for (what, of, most) in [
+        ("round trips", round_trips, 3.0),
+        ("statements", statements, 5.0),
+    ] {
         // Behind a transaction pooler the wait is polling, judged per poll below.
-        report.push(if std::ptr::eq(c, &pooled) {
-            row
-        } else {
-            row.at_most(3.0, "<= 3")
-        });
-    }
-    for c in [&default, &off, &pooled] {
-        let row = Row::new(
-            "3",
-            format!("statements per waiting node, {}", c.name),
-            Unit::Count,
-            c.statements,
-        )
-        .vs(base, sqlx.statements);
-        report.push(if std::ptr::eq(c, &pooled) {
-            row
-        } else {
-            row.at_most(5.0, "<= 5")
-        });
+        for (c, judged) in [(&default, true), (&off, true), (&pooled, false)] {
+            let row = Row::new(
+                "3",
+                format!("{what} per waiting node, {}", c.name),
+                Unit::Count,
+                of(c),
+            )
+            .vs(base, of(&sqlx));
+            report.push(if judged {
+                row.at_most(most, format!("<= {most}"))
+            } else {
+                row
+            });
+        }
     }
     let polls = pooled_long.polls - pooled.polls;
     let per_poll = |long: f64, short: f64| {
