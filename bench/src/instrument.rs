@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde_json::{json, Value};
-use upsilon::backend::{Acquire, Change, HistoryEntry, LeaseInfo};
+use upsilon::backend::{Acquire, Change, HistoryEntry, LeaseInfo, Notice};
 use upsilon::backend::{Backend, BackendError, Lease, Lock, Snapshot, Store};
 use upsilon::Holder;
 
@@ -157,6 +157,25 @@ impl Store for Instrumented {
     ) -> Result<(), BackendError> {
         self.time("apply", self.inner.apply(service, fence, changes))
             .await
+    }
+
+    async fn apply_with_notice(
+        &self,
+        service: &str,
+        fence: u64,
+        changes: &[Change],
+        notice: &Notice,
+    ) -> Result<(), BackendError> {
+        self.time(
+            "apply",
+            self.inner
+                .apply_with_notice(service, fence, changes, notice),
+        )
+        .await
+    }
+
+    fn notice(&self, service: &str) -> Option<Notice> {
+        self.inner.notice(service)
     }
 
     async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>, BackendError> {

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use upsilon::backend::{Acquire, Change, HistoryEntry, LeaseInfo};
+use upsilon::backend::{Acquire, Change, HistoryEntry, LeaseInfo, Notice};
 use upsilon::backend::{Backend, BackendError, Lease, Lock, Snapshot, Store};
 use upsilon::Holder;
 
@@ -37,6 +37,17 @@ impl TimedStore {
         }
     }
 
+    /// Notes a write that succeeded.
+    fn wrote(&self, r: Result<(), BackendError>) -> Result<(), BackendError> {
+        if r.is_ok() {
+            *self.last_write.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+            if self.print {
+                println!("wrote");
+            }
+        }
+        r
+    }
+
     pub fn last_write(&self) -> Option<Instant> {
         *self.last_write.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -59,13 +70,25 @@ impl Store for TimedStore {
         changes: &[Change],
     ) -> Result<(), BackendError> {
         let r = self.inner.apply(service, fence, changes).await;
-        if r.is_ok() {
-            *self.last_write.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-            if self.print {
-                println!("wrote");
-            }
-        }
-        r
+        self.wrote(r)
+    }
+
+    async fn apply_with_notice(
+        &self,
+        service: &str,
+        fence: u64,
+        changes: &[Change],
+        notice: &Notice,
+    ) -> Result<(), BackendError> {
+        let r = self
+            .inner
+            .apply_with_notice(service, fence, changes, notice)
+            .await;
+        self.wrote(r)
+    }
+
+    fn notice(&self, service: &str) -> Option<Notice> {
+        self.inner.notice(service)
     }
 
     async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>, BackendError> {
@@ -178,6 +201,22 @@ impl Store for Watched {
         changes: &[Change],
     ) -> Result<(), BackendError> {
         self.inner.apply(service, fence, changes).await
+    }
+
+    async fn apply_with_notice(
+        &self,
+        service: &str,
+        fence: u64,
+        changes: &[Change],
+        notice: &Notice,
+    ) -> Result<(), BackendError> {
+        self.inner
+            .apply_with_notice(service, fence, changes, notice)
+            .await
+    }
+
+    fn notice(&self, service: &str) -> Option<Notice> {
+        self.inner.notice(service)
     }
 
     async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>, BackendError> {

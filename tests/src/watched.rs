@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use upsilon::backend::{
-    Acquire, BackendError, Change, HistoryEntry, Lease, LeaseInfo, Lock, Snapshot, Store,
+    Acquire, BackendError, Change, HistoryEntry, Lease, LeaseInfo, Lock, Notice, Snapshot, Store,
 };
 use upsilon::Holder;
 
@@ -233,6 +233,26 @@ impl Store for Watched {
         let r = self.store.apply(service, fence, changes).await;
         call.done(r.as_ref().map_or_else(seen, |_| Seen::Ok), None);
         r
+    }
+
+    async fn apply_with_notice(
+        &self,
+        service: &str,
+        fence: u64,
+        changes: &[Change],
+        notice: &Notice,
+    ) -> Result<(), BackendError> {
+        let call = self.store_call("apply", fence, what(changes));
+        let r = self
+            .store
+            .apply_with_notice(service, fence, changes, notice)
+            .await;
+        call.done(r.as_ref().map_or_else(seen, |_| Seen::Ok), None);
+        r
+    }
+
+    fn notice(&self, service: &str) -> Option<Notice> {
+        self.store.notice(service)
     }
 
     async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>, BackendError> {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use upsilon::backend::{Acquire, BackendError, Change, Lease, Lock, Snapshot, Store};
-use upsilon::backend::{HistoryEntry, LeaseInfo};
+use upsilon::backend::{HistoryEntry, LeaseInfo, Notice};
 use upsilon::testing::{Fault, Op};
 use upsilon::Holder;
 
@@ -243,6 +243,29 @@ impl Store for Link {
         let r = self.world.backend.apply(service, fence, changes).await;
         let what: Vec<String> = changes.iter().map(describe).collect();
         self.finish(&format!("apply {fence} [{}]", what.join(", ")), gate, r)
+    }
+    async fn apply_with_notice(
+        &self,
+        service: &str,
+        fence: u64,
+        changes: &[Change],
+        notice: &Notice,
+    ) -> Result<(), BackendError> {
+        let gate = self.gate("apply").await?;
+        let r = self
+            .world
+            .backend
+            .apply_with_notice(service, fence, changes, notice)
+            .await;
+        let what: Vec<String> = changes.iter().map(describe).collect();
+        self.finish(
+            &format!("apply {fence} [{}] with its notice", what.join(", ")),
+            gate,
+            r,
+        )
+    }
+    fn notice(&self, service: &str) -> Option<Notice> {
+        self.world.backend.notice(service)
     }
     async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>, BackendError> {
         self.world.backend.history(service).await

@@ -49,6 +49,7 @@ use crate::ids::Holder;
 
 mod checkpoint_columns;
 mod kit;
+mod notice;
 mod unlock;
 
 pub use crate::state::{
@@ -62,6 +63,7 @@ pub use kit::{
     version_from_column, Columns, HistoryColumns, StateColumns, StoredLease, SummaryColumns, Value,
     Write,
 };
+pub use notice::{Notice, PlanDigest, PlanHasher};
 pub use unlock::{unlock, Unlocked, UNLOCK_TTL};
 
 /// The cluster-wide lease: who may run a plan.
@@ -211,6 +213,34 @@ pub trait Store: Send + Sync + fmt::Debug {
         fence: u64,
         changes: &[Change],
     ) -> Result<(), BackendError>;
+
+    /// [`Store::apply`], and with the write, once it commits, `notice` to
+    /// every node waiting on `service` that reads this store's
+    /// notifications, so that a waiting node with the same plan inputs is
+    /// READY without a read ([`Notice`] says what it promises). The runner
+    /// sends its last write of a finished plan this way. The notice must
+    /// reach no node unless the write commits: sent in the same transaction
+    /// or atomic operation. The default sends none and only applies.
+    async fn apply_with_notice(
+        &self,
+        service: &str,
+        fence: u64,
+        changes: &[Change],
+        notice: &Notice,
+    ) -> Result<(), BackendError> {
+        let _ = notice;
+        self.apply(service, fence, changes).await
+    }
+
+    /// The notice with the highest fence this backend has received for
+    /// `service` (from any node, by [`Store::apply_with_notice`]), if any.
+    /// A waiting node asks after each wake-up and trusts a notice whose
+    /// fence is at least its last read's and whose digest is its own. The
+    /// default knows none: waiting nodes read the store.
+    fn notice(&self, service: &str) -> Option<Notice> {
+        let _ = service;
+        None
+    }
 
     /// Every history row of `service`, oldest first.
     async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>, BackendError>;

@@ -280,6 +280,7 @@ impl Builder {
                 holder: self.holder.unwrap_or_else(Holder::current),
                 status,
                 config: self.config,
+                digest: std::sync::OnceLock::new(),
             }),
         })
     }

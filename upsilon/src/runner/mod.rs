@@ -18,7 +18,7 @@ mod task;
 
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use semver::Version;
@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, info_span, warn, Instrument};
 
-use crate::backend::{BackendError, Lock, Snapshot, Store};
+use crate::backend::{BackendError, Lock, PlanDigest, PlanHasher, Snapshot, Store};
 use crate::context::Resources;
 use crate::error::Error;
 use crate::ids::Holder;
@@ -73,6 +73,10 @@ struct Inner {
     holder: Holder,
     status: watch::Sender<Status>,
     config: Config,
+    /// The digest of what this runner's plans depend on besides the store,
+    /// made when first needed (a waiting node's wake-up, a holder's last
+    /// write), never on the start-up path.
+    digest: OnceLock<PlanDigest>,
 }
 
 impl Upsilon {
@@ -240,6 +244,40 @@ impl Inner {
                 result
             }
         }
+    }
+
+    /// The digest of this runner's plan inputs: two runners with the same
+    /// digest decide the same from the same store ([`crate::backend::Notice`]).
+    fn digest(&self) -> PlanDigest {
+        *self.digest.get_or_init(|| {
+            let c = &self.config;
+            let mut h = PlanHasher::new();
+            h.part(format_args!("upsilon {}", env!("CARGO_PKG_VERSION")));
+            h.part(format_args!("{:?}", self.service));
+            h.part(format_args!("{}", self.app));
+            h.part(format_args!(
+                "{:?} {:?} {:?} {:?}",
+                c.plan, c.data_ahead, c.above_app, c.baseline
+            ));
+            for task in self.registry.tasks() {
+                h.part(format_args!(
+                    "{} {:?} {} {} {}",
+                    task.version(),
+                    task.id(),
+                    task.order(),
+                    task.location(),
+                    task.has_rollback()
+                ));
+            }
+            h.finish()
+        })
+    }
+
+    /// Whether `snapshot` leaves this runner nothing to do and nothing to
+    /// warn about: what a holder's [`crate::backend::Notice`] promises.
+    fn settled(&self, snapshot: &Snapshot) -> bool {
+        let plan = self.plan(snapshot);
+        self.nothing_to_do(snapshot, &plan) && !plan.data_ahead && plan.out_of_order.is_empty()
     }
 
     fn plan(&self, snapshot: &Snapshot) -> Plan {

@@ -12,7 +12,7 @@ use super::task::error_chain;
 use super::{Inner, Outcome};
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{Acquire, BackendError, Lease, LeaseInfo, Snapshot};
+use crate::backend::{Acquire, BackendError, Lease, LeaseInfo, Notice, Snapshot};
 use crate::error::{Error, OrNone, Report};
 use crate::metrics;
 use crate::planner::Plan;
@@ -53,6 +53,7 @@ impl Inner {
     /// Step 1: preflight without a lock, and READY at once when there is
     /// nothing to do; step 2: acquire, or wait while another node works.
     pub(super) async fn start(&self, stop: &CancellationToken) -> Result<Start, Error> {
+        let known = self.store.notice(&self.service);
         let snapshot = self.load().await?;
         let read_at = Instant::now();
         let plan = self.plan(&snapshot);
@@ -64,19 +65,23 @@ impl Inner {
         }
         info!(tasks = plan.steps.len(), data_version = %OrNone(snapshot.data_version.as_ref()),
             "upgrade needed; acquiring the lease");
-        self.acquire(snapshot, read_at, stop).await
+        self.acquire(snapshot, read_at, known, stop).await
     }
 
-    fn nothing_to_do(&self, snapshot: &Snapshot, plan: &Plan) -> bool {
+    pub(super) fn nothing_to_do(&self, snapshot: &Snapshot, plan: &Plan) -> bool {
         plan.is_empty() && !self.needs_lease(snapshot)
     }
 
     /// Step 2: tries the lease until it is granted, the data reaches this
     /// version (another node did the work), or `max_wait` runs out.
+    /// `known` is the holder's notice the store had received before
+    /// `snapshot` was read: no notice to act on, since that read came after
+    /// it and found work to do.
     async fn acquire(
         &self,
         mut snapshot: Snapshot,
         mut read_at: Instant,
+        mut known: Option<Notice>,
         stop: &CancellationToken,
     ) -> Result<Start, Error> {
         let started = Instant::now();
@@ -98,6 +103,11 @@ impl Inner {
                 return Err(self.stopped());
             }
             if may_reread && read_at.elapsed() > FRESH {
+                if let Some(ready) = self.noticed(&snapshot, &known, &last_holder, started) {
+                    wait.end("ready");
+                    return Ok(ready);
+                }
+                known = self.store.notice(&self.service);
                 snapshot = self.load().await?;
                 read_at = Instant::now();
                 may_reread = false;
@@ -179,6 +189,11 @@ impl Inner {
                         return Err(self.stopped());
                     }
                 }
+                if let Some(ready) = self.noticed(&snapshot, &known, &last_holder, started) {
+                    wait.end("ready");
+                    return Ok(ready);
+                }
+                known = self.store.notice(&self.service);
                 snapshot = self.load().await?;
                 read_at = Instant::now();
                 may_reread = false;
@@ -211,6 +226,37 @@ impl Inner {
             data_version: snapshot.data_version.clone(),
             waited: started.elapsed(),
         })))
+    }
+
+    /// READY without a read, if the store has received a holder's notice
+    /// ([`Notice`]) with this runner's plan digest since `known`, the notice
+    /// it held before `snapshot`, this node's last read, was read, and
+    /// written under a fence at least that read's. That read found work to
+    /// do, so the notice's write committed after it: the notice describes a
+    /// newer state, in which this node has nothing to do. A notice held
+    /// before the read is never taken (the store may have gone back since,
+    /// restored from a backup).
+    fn noticed(
+        &self,
+        snapshot: &Snapshot,
+        known: &Option<Notice>,
+        holder: &Option<crate::ids::Holder>,
+        started: Instant,
+    ) -> Option<Start> {
+        let notice = self.store.notice(&self.service)?;
+        if known.as_ref() == Some(&notice)
+            || notice.fence < snapshot.fence
+            || notice.plan != self.digest()
+        {
+            return None;
+        }
+        info!(fence = notice.fence, data_version = %OrNone(notice.data_version.as_ref()),
+            "the lease holder's last write brought the data to this version; READY without reading the store");
+        Some(Start::Ready(Outcome::WaitedForOther {
+            holder: holder.clone(),
+            data_version: notice.data_version,
+            waited: started.elapsed(),
+        }))
     }
 
     /// Whether `lease` carries a fence the store has already seen. With the

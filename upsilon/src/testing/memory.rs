@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use crate::backend::{
     decide_acquire, expiry, Acquire, AttemptState, BackendError, Change, HistoryEntry, Lease,
-    LeaseInfo, Lock, Snapshot, Store, StoredLease,
+    LeaseInfo, Lock, Notice, Snapshot, Store, StoredLease,
 };
 use crate::ids::Holder;
 
@@ -64,6 +64,8 @@ struct Service {
     /// lease, the counters, the data version), as the SQL backends keep
     /// theirs: deleting the state does not lower the next grant's fence.
     fence_floor: u64,
+    /// The holders' notice with the highest fence.
+    notice: Option<Notice>,
 }
 
 /// How the in-memory backend models a lease tied to its holder's session,
@@ -544,6 +546,54 @@ impl Store for MemoryBackend {
         fence: u64,
         changes: &[Change],
     ) -> Result<(), BackendError> {
+        self.write(service, fence, changes, None).await
+    }
+
+    async fn apply_with_notice(
+        &self,
+        service: &str,
+        fence: u64,
+        changes: &[Change],
+        notice: &Notice,
+    ) -> Result<(), BackendError> {
+        self.write(service, fence, changes, Some(notice)).await
+    }
+
+    fn notice(&self, service: &str) -> Option<Notice> {
+        lock(&self.services).get(service)?.notice.clone()
+    }
+
+    async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>, BackendError> {
+        self.with_service(service, |s, _| {
+            Self::readable(s)?;
+            Ok(s.history.clone())
+        })
+    }
+
+    async fn services(&self) -> Result<Vec<String>, BackendError> {
+        // Reads create entries: list only those that hold something.
+        Ok(lock(&self.services)
+            .iter()
+            .filter(|(_, s)| {
+                s.granted > 0
+                    || s.fence_floor > 0
+                    || !s.history.is_empty()
+                    || s.snapshot != Snapshot::default()
+            })
+            .map(|(name, _)| name.clone())
+            .collect())
+    }
+}
+
+impl MemoryBackend {
+    /// [`Store::apply`], with `notice` kept once the write commits.
+    async fn write(
+        &self,
+        service: &str,
+        fence: u64,
+        changes: &[Change],
+        notice: Option<&Notice>,
+    ) -> Result<(), BackendError> {
         let lost_reply = self.fault(Op::Apply).await?;
         let r = self.with_service(service, |s, now| {
             Self::readable(s)?;
@@ -606,30 +656,14 @@ impl Store for MemoryBackend {
                 }
             }
             s.snapshot = next;
+            if let Some(n) = notice {
+                if s.notice.as_ref().is_none_or(|old| old.fence <= n.fence) {
+                    s.notice = Some(n.clone());
+                }
+            }
             Ok(())
         });
         self.notify.notify_waiters();
         Self::lose_reply(lost_reply, Op::Apply, r).await
-    }
-
-    async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>, BackendError> {
-        self.with_service(service, |s, _| {
-            Self::readable(s)?;
-            Ok(s.history.clone())
-        })
-    }
-
-    async fn services(&self) -> Result<Vec<String>, BackendError> {
-        // Reads create entries: list only those that hold something.
-        Ok(lock(&self.services)
-            .iter()
-            .filter(|(_, s)| {
-                s.granted > 0
-                    || s.fence_floor > 0
-                    || !s.history.is_empty()
-                    || s.snapshot != Snapshot::default()
-            })
-            .map(|(name, _)| name.clone())
-            .collect())
     }
 }
