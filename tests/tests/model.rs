@@ -43,6 +43,7 @@ const ALL: Faults = Faults {
 const S2: &str = "S2 a write commits only under the store's newest fence";
 const S3: &str = "S3 at most one committed completion per task";
 const FAULT_FREE_READY: &str = "L2 without faults, once no step is left every node is READY";
+const S7: &str = "S7 a READY node read a data version with every task above it complete";
 
 /// Checks the correct protocol with `faults`, up to node symmetry, and
 /// asserts every property.
@@ -199,6 +200,23 @@ fn without_the_fence_check_and_the_duplicate_rule_a_task_completes_twice() {
         S3,
     );
     assert!(broken.contains(&S3));
+}
+
+/// Control (notice): every write that records a data version carries the
+/// holder's notice, not only the last of a finished plan. A waiting node
+/// takes the notice of version 1.1 for its own and reports READY while
+/// task t3 of 1.2 is not complete, even without any fault.
+#[test]
+fn with_a_notice_on_every_data_version_a_node_is_ready_too_early() {
+    let fault_free = Protocol {
+        switches: Switches {
+            notice_only_when_settled: false,
+            ..Switches::CORRECT
+        },
+        ..Protocol::new(Faults::NONE)
+    };
+    let broken = counterexample(fault_free, S7);
+    assert!(broken.contains(&S7));
 }
 
 /// Control (b): a node plans from what it read before the lease. The store's

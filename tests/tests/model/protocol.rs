@@ -87,6 +87,10 @@ pub struct Switches {
     /// The holder's local deadline counts from before its grant or renewal
     /// request was sent; off, from its reply, which may come late.
     pub deadline_from_request: bool,
+    /// A write that records a data version carries the holder's notice
+    /// (`Store::apply_with_notice`) only when the holder's mirror after it
+    /// leaves nothing to do; off, every such write carries one.
+    pub notice_only_when_settled: bool,
 }
 
 impl Switches {
@@ -98,6 +102,7 @@ impl Switches {
         loss_detection: true,
         grace: Grace::PastDetectionAndMargin,
         deadline_from_request: true,
+        notice_only_when_settled: true,
     };
 }
 
@@ -220,6 +225,13 @@ pub struct Store {
     pub fence: u8,
     /// Data version and history.
     pub data: Data,
+    /// The data version of the newest holder's notice that committed: once
+    /// it committed, nothing was left to do (all nodes plan the same). The
+    /// runner keeps the notice with the highest fence, and takes one only
+    /// with a fence at least its last read's; here every notice is as new
+    /// as a node's read (the data only moves forward), so the fences are
+    /// left out.
+    pub notice: Option<u8>,
 }
 
 /// Where a node is in its run.
@@ -359,6 +371,10 @@ pub enum Action {
     /// Fault in step 2: the lease is granted, but its reply is lost. The
     /// node goes on trying, and finds the lease held by itself.
     AcquireReplyLost(u8),
+    /// Step 2, after a wake-up (or before a request): the store has received
+    /// a holder's notice, and the node is READY with its data version
+    /// without a read.
+    Noticed(u8),
     /// Step 2, trying again after a lost reply: the lease is held by this
     /// run, so the node renews it (compare-and-swap on holder and fence) and
     /// holds it, its local deadline counted from before the renewal.
@@ -415,6 +431,7 @@ impl fmt::Display for Action {
             Action::AcquireReplyLost(n) => write!(f, "n{n} acquire, reply lost"),
             Action::Adopt(n) => write!(f, "n{n} adopt its own grant"),
             Action::WaitRead(n) => write!(f, "n{n} wait-read"),
+            Action::Noticed(n) => write!(f, "n{n} noticed"),
             Action::Claim(n) => write!(f, "n{n} claim"),
             Action::StartTask(n) => write!(f, "n{n} start-task"),
             Action::EndTask(n) => write!(f, "n{n} end-task"),
@@ -637,6 +654,17 @@ impl Protocol {
     /// One fenced write by node `n`: checked on the node's mirror first (as
     /// the runner does), then by the store. On success both are updated.
     fn write(&self, s: &mut State, n: usize, changes: &[Change]) -> Result<(), Refusal> {
+        self.write_with_notice(s, n, changes, None)
+    }
+
+    /// [`Protocol::write`], and on commit the store keeps `notice`.
+    fn write_with_notice(
+        &self,
+        s: &mut State,
+        n: usize,
+        changes: &[Change],
+        notice: Option<u8>,
+    ) -> Result<(), Refusal> {
         let fence = s.nodes[n].fence;
         let mut view = s.nodes[n].view.clone().expect("a holder keeps a mirror");
         apply_rules(self.switches, &mut view, fence, changes, &mut 0)?;
@@ -663,6 +691,9 @@ impl Protocol {
         }
         s.audit.regressed |= regressed(&before, &s.store);
         s.nodes[n].view = Some(view);
+        if notice.is_some() {
+            s.store.notice = notice;
+        }
         Ok(())
     }
 
@@ -732,6 +763,10 @@ impl Protocol {
                 let node = &mut s.nodes[n as usize];
                 node.fence = s.lock.fence;
                 node.pc = Pc::Claiming;
+            }
+            Action::Noticed(n) => {
+                let data_version = s.store.notice.expect("enabled by a notice");
+                s.nodes[n as usize] = Node::stopped(Pc::Ready { data_version });
             }
             Action::WaitRead(n) => {
                 let n = n as usize;
@@ -815,10 +850,15 @@ impl Protocol {
                 };
                 let mut after = node.view.clone().expect("mirror");
                 let mut changes = vec![finish];
+                let mut notice = None;
                 if apply_rules(self.switches, &mut after, node.fence, &changes, &mut 0).is_ok() {
                     let v = reached_version(&after);
                     if v != node.view.as_ref().expect("mirror").version {
                         changes.push(Change::Version(v));
+                        after.version = v;
+                        if plan_of(&after) == 0 || !self.switches.notice_only_when_settled {
+                            notice = Some(v);
+                        }
                     }
                 }
                 let next = match next_task(node.plan, Some(task)) {
@@ -828,7 +868,7 @@ impl Protocol {
                     },
                     None => Pc::Releasing { ready: true },
                 };
-                let result = self.write(&mut s, n, &changes);
+                let result = self.write_with_notice(&mut s, n, &changes, notice);
                 outcome = self.after_write(&mut s, n, result, next);
             }
             Action::Release(n) => {
@@ -933,6 +973,9 @@ impl Protocol {
                     let data = &s.store.data;
                     if plan_of(data) == 0 || node.view.as_ref().is_some_and(|v| v != data) {
                         actions.push(Action::WaitRead(n));
+                    }
+                    if s.store.notice.is_some() {
+                        actions.push(Action::Noticed(n));
                     }
                 }
                 Pc::Claiming => actions.push(Action::Claim(n)),
@@ -1246,6 +1289,7 @@ impl Model for Protocol {
                     version: START,
                     tasks: [TaskRecord::default(); TASKS],
                 },
+                notice: None,
             },
             nodes: std::array::from_fn(|_| Node::fresh()),
             faults: Faults::NONE,
