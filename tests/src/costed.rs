@@ -22,7 +22,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 use upsilon::backend::{
-    Acquire, Backend, BackendError, Change, HistoryEntry, Lease, LeaseInfo, Lock, Snapshot, Store,
+    Acquire, Backend, BackendError, Change, HistoryEntry, Lease, LeaseInfo, Lock, Notice, Snapshot,
+    Store,
 };
 use upsilon::{Holder, Version};
 
@@ -205,6 +206,10 @@ pub enum Wakeups {
     /// sleeps, so the runner polls, as it does while a backend's
     /// notification connection is down.
     Dropped,
+    /// Passed on without what they carry: a woken node finds no holder's
+    /// notice and reads the store, as it does with a backend whose
+    /// notifications name only the service.
+    WithoutNotices,
 }
 
 /// One node's view of a shared backend, through the modelled [`Server`],
@@ -328,7 +333,7 @@ impl Lock for Costed {
                 self.record(Call::TimedOut, true, None);
                 Ok(())
             }
-            Wakeups::Delivered => {
+            Wakeups::Delivered | Wakeups::WithoutNotices => {
                 let began = Instant::now();
                 let r = self.inner.wait(service, seen, timeout).await;
                 if began.elapsed() >= timeout {
@@ -343,7 +348,7 @@ impl Lock for Costed {
     }
 
     fn notifies(&self) -> bool {
-        self.wakeups == Wakeups::Delivered && self.inner.notifies()
+        self.wakeups != Wakeups::Dropped && self.inner.notifies()
     }
 
     /// Passed on: the holder's watch on its own session, not a call.
@@ -370,18 +375,24 @@ impl Store for Costed {
         fence: u64,
         changes: &[Change],
     ) -> Result<(), BackendError> {
-        self.server.serve(self.server.model().write, true).await;
-        let r = self.inner.apply(service, fence, changes).await;
-        let version = changes.iter().find_map(|c| match c {
-            Change::DataVersion(v) => Some(v.clone()),
-            _ => None,
-        });
-        self.record(
-            Call::Write("apply"),
-            r.is_ok(),
-            version.filter(|_| r.is_ok()),
-        );
-        r
+        self.write(service, fence, changes, None).await
+    }
+
+    async fn apply_with_notice(
+        &self,
+        service: &str,
+        fence: u64,
+        changes: &[Change],
+        notice: &Notice,
+    ) -> Result<(), BackendError> {
+        self.write(service, fence, changes, Some(notice)).await
+    }
+
+    /// What the notifications this node received carried: no call.
+    fn notice(&self, service: &str) -> Option<Notice> {
+        (self.wakeups == Wakeups::Delivered)
+            .then(|| self.inner.notice(service))
+            .flatten()
     }
 
     async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>, BackendError> {
@@ -392,5 +403,36 @@ impl Store for Costed {
     async fn services(&self) -> Result<Vec<String>, BackendError> {
         self.call(Call::Read("services"), self.inner.services())
             .await
+    }
+}
+
+impl Costed {
+    /// One fenced write, with the notice its notification carries, if any.
+    async fn write(
+        &self,
+        service: &str,
+        fence: u64,
+        changes: &[Change],
+        notice: Option<&Notice>,
+    ) -> Result<(), BackendError> {
+        self.server.serve(self.server.model().write, true).await;
+        let r = match notice {
+            Some(n) => {
+                self.inner
+                    .apply_with_notice(service, fence, changes, n)
+                    .await
+            }
+            None => self.inner.apply(service, fence, changes).await,
+        };
+        let version = changes.iter().find_map(|c| match c {
+            Change::DataVersion(v) => Some(v.clone()),
+            _ => None,
+        });
+        self.record(
+            Call::Write("apply"),
+            r.is_ok(),
+            version.filter(|_| r.is_ok()),
+        );
+        r
     }
 }
