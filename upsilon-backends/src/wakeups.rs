@@ -1,7 +1,9 @@
-//! Wake-ups for waiting nodes of the backends whose notifications name only
-//! the service (PostgreSQL's `NOTIFY`, Redis's pub/sub): a counter per
-//! service, bumped by each notification, and by every loss or return of the
-//! connection that receives them (notifications may have been missed then).
+//! Wake-ups for waiting nodes of the backends whose notifications carry
+//! text (PostgreSQL's `NOTIFY`, Redis's pub/sub): a counter per service,
+//! bumped by each notification, and by every loss or return of the
+//! connection that receives them (notifications may have been missed then);
+//! and the newest holder's notice per service, from the notifications that
+//! carry one ([`Notice::encode`]; the others name only the service).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -9,11 +11,14 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::sync::Notify;
+use upsilon::backend::Notice;
 
 /// The wake-ups of one backend value and its clones.
 #[derive(Debug, Default)]
 pub(crate) struct Wakeups {
     per_service: Mutex<HashMap<String, u64>>,
+    /// Per service, the holders' notice with the highest fence.
+    notices: Mutex<HashMap<String, Notice>>,
     seen: Mutex<HashMap<String, u64>>,
     resets: AtomicU64,
     notify: Notify,
@@ -22,7 +27,20 @@ pub(crate) struct Wakeups {
 }
 
 impl Wakeups {
-    pub(crate) fn bump(&self, service: &str) {
+    /// A notification arrived with `payload`: a service's name, or a
+    /// holder's notice for it, which is kept before the waiters wake.
+    pub(crate) fn bump(&self, payload: &str) {
+        let service = match Notice::decode(payload) {
+            Some((service, notice)) => {
+                let mut notices = self.notices.lock().unwrap_or_else(|p| p.into_inner());
+                let newer = notices.get(service).is_none_or(|n| n.fence <= notice.fence);
+                if newer {
+                    notices.insert(service.to_owned(), notice);
+                }
+                service
+            }
+            None => payload,
+        };
         *self
             .per_service
             .lock()
@@ -30,6 +48,15 @@ impl Wakeups {
             .entry(service.to_owned())
             .or_default() += 1;
         self.notify.notify_waiters();
+    }
+
+    /// The newest holder's notice received for `service`.
+    pub(crate) fn notice(&self, service: &str) -> Option<Notice> {
+        self.notices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(service)
+            .cloned()
     }
 
     pub(crate) fn set_up(&self, up: bool) {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use upsilon::backend::{Acquire, AttemptState, BackendError, Change, Lease, Lock, Store};
-use upsilon::testing::conformance::{self, Harness, Wake};
+use upsilon::testing::conformance::{self, Harness, Notices, Wake};
 use upsilon::testing::{self, start_attempt};
 use upsilon::{Outcome, Task, TaskContext, TaskFuture, Upsilon};
 use upsilon_backends::etcd::etcd_client::{Client, DeleteOptions};
@@ -93,6 +93,9 @@ impl Harness for EtcdHarness {
     fn peer_lock(&self) -> Arc<dyn Lock> {
         self.peer.clone()
     }
+    fn peer_store(&self) -> Arc<dyn Store> {
+        self.peer.clone()
+    }
     fn min_ttl(&self) -> Duration {
         Duration::from_secs(2)
     }
@@ -161,6 +164,7 @@ impl Harness for EtcdHarness {
 async fn etcd_backend_conforms() {
     let report = conformance::run_all(&EtcdHarness::new("/conformance").await).await;
     assert_eq!(report.wake, Wake::Notifies, "the watch wakes waiters");
+    assert_eq!(report.notices, Notices::Unsupported);
     assert!(report.skipped.is_empty(), "skipped: {:?}", report.skipped);
 }
 

@@ -15,7 +15,7 @@ use k8s_openapi::api::coordination::v1::Lease as K8sLease;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use upsilon::backend::{Acquire, AttemptState, BackendError, Change, Lock, Store};
-use upsilon::testing::conformance::{self, Harness, Wake};
+use upsilon::testing::conformance::{self, Harness, Notices, Wake};
 use upsilon::testing::{self};
 use upsilon::{Outcome, Task, TaskContext, TaskFuture, Upsilon};
 use upsilon_backends::kubernetes::{k8s_openapi, kube, KubernetesBackend, KubernetesOptions};
@@ -134,6 +134,9 @@ impl Harness for K8s {
     fn peer_lock(&self) -> Arc<dyn Lock> {
         self.peer.clone()
     }
+    fn peer_store(&self) -> Arc<dyn Store> {
+        self.peer.clone()
+    }
     /// The Lease keeps the TTL in ms (`upsilon.dev/ttl-ms`), so any TTL the
     /// runner accepts is honoured; the suite's shortest keeps it quick.
     fn min_ttl(&self) -> Duration {
@@ -212,6 +215,7 @@ async fn kubernetes_backend_conforms() {
     let h = K8s::on_stand_in(&api, "conformance").await;
     let report = conformance::run_all(&h).await;
     assert_eq!(report.wake, Wake::Notifies, "the watches wake waiters");
+    assert_eq!(report.notices, Notices::Unsupported);
     assert!(report.skipped.is_empty(), "skipped: {:?}", report.skipped);
 }
 

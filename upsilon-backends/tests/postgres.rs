@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use upsilon::backend::AttemptState;
 use upsilon::backend::{Acquire, BackendError, Lock, Store};
-use upsilon::testing::conformance::{self, Harness, Wake};
+use upsilon::testing::conformance::{self, Harness, Notices, Wake};
 use upsilon::testing::{self};
 use upsilon::{BoxError, Error, Outcome, RetryPolicy, Task, TaskContext, TaskFuture, Upsilon};
 use upsilon_backends::postgres::tokio_postgres::{self, Client, NoTls};
@@ -85,6 +85,9 @@ impl Harness for Pg {
         self.backend.clone()
     }
     fn peer_lock(&self) -> Arc<dyn Lock> {
+        self.peer.clone()
+    }
+    fn peer_store(&self) -> Arc<dyn Store> {
         self.peer.clone()
     }
     async fn corrupt(&self, service: &str) {
@@ -164,6 +167,11 @@ impl Harness for Pg {
 async fn postgres_backend_conforms() {
     let report = conformance::run_all(&Pg::new("conformance").await).await;
     assert_eq!(report.wake, Wake::Notifies, "LISTEN/NOTIFY wakes waiters");
+    assert_eq!(
+        report.notices,
+        Notices::Delivered,
+        "NOTIFY carries the holder's notice"
+    );
     assert!(report.skipped.is_empty(), "skipped: {:?}", report.skipped);
 }
 
@@ -181,6 +189,7 @@ async fn behind_a_transaction_pooler_it_conforms_and_polls() {
     };
     let report = conformance::run_all(&h).await;
     assert_eq!(report.wake, Wake::Polls, "no notifications behind a pooler");
+    assert_eq!(report.notices, Notices::Unsupported);
     assert!(report.skipped.is_empty(), "skipped: {:?}", report.skipped);
     // No session: the lease row names no server process.
     let lease = granted(

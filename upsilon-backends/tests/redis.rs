@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use upsilon::backend::{Acquire, AttemptState, BackendError, Change, Lease, Lock, Store};
 use upsilon::testing;
-use upsilon::testing::conformance::{self, Harness, Wake};
+use upsilon::testing::conformance::{self, Harness, Notices, Wake};
 use upsilon::{Outcome, Task, TaskContext, TaskFuture, Upsilon};
 use upsilon_backends::redis::redis::{self as driver, aio::MultiplexedConnection};
 use upsilon_backends::redis::{RedisBackend, RedisOptions, FORMAT};
@@ -111,6 +111,9 @@ impl Harness for Rd {
     fn peer_lock(&self) -> Arc<dyn Lock> {
         self.peer.clone()
     }
+    fn peer_store(&self) -> Arc<dyn Store> {
+        self.peer.clone()
+    }
     async fn corrupt(&self, service: &str) {
         let state = self.key(service, "state");
         let old: Option<String> = self.cmd(&["HGET", &state, "data_version"]).await;
@@ -162,6 +165,11 @@ async fn redis_backend_conforms() {
     let h = Rd::new(server(), "conformance").await;
     let report = conformance::run_all(&h).await;
     assert_eq!(report.wake, Wake::Notifies, "pub/sub wakes waiters");
+    assert_eq!(
+        report.notices,
+        Notices::Delivered,
+        "the holder's notice is published"
+    );
     assert!(report.skipped.is_empty(), "skipped: {:?}", report.skipped);
 }
 
@@ -1027,6 +1035,11 @@ async fn over_resp3_it_conforms_too() {
     };
     let report = conformance::run_all(&h).await;
     assert_eq!(report.wake, Wake::Notifies, "pub/sub wakes waiters");
+    assert_eq!(
+        report.notices,
+        Notices::Delivered,
+        "the holder's notice is published"
+    );
     assert!(report.skipped.is_empty(), "skipped: {:?}", report.skipped);
 }
 

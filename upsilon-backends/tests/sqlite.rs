@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::Connection;
 use upsilon::backend::{BackendError, Lock, Store};
-use upsilon::testing::conformance::{self, Harness, Wake};
+use upsilon::testing::conformance::{self, Harness, Notices, Wake};
 use upsilon::testing::{self};
 use upsilon::{Outcome, Task, TaskContext, TaskFuture, Upsilon};
 use upsilon_backends::sqlite::SqliteBackend;
@@ -52,6 +52,9 @@ impl Harness for Sqlite {
         self.backend.clone()
     }
     fn peer_lock(&self) -> Arc<dyn Lock> {
+        self.peer.clone()
+    }
+    fn peer_store(&self) -> Arc<dyn Store> {
         self.peer.clone()
     }
     async fn corrupt(&self, service: &str) {
@@ -118,6 +121,7 @@ impl Harness for Sqlite {
 async fn sqlite_backend_conforms() {
     let report = conformance::run_all(&Sqlite::new().await).await;
     assert_eq!(report.wake, Wake::Polls, "waiting nodes poll");
+    assert_eq!(report.notices, Notices::Unsupported);
     assert!(report.skipped.is_empty(), "skipped: {:?}", report.skipped);
 }
 

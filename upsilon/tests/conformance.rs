@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use upsilon::backend::{
     Acquire, BackendError, Change, HistoryEntry, Lease, LeaseInfo, Lock, Snapshot, Store,
 };
-use upsilon::testing::conformance::{self, Harness, Wake};
+use upsilon::testing::conformance::{self, Harness, Notices, Wake};
 use upsilon::testing::MemoryBackend;
 use upsilon::Holder;
 
@@ -42,6 +42,7 @@ impl Harness for Memory {
 async fn memory_backend_conforms() {
     let report = conformance::run_all(&Memory(MemoryBackend::new())).await;
     assert_eq!(report.wake, Wake::Notifies, "waiters are woken at once");
+    assert_eq!(report.notices, Notices::Delivered);
     // No format marker: nothing else is skipped.
     assert_eq!(report.skipped, ["unknown_format_refused"]);
 }

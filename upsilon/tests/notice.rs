@@ -74,7 +74,7 @@ async fn behind_a_canary(
 ) -> (Run, Run, Arc<Notify>) {
     let (gate, entered) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
     let task = parked("1.1", "backfill", &gate, &entered);
-    let canary = runner(0, backend, &[task.clone()]);
+    let canary = runner(0, backend, std::slice::from_ref(&task));
     let canary = tokio::spawn(async move { canary.run().await });
     entered.notified().await;
     let mut tasks = tasks.to_vec();

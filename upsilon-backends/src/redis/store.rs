@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::Value;
 use upsilon::backend::{
-    jitter, AttemptState, BackendError, Change, Columns, HistoryEntry, Snapshot, Store,
+    jitter, AttemptState, BackendError, Change, Columns, HistoryEntry, Notice, Snapshot, Store,
     Value as Bound, Write,
 };
 use upsilon::TaskKey;
@@ -51,13 +51,13 @@ impl RedisBackend {
         Ok(found)
     }
 
-    /// Writes `ops` if nothing moved since `read`; `false` if something did.
+    /// Writes `ops` if nothing moved since `read`, and publishes `wake` (the
+    /// payload that wakes waiters) if any; `false` if something moved.
     async fn write(
         &self,
         k: &Keys,
-        service: &str,
         read: &StoreRead,
-        wake: bool,
+        wake: Option<&str>,
         ops: &[Op],
     ) -> Result<bool, BackendError> {
         let mut write = WRITE.prepare_invoke();
@@ -71,7 +71,7 @@ impl RedisBackend {
             .arg(&read.store)
             .arg(FORMAT)
             .arg(&self.inner.channel)
-            .arg(if wake { service } else { "" });
+            .arg(wake.unwrap_or(""));
         for (op, field, value) in ops {
             write.arg(*op).arg(field).arg(value);
         }
@@ -84,36 +84,15 @@ impl RedisBackend {
             other => Err(unexpected("writing to the store", &other)),
         }
     }
-}
 
-#[async_trait]
-impl Store for RedisBackend {
-    async fn load(&self, service: &str) -> Result<Snapshot, BackendError> {
-        let k = self.keys(service)?;
-        self.read_store(&k, None).await?.snapshot()
-    }
-
-    async fn claim(&self, service: &str, fence: u64) -> Result<Snapshot, BackendError> {
-        let k = self.keys(service)?;
-        for _ in 0..CONFLICT_RETRIES {
-            let read = self.read_store(&k, None).await?;
-            let mut snap = read.snapshot()?;
-            if !snap.claim(fence)? {
-                return Ok(snap);
-            }
-            let raise = [("M", "store".to_owned(), fence.to_string())];
-            if self.write(&k, service, &read, false, &raise).await? {
-                return Ok(snap);
-            }
-        }
-        Err(busy(service))
-    }
-
-    async fn apply(
+    /// [`Store::apply`], publishing `notice` (if any) in place of the
+    /// service's name when the write wakes waiters.
+    async fn apply_noticed(
         &self,
         service: &str,
         fence: u64,
         changes: &[Change],
+        notice: Option<&Notice>,
     ) -> Result<(), BackendError> {
         let k = self.keys(service)?;
         let touched = Change::touched(changes);
@@ -209,11 +188,66 @@ impl Store for RedisBackend {
                 .collect();
             ops.extend(appended.into_iter().map(|id| ("O", String::new(), id)));
             ops.extend(state);
-            if self.write(&k, service, &read, wake, &ops).await? {
+            let payload = match notice {
+                Some(n) => n.encode(service),
+                None => service.to_owned(),
+            };
+            let wake = wake.then_some(payload.as_str());
+            if self.write(&k, &read, wake, &ops).await? {
                 return Ok(());
             }
         }
         Err(busy(service))
+    }
+}
+
+#[async_trait]
+impl Store for RedisBackend {
+    async fn load(&self, service: &str) -> Result<Snapshot, BackendError> {
+        let k = self.keys(service)?;
+        self.read_store(&k, None).await?.snapshot()
+    }
+
+    async fn claim(&self, service: &str, fence: u64) -> Result<Snapshot, BackendError> {
+        let k = self.keys(service)?;
+        for _ in 0..CONFLICT_RETRIES {
+            let read = self.read_store(&k, None).await?;
+            let mut snap = read.snapshot()?;
+            if !snap.claim(fence)? {
+                return Ok(snap);
+            }
+            let raise = [("M", "store".to_owned(), fence.to_string())];
+            if self.write(&k, &read, None, &raise).await? {
+                return Ok(snap);
+            }
+        }
+        Err(busy(service))
+    }
+
+    async fn apply(
+        &self,
+        service: &str,
+        fence: u64,
+        changes: &[Change],
+    ) -> Result<(), BackendError> {
+        self.apply_noticed(service, fence, changes, None).await
+    }
+
+    /// Published in the write's own script, so only once it commits, in
+    /// place of the service's name.
+    async fn apply_with_notice(
+        &self,
+        service: &str,
+        fence: u64,
+        changes: &[Change],
+        notice: &Notice,
+    ) -> Result<(), BackendError> {
+        self.apply_noticed(service, fence, changes, Some(notice))
+            .await
+    }
+
+    fn notice(&self, service: &str) -> Option<Notice> {
+        self.inner.wakeups.notice(service)
     }
 
     async fn history(&self, service: &str) -> Result<Vec<HistoryEntry>, BackendError> {

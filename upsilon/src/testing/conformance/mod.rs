@@ -119,8 +119,9 @@ pub use store::{
     stale_fence_refused, store_rules, unknown_format_refused,
 };
 pub use wait::{
-    wait_blocks_until_a_change, wait_returns_at_once_after_a_change, wait_wakes_on_data_version,
-    wait_wakes_on_release, Wake,
+    notice_comes_only_with_its_write, wait_blocks_until_a_change,
+    wait_returns_at_once_after_a_change, wait_wakes_on_data_version, wait_wakes_on_release,
+    Notices, Wake,
 };
 
 /// What the suite needs from a backend under test. See the
@@ -137,6 +138,12 @@ pub trait Harness: Send + Sync {
     /// lease and the data version. Defaults to [`Harness::lock`].
     fn peer_lock(&self) -> Arc<dyn Lock> {
         self.lock()
+    }
+    /// The store of the same node as [`Harness::peer_lock`]: where the
+    /// notification that woke it is received. Defaults to
+    /// [`Harness::store`].
+    fn peer_store(&self) -> Arc<dyn Store> {
+        self.store()
     }
     /// The shortest TTL the backend honours (etcd: 2 s).
     fn min_ttl(&self) -> Duration {
@@ -187,6 +194,8 @@ pub struct Report {
     /// How waiting nodes learn of changes: [`Wake::Polls`] if the lock did not
     /// notify in any of the wait checks.
     pub wake: Wake,
+    /// Whether the store passes the holder's notice on to waiting nodes.
+    pub notices: Notices,
 }
 
 /// Runs every check, in order, and says which ran and how waiting nodes wake.
@@ -198,6 +207,7 @@ pub async fn run_all(h: &dyn Harness) -> Report {
         passed: Vec::new(),
         skipped: Vec::new(),
         wake: Wake::Notifies,
+        notices: Notices::Unsupported,
     };
     macro_rules! check {
         ($check:ident, $($service:expr),+) => {{
@@ -243,10 +253,11 @@ pub async fn run_all(h: &dyn Harness) -> Report {
             report.wake = Wake::Polls;
         }
     }
+    report.notices = check!(notice_comes_only_with_its_write, svc("notice"));
     // Last: it marks the whole store.
     check!(unknown_format_refused, svc("format"));
     eprintln!(
-        "conformance ({prefix}): {} checks passed; skipped for want of a harness hook: {}; {}",
+        "conformance ({prefix}): {} checks passed; skipped for want of a harness hook: {}; {}; {}",
         report.passed.len(),
         if report.skipped.is_empty() {
             "none".to_owned()
@@ -258,6 +269,10 @@ pub async fn run_all(h: &dyn Harness) -> Report {
                 "the lock notifies: waiters woke on release and on data-version changes",
             Wake::Polls =>
                 "the lock does not notify: waiting nodes poll (wait returned by its timeout)",
+        },
+        match report.notices {
+            Notices::Delivered => "the store passes the holder's notice on",
+            Notices::Unsupported => "the store keeps no holder's notices",
         }
     );
     report
@@ -287,6 +302,12 @@ impl Ran for () {
 impl Ran for bool {
     fn ran(&self) -> bool {
         *self
+    }
+}
+
+impl Ran for Notices {
+    fn ran(&self) -> bool {
+        true
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::backend::{Acquire, BackendError, Change, Lease, LeaseInfo, Lock};
+use crate::backend::{Acquire, BackendError, Change, Lease, LeaseInfo, Lock, Notice, PlanDigest};
 
 use super::{grant, holder, v, Harness, TTL};
 
@@ -241,4 +241,70 @@ pub async fn wait_blocks_until_a_change(h: &dyn Harness, service: &str) -> Wake 
     );
     held.release(check).await;
     Wake::Notifies
+}
+
+/// What [`notice_comes_only_with_its_write`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notices {
+    /// The store received the holder's notice with its committed write.
+    Delivered,
+    /// The store keeps no notices ([`Store::notice`](crate::backend::Store::notice) is `None`): waiting
+    /// nodes read the store after each wake-up.
+    Unsupported,
+}
+
+/// The holder's notice ([`Store::apply_with_notice`](crate::backend::Store::apply_with_notice)) reaches the store's
+/// notifications only with a write that commits: a notice sent with a write
+/// under a stale fence is refused with it and never seen, however high the
+/// fence it names; the notice of a committed write that moves the data
+/// version wakes a waiting node, whose store ([`Harness::peer_store`]) then
+/// returns it from [`Store::notice`](crate::backend::Store::notice).
+/// A store without notices returns `None` throughout.
+pub async fn notice_comes_only_with_its_write(h: &dyn Harness, service: &str) -> Notices {
+    let check = "notice_comes_only_with_its_write";
+    let held = held(check, h, service).await;
+    let store = h.store();
+    let fence = held.lease.fence;
+    let lie = Notice {
+        fence: fence + 5,
+        data_version: Some(v("9.9")),
+        plan: PlanDigest(1),
+    };
+    let stale = store
+        .apply_with_notice(service, fence - 1, &[Change::DataVersion(v("9.9"))], &lie)
+        .await;
+    assert!(
+        matches!(stale, Err(BackendError::StaleFence { .. })),
+        "{check}: a write under fence {} after the claim of {fence} gave {stale:?}",
+        fence - 1
+    );
+    let notice = Notice {
+        fence,
+        data_version: Some(v("1.0")),
+        plan: PlanDigest(2),
+    };
+    let notifies = held.peer.notifies();
+    let waiter = notifies.then(|| spawn_waiter(&held.peer, service, &held.seen));
+    let_the_waiter_block().await;
+    store
+        .apply_with_notice(service, fence, &[Change::DataVersion(v("1.0"))], &notice)
+        .await
+        .unwrap_or_else(|e| panic!("{check}: the holder records data version 1.0: {e}"));
+    if let Some(waiter) = waiter {
+        woken(check, "a write with the holder's notice", waiter).await;
+    }
+    // The waiter's own backend received the notification that woke it,
+    // and keeps its notice before it wakes anyone.
+    let found = h.peer_store().notice(service);
+    held.release(check).await;
+    match found {
+        None => Notices::Unsupported,
+        Some(n) => {
+            assert_eq!(
+                n, notice,
+                "{check}: the store's notice is not the committed write's"
+            );
+            Notices::Delivered
+        }
+    }
 }
