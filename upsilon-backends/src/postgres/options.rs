@@ -282,8 +282,10 @@ impl PostgresOptions {
     }
 
     /// How often a waiting node checks whether the lease holder's session
-    /// still exists (one light query on its listening connection), so that a
-    /// dead holder is taken over this soon (plus
+    /// still exists (one light query on its listening connection) when it
+    /// cannot block on the lease's advisory lock (see
+    /// [`lease_locks`](PostgresOptions::lease_locks)), so that a dead holder
+    /// is taken over this soon (plus
     /// [`takeover_grace`](PostgresOptions::takeover_grace)) rather than when
     /// its lease runs out. Jittered ±50 %. Default 1 s. Not used behind a
     /// transaction pooler.
