@@ -955,13 +955,13 @@ async fn a_killed_holder_process_is_taken_over_long_before_its_ttl() {
         },
         "heir",
     );
-    // The heir found the lease held and waits: its listening session has
-    // checked the holder's session once.
+    // The heir found the lease held and waits: one of its sessions blocks
+    // on the lease's advisory lock.
     until(Duration::from_secs(20), || async {
         client
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'node heir'
-                 AND query LIKE 'SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity%'",
+                 AND query LIKE 'SELECT pg_advisory_xact_lock_shared%'",
                 &[],
             )
             .await
@@ -975,8 +975,9 @@ async fn a_killed_holder_process_is_taken_over_long_before_its_ttl() {
         attempt_fence(&client, schema, "svc", "v1_0_t1").await != Some(fence)
     })
     .await;
-    // Detection (the waiter's check, about once a second) plus the takeover
-    // grace (600 ms), then the grant, the claim and the task's start.
+    // Detection (the lease's advisory lock comes free as the server sees the
+    // session end, then one check) plus the takeover grace (600 ms), then
+    // the grant, the claim and the task's start.
     eprintln!(
         "holder started its task after {first:?}; failover after SIGKILL: {took:?} (ttl 30 s)"
     );

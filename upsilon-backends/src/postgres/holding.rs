@@ -20,8 +20,12 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 use upsilon::backend::{BackendError, Lease};
 
+use tokio_postgres::types::{ToSql, Type};
+use tracing::debug;
+
 use super::error::describe;
 use super::listener::{Session, SessionId};
+use super::takeover::LET_GO;
 
 /// Whether a session can still vouch for the leases tied to it, and until
 /// when one is tied to it (its pings run until then).
@@ -132,6 +136,9 @@ pub(super) struct Holding {
 struct Tie {
     session: SessionId,
     health: Arc<Health>,
+    /// The lease's advisory lock, once this tie's session took it (or may
+    /// have: a try whose answer did not come): let go when it is untied.
+    locked: Option<LetGo>,
     /// When the lease surely has expired, on this node's clock.
     until: Instant,
     /// Dropped when the lease is released or lost.
@@ -156,7 +163,13 @@ impl Pending<'_> {
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
         if let Some(key) = self.key.take() {
-            self.holding.remove(&key);
+            if let Some(let_go) = self.holding.remove(&key) {
+                // The grant did not commit: no waiting node blocks on the
+                // lock, but it must not stay with the session.
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(let_go.run());
+                }
+            }
         }
     }
 }
@@ -178,6 +191,7 @@ impl Holding {
                 health: session.health.clone(),
                 until: Instant::now() + lease.ttl,
                 held: watch::Sender::new(()),
+                locked: None,
             },
         );
         refresh(&ties, &session.health);
@@ -185,6 +199,11 @@ impl Holding {
             holding: self,
             key: Some(key),
         }
+    }
+
+    /// Whether no lease is tied to a session.
+    pub(super) fn is_empty(&self) -> bool {
+        self.ties().is_empty()
     }
 
     /// The lease was renewed: its pings run for another TTL from now.
@@ -197,16 +216,29 @@ impl Holding {
         }
     }
 
-    /// The lease was released or lost.
-    pub(super) fn untie(&self, lease: &Lease) {
-        self.remove(&(lease.service.clone(), lease.fence));
+    /// `session` took (or may have taken) the advisory lock `key` for the
+    /// lease of `service` with `fence`, which is tied to it.
+    pub(super) fn locked(&self, service: &str, fence: u64, session: &Arc<Session>, key: i64) {
+        if let Some(tie) = self.ties().get_mut(&(service.to_owned(), fence)) {
+            tie.locked = Some(LetGo {
+                session: Arc::downgrade(session),
+                key,
+            });
+        }
     }
 
-    fn remove(&self, key: &(String, u64)) {
+    /// The lease was released or lost: what is left to do is letting its
+    /// advisory lock go, if its session took it.
+    #[must_use]
+    pub(super) fn untie(&self, lease: &Lease) -> Option<LetGo> {
+        self.remove(&(lease.service.clone(), lease.fence))
+    }
+
+    fn remove(&self, key: &(String, u64)) -> Option<LetGo> {
         let mut ties = self.ties();
-        if let Some(tie) = ties.remove(key) {
-            refresh(&ties, &tie.health);
-        }
+        let tie = ties.remove(key)?;
+        refresh(&ties, &tie.health);
+        tie.locked
     }
 
     /// Resolves when `lease`'s session can no longer vouch for it, or when
@@ -252,6 +284,42 @@ impl Holding {
                     ));
                 }
             }
+        }
+    }
+}
+
+/// The advisory lock of a lease that is no longer tied to its session, to
+/// let go of on that session (see `takeover.rs`).
+#[derive(Debug)]
+pub(super) struct LetGo {
+    session: Weak<Session>,
+    key: i64,
+}
+
+impl LetGo {
+    /// Lets the lock go. A session that is gone has let it go with it; one
+    /// that does not answer in time is taken as lost (and so replaced, its
+    /// connection closed and the lock with it), so that no lock outlives
+    /// its lease for long.
+    pub(super) async fn run(self) {
+        let Some(s) = self.session.upgrade() else {
+            return;
+        };
+        let timeout = Duration::from_secs(2);
+        let params: [(&(dyn ToSql + Sync), Type); 1] = [(&self.key, Type::INT8)];
+        let done = tokio::time::timeout(timeout, s.client.query_typed(LET_GO, &params)).await;
+        match done {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                debug!(error = %describe(&e), "letting the lease's advisory lock go failed");
+                s.health.lose(format!(
+                    "letting a lease's advisory lock go failed: {}",
+                    describe(&e)
+                ));
+            }
+            Err(_) => s.health.lose(format!(
+                "letting a lease's advisory lock go got no answer within {timeout:?}"
+            )),
         }
     }
 }

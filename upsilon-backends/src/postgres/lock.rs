@@ -1,12 +1,14 @@
 //! The lease: [`Lock`] for [`PostgresBackend`], and the operator's forced
 //! release.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::time::Instant;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::Row;
+use tokio_postgres::{NoTls, Row};
 use tracing::{debug, info};
 use upsilon::backend::{
     decide_acquire, fence_from_column, fence_to_column, jitter, ttl_ms, Acquire, BackendError,
@@ -14,9 +16,11 @@ use upsilon::backend::{
 };
 use upsilon::Holder;
 
-use super::error::driver;
-use super::listener::SessionId;
+use super::error::{describe, driver};
+use super::listener::{Session, SessionId};
 use super::pipeline::{first_error, int8, opt_int4, opt_int8, text, Stmt};
+use super::takeover::{lease_key, BLOCK, TAKE};
+use super::tls::Connector;
 use super::{format_of, format_row, get, sql, PostgresBackend};
 
 /// The state row as `Sql::acquire_read` reads it under its lock.
@@ -72,6 +76,130 @@ fn session_of(row: &Row, first: usize) -> Result<Option<SessionId>, BackendError
 }
 
 impl PostgresBackend {
+    /// Whether holders take their leases' advisory locks and waiting nodes
+    /// block on them.
+    fn lease_locks(&self) -> bool {
+        let o = &self.inner.options;
+        o.lease_locks && !o.transaction_pooling
+    }
+
+    fn lease_key(&self, service: &str, fence: u64) -> i64 {
+        let o = &self.inner.options;
+        lease_key(&o.schema, &o.state_table, service, fence)
+    }
+
+    /// Has `session` take the advisory lock of the lease of `service` with
+    /// `fence`, which is tied to it, before the grant commits. Without it
+    /// (the lock is taken: a lock from another lease of the same key, which
+    /// a 64-bit hash makes unlikely), waiting nodes check the session
+    /// periodically.
+    async fn take_lease_lock(&self, service: &str, fence: u64, session: &Arc<Session>) {
+        let key = self.lease_key(service, fence);
+        let params: [(&(dyn ToSql + Sync), Type); 1] = [(&key, Type::INT8)];
+        let take = session.client.query_typed(TAKE, &params);
+        let got = match tokio::time::timeout(self.inner.options.ping_timeout, take).await {
+            Ok(Ok(rows)) => rows.first().and_then(|r| r.try_get::<_, bool>(0).ok()),
+            _ => None,
+        };
+        if got == Some(false) {
+            debug!(%service, fence, "the lease's advisory lock is taken; waiting nodes check this session periodically");
+            return;
+        }
+        // Taken, or perhaps: let it go with the lease in either case.
+        self.inner.holding.locked(service, fence, session, key);
+    }
+
+    /// The server's answer whether the session `h` has ended; `None` if
+    /// the check failed.
+    async fn session_gone(&self, session: &Session, h: SessionId) -> Option<bool> {
+        let params: [(&(dyn ToSql + Sync), Type); 2] =
+            [(&h.pid, Type::INT4), (&h.server_start, Type::INT8)];
+        let check = session
+            .client
+            .query_typed(&self.inner.sql.session_gone, &params);
+        match tokio::time::timeout(Duration::from_secs(2), check).await {
+            Ok(Ok(rows)) => rows.first().and_then(|r| r.try_get::<_, bool>(0).ok()),
+            _ => None,
+        }
+    }
+
+    /// Blocks on the advisory lock of the lease of `service` with `fence`
+    /// until it is free, a notification for `service` after `since` comes,
+    /// or `deadline`; on a pooled connection, so that the listening session
+    /// goes on receiving notifications (a session blocked in a statement
+    /// receives none until it ends). At most all pooled connections but one
+    /// block at once (one when the pool has one connection and this node
+    /// holds no lease), so that the node's other operations find one.
+    async fn block(&self, service: &str, fence: u64, since: u64, deadline: Instant) -> Blocked {
+        let o = &self.inner.options;
+        let most = match o.pool_size {
+            1 if self.inner.holding.is_empty() => 1,
+            n => n - 1,
+        };
+        let Some(_blocking) = self.inner.waiting.start_blocking(most) else {
+            return Blocked::Busy;
+        };
+        let Ok(mut conn) = self.conn().await else {
+            return Blocked::Failed;
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            conn.done();
+            return Blocked::Woken;
+        }
+        let key = self.lease_key(service, fence);
+        // Whole milliseconds, rounded up: `lock_timeout = 0` would mean none.
+        let timeout = format!("{}ms", left.as_micros().div_ceil(1000).max(1));
+        let bound = left + o.op_timeout;
+        let token = conn.client().cancel_token();
+        let (end, woken, cancelled) = {
+            let params: [(&(dyn ToSql + Sync), Type); 2] =
+                [(&key, Type::INT8), (&timeout, Type::TEXT)];
+            let query = tokio::time::timeout(bound, conn.client().query_typed(BLOCK, &params));
+            tokio::pin!(query);
+            let first = tokio::select! {
+                ended = &mut query => Some(ended),
+                _ = self.inner.wakeups.wait_since(service, since, bound) => None,
+            };
+            match first {
+                Some(ended) => (BlockEnd::of(ended), false, false),
+                None => match tokio::time::timeout(LET_GO_WINDOW, &mut query).await {
+                    Ok(ended) => (BlockEnd::of(ended), true, false),
+                    Err(_) => {
+                        let sent = match &self.inner.connector {
+                            Connector::Plain => token.cancel_query(NoTls).await,
+                            #[cfg(feature = "postgres-rustls")]
+                            Connector::Rustls(tls) => token.cancel_query(tls.clone()).await,
+                        };
+                        if let Err(e) = &sent {
+                            debug!(error = %describe(e), "cancelling a wait on a lease's advisory lock failed");
+                        }
+                        let ended = tokio::time::timeout(Duration::from_secs(2), &mut query)
+                            .await
+                            .unwrap_or_else(Err);
+                        (BlockEnd::of(ended), true, true)
+                    }
+                },
+            }
+        };
+        // A cancel that did not end the statement may still reach the
+        // session's next one: such a connection is not reused.
+        let reusable = match end {
+            BlockEnd::Cancelled => true,
+            BlockEnd::Granted | BlockEnd::TimedOut | BlockEnd::Refused => !cancelled,
+            BlockEnd::Broken => false,
+        };
+        if reusable {
+            conn.done();
+        }
+        match end {
+            _ if woken => Blocked::Woken,
+            BlockEnd::Granted => Blocked::Free,
+            BlockEnd::TimedOut => Blocked::Woken,
+            BlockEnd::Cancelled | BlockEnd::Refused | BlockEnd::Broken => Blocked::Failed,
+        }
+    }
+
     /// The lease that stands in the way of a grant, as `found` shows it:
     /// `None` when there is none, or when its holder's session has been seen
     /// gone for the takeover grace (then the holder has stopped, see
@@ -92,6 +220,66 @@ impl PostgresBackend {
         Some(lease)
     }
 }
+
+/// How a wait that blocked on a lease's advisory lock ended.
+enum Blocked {
+    /// The lock is free: the holder let it go, or its session ended.
+    Free,
+    /// A notification came, or the wait's end: the runner is to look.
+    Woken,
+    /// Every pooled connection a wait may take is blocking already.
+    Busy,
+    /// The blocking statement failed: the runner is to ask.
+    Failed,
+}
+
+/// How the blocking statement ended.
+enum BlockEnd {
+    /// The lock was granted (and let go with the statement's transaction).
+    Granted,
+    /// `lock_timeout`: the wait's end.
+    TimedOut,
+    /// Cancelled by this node.
+    Cancelled,
+    /// Another error from the server: the connection is still usable.
+    Refused,
+    /// The connection failed, or no answer came in time.
+    Broken,
+}
+
+impl BlockEnd {
+    fn of(
+        ended: Result<Result<Vec<Row>, tokio_postgres::Error>, tokio::time::error::Elapsed>,
+    ) -> BlockEnd {
+        match ended {
+            Ok(Ok(_)) => BlockEnd::Granted,
+            Ok(Err(e)) => match e.code() {
+                Some(c) if *c == SqlState::LOCK_NOT_AVAILABLE => BlockEnd::TimedOut,
+                Some(c) if *c == SqlState::QUERY_CANCELED => BlockEnd::Cancelled,
+                Some(_) => {
+                    debug!(error = %describe(&e), "blocking on a lease's advisory lock failed");
+                    BlockEnd::Refused
+                }
+                None => BlockEnd::Broken,
+            },
+            Err(_) => BlockEnd::Broken,
+        }
+    }
+}
+
+/// After a notification, how long a blocked wait lets its statement end by
+/// itself before it cancels it: a release notifies as it commits, and the
+/// holder lets the lease's lock go right after, one round trip later; a
+/// data version written mid-plan leaves the lock held, and the statement
+/// is cancelled after this (on a connection of its own, a few
+/// milliseconds).
+const LET_GO_WINDOW: Duration = Duration::from_millis(100);
+
+/// Once a lease's lock came free, how long a waiting node waits for the
+/// notification of a release (sent before the lock was let go, on another
+/// connection) before it checks the holder's session: a holder that died
+/// sends none, and its lease is taken over this much later.
+const NOTIFY_WINDOW: Duration = Duration::from_millis(50);
 
 /// The fence floor as the meta table keeps it (text); none is 0.
 fn floor(value: Option<&str>) -> Result<u64, BackendError> {
@@ -147,6 +335,12 @@ impl Lock for PostgresBackend {
                 // Watched from before any other node can read the row that
                 // names the session.
                 let tie = session.as_ref().map(|s| self.inner.holding.tie(&lease, s));
+                // Held before any other node can read the row, so that a
+                // waiting node that blocks on it wakes only when this
+                // session ends or lets it go.
+                if let Some(s) = session.as_ref().filter(|_| self.lease_locks()) {
+                    self.take_lease_lock(service, lease.fence, s).await;
+                }
                 let write = [
                     Stmt::Typed(
                         &sql.grant,
@@ -223,7 +417,11 @@ impl Lock for PostgresBackend {
             .await;
         match &result {
             Ok(renewed) => self.inner.holding.renewed(renewed),
-            Err(BackendError::LeaseLost(_)) => self.inner.holding.untie(lease),
+            Err(BackendError::LeaseLost(_)) => {
+                if let Some(let_go) = self.inner.holding.untie(lease) {
+                    let_go.run().await;
+                }
+            }
             Err(_) => {}
         }
         result
@@ -256,7 +454,11 @@ impl Lock for PostgresBackend {
             })
             .await;
         if matches!(result, Ok(()) | Err(BackendError::LeaseLost(_))) {
-            self.inner.holding.untie(lease);
+            // After the release committed (and notified): a waiting node
+            // woken by the lock finds the lease free.
+            if let Some(let_go) = self.inner.holding.untie(lease) {
+                let_go.run().await;
+            }
         }
         result
     }
@@ -382,33 +584,51 @@ impl Lock for PostgresBackend {
         };
         let since = self.inner.wakeups.take_seen(service);
         let mut holder = waiting.live_session(service, seen.fence);
+        let mut may_block = self.lease_locks();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Ok(());
             }
-            // A notification ends the wait; the holder's session ending,
-            // which no notification reports, is checked now and then.
-            let slice = match holder {
-                Some(_) => jitter(self.inner.options.holder_check).min(left),
-                None => left,
-            };
-            if self.inner.wakeups.wait_since(service, since, slice).await {
-                return Ok(());
+            // While the holder's session lives, the lease's advisory lock
+            // comes free when it ends (or the holder lets go): block on it,
+            // and check the session once it is free.
+            let mut checked = false;
+            if holder.is_some() && may_block && waiting.may_block(service, seen.fence) {
+                match self.block(service, seen.fence, since, deadline).await {
+                    Blocked::Woken => return Ok(()),
+                    Blocked::Busy => may_block = false,
+                    Blocked::Failed => {
+                        waiting.lock_not_held(service, seen.fence);
+                        return Ok(());
+                    }
+                    Blocked::Free => {
+                        // A release notified as it committed, before its
+                        // holder let the lock go: that notification is on
+                        // its way on the other connection.
+                        let wakeups = &self.inner.wakeups;
+                        if wakeups.wait_since(service, since, NOTIFY_WINDOW).await {
+                            return Ok(());
+                        }
+                        checked = true;
+                    }
+                }
+            }
+            if !checked {
+                // A notification ends the wait; the holder's session ending,
+                // which no notification reports, is checked now and then.
+                let slice = match holder {
+                    Some(_) => jitter(self.inner.options.holder_check).min(left),
+                    None => left,
+                };
+                if self.inner.wakeups.wait_since(service, since, slice).await {
+                    return Ok(());
+                }
             }
             let Some(h) = holder.filter(|_| Instant::now() < deadline) else {
                 continue;
             };
-            let params: [(&(dyn ToSql + Sync), Type); 2] =
-                [(&h.pid, Type::INT4), (&h.server_start, Type::INT8)];
-            let check = session
-                .client
-                .query_typed(&self.inner.sql.session_gone, &params);
-            let gone = match tokio::time::timeout(Duration::from_secs(2), check).await {
-                Ok(Ok(rows)) => rows.first().and_then(|r| r.try_get::<_, bool>(0).ok()),
-                _ => None,
-            };
-            match gone {
+            match self.session_gone(&session, h).await {
                 Some(gone) => {
                     waiting.observe(service, seen.fence, Some(h), gone);
                     if gone {
@@ -418,6 +638,12 @@ impl Lock for PostgresBackend {
                         if let Some(at) = waiting.takeover_at(service, seen.fence) {
                             deadline = deadline.min(at);
                         }
+                    } else if checked {
+                        // Free while the session lives: its holder does not
+                        // hold it. Check periodically from now on.
+                        debug!(%service, holder = %seen.holder, fence = seen.fence,
+                            "the lease holder's session holds no lock of the lease; checking it periodically");
+                        waiting.lock_not_held(service, seen.fence);
                     }
                 }
                 // The check failed: let the runner ask for the lease.

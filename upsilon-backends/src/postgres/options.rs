@@ -41,6 +41,7 @@ pub struct PostgresOptions {
     pub(crate) ping_every: Duration,
     pub(crate) ping_timeout: Duration,
     pub(crate) takeover_grace: Duration,
+    pub(crate) lease_locks: bool,
     pub(crate) tls: TlsChoice,
 }
 
@@ -72,6 +73,7 @@ impl fmt::Debug for PostgresOptions {
             .field("ping_every", &self.ping_every)
             .field("ping_timeout", &self.ping_timeout)
             .field("takeover_grace", &self.takeover_grace)
+            .field("lease_locks", &self.lease_locks)
             .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
@@ -108,6 +110,7 @@ impl PostgresOptions {
             ping_every: Duration::from_millis(100),
             ping_timeout: Duration::from_millis(200),
             takeover_grace: Duration::from_millis(600),
+            lease_locks: true,
             tls: TlsChoice::Off,
         }
     }
@@ -279,13 +282,33 @@ impl PostgresOptions {
     }
 
     /// How often a waiting node checks whether the lease holder's session
-    /// still exists (one light query on its listening connection), so that a
-    /// dead holder is taken over this soon (plus
+    /// still exists (one light query on its listening connection) when it
+    /// cannot block on the lease's advisory lock (see
+    /// [`lease_locks`](PostgresOptions::lease_locks)), so that a dead holder
+    /// is taken over this soon (plus
     /// [`takeover_grace`](PostgresOptions::takeover_grace)) rather than when
     /// its lease runs out. Jittered ±50 %. Default 1 s. Not used behind a
     /// transaction pooler.
     pub fn holder_check_every(mut self, every: Duration) -> Self {
         self.holder_check = every;
+        self
+    }
+
+    /// Whether a lease holder's listening session holds an advisory lock of
+    /// the lease while it holds the lease, and waiting nodes block on it
+    /// (on a pooled connection, with `lock_timeout` at the end of the wait)
+    /// instead of checking the holder's session every
+    /// [`holder_check_every`](PostgresOptions::holder_check_every): the
+    /// lock comes free the moment the server sees the holder's session end,
+    /// or after its release. The lock only wakes a waiting node sooner; it
+    /// then checks the session and takes the lease over exactly as it
+    /// would after a periodic check. A waiting node checks periodically
+    /// for a lease whose holder holds no such lock (a node of an older
+    /// version, or one with this off), and when its pool has no connection
+    /// to spare for the wait (see docs/POSTGRES.md). Default on; off
+    /// behind a transaction pooler, where a session's locks do not last.
+    pub fn lease_locks(mut self, on: bool) -> Self {
+        self.lease_locks = on;
         self
     }
 
