@@ -70,6 +70,7 @@ mod connection;
 mod conninfo;
 mod error;
 mod holding;
+mod known;
 mod listener;
 mod lock;
 mod options;
@@ -94,6 +95,7 @@ use upsilon::backend::BackendError;
 use crate::wakeups::Wakeups;
 use error::{driver, driver_in, timed_out};
 use holding::Holding;
+use known::KnownStores;
 use listener::Session;
 pub use options::PostgresOptions;
 use pool::Pool;
@@ -129,6 +131,8 @@ struct Inner {
     holding: Holding,
     /// The leases this node found held by others, for early takeovers.
     waiting: Waiting,
+    /// The stores this handle claimed, as its own last write left them.
+    known: KnownStores,
 }
 
 impl fmt::Debug for PostgresBackend {
@@ -208,6 +212,7 @@ impl PostgresBackend {
                 opening: tokio::sync::Mutex::new(None),
                 holding: Holding::default(),
                 waiting,
+                known: KnownStores::default(),
             }),
         };
         // One connection, so that a wrong address or password is reported
