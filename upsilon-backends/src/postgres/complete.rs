@@ -6,8 +6,8 @@ use upsilon::backend::{AttemptState, BackendError, Change, Columns, FinishAttemp
 use upsilon::{TaskContext, TaskKey};
 
 use super::error::{driver, driver_in, timed_out};
-use super::pipeline::{first_error, pipeline, text, Stmt};
 use super::known::Known;
+use super::pipeline::{first_error, pipeline, text, Stmt};
 use super::store::{bound, revision_of, snapshot_of};
 use super::PostgresBackend;
 

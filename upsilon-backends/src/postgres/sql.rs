@@ -128,8 +128,9 @@ pub(crate) struct Sql {
     /// after the state row's lock.
     pub(crate) bump_revision: String,
     /// Locks the state row and fails (division by zero) unless it holds
-    /// fence `$2` and the meta table format `$3`: the first check of a
-    /// write sent without reading first.
+    /// fence `$2`, data version `$4` and baseline `$5` (null for none) and
+    /// the meta table's format is `$3`: the first check of a write sent
+    /// without reading first.
     pub(crate) guard_state: String,
     /// Replaces the service's store revision with a new one (returned) and
     /// fails (division by zero) unless it was `$2`: nobody wrote the store
@@ -301,6 +302,8 @@ impl Sql {
                 "SELECT 1 / count(*)::int4 FROM (
                    SELECT 1 FROM {st} AS s
                    WHERE s.service = $1 AND s.store_fence = $2 AND {format_col} = $3
+                     AND s.data_version IS NOT DISTINCT FROM $4
+                     AND s.baseline IS NOT DISTINCT FROM $5
                    FOR UPDATE OF s) AS locked"
             ),
             guard_revision: format!(

@@ -126,8 +126,9 @@ impl PostgresBackend {
     /// (`known`, which it took): checks them against it, then sends one
     /// flight: `BEGIN`, the guards, the writes, the notification and
     /// `COMMIT`. The guards lock the state row and fail unless it still
-    /// holds `fence` and the store revision is still `known`'s: nobody wrote
-    /// the service's store rows since. Then the transaction is aborted, the
+    /// holds `fence` and `known`'s data version and baseline, and the store
+    /// revision is still `known`'s: nobody wrote the service's store rows
+    /// since. Then the transaction is aborted, the
     /// `COMMIT` rolls it back, and this returns `None`, as it does when
     /// `known` refuses the changes: the caller reads the store first
     /// ([`PostgresBackend::write_read_first`]), which refuses precisely or
@@ -158,6 +159,8 @@ impl PostgresBackend {
                 text(service),
                 int8(fence_to_column(fence)?),
                 text(super::FORMAT.to_string()),
+                opt_text(known.snapshot.data_version.as_ref().map(|v| v.to_string())),
+                opt_text(known.snapshot.baseline.as_ref().map(|v| v.to_string())),
             ],
         ));
         write.push(Stmt::Typed(
@@ -330,7 +333,8 @@ impl Store for PostgresBackend {
             let op = async {
                 let c = &conn;
                 if let Some(known) = self.inner.known.take(service, fence) {
-                    if let Some(known) = self.write_known(c, service, fence, changes, known).await? {
+                    if let Some(known) = self.write_known(c, service, fence, changes, known).await?
+                    {
                         self.inner.known.put(service, fence, known);
                         return Ok(());
                     }
