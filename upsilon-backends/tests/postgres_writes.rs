@@ -154,6 +154,10 @@ async fn a_completion_by_another_handle_with_the_same_fence_is_not_written_over(
     let a = PostgresBackend::connect(opts.clone()).await.unwrap();
     let b = PostgresBackend::connect(opts).await.unwrap();
     a.claim("svc", 1).await.unwrap();
+    a.apply("svc", 1, &[testing::start_attempt("p", "1.0", 1)])
+        .await
+        .unwrap();
+    a.apply("svc", 1, &[completed("p", "1.0")]).await.unwrap();
     a.apply("svc", 1, &[testing::start_attempt("t", "1.1", 1)])
         .await
         .unwrap();
@@ -188,10 +192,20 @@ async fn a_completion_by_another_handle_with_the_same_fence_is_not_written_over(
     );
     assert_eq!(
         b.history("svc").await.unwrap().len(),
-        1,
-        "one row, completed once"
+        2,
+        "one row for t, completed once"
     );
 
+    // What `a` knows now is the whole store, not only the task it wrote
+    // last: a task completed before is not started again.
+    let err = a
+        .apply("svc", 1, &[testing::start_attempt("p", "1.0", 1)])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, BackendError::Rejected(m) if m.contains("already completed")),
+        "{err}"
+    );
     // And `a` goes on writing, with what the store now holds.
     a.apply("svc", 1, &[testing::start_attempt("u", "1.1", 1)])
         .await
@@ -265,6 +279,46 @@ async fn after_a_takeover_the_old_handles_write_commits_nothing() {
     new.apply("svc", 2, &[testing::start_attempt("u", "1.1", 1)])
         .await
         .unwrap();
+}
+
+/// A node of the previous release claims with a plain `UPDATE` of the
+/// state row's fence, and keeps no store revision: the fence alone stops
+/// the old handle's write.
+#[tokio::test]
+async fn after_a_claim_that_kept_no_revision_the_old_handles_write_commits_nothing() {
+    let schema = "taken_over_by_previous_release";
+    let opts = fresh(schema).await;
+    let old = PostgresBackend::connect(opts).await.unwrap();
+    old.claim("svc", 1).await.unwrap();
+    old.apply("svc", 1, &[testing::start_attempt("t", "1.1", 1)])
+        .await
+        .unwrap();
+    raw(&server().url())
+        .await
+        .batch_execute(&format!(
+            "UPDATE {schema}.upsilon_state SET store_fence = 2 WHERE service = 'svc'"
+        ))
+        .await
+        .unwrap();
+    let err = old
+        .apply("svc", 1, &[completed("t", "1.1")])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BackendError::StaleFence {
+                presented: 1,
+                current: 2
+            }
+        ),
+        "{err}"
+    );
+    let snap = old.load("svc").await.unwrap();
+    assert_eq!(
+        task(&snap, "t", "1.1"),
+        Some((1, false, AttemptState::Running))
+    );
 }
 
 /// The handle's write is cut off (its session terminated) while it waits
