@@ -127,15 +127,13 @@ pub(crate) struct Sql {
     /// part of every transaction that writes the service's store rows,
     /// after the state row's lock.
     pub(crate) bump_revision: String,
-    /// Locks the state row and fails (division by zero) unless it holds
-    /// fence `$2`, data version `$4` and baseline `$5` (null for none) and
-    /// the meta table's format is `$3`: the first check of a write sent
-    /// without reading first.
-    pub(crate) guard_state: String,
-    /// Replaces the service's store revision with a new one (returned) and
-    /// fails (division by zero) unless it was `$2`: nobody wrote the store
-    /// since the write that left `$2`.
-    pub(crate) guard_revision: String,
+    /// The check of a write sent without reading first: locks the state
+    /// row, then replaces the service's store revision with a new one
+    /// (returned), and fails (division by zero) unless the row holds fence
+    /// `$2`, data version `$4` and baseline `$5` (null for none), the meta
+    /// table's format is `$3` and the revision was `$6`: nobody wrote the
+    /// service's store rows since the write that left `$6`.
+    pub(crate) guard: String,
     /// Every service the tables hold something of.
     pub(crate) services: String,
     pub(crate) history_rows: String,
@@ -298,18 +296,17 @@ impl Sql {
                  ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value
                  RETURNING value"
             ),
-            guard_state: format!(
-                "SELECT 1 / count(*)::int4 FROM (
+            guard: format!(
+                "WITH locked AS (
                    SELECT 1 FROM {st} AS s
                    WHERE s.service = $1 AND s.store_fence = $2 AND {format_col} = $3
                      AND s.data_version IS NOT DISTINCT FROM $4
                      AND s.baseline IS NOT DISTINCT FROM $5
-                   FOR UPDATE OF s) AS locked"
-            ),
-            guard_revision: format!(
-                "WITH r AS (
+                   FOR UPDATE OF s),
+                 r AS (
                    UPDATE {m} SET value = {NEW_REVISION}
-                   WHERE key = {REVISION_KEY} AND value = $2
+                   WHERE key = {REVISION_KEY} AND value = $6
+                     AND EXISTS (SELECT 1 FROM locked)
                    RETURNING value)
                  SELECT 1 / count(*)::int4, max(r.value) FROM r"
             ),

@@ -124,8 +124,8 @@ impl PostgresBackend {
 
     /// The write of `changes` when this handle knows what the store holds
     /// (`known`, which it took): checks them against it, then sends one
-    /// flight: `BEGIN`, the guards, the writes, the notification and
-    /// `COMMIT`. The guards lock the state row and fail unless it still
+    /// flight: `BEGIN`, the guard, the writes, the notification and
+    /// `COMMIT`. The guard locks the state row and fails unless it still
     /// holds `fence` and `known`'s data version and baseline, and the store
     /// revision is still `known`'s: nobody wrote the service's store rows
     /// since. Then the transaction is aborted, the
@@ -151,26 +151,23 @@ impl PostgresBackend {
             self.inner.known.put(service, fence, known);
             return Ok(None);
         };
-        let mut write = Vec::with_capacity(todo.len() + 5);
+        let mut write = Vec::with_capacity(todo.len() + 4);
         write.push(Stmt::Simple("BEGIN"));
         write.push(Stmt::Typed(
-            &sql.guard_state,
+            &sql.guard,
             vec![
                 text(service),
                 int8(fence_to_column(fence)?),
                 text(super::FORMAT.to_string()),
                 opt_text(known.snapshot.data_version.as_ref().map(|v| v.to_string())),
                 opt_text(known.snapshot.baseline.as_ref().map(|v| v.to_string())),
+                text(known.revision.clone()),
             ],
-        ));
-        write.push(Stmt::Typed(
-            &sql.guard_revision,
-            vec![text(service), text(known.revision.clone())],
         ));
         self.push_writes(&mut write, service, fence, &todo)?;
         write.push(Stmt::Simple("COMMIT"));
         let mut results = c.pipeline(&write).await;
-        if guard_failed(&results[1]) || guard_failed(&results[2]) {
+        if guard_failed(&results[1]) {
             // Aborted: the `COMMIT` answered as a rollback, and nothing was
             // written (unless its answer is an error: the outcome is then
             // that of the connection's end, a rollback too).
@@ -180,7 +177,7 @@ impl PostgresBackend {
             };
         }
         let rows = first_error(results).map_err(driver)?;
-        let revision = revision_of(&rows[2], 1)?;
+        let revision = revision_of(&rows[1], 1)?;
         known.snapshot.absorb(part);
         Ok(Some(Known {
             revision,
