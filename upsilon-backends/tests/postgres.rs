@@ -8,12 +8,15 @@
 //! test binary run again with `UPSILON_PG_NODE` set (see [`node_process`]).
 #![cfg(feature = "postgres")]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use common::counting_proxy;
 use upsilon::backend::AttemptState;
 use upsilon::backend::{Acquire, BackendError, Lock, Store};
 use upsilon::testing::conformance::{self, Harness, Notices, Wake};
@@ -1474,60 +1477,6 @@ async fn behind_a_pooler_waiting_nodes_poll() {
     assert!(effects.values().all(|n| *n == 1), "{effects:?}");
 }
 
-/// A loopback proxy in front of the server that counts round trips on the
-/// first connection made through it (a backend's pooled connection, which
-/// `connect` opens; the listening session comes later, and its holder pings
-/// are not counted): each time the client sends after the server has
-/// answered is one more.
-async fn counting_proxy(upstream: u16) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
-    use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let turns = Arc::new(AtomicUsize::new(0));
-    let counter = turns.clone();
-    tokio::spawn(async move {
-        let mut first = true;
-        while let Ok((client, _)) = listener.accept().await {
-            let server = tokio::net::TcpStream::connect(("127.0.0.1", upstream))
-                .await
-                .unwrap();
-            let (mut cr, mut cw) = client.into_split();
-            let (mut sr, mut sw) = server.into_split();
-            let last = Arc::new(AtomicU8::new(0));
-            let (turns, last2) = (counter.clone(), last.clone());
-            let counted = std::mem::replace(&mut first, false);
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 65536];
-                while let Ok(n) = cr.read(&mut buf).await {
-                    if n == 0 {
-                        break;
-                    }
-                    if last.swap(1, Ordering::SeqCst) != 1 && counted {
-                        turns.fetch_add(1, Ordering::SeqCst);
-                    }
-                    if sw.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 65536];
-                while let Ok(n) = sr.read(&mut buf).await {
-                    if n == 0 {
-                        break;
-                    }
-                    last2.store(2, Ordering::SeqCst);
-                    if cw.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    (port, turns)
-}
-
 // One thread: the driver's task then runs only once every statement of a
 // pipeline is queued, so they leave in one write and the count is exact.
 #[tokio::test]
@@ -1575,7 +1524,27 @@ async fn operations_take_one_or_two_round_trips() {
     )
     .await
     .unwrap();
-    assert_eq!(count(t), 2, "apply");
+    assert_eq!(count(t), 1, "apply after a claim");
+    let t = turns.load(Ordering::SeqCst);
+    b.apply(
+        "svc",
+        lease.fence,
+        &[upsilon::backend::Change::Finish(
+            upsilon::backend::FinishAttempt {
+                key: upsilon::TaskKey {
+                    version: upsilon::parse_version("1.1").unwrap(),
+                    id: "t".into(),
+                },
+                attempt: 1,
+                state: AttemptState::Completed,
+                error: None,
+                duration: Duration::ZERO,
+            },
+        )],
+    )
+    .await
+    .unwrap();
+    assert_eq!(count(t), 1, "apply after an apply");
     let t = turns.load(Ordering::SeqCst);
     b.renew(&lease).await.unwrap();
     assert_eq!(count(t), 1, "renew");

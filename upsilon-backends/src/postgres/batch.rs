@@ -149,11 +149,16 @@ impl PostgresBackend {
                     checkpoint: cp.clone(),
                 })];
                 if !snap.check(fence, &change)?.is_empty() {
-                    let stmt = Stmt::Typed(
-                        &sql.checkpoint,
-                        bound(service, Columns::of(fence, &change[0])?),
-                    );
-                    first_error(pipeline(c, &[stmt]).await).map_err(|e| driver_in(e, &context))?;
+                    let stmts = [
+                        Stmt::Typed(
+                            &sql.checkpoint,
+                            bound(service, Columns::of(fence, &change[0])?),
+                        ),
+                        Stmt::Typed(&sql.bump_revision, vec![text(service)]),
+                    ];
+                    first_error(pipeline(c, &stmts).await).map_err(|e| driver_in(e, &context))?;
+                    // What this handle knew of the store is out of date.
+                    self.inner.known.forget(service);
                 }
             }
             Ok::<(), BackendError>(())

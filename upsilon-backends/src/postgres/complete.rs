@@ -6,8 +6,9 @@ use upsilon::backend::{AttemptState, BackendError, Change, Columns, FinishAttemp
 use upsilon::{TaskContext, TaskKey};
 
 use super::error::{driver, driver_in, timed_out};
+use super::known::Known;
 use super::pipeline::{first_error, pipeline, text, Stmt};
-use super::store::{bound, snapshot_of};
+use super::store::{bound, revision_of, snapshot_of};
 use super::PostgresBackend;
 
 impl PostgresBackend {
@@ -99,17 +100,28 @@ impl PostgresBackend {
             let rows = first_error(pipeline(c, &read).await).map_err(|e| driver_in(e, &context))?;
             let mut snap = snapshot_of(&rows[2])?;
             still_running(&mut snap, fence, &finish, &key, info.attempt)?;
-            let write = [finish_now];
-            first_error(pipeline(c, &write).await).map_err(|e| driver_in(e, &context))?;
-            Ok::<(), BackendError>(())
+            let write = [
+                finish_now,
+                Stmt::Typed(&sql.bump_revision, vec![text(service)]),
+            ];
+            let rows =
+                first_error(pipeline(c, &write).await).map_err(|e| driver_in(e, &context))?;
+            let revision = revision_of(&rows[1], 0)?;
+            Ok::<Known, BackendError>(Known {
+                revision,
+                snapshot: snap,
+            })
         };
-        tokio::time::timeout(timeout, commit)
+        let known = tokio::time::timeout(timeout, commit)
             .await
             .map_err(|_| timed_out("recording the completion", timeout))??;
         tokio::time::timeout(timeout, tx.commit())
             .await
             .map_err(|_| timed_out("committing", timeout))?
             .map_err(|e| driver_in(e, &context))?;
+        // The whole snapshot was read under the lock: the runner's write
+        // that follows takes one round trip.
+        self.inner.known.put(service, fence, known);
         conn.reset_and_done(timeout).await;
         Ok(value)
     }

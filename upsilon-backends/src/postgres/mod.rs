@@ -26,10 +26,17 @@
 //!   the meta table (which every grant raises), so neither a forced release
 //!   nor deleting the row resets it.
 //! - Every store write is one transaction that locks the service's state row
-//!   (`SELECT ... FOR UPDATE`), reads the state and the per-task summaries,
-//!   checks the write with
-//!   [`Snapshot::check`](upsilon::backend::Snapshot::check) and writes: two round trips,
-//!   the statements of each sent together (pipelined).
+//!   and is checked with
+//!   [`Snapshot::check`](upsilon::backend::Snapshot::check). A handle that
+//!   claimed the store keeps the snapshot its own last write left there and
+//!   the store revision (`rev:SERVICE` in the meta table) that write set;
+//!   it checks the next write against that snapshot and sends it in one
+//!   round trip, with a guard that locks the state row and aborts the
+//!   transaction unless the fence, data version, baseline and revision are
+//!   still the ones it knows. Otherwise (someone else wrote since, or the
+//!   handle's last write ended with an unknown outcome) the write reads the
+//!   state and the summaries under the lock first: two round trips, the
+//!   statements of each sent together (pipelined).
 //! - [`Store::load`](upsilon::backend::Store::load), the start-up read of an up-to-date node, is one
 //!   statement: one round trip.
 //! - Waiting nodes `LISTEN`; a release and every data version change
@@ -51,8 +58,9 @@
 //!   the TTL decides.
 //!
 //! Tables, in a configurable schema (default `public`):
-//! - `upsilon_meta(key, value)`: the stored format (`format` = 1) and each
-//!   service's fence floor (`fence:SERVICE`);
+//! - `upsilon_meta(key, value)`: the stored format (`format` = 1), each
+//!   service's fence floor (`fence:SERVICE`) and store revision
+//!   (`rev:SERVICE`, replaced by every write to the service's store rows);
 //! - `upsilon_state(service, data_version, baseline, store_fence, granted,
 //!   lease_holder, lease_fence, lease_expires, lease_pid, lease_server_start)`:
 //!   one row per service;
@@ -70,6 +78,7 @@ mod connection;
 mod conninfo;
 mod error;
 mod holding;
+mod known;
 mod listener;
 mod lock;
 mod options;
@@ -94,6 +103,7 @@ use upsilon::backend::BackendError;
 use crate::wakeups::Wakeups;
 use error::{driver, driver_in, timed_out};
 use holding::Holding;
+use known::KnownStores;
 use listener::Session;
 pub use options::PostgresOptions;
 use pool::Pool;
@@ -129,6 +139,8 @@ struct Inner {
     holding: Holding,
     /// The leases this node found held by others, for early takeovers.
     waiting: Waiting,
+    /// The stores this handle claimed, as its own last write left them.
+    known: KnownStores,
 }
 
 impl fmt::Debug for PostgresBackend {
@@ -208,6 +220,7 @@ impl PostgresBackend {
                 opening: tokio::sync::Mutex::new(None),
                 holding: Holding::default(),
                 waiting,
+                known: KnownStores::default(),
             }),
         };
         // One connection, so that a wrong address or password is reported

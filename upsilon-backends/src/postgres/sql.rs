@@ -13,6 +13,17 @@ pub(crate) const SERVER_START: &str =
 /// that row does not let a fence be granted twice.
 const FLOOR_KEY: &str = "'fence:' || $1";
 
+/// The meta table's key of a service's store revision (`$1` the service):
+/// a value every write to the service's store rows replaces, under the
+/// state row's lock, with [`NEW_REVISION`]. A write that finds the value it
+/// saw last knows the store holds what it left there.
+const REVISION_KEY: &str = "'rev:' || $1";
+
+/// A fresh revision: the writing transaction's id (64 bits with its epoch,
+/// never given twice by one cluster) and a random number (apart from a
+/// database restored elsewhere, whose ids start again).
+const NEW_REVISION: &str = "txid_current()::text || ':' || floor(random() * 1e15)::int8::text";
+
 /// The server's `idle_session_timeout` for this session, as `SHOW` gives it
 /// (`0`, `500ms`, `10min`, ...; null before PostgreSQL 14): a column of the
 /// reads every node starts with, so that the pool learns it without a
@@ -112,6 +123,17 @@ pub(crate) struct Sql {
     pub(crate) data_version: String,
     pub(crate) baseline: String,
     pub(crate) notify: String,
+    /// Sets the service's store revision to a new value and returns it:
+    /// part of every transaction that writes the service's store rows,
+    /// after the state row's lock.
+    pub(crate) bump_revision: String,
+    /// The check of a write sent without reading first: locks the state
+    /// row, then replaces the service's store revision with a new one
+    /// (returned), and fails (division by zero) unless the row holds fence
+    /// `$2`, data version `$4` and baseline `$5` (null for none), the meta
+    /// table's format is `$3` and the revision was `$6`: nobody wrote the
+    /// service's store rows since the write that left `$6`.
+    pub(crate) guard: String,
     /// Every service the tables hold something of.
     pub(crate) services: String,
     pub(crate) history_rows: String,
@@ -269,6 +291,25 @@ impl Sql {
                 "UPDATE {st} SET data_version = $2, baseline = $2 WHERE service = $1"
             ),
             notify: "SELECT 1 FROM pg_notify($1, $2) AS n".to_owned(),
+            bump_revision: format!(
+                "INSERT INTO {m} (key, value) VALUES ({REVISION_KEY}, {NEW_REVISION})
+                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value
+                 RETURNING value"
+            ),
+            guard: format!(
+                "WITH locked AS (
+                   SELECT 1 FROM {st} AS s
+                   WHERE s.service = $1 AND s.store_fence = $2 AND {format_col} = $3
+                     AND s.data_version IS NOT DISTINCT FROM $4
+                     AND s.baseline IS NOT DISTINCT FROM $5
+                   FOR UPDATE OF s),
+                 r AS (
+                   UPDATE {m} SET value = {NEW_REVISION}
+                   WHERE key = {REVISION_KEY} AND value = $6
+                     AND EXISTS (SELECT 1 FROM locked)
+                   RETURNING value)
+                 SELECT 1 / count(*)::int4, max(r.value) FROM r"
+            ),
             services: format!(
                 "SELECT service FROM {st}
                   WHERE data_version IS NOT NULL OR baseline IS NOT NULL

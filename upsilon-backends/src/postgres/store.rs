@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 
 use async_trait::async_trait;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
 use tokio_postgres::Row;
 use upsilon::backend::{
@@ -13,6 +14,7 @@ use upsilon::backend::{
 use upsilon::TaskKey;
 
 use super::error::driver;
+use super::known::Known;
 use super::pipeline::{first_error, int4, int8, opt_int8, opt_text, text, text_array, Param, Stmt};
 use super::pool::Conn;
 use super::{format_of, get, sql, PostgresBackend};
@@ -120,6 +122,138 @@ impl PostgresBackend {
         }
     }
 
+    /// The write of `changes` when this handle knows what the store holds
+    /// (`known`, which it took): checks them against it, then sends one
+    /// flight: `BEGIN`, the guard, the writes, the notification and
+    /// `COMMIT`. The guard locks the state row and fails unless it still
+    /// holds `fence` and `known`'s data version and baseline, and the store
+    /// revision is still `known`'s: nobody wrote the service's store rows
+    /// since. Then the transaction is aborted, the
+    /// `COMMIT` rolls it back, and this returns `None`, as it does when
+    /// `known` refuses the changes: the caller reads the store first
+    /// ([`PostgresBackend::write_read_first`]), which refuses precisely or
+    /// writes. Returns what the store holds after the commit.
+    async fn write_known(
+        &self,
+        c: &Conn<'_>,
+        service: &str,
+        fence: u64,
+        changes: &[Change],
+        mut known: Known,
+    ) -> Result<Option<Known>, BackendError> {
+        let sql = &self.inner.sql;
+        let touched = Change::touched(changes);
+        let mut part = known.snapshot.subset(touched.as_ref());
+        let Ok(todo) = part.check(fence, changes) else {
+            // Refused by what this handle knows: the store, read under its
+            // lock, refuses in its own words, or takes the changes if
+            // someone else changed it since.
+            self.inner.known.put(service, fence, known);
+            return Ok(None);
+        };
+        let mut write = Vec::with_capacity(todo.len() + 4);
+        write.push(Stmt::Simple("BEGIN"));
+        write.push(Stmt::Typed(
+            &sql.guard,
+            vec![
+                text(service),
+                int8(fence_to_column(fence)?),
+                text(super::FORMAT.to_string()),
+                opt_text(known.snapshot.data_version.as_ref().map(|v| v.to_string())),
+                opt_text(known.snapshot.baseline.as_ref().map(|v| v.to_string())),
+                text(known.revision.clone()),
+            ],
+        ));
+        self.push_writes(&mut write, service, fence, &todo)?;
+        write.push(Stmt::Simple("COMMIT"));
+        let mut results = c.pipeline(&write).await;
+        if guard_failed(&results[1]) {
+            // Aborted: the `COMMIT` answered as a rollback, and nothing was
+            // written (unless its answer is an error: the outcome is then
+            // that of the connection's end, a rollback too).
+            return match results.pop() {
+                Some(Err(e)) => Err(driver(e)),
+                _ => Ok(None),
+            };
+        }
+        let rows = first_error(results).map_err(driver)?;
+        let revision = revision_of(&rows[1], 1)?;
+        known.snapshot.absorb(part);
+        Ok(Some(Known {
+            revision,
+            snapshot: known.snapshot,
+        }))
+    }
+
+    /// The write of `changes` in two round trips: lock the state row and
+    /// read the snapshot, check the changes, then write. When this handle
+    /// claimed `service` with `fence`, it reads the whole snapshot and keeps
+    /// what the store holds after the commit, so that its next write takes
+    /// one round trip again.
+    async fn write_read_first(
+        &self,
+        c: &Conn<'_>,
+        service: &str,
+        fence: u64,
+        changes: &[Change],
+    ) -> Result<(), BackendError> {
+        let sql = &self.inner.sql;
+        let keep = self.inner.known.holds(service, fence);
+        let touched = Change::touched(changes);
+        let only = if keep { None } else { touched.as_ref() };
+        let mut snap = self.locked_snapshot(c, service, only).await?;
+        let todo = snap.check(fence, changes)?;
+        let mut write = Vec::with_capacity(todo.len() + 3);
+        self.push_writes(&mut write, service, fence, &todo)?;
+        let bump = keep || !todo.is_empty();
+        if bump {
+            write.push(Stmt::Typed(&sql.bump_revision, vec![text(service)]));
+        }
+        write.push(Stmt::Simple("COMMIT"));
+        let rows = first_error(c.pipeline(&write).await).map_err(driver)?;
+        if keep {
+            let revision = revision_of(&rows[write.len() - 2], 0)?;
+            self.inner.known.put(
+                service,
+                fence,
+                Known {
+                    revision,
+                    snapshot: snap,
+                },
+            );
+        } else if bump {
+            // Written under another fence than the one claimed here: what
+            // this handle knew is out of date.
+            self.inner.known.forget(service);
+        }
+        Ok(())
+    }
+
+    /// Pushes the statements that write `todo` for `service` with `fence`,
+    /// then the notification if one of them wakes waiters.
+    fn push_writes<'s>(
+        &'s self,
+        write: &mut Vec<Stmt<'s>>,
+        service: &str,
+        fence: u64,
+        todo: &[&Change],
+    ) -> Result<(), BackendError> {
+        let sql = &self.inner.sql;
+        let mut notify = false;
+        for change in todo {
+            let columns = Columns::of(fence, change)?;
+            notify |= columns.wakes_waiters();
+            write.push(self.write_stmt(service, columns)?);
+        }
+        if notify {
+            write.push(Stmt::Typed(
+                &sql.notify,
+                vec![text(sql.channel.clone()), text(service)],
+            ));
+        }
+        Ok(())
+    }
+
     /// The statement that stores `columns` for `service`.
     fn write_stmt<'s>(&'s self, service: &str, columns: Columns) -> Result<Stmt<'s>, BackendError> {
         let sql = &self.inner.sql;
@@ -146,21 +280,34 @@ impl Store for PostgresBackend {
     }
 
     async fn claim(&self, service: &str, fence: u64) -> Result<Snapshot, BackendError> {
+        // Whatever the claim's outcome, what this handle knew of the
+        // service belongs to an older claim.
+        self.inner.known.forget(service);
         self.with_tables(|| async move {
             let sql = &self.inner.sql;
             let mut conn = self.conn().await?;
             let op = async {
                 let c = &conn;
                 let mut snap = self.locked_snapshot(c, service, None).await?;
-                let mut write = Vec::with_capacity(2);
+                let mut write = Vec::with_capacity(3);
                 if snap.claim(fence)? {
                     write.push(Stmt::Typed(
                         &sql.raise_fence,
                         vec![text(service), int8(fence_to_column(fence)?)],
                     ));
                 }
+                write.push(Stmt::Typed(&sql.bump_revision, vec![text(service)]));
                 write.push(Stmt::Simple("COMMIT"));
-                first_error(c.pipeline(&write).await).map_err(driver)?;
+                let rows = first_error(c.pipeline(&write).await).map_err(driver)?;
+                let revision = revision_of(&rows[write.len() - 2], 0)?;
+                self.inner.known.claimed(
+                    service,
+                    fence,
+                    Known {
+                        revision,
+                        snapshot: snap.clone(),
+                    },
+                );
                 Ok(snap)
             };
             let result = self.timed(op).await;
@@ -169,6 +316,9 @@ impl Store for PostgresBackend {
         .await
     }
 
+    /// Checks `changes` and writes them; one round trip when this handle
+    /// knows what the store holds (see [`PostgresBackend::write_known`]),
+    /// two otherwise.
     async fn apply(
         &self,
         service: &str,
@@ -176,29 +326,17 @@ impl Store for PostgresBackend {
         changes: &[Change],
     ) -> Result<(), BackendError> {
         self.with_tables(|| async move {
-            let sql = &self.inner.sql;
             let mut conn = self.conn().await?;
             let op = async {
                 let c = &conn;
-                let touched = Change::touched(changes);
-                let mut snap = self.locked_snapshot(c, service, touched.as_ref()).await?;
-                let todo = snap.check(fence, changes)?;
-                let mut write = Vec::with_capacity(todo.len() + 2);
-                let mut notify = false;
-                for change in todo {
-                    let columns = Columns::of(fence, change)?;
-                    notify |= columns.wakes_waiters();
-                    write.push(self.write_stmt(service, columns)?);
+                if let Some(known) = self.inner.known.take(service, fence) {
+                    if let Some(known) = self.write_known(c, service, fence, changes, known).await?
+                    {
+                        self.inner.known.put(service, fence, known);
+                        return Ok(());
+                    }
                 }
-                if notify {
-                    write.push(Stmt::Typed(
-                        &sql.notify,
-                        vec![text(sql.channel.clone()), text(service)],
-                    ));
-                }
-                write.push(Stmt::Simple("COMMIT"));
-                first_error(c.pipeline(&write).await).map_err(driver)?;
-                Ok(())
+                self.write_read_first(c, service, fence, changes).await
             };
             let result = self.timed(op).await;
             self.settle(&mut conn, "writing to the store", result).await
@@ -272,6 +410,21 @@ impl Store for PostgresBackend {
         })
         .await
     }
+}
+
+/// Whether a guard of [`PostgresBackend::write_known`] failed: the store
+/// changed since this handle's last write.
+fn guard_failed(result: &Result<Vec<Row>, tokio_postgres::Error>) -> bool {
+    matches!(result, Err(e) if e.code() == Some(&SqlState::DIVISION_BY_ZERO))
+}
+
+/// The store revision in column `idx` of the only row of `rows`.
+pub(super) fn revision_of(rows: &[Row], idx: usize) -> Result<String, BackendError> {
+    let row = rows
+        .first()
+        .ok_or_else(|| BackendError::corrupt("the store revision was not returned"))?;
+    get::<Option<String>>(row, idx, "the store revision")?
+        .ok_or_else(|| BackendError::corrupt("the store revision is null"))
 }
 
 /// `$1`, the service, then the values of `columns` from `$2` on.

@@ -167,3 +167,57 @@ impl Proxy {
 pub fn via_port(url: &str, from: u16, port: u16) -> String {
     url.replace(&format!(":{from}/"), &format!(":{port}/"))
 }
+
+/// A loopback proxy in front of the server that counts round trips on the
+/// first connection made through it (a backend's pooled connection, which
+/// `connect` opens; the listening session comes later, and its holder pings
+/// are not counted): each time the client sends after the server has
+/// answered is one more.
+pub async fn counting_proxy(upstream: u16) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let turns = Arc::new(AtomicUsize::new(0));
+    let counter = turns.clone();
+    tokio::spawn(async move {
+        let mut first = true;
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(("127.0.0.1", upstream))
+                .await
+                .unwrap();
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            let last = Arc::new(AtomicU8::new(0));
+            let (turns, last2) = (counter.clone(), last.clone());
+            let counted = std::mem::replace(&mut first, false);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                while let Ok(n) = cr.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    if last.swap(1, Ordering::SeqCst) != 1 && counted {
+                        turns.fetch_add(1, Ordering::SeqCst);
+                    }
+                    if sw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                while let Ok(n) = sr.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    last2.store(2, Ordering::SeqCst);
+                    if cw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (port, turns)
+}
