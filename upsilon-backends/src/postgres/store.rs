@@ -9,7 +9,7 @@ use tokio_postgres::types::Type;
 use tokio_postgres::Row;
 use upsilon::backend::{
     fence_to_column, BackendError, Change, CheckpointColumns, Columns, HistoryColumns,
-    HistoryEntry, Snapshot, StateColumns, Store, SummaryColumns, Value, Write,
+    HistoryEntry, Notice, Snapshot, StateColumns, Store, SummaryColumns, Value, Write,
 };
 use upsilon::TaskKey;
 
@@ -122,6 +122,36 @@ impl PostgresBackend {
         }
     }
 
+    /// A fenced write, with the holder's `notice` if any.
+    async fn write(
+        &self,
+        service: &str,
+        fence: u64,
+        changes: &[Change],
+        notice: Option<&Notice>,
+    ) -> Result<(), BackendError> {
+        self.with_tables(|| async move {
+            let mut conn = self.conn().await?;
+            let op = async {
+                let c = &conn;
+                if let Some(known) = self.inner.known.take(service, fence) {
+                    if let Some(known) = self
+                        .write_known(c, service, fence, changes, notice, known)
+                        .await?
+                    {
+                        self.inner.known.put(service, fence, known);
+                        return Ok(());
+                    }
+                }
+                self.write_read_first(c, service, fence, changes, notice)
+                    .await
+            };
+            let result = self.timed(op).await;
+            self.settle(&mut conn, "writing to the store", result).await
+        })
+        .await
+    }
+
     /// The write of `changes` when this handle knows what the store holds
     /// (`known`, which it took): checks them against it, then sends one
     /// flight: `BEGIN`, the guard, the writes, the notification and
@@ -139,6 +169,7 @@ impl PostgresBackend {
         service: &str,
         fence: u64,
         changes: &[Change],
+        notice: Option<&Notice>,
         mut known: Known,
     ) -> Result<Option<Known>, BackendError> {
         let sql = &self.inner.sql;
@@ -164,7 +195,7 @@ impl PostgresBackend {
                 text(known.revision.clone()),
             ],
         ));
-        self.push_writes(&mut write, service, fence, &todo)?;
+        self.push_writes(&mut write, service, fence, &todo, notice)?;
         write.push(Stmt::Simple("COMMIT"));
         let mut results = c.pipeline(&write).await;
         if guard_failed(&results[1]) {
@@ -196,6 +227,7 @@ impl PostgresBackend {
         service: &str,
         fence: u64,
         changes: &[Change],
+        notice: Option<&Notice>,
     ) -> Result<(), BackendError> {
         let sql = &self.inner.sql;
         let keep = self.inner.known.holds(service, fence);
@@ -204,7 +236,7 @@ impl PostgresBackend {
         let mut snap = self.locked_snapshot(c, service, only).await?;
         let todo = snap.check(fence, changes)?;
         let mut write = Vec::with_capacity(todo.len() + 3);
-        self.push_writes(&mut write, service, fence, &todo)?;
+        self.push_writes(&mut write, service, fence, &todo, notice)?;
         let bump = keep || !todo.is_empty();
         if bump {
             write.push(Stmt::Typed(&sql.bump_revision, vec![text(service)]));
@@ -230,13 +262,16 @@ impl PostgresBackend {
     }
 
     /// Pushes the statements that write `todo` for `service` with `fence`,
-    /// then the notification if one of them wakes waiters.
+    /// then, if one of them wakes waiters, the notifications: the holder's
+    /// `notice` first, so that a listener has it when the service's own
+    /// notification (which nodes of older releases wait for) wakes it.
     fn push_writes<'s>(
         &'s self,
         write: &mut Vec<Stmt<'s>>,
         service: &str,
         fence: u64,
         todo: &[&Change],
+        notice: Option<&Notice>,
     ) -> Result<(), BackendError> {
         let sql = &self.inner.sql;
         let mut notify = false;
@@ -246,6 +281,12 @@ impl PostgresBackend {
             write.push(self.write_stmt(service, columns)?);
         }
         if notify {
+            if let Some(n) = notice {
+                write.push(Stmt::Typed(
+                    &sql.notify,
+                    vec![text(sql.channel.clone()), text(n.encode(service))],
+                ));
+            }
             write.push(Stmt::Typed(
                 &sql.notify,
                 vec![text(sql.channel.clone()), text(service)],
@@ -325,23 +366,24 @@ impl Store for PostgresBackend {
         fence: u64,
         changes: &[Change],
     ) -> Result<(), BackendError> {
-        self.with_tables(|| async move {
-            let mut conn = self.conn().await?;
-            let op = async {
-                let c = &conn;
-                if let Some(known) = self.inner.known.take(service, fence) {
-                    if let Some(known) = self.write_known(c, service, fence, changes, known).await?
-                    {
-                        self.inner.known.put(service, fence, known);
-                        return Ok(());
-                    }
-                }
-                self.write_read_first(c, service, fence, changes).await
-            };
-            let result = self.timed(op).await;
-            self.settle(&mut conn, "writing to the store", result).await
-        })
-        .await
+        self.write(service, fence, changes, None).await
+    }
+
+    /// [`Store::apply`], with `notice` in a `NOTIFY` of the same
+    /// transaction, so delivered only once it commits.
+    async fn apply_with_notice(
+        &self,
+        service: &str,
+        fence: u64,
+        changes: &[Change],
+        notice: &Notice,
+    ) -> Result<(), BackendError> {
+        self.write(service, fence, changes, Some(notice)).await
+    }
+
+    /// The newest notice the listening session received.
+    fn notice(&self, service: &str) -> Option<Notice> {
+        self.inner.wakeups.notice(service)
     }
 
     async fn services(&self) -> Result<Vec<String>, BackendError> {
