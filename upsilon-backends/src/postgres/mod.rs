@@ -42,11 +42,17 @@
 //! - Waiting nodes `LISTEN`; a release and every data version change
 //!   `NOTIFY` in the same transaction, so a waiting node sleeps until a
 //!   notification or the lease's expiry ([`Lock::notifies`](upsilon::backend::Lock::notifies)). Without
-//!   notifications (transaction pooling, or a lost session) they poll.
+//!   notifications (transaction pooling, or a lost session) they poll. The
+//!   holder's last write of a finished plan also notifies its notice
+//!   ([`Notice`](upsilon::backend::Notice)), first, so that a woken node
+//!   with the same plan inputs is READY without reading the store.
 //! - A holder also keeps a session of its own (the listening connection) and
-//!   records its server process id in the lease row. A waiting node checks
-//!   about once a second ([`PostgresOptions::holder_check_every`]) whether
-//!   that session still exists; once it has seen it gone for
+//!   records its server process id in the lease row; that session holds an
+//!   advisory lock of the lease while it holds it. A waiting node blocks on
+//!   that lock, which comes free when the holder releases or its session
+//!   ends, and then checks once whether the session still exists (about
+//!   once a second, [`PostgresOptions::holder_check_every`], where the lock
+//!   is not held: a holder of an older release); once it has seen it gone for
 //!   [`PostgresOptions::takeover_grace`] it takes the lease over, so a killed
 //!   holder is taken over within a second or two rather than after the TTL.
 //!   The holder pings its session while it holds the lease
