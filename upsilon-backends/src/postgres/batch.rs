@@ -147,13 +147,13 @@ impl PostgresBackend {
         let commit = async {
             let c = tx.client();
             if let (Some(known), Some(cp)) = (known, &checkpoint) {
-                let change = Change::Checkpoint(SaveCheckpoint {
+                let change = SaveCheckpoint {
                     key: key.clone(),
                     attempt,
                     checkpoint: cp.clone(),
-                });
+                };
                 if let Some(known) = self
-                    .checkpoint_known(c, service, fence, &only, change, known, &context)
+                    .checkpoint_known(c, service, fence, change, known, &context)
                     .await?
                 {
                     return Ok::<Option<Known>, BackendError>(Some(known));
@@ -217,14 +217,14 @@ impl PostgresBackend {
         c: &tokio_postgres::Client,
         service: &str,
         fence: u64,
-        only: &std::collections::BTreeSet<&TaskKey>,
-        change: Change,
+        save: SaveCheckpoint,
         mut known: Known,
         context: &str,
     ) -> Result<Option<Known>, BackendError> {
         let sql = &self.inner.sql;
-        let mut part = known.snapshot.subset(Some(only));
-        let change = [change];
+        let only = std::collections::BTreeSet::from([&save.key]);
+        let mut part = known.snapshot.subset(Some(&only));
+        let change = [Change::Checkpoint(save.clone())];
         match part.check(fence, &change) {
             Ok(todo) if !todo.is_empty() => {}
             _ => return Ok(None),
