@@ -414,3 +414,154 @@ async fn a_write_whose_reply_was_lost_is_retried_idempotently() {
     );
     assert_eq!(a.history("svc").await.unwrap().len(), 2);
 }
+
+/// `schema`.items with ids 1..=n, each done 0 times.
+async fn items(schema: &str, n: i64) -> upsilon_backends::postgres::tokio_postgres::Client {
+    let client = raw(&server().url()).await;
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {schema};
+             DROP TABLE IF EXISTS {schema}.items;
+             CREATE TABLE {schema}.items (id bigint PRIMARY KEY, done int NOT NULL DEFAULT 0);
+             INSERT INTO {schema}.items (id) SELECT generate_series(1, {n})"
+        ))
+        .await
+        .unwrap();
+    client
+}
+
+/// One batch over `schema`.items: the items after `batch.after`, at most
+/// `batch.size`, done once more.
+async fn fill(
+    tx: &upsilon_backends::postgres::tokio_postgres::Transaction<'_>,
+    schema: &str,
+    batch: &upsilon::Batch<i64>,
+) -> Result<upsilon::BatchDone<i64>, upsilon::BoxError> {
+    let row = tx
+        .query_one(
+            &format!(
+                "WITH b AS (UPDATE {schema}.items SET done = done + 1
+                   WHERE id IN (SELECT id FROM {schema}.items WHERE id > $1 ORDER BY id LIMIT $2)
+                   RETURNING id)
+                 SELECT max(id), count(*) FROM b"
+            ),
+            &[&batch.after.unwrap_or(0), &(batch.size as i64)],
+        )
+        .await?;
+    let (last, rows): (Option<i64>, i64) = (row.get(0), row.get(1));
+    Ok(match last {
+        Some(last) => upsilon::BatchDone::next(last, rows as u64),
+        None => upsilon::BatchDone::end(),
+    })
+}
+
+async fn done_counts(
+    client: &upsilon_backends::postgres::tokio_postgres::Client,
+    schema: &str,
+) -> Vec<i32> {
+    client
+        .query(&format!("SELECT done FROM {schema}.items ORDER BY id"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// A batch on the handle that claimed the store and started the task
+/// checks the attempt against what the handle knows instead of reading
+/// first, and writes its checkpoint with its checks in one statement:
+/// `BEGIN`, the checkpoint, `COMMIT` and the session's reset besides the
+/// batch's own statements.
+#[tokio::test]
+async fn after_a_claim_a_batch_takes_four_round_trips_besides_its_work() {
+    let schema = "batch_turns";
+    fresh(schema).await;
+    let client = items(schema, 9).await;
+    let (port, turns) = counting_proxy(server().port()).await;
+    let url = via_port(&server().url(), server().port(), port);
+    let b = PostgresBackend::connect(
+        PostgresOptions::from_url(&url)
+            .unwrap()
+            .schema(schema)
+            .pool_size(1),
+    )
+    .await
+    .unwrap();
+    let (ctx, _cancel) = testing::context("fill", "1.0", upsilon::Resources::default());
+    b.claim("test", 1).await.unwrap();
+    b.apply("test", 1, &[testing::start_attempt("fill", "1.0", 1)])
+        .await
+        .unwrap();
+    let per_batch = std::sync::Mutex::new(Vec::new());
+    let last = std::sync::atomic::AtomicUsize::new(turns.load(Ordering::SeqCst));
+    let done = b
+        .run_batches(ctx.batches::<i64>().size(3), async |tx, batch| {
+            let t = turns.load(Ordering::SeqCst);
+            per_batch
+                .lock()
+                .unwrap()
+                .push(t - last.swap(t, Ordering::SeqCst));
+            fill(tx, schema, batch).await
+        })
+        .await
+        .unwrap();
+    assert_eq!(done.batches, 3);
+    // From the start of one batch's work to the start of the next one's:
+    // the work (two: the driver prepares its statement first), the
+    // checkpoint, COMMIT, the reset and BEGIN.
+    let per_batch = per_batch.into_inner().unwrap();
+    assert_eq!(per_batch[1..], [6, 6, 6], "{per_batch:?}");
+    assert_eq!(done_counts(&client, schema).await, [1; 9]);
+    let snap = b.load("test").await.unwrap();
+    let cp = snap.tasks[&key("fill", "1.0")].checkpoint.clone().unwrap();
+    assert!(cp.position.contains("\"batches\":3"), "{cp:?}");
+}
+
+/// Another handle writes with the same fence while a batch runs: the
+/// batch's checkpoint is then checked under the lock as before, in the
+/// same transaction, and the batch commits once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_after_another_handles_write_commits_once() {
+    let schema = "batch_other_handle";
+    let opts = fresh(schema).await;
+    let client = items(schema, 9).await;
+    let b = PostgresBackend::connect(opts.clone()).await.unwrap();
+    let peer = PostgresBackend::connect(opts).await.unwrap();
+    let (ctx, _cancel) = testing::context("fill", "1.0", upsilon::Resources::default());
+    b.claim("test", 1).await.unwrap();
+    b.apply("test", 1, &[testing::start_attempt("fill", "1.0", 1)])
+        .await
+        .unwrap();
+    let done = b
+        .run_batches(ctx.batches::<i64>().size(3), async |tx, batch| {
+            if batch.number == 2 {
+                peer.apply(
+                    "test",
+                    1,
+                    &[Change::DataVersion(upsilon::parse_version("0.9").unwrap())],
+                )
+                .await?;
+            }
+            fill(tx, schema, batch).await
+        })
+        .await
+        .unwrap();
+    assert_eq!(done.batches, 3);
+    assert_eq!(done_counts(&client, schema).await, [1; 9]);
+    let snap = b.load("test").await.unwrap();
+    assert_eq!(
+        snap.data_version,
+        Some(upsilon::parse_version("0.9").unwrap())
+    );
+    let cp = snap.tasks[&key("fill", "1.0")].checkpoint.clone().unwrap();
+    assert!(cp.position.contains("\"batches\":3"), "{cp:?}");
+    // The runner's completion that follows is taken, on what the store holds.
+    b.apply("test", 1, &[completed("fill", "1.0")])
+        .await
+        .unwrap();
+    assert_eq!(
+        task(&b.load("test").await.unwrap(), "fill", "1.0"),
+        Some((1, true, AttemptState::Completed))
+    );
+}

@@ -2,13 +2,16 @@
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use upsilon::backend::{AttemptState, BackendError, Change, Columns, SaveCheckpoint, Snapshot};
+use upsilon::backend::{
+    fence_to_column, AttemptState, BackendError, Change, Columns, SaveCheckpoint, Snapshot,
+};
 use upsilon::{Batch, BatchDone, BatchError, Batched, Batches, BoxError, TaskContext, TaskKey};
 
 use super::error::{driver, driver_in, timed_out};
-use super::pipeline::{first_error, pipeline, text, text_array, Stmt};
+use super::known::Known;
+use super::pipeline::{first_error, int8, opt_text, pipeline, text, text_array, Stmt};
 use super::store::{bound, snapshot_of};
-use super::PostgresBackend;
+use super::{get, PostgresBackend};
 
 impl PostgresBackend {
     /// Runs a batch loop set up on the task's context
@@ -109,15 +112,25 @@ impl PostgresBackend {
                 ],
             )
         };
-        // Before the work: is the attempt still ours? (A database of the
-        // previous layout gains its columns here.)
+        // Before the work: is the attempt still ours? What this handle knows
+        // of the store (its own last write) says so without a read; it is
+        // taken for the batch, and checked again under the lock. Otherwise
+        // the store is read (and a database of the previous layout gains
+        // its columns here).
         let only = std::collections::BTreeSet::from([&key]);
-        still_ours(
-            &self.read_snapshot(service, Some(&only)).await?,
-            fence,
-            &key,
-            attempt,
-        )?;
+        let known = self
+            .inner
+            .known
+            .take(service, fence)
+            .filter(|k| still_ours(&k.snapshot, fence, &key, attempt).is_ok());
+        if known.is_none() {
+            still_ours(
+                &self.read_snapshot(service, Some(&only)).await?,
+                fence,
+                &key,
+                attempt,
+            )?;
+        }
         let timeout = self.inner.options.op_timeout;
         let mut conn = self.conn().await?;
         let tx = tokio::time::timeout(timeout, conn.client_mut().transaction())
@@ -133,6 +146,19 @@ impl PostgresBackend {
         let context = format!("recording batch {} of task {key}", b.number);
         let commit = async {
             let c = tx.client();
+            if let (Some(known), Some(cp)) = (known, &checkpoint) {
+                let change = SaveCheckpoint {
+                    key: key.clone(),
+                    attempt,
+                    checkpoint: cp.clone(),
+                };
+                if let Some(known) = self
+                    .checkpoint_known(c, service, fence, change, known, &context)
+                    .await?
+                {
+                    return Ok::<Option<Known>, BackendError>(Some(known));
+                }
+            }
             let lock = [
                 // Whatever the work set, the checkpoint is durable.
                 Stmt::Simple("SET LOCAL synchronous_commit = on"),
@@ -161,17 +187,78 @@ impl PostgresBackend {
                     self.inner.known.forget(service);
                 }
             }
-            Ok::<(), BackendError>(())
+            Ok(None)
         };
-        tokio::time::timeout(timeout, commit)
+        let known = tokio::time::timeout(timeout, commit)
             .await
             .map_err(|_| timed_out("recording the batch", timeout))??;
         tokio::time::timeout(timeout, tx.commit())
             .await
             .map_err(|_| timed_out("committing", timeout))?
             .map_err(|e| driver_in(e, &context))?;
+        if let Some(known) = known {
+            self.inner.known.put(service, fence, known);
+        }
         conn.reset_and_done(timeout).await;
         Ok((done, checkpoint))
+    }
+}
+
+impl PostgresBackend {
+    /// Writes the checkpoint `change` of a batch in its open transaction
+    /// with one statement, checked against `known` (what this handle's last
+    /// write left in the store) and guarded as a one-round-trip store write
+    /// is (`Sql::guarded_checkpoint`). Returns what the store holds once
+    /// the transaction commits, or `None` when `known` refuses the change or
+    /// the guard finds that someone else wrote since: nothing was written,
+    /// and the transaction goes on to lock, read and check.
+    async fn checkpoint_known(
+        &self,
+        c: &tokio_postgres::Client,
+        service: &str,
+        fence: u64,
+        save: SaveCheckpoint,
+        mut known: Known,
+        context: &str,
+    ) -> Result<Option<Known>, BackendError> {
+        let sql = &self.inner.sql;
+        let only = std::collections::BTreeSet::from([&save.key]);
+        let mut part = known.snapshot.subset(Some(&only));
+        let change = [Change::Checkpoint(save.clone())];
+        match part.check(fence, &change) {
+            Ok(todo) if !todo.is_empty() => {}
+            _ => return Ok(None),
+        }
+        let mut params = bound(service, Columns::of(fence, &change[0])?);
+        params.extend([
+            int8(fence_to_column(fence)?),
+            text(super::FORMAT.to_string()),
+            opt_text(known.snapshot.data_version.as_ref().map(|v| v.to_string())),
+            opt_text(known.snapshot.baseline.as_ref().map(|v| v.to_string())),
+            text(known.revision.clone()),
+        ]);
+        let stmts = [
+            // Whatever the work set, the checkpoint is durable.
+            Stmt::Simple("SET LOCAL synchronous_commit = on"),
+            Stmt::Typed(&sql.guarded_checkpoint, params),
+        ];
+        let rows = first_error(pipeline(c, &stmts).await).map_err(|e| driver_in(e, context))?;
+        let row = rows[1]
+            .first()
+            .ok_or_else(|| BackendError::corrupt("the checkpoint's write returned no row"))?;
+        let Some(revision) = get::<Option<String>>(row, 0, "the store revision")? else {
+            return Ok(None);
+        };
+        if get::<i64>(row, 1, "the checkpoints written")? != 1 {
+            return Err(BackendError::corrupt(
+                "the store revision matched, but the task's row was not there for its checkpoint",
+            ));
+        }
+        known.snapshot.absorb(part);
+        Ok(Some(Known {
+            revision,
+            snapshot: known.snapshot,
+        }))
     }
 }
 

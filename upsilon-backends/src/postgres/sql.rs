@@ -134,6 +134,12 @@ pub(crate) struct Sql {
     /// table's format is `$3` and the revision was `$6`: nobody wrote the
     /// service's store rows since the write that left `$6`.
     pub(crate) guard: String,
+    /// [`Sql::checkpoint`] (`$1` to `$8`) under the checks of
+    /// [`Sql::guard`] (fence `$9`, format `$10`, data version `$11`,
+    /// baseline `$12`, revision `$13`), without failing: the new revision
+    /// (null if a check failed and nothing was written) and the rows
+    /// written.
+    pub(crate) guarded_checkpoint: String,
     /// Every service the tables hold something of.
     pub(crate) services: String,
     pub(crate) history_rows: String,
@@ -309,6 +315,26 @@ impl Sql {
                      AND EXISTS (SELECT 1 FROM locked)
                    RETURNING value)
                  SELECT 1 / count(*)::int4, max(r.value) FROM r"
+            ),
+            guarded_checkpoint: format!(
+                "WITH locked AS (
+                   SELECT 1 FROM {st} AS s
+                   WHERE s.service = $1 AND s.store_fence = $9 AND {format_col} = $10
+                     AND s.data_version IS NOT DISTINCT FROM $11
+                     AND s.baseline IS NOT DISTINCT FROM $12
+                   FOR UPDATE OF s),
+                 r AS (
+                   UPDATE {m} SET value = {NEW_REVISION}
+                   WHERE key = {REVISION_KEY} AND value = $13
+                     AND EXISTS (SELECT 1 FROM locked)
+                   RETURNING value),
+                 c AS (
+                   UPDATE {h} SET checkpoint = $5, checkpoint_saved_ms = $6,
+                          checkpoint_done = $7, checkpoint_total = $8
+                   WHERE service = $1 AND version = $2 AND task_id = $3 AND attempt = $4
+                     AND EXISTS (SELECT 1 FROM r)
+                   RETURNING 1)
+                 SELECT (SELECT max(value) FROM r), (SELECT count(*) FROM c)"
             ),
             services: format!(
                 "SELECT service FROM {st}
