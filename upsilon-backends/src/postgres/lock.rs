@@ -19,9 +19,10 @@ use upsilon::Holder;
 use super::error::{describe, driver};
 use super::listener::{Session, SessionId};
 use super::pipeline::{first_error, int8, opt_int4, opt_int8, text, Stmt};
+use super::pool::Detached;
 use super::takeover::{lease_key, BLOCK, TAKE};
 use super::tls::Connector;
-use super::{format_of, format_row, get, sql, PostgresBackend};
+use super::{format_of, format_row, get, sql, Inner, PostgresBackend};
 
 /// The state row as `Sql::acquire_read` reads it under its lock.
 struct LeaseRow {
@@ -151,49 +152,25 @@ impl PostgresBackend {
         // Whole milliseconds, rounded up: `lock_timeout = 0` would mean none.
         let timeout = format!("{}ms", left.as_micros().div_ceil(1000).max(1));
         let bound = left + o.op_timeout;
-        let token = conn.client().cancel_token();
-        let (end, woken, cancelled) = {
-            let params: [(&(dyn ToSql + Sync), Type); 2] =
-                [(&key, Type::INT8), (&timeout, Type::TEXT)];
-            let query = tokio::time::timeout(bound, conn.client().query_typed(BLOCK, &params));
-            tokio::pin!(query);
-            let first = tokio::select! {
-                ended = &mut query => Some(ended),
-                _ = self.inner.wakeups.wait_since(service, since, bound) => None,
-            };
-            match first {
-                Some(ended) => (BlockEnd::of(ended), false, false),
-                None => match tokio::time::timeout(LET_GO_WINDOW, &mut query).await {
-                    Ok(ended) => (BlockEnd::of(ended), true, false),
-                    Err(_) => {
-                        let sent = match &self.inner.connector {
-                            Connector::Plain => token.cancel_query(NoTls).await,
-                            #[cfg(feature = "postgres-rustls")]
-                            Connector::Rustls(tls) => token.cancel_query(tls.clone()).await,
-                        };
-                        if let Err(e) = &sent {
-                            debug!(error = %describe(e), "cancelling a wait on a lease's advisory lock failed");
-                        }
-                        let ended = tokio::time::timeout(Duration::from_secs(2), &mut query)
-                            .await
-                            .unwrap_or_else(Err);
-                        (BlockEnd::of(ended), true, true)
-                    }
-                },
+        // The statement runs on a task of its own, which owns the connection:
+        // a notification ends this wait at once, and the task lets the
+        // statement end (or cancels it) and returns the connection after.
+        let (ended, end) = tokio::sync::oneshot::channel();
+        let (moved_on, abandoned) = tokio::sync::oneshot::channel::<()>();
+        let inner = self.inner.clone();
+        let conn = conn.detach();
+        tokio::spawn(async move {
+            let end = finish_block(&inner, conn, key, timeout, bound, abandoned).await;
+            let _ = ended.send(end);
+        });
+        let end = tokio::select! {
+            end = end => end.unwrap_or(BlockEnd::Broken),
+            _ = self.inner.wakeups.wait_since(service, since, bound) => {
+                drop(moved_on);
+                return Blocked::Woken;
             }
         };
-        // A cancel that did not end the statement may still reach the
-        // session's next one: such a connection is not reused.
-        let reusable = match end {
-            BlockEnd::Cancelled => true,
-            BlockEnd::Granted | BlockEnd::TimedOut | BlockEnd::Refused => !cancelled,
-            BlockEnd::Broken => false,
-        };
-        if reusable {
-            conn.done();
-        }
         match end {
-            _ if woken => Blocked::Woken,
             BlockEnd::Granted => Blocked::Free,
             BlockEnd::TimedOut => Blocked::Woken,
             BlockEnd::Cancelled | BlockEnd::Refused | BlockEnd::Broken => Blocked::Failed,
@@ -219,6 +196,60 @@ impl PostgresBackend {
         }
         Some(lease)
     }
+}
+
+/// Runs the blocking statement on `conn` (the lease's lock `key`, with
+/// `lock_timeout` = `timeout`, answered within `bound`) and returns the
+/// connection to the pool if it is fit for reuse. Once `abandoned` resolves
+/// (the waiting node moved on after a notification), the statement is let
+/// end by itself for [`LET_GO_WINDOW`], then cancelled.
+async fn finish_block(
+    inner: &Inner,
+    conn: Detached,
+    key: i64,
+    timeout: String,
+    bound: Duration,
+    abandoned: tokio::sync::oneshot::Receiver<()>,
+) -> BlockEnd {
+    let token = conn.client.cancel_token();
+    let mut cancelled = false;
+    let ended = {
+        let params: [(&(dyn ToSql + Sync), Type); 2] = [(&key, Type::INT8), (&timeout, Type::TEXT)];
+        let query = tokio::time::timeout(bound, conn.client.query_typed(BLOCK, &params));
+        tokio::pin!(query);
+        tokio::select! {
+            ended = &mut query => ended,
+            _ = abandoned => match tokio::time::timeout(LET_GO_WINDOW, &mut query).await {
+                Ok(ended) => ended,
+                Err(_) => {
+                    let sent = match &inner.connector {
+                        Connector::Plain => token.cancel_query(NoTls).await,
+                        #[cfg(feature = "postgres-rustls")]
+                        Connector::Rustls(tls) => token.cancel_query(tls.clone()).await,
+                    };
+                    if let Err(e) = &sent {
+                        debug!(error = %describe(e), "cancelling a wait on a lease's advisory lock failed");
+                    }
+                    cancelled = true;
+                    tokio::time::timeout(Duration::from_secs(2), &mut query)
+                        .await
+                        .unwrap_or_else(Err)
+                }
+            },
+        }
+    };
+    let end = BlockEnd::of(ended);
+    // A cancel that did not end the statement may still reach the
+    // session's next one: such a connection is not reused.
+    let reusable = match end {
+        BlockEnd::Cancelled => true,
+        BlockEnd::Granted | BlockEnd::TimedOut | BlockEnd::Refused => !cancelled,
+        BlockEnd::Broken => false,
+    };
+    if reusable {
+        inner.pool.put_back(conn);
+    }
+    end
 }
 
 /// How a wait that blocked on a lease's advisory lock ended.

@@ -54,6 +54,17 @@ impl Pool {
     }
 
     /// The server closes sessions idle for `timeout_ms` (0: never).
+    /// Returns a [`Detached`] connection that is fit for reuse.
+    pub(super) fn put_back(&self, d: Detached) {
+        if !d.client.is_closed() {
+            self.idle.lock().unwrap_or_else(|p| p.into_inner()).push((
+                d.client,
+                d.prepared,
+                Instant::now(),
+            ));
+        }
+    }
+
     pub(super) fn server_idle_timeout(&self, timeout_ms: u64) {
         self.max_idle_ms.store(timeout_ms / 2, Ordering::Relaxed);
     }
@@ -93,7 +104,7 @@ impl Pool {
             prepared: Mutex::new(prepared),
             pool: self,
             clean: false,
-            _permit: permit,
+            permit: Some(permit),
         })
     }
 }
@@ -107,7 +118,8 @@ pub(super) struct Conn<'p> {
     prepared: Mutex<Prepared>,
     pool: &'p Pool,
     clean: bool,
-    _permit: OwnedSemaphorePermit,
+    /// The pool slot; taken by [`Conn::detach`].
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Conn<'_> {
@@ -154,6 +166,26 @@ impl Conn<'_> {
                 .unwrap_or_else(|p| p.into_inner())
                 .clear();
             self.done();
+        }
+    }
+}
+
+/// A connection taken out of its pool with its slot, to finish on a task of
+/// its own ([`Conn::detach`]); [`Pool::put_back`] returns it.
+pub(super) struct Detached {
+    pub(super) client: Client,
+    prepared: Prepared,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Conn<'_> {
+    /// Takes the connection out, keeping its pool slot until it is put back
+    /// or dropped.
+    pub(super) fn detach(mut self) -> Detached {
+        Detached {
+            client: self.client.take().expect("a checked-out client"),
+            prepared: std::mem::take(self.prepared.get_mut().unwrap_or_else(|p| p.into_inner())),
+            _permit: self.permit.take().expect("a checked-out slot"),
         }
     }
 }
