@@ -68,29 +68,13 @@ fn every_waiting_node_is_ready_one_wake_up_after_the_canarys_commit() {
 /// polling (every second, jittered), and the check says so.
 #[test]
 fn the_check_catches_waiting_nodes_that_poll() {
-    let run = simulate(100, CostModel::default(), Wakeups::Dropped);
-    let broken = check(&run);
-    println!(
-        "{}\n{}",
-        table(std::slice::from_ref(&run)),
-        broken.join("\n")
-    );
-    for rule in [
-        "waited more than once before the commit (polling, or woken early): 99 of 99 waiting nodes",
-        "not woken exactly once by the commit: 99 of 99 waiting nodes",
-        "store calls per waiting node: 99 of 99 waiting nodes",
-    ] {
-        assert!(
-            broken.iter().any(|b| b.starts_with(rule)),
-            "the check missed `{rule}`:\n{}",
-            broken.join("\n")
-        );
-    }
-    // Polling is slow, not wrong: every node still ends READY.
-    assert!(
-        !broken.iter().any(|b| b.starts_with("not READY")),
-        "{}",
-        broken.join("\n")
+    caught(
+        Wakeups::Dropped,
+        &[
+            "waited more than once before the commit (polling, or woken early): 99 of 99 waiting nodes",
+            "not woken exactly once by the commit: 99 of 99 waiting nodes",
+            "store calls per waiting node: 99 of 99 waiting nodes",
+        ],
     );
 }
 
@@ -98,17 +82,26 @@ fn the_check_catches_waiting_nodes_that_poll() {
 /// woken node reads the store once more, and the check says so.
 #[test]
 fn the_check_catches_waiting_nodes_that_read_after_the_wake_up() {
-    let run = simulate(100, CostModel::default(), Wakeups::WithoutNotices);
+    caught(
+        Wakeups::WithoutNotices,
+        &[
+            "a store call after the wake-up: 99 of 99 waiting nodes",
+            "store calls per waiting node: 99 of 99 waiting nodes",
+        ],
+    );
+}
+
+/// Runs 100 nodes with `wakeups` and asserts that the check reports each of
+/// `rules` broken, and every node READY all the same (slow, not wrong).
+fn caught(wakeups: Wakeups, rules: &[&str]) {
+    let run = simulate(100, CostModel::default(), wakeups);
     let broken = check(&run);
     println!(
         "{}\n{}",
         table(std::slice::from_ref(&run)),
         broken.join("\n")
     );
-    for rule in [
-        "a store call after the wake-up: 99 of 99 waiting nodes",
-        "store calls per waiting node: 99 of 99 waiting nodes",
-    ] {
+    for rule in rules {
         assert!(
             broken.iter().any(|b| b.starts_with(rule)),
             "the check missed `{rule}`:\n{}",

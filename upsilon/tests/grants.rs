@@ -5,6 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
 use async_trait::async_trait;
 use tokio::sync::{mpsc, Notify};
 use upsilon::backend::{Acquire, BackendError, Lease, LeaseInfo, Lock};
@@ -88,21 +90,7 @@ impl Lock for SlowToWait {
 
 /// The canary's task: parks until `gate`, after saying so on `entered`.
 fn parked(gate: &Arc<Notify>, entered: &Arc<Notify>) -> Task {
-    let (gate, entered) = (gate.clone(), entered.clone());
-    Task::new(
-        "1.1",
-        1,
-        "backfill",
-        move |_: &mut TaskContext| -> TaskFuture<'_> {
-            let (gate, entered) = (gate.clone(), entered.clone());
-            Box::pin(async move {
-                entered.notify_one();
-                gate.notified().await;
-                Ok(())
-            })
-        },
-    )
-    .unwrap()
+    common::parked_at("1.1", "backfill", gate, entered)
 }
 
 fn runner(n: usize, builder: upsilon::Builder, task: &Task) -> Upsilon {

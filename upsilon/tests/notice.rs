@@ -3,6 +3,8 @@
 //! the holder's becomes READY without reading the store, and any other reads
 //! it and does what is left.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,25 +14,6 @@ use upsilon::testing::{self, MemoryBackend, Op};
 use upsilon::{Outcome, Status, Task, TaskContext, TaskFuture, Upsilon, Version};
 
 const SERVICE: &str = "svc";
-
-/// A task at `version` that parks until `gate`, after saying so on `entered`.
-fn parked(version: &str, name: &str, gate: &Arc<Notify>, entered: &Arc<Notify>) -> Task {
-    let (gate, entered) = (gate.clone(), entered.clone());
-    Task::new(
-        version,
-        1,
-        name,
-        move |_: &mut TaskContext| -> TaskFuture<'_> {
-            let (gate, entered) = (gate.clone(), entered.clone());
-            Box::pin(async move {
-                entered.notify_one();
-                gate.notified().await;
-                Ok(())
-            })
-        },
-    )
-    .unwrap()
-}
 
 fn quick(version: &str, name: &str) -> Task {
     Task::new(version, 2, name, |_: &mut TaskContext| -> TaskFuture<'_> {
@@ -73,7 +56,7 @@ async fn behind_a_canary(
     build: impl FnOnce(upsilon::Builder) -> upsilon::Builder,
 ) -> (Run, Run, Arc<Notify>) {
     let (gate, entered) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
-    let task = parked("1.1", "backfill", &gate, &entered);
+    let task = common::parked_at("1.1", "backfill", &gate, &entered);
     let canary = runner(0, backend, std::slice::from_ref(&task));
     let canary = tokio::spawn(async move { canary.run().await });
     entered.notified().await;

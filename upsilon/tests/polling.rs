@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
 use async_trait::async_trait;
 use tokio::sync::{mpsc, Notify};
 use upsilon::backend::{
@@ -89,25 +91,7 @@ impl Store for Polling {
 
 /// A task at 1.1 that parks until `gate`, after saying so on `entered`.
 fn parked(gate: &Arc<Notify>, entered: &Arc<Notify>) -> Task {
-    parked_at("1.1", "backfill", gate, entered)
-}
-
-fn parked_at(version: &str, name: &str, gate: &Arc<Notify>, entered: &Arc<Notify>) -> Task {
-    let (gate, entered) = (gate.clone(), entered.clone());
-    Task::new(
-        version,
-        1,
-        name,
-        move |_: &mut TaskContext| -> TaskFuture<'_> {
-            let (gate, entered) = (gate.clone(), entered.clone());
-            Box::pin(async move {
-                entered.notify_one();
-                gate.notified().await;
-                Ok(())
-            })
-        },
-    )
-    .unwrap()
+    common::parked_at("1.1", "backfill", gate, entered)
 }
 
 fn runner(n: usize, builder: upsilon::Builder, task: &Task) -> Upsilon {
@@ -227,7 +211,7 @@ async fn a_polling_node_is_ready_when_the_data_reaches_its_version_under_a_held_
     let (gate_1, entered_1) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
     let (gate_2, entered_2) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
     let first = parked(&gate_1, &entered_1);
-    let later = parked_at("1.2", "later", &gate_2, &entered_2);
+    let later = common::parked_at("1.2", "later", &gate_2, &entered_2);
     let holder = Upsilon::builder()
         .backend(backend.clone())
         .service("svc")
