@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use tokio::sync::{mpsc, Notify};
 use upsilon::backend::{Acquire, BackendError, Lease, LeaseInfo, Lock};
 use upsilon::testing::{self, MemoryBackend, Op};
-use upsilon::{Holder, Outcome, Task, TaskContext, TaskFuture, Upsilon};
+use upsilon::{Holder, Outcome, Task, Upsilon};
 
 /// Longer than what is left of the canary's upgrade when the nodes start.
 const SLOW: Duration = Duration::from_millis(300);

@@ -17,7 +17,7 @@ use upsilon::backend::{
     Acquire, BackendError, Change, HistoryEntry, Lease, LeaseInfo, Lock, Snapshot, Store,
 };
 use upsilon::testing::{self, MemoryBackend, SessionModel};
-use upsilon::{Holder, Outcome, Task, TaskContext, TaskFuture, Upsilon};
+use upsilon::{Holder, Outcome, Task, Upsilon};
 
 const POLL: Duration = Duration::from_millis(100);
 /// Polls watched while the canary's task is parked.
