@@ -79,6 +79,7 @@
 //! privileges it needs and for PgBouncer.
 
 mod batch;
+mod block;
 mod complete;
 mod connection;
 mod conninfo;

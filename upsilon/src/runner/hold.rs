@@ -14,8 +14,8 @@ use super::lease::{Halt, Held, Keeper};
 use super::task::{task_info, Ran};
 use super::{Inner, Outcome};
 use crate::backend::{
-    AttemptKind, AttemptState, BackendError, Change, Checkpoint, FinishAttempt, Lease, Notice,
-    Snapshot, StartAttempt,
+    AttemptKind, AttemptState, BackendError, Change, Checkpoint, FinishAttempt, Lease, Snapshot,
+    StartAttempt,
 };
 use crate::error::{Error, LeaseLoss, OrNone, Report, TaskReport};
 use crate::planner::{self, Plan};
@@ -451,7 +451,7 @@ impl Work<'_> {
                 source: e,
             })
         })?;
-        let notice = self.notice(fence, &after, &changes);
+        let notice = inner.notice(fence, &self.snapshot, &after, &changes);
         inner
             .retry("writing to the store", || match &notice {
                 Some(notice) => {
@@ -465,26 +465,6 @@ impl Work<'_> {
             .map_err(|e| lost_or(self.held, e))?;
         self.snapshot.absorb(after);
         Ok(())
-    }
-
-    /// The notice that rides with a write that records a data version and
-    /// after which the plan is settled (nothing to do, nothing to warn
-    /// about): the last write of a finished upgrade. `after` is the checked
-    /// part of the mirror the write changes.
-    fn notice(&self, fence: u64, after: &Snapshot, changes: &[Change]) -> Option<Notice> {
-        if !changes
-            .iter()
-            .any(|c| matches!(c, Change::DataVersion(_) | Change::Baseline(_)))
-        {
-            return None;
-        }
-        let mut whole = self.snapshot.clone();
-        whole.absorb(after.clone());
-        self.inner.settled(&whole).then(|| Notice {
-            fence,
-            data_version: whole.data_version.clone(),
-            plan: self.inner.digest(),
-        })
     }
 }
 

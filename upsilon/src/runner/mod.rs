@@ -11,6 +11,7 @@
 mod builder;
 mod hold;
 mod lease;
+mod notice;
 mod outcome;
 mod settings;
 mod start;
@@ -26,7 +27,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, info_span, warn, Instrument};
 
-use crate::backend::{BackendError, Lock, PlanDigest, PlanHasher, Snapshot, Store};
+use crate::backend::{BackendError, Lock, PlanDigest, Snapshot, Store};
 use crate::context::Resources;
 use crate::error::Error;
 use crate::ids::Holder;
@@ -244,40 +245,6 @@ impl Inner {
                 result
             }
         }
-    }
-
-    /// The digest of this runner's plan inputs: two runners with the same
-    /// digest decide the same from the same store ([`crate::backend::Notice`]).
-    fn digest(&self) -> PlanDigest {
-        *self.digest.get_or_init(|| {
-            let c = &self.config;
-            let mut h = PlanHasher::new();
-            h.part(format_args!("upsilon {}", env!("CARGO_PKG_VERSION")));
-            h.part(format_args!("{:?}", self.service));
-            h.part(format_args!("{}", self.app));
-            h.part(format_args!(
-                "{:?} {:?} {:?} {:?}",
-                c.plan, c.data_ahead, c.above_app, c.baseline
-            ));
-            for task in self.registry.tasks() {
-                h.part(format_args!(
-                    "{} {:?} {} {} {}",
-                    task.version(),
-                    task.id(),
-                    task.order(),
-                    task.location(),
-                    task.has_rollback()
-                ));
-            }
-            h.finish()
-        })
-    }
-
-    /// Whether `snapshot` leaves this runner nothing to do and nothing to
-    /// warn about: what a holder's [`crate::backend::Notice`] promises.
-    fn settled(&self, snapshot: &Snapshot) -> bool {
-        let plan = self.plan(snapshot);
-        self.nothing_to_do(snapshot, &plan) && !plan.data_ahead && plan.out_of_order.is_empty()
     }
 
     fn plan(&self, snapshot: &Snapshot) -> Plan {

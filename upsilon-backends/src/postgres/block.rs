@@ -1,0 +1,186 @@
+//! A waiting node's block on the advisory lock of the lease it waits for
+//! (see `takeover.rs`): the statement, on a pooled connection that a task
+//! of its own owns, so that a notification ends the wait at once.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{NoTls, Row};
+use tracing::debug;
+
+use super::error::describe;
+use super::pool::Detached;
+use super::takeover::BLOCK;
+use super::tls::Connector;
+use super::{Inner, PostgresBackend};
+
+impl PostgresBackend {
+    /// Blocks on the advisory lock of the lease of `service` with `fence`
+    /// until it is free, a notification for `service` after `since` comes,
+    /// or `deadline`; on a pooled connection, so that the listening session
+    /// goes on receiving notifications (a session blocked in a statement
+    /// receives none until it ends). At most all pooled connections but one
+    /// block at once (one when the pool has one connection and this node
+    /// holds no lease), so that the node's other operations find one.
+    pub(super) async fn block(
+        &self,
+        service: &str,
+        fence: u64,
+        since: u64,
+        deadline: Instant,
+    ) -> Blocked {
+        let o = &self.inner.options;
+        let most = match o.pool_size {
+            1 if self.inner.holding.is_empty() => 1,
+            n => n - 1,
+        };
+        let Some(_blocking) = self.inner.waiting.start_blocking(most) else {
+            return Blocked::Busy;
+        };
+        let Ok(mut conn) = self.conn().await else {
+            return Blocked::Failed;
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            conn.done();
+            return Blocked::Woken;
+        }
+        let key = self.lease_key(service, fence);
+        // Whole milliseconds, rounded up: `lock_timeout = 0` would mean none.
+        let timeout = format!("{}ms", left.as_micros().div_ceil(1000).max(1));
+        let bound = left + o.op_timeout;
+        // The statement runs on a task of its own, which owns the connection:
+        // a notification ends this wait at once, and the task lets the
+        // statement end (or cancels it) and returns the connection after.
+        let (ended, end) = tokio::sync::oneshot::channel();
+        let (moved_on, abandoned) = tokio::sync::oneshot::channel::<()>();
+        let inner = self.inner.clone();
+        let conn = conn.detach();
+        tokio::spawn(async move {
+            let end = finish_block(&inner, conn, key, timeout, bound, abandoned).await;
+            let _ = ended.send(end);
+        });
+        let end = tokio::select! {
+            end = end => end.unwrap_or(BlockEnd::Broken),
+            _ = self.inner.wakeups.wait_since(service, since, bound) => {
+                drop(moved_on);
+                return Blocked::Woken;
+            }
+        };
+        match end {
+            BlockEnd::Granted => Blocked::Free,
+            BlockEnd::TimedOut => Blocked::Woken,
+            BlockEnd::Cancelled | BlockEnd::Refused | BlockEnd::Broken => Blocked::Failed,
+        }
+    }
+}
+
+/// Runs the blocking statement on `conn` (the lease's lock `key`, with
+/// `lock_timeout` = `timeout`, answered within `bound`) and returns the
+/// connection to the pool if it is fit for reuse. Once `abandoned` resolves
+/// (the waiting node moved on after a notification), the statement is let
+/// end by itself for [`LET_GO_WINDOW`], then cancelled.
+async fn finish_block(
+    inner: &Inner,
+    conn: Detached,
+    key: i64,
+    timeout: String,
+    bound: Duration,
+    abandoned: tokio::sync::oneshot::Receiver<()>,
+) -> BlockEnd {
+    let token = conn.client.cancel_token();
+    let mut cancelled = false;
+    let ended = {
+        let params: [(&(dyn ToSql + Sync), Type); 2] = [(&key, Type::INT8), (&timeout, Type::TEXT)];
+        let query = tokio::time::timeout(bound, conn.client.query_typed(BLOCK, &params));
+        tokio::pin!(query);
+        tokio::select! {
+            ended = &mut query => ended,
+            _ = abandoned => match tokio::time::timeout(LET_GO_WINDOW, &mut query).await {
+                Ok(ended) => ended,
+                Err(_) => {
+                    let sent = match &inner.connector {
+                        Connector::Plain => token.cancel_query(NoTls).await,
+                        #[cfg(feature = "postgres-rustls")]
+                        Connector::Rustls(tls) => token.cancel_query(tls.clone()).await,
+                    };
+                    if let Err(e) = &sent {
+                        debug!(error = %describe(e), "cancelling a wait on a lease's advisory lock failed");
+                    }
+                    cancelled = true;
+                    tokio::time::timeout(Duration::from_secs(2), &mut query)
+                        .await
+                        .unwrap_or_else(Err)
+                }
+            },
+        }
+    };
+    let end = BlockEnd::of(ended);
+    // A cancel that did not end the statement may still reach the
+    // session's next one: such a connection is not reused.
+    let reusable = match end {
+        BlockEnd::Cancelled => true,
+        BlockEnd::Granted | BlockEnd::TimedOut | BlockEnd::Refused => !cancelled,
+        BlockEnd::Broken => false,
+    };
+    if reusable {
+        inner.pool.put_back(conn);
+    }
+    end
+}
+
+/// How a wait that blocked on a lease's advisory lock ended.
+pub(super) enum Blocked {
+    /// The lock is free: the holder let it go, or its session ended.
+    Free,
+    /// A notification came, or the wait's end: the runner is to look.
+    Woken,
+    /// Every pooled connection a wait may take is blocking already.
+    Busy,
+    /// The blocking statement failed: the runner is to ask.
+    Failed,
+}
+
+/// How the blocking statement ended.
+enum BlockEnd {
+    /// The lock was granted (and let go with the statement's transaction).
+    Granted,
+    /// `lock_timeout`: the wait's end.
+    TimedOut,
+    /// Cancelled by this node.
+    Cancelled,
+    /// Another error from the server: the connection is still usable.
+    Refused,
+    /// The connection failed, or no answer came in time.
+    Broken,
+}
+
+impl BlockEnd {
+    fn of(
+        ended: Result<Result<Vec<Row>, tokio_postgres::Error>, tokio::time::error::Elapsed>,
+    ) -> BlockEnd {
+        match ended {
+            Ok(Ok(_)) => BlockEnd::Granted,
+            Ok(Err(e)) => match e.code() {
+                Some(c) if *c == SqlState::LOCK_NOT_AVAILABLE => BlockEnd::TimedOut,
+                Some(c) if *c == SqlState::QUERY_CANCELED => BlockEnd::Cancelled,
+                Some(_) => {
+                    debug!(error = %describe(&e), "blocking on a lease's advisory lock failed");
+                    BlockEnd::Refused
+                }
+                None => BlockEnd::Broken,
+            },
+            Err(_) => BlockEnd::Broken,
+        }
+    }
+}
+
+/// After a notification, how long a blocked wait lets its statement end by
+/// itself before it cancels it: a release notifies as it commits, and the
+/// holder lets the lease's lock go right after, one round trip later; a
+/// data version written mid-plan leaves the lock held, and the statement
+/// is cancelled after this (on a connection of its own, a few
+/// milliseconds).
+const LET_GO_WINDOW: Duration = Duration::from_millis(100);
