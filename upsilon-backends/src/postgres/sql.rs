@@ -303,38 +303,20 @@ impl Sql {
                  RETURNING value"
             ),
             guard: format!(
-                "WITH locked AS (
-                   SELECT 1 FROM {st} AS s
-                   WHERE s.service = $1 AND s.store_fence = $2 AND {format_col} = $3
-                     AND s.data_version IS NOT DISTINCT FROM $4
-                     AND s.baseline IS NOT DISTINCT FROM $5
-                   FOR UPDATE OF s),
-                 r AS (
-                   UPDATE {m} SET value = {NEW_REVISION}
-                   WHERE key = {REVISION_KEY} AND value = $6
-                     AND EXISTS (SELECT 1 FROM locked)
-                   RETURNING value)
-                 SELECT 1 / count(*)::int4, max(r.value) FROM r"
+                "WITH {}
+                 SELECT 1 / count(*)::int4, max(r.value) FROM r",
+                guard_ctes(&st, &m, &format_col, 2)
             ),
             guarded_checkpoint: format!(
-                "WITH locked AS (
-                   SELECT 1 FROM {st} AS s
-                   WHERE s.service = $1 AND s.store_fence = $9 AND {format_col} = $10
-                     AND s.data_version IS NOT DISTINCT FROM $11
-                     AND s.baseline IS NOT DISTINCT FROM $12
-                   FOR UPDATE OF s),
-                 r AS (
-                   UPDATE {m} SET value = {NEW_REVISION}
-                   WHERE key = {REVISION_KEY} AND value = $13
-                     AND EXISTS (SELECT 1 FROM locked)
-                   RETURNING value),
+                "WITH {},
                  c AS (
                    UPDATE {h} SET checkpoint = $5, checkpoint_saved_ms = $6,
                           checkpoint_done = $7, checkpoint_total = $8
                    WHERE service = $1 AND version = $2 AND task_id = $3 AND attempt = $4
                      AND EXISTS (SELECT 1 FROM r)
                    RETURNING 1)
-                 SELECT (SELECT max(value) FROM r), (SELECT count(*) FROM c)"
+                 SELECT (SELECT max(value) FROM r), (SELECT count(*) FROM c)",
+                guard_ctes(&st, &m, &format_col, 9)
             ),
             services: format!(
                 "SELECT service FROM {st}
@@ -427,4 +409,25 @@ impl Sql {
         ));
         out
     }
+}
+
+/// The guard's two CTEs: `locked` locks the state row of `$1` if it still
+/// holds the store fence, format, data version and baseline bound at
+/// `$first` to `$first + 3`, and `r` then replaces the service's revision
+/// if it is still the one bound at `$first + 4`, returning the new one.
+fn guard_ctes(st: &str, m: &str, format_col: &str, first: usize) -> String {
+    let [fence, format, data, baseline, revision] = std::array::from_fn(|k| first + k);
+    format!(
+        "locked AS (
+                   SELECT 1 FROM {st} AS s
+                   WHERE s.service = $1 AND s.store_fence = ${fence} AND {format_col} = ${format}
+                     AND s.data_version IS NOT DISTINCT FROM ${data}
+                     AND s.baseline IS NOT DISTINCT FROM ${baseline}
+                   FOR UPDATE OF s),
+                 r AS (
+                   UPDATE {m} SET value = {NEW_REVISION}
+                   WHERE key = {REVISION_KEY} AND value = ${revision}
+                     AND EXISTS (SELECT 1 FROM locked)
+                   RETURNING value)"
+    )
 }
