@@ -1,5 +1,5 @@
-//! Nodes that arrive while the canary upgrades, each with a listening
-//! session that is slow to open (longer than what is left of the upgrade),
+//! Nodes that arrive while the canary upgrades, each of whose new
+//! connections is slow to open (longer than what is left of the upgrade),
 //! take no lease of their own: one grant per upgrade.
 #![cfg(feature = "postgres")]
 
@@ -14,18 +14,20 @@ use common::{options, raw, server, until, via_port, Proxy};
 use tokio::sync::Notify;
 use upsilon::backend::{Acquire, BackendError, Lease, LeaseInfo, Lock};
 use upsilon::{Holder, Outcome, Task, TaskContext, TaskFuture, Upsilon};
-use upsilon_backends::postgres::PostgresBackend;
+use upsilon_backends::postgres::{PostgresBackend, PostgresOptions};
 
 const NODES: u64 = 3;
 /// How long a new connection through the proxy takes to open: longer than
 /// the canary's final write and release on a busy machine.
 const SLOW: Duration = Duration::from_millis(1500);
 
-/// PostgreSQL's lock without [`Lock::prepare_wait`]: its listening session
-/// opens inside the first `try_acquire`, after the runner's read, as it did
-/// before the runner prepared it.
+/// PostgreSQL's lock without [`Lock::prepare_wait`], whose `try_acquire`
+/// opens a new connection (through the slow proxy at `.1`) before it asks:
+/// a slow step after the runner's read, as the listening session's opening
+/// was before the session was made of a pooled connection, and prepared
+/// before the first request where none is idle.
 #[derive(Debug)]
-struct OpensInsideTheRequest(PostgresBackend);
+struct OpensInsideTheRequest(PostgresBackend, PostgresOptions);
 
 #[async_trait]
 impl Lock for OpensInsideTheRequest {
@@ -35,6 +37,7 @@ impl Lock for OpensInsideTheRequest {
         holder: &Holder,
         ttl: Duration,
     ) -> Result<Acquire, BackendError> {
+        drop(PostgresBackend::connect(self.1.clone()).await?);
         self.0.try_acquire(service, holder, ttl).await
     }
     async fn renew(&self, lease: &Lease) -> Result<Lease, BackendError> {
@@ -95,7 +98,8 @@ fn runner(builder: upsilon::Builder, n: usize, task: &Task) -> Upsilon {
 
 /// The canary parks in its task; `NODES` nodes, connected through a proxy
 /// whose new connections then take `SLOW` to open, start and read the
-/// store; once each is opening its listening session the canary finishes.
+/// store; once each is opening a new connection (to block on the lease's
+/// lock once it found the lease held) the canary finishes.
 /// Returns the nodes' outcomes and the grants the state row counts.
 async fn nodes_with_slow_sessions(schema: &str, prepared: bool) -> (Vec<Outcome>, i64) {
     let (proxy, port) = Proxy::start(server().port()).await;
@@ -113,15 +117,13 @@ async fn nodes_with_slow_sessions(schema: &str, prepared: bool) -> (Vec<Outcome>
 
     let mut nodes = Vec::new();
     for n in 0..NODES {
-        let o = upsilon_backends::postgres::PostgresOptions::from_url(&slow_url)
-            .unwrap()
-            .schema(schema);
-        let backend = PostgresBackend::connect(o).await.unwrap();
+        let o = PostgresOptions::from_url(&slow_url).unwrap().schema(schema);
+        let backend = PostgresBackend::connect(o.clone()).await.unwrap();
         let builder = if prepared {
             Upsilon::builder().backend(Arc::new(backend))
         } else {
             Upsilon::builder()
-                .lock(Arc::new(OpensInsideTheRequest(backend.clone())))
+                .lock(Arc::new(OpensInsideTheRequest(backend.clone(), o)))
                 .store(Arc::new(backend))
         };
         nodes.push(runner(builder, n as usize + 1, &task));
@@ -136,7 +138,7 @@ async fn nodes_with_slow_sessions(schema: &str, prepared: bool) -> (Vec<Outcome>
         .into_iter()
         .map(|n| tokio::spawn(async move { n.run().await }))
         .collect();
-    // Every node has read the store and is opening its listening session.
+    // Every node has read the store and is opening a new connection.
     until(Duration::from_secs(30), || async {
         proxy.accepted.load(Ordering::SeqCst) >= pooled + NODES
     })
@@ -160,7 +162,7 @@ async fn nodes_with_slow_sessions(schema: &str, prepared: bool) -> (Vec<Outcome>
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nodes_with_a_slow_listening_session_take_no_lease_after_the_upgrade() {
+async fn nodes_whose_new_connections_are_slow_take_no_lease_after_the_upgrade() {
     let (outcomes, grants) = nodes_with_slow_sessions("grants_prepared", true).await;
     assert_eq!(grants, 1, "one grant for one upgrade: {outcomes:?}");
     for o in &outcomes {
@@ -171,11 +173,12 @@ async fn nodes_with_a_slow_listening_session_take_no_lease_after_the_upgrade() {
     }
 }
 
-/// The negative control: the same nodes, with the session opened inside the
-/// request for the lease, where the runner cannot read the store after it.
+/// The negative control: the same nodes, with a new connection opened inside
+/// the request for the lease, where the runner cannot read the store after
+/// it.
 /// At least one of them is granted the lease for nothing, and says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_session_opened_inside_the_lease_request_grants_the_lease_for_nothing() {
+async fn a_connection_opened_inside_the_lease_request_grants_the_lease_for_nothing() {
     let (outcomes, grants) = nodes_with_slow_sessions("grants_unprepared", false).await;
     let found = outcomes
         .iter()

@@ -168,9 +168,22 @@ impl Lock for PostgresBackend {
     ) -> Result<Acquire, BackendError> {
         self.with_tables(|| async move {
             self.inner.wakeups.mark_seen(service);
-            let session = self.session().await;
-            let session_id = session.as_ref().map(|s| s.id);
             let sql = &self.inner.sql;
+            // A node that opens its session here reads the lease row in the
+            // same flight, without its lock: held by another node, that is
+            // the answer, with no transaction.
+            let (session, peeked) = self.session_with(Some((&sql.peek_read, service))).await;
+            if let Some(row) = peeked.as_ref().and_then(|rows| rows.first()) {
+                self.learn_idle_timeout(row, sql::ACQUIRE_IDLE_TIMEOUT);
+                let found = LeaseRow::decode(row)?;
+                let standing = self.standing(service, &found);
+                let decision =
+                    decide_acquire(service, standing, found.now_ms, found.fences, holder, ttl)?;
+                if let Acquire::Held(info) = decision {
+                    return Ok(Acquire::Held(info));
+                }
+            }
+            let session_id = session.as_ref().map(|s| s.id);
             let mut conn = self.conn().await?;
             let read = [
                 Stmt::Simple("BEGIN"),
@@ -246,11 +259,16 @@ impl Lock for PostgresBackend {
     }
 
     async fn prepare_wait(&self, _service: &str) -> Result<(), BackendError> {
-        // Opening the listening session takes a connection of its own (tens
-        // of milliseconds with password authentication): the runner does it
-        // here, and reads the store again after it, rather than let the
-        // first `try_acquire` open it between the runner's read and the
-        // lease row's, by when another node may have finished the upgrade.
+        // The listening session is an idle connection of the pool, made the
+        // session in the flight of the first `try_acquire`. With none idle,
+        // it takes a new connection (tens of milliseconds with password
+        // authentication): opened here, after which the runner reads the
+        // store again, rather than between the runner's read and the lease
+        // row's, by when another node may have finished the upgrade.
+        let o = &self.inner.options;
+        if o.transaction_pooling || self.open_session().is_some() || self.inner.pool.has_idle() {
+            return Ok(());
+        }
         self.session().await;
         Ok(())
     }

@@ -214,7 +214,13 @@ impl PostgresBackend {
         options.validate()?;
         let connector = Connector::new(&options)?;
         let sql = Sql::new(&options);
-        let pool = Pool::new(options.clone(), connector.clone());
+        let wakeups = Arc::new(Wakeups::default());
+        let pool = Pool::new(
+            options.clone(),
+            connector.clone(),
+            sql.channel.clone(),
+            wakeups.clone(),
+        );
         let waiting = Waiting::new(options.takeover_grace);
         let backend = PostgresBackend {
             inner: Arc::new(Inner {
@@ -222,7 +228,7 @@ impl PostgresBackend {
                 connector,
                 pool,
                 sql,
-                wakeups: Arc::new(Wakeups::default()),
+                wakeups,
                 session: std::sync::Mutex::new(None),
                 opening: tokio::sync::Mutex::new(None),
                 holding: Holding::default(),

@@ -2,29 +2,55 @@
 //! an operation takes one and gives it back.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
-use tokio_postgres::Client;
+use tokio_postgres::{AsyncMessage, Client};
+use tracing::debug;
 use upsilon::backend::BackendError;
 
-use super::connection::open;
+use super::connection::{open, OnMessage};
 use super::error::{timed_out, PgError};
+use super::holding::Health;
 use super::options::PostgresOptions;
 use super::pipeline::{pipeline_prepared, Prepared, Stmt};
 use super::tls::Connector;
 use super::PostgresBackend;
+use crate::wakeups::Wakeups;
 
-/// A small pool: idle clients, at most `size` checked out at once.
+/// What the task that drives a connection knows of it: its health, and
+/// whether it became the listening session (see
+/// [`Pool::take_idle`]), whose notifications it forwards and whose end
+/// it reports.
+pub(super) struct Link {
+    pub(super) health: Arc<Health>,
+    listening: AtomicBool,
+}
+
+impl Link {
+    /// The connection is the listening session from now on.
+    pub(super) fn listen(&self) {
+        self.listening.store(true, Ordering::SeqCst);
+    }
+}
+
+/// An idle client, the statements prepared on it, since when it is idle,
+/// and its [`Link`].
+type Idle = (Client, Prepared, Instant, Arc<Link>);
+
+/// A small pool: idle clients, at most `size` checked out at once. Every
+/// connection can become the listening session: the task that drives it
+/// forwards notifications on `channel` to `wakeups` (only a connection
+/// that `LISTEN`s gets any), and tells `wakeups` when a listening one ends.
 pub(super) struct Pool {
     options: PostgresOptions,
     connector: Connector,
-    /// Idle clients, the statements prepared on each, and since when they
-    /// are idle.
-    idle: Mutex<Vec<(Client, Prepared, Instant)>>,
+    channel: String,
+    wakeups: Arc<Wakeups>,
+    idle: Mutex<Vec<Idle>>,
     permits: Arc<Semaphore>,
     /// How long a client may stay idle and still be reused, in ms (0: no
     /// limit): half the server's `idle_session_timeout`, so that a client
@@ -42,18 +68,24 @@ impl fmt::Debug for Pool {
 }
 
 impl Pool {
-    pub(super) fn new(options: PostgresOptions, connector: Connector) -> Pool {
+    pub(super) fn new(
+        options: PostgresOptions,
+        connector: Connector,
+        channel: String,
+        wakeups: Arc<Wakeups>,
+    ) -> Pool {
         let size = options.pool_size;
         Pool {
             options,
             connector,
+            channel,
+            wakeups,
             idle: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(size)),
             max_idle_ms: AtomicU64::new(0),
         }
     }
 
-    /// The server closes sessions idle for `timeout_ms` (0: never).
     /// Returns a [`Detached`] connection that is fit for reuse.
     pub(super) fn put_back(&self, d: Detached) {
         if !d.client.is_closed() {
@@ -61,10 +93,77 @@ impl Pool {
                 d.client,
                 d.prepared,
                 Instant::now(),
+                d.link,
             ));
         }
     }
 
+    /// Opens a connection whose driver forwards notifications and reports
+    /// its end through its [`Link`].
+    pub(super) async fn open(&self) -> Result<(Client, Arc<Link>), BackendError> {
+        let link = Arc::new(Link {
+            health: Health::new(),
+            listening: AtomicBool::new(false),
+        });
+        let on_message: OnMessage = {
+            let wakeups = self.wakeups.clone();
+            let channel = self.channel.clone();
+            Box::new(move |m| match m {
+                AsyncMessage::Notification(n) if n.channel() == channel => {
+                    wakeups.bump(n.payload())
+                }
+                AsyncMessage::Notice(n) => debug!(notice = %n.message(), "PostgreSQL notice"),
+                _ => {}
+            })
+        };
+        let on_close: Box<dyn FnOnce() + Send> = {
+            let link = link.clone();
+            let wakeups = self.wakeups.clone();
+            Box::new(move || {
+                link.health.lose("the connection closed");
+                if link.listening.load(Ordering::SeqCst) {
+                    wakeups.set_up(false);
+                }
+            })
+        };
+        let client = open(
+            &self.options,
+            &self.connector,
+            Some(on_message),
+            Some(on_close),
+        )
+        .await?;
+        Ok((client, link))
+    }
+
+    /// Takes an idle connection out of the pool for good (it becomes the
+    /// listening session), if there is one fit for reuse.
+    pub(super) fn take_idle(&self) -> Option<(Client, Arc<Link>)> {
+        self.pop_idle().map(|(c, _, _, link)| (c, link))
+    }
+
+    /// Whether an idle connection fit for reuse is there.
+    pub(super) fn has_idle(&self) -> bool {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        self.prune(&mut idle);
+        !idle.is_empty()
+    }
+
+    /// Drops the idle clients that closed or stayed idle too long.
+    fn prune(&self, idle: &mut Vec<Idle>) {
+        let max_idle = Duration::from_millis(self.max_idle_ms.load(Ordering::Relaxed));
+        idle.retain(|(c, _, since, _)| {
+            !c.is_closed() && (max_idle.is_zero() || since.elapsed() < max_idle)
+        });
+    }
+
+    fn pop_idle(&self) -> Option<Idle> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        self.prune(&mut idle);
+        idle.pop()
+    }
+
+    /// The server closes sessions idle for `timeout_ms` (0: never).
     pub(super) fn server_idle_timeout(&self, timeout_ms: u64) {
         self.max_idle_ms.store(timeout_ms / 2, Ordering::Relaxed);
     }
@@ -84,23 +183,16 @@ impl Pool {
             )))
         })?
         .map_err(BackendError::other)?;
-        let idle = {
-            let max_idle = Duration::from_millis(self.max_idle_ms.load(Ordering::Relaxed));
-            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            idle.retain(|(c, _, since)| {
-                !c.is_closed() && (max_idle.is_zero() || since.elapsed() < max_idle)
-            });
-            idle.pop()
-        };
-        let (client, prepared) = match idle {
-            Some((c, p, _)) => (c, p),
-            None => (
-                open(&self.options, &self.connector, None, None).await?,
-                Prepared::default(),
-            ),
+        let (client, prepared, link) = match self.pop_idle() {
+            Some((c, p, _, link)) => (c, p, link),
+            None => {
+                let (c, link) = self.open().await?;
+                (c, Prepared::default(), link)
+            }
         };
         Ok(Conn {
             client: Some(client),
+            link,
             prepared: Mutex::new(prepared),
             pool: self,
             clean: false,
@@ -114,6 +206,7 @@ impl Pool {
 /// otherwise it is closed.
 pub(super) struct Conn<'p> {
     client: Option<Client>,
+    link: Arc<Link>,
     /// The statements prepared on this connection's session.
     prepared: Mutex<Prepared>,
     pool: &'p Pool,
@@ -174,6 +267,7 @@ impl Conn<'_> {
 /// its own ([`Conn::detach`]); [`Pool::put_back`] returns it.
 pub(super) struct Detached {
     pub(super) client: Client,
+    link: Arc<Link>,
     prepared: Prepared,
     _permit: OwnedSemaphorePermit,
 }
@@ -184,6 +278,7 @@ impl Conn<'_> {
     pub(super) fn detach(mut self) -> Detached {
         Detached {
             client: self.client.take().expect("a checked-out client"),
+            link: self.link.clone(),
             prepared: std::mem::take(self.prepared.get_mut().unwrap_or_else(|p| p.into_inner())),
             _permit: self.permit.take().expect("a checked-out slot"),
         }
@@ -202,6 +297,7 @@ impl Drop for Conn<'_> {
                         client,
                         std::mem::take(self.prepared.get_mut().unwrap_or_else(|p| p.into_inner())),
                         Instant::now(),
+                        self.link.clone(),
                     ));
             }
         }

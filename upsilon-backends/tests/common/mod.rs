@@ -168,20 +168,48 @@ pub fn via_port(url: &str, from: u16, port: u16) -> String {
     url.replace(&format!(":{from}/"), &format!(":{port}/"))
 }
 
+/// Round trips counted by [`counting_proxy`].
+#[derive(Default)]
+pub struct Turns {
+    /// Per connection: its round trips, and whether it is a listening
+    /// session.
+    conns: std::sync::Mutex<
+        Vec<
+            Arc<(
+                std::sync::atomic::AtomicUsize,
+                std::sync::atomic::AtomicBool,
+            )>,
+        >,
+    >,
+}
+
+impl Turns {
+    /// The round trips of every connection that never sent `LISTEN`.
+    pub fn load(&self, order: std::sync::atomic::Ordering) -> usize {
+        self.conns
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| !c.1.load(order))
+            .map(|c| c.0.load(order))
+            .sum()
+    }
+}
+
 /// A loopback proxy in front of the server that counts round trips on the
-/// first connection made through it (a backend's pooled connection, which
-/// `connect` opens; the listening session comes later, and its holder pings
-/// are not counted): each time the client sends after the server has
-/// answered is one more.
-pub async fn counting_proxy(upstream: u16) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
-    use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+/// connections made through it, apart from listening sessions (the
+/// connection that sends `LISTEN`, whose holder pings are not counted; a
+/// backend's first connection becomes its session): each time the client
+/// sends after the server has answered is one more, the messages that open
+/// the connection included.
+pub async fn counting_proxy(upstream: u16) -> (u16, Arc<Turns>) {
+    use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let turns = Arc::new(AtomicUsize::new(0));
+    let turns = Arc::new(Turns::default());
     let counter = turns.clone();
     tokio::spawn(async move {
-        let mut first = true;
         while let Ok((client, _)) = listener.accept().await {
             let server = tokio::net::TcpStream::connect(("127.0.0.1", upstream))
                 .await
@@ -189,16 +217,20 @@ pub async fn counting_proxy(upstream: u16) -> (u16, Arc<std::sync::atomic::Atomi
             let (mut cr, mut cw) = client.into_split();
             let (mut sr, mut sw) = server.into_split();
             let last = Arc::new(AtomicU8::new(0));
-            let (turns, last2) = (counter.clone(), last.clone());
-            let counted = std::mem::replace(&mut first, false);
+            let last2 = last.clone();
+            let conn = Arc::new((AtomicUsize::new(0), AtomicBool::new(false)));
+            counter.conns.lock().unwrap().push(conn.clone());
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
                 while let Ok(n) = cr.read(&mut buf).await {
                     if n == 0 {
                         break;
                     }
-                    if last.swap(1, Ordering::SeqCst) != 1 && counted {
-                        turns.fetch_add(1, Ordering::SeqCst);
+                    if buf[..n].windows(7).any(|w| w == b"LISTEN ") {
+                        conn.1.store(true, Ordering::SeqCst);
+                    }
+                    if last.swap(1, Ordering::SeqCst) != 1 {
+                        conn.0.fetch_add(1, Ordering::SeqCst);
                     }
                     if sw.write_all(&buf[..n]).await.is_err() {
                         break;
