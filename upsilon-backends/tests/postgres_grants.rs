@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,36 +21,53 @@ const NODES: u64 = 3;
 /// the canary's final write and release on a busy machine.
 const SLOW: Duration = Duration::from_millis(1500);
 
-/// PostgreSQL's lock without [`Lock::prepare_wait`], whose `try_acquire`
-/// opens a new connection (through the slow proxy at `.1`) before it asks:
-/// a slow step after the runner's read, as the listening session's opening
-/// was before the session was made of a pooled connection, and prepared
-/// before the first request where none is idle.
+/// PostgreSQL's lock, counting the requests that found the lease held. With
+/// `slow`, it has no [`Lock::prepare_wait`], and its `try_acquire` opens a
+/// new connection with those options (through the slow proxy) before it
+/// asks: a slow step after the runner's read, as opening the listening
+/// session was before the session was made of the pooled connection (and
+/// prepared before the first request where none is idle).
 #[derive(Debug)]
-struct OpensInsideTheRequest(PostgresBackend, PostgresOptions);
+struct Counted {
+    backend: PostgresBackend,
+    slow: Option<PostgresOptions>,
+    held: Arc<AtomicU64>,
+}
 
 #[async_trait]
-impl Lock for OpensInsideTheRequest {
+impl Lock for Counted {
+    async fn prepare_wait(&self, service: &str) -> Result<(), BackendError> {
+        match self.slow {
+            None => self.backend.prepare_wait(service).await,
+            Some(_) => Ok(()),
+        }
+    }
     async fn try_acquire(
         &self,
         service: &str,
         holder: &Holder,
         ttl: Duration,
     ) -> Result<Acquire, BackendError> {
-        drop(PostgresBackend::connect(self.1.clone()).await?);
-        self.0.try_acquire(service, holder, ttl).await
+        if let Some(o) = &self.slow {
+            drop(PostgresBackend::connect(o.clone()).await?);
+        }
+        let got = self.backend.try_acquire(service, holder, ttl).await?;
+        if matches!(got, Acquire::Held(_)) {
+            self.held.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(got)
     }
     async fn renew(&self, lease: &Lease) -> Result<Lease, BackendError> {
-        self.0.renew(lease).await
+        self.backend.renew(lease).await
     }
     async fn release(&self, lease: &Lease) -> Result<(), BackendError> {
-        self.0.release(lease).await
+        self.backend.release(lease).await
     }
     async fn current(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
-        self.0.current(service).await
+        self.backend.current(service).await
     }
     async fn force_release(&self, service: &str) -> Result<Option<LeaseInfo>, BackendError> {
-        self.0.force_release(service).await
+        self.backend.force_release(service).await
     }
     async fn wait(
         &self,
@@ -58,13 +75,13 @@ impl Lock for OpensInsideTheRequest {
         seen: &LeaseInfo,
         timeout: Duration,
     ) -> Result<(), BackendError> {
-        self.0.wait(service, seen, timeout).await
+        self.backend.wait(service, seen, timeout).await
     }
     fn notifies(&self) -> bool {
-        self.0.notifies()
+        self.backend.notifies()
     }
     async fn until_lost(&self, lease: &Lease) -> BackendError {
-        self.0.until_lost(lease).await
+        self.backend.until_lost(lease).await
     }
 }
 
@@ -98,10 +115,10 @@ fn runner(builder: upsilon::Builder, n: usize, task: &Task) -> Upsilon {
 
 /// The canary parks in its task; `NODES` nodes, connected through a proxy
 /// whose new connections then take `SLOW` to open, start and read the
-/// store; once each is opening a new connection (to block on the lease's
-/// lock once it found the lease held) the canary finishes.
-/// Returns the nodes' outcomes and the grants the state row counts.
-async fn nodes_with_slow_sessions(schema: &str, prepared: bool) -> (Vec<Outcome>, i64) {
+/// store; once each has found the lease held (`slow_step` false), or is in
+/// the slow step of its lease request (true), the canary finishes. Returns
+/// the nodes' outcomes and the grants the state row counts.
+async fn nodes_with_slow_connections(schema: &str, slow_step: bool) -> (Vec<Outcome>, i64) {
     let (proxy, port) = Proxy::start(server().port()).await;
     let slow_url = via_port(&server().url(), server().port(), port);
     let canary_backend = PostgresBackend::connect(options(schema)).await.unwrap();
@@ -115,17 +132,19 @@ async fn nodes_with_slow_sessions(schema: &str, prepared: bool) -> (Vec<Outcome>
     let canary_run = tokio::spawn(async move { canary.run().await });
     entered.notified().await;
 
+    let held = Arc::new(AtomicU64::new(0));
     let mut nodes = Vec::new();
     for n in 0..NODES {
         let o = PostgresOptions::from_url(&slow_url).unwrap().schema(schema);
         let backend = PostgresBackend::connect(o.clone()).await.unwrap();
-        let builder = if prepared {
-            Upsilon::builder().backend(Arc::new(backend))
-        } else {
-            Upsilon::builder()
-                .lock(Arc::new(OpensInsideTheRequest(backend.clone(), o)))
-                .store(Arc::new(backend))
+        let lock = Counted {
+            backend: backend.clone(),
+            slow: slow_step.then_some(o),
+            held: held.clone(),
         };
+        let builder = Upsilon::builder()
+            .lock(Arc::new(lock))
+            .store(Arc::new(backend));
         nodes.push(runner(builder, n as usize + 1, &task));
     }
     // Each node's pool connection is open; from now on a connection takes
@@ -138,9 +157,11 @@ async fn nodes_with_slow_sessions(schema: &str, prepared: bool) -> (Vec<Outcome>
         .into_iter()
         .map(|n| tokio::spawn(async move { n.run().await }))
         .collect();
-    // Every node has read the store and is opening a new connection.
     until(Duration::from_secs(30), || async {
-        proxy.accepted.load(Ordering::SeqCst) >= pooled + NODES
+        match slow_step {
+            true => proxy.accepted.load(Ordering::SeqCst) >= pooled + NODES,
+            false => held.load(Ordering::SeqCst) >= NODES,
+        }
     })
     .await;
     gate.notify_one();
@@ -163,7 +184,7 @@ async fn nodes_with_slow_sessions(schema: &str, prepared: bool) -> (Vec<Outcome>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_whose_new_connections_are_slow_take_no_lease_after_the_upgrade() {
-    let (outcomes, grants) = nodes_with_slow_sessions("grants_prepared", true).await;
+    let (outcomes, grants) = nodes_with_slow_connections("grants_prepared", false).await;
     assert_eq!(grants, 1, "one grant for one upgrade: {outcomes:?}");
     for o in &outcomes {
         assert!(
@@ -179,7 +200,7 @@ async fn nodes_whose_new_connections_are_slow_take_no_lease_after_the_upgrade() 
 /// At least one of them is granted the lease for nothing, and says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_opened_inside_the_lease_request_grants_the_lease_for_nothing() {
-    let (outcomes, grants) = nodes_with_slow_sessions("grants_unprepared", false).await;
+    let (outcomes, grants) = nodes_with_slow_connections("grants_unprepared", true).await;
     let found = outcomes
         .iter()
         .filter(|o| matches!(o, Outcome::FoundUpToDate { fence, .. } if *fence > 1))

@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::{granted, raw, until};
-use upsilon::backend::{Acquire, LeaseInfo, Lock};
+use upsilon::backend::{Acquire, Change, LeaseInfo, Lock, Store};
 use upsilon::testing;
 use upsilon_backends::postgres::tokio_postgres::Client;
 use upsilon_backends::postgres::{PostgresBackend, PostgresOptions};
@@ -248,22 +248,23 @@ async fn a_killed_holder_wakes_the_waiting_node_without_a_check() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_notification_wakes_a_blocked_waiting_node_and_the_next_wait_blocks_again() {
+async fn a_data_version_written_mid_plan_wakes_a_blocked_waiting_node_and_the_next_wait_blocks_again(
+) {
     // A data version written mid-plan notifies while the lease stays held
     // (a node of the version just reached becomes READY): the notification
     // must end the wait although the lock is still held.
     let schema = "lw_notified";
     let app = "lw notified waiter";
-    let client = raw(&server().url()).await;
     let holder = node(options(schema, "lw notified holder")).await;
     let waiter = node(options(schema, app)).await;
     waiter.prepare_wait("svc").await.unwrap();
-    granted(
+    let lease = granted(
         holder
             .try_acquire("svc", &testing::holder(1), TTL)
             .await
             .unwrap(),
     );
+    holder.claim("svc", lease.fence).await.unwrap();
     for round in 1..=2 {
         let seen = held(
             waiter
@@ -279,18 +280,19 @@ async fn a_notification_wakes_a_blocked_waiting_node_and_the_next_wait_blocks_ag
             blocks(&statements(app)) == round
         })
         .await;
-        let notified = Instant::now();
-        client
-            .execute("SELECT pg_notify($1, 'svc')", &[&holder.channel()])
+        let written = Instant::now();
+        let version = upsilon::parse_version(&format!("1.{round}")).unwrap();
+        holder
+            .apply("svc", lease.fence, &[Change::DataVersion(version)])
             .await
             .unwrap();
         tokio::time::timeout(Duration::from_secs(2), waiting)
             .await
-            .expect("the notification ended the wait")
+            .expect("the holder's write ended the wait")
             .unwrap()
             .unwrap();
-        let after = notified.elapsed();
-        eprintln!("round {round}: a notification ended a blocked wait {after:?} later");
+        let after = written.elapsed();
+        eprintln!("round {round}: a data version ended a blocked wait {after:?} later");
         assert!(after < Duration::from_millis(1000), "{after:?}");
     }
     let lines = statements(app);
@@ -302,6 +304,56 @@ async fn a_notification_wakes_a_blocked_waiting_node_and_the_next_wait_blocks_ag
             .await
             .unwrap(),
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_release_wakes_a_blocked_waiting_node() {
+    let schema = "lw_forced";
+    let app = "lw forced waiter";
+    let holder = node(options(schema, "lw forced holder")).await;
+    let waiter = node(options(schema, app)).await;
+    let operator = node(options(schema, "lw forced operator")).await;
+    waiter.prepare_wait("svc").await.unwrap();
+    granted(
+        holder
+            .try_acquire("svc", &testing::holder(1), TTL)
+            .await
+            .unwrap(),
+    );
+    let seen = held(
+        waiter
+            .try_acquire("svc", &testing::holder(2), TTL)
+            .await
+            .unwrap(),
+    );
+    let waiting = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move { waiter.wait("svc", &seen, TTL).await })
+    };
+    until(Duration::from_secs(5), || async {
+        blocks(&statements(app)) == 1
+    })
+    .await;
+    let forced = Instant::now();
+    assert!(operator.force_release("svc").await.unwrap().is_some());
+    tokio::time::timeout(Duration::from_secs(2), waiting)
+        .await
+        .expect("the forced release ended the wait")
+        .unwrap()
+        .unwrap();
+    eprintln!(
+        "a forced release ended a blocked wait {:?} later",
+        forced.elapsed()
+    );
+    // The holder still holds the lease's lock (it learns of the release
+    // at its next renewal): the waiting node is granted the lease.
+    assert!(matches!(
+        waiter
+            .try_acquire("svc", &testing::holder(2), TTL)
+            .await
+            .unwrap(),
+        Acquire::Granted(_)
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

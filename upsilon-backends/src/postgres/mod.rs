@@ -46,6 +46,9 @@
 //!   holder's last write of a finished plan also notifies its notice
 //!   ([`Notice`](upsilon::backend::Notice)), first, so that a woken node
 //!   with the same plan inputs is READY without reading the store.
+//! - The listening session is the pooled connection a node started with,
+//!   taken out of the pool by its first lease request, which reads the
+//!   lease row in the same flight.
 //! - A holder also keeps a session of its own (the listening connection) and
 //!   records its server process id in the lease row; that session holds an
 //!   advisory lock of the lease while it holds it. A waiting node blocks on
