@@ -100,9 +100,10 @@ pub(crate) struct Sql {
     pub(crate) ensure_row: String,
     pub(crate) lock_row: String,
     pub(crate) acquire_read: String,
-    /// [`Sql::acquire_read`] without the row lock, and without the check of
-    /// the holder's session: what a waiting node that finds the lease held
-    /// needs, in the flight that opens its listening session.
+    /// [`Sql::acquire_read`] without the row lock: what a waiting node that
+    /// finds the lease held needs, in the flight that opens its listening
+    /// session. It answers whether the holder's session is gone as the
+    /// locked read does (a wait counts the takeover grace from it).
     pub(crate) peek_read: String,
     pub(crate) grant: String,
     /// Records the fence just granted as the service's floor (`$2`, text).
@@ -169,19 +170,17 @@ impl Sql {
             "coalesce(s.lease_pid IS NOT NULL AND s.lease_server_start = {SERVER_START}
                AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = s.lease_pid), false)"
         );
-        let lease_read = |gone: &str| {
-            format!(
-                "SELECT {format_col}, s.granted, s.store_fence, s.lease_holder, s.lease_fence,
+        let lease_read = format!(
+            "SELECT {format_col}, s.granted, s.store_fence, s.lease_holder, s.lease_fence,
                     {}, {}, {gone},
                     (SELECT coalesce(max(fence), 0)::int8 FROM {h} WHERE service = $1),
                     s.lease_pid, s.lease_server_start,
                     (SELECT value FROM {m} WHERE key = {FLOOR_KEY}), {IDLE_SESSION_TIMEOUT}
              FROM {st} AS s CROSS JOIN LATERAL (SELECT clock_timestamp() AS now) AS c
              WHERE s.service = $1",
-                ms("s.lease_expires"),
-                ms("c.now")
-            )
-        };
+            ms("s.lease_expires"),
+            ms("c.now")
+        );
         let ttl = "clock_timestamp() + $4::float8 * interval '1 millisecond'";
         // An instant given in ms since the epoch; exact, as intervals count µs.
         let at = "to_timestamp(0) + $4::float8 * interval '1 millisecond'";
@@ -210,11 +209,8 @@ impl Sql {
                 "INSERT INTO {st} (service) VALUES ($1) ON CONFLICT (service) DO NOTHING"
             ),
             lock_row: format!("SELECT 1 FROM {st} WHERE service = $1 FOR UPDATE"),
-            acquire_read: format!("{} FOR UPDATE OF s", lease_read(&gone)),
-            // Whether the holder's session is gone is left out (`false`):
-            // it reads `pg_stat_activity`, whose cost grows with the
-            // server's sessions, and a wait learns it from the lease's lock.
-            peek_read: lease_read("false"),
+            acquire_read: format!("{lease_read} FOR UPDATE OF s"),
+            peek_read: lease_read,
             grant: format!(
                 "UPDATE {st} SET granted = $2, lease_holder = $3, lease_fence = $2,
                         lease_expires = {at}, lease_pid = $5, lease_server_start = $6
