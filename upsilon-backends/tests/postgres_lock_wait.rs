@@ -61,6 +61,28 @@ fn held(a: Acquire) -> LeaseInfo {
     }
 }
 
+/// `holder` is granted the lease of `service`, and `waiter` then finds it
+/// held: the lease, and what the waiter saw.
+async fn held_by_one(
+    holder: &PostgresBackend,
+    waiter: &PostgresBackend,
+    service: &str,
+) -> (upsilon::backend::Lease, LeaseInfo) {
+    let lease = granted(
+        holder
+            .try_acquire(service, &testing::holder(1), TTL)
+            .await
+            .unwrap(),
+    );
+    let seen = held(
+        waiter
+            .try_acquire(service, &testing::holder(2), TTL)
+            .await
+            .unwrap(),
+    );
+    (lease, seen)
+}
+
 /// The statements the server ran for application `app`, as its log shows
 /// them (simple and extended protocol).
 fn statements(app: &str) -> Vec<String> {
@@ -112,18 +134,7 @@ async fn wait_through(
     service: &str,
     length: Duration,
 ) -> Vec<String> {
-    let lease = granted(
-        holder
-            .try_acquire(service, &testing::holder(1), TTL)
-            .await
-            .unwrap(),
-    );
-    let seen = held(
-        waiter
-            .try_acquire(service, &testing::holder(2), TTL)
-            .await
-            .unwrap(),
-    );
+    let (lease, seen) = held_by_one(holder, waiter, service).await;
     let before = statements(app).len();
     let waiting = {
         let (waiter, service) = (waiter.clone(), service.to_owned());
@@ -183,18 +194,7 @@ async fn a_killed_holder_wakes_the_waiting_node_without_a_check() {
     let waiter =
         node(options(schema, "lw killed waiter").holder_check_every(Duration::from_secs(20))).await;
     waiter.prepare_wait("svc").await.unwrap();
-    let first = granted(
-        holder
-            .try_acquire("svc", &testing::holder(1), TTL)
-            .await
-            .unwrap(),
-    );
-    let seen = held(
-        waiter
-            .try_acquire("svc", &testing::holder(2), TTL)
-            .await
-            .unwrap(),
-    );
+    let (first, seen) = held_by_one(&holder, &waiter, "svc").await;
     let runner_like = {
         let waiter = waiter.clone();
         tokio::spawn(async move {
@@ -314,18 +314,7 @@ async fn a_forced_release_wakes_a_blocked_waiting_node() {
     let waiter = node(options(schema, app)).await;
     let operator = node(options(schema, "lw forced operator")).await;
     waiter.prepare_wait("svc").await.unwrap();
-    granted(
-        holder
-            .try_acquire("svc", &testing::holder(1), TTL)
-            .await
-            .unwrap(),
-    );
-    let seen = held(
-        waiter
-            .try_acquire("svc", &testing::holder(2), TTL)
-            .await
-            .unwrap(),
-    );
+    let (_, seen) = held_by_one(&holder, &waiter, "svc").await;
     let waiting = {
         let waiter = waiter.clone();
         tokio::spawn(async move { waiter.wait("svc", &seen, TTL).await })
