@@ -143,6 +143,23 @@ impl PostgresBackend {
     }
 }
 
+impl PostgresBackend {
+    /// What a read of the lease row (`Sql::acquire_read` or
+    /// `Sql::peek_read`) decides for `holder`'s request.
+    fn decide(
+        &self,
+        row: &Row,
+        service: &str,
+        holder: &Holder,
+        ttl: Duration,
+    ) -> Result<Acquire, BackendError> {
+        self.learn_idle_timeout(row, sql::ACQUIRE_IDLE_TIMEOUT);
+        let found = LeaseRow::decode(row)?;
+        let standing = self.standing(service, &found);
+        decide_acquire(service, standing, found.now_ms, found.fences, holder, ttl)
+    }
+}
+
 /// Once a lease's lock came free, how long a waiting node waits for the
 /// notification of a release (sent before the lock was let go, on another
 /// connection) before it checks the holder's session: a holder that died
@@ -174,12 +191,7 @@ impl Lock for PostgresBackend {
             // the answer, with no transaction.
             let (session, peeked) = self.session_with(Some((&sql.peek_read, service))).await;
             if let Some(row) = peeked.as_ref().and_then(|rows| rows.first()) {
-                self.learn_idle_timeout(row, sql::ACQUIRE_IDLE_TIMEOUT);
-                let found = LeaseRow::decode(row)?;
-                let standing = self.standing(service, &found);
-                let decision =
-                    decide_acquire(service, standing, found.now_ms, found.fences, holder, ttl)?;
-                if let Acquire::Held(info) = decision {
+                if let Acquire::Held(info) = self.decide(row, service, holder, ttl)? {
                     return Ok(Acquire::Held(info));
                 }
             }
@@ -196,17 +208,7 @@ impl Lock for PostgresBackend {
                 let row = rows[2].first().ok_or_else(|| {
                     BackendError::corrupt("the state row vanished under its lock")
                 })?;
-                self.learn_idle_timeout(row, sql::ACQUIRE_IDLE_TIMEOUT);
-                let found = LeaseRow::decode(row)?;
-                let decision = decide_acquire(
-                    service,
-                    self.standing(service, &found),
-                    found.now_ms,
-                    found.fences,
-                    holder,
-                    ttl,
-                )?;
-                let lease = match decision {
+                let lease = match self.decide(row, service, holder, ttl)? {
                     Acquire::Granted(lease) => lease,
                     Acquire::Held(info) => {
                         first_error(c.pipeline(&[Stmt::Simple("COMMIT")]).await).map_err(driver)?;
