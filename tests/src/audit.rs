@@ -31,6 +31,9 @@ pub enum Outcome {
     Held,
     /// An acquire found the lease held by this very process (a lost grant reply).
     HeldBySelf,
+    /// An acquire found the lease free but the store moved since the caller
+    /// read it: nothing was granted.
+    Moved,
     /// Refused: a stale fence.
     Stale,
     /// Refused: the lease is not held by the caller.
@@ -52,6 +55,7 @@ impl Outcome {
             Outcome::Ok => "ok",
             Outcome::Held => "held",
             Outcome::HeldBySelf => "held-by-self",
+            Outcome::Moved => "moved",
             Outcome::Stale => "stale",
             Outcome::Lost => "lost",
             Outcome::Rejected => "rejected",
@@ -66,6 +70,7 @@ impl Outcome {
             "ok" => Outcome::Ok,
             "held" => Outcome::Held,
             "held-by-self" => Outcome::HeldBySelf,
+            "moved" => Outcome::Moved,
             "stale" => Outcome::Stale,
             "lost" => Outcome::Lost,
             "rejected" => Outcome::Rejected,

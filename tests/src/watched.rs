@@ -144,6 +144,7 @@ impl Lock for Watched {
             Ok(Acquire::Granted(l)) => (l.fence, Seen::Ok),
             Ok(Acquire::Held(i)) if i.holder == self.holder => (i.fence, Seen::HeldBySelf),
             Ok(Acquire::Held(i)) => (i.fence, Seen::Held),
+            Ok(Acquire::StoreMoved) => (0, Seen::Moved),
             Err(e) => (0, seen(e)),
         };
         call.done(outcome, Some(fence));

@@ -235,6 +235,7 @@ async fn acquire_when_free(lock: &dyn Lock, service: &str, n: usize, limit: Dura
                 let nap = Duration::from_millis(left + 100).min(limit);
                 lock.wait(service, &seen, nap).await.unwrap();
             }
+            Ok(Acquire::StoreMoved) => panic!("{service}: etcd keeps no store beside its lease"),
             Err(e) if e.is_transient() => tokio::time::sleep(Duration::from_millis(50)).await,
             Err(e) => panic!("{service}: {e}"),
         }

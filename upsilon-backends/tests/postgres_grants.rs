@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use common::{options, raw, server, until, via_port, Proxy};
+use common::{granted, options, raw, server, until, via_port, Proxy};
 use tokio::sync::Notify;
-use upsilon::backend::{Acquire, BackendError, Lease, LeaseInfo, Lock};
+use upsilon::backend::{Acquire, BackendError, Change, Lease, LeaseInfo, Lock, Store};
 use upsilon::{Holder, Outcome, Task, TaskContext, TaskFuture, Upsilon};
 use upsilon_backends::postgres::{PostgresBackend, PostgresOptions};
 
@@ -113,12 +113,26 @@ fn runner(builder: upsilon::Builder, n: usize, task: &Task) -> Upsilon {
         .unwrap()
 }
 
+/// Where a node's slow new connection comes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slow {
+    /// Nowhere in its request for the lease: the node's session is made of
+    /// its pooled connection, in the flight that finds the lease held.
+    Nowhere,
+    /// Inside the request, after the runner's read of the store; the lock is
+    /// the store's own handle, which sees that the store moved since.
+    InRequest,
+    /// Inside the request, with the lock on a handle of its own, which never
+    /// read the store: nothing tells it that the store moved.
+    InRequestUnread,
+}
+
 /// The canary parks in its task; `NODES` nodes, connected through a proxy
 /// whose new connections then take `SLOW` to open, start and read the
-/// store; once each has found the lease held (`slow_step` false), or is in
-/// the slow step of its lease request (true), the canary finishes. Returns
-/// the nodes' outcomes and the grants the state row counts.
-async fn nodes_with_slow_connections(schema: &str, slow_step: bool) -> (Vec<Outcome>, i64) {
+/// store; once each has found the lease held (`Slow::Nowhere`), or is in
+/// the slow step of its lease request, the canary finishes. Returns the
+/// nodes' outcomes and the grants the state row counts.
+async fn nodes_with_slow_connections(schema: &str, slow: Slow) -> (Vec<Outcome>, i64) {
     let (proxy, port) = Proxy::start(server().port()).await;
     let slow_url = via_port(&server().url(), server().port(), port);
     let canary_backend = PostgresBackend::connect(options(schema)).await.unwrap();
@@ -138,8 +152,11 @@ async fn nodes_with_slow_connections(schema: &str, slow_step: bool) -> (Vec<Outc
         let o = PostgresOptions::from_url(&slow_url).unwrap().schema(schema);
         let backend = PostgresBackend::connect(o.clone()).await.unwrap();
         let lock = Counted {
-            backend: backend.clone(),
-            slow: slow_step.then_some(o),
+            backend: match slow {
+                Slow::InRequestUnread => PostgresBackend::connect(o.clone()).await.unwrap(),
+                _ => backend.clone(),
+            },
+            slow: (slow != Slow::Nowhere).then_some(o),
             held: held.clone(),
         };
         let builder = Upsilon::builder()
@@ -147,7 +164,7 @@ async fn nodes_with_slow_connections(schema: &str, slow_step: bool) -> (Vec<Outc
             .store(Arc::new(backend));
         nodes.push(runner(builder, n as usize + 1, &task));
     }
-    // Each node's pool connection is open; from now on a connection takes
+    // Each node's pool connections are open; from now on a connection takes
     // SLOW to open.
     let pooled = proxy.accepted.load(Ordering::SeqCst);
     proxy
@@ -158,9 +175,9 @@ async fn nodes_with_slow_connections(schema: &str, slow_step: bool) -> (Vec<Outc
         .map(|n| tokio::spawn(async move { n.run().await }))
         .collect();
     until(Duration::from_secs(30), || async {
-        match slow_step {
-            true => proxy.accepted.load(Ordering::SeqCst) >= pooled + NODES,
-            false => held.load(Ordering::SeqCst) >= NODES,
+        match slow {
+            Slow::Nowhere => held.load(Ordering::SeqCst) >= NODES,
+            _ => proxy.accepted.load(Ordering::SeqCst) >= pooled + NODES,
         }
     })
     .await;
@@ -182,11 +199,11 @@ async fn nodes_with_slow_connections(schema: &str, slow_step: bool) -> (Vec<Outc
     (outcomes, row.get(0))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nodes_whose_new_connections_are_slow_take_no_lease_after_the_upgrade() {
-    let (outcomes, grants) = nodes_with_slow_connections("grants_prepared", false).await;
+/// Every node found the lease held or the store moved, and became READY
+/// once the canary was done, without a lease of its own.
+fn one_grant_each_waited(outcomes: &[Outcome], grants: i64) {
     assert_eq!(grants, 1, "one grant for one upgrade: {outcomes:?}");
-    for o in &outcomes {
+    for o in outcomes {
         assert!(
             matches!(o, Outcome::WaitedForOther { data_version: Some(v), .. } if v.to_string() == "1.1.0"),
             "{o:?}"
@@ -194,13 +211,28 @@ async fn nodes_whose_new_connections_are_slow_take_no_lease_after_the_upgrade() 
     }
 }
 
-/// The negative control: the same nodes, with a new connection opened inside
-/// the request for the lease, where the runner cannot read the store after
-/// it.
-/// At least one of them is granted the lease for nothing, and says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_opened_inside_the_lease_request_grants_the_lease_for_nothing() {
-    let (outcomes, grants) = nodes_with_slow_connections("grants_unprepared", true).await;
+async fn nodes_whose_new_connections_are_slow_take_no_lease_after_the_upgrade() {
+    let (outcomes, grants) = nodes_with_slow_connections("grants_prepared", Slow::Nowhere).await;
+    one_grant_each_waited(&outcomes, grants);
+}
+
+/// A node slow inside its request for the lease, past the canary's last
+/// write and release, finds the lease free but the store moved since its
+/// read: it reads the store again instead of taking the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_slow_inside_its_lease_request_reads_the_moved_store_instead_of_taking_the_lease() {
+    let (outcomes, grants) = nodes_with_slow_connections("grants_moved", Slow::InRequest).await;
+    one_grant_each_waited(&outcomes, grants);
+}
+
+/// The negative control: the same nodes, with a lock that never read the
+/// store, so that nothing tells it the store moved. At least one of them is
+/// granted the lease for nothing, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_that_did_not_read_the_store_grants_the_lease_for_nothing() {
+    let (outcomes, grants) =
+        nodes_with_slow_connections("grants_unread", Slow::InRequestUnread).await;
     let found = outcomes
         .iter()
         .filter(|o| matches!(o, Outcome::FoundUpToDate { fence, .. } if *fence > 1))
@@ -217,4 +249,52 @@ async fn a_connection_opened_inside_the_lease_request_grants_the_lease_for_nothi
         );
         assert!(!o.to_string().contains("already up to date"), "{o}");
     }
+}
+
+/// `node` upgrades the data of `svc` to `version`: takes the lease, claims
+/// the store, writes the data version and releases.
+async fn upgrade(node: &PostgresBackend, n: usize, version: &str) {
+    let ttl = Duration::from_secs(30);
+    let lease = granted(
+        node.try_acquire("svc", &upsilon::testing::holder(n), ttl)
+            .await
+            .unwrap(),
+    );
+    node.claim("svc", lease.fence).await.unwrap();
+    let version = upsilon::parse_version(version).unwrap();
+    node.apply("svc", lease.fence, &[Change::DataVersion(version)])
+        .await
+        .unwrap();
+    node.release(&lease).await.unwrap();
+}
+
+/// A request for the free lease from a handle whose last read of the store
+/// came before another node's upgrade is answered `StoreMoved`: by the
+/// flight that makes the handle's session of its pooled connection (the
+/// first round), and by the locked read (the second, with the session
+/// open). It is answered so once per read: asked again without a read, or
+/// after one, the lease is granted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_resting_on_a_read_from_before_an_upgrade_is_told_the_store_moved() {
+    let schema = "grants_moved_answer";
+    let other = PostgresBackend::connect(options(schema)).await.unwrap();
+    let node = PostgresBackend::connect(options(schema)).await.unwrap();
+    let ttl = Duration::from_secs(30);
+    let me = upsilon::testing::holder(9);
+    for (round, version) in [(1, "1.1"), (2, "1.2")] {
+        node.load("svc").await.unwrap();
+        upgrade(&other, round, version).await;
+        let answer = node.try_acquire("svc", &me, ttl).await.unwrap();
+        assert_eq!(answer, Acquire::StoreMoved, "round {round}");
+        if round == 2 {
+            let now = node.load("svc").await.unwrap();
+            assert_eq!(now.data_version.unwrap().to_string(), "1.2.0");
+        }
+        let lease = granted(node.try_acquire("svc", &me, ttl).await.unwrap());
+        node.release(&lease).await.unwrap();
+    }
+    // Nothing moved since the last read: granted at once.
+    node.load("svc").await.unwrap();
+    let lease = granted(node.try_acquire("svc", &me, ttl).await.unwrap());
+    node.release(&lease).await.unwrap();
 }

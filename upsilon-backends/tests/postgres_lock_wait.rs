@@ -208,6 +208,7 @@ async fn a_killed_holder_wakes_the_waiting_node_without_a_check() {
                 {
                     Acquire::Granted(lease) => return (Instant::now(), lease),
                     Acquire::Held(again) => seen = again,
+                    Acquire::StoreMoved => panic!("the waiter read no store"),
                 }
             }
         })
@@ -414,6 +415,7 @@ async fn a_holder_without_the_lock_is_checked_periodically_and_still_taken_over(
         {
             Acquire::Granted(_) => break Instant::now(),
             Acquire::Held(again) => seen = again,
+            Acquire::StoreMoved => panic!("the waiter read no store"),
         }
         assert!(killed.elapsed() < Duration::from_secs(10), "not taken over");
     };

@@ -114,6 +114,7 @@ async fn first_grant(b: &PostgresBackend, service: &str, from: Instant) -> (Inst
                 "still not granted {:?} after the session ended",
                 now - from
             ),
+            Acquire::StoreMoved => panic!("the waiter read no store"),
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -288,6 +289,7 @@ async fn with_idle_session_timeout_the_holder_pings_keep_its_session_and_waiters
                 let seen = match answer {
                     Acquire::Granted(lease) => return (now, lease, asked),
                     Acquire::Held(seen) => seen,
+                    Acquire::StoreMoved => panic!("the waiter read no store"),
                 };
                 let nap = if waiter.notifies() {
                     TTL

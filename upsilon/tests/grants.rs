@@ -8,7 +8,7 @@ use std::time::Duration;
 mod common;
 
 use async_trait::async_trait;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use upsilon::backend::{Acquire, BackendError, Lease, LeaseInfo, Lock};
 use upsilon::testing::{self, MemoryBackend, Op};
 use upsilon::{Holder, Outcome, Task, Upsilon};
@@ -17,19 +17,33 @@ use upsilon::{Holder, Outcome, Task, Upsilon};
 const SLOW: Duration = Duration::from_millis(300);
 const NODES: usize = 3;
 
+/// Where a node's slow step comes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slow {
+    /// In [`Lock::prepare_wait`], before the runner's read.
+    Prepared,
+    /// Inside the first [`Lock::try_acquire`], where the runner cannot see
+    /// it (as PostgreSQL's backend did before it had `prepare_wait`).
+    InRequest,
+    /// No slow step, and no time passes: the canary finishes as the first
+    /// request begins (the step waits for it), and the lock then answers
+    /// [`Acquire::StoreMoved`] as PostgreSQL's does for a store that moved
+    /// since its handle's read.
+    Raced,
+}
+
 /// A lock in front of the in-memory backend that, like PostgreSQL's, opens
-/// something slow (a listening session) before its first answer: in
-/// [`Lock::prepare_wait`] when `prepares`, else inside the first
-/// [`Lock::try_acquire`], where the runner cannot see it (as PostgreSQL's
-/// backend did before it had `prepare_wait`).
+/// something slow (a listening session) before its first answer.
 #[derive(Debug)]
 struct SlowToWait {
     inner: Arc<MemoryBackend>,
     /// How long opening takes.
     delay: Duration,
-    prepares: bool,
+    slow: Slow,
     opened: tokio::sync::OnceCell<()>,
     opening: mpsc::UnboundedSender<()>,
+    /// Whether the canary has finished.
+    finished: watch::Receiver<bool>,
 }
 
 impl SlowToWait {
@@ -37,7 +51,13 @@ impl SlowToWait {
         self.opened
             .get_or_init(|| async {
                 let _ = self.opening.send(());
-                tokio::time::sleep(self.delay).await;
+                match self.slow {
+                    Slow::Raced => {
+                        let mut finished = self.finished.clone();
+                        finished.wait_for(|f| *f).await.unwrap();
+                    }
+                    _ => tokio::time::sleep(self.delay).await,
+                }
             })
             .await;
     }
@@ -51,11 +71,18 @@ impl Lock for SlowToWait {
         holder: &Holder,
         ttl: Duration,
     ) -> Result<Acquire, BackendError> {
+        if self.slow == Slow::Raced && !self.opened.initialized() {
+            let before = self.inner.commits().len();
+            self.open().await;
+            if self.inner.commits().len() != before {
+                return Ok(Acquire::StoreMoved);
+            }
+        }
         self.open().await;
         self.inner.try_acquire(service, holder, ttl).await
     }
     async fn prepare_wait(&self, service: &str) -> Result<(), BackendError> {
-        if self.prepares {
+        if self.slow == Slow::Prepared {
             self.open().await;
         }
         self.inner.prepare_wait(service).await
@@ -123,21 +150,23 @@ fn waited(outcome: &Outcome) -> bool {
 /// `NODES` nodes start while the canary's task runs; each is slow to get
 /// ready to wait, and the canary finishes meanwhile. Returns the nodes'
 /// outcomes and the fences granted.
-async fn nodes_slow_to_wait(prepares: bool) -> (Vec<Outcome>, Vec<u64>) {
+async fn nodes_slow_to_wait(slow: Slow) -> (Vec<Outcome>, Vec<u64>) {
     let backend = MemoryBackend::new();
     let (gate, entered) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
     let task = parked(&gate, &entered);
     let canary_run = canary(&backend, &task, &entered).await;
     let (opening, mut opened) = mpsc::unbounded_channel();
+    let (finish, finished) = watch::channel(false);
     let runs: Vec<_> = (2..2 + NODES)
         .map(|n| {
             let lock = Arc::new(SlowToWait {
                 inner: backend.clone(),
                 // One after the other, as connections open.
                 delay: SLOW + Duration::from_millis(10) * n as u32,
-                prepares,
+                slow,
                 opened: tokio::sync::OnceCell::new(),
                 opening: opening.clone(),
+                finished: finished.clone(),
             });
             let builder = Upsilon::builder().lock(lock).store(backend.clone());
             let node = runner(n, builder, &task);
@@ -152,6 +181,7 @@ async fn nodes_slow_to_wait(prepares: bool) -> (Vec<Outcome>, Vec<u64>) {
     gate.notify_one();
     let done = canary_run.await.unwrap().unwrap();
     assert!(matches!(done, Outcome::Upgraded { .. }), "{done:?}");
+    finish.send_replace(true);
     let mut outcomes = Vec::new();
     for r in runs {
         outcomes.push(r.await.unwrap().unwrap());
@@ -162,18 +192,35 @@ async fn nodes_slow_to_wait(prepares: bool) -> (Vec<Outcome>, Vec<u64>) {
 
 #[tokio::test(start_paused = true)]
 async fn nodes_slow_to_get_ready_to_wait_take_no_lease_after_the_upgrade() {
-    let (outcomes, fences) = nodes_slow_to_wait(true).await;
+    let (outcomes, fences) = nodes_slow_to_wait(Slow::Prepared).await;
     assert_eq!(fences, [1], "one grant for one upgrade: {outcomes:?}");
     assert!(outcomes.iter().all(waited), "{outcomes:?}");
 }
 
+/// Nodes whose request follows their read at once, told by the lock that
+/// the store moved meanwhile (the canary finished in between), read it
+/// again and take no lease either: no time passed, so only the lock's
+/// answer tells them.
+#[tokio::test(start_paused = true)]
+async fn nodes_told_the_store_moved_right_after_their_read_read_it_again_and_take_no_lease() {
+    let (outcomes, fences) = nodes_slow_to_wait(Slow::Raced).await;
+    assert_eq!(fences, [1], "one grant for one upgrade: {outcomes:?}");
+    assert!(outcomes.iter().all(waited), "{outcomes:?}");
+    for o in &outcomes {
+        let Outcome::WaitedForOther { waited, .. } = o else {
+            unreachable!()
+        };
+        assert_eq!(*waited, Duration::ZERO, "{o:?}");
+    }
+}
+
 /// The negative control: the same nodes with their slow session opened
 /// inside the request for the lease, where the runner cannot read the store
-/// after it. Each is granted the lease in turn, finds nothing to do, and
+/// after it, and a lock that does not say the store moved. Each is granted the lease in turn, finds nothing to do, and
 /// says so.
 #[tokio::test(start_paused = true)]
 async fn a_slow_step_hidden_inside_the_lease_request_grants_once_per_node() {
-    let (outcomes, fences) = nodes_slow_to_wait(false).await;
+    let (outcomes, fences) = nodes_slow_to_wait(Slow::InRequest).await;
     assert_eq!(fences.len(), 1 + NODES, "{fences:?}: {outcomes:?}");
     for outcome in &outcomes {
         assert!(

@@ -126,7 +126,7 @@ impl Lock for Link {
         // when the reply is lost).
         let granted = match &r {
             Ok(Acquire::Granted(l)) => Some(l.fence),
-            Ok(Acquire::Held(_)) => None,
+            Ok(Acquire::Held(_) | Acquire::StoreMoved) => None,
             Err(_) => self.world.backend.grants().get(grants).map(|g| g.fence),
         };
         if let Some(fence) = granted {

@@ -188,9 +188,9 @@ impl EtcdBackend {
             let stored = self.live(&key, now).await?;
             return Ok(Some(
                 match decide_acquire(service, Some(&stored), now, [], holder, ttl)? {
-                    held @ Acquire::Held(_) => held,
                     // The key exists, so it is held however little is left.
                     Acquire::Granted(_) => Acquire::Held(Self::info(&stored, now)),
+                    other => other,
                 },
             ));
         }

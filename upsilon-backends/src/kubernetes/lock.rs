@@ -370,8 +370,8 @@ impl Lock for KubernetesBackend {
                 ttl,
             )?;
             let lease = match decision {
-                Acquire::Held(info) => return Ok(Acquire::Held(info)),
                 Acquire::Granted(lease) => lease,
+                other => return Ok(other),
             };
             // The floor first: should the Lease then be deleted, no later
             // grant reuses this fence.

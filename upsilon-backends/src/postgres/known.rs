@@ -2,11 +2,14 @@
 //! the snapshot its own last write left, and the store revision that write
 //! set. A write checks against that snapshot and sends its statements
 //! without reading first: one round trip (see `Store::apply` in store.rs).
+//! And for each service it read, the state row as that read found it: a
+//! lease request that finds the lease free checks it first (see
+//! `PostgresBackend::decide` in lock.rs).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use upsilon::backend::Snapshot;
+use upsilon::backend::{Snapshot, StateColumns};
 
 /// The store of one service as a write of this handle left it.
 #[derive(Debug)]
@@ -78,5 +81,36 @@ impl KnownStores {
         if let Some(c) = self.map().get_mut(service) {
             c.known = None;
         }
+    }
+}
+
+/// Per service, the state row as this handle's last read of the store
+/// (`Store::load`) found it.
+#[derive(Debug, Default)]
+pub(super) struct ReadStates {
+    by_service: Mutex<HashMap<String, StateColumns>>,
+}
+
+impl ReadStates {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, StateColumns>> {
+        self.by_service.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A read of the store of `service` found `state`.
+    pub(super) fn read(&self, service: &str, state: StateColumns) {
+        self.map().insert(service.to_owned(), state);
+    }
+
+    /// Whether the state row of `service` moved from what this handle's last
+    /// read of it found to `now`. Answered yes once: that read is then
+    /// forgotten, so a caller that asks again without reading is not told
+    /// so again (an operator's lease, which runs no task, needs no read).
+    pub(super) fn moved(&self, service: &str, now: &StateColumns) -> bool {
+        let mut map = self.map();
+        if map.get(service).is_some_and(|read| read != now) {
+            map.remove(service);
+            return true;
+        }
+        false
     }
 }

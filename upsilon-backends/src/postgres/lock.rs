@@ -11,7 +11,7 @@ use tokio_postgres::Row;
 use tracing::{debug, info};
 use upsilon::backend::{
     decide_acquire, fence_from_column, fence_to_column, jitter, ttl_ms, Acquire, BackendError,
-    Lease, LeaseInfo, Lock, StoredLease,
+    Lease, LeaseInfo, Lock, StateColumns, StoredLease,
 };
 use upsilon::Holder;
 
@@ -35,6 +35,8 @@ struct LeaseRow {
     fences: [u64; 4],
     /// The holder's listening session, if its lease row names one.
     session: Option<SessionId>,
+    /// The store's data version, baseline and fence.
+    state: StateColumns,
 }
 
 impl LeaseRow {
@@ -57,6 +59,11 @@ impl LeaseRow {
             now_ms: get(row, 6, "the clock")?,
             fences,
             session: session_of(row, 9)?,
+            state: StateColumns {
+                data_version: get(row, 13, "the data version")?,
+                baseline: get(row, 14, "the baseline")?,
+                store_fence: get(row, 2, "the store fence")?,
+            },
         })
     }
 }
@@ -145,7 +152,12 @@ impl PostgresBackend {
 
 impl PostgresBackend {
     /// What a read of the lease row (`Sql::acquire_read` or
-    /// `Sql::peek_read`) decides for `holder`'s request.
+    /// `Sql::peek_read`) decides for `holder`'s request. A lease that is
+    /// free is not granted when the store moved since this handle read it
+    /// (`Acquire::StoreMoved`): the request may rest on a read from before
+    /// another node finished the upgrade (the node's session was opened in
+    /// between, or the node stalled), and the node would be granted the
+    /// lease only to find nothing left to do.
     fn decide(
         &self,
         row: &Row,
@@ -156,7 +168,13 @@ impl PostgresBackend {
         self.learn_idle_timeout(row, sql::ACQUIRE_IDLE_TIMEOUT);
         let found = LeaseRow::decode(row)?;
         let standing = self.standing(service, &found);
-        decide_acquire(service, standing, found.now_ms, found.fences, holder, ttl)
+        let decision = decide_acquire(service, standing, found.now_ms, found.fences, holder, ttl)?;
+        if matches!(decision, Acquire::Granted(_)) && self.inner.reads.moved(service, &found.state)
+        {
+            debug!(%service, "the lease is free, but the store moved since this node read it");
+            return Ok(Acquire::StoreMoved);
+        }
+        Ok(decision)
     }
 }
 
@@ -191,8 +209,9 @@ impl Lock for PostgresBackend {
             // the answer, with no transaction.
             let (session, peeked) = self.session_with(Some((&sql.peek_read, service))).await;
             if let Some(row) = peeked.as_ref().and_then(|rows| rows.first()) {
-                if let Acquire::Held(info) = self.decide(row, service, holder, ttl)? {
-                    return Ok(Acquire::Held(info));
+                match self.decide(row, service, holder, ttl)? {
+                    Acquire::Granted(_) => {}
+                    other => return Ok(other),
                 }
             }
             let session_id = session.as_ref().map(|s| s.id);
@@ -210,9 +229,9 @@ impl Lock for PostgresBackend {
                 })?;
                 let lease = match self.decide(row, service, holder, ttl)? {
                     Acquire::Granted(lease) => lease,
-                    Acquire::Held(info) => {
+                    other => {
                         first_error(c.pipeline(&[Stmt::Simple("COMMIT")]).await).map_err(driver)?;
-                        return Ok(Acquire::Held(info));
+                        return Ok(other);
                     }
                 };
                 // Watched from before any other node can read the row that

@@ -113,7 +113,7 @@ use upsilon::backend::BackendError;
 use crate::wakeups::Wakeups;
 use error::{driver, driver_in, timed_out};
 use holding::Holding;
-use known::KnownStores;
+use known::{KnownStores, ReadStates};
 use listener::Session;
 pub use options::PostgresOptions;
 use pool::Pool;
@@ -151,6 +151,8 @@ struct Inner {
     waiting: Waiting,
     /// The stores this handle claimed, as its own last write left them.
     known: KnownStores,
+    /// The state rows as this handle last read them.
+    reads: ReadStates,
 }
 
 impl fmt::Debug for PostgresBackend {
@@ -237,6 +239,7 @@ impl PostgresBackend {
                 holding: Holding::default(),
                 waiting,
                 known: KnownStores::default(),
+                reads: ReadStates::default(),
             }),
         };
         // One connection, so that a wrong address or password is reported

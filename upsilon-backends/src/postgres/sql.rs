@@ -175,7 +175,8 @@ impl Sql {
                     {}, {}, {gone},
                     (SELECT coalesce(max(fence), 0)::int8 FROM {h} WHERE service = $1),
                     s.lease_pid, s.lease_server_start,
-                    (SELECT value FROM {m} WHERE key = {FLOOR_KEY}), {IDLE_SESSION_TIMEOUT}
+                    (SELECT value FROM {m} WHERE key = {FLOOR_KEY}), {IDLE_SESSION_TIMEOUT},
+                    s.data_version, s.baseline
              FROM {st} AS s CROSS JOIN LATERAL (SELECT clock_timestamp() AS now) AS c
              WHERE s.service = $1",
             ms("s.lease_expires"),

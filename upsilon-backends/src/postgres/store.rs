@@ -44,11 +44,7 @@ pub(super) fn snapshot_of(rows: &[Row]) -> Result<Snapshot, BackendError> {
         .first()
         .ok_or_else(|| BackendError::corrupt("the snapshot query returned no row"))?;
     format_of(first, 0)?;
-    let state = StateColumns {
-        data_version: get(first, 1, "the data version")?,
-        baseline: get(first, 2, "the baseline")?,
-        store_fence: get::<Option<i64>>(first, 3, "the store fence")?.unwrap_or(0),
-    };
+    let state = state_of(first)?;
     let mut history = Vec::with_capacity(rows.len());
     for row in rows {
         if get::<Option<&str>>(row, 4, "a history row's version")?.is_some() {
@@ -56,6 +52,15 @@ pub(super) fn snapshot_of(rows: &[Row]) -> Result<Snapshot, BackendError> {
         }
     }
     Snapshot::from_columns(state, history)
+}
+
+/// The state columns of the first row of a snapshot read.
+fn state_of(first: &Row) -> Result<StateColumns, BackendError> {
+    Ok(StateColumns {
+        data_version: get(first, 1, "the data version")?,
+        baseline: get(first, 2, "the baseline")?,
+        store_fence: get::<Option<i64>>(first, 3, "the store fence")?.unwrap_or(0),
+    })
 }
 
 impl PostgresBackend {
@@ -94,10 +99,12 @@ impl PostgresBackend {
             let stmt = [self.snapshot_stmt(service, only)];
             let op = async {
                 let rows = first_error(conn.pipeline(&stmt).await).map_err(driver)?;
+                let snapshot = snapshot_of(&rows[0])?;
                 if let (None, Some(row)) = (only, rows[0].first()) {
                     self.learn_idle_timeout(row, sql::SNAPSHOT_IDLE_TIMEOUT);
+                    self.inner.reads.read(service, state_of(row)?);
                 }
-                snapshot_of(&rows[0])
+                Ok(snapshot)
             };
             let result = self.timed(op).await;
             self.settle(&mut conn, "reading the store", result).await

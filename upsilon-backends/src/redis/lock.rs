@@ -85,8 +85,8 @@ impl Lock for RedisBackend {
                 holder,
                 ttl,
             )? {
-                Acquire::Held(info) => return Ok(Acquire::Held(info)),
                 Acquire::Granted(lease) => lease,
+                other => return Ok(other),
             };
             let mut grant = GRANT.prepare_invoke();
             grant

@@ -58,6 +58,7 @@ impl Lock for SqliteBackend {
                     })
                 }
                 Acquire::Held(info) => Acquire::Held(reported(now, info)),
+                other => other,
             })
         })
         .await

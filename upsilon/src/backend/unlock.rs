@@ -84,28 +84,43 @@ pub async fn unlock(
         Duration::ZERO
     };
     let ttl = UNLOCK_TTL + hold;
-    let lease = match retry(|| lock.try_acquire(service, operator, ttl))
-        .await
-        .map_err(failed("taking the lease after its forced release"))?
-    {
-        Acquire::Granted(lease) => lease,
-        // Our own grant, whose reply was lost and retried.
-        Acquire::Held(info) if &info.holder == operator => Lease {
-            service: service.to_owned(),
-            holder: info.holder,
-            fence: info.fence,
-            expires_at_ms: info.expires_at_ms,
-            ttl,
-        },
-        Acquire::Held(other) => {
-            return Ok(Some(Unlocked {
-                cleared,
-                fence: None,
-                taken_by: Some(other),
-                recorded: false,
-                held: Duration::ZERO,
-                released: true,
-            }))
+    let mut asked = 0;
+    let lease = loop {
+        asked += 1;
+        match retry(|| lock.try_acquire(service, operator, ttl))
+            .await
+            .map_err(failed("taking the lease after its forced release"))?
+        {
+            // The operator's lease runs no task, so a store that moved does
+            // not matter; a lock answers so once per read of the store.
+            Acquire::StoreMoved if asked < 3 => continue,
+            Acquire::StoreMoved => return Err(
+                failed("taking the lease after its forced release")(BackendError::Rejected(
+                    "the lock kept answering that the store moved, without a read of it between"
+                        .to_owned(),
+                )),
+            ),
+            Acquire::Granted(lease) => break lease,
+            // Our own grant, whose reply was lost and retried.
+            Acquire::Held(info) if &info.holder == operator => {
+                break Lease {
+                    service: service.to_owned(),
+                    holder: info.holder,
+                    fence: info.fence,
+                    expires_at_ms: info.expires_at_ms,
+                    ttl,
+                }
+            }
+            Acquire::Held(other) => {
+                return Ok(Some(Unlocked {
+                    cleared,
+                    fence: None,
+                    taken_by: Some(other),
+                    recorded: false,
+                    held: Duration::ZERO,
+                    released: true,
+                }))
+            }
         }
     };
     let work = record(store, &lease, &cleared, begun, hold).await;

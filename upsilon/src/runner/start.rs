@@ -94,6 +94,10 @@ impl Inner {
         // when it was read for that very reason (a slow store would
         // otherwise be read for ever), nor right after a wake-up.
         let mut may_reread = true;
+        // The lock found the lease free but the store moved since `snapshot`
+        // was read: it is read again before the next request, whatever
+        // `may_reread` says (the lock answers so once per read).
+        let mut moved = false;
         if let Err(e) = self.lock.prepare_wait(&self.service).await {
             debug!(error = %error_chain(&e), "getting ready to wait failed; asking for the lease anyway");
         }
@@ -102,7 +106,7 @@ impl Inner {
                 wait.end("stopped");
                 return Err(self.stopped());
             }
-            if may_reread && read_at.elapsed() > FRESH {
+            if moved || (may_reread && read_at.elapsed() > FRESH) {
                 if let Some(ready) = self.noticed(&snapshot, &known, &last_holder, started) {
                     wait.end("ready");
                     return Ok(ready);
@@ -111,6 +115,7 @@ impl Inner {
                 snapshot = self.load().await?;
                 read_at = Instant::now();
                 may_reread = false;
+                moved = false;
                 if let Some(ready) = self.done_meanwhile(&snapshot, &last_holder, started)? {
                     info!(data_version = %OrNone(snapshot.data_version.as_ref()),
                         "another node brought the data to this version before this node asked for the lease");
@@ -120,6 +125,11 @@ impl Inner {
             }
             let (acquired, sent) = self.try_acquire().await?;
             let seen = match acquired {
+                Acquire::StoreMoved => {
+                    debug!("the lease is free, but the store moved since it was read; reading it again before asking");
+                    moved = true;
+                    continue;
+                }
                 Acquire::Granted(lease) if self.behind(&lease, &mut snapshot).await? => {
                     self.catch_up_fence(lease, &snapshot, &mut catch_ups, stop)
                         .await?;

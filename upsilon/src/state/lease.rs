@@ -56,4 +56,11 @@ pub enum Acquire {
     Granted(Lease),
     /// Another holder has an unexpired lease.
     Held(LeaseInfo),
+    /// Nothing was granted: the lease is free, but the store this lock keeps
+    /// beside it has moved since this handle last read it (its data version,
+    /// baseline or fence changed), so another node may have finished the
+    /// upgrade in the meantime. The caller reads the store again before it
+    /// asks again. Only a lock that is its own store answers this, and only
+    /// for a service whose store this handle has read.
+    StoreMoved,
 }
