@@ -10,6 +10,7 @@ use upsilon::{Batch, BatchDone, BatchError, Batched, Batches, BoxError, TaskCont
 use super::error::{driver, driver_in, timed_out};
 use super::known::Known;
 use super::pipeline::{first_error, int8, opt_text, pipeline, text, text_array, Stmt};
+use super::pool::commit_and_reset;
 use super::store::{bound, snapshot_of};
 use super::{get, PostgresBackend};
 
@@ -192,14 +193,16 @@ impl PostgresBackend {
         let known = tokio::time::timeout(timeout, commit)
             .await
             .map_err(|_| timed_out("recording the batch", timeout))??;
-        tokio::time::timeout(timeout, tx.commit())
+        let (committed, reset) = commit_and_reset(tx, timeout)
             .await
-            .map_err(|_| timed_out("committing", timeout))?
-            .map_err(|e| driver_in(e, &context))?;
+            .ok_or_else(|| timed_out("committing", timeout))?;
+        committed.map_err(|e| driver_in(e, &context))?;
         if let Some(known) = known {
             self.inner.known.put(service, fence, known);
         }
-        conn.reset_and_done(timeout).await;
+        if reset {
+            conn.reset_done();
+        }
         Ok((done, checkpoint))
     }
 }

@@ -8,6 +8,7 @@ use upsilon::{TaskContext, TaskKey};
 use super::error::{driver, driver_in, timed_out};
 use super::known::Known;
 use super::pipeline::{first_error, pipeline, text, Stmt};
+use super::pool::commit_and_reset;
 use super::store::{bound, revision_of, snapshot_of};
 use super::PostgresBackend;
 
@@ -115,14 +116,16 @@ impl PostgresBackend {
         let known = tokio::time::timeout(timeout, commit)
             .await
             .map_err(|_| timed_out("recording the completion", timeout))??;
-        tokio::time::timeout(timeout, tx.commit())
+        let (committed, reset) = commit_and_reset(tx, timeout)
             .await
-            .map_err(|_| timed_out("committing", timeout))?
-            .map_err(|e| driver_in(e, &context))?;
+            .ok_or_else(|| timed_out("committing", timeout))?;
+        committed.map_err(|e| driver_in(e, &context))?;
         // The whole snapshot was read under the lock: the runner's write
         // that follows takes one round trip.
         self.inner.known.put(service, fence, known);
-        conn.reset_and_done(timeout).await;
+        if reset {
+            conn.reset_done();
+        }
         Ok(value)
     }
 }

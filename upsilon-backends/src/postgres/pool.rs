@@ -242,25 +242,47 @@ impl Conn<'_> {
         self.clean = true;
     }
 
-    /// After a task's own statements ran on this connection (in
-    /// `complete_with` or a batch): resets the session (`DISCARD ALL`) and
-    /// marks the connection reusable, so that nothing the task changed
-    /// (`SET`, `SET ROLE`, temporary tables, advisory locks, `LISTEN`)
-    /// reaches Upsilon's own later statements. If the reset fails or takes
-    /// longer than `timeout`, the connection is closed instead of pooled.
-    pub(super) async fn reset_and_done(&mut self, timeout: std::time::Duration) {
-        let reset = tokio::time::timeout(timeout, self.client().batch_execute("DISCARD ALL")).await;
-        if let Ok(Ok(())) = reset {
-            // `DISCARD ALL` also dropped the statements the driver prepared
-            // to look types up, and Upsilon's own.
-            self.client().clear_type_cache();
-            self.prepared
-                .get_mut()
-                .unwrap_or_else(|p| p.into_inner())
-                .clear();
-            self.done();
-        }
+    /// After [`commit_and_reset`] reset the session: marks the connection
+    /// reusable. Without the reset it is closed instead of pooled.
+    pub(super) fn reset_done(&mut self) {
+        // `DISCARD ALL` also dropped the statements the driver prepared to
+        // look types up, and Upsilon's own.
+        self.client().clear_type_cache();
+        self.prepared
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.done();
     }
+}
+
+/// The end of a transaction in which a task's own statements ran (in
+/// `complete_with` or a batch): `COMMIT`, and in the same flight a reset of
+/// the session (`DISCARD ALL`), so that nothing the task changed (`SET`,
+/// `SET ROLE`, temporary tables, advisory locks, `LISTEN`) reaches
+/// Upsilon's own later statements on the pooled connection. The reset runs
+/// whether the commit succeeds or not (a failed `COMMIT` ends the
+/// transaction too). Returns the commit's outcome and whether the reset went
+/// through (then [`Conn::reset_done`]), or `None` when the replies took
+/// longer than `timeout`.
+pub(super) async fn commit_and_reset(
+    tx: tokio_postgres::Transaction<'_>,
+    timeout: std::time::Duration,
+) -> Option<(Result<(), tokio_postgres::Error>, bool)> {
+    let c = tx.client();
+    let both = async {
+        tokio::join!(
+            biased;
+            c.batch_execute("COMMIT"),
+            c.batch_execute("DISCARD ALL")
+        )
+    };
+    let replies = tokio::time::timeout(timeout, both).await;
+    // The transaction ended with the `COMMIT` sent above; dropped, it would
+    // send a `ROLLBACK` after it. A top-level transaction holds nothing
+    // else (no savepoint name).
+    std::mem::forget(tx);
+    replies.ok().map(|(commit, reset)| (commit, reset.is_ok()))
 }
 
 /// A connection taken out of its pool with its slot, to finish on a task of
