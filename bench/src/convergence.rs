@@ -111,7 +111,7 @@ pub async fn upsilon_round(
     )
     .build()?;
     let canary_status = canary_up.status();
-    let canary_run = tokio::spawn(async move { canary_up.run().await });
+    let canary_run = canary_runtime().spawn(async move { canary_up.run().await });
     wait_status(canary_status, "the canary's upgrade", |s| {
         matches!(s, Status::Upgrading { .. })
     })
@@ -400,7 +400,10 @@ pub async fn run(env: &Env, o: &Options, report: &mut Report) -> anyhow::Result<
     let mut p50s = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for &n in &o.nodes {
         eprintln!("  2: {n} nodes, {} repeats", o.repeats);
-        let canary = pg_node(&env.url, 4, None).await?;
+        let url = env.url.clone();
+        let canary = canary_runtime()
+            .spawn(async move { pg_node(&url, 4, None).await })
+            .await??;
         let mut nodes = Vec::with_capacity(n);
         for _ in 0..n {
             nodes.push(pg_node(&env.url, 1, None).await?);
@@ -527,4 +530,21 @@ pub async fn run(env: &Env, o: &Options, report: &mut Report) -> anyhow::Result<
         json!({"task_ms": o.task_ms, "repeats": o.repeats, "rounds": details}),
     );
     Ok(())
+}
+
+/// The runtime canaries run on: a thread of its own, as the canary is a
+/// process of its own in a cluster, so that the waiting nodes' work in
+/// this process does not hold up its pings. It lasts as long as the
+/// process: a canary's listening session, whose driver runs on it, outlives
+/// the round that opened it.
+pub fn canary_runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("canary")
+            .enable_all()
+            .build()
+            .expect("a runtime for the canary")
+    })
 }
