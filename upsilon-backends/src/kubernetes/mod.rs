@@ -69,6 +69,7 @@
 //! - `ConfigMap PREFIX-meta`: each service's fence floor.
 
 mod api;
+mod lease;
 mod lock;
 mod names;
 mod options;
@@ -204,7 +205,7 @@ impl KubernetesBackend {
                 names.selector(Part::Lease),
                 Kind::Lease,
                 watches.clone(),
-                lock::project,
+                lease::project,
             ))));
             tasks.push(AbortOnDrop(tokio::spawn(watch::follow(
                 configmaps.api.clone(),
