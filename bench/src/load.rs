@@ -218,31 +218,35 @@ pub async fn run(env: &Env, o: &Options, report: &mut Report) -> anyhow::Result<
         }
     }
     let polls = pooled_long.polls - pooled.polls;
-    let per_poll = |long: f64, short: f64| {
-        if polls > 0.0 {
-            (long - short) / polls
-        } else {
-            f64::NAN
-        }
-    };
-    report.push(
-        Row::new(
+    if polls > 0.0 {
+        let per_poll = |long: f64, short: f64| (long - short) / polls;
+        report.push(
+            Row::new(
+                "3",
+                format!(
+                    "statements per poll, {} (an upgrade twice as long: {:.1} more polls a node)",
+                    pooled.name, polls
+                ),
+                Unit::Count,
+                per_poll(pooled_long.statements, pooled.statements),
+            )
+            .at_most(2.0, "<= 2"),
+        );
+        report.push(Row::new(
             "3",
-            format!(
-                "statements per poll, {} (an upgrade twice as long: {:.1} more polls a node)",
-                pooled.name, polls
-            ),
+            format!("round trips per poll, {}", pooled.name),
             Unit::Count,
-            per_poll(pooled_long.statements, pooled.statements),
-        )
-        .at_most(2.0, "<= 2"),
-    );
-    report.push(Row::new(
-        "3",
-        format!("round trips per poll, {}", pooled.name),
-        Unit::Count,
-        per_poll(pooled_long.round_trips, pooled.round_trips),
-    ));
+            per_poll(pooled_long.round_trips, pooled.round_trips),
+        ));
+    } else {
+        // Polls are jittered around a second: an upgrade shorter than that
+        // may add none when made twice as long.
+        eprintln!(
+            "  3: the upgrade twice as long added no polls ({:.1} a node), so the cost per poll is not measured; \
+             a longer --load-ms measures it",
+            polls
+        );
+    }
     report.push(Row::new(
         "3",
         format!(
