@@ -85,7 +85,7 @@ impl KnownStores {
 }
 
 /// Per service, the state row as this handle's last read of the store
-/// (`Store::load`) found it.
+/// (`Store::load`) found it, until the handle writes to that store.
 #[derive(Debug, Default)]
 pub(super) struct ReadStates {
     by_service: Mutex<HashMap<String, StateColumns>>,
@@ -99,6 +99,12 @@ impl ReadStates {
     /// A read of the store of `service` found `state`.
     pub(super) fn read(&self, service: &str, state: StateColumns) {
         self.map().insert(service.to_owned(), state);
+    }
+
+    /// This handle writes to the store of `service`: what its last read
+    /// found is no longer what a later request should be compared with.
+    pub(super) fn forget(&self, service: &str) {
+        self.map().remove(service);
     }
 
     /// Whether the state row of `service` moved from what this handle's last

@@ -137,6 +137,9 @@ impl PostgresBackend {
         changes: &[Change],
         notice: Option<&Notice>,
     ) -> Result<(), BackendError> {
+        // The store moves by this handle's own hand: not a move a later
+        // request of this handle should be told of.
+        self.inner.reads.forget(service);
         self.with_tables(|| async move {
             let mut conn = self.conn().await?;
             let op = async {
@@ -331,6 +334,7 @@ impl Store for PostgresBackend {
         // Whatever the claim's outcome, what this handle knew of the
         // service belongs to an older claim.
         self.inner.known.forget(service);
+        self.inner.reads.forget(service);
         self.with_tables(|| async move {
             let sql = &self.inner.sql;
             let mut conn = self.conn().await?;
