@@ -30,6 +30,9 @@ enum Slow {
     /// [`Acquire::StoreMoved`] as PostgreSQL's does for a store that moved
     /// since its handle's read.
     Raced,
+    /// No slow step: a faulty lock that answers [`Acquire::StoreMoved`] to
+    /// every request.
+    EveryRequestMoved,
 }
 
 /// A lock in front of the in-memory backend that, like PostgreSQL's, opens
@@ -71,6 +74,9 @@ impl Lock for SlowToWait {
         holder: &Holder,
         ttl: Duration,
     ) -> Result<Acquire, BackendError> {
+        if self.slow == Slow::EveryRequestMoved {
+            return Ok(Acquire::StoreMoved);
+        }
         if self.slow == Slow::Raced && !self.opened.initialized() {
             let before = self.inner.commits().len();
             self.open().await;
@@ -258,4 +264,39 @@ async fn a_prompt_node_reads_once_before_asking() {
     gate.notify_one();
     canary_run.await.unwrap().unwrap();
     assert!(waited(&run.await.unwrap().unwrap()));
+}
+
+/// A lock that says the store moved to every request does not make the
+/// runner spin: after the second answer in a row it reads the store once a
+/// poll, and at `max_wait` it gives up with the wait's error, having taken
+/// no lease. (In real time: a runner that spun would read the store
+/// thousands of times in the second.)
+#[tokio::test]
+async fn a_lock_that_always_says_the_store_moved_is_polled_and_waited_out() {
+    let backend = MemoryBackend::new();
+    let (gate, entered) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let task = parked(&gate, &entered);
+    let (opening, _opened) = mpsc::unbounded_channel();
+    let (_finish, finished) = watch::channel(false);
+    let lock = Arc::new(SlowToWait {
+        inner: backend.clone(),
+        delay: Duration::ZERO,
+        slow: Slow::EveryRequestMoved,
+        opened: tokio::sync::OnceCell::new(),
+        opening,
+        finished,
+    });
+    let builder = Upsilon::builder()
+        .lock(lock)
+        .store(backend.clone())
+        .max_wait(Duration::from_secs(1))
+        .poll_interval(Duration::from_millis(100));
+    let node = runner(2, builder, &task);
+    let err = node.run().await.unwrap_err();
+    assert!(matches!(err, upsilon::Error::WaitTimeout { .. }), "{err}");
+    // Polls are jittered by at most half: one read at start-up, one after
+    // the first answer, then at most one per 50 ms.
+    let loads = backend.faults().calls(Op::Load);
+    assert!((3..=23).contains(&loads), "{loads} reads in 1 s");
+    assert!(backend.grants().is_empty());
 }

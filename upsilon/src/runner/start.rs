@@ -98,6 +98,8 @@ impl Inner {
         // was read: it is read again before the next request, whatever
         // `may_reread` says (the lock answers so once per read).
         let mut moved = false;
+        // The last answer was `StoreMoved` too.
+        let mut last_was_moved = false;
         if let Err(e) = self.lock.prepare_wait(&self.service).await {
             debug!(error = %error_chain(&e), "getting ready to wait failed; asking for the lease anyway");
         }
@@ -124,10 +126,36 @@ impl Inner {
                 }
             }
             let (acquired, sent) = self.try_acquire().await?;
+            if !matches!(acquired, Acquire::StoreMoved) {
+                last_was_moved = false;
+            }
             let seen = match acquired {
                 Acquire::StoreMoved => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        wait.end("timeout");
+                        return Err(Error::WaitTimeout {
+                            service: self.service.clone(),
+                            holder: last_holder,
+                            waited: now - started,
+                        });
+                    }
+                    if last_was_moved {
+                        // Twice in a row, with a read between: the store keeps
+                        // moving under a free lease (or the lock keeps saying
+                        // so). Poll rather than spin, within `max_wait`.
+                        let nap = jitter(self.config.poll).min(deadline - now);
+                        tokio::select! {
+                            _ = tokio::time::sleep(nap) => {}
+                            _ = stop.cancelled() => {
+                                wait.end("stopped");
+                                return Err(self.stopped());
+                            }
+                        }
+                    }
                     debug!("the lease is free, but the store moved since it was read; reading it again before asking");
                     moved = true;
+                    last_was_moved = true;
                     continue;
                 }
                 Acquire::Granted(lease) if self.behind(&lease, &mut snapshot).await? => {
