@@ -347,10 +347,16 @@ pub fn trial(seed: u64, controls: Controls) -> Trial {
         // may forget its state (a Redis restarted without its data).
         let lock_apart = rng.chance(50);
         backend.set_lock_apart(lock_apart);
+        // Half the others have a lock that answers, as PostgreSQL's does,
+        // that the store moved since it was read instead of granting the
+        // free lease (a generator of its own, so that the draws above keep
+        // their seeds).
+        let store_moved = !lock_apart && crate::world::Rng(seed ^ 0x5707e).chance(50);
+        backend.set_store_moved_answers(store_moved);
         let world = Arc::new(World::new(seed, backend, flaky, lock_apart));
         let nodes = 2 + world.rng(|r| r.below(3)) as usize;
         world.log(format!(
-            "seed {seed}: {nodes} nodes, flaky task {flaky:?}, lock apart {lock_apart}, {model:?}, controls {controls:?}"
+            "seed {seed}: {nodes} nodes, flaky task {flaky:?}, lock apart {lock_apart}, store-moved answers {store_moved}, {model:?}, controls {controls:?}"
         ));
         let chaos = tokio::spawn(chaos(world.clone(), nodes));
         let drivers: Vec<_> = (0..nodes)

@@ -126,7 +126,11 @@ impl Lock for Link {
         // when the reply is lost).
         let granted = match &r {
             Ok(Acquire::Granted(l)) => Some(l.fence),
-            Ok(Acquire::Held(_) | Acquire::StoreMoved) => None,
+            Ok(Acquire::Held(_)) => None,
+            Ok(Acquire::StoreMoved) => {
+                self.world.count(Count::StoreMoved);
+                None
+            }
             Err(_) => self.world.backend.grants().get(grants).map(|g| g.fence),
         };
         if let Some(fence) = granted {

@@ -133,11 +133,12 @@ pub enum Count {
     RenewalsRefused,
     StaleRefused,
     BehindGrants,
+    StoreMoved,
     Excused,
 }
 
 impl Count {
-    pub const ALL: [Count; 26] = [
+    pub const ALL: [Count; 27] = [
         Count::Crashes,
         Count::Expiries,
         Count::ClockJumps,
@@ -163,6 +164,7 @@ impl Count {
         Count::RenewalsRefused,
         Count::StaleRefused,
         Count::BehindGrants,
+        Count::StoreMoved,
         Count::Excused,
     ];
 
@@ -200,6 +202,7 @@ impl Count {
             Count::BehindGrants => {
                 "grants behind the store's fence (given back, the lock raised a TTL later)"
             }
+            Count::StoreMoved => "lease requests answered that the store moved",
             Count::Excused => "E1 overlaps after a cut-short lease (excused)",
         }
     }

@@ -14,6 +14,7 @@ use crate::backend::{
     Notice, Snapshot, StoredLease,
 };
 use crate::ids::Holder;
+use crate::Version;
 
 use super::faults::{After, Fault, Faults, Op};
 
@@ -68,6 +69,9 @@ struct Service {
     fence_floor: u64,
     /// The holders' notice with the highest fence.
     notice: Option<Notice>,
+    /// The data version, baseline and fence the last load found (see
+    /// [`MemoryBackend::set_store_moved_answers`]).
+    read: Option<(Option<Version>, Option<Version>, u64)>,
 }
 
 /// How the in-memory backend models a lease tied to its holder's session,
@@ -106,6 +110,8 @@ pub struct MemoryBackend {
     skip_fence_check: std::sync::atomic::AtomicBool,
     /// See [`MemoryBackend::set_lock_apart`].
     lock_apart: std::sync::atomic::AtomicBool,
+    /// See [`MemoryBackend::set_store_moved_answers`].
+    store_moved: std::sync::atomic::AtomicBool,
     faults: Faults,
     notify: Notify,
     origin: Instant,
@@ -130,6 +136,7 @@ impl Default for MemoryBackend {
             commits: Mutex::default(),
             skip_fence_check: Default::default(),
             lock_apart: Default::default(),
+            store_moved: Default::default(),
             faults: Faults::default(),
             notify: Notify::new(),
             origin: Instant::now(),
@@ -193,6 +200,22 @@ impl MemoryBackend {
     pub fn set_lock_apart(&self, on: bool) {
         self.lock_apart
             .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Models a lock that is its own store and answers
+    /// [`Acquire::StoreMoved`] as PostgreSQL's does: a request that finds
+    /// the lease free is not granted when the service's data version,
+    /// baseline or fence changed since the last [`Store::load`] of it (by
+    /// any caller of this backend), once per load. Off by default.
+    pub fn set_store_moved_answers(&self, on: bool) {
+        self.store_moved
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The state a load records for [`MemoryBackend::set_store_moved_answers`].
+    fn read_state(s: &Service) -> (Option<Version>, Option<Version>, u64) {
+        let snap = &s.snapshot;
+        (snap.data_version.clone(), snap.baseline.clone(), snap.fence)
     }
 
     /// Models a lock that loses its state (a Redis restarted without its
@@ -373,6 +396,13 @@ impl Lock for MemoryBackend {
                 [s.granted, s.snapshot.fence, history, s.fence_floor]
             };
             let decision = decide_acquire(service, stored, now, seen, holder, ttl)?;
+            let moved = self.store_moved.load(std::sync::atomic::Ordering::SeqCst)
+                && matches!(decision, Acquire::Granted(_))
+                && s.read.as_ref().is_some_and(|r| *r != Self::read_state(s));
+            if moved {
+                s.read = None;
+                return Ok(Acquire::StoreMoved);
+            }
             if let Acquire::Granted(lease) = &decision {
                 s.session_ended_ms = None;
                 s.granted = lease.fence;

@@ -15,6 +15,7 @@ impl Store for MemoryBackend {
         let lost_reply = self.fault(Op::Load).await?;
         let r = self.with_service(service, |s, _| {
             Self::readable(s)?;
+            s.read = Some(Self::read_state(s));
             Ok(s.snapshot.clone())
         });
         Self::lose_reply(lost_reply, Op::Load, r).await
