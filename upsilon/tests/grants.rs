@@ -9,7 +9,7 @@ mod common;
 
 use async_trait::async_trait;
 use tokio::sync::{mpsc, watch, Notify};
-use upsilon::backend::{Acquire, BackendError, Lease, LeaseInfo, Lock};
+use upsilon::backend::{Acquire, BackendError, Change, Lease, LeaseInfo, Lock, Store};
 use upsilon::testing::{self, MemoryBackend, Op};
 use upsilon::{Holder, Outcome, Task, Upsilon};
 
@@ -299,4 +299,39 @@ async fn a_lock_that_always_says_the_store_moved_is_polled_and_waited_out() {
     let loads = backend.faults().calls(Op::Load);
     assert!((3..=23).contains(&loads), "{loads} reads in 1 s");
     assert!(backend.grants().is_empty());
+}
+
+/// The in-memory backend with its store-moved answers on, as the simulation
+/// runs it: a request for the free lease after another holder moved the
+/// store since the last load is answered `StoreMoved`, once; off, it is
+/// granted.
+#[tokio::test]
+async fn the_in_memory_backend_answers_store_moved_once_per_load_when_asked_to() {
+    for on in [true, false] {
+        let backend = MemoryBackend::new();
+        backend.set_store_moved_answers(on);
+        let ttl = Duration::from_secs(30);
+        backend.load("svc").await.unwrap();
+        let Acquire::Granted(lease) = backend
+            .try_acquire("svc", &testing::holder(1), ttl)
+            .await
+            .unwrap()
+        else {
+            panic!("a fresh store's lease is free");
+        };
+        backend.claim("svc", lease.fence).await.unwrap();
+        let version = upsilon::parse_version("1.1").unwrap();
+        backend
+            .apply("svc", lease.fence, &[Change::DataVersion(version)])
+            .await
+            .unwrap();
+        backend.release(&lease).await.unwrap();
+        let me = testing::holder(2);
+        let first = backend.try_acquire("svc", &me, ttl).await.unwrap();
+        assert_eq!(matches!(first, Acquire::StoreMoved), on, "{first:?}");
+        if on {
+            let again = backend.try_acquire("svc", &me, ttl).await.unwrap();
+            assert!(matches!(again, Acquire::Granted(_)), "{again:?}");
+        }
+    }
 }
