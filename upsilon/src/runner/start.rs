@@ -133,12 +133,7 @@ impl Inner {
                 Acquire::StoreMoved => {
                     let now = Instant::now();
                     if now >= deadline {
-                        wait.end("timeout");
-                        return Err(Error::WaitTimeout {
-                            service: self.service.clone(),
-                            holder: last_holder,
-                            waited: now - started,
-                        });
+                        return Err(self.wait_timed_out(&mut wait, last_holder, started));
                     }
                     if last_was_moved {
                         // Twice in a row, with a read between: the store keeps
@@ -213,12 +208,7 @@ impl Inner {
             loop {
                 let now = Instant::now();
                 if now >= deadline {
-                    wait.end("timeout");
-                    return Err(Error::WaitTimeout {
-                        service: self.service.clone(),
-                        holder: last_holder,
-                        waited: now - started,
-                    });
+                    return Err(self.wait_timed_out(&mut wait, last_holder, started));
                 }
                 tokio::select! {
                     _ = self.wait_for_change(&seen, deadline - now) => {}
@@ -456,6 +446,22 @@ impl Inner {
                 ..
             }) => Ok(None),
             Err(e) => Err(e),
+        }
+    }
+
+    /// The error of a wait since `started` that reached `max_wait`, the
+    /// lease last seen held by `holder`.
+    fn wait_timed_out(
+        &self,
+        wait: &mut metrics::Wait<'_>,
+        holder: Option<crate::ids::Holder>,
+        started: Instant,
+    ) -> Error {
+        wait.end("timeout");
+        Error::WaitTimeout {
+            service: self.service.clone(),
+            holder,
+            waited: started.elapsed(),
         }
     }
 
