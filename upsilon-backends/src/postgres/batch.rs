@@ -193,10 +193,7 @@ impl PostgresBackend {
         let known = tokio::time::timeout(timeout, commit)
             .await
             .map_err(|_| timed_out("recording the batch", timeout))??;
-        let (committed, reset) = commit_and_reset(tx, timeout)
-            .await
-            .ok_or_else(|| timed_out("committing", timeout))?;
-        committed.map_err(|e| driver_in(e, &context))?;
+        let reset = commit_and_reset(tx, timeout, &context).await?;
         if let Some(known) = known {
             self.inner.known.put(service, fence, known);
         }

@@ -116,10 +116,7 @@ impl PostgresBackend {
         let known = tokio::time::timeout(timeout, commit)
             .await
             .map_err(|_| timed_out("recording the completion", timeout))??;
-        let (committed, reset) = commit_and_reset(tx, timeout)
-            .await
-            .ok_or_else(|| timed_out("committing", timeout))?;
-        committed.map_err(|e| driver_in(e, &context))?;
+        let reset = commit_and_reset(tx, timeout, &context).await?;
         // The whole snapshot was read under the lock: the runner's write
         // that follows takes one round trip.
         self.inner.known.put(service, fence, known);

@@ -13,7 +13,7 @@ use tracing::debug;
 use upsilon::backend::BackendError;
 
 use super::connection::{open, OnMessage};
-use super::error::{timed_out, PgError};
+use super::error::{driver_in, timed_out, PgError};
 use super::holding::Health;
 use super::options::PostgresOptions;
 use super::pipeline::{pipeline_prepared, Prepared, Stmt};
@@ -262,13 +262,14 @@ impl Conn<'_> {
 /// `SET ROLE`, temporary tables, advisory locks, `LISTEN`) reaches
 /// Upsilon's own later statements on the pooled connection. The reset runs
 /// whether the commit succeeds or not (a failed `COMMIT` ends the
-/// transaction too). Returns the commit's outcome and whether the reset went
-/// through (then [`Conn::reset_done`]), or `None` when the replies took
-/// longer than `timeout`.
+/// transaction too). Returns whether the reset went through (then
+/// [`Conn::reset_done`]); an error, `context` named, when the commit failed
+/// or the replies took longer than `timeout`.
 pub(super) async fn commit_and_reset(
     tx: tokio_postgres::Transaction<'_>,
     timeout: std::time::Duration,
-) -> Option<(Result<(), tokio_postgres::Error>, bool)> {
+    context: &str,
+) -> Result<bool, BackendError> {
     let c = tx.client();
     let both = async {
         tokio::join!(
@@ -282,7 +283,9 @@ pub(super) async fn commit_and_reset(
     // send a `ROLLBACK` after it. A top-level transaction holds nothing
     // else (no savepoint name).
     std::mem::forget(tx);
-    replies.ok().map(|(commit, reset)| (commit, reset.is_ok()))
+    let (commit, reset) = replies.map_err(|_| timed_out("committing", timeout))?;
+    commit.map_err(|e| driver_in(e, context))?;
+    Ok(reset.is_ok())
 }
 
 /// A connection taken out of its pool with its slot, to finish on a task of

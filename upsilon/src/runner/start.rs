@@ -94,12 +94,11 @@ impl Inner {
         // when it was read for that very reason (a slow store would
         // otherwise be read for ever), nor right after a wake-up.
         let mut may_reread = true;
-        // The lock found the lease free but the store moved since `snapshot`
-        // was read: it is read again before the next request, whatever
-        // `may_reread` says (the lock answers so once per read).
+        // The last answer was `StoreMoved`: the lock found the lease free but
+        // the store moved since `snapshot` was read. It is read again before
+        // the next request, whatever `may_reread` says (the lock answers so
+        // once per read).
         let mut moved = false;
-        // The last answer was `StoreMoved` too.
-        let mut last_was_moved = false;
         if let Err(e) = self.lock.prepare_wait(&self.service).await {
             debug!(error = %error_chain(&e), "getting ready to wait failed; asking for the lease anyway");
         }
@@ -117,7 +116,6 @@ impl Inner {
                 snapshot = self.load().await?;
                 read_at = Instant::now();
                 may_reread = false;
-                moved = false;
                 if let Some(ready) = self.done_meanwhile(&snapshot, &last_holder, started)? {
                     info!(data_version = %OrNone(snapshot.data_version.as_ref()),
                         "another node brought the data to this version before this node asked for the lease");
@@ -126,16 +124,14 @@ impl Inner {
                 }
             }
             let (acquired, sent) = self.try_acquire().await?;
-            if !matches!(acquired, Acquire::StoreMoved) {
-                last_was_moved = false;
-            }
+            let moved_before = std::mem::replace(&mut moved, acquired == Acquire::StoreMoved);
             let seen = match acquired {
                 Acquire::StoreMoved => {
                     let now = Instant::now();
                     if now >= deadline {
                         return Err(self.wait_timed_out(&mut wait, last_holder, started));
                     }
-                    if last_was_moved {
+                    if moved_before {
                         // Twice in a row, with a read between: the store keeps
                         // moving under a free lease (or the lock keeps saying
                         // so). Poll rather than spin, within `max_wait`.
@@ -149,8 +145,6 @@ impl Inner {
                         }
                     }
                     debug!("the lease is free, but the store moved since it was read; reading it again before asking");
-                    moved = true;
-                    last_was_moved = true;
                     continue;
                 }
                 Acquire::Granted(lease) if self.behind(&lease, &mut snapshot).await? => {
