@@ -423,3 +423,132 @@ async fn a_holder_without_the_lock_is_checked_periodically_and_still_taken_over(
     eprintln!("taken over {after:?} after the kill");
     assert!(after >= GRACE && after <= GRACE + CHECK * 2 + Duration::from_millis(700));
 }
+
+/// How many sessions application `app` has open on the server.
+async fn connections(client: &Client, app: &str) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_node_that_holds_no_lease_waits_on_one_connection_and_still_wakes_mid_plan() {
+    let schema = "lw_one";
+    let app = "lw one waiter";
+    let client = raw(&server().url()).await;
+    let holder = node(options(schema, "lw one holder")).await;
+    let waiter = node(options(schema, app)).await;
+    let lease = granted(
+        holder
+            .try_acquire("svc", &testing::holder(1), TTL)
+            .await
+            .unwrap(),
+    );
+    holder.claim("svc", lease.fence).await.unwrap();
+    // The start-up read leaves the pool's connection idle; the first
+    // request makes it the listening session.
+    waiter.load("svc").await.unwrap();
+    waiter.prepare_wait("svc").await.unwrap();
+    let seen = held(
+        waiter
+            .try_acquire("svc", &testing::holder(2), TTL)
+            .await
+            .unwrap(),
+    );
+    let waiting = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move { waiter.wait("svc", &seen, TTL).await })
+    };
+    until(Duration::from_secs(5), || async {
+        blocks(&statements(app)) == 1
+    })
+    .await;
+    assert_eq!(
+        connections(&client, app).await,
+        1,
+        "a waiting node blocks on its listening session"
+    );
+    // Blocked in a statement, the session is sent no notification: the
+    // holder's write hands its wake lock on, and that ends the block.
+    let written = Instant::now();
+    holder
+        .apply(
+            "svc",
+            lease.fence,
+            &[Change::DataVersion(upsilon::parse_version("1.1").unwrap())],
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(2), waiting)
+        .await
+        .expect("the holder's write ended the wait")
+        .unwrap()
+        .unwrap();
+    eprintln!("a data version ended a wait on the session {:?} later", written.elapsed());
+    assert_eq!(connections(&client, app).await, 1);
+    assert_eq!(checks(&statements(app)), 0, "{:#?}", statements(app));
+    // The next wait, on the new stage, blocks again, and the release ends it.
+    let seen = held(
+        waiter
+            .try_acquire("svc", &testing::holder(2), TTL)
+            .await
+            .unwrap(),
+    );
+    let waiting = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move { waiter.wait("svc", &seen, TTL).await })
+    };
+    until(Duration::from_secs(5), || async {
+        blocks(&statements(app)) == 2
+    })
+    .await;
+    holder.release(&lease).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(2), waiting)
+        .await
+        .expect("the release ended the wait")
+        .unwrap()
+        .unwrap();
+    assert_eq!(checks(&statements(app)), 0, "{:#?}", statements(app));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_ends_a_wait_blocked_on_the_session_so_the_holder_pings_answer() {
+    let schema = "lw_grant";
+    let app = "lw grant waiter";
+    let holder = node(options(schema, "lw grant holder")).await;
+    let waiter = node(options(schema, app)).await;
+    waiter.prepare_wait("a").await.unwrap();
+    let (_lease, seen) = held_by_one(&holder, &waiter, "a").await;
+    let waiting = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move { waiter.wait("a", &seen, TTL).await })
+    };
+    until(Duration::from_secs(5), || async {
+        blocks(&statements(app)) == 1
+    })
+    .await;
+    // The same node is granted another service's lease: its pings go on
+    // the session, so the wait on it ends (the runner asks again).
+    let granted_at = Instant::now();
+    let b = granted(
+        waiter
+            .try_acquire("b", &testing::holder(2), TTL)
+            .await
+            .unwrap(),
+    );
+    tokio::time::timeout(Duration::from_secs(2), waiting)
+        .await
+        .expect("the grant ended the wait on the session")
+        .unwrap()
+        .unwrap();
+    eprintln!("a grant ended a wait on the session {:?} later", granted_at.elapsed());
+    // Several pings' worth of time: the lease is not lost.
+    let lost = tokio::time::timeout(4 * TIMEOUT, waiter.until_lost(&b)).await;
+    assert!(lost.is_err(), "the new lease was lost: {lost:?}");
+    waiter.release(&b).await.unwrap();
+}

@@ -1,18 +1,21 @@
-//! A waiting node's block on the advisory lock of the lease it waits for
-//! (see `takeover.rs`): the statement, on a pooled connection that a task
-//! of its own owns, so that a notification ends the wait at once.
+//! A waiting node's block on an advisory lock of the lease it waits for
+//! (see `takeover.rs`): on its listening session, on the wake lock of the
+//! store's stage, when the node holds no lease; otherwise on the lease's own
+//! lock, on a pooled connection that a task of its own owns, so that a
+//! notification ends the wait at once.
 
 use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::{CancelToken, NoTls, Row};
 use tracing::debug;
 
 use super::error::describe;
+use super::listener::Session;
 use super::pool::Detached;
-use super::takeover::BLOCK;
+use super::takeover::{CancelOnSession, BLOCK};
 use super::tls::Connector;
 use super::{Inner, PostgresBackend};
 
@@ -77,6 +80,79 @@ impl PostgresBackend {
     }
 }
 
+impl PostgresBackend {
+    /// Blocks on the wake lock `key` (see `takeover.rs`) on the listening
+    /// `session` itself, until the lock is free or `deadline`; `None`, doing
+    /// nothing, when this backend holds a lease (the session answers its
+    /// pings) or another wait blocks on the session. A session blocked in a
+    /// statement is sent no notification until the statement ends: the
+    /// holder lets the lock go after every write that wakes waiting nodes,
+    /// and the notification follows the statement's answer.
+    pub(super) async fn block_on_session(
+        &self,
+        session: &Session,
+        key: i64,
+        since: u64,
+        service: &str,
+        deadline: Instant,
+    ) -> Option<Blocked> {
+        let waiting = &self.inner.waiting;
+        let _on_session = waiting.on_session.try_lock().ok()?;
+        if !self.inner.holding.is_empty() {
+            return None;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || self.inner.wakeups.wait_since(service, since, Duration::ZERO).await {
+            return Some(Blocked::Woken);
+        }
+        *lock(&waiting.on_session_cancel) = Some(CancelOnSession(session.client.cancel_token()));
+        let timeout = format!("{}ms", left.as_micros().div_ceil(1000).max(1));
+        let bound = left + self.inner.options.op_timeout;
+        let params: [(&(dyn ToSql + Sync), Type); 2] = [(&key, Type::INT8), (&timeout, Type::TEXT)];
+        let ended = tokio::time::timeout(bound, session.client.query_typed(BLOCK, &params)).await;
+        *lock(&waiting.on_session_cancel) = None;
+        Some(match BlockEnd::of(ended) {
+            BlockEnd::Granted => Blocked::Free,
+            // The wait's end, or a grant of this node's that needs the session.
+            BlockEnd::TimedOut | BlockEnd::Cancelled => Blocked::Woken,
+            BlockEnd::Refused => Blocked::Failed,
+            BlockEnd::Broken => {
+                session
+                    .health
+                    .lose("a wait on a lease's wake lock got no answer in time");
+                Blocked::Failed
+            }
+        })
+    }
+
+    /// Ends the wait that blocks on the listening session, if one does, and
+    /// returns once it has: a lease about to be tied to the session needs it
+    /// to answer.
+    pub(super) async fn end_session_block(&self) {
+        let waiting = &self.inner.waiting;
+        let token = lock(&waiting.on_session_cancel).take();
+        if let Some(CancelOnSession(token)) = token {
+            if let Err(e) = cancel(&self.inner, &token).await {
+                debug!(error = %describe(&e), "cancelling a wait on the listening session failed");
+            }
+        }
+        drop(waiting.on_session.lock().await);
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Sends the server a cancel of the statement `token`'s session runs.
+async fn cancel(inner: &Inner, token: &CancelToken) -> Result<(), tokio_postgres::Error> {
+    match &inner.connector {
+        Connector::Plain => token.cancel_query(NoTls).await,
+        #[cfg(feature = "postgres-rustls")]
+        Connector::Rustls(tls) => token.cancel_query(tls.clone()).await,
+    }
+}
+
 /// Runs the blocking statement on `conn` (the lease's lock `key`, with
 /// `lock_timeout` = `timeout`, answered within `bound`) and returns the
 /// connection to the pool if it is fit for reuse. Once `abandoned` resolves
@@ -101,12 +177,7 @@ async fn finish_block(
             _ = abandoned => match tokio::time::timeout(LET_GO_WINDOW, &mut query).await {
                 Ok(ended) => ended,
                 Err(_) => {
-                    let sent = match &inner.connector {
-                        Connector::Plain => token.cancel_query(NoTls).await,
-                        #[cfg(feature = "postgres-rustls")]
-                        Connector::Rustls(tls) => token.cancel_query(tls.clone()).await,
-                    };
-                    if let Err(e) = &sent {
+                    if let Err(e) = &cancel(inner, &token).await {
                         debug!(error = %describe(e), "cancelling a wait on a lease's advisory lock failed");
                     }
                     cancelled = true;

@@ -18,14 +18,14 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
-use upsilon::backend::{BackendError, Lease};
+use upsilon::backend::{BackendError, Change, Lease};
 
 use tokio_postgres::types::{ToSql, Type};
 use tracing::debug;
 
 use super::error::describe;
 use super::listener::{Session, SessionId};
-use super::takeover::LET_GO;
+use super::takeover::{Stage, LET_GO, TAKE};
 
 /// Whether a session can still vouch for the leases tied to it, and until
 /// when one is tied to it (its pings run until then).
@@ -136,9 +136,13 @@ pub(super) struct Holding {
 struct Tie {
     session: SessionId,
     health: Arc<Health>,
-    /// The lease's advisory lock, once this tie's session took it (or may
-    /// have: a try whose answer did not come): let go when it is untied.
+    /// The lease's advisory locks, once this tie's session took them (or
+    /// may have: a try whose answer did not come): let go when it is
+    /// untied.
     locked: Option<LetGo>,
+    /// The store's stage and the key of its wake lock (see `takeover.rs`),
+    /// while this tie's session holds it.
+    wake: Option<(Stage, i64)>,
     /// When the lease surely has expired, on this node's clock.
     until: Instant,
     /// Dropped when the lease is released or lost.
@@ -192,6 +196,7 @@ impl Holding {
                 until: Instant::now() + lease.ttl,
                 held: watch::Sender::new(()),
                 locked: None,
+                wake: None,
             },
         );
         refresh(&ties, &session.health);
@@ -216,15 +221,88 @@ impl Holding {
         }
     }
 
-    /// `session` took (or may have taken) the advisory lock `key` for the
-    /// lease of `service` with `fence`, which is tied to it.
-    pub(super) fn locked(&self, service: &str, fence: u64, session: &Arc<Session>, key: i64) {
+    /// `session` took (or may have taken) the advisory locks `keys` for the
+    /// lease of `service` with `fence`, which is tied to it; `wake`, one of
+    /// them, is the wake lock of the store's stage.
+    pub(super) fn locked(
+        &self,
+        service: &str,
+        fence: u64,
+        session: &Arc<Session>,
+        keys: Vec<i64>,
+        wake: Option<(Stage, i64)>,
+    ) {
         if let Some(tie) = self.ties().get_mut(&(service.to_owned(), fence)) {
             tie.locked = Some(LetGo {
                 session: Arc::downgrade(session),
-                key,
+                keys,
             });
+            tie.wake = wake;
         }
+    }
+
+    /// The hand-off of the wake lock that a write of `changes` to the store
+    /// of `service` with `fence` needs, if this backend holds that lease
+    /// with a wake lock and the write moves the store's stage. `key_of`
+    /// names a stage's lock.
+    pub(super) fn hand_off(
+        &self,
+        service: &str,
+        fence: u64,
+        changes: &[Change],
+        key_of: impl Fn(&Stage) -> i64,
+    ) -> Option<HandOff> {
+        let ties = self.ties();
+        let tie = ties.get(&(service.to_owned(), fence))?;
+        let (stage, from) = tie.wake.clone()?;
+        let session = tie.locked.as_ref()?.session.clone();
+        let mut next = stage.clone();
+        for change in changes {
+            match change {
+                Change::DataVersion(v) => next.0 = Some(v.to_string()),
+                Change::Baseline(v) => next = (Some(v.to_string()), Some(v.to_string())),
+                _ => {}
+            }
+        }
+        if next == stage {
+            return None;
+        }
+        let to = key_of(&next);
+        Some(HandOff {
+            session,
+            from,
+            to: (next, to),
+        })
+    }
+
+    /// The wake lock `key` was taken (or may have been) for the lease of
+    /// `service` with `fence`: it is let go with the lease.
+    fn took(&self, service: &str, fence: u64, key: i64) {
+        let mut ties = self.ties();
+        let locked = ties
+            .get_mut(&(service.to_owned(), fence))
+            .and_then(|t| t.locked.as_mut());
+        if let Some(l) = locked.filter(|l| !l.keys.contains(&key)) {
+            l.keys.push(key);
+        }
+    }
+
+    /// The write that `hand_off` was for committed: the lease's wake lock is
+    /// the new stage's from now on. Returns whether the old one is to be
+    /// let go (it is no longer among the lease's locks).
+    fn handed_off(&self, service: &str, fence: u64, hand_off: &HandOff) -> bool {
+        let mut ties = self.ties();
+        let Some(tie) = ties.get_mut(&(service.to_owned(), fence)) else {
+            return false;
+        };
+        if tie.wake.as_ref().map(|w| w.1) != Some(hand_off.from) {
+            return false;
+        }
+        tie.wake = Some(hand_off.to.clone());
+        if let Some(l) = tie.locked.as_mut() {
+            l.keys.retain(|k| *k != hand_off.from);
+        }
+        true
     }
 
     /// The lease was released or lost: what is left to do is letting its
@@ -288,12 +366,77 @@ impl Holding {
     }
 }
 
-/// The advisory lock of a lease that is no longer tied to its session, to
+/// A write that moves the store's stage while this backend holds the lease
+/// with a wake lock: [`HandOff::take`] takes the new stage's lock before the
+/// write, [`HandOff::finish`] lets the old one go after it committed, so
+/// that the waiting nodes that block on their sessions wake (see
+/// `takeover.rs`).
+#[derive(Debug)]
+pub(super) struct HandOff {
+    session: Weak<Session>,
+    from: i64,
+    to: (Stage, i64),
+}
+
+impl HandOff {
+    /// Takes the new stage's lock, without waiting; a session that does not
+    /// answer in time is taken as lost, as for [`LetGo::run`].
+    pub(super) async fn take(&self, holding: &Holding, service: &str, fence: u64) {
+        let Some(s) = self.session.upgrade() else {
+            return;
+        };
+        let keys = vec![self.to.1];
+        let params: [(&(dyn ToSql + Sync), Type); 1] = [(&keys, Type::INT8_ARRAY)];
+        let timeout = Duration::from_secs(2);
+        let done = tokio::time::timeout(timeout, s.client.query_typed(TAKE, &params)).await;
+        let got = match &done {
+            Ok(Ok(rows)) => rows.first().and_then(|r| r.try_get::<_, bool>(0).ok()),
+            _ => None,
+        };
+        if got != Some(false) {
+            holding.took(service, fence, self.to.1);
+        }
+        if let Err(why) = answered(done, timeout, "taking a lease's wake lock") {
+            s.health.lose(why);
+        }
+    }
+
+    /// The write committed: lets the old stage's lock go.
+    pub(super) async fn finish(self, holding: &Holding, service: &str, fence: u64) {
+        if holding.handed_off(service, fence, &self) {
+            LetGo {
+                session: self.session,
+                keys: vec![self.from],
+            }
+            .run()
+            .await;
+        }
+    }
+}
+
+/// Whether `done`, a statement on the session bounded by `timeout`, was
+/// answered; why not, if not.
+fn answered<T>(
+    done: Result<Result<T, tokio_postgres::Error>, tokio::time::error::Elapsed>,
+    timeout: Duration,
+    what: &str,
+) -> Result<(), String> {
+    match done {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => {
+            debug!(error = %describe(&e), "{what} failed");
+            Err(format!("{what} failed: {}", describe(&e)))
+        }
+        Err(_) => Err(format!("{what} got no answer within {timeout:?}")),
+    }
+}
+
+/// The advisory locks of a lease that is no longer tied to its session, to
 /// let go of on that session (see `takeover.rs`).
 #[derive(Debug)]
 pub(super) struct LetGo {
     session: Weak<Session>,
-    key: i64,
+    keys: Vec<i64>,
 }
 
 impl LetGo {
@@ -306,20 +449,10 @@ impl LetGo {
             return;
         };
         let timeout = Duration::from_secs(2);
-        let params: [(&(dyn ToSql + Sync), Type); 1] = [(&self.key, Type::INT8)];
+        let params: [(&(dyn ToSql + Sync), Type); 1] = [(&self.keys, Type::INT8_ARRAY)];
         let done = tokio::time::timeout(timeout, s.client.query_typed(LET_GO, &params)).await;
-        match done {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                debug!(error = %describe(&e), "letting the lease's advisory lock go failed");
-                s.health.lose(format!(
-                    "letting a lease's advisory lock go failed: {}",
-                    describe(&e)
-                ));
-            }
-            Err(_) => s.health.lose(format!(
-                "letting a lease's advisory lock go got no answer within {timeout:?}"
-            )),
+        if let Err(why) = answered(done, timeout, "letting a lease's advisory locks go") {
+            s.health.lose(why);
         }
     }
 }

@@ -19,7 +19,8 @@ use super::block::Blocked;
 use super::error::driver;
 use super::listener::{Session, SessionId};
 use super::pipeline::{first_error, int8, opt_int4, opt_int8, text, Stmt};
-use super::takeover::{lease_key, TAKE};
+use super::pool::Conn;
+use super::takeover::{lease_key, wake_key, Stage, CANCEL_WAITERS, TAKE};
 use super::{format_of, format_row, get, sql, PostgresBackend};
 
 /// The state row as `Sql::acquire_read` reads it under its lock.
@@ -94,25 +95,58 @@ impl PostgresBackend {
         lease_key(&o.schema, &o.state_table, service, fence)
     }
 
-    /// Has `session` take the advisory lock of the lease of `service` with
-    /// `fence`, which is tied to it, before the grant commits. Without it
-    /// (the lock is taken: a lock from another lease of the same key, which
-    /// a 64-bit hash makes unlikely), waiting nodes check the session
+    /// The wake lock of the lease of `service` with `fence` while the store
+    /// is at `stage` (see `takeover.rs`).
+    pub(super) fn wake_key(&self, service: &str, fence: u64, stage: &Stage) -> i64 {
+        let o = &self.inner.options;
+        wake_key(&o.schema, &o.state_table, service, fence, stage)
+    }
+
+    /// Has `session` take the advisory locks of the lease of `service` with
+    /// `fence`, which is tied to it, before the grant commits: the lease's
+    /// own, and the wake lock of the store's `stage`. Without the lease's
+    /// own (the lock is taken: a lock from another lease of the same key,
+    /// which a 64-bit hash makes unlikely), waiting nodes check the session
     /// periodically.
-    async fn take_lease_lock(&self, service: &str, fence: u64, session: &Arc<Session>) {
+    async fn take_lease_lock(&self, service: &str, fence: u64, stage: Stage, session: &Arc<Session>) {
         let key = self.lease_key(service, fence);
-        let params: [(&(dyn ToSql + Sync), Type); 1] = [(&key, Type::INT8)];
+        let wake = self.wake_key(service, fence, &stage);
+        let keys = vec![key, wake];
+        let params: [(&(dyn ToSql + Sync), Type); 1] = [(&keys, Type::INT8_ARRAY)];
         let take = session.client.query_typed(TAKE, &params);
-        let got = match tokio::time::timeout(self.inner.options.ping_timeout, take).await {
-            Ok(Ok(rows)) => rows.first().and_then(|r| r.try_get::<_, bool>(0).ok()),
+        let got: Option<Vec<bool>> = match tokio::time::timeout(self.inner.options.ping_timeout, take).await {
+            Ok(Ok(rows)) => rows.iter().map(|r| r.try_get::<_, bool>(0).ok()).collect(),
             _ => None,
         };
-        if got == Some(false) {
+        let (lease_lock, wake_lock) = match got.as_deref() {
+            Some([l, w]) => (Some(*l), Some(*w)),
+            _ => (None, None),
+        };
+        if lease_lock == Some(false) {
             debug!(%service, fence, "the lease's advisory lock is taken; waiting nodes check this session periodically");
-            return;
         }
-        // Taken, or perhaps: let it go with the lease in either case.
-        self.inner.holding.locked(service, fence, session, key);
+        let keys = [(key, lease_lock), (wake, wake_lock)]
+            .into_iter()
+            .filter(|(_, got)| *got != Some(false))
+            .map(|(k, _)| k)
+            .collect();
+        let wake = (wake_lock != Some(false)).then_some((stage, wake));
+        // Taken, or perhaps: let them go with the lease in either case.
+        self.inner.holding.locked(service, fence, session, keys, wake);
+    }
+
+    /// Ends the waits of the nodes that block on their sessions on the wake
+    /// lock of the lease of `service` with `fence` at `stage`, after an
+    /// operator released it: its holder lets the lock go only once it learns
+    /// of that. Best effort: a role that may not cancel the waiting nodes'
+    /// statements leaves them to the holder's next renewal.
+    async fn cancel_waiters(&self, c: &Conn<'_>, service: &str, fence: u64, stage: &Stage) {
+        let key = self.wake_key(service, fence, stage);
+        let cancel = [Stmt::Typed(CANCEL_WAITERS, vec![int8(key)])];
+        if let Err(e) = first_error(c.pipeline(&cancel).await) {
+            debug!(error = %super::error::describe(&e), %service,
+                "cancelling the waits on a released lease's wake lock failed; they end at the holder's next renewal");
+        }
     }
 
     /// The server's answer whether the session `h` has ended; `None` if
@@ -168,6 +202,10 @@ impl PostgresBackend {
         self.learn_idle_timeout(row, sql::ACQUIRE_IDLE_TIMEOUT);
         let found = LeaseRow::decode(row)?;
         let standing = self.standing(service, &found);
+        if let Some(lease) = standing {
+            let stage = (found.state.data_version.clone(), found.state.baseline.clone());
+            self.inner.waiting.saw_stage(service, lease.fence, stage);
+        }
         let decision = decide_acquire(service, standing, found.now_ms, found.fences, holder, ttl)?;
         if matches!(decision, Acquire::Granted(_)) && self.inner.reads.moved(service, &found.state)
         {
@@ -241,7 +279,12 @@ impl Lock for PostgresBackend {
                 // waiting node that blocks on it wakes only when this
                 // session ends or lets it go.
                 if let Some(s) = session.as_ref().filter(|_| self.lease_locks()) {
-                    self.take_lease_lock(service, lease.fence, s).await;
+                    // A wait of this node's (another service's) must not
+                    // hold the session up from now on.
+                    self.end_session_block().await;
+                    let state = LeaseRow::decode(row)?.state;
+                    let stage = (state.data_version, state.baseline);
+                    self.take_lease_lock(service, lease.fence, stage, s).await;
                 }
                 let write = [
                     Stmt::Typed(
@@ -399,6 +442,10 @@ impl Lock for PostgresBackend {
                     get(r, 2, "the lease expiry")?,
                 )?;
                 let now = get(r, 3, "the clock")?;
+                if let Some(s) = &stored {
+                    let stage = (get(r, 4, "the data version")?, get(r, 5, "the baseline")?);
+                    self.cancel_waiters(c, service, s.fence, &stage).await;
+                }
                 Ok(stored.and_then(|s| s.live(now)))
             };
             let result = self.timed(op).await;
@@ -502,7 +549,19 @@ impl Lock for PostgresBackend {
             // and check the session once it is free.
             let mut checked = false;
             if holder.is_some() && may_block && waiting.may_block(service, seen.fence) {
-                match self.block(service, seen.fence, since, deadline).await {
+                let on_session = match waiting.stage(service, seen.fence) {
+                    Some(stage) => {
+                        let key = self.wake_key(service, seen.fence, &stage);
+                        self.block_on_session(&session, key, since, service, deadline)
+                            .await
+                    }
+                    None => None,
+                };
+                let blocked = match on_session {
+                    Some(blocked) => blocked,
+                    None => self.block(service, seen.fence, since, deadline).await,
+                };
+                match blocked {
                     Blocked::Woken => return Ok(()),
                     Blocked::Busy => may_block = false,
                     Blocked::Failed => {

@@ -259,8 +259,10 @@ impl Sql {
                    UPDATE {st} AS s SET lease_holder = NULL, lease_fence = NULL,
                           lease_expires = NULL, lease_pid = NULL, lease_server_start = NULL
                    FROM old WHERE s.service = old.service
-                   RETURNING old.lease_holder, old.lease_fence, old.expires_ms)
-                 SELECT r.lease_holder, r.lease_fence, r.expires_ms, {}
+                   RETURNING old.lease_holder, old.lease_fence, old.expires_ms,
+                             s.data_version, s.baseline)
+                 SELECT r.lease_holder, r.lease_fence, r.expires_ms, {},
+                        r.data_version, r.baseline
                  FROM r CROSS JOIN LATERAL pg_notify($2, $1) AS n",
                 ms("lease_expires"),
                 ms("clock_timestamp()")

@@ -140,6 +140,32 @@ impl PostgresBackend {
         // The store moves by this handle's own hand: not a move a later
         // request of this handle should be told of.
         self.inner.reads.forget(service);
+        // A write that moves the store's stage hands the lease's wake lock
+        // on: the new stage's is held before the write commits, the old
+        // one's let go once it has (see `takeover.rs`).
+        let holding = &self.inner.holding;
+        let hand_off = holding.hand_off(service, fence, changes, |stage| {
+            self.wake_key(service, fence, stage)
+        });
+        if let Some(h) = &hand_off {
+            h.take(holding, service, fence).await;
+        }
+        let result = self.write_once(service, fence, changes, notice).await;
+        if let (Ok(()), Some(h)) = (&result, hand_off) {
+            h.finish(holding, service, fence).await;
+        }
+        result
+    }
+
+    /// [`Store::write`]'s flight, and its retry when what this handle knew
+    /// of the store was out of date.
+    async fn write_once(
+        &self,
+        service: &str,
+        fence: u64,
+        changes: &[Change],
+        notice: Option<&Notice>,
+    ) -> Result<(), BackendError> {
         self.with_tables(|| async move {
             let mut conn = self.conn().await?;
             let op = async {

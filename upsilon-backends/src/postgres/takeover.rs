@@ -19,6 +19,17 @@
 //! takeover rule above is unchanged, so safety does not rest on it. A lease
 //! whose lock is not held (a holder of an older version, a failed try) is
 //! checked periodically, as before, once the block was granted at once.
+//!
+//! A waiting node that holds no lease blocks on its listening session
+//! itself, so that it waits on one connection. A session blocked in a
+//! statement is sent no notification until the statement ends, so it blocks
+//! on a lock that also ends with each write that wakes waiters: the holder
+//! holds a second lock, named after the lease and the store's stage (its
+//! data version and baseline, [`wake_key`]). Before a write that moves the
+//! stage it takes the new stage's lock, and after the write commits it lets
+//! the old one go: a node that read the old stage wakes, and finds the
+//! write's notification on its session; one that read the new stage blocks
+//! on a lock that is already held.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -37,6 +48,20 @@ pub(super) struct Waiting {
     /// How many waits block on an advisory lock now, each on a pooled
     /// connection of its own.
     blocking: AtomicUsize,
+    /// Held by the wait that blocks on the listening session, with the
+    /// token that cancels its statement.
+    pub(super) on_session: tokio::sync::Mutex<()>,
+    pub(super) on_session_cancel: Mutex<Option<CancelOnSession>>,
+}
+
+/// The token that cancels the statement of the wait that blocks on the
+/// listening session.
+pub(super) struct CancelOnSession(pub(super) tokio_postgres::CancelToken);
+
+impl std::fmt::Debug for CancelOnSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CancelOnSession")
+    }
 }
 
 /// One wait blocking on an advisory lock; see [`Waiting::start_blocking`].
@@ -48,7 +73,7 @@ impl Drop for Blocking<'_> {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Seen {
     fence: u64,
     /// The holder's session, if the lease row names one.
@@ -58,7 +83,13 @@ struct Seen {
     /// The lease's advisory lock was found free while the session lived:
     /// its holder does not hold it, so waits check the session periodically.
     unlocked: bool,
+    /// The store's stage as the read that found this lease showed it.
+    stage: Option<Stage>,
 }
+
+/// The store's stage: its data version and baseline, as their columns hold
+/// them. A write that changes it wakes the waiting nodes.
+pub(super) type Stage = (Option<String>, Option<String>);
 
 impl Waiting {
     pub(super) fn new(grace: Duration) -> Waiting {
@@ -66,6 +97,8 @@ impl Waiting {
             grace,
             seen: Mutex::new(HashMap::new()),
             blocking: AtomicUsize::new(0),
+            on_session: tokio::sync::Mutex::new(()),
+            on_session_cancel: Mutex::new(None),
         }
     }
 
@@ -91,8 +124,9 @@ impl Waiting {
             session,
             gone_since: None,
             unlocked: false,
+            stage: None,
         };
-        let entry = seen.entry(service.to_owned()).or_insert(fresh);
+        let entry = seen.entry(service.to_owned()).or_insert_with(|| fresh.clone());
         if entry.fence != fence || entry.session != session {
             *entry = fresh;
         }
@@ -102,6 +136,23 @@ impl Waiting {
         }
         let since = *entry.gone_since.get_or_insert(now);
         now.duration_since(since) >= self.grace
+    }
+
+    /// The read that found the lease of `service` with `fence` held showed
+    /// the store at `stage`.
+    pub(super) fn saw_stage(&self, service: &str, fence: u64, stage: Stage) {
+        if let Some(s) = self.seen().get_mut(service).filter(|s| s.fence == fence) {
+            s.stage = Some(stage);
+        }
+    }
+
+    /// The store's stage as the read that found the lease of `service` with
+    /// `fence` held showed it.
+    pub(super) fn stage(&self, service: &str, fence: u64) -> Option<Stage> {
+        self.seen()
+            .get(service)
+            .filter(|s| s.fence == fence)
+            .and_then(|s| s.stage.clone())
     }
 
     /// The lease of `service` is free, expired or ours: nothing to remember.
@@ -166,8 +217,32 @@ impl Waiting {
 /// lost) never stands in for another's, and session-level locks, which
 /// stack per call, are taken once per key.
 pub(super) fn lease_key(schema: &str, state_table: &str, service: &str, fence: u64) -> i64 {
+    fnv(&format!("upsilon lease\0{schema}\0{state_table}\0{service}\0{fence}"))
+}
+
+/// The advisory lock a holder's session holds while the lease of `service`
+/// with `fence` is tied to it and the store is at `stage`: the lock that a
+/// waiting node blocking on its listening session blocks on.
+pub(super) fn wake_key(
+    schema: &str,
+    state_table: &str,
+    service: &str,
+    fence: u64,
+    stage: &Stage,
+) -> i64 {
+    let part = |p: &Option<String>| match p {
+        Some(v) => format!("={v}"),
+        None => "-".to_owned(),
+    };
+    let (data, baseline) = (part(&stage.0), part(&stage.1));
+    fnv(&format!(
+        "upsilon wake\0{schema}\0{state_table}\0{service}\0{fence}\0{data}\0{baseline}"
+    ))
+}
+
+/// A stable 64-bit hash (FNV-1a) of `text`, as an advisory lock's key.
+fn fnv(text: &str) -> i64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let text = format!("upsilon lease\0{schema}\0{state_table}\0{service}\0{fence}");
     for b in text.bytes() {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
@@ -175,12 +250,22 @@ pub(super) fn lease_key(schema: &str, state_table: &str, service: &str, fence: u
     h as i64
 }
 
-/// The holder's session takes the lease's lock (`$1`), without waiting:
-/// true if it got it.
-pub(super) const TAKE: &str = "SELECT pg_try_advisory_lock($1)";
+/// The holder's session takes the locks `$1` (an array), without waiting:
+/// a row for each, true if it got it.
+pub(super) const TAKE: &str = "SELECT pg_try_advisory_lock(k) FROM unnest($1::int8[]) AS k";
 
-/// The holder's session lets the lease's lock (`$1`) go.
-pub(super) const LET_GO: &str = "SELECT pg_advisory_unlock($1)";
+/// The holder's session lets the locks `$1` (an array) go.
+pub(super) const LET_GO: &str = "SELECT pg_advisory_unlock(k) FROM unnest($1::int8[]) AS k";
+
+/// Cancels the statements of the sessions that wait for the advisory lock
+/// `$1` in this database: the waiting nodes that block on a lease's wake lock
+/// when an operator released the lease (its holder still holds the lock
+/// until it learns of the release).
+pub(super) const CANCEL_WAITERS: &str = "SELECT pg_cancel_backend(l.pid) FROM pg_locks AS l
+     WHERE l.locktype = 'advisory' AND NOT l.granted AND l.objsubid = 1
+       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+       AND l.classid = (($1::int8 >> 32) & 4294967295)::oid
+       AND l.objid = ($1::int8 & 4294967295)::oid";
 
 /// A waiting node blocks until the lease's lock (`$1`) is free, at most
 /// `$2` (`lock_timeout`, as text: `'1500ms'`; then SQLSTATE 55P03). One
