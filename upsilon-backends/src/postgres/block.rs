@@ -98,14 +98,17 @@ impl PostgresBackend {
     ) -> Option<Blocked> {
         let waiting = &self.inner.waiting;
         let _on_session = waiting.on_session.try_lock().ok()?;
+        // The token first: a grant ties its lease, then cancels with it.
+        *lock(&waiting.on_session_cancel) = Some(CancelOnSession(session.client.cancel_token()));
+        let left = deadline.saturating_duration_since(Instant::now());
         if !self.inner.holding.is_empty() {
+            *lock(&waiting.on_session_cancel) = None;
             return None;
         }
-        let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() || self.inner.wakeups.wait_since(service, since, Duration::ZERO).await {
+            *lock(&waiting.on_session_cancel) = None;
             return Some(Blocked::Woken);
         }
-        *lock(&waiting.on_session_cancel) = Some(CancelOnSession(session.client.cancel_token()));
         let timeout = format!("{}ms", left.as_micros().div_ceil(1000).max(1));
         let bound = left + self.inner.options.op_timeout;
         let params: [(&(dyn ToSql + Sync), Type); 2] = [(&key, Type::INT8), (&timeout, Type::TEXT)];
@@ -130,13 +133,27 @@ impl PostgresBackend {
     /// to answer.
     pub(super) async fn end_session_block(&self) {
         let waiting = &self.inner.waiting;
-        let token = lock(&waiting.on_session_cancel).take();
-        if let Some(CancelOnSession(token)) = token {
-            if let Err(e) = cancel(&self.inner, &token).await {
-                debug!(error = %describe(&e), "cancelling a wait on the listening session failed");
+        let started = Instant::now();
+        loop {
+            // A cancel that reaches the session before its statement does
+            // is ignored: it is sent again until the wait has ended.
+            let token = lock(&waiting.on_session_cancel)
+                .as_ref()
+                .map(|c| c.0.clone());
+            if let Some(token) = token {
+                if let Err(e) = cancel(&self.inner, &token).await {
+                    debug!(error = %describe(&e), "cancelling a wait on the listening session failed");
+                }
+            }
+            let ended = tokio::time::timeout(CANCEL_AGAIN, waiting.on_session.lock()).await;
+            if ended.is_ok() {
+                return;
+            }
+            if started.elapsed() >= self.inner.options.op_timeout {
+                debug!("a wait on the listening session did not end when cancelled; the lease's pings may find the session lost");
+                return;
             }
         }
-        drop(waiting.on_session.lock().await);
     }
 }
 
@@ -247,6 +264,10 @@ impl BlockEnd {
         }
     }
 }
+
+/// How long a grant waits for a wait on the listening session to end once
+/// cancelled, before it cancels it again.
+const CANCEL_AGAIN: Duration = Duration::from_millis(100);
 
 /// After a notification, how long a blocked wait lets its statement end by
 /// itself before it cancels it: a release notifies as it commits, and the

@@ -140,9 +140,9 @@ struct Tie {
     /// may have: a try whose answer did not come): let go when it is
     /// untied.
     locked: Option<LetGo>,
-    /// The store's stage and the key of its wake lock (see `takeover.rs`),
-    /// while this tie's session holds it.
-    wake: Option<(Stage, i64)>,
+    /// The store's stage and the keys of its wake locks (see
+    /// `takeover.rs`), while this tie's session holds them.
+    wake: Option<(Stage, Vec<i64>)>,
     /// When the lease surely has expired, on this node's clock.
     until: Instant,
     /// Dropped when the lease is released or lost.
@@ -230,7 +230,7 @@ impl Holding {
         fence: u64,
         session: &Arc<Session>,
         keys: Vec<i64>,
-        wake: Option<(Stage, i64)>,
+        wake: Option<(Stage, Vec<i64>)>,
     ) {
         if let Some(tie) = self.ties().get_mut(&(service.to_owned(), fence)) {
             tie.locked = Some(LetGo {
@@ -241,16 +241,16 @@ impl Holding {
         }
     }
 
-    /// The hand-off of the wake lock that a write of `changes` to the store
+    /// The hand-off of the wake locks that a write of `changes` to the store
     /// of `service` with `fence` needs, if this backend holds that lease
-    /// with a wake lock and the write moves the store's stage. `key_of`
-    /// names a stage's lock.
+    /// with wake locks and the write moves the store's stage. `keys_of`
+    /// names a stage's locks.
     pub(super) fn hand_off(
         &self,
         service: &str,
         fence: u64,
         changes: &[Change],
-        key_of: impl Fn(&Stage) -> i64,
+        keys_of: impl Fn(&Stage) -> Vec<i64>,
     ) -> Option<HandOff> {
         let ties = self.ties();
         let tie = ties.get(&(service.to_owned(), fence))?;
@@ -267,7 +267,7 @@ impl Holding {
         if next == stage {
             return None;
         }
-        let to = key_of(&next);
+        let to = keys_of(&next);
         Some(HandOff {
             session,
             from,
@@ -275,32 +275,36 @@ impl Holding {
         })
     }
 
-    /// The wake lock `key` was taken (or may have been) for the lease of
-    /// `service` with `fence`: it is let go with the lease.
-    fn took(&self, service: &str, fence: u64, key: i64) {
+    /// The wake locks `keys` were taken (or may have been) for the lease of
+    /// `service` with `fence`: they are let go with the lease.
+    fn took(&self, service: &str, fence: u64, keys: &[i64]) {
         let mut ties = self.ties();
         let locked = ties
             .get_mut(&(service.to_owned(), fence))
             .and_then(|t| t.locked.as_mut());
-        if let Some(l) = locked.filter(|l| !l.keys.contains(&key)) {
-            l.keys.push(key);
+        if let Some(l) = locked {
+            for key in keys {
+                if !l.keys.contains(key) {
+                    l.keys.push(*key);
+                }
+            }
         }
     }
 
-    /// The write that `hand_off` was for committed: the lease's wake lock is
-    /// the new stage's from now on. Returns whether the old one is to be
-    /// let go (it is no longer among the lease's locks).
+    /// The write that `hand_off` was for committed: the lease's wake locks
+    /// are the new stage's from now on. Returns whether the old ones are to
+    /// be let go (they are no longer among the lease's locks).
     fn handed_off(&self, service: &str, fence: u64, hand_off: &HandOff) -> bool {
         let mut ties = self.ties();
         let Some(tie) = ties.get_mut(&(service.to_owned(), fence)) else {
             return false;
         };
-        if tie.wake.as_ref().map(|w| w.1) != Some(hand_off.from) {
+        if tie.wake.as_ref().map(|w| &w.1) != Some(&hand_off.from) {
             return false;
         }
         tie.wake = Some(hand_off.to.clone());
         if let Some(l) = tie.locked.as_mut() {
-            l.keys.retain(|k| *k != hand_off.from);
+            l.keys.retain(|k| !hand_off.from.contains(k));
         }
         true
     }
@@ -374,39 +378,42 @@ impl Holding {
 #[derive(Debug)]
 pub(super) struct HandOff {
     session: Weak<Session>,
-    from: i64,
-    to: (Stage, i64),
+    from: Vec<i64>,
+    to: (Stage, Vec<i64>),
 }
 
 impl HandOff {
-    /// Takes the new stage's lock, without waiting; a session that does not
-    /// answer in time is taken as lost, as for [`LetGo::run`].
+    /// Takes the new stage's locks, without waiting; a session that does
+    /// not answer in time is taken as lost, as for [`LetGo::run`].
     pub(super) async fn take(&self, holding: &Holding, service: &str, fence: u64) {
         let Some(s) = self.session.upgrade() else {
             return;
         };
-        let keys = vec![self.to.1];
-        let params: [(&(dyn ToSql + Sync), Type); 1] = [(&keys, Type::INT8_ARRAY)];
+        let keys = &self.to.1;
+        let params: [(&(dyn ToSql + Sync), Type); 1] = [(keys, Type::INT8_ARRAY)];
         let timeout = Duration::from_secs(2);
         let done = tokio::time::timeout(timeout, s.client.query_typed(TAKE, &params)).await;
-        let got = match &done {
-            Ok(Ok(rows)) => rows.first().and_then(|r| r.try_get::<_, bool>(0).ok()),
-            _ => None,
+        let taken: Vec<i64> = match &done {
+            Ok(Ok(rows)) if rows.len() == keys.len() => keys
+                .iter()
+                .zip(rows)
+                .filter(|(_, r)| r.try_get::<_, bool>(0).ok() != Some(false))
+                .map(|(k, _)| *k)
+                .collect(),
+            _ => keys.clone(),
         };
-        if got != Some(false) {
-            holding.took(service, fence, self.to.1);
-        }
-        if let Err(why) = answered(done, timeout, "taking a lease's wake lock") {
+        holding.took(service, fence, &taken);
+        if let Err(why) = answered(done, timeout, "taking a lease's wake locks") {
             s.health.lose(why);
         }
     }
 
-    /// The write committed: lets the old stage's lock go.
+    /// The write committed: lets the old stage's locks go.
     pub(super) async fn finish(self, holding: &Holding, service: &str, fence: u64) {
         if holding.handed_off(service, fence, &self) {
             LetGo {
                 session: self.session,
-                keys: vec![self.from],
+                keys: self.from,
             }
             .run()
             .await;

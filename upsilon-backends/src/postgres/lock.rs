@@ -18,9 +18,9 @@ use upsilon::Holder;
 use super::block::Blocked;
 use super::error::driver;
 use super::listener::{Session, SessionId};
-use super::pipeline::{first_error, int8, opt_int4, opt_int8, text, Stmt};
+use super::pipeline::{first_error, int8, int8_array, opt_int4, opt_int8, text, Stmt};
 use super::pool::Conn;
-use super::takeover::{lease_key, wake_key, Stage, CANCEL_WAITERS, TAKE};
+use super::takeover::{lease_key, wake_keys, Stage, CANCEL_WAITERS, TAKE};
 use super::{format_of, format_row, get, sql, PostgresBackend};
 
 /// The state row as `Sql::acquire_read` reads it under its lock.
@@ -95,11 +95,11 @@ impl PostgresBackend {
         lease_key(&o.schema, &o.state_table, service, fence)
     }
 
-    /// The wake lock of the lease of `service` with `fence` while the store
+    /// The wake locks of the lease of `service` with `fence` while the store
     /// is at `stage` (see `takeover.rs`).
-    pub(super) fn wake_key(&self, service: &str, fence: u64, stage: &Stage) -> i64 {
+    pub(super) fn wake_keys(&self, service: &str, fence: u64, stage: &Stage) -> Vec<i64> {
         let o = &self.inner.options;
-        wake_key(&o.schema, &o.state_table, service, fence, stage)
+        wake_keys(&o.schema, &o.state_table, service, fence, stage)
     }
 
     /// Has `session` take the advisory locks of the lease of `service` with
@@ -110,29 +110,28 @@ impl PostgresBackend {
     /// periodically.
     async fn take_lease_lock(&self, service: &str, fence: u64, stage: Stage, session: &Arc<Session>) {
         let key = self.lease_key(service, fence);
-        let wake = self.wake_key(service, fence, &stage);
-        let keys = vec![key, wake];
+        let wake = self.wake_keys(service, fence, &stage);
+        let keys: Vec<i64> = std::iter::once(key).chain(wake.iter().copied()).collect();
         let params: [(&(dyn ToSql + Sync), Type); 1] = [(&keys, Type::INT8_ARRAY)];
         let take = session.client.query_typed(TAKE, &params);
-        let got: Option<Vec<bool>> = match tokio::time::timeout(self.inner.options.ping_timeout, take).await {
-            Ok(Ok(rows)) => rows.iter().map(|r| r.try_get::<_, bool>(0).ok()).collect(),
-            _ => None,
-        };
-        let (lease_lock, wake_lock) = match got.as_deref() {
-            Some([l, w]) => (Some(*l), Some(*w)),
-            _ => (None, None),
-        };
-        if lease_lock == Some(false) {
+        let got: Option<Vec<bool>> =
+            match tokio::time::timeout(self.inner.options.ping_timeout, take).await {
+                Ok(Ok(rows)) => rows.iter().map(|r| r.try_get::<_, bool>(0).ok()).collect(),
+                _ => None,
+            };
+        let got = got.filter(|g| g.len() == keys.len());
+        let taken = |i: usize| got.as_ref().map(|g| g[i]);
+        if taken(0) == Some(false) {
             debug!(%service, fence, "the lease's advisory lock is taken; waiting nodes check this session periodically");
         }
-        let keys = [(key, lease_lock), (wake, wake_lock)]
-            .into_iter()
-            .filter(|(_, got)| *got != Some(false))
-            .map(|(k, _)| k)
+        let wake_held = (1..keys.len()).all(|i| taken(i) != Some(false));
+        let held = (0..keys.len())
+            .filter(|&i| taken(i) != Some(false))
+            .map(|i| keys[i])
             .collect();
-        let wake = (wake_lock != Some(false)).then_some((stage, wake));
+        let wake = wake_held.then_some((stage, wake));
         // Taken, or perhaps: let them go with the lease in either case.
-        self.inner.holding.locked(service, fence, session, keys, wake);
+        self.inner.holding.locked(service, fence, session, held, wake);
     }
 
     /// Ends the waits of the nodes that block on their sessions on the wake
@@ -141,8 +140,8 @@ impl PostgresBackend {
     /// of that. Best effort: a role that may not cancel the waiting nodes'
     /// statements leaves them to the holder's next renewal.
     async fn cancel_waiters(&self, c: &Conn<'_>, service: &str, fence: u64, stage: &Stage) {
-        let key = self.wake_key(service, fence, stage);
-        let cancel = [Stmt::Typed(CANCEL_WAITERS, vec![int8(key)])];
+        let keys = self.wake_keys(service, fence, stage);
+        let cancel = [Stmt::Typed(CANCEL_WAITERS, vec![int8_array(keys)])];
         if let Err(e) = first_error(c.pipeline(&cancel).await) {
             debug!(error = %super::error::describe(&e), %service,
                 "cancelling the waits on a released lease's wake lock failed; they end at the holder's next renewal");
@@ -551,7 +550,8 @@ impl Lock for PostgresBackend {
             if holder.is_some() && may_block && waiting.may_block(service, seen.fence) {
                 let on_session = match waiting.stage(service, seen.fence) {
                     Some(stage) => {
-                        let key = self.wake_key(service, seen.fence, &stage);
+                        let keys = self.wake_keys(service, seen.fence, &stage);
+                        let key = keys[session.id.pid.unsigned_abs() as usize % keys.len()];
                         self.block_on_session(&session, key, since, service, deadline)
                             .await
                     }

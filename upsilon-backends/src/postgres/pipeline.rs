@@ -36,6 +36,10 @@ pub(super) fn int8(v: i64) -> (Param, Type) {
     (Box::new(v), Type::INT8)
 }
 
+pub(super) fn int8_array(v: Vec<i64>) -> (Param, Type) {
+    (Box::new(v), Type::INT8_ARRAY)
+}
+
 pub(super) fn opt_int8(v: Option<i64>) -> (Param, Type) {
     (Box::new(v), Type::INT8)
 }

@@ -145,7 +145,7 @@ impl PostgresBackend {
         // one's let go once it has (see `takeover.rs`).
         let holding = &self.inner.holding;
         let hand_off = holding.hand_off(service, fence, changes, |stage| {
-            self.wake_key(service, fence, stage)
+            self.wake_keys(service, fence, stage)
         });
         if let Some(h) = &hand_off {
             h.take(holding, service, fence).await;

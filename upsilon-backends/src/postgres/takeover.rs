@@ -25,7 +25,7 @@
 //! statement is sent no notification until the statement ends, so it blocks
 //! on a lock that also ends with each write that wakes waiters: the holder
 //! holds a second lock, named after the lease and the store's stage (its
-//! data version and baseline, [`wake_key`]). Before a write that moves the
+//! data version and baseline, [`wake_keys`]). Before a write that moves the
 //! stage it takes the new stage's lock, and after the write commits it lets
 //! the old one go: a node that read the old stage wakes, and finds the
 //! write's notification on its session; one that read the new stage blocks
@@ -220,25 +220,35 @@ pub(super) fn lease_key(schema: &str, state_table: &str, service: &str, fence: u
     fnv(&format!("upsilon lease\0{schema}\0{state_table}\0{service}\0{fence}"))
 }
 
-/// The advisory lock a holder's session holds while the lease of `service`
-/// with `fence` is tied to it and the store is at `stage`: the lock that a
-/// waiting node blocking on its listening session blocks on.
-pub(super) fn wake_key(
+/// The advisory locks a holder's session holds while the lease of `service`
+/// with `fence` is tied to it and the store is at `stage`: the locks that
+/// waiting nodes blocking on their listening sessions block on, each on the
+/// one its session's process id picks. Spread over [`WAKE_LOCKS`] locks, so
+/// that the waiting nodes a hand-off wakes do not all queue on one lock
+/// partition of the server as they wake.
+pub(super) fn wake_keys(
     schema: &str,
     state_table: &str,
     service: &str,
     fence: u64,
     stage: &Stage,
-) -> i64 {
+) -> Vec<i64> {
     let part = |p: &Option<String>| match p {
         Some(v) => format!("={v}"),
         None => "-".to_owned(),
     };
     let (data, baseline) = (part(&stage.0), part(&stage.1));
-    fnv(&format!(
-        "upsilon wake\0{schema}\0{state_table}\0{service}\0{fence}\0{data}\0{baseline}"
-    ))
+    (0..WAKE_LOCKS)
+        .map(|i| {
+            fnv(&format!(
+                "upsilon wake\0{schema}\0{state_table}\0{service}\0{fence}\0{data}\0{baseline}\0{i}"
+            ))
+        })
+        .collect()
 }
+
+/// How many wake locks a holder holds per stage.
+pub(super) const WAKE_LOCKS: usize = 16;
 
 /// A stable 64-bit hash (FNV-1a) of `text`, as an advisory lock's key.
 fn fnv(text: &str) -> i64 {
@@ -257,15 +267,15 @@ pub(super) const TAKE: &str = "SELECT pg_try_advisory_lock(k) FROM unnest($1::in
 /// The holder's session lets the locks `$1` (an array) go.
 pub(super) const LET_GO: &str = "SELECT pg_advisory_unlock(k) FROM unnest($1::int8[]) AS k";
 
-/// Cancels the statements of the sessions that wait for the advisory lock
-/// `$1` in this database: the waiting nodes that block on a lease's wake lock
+/// Cancels the statements of the sessions that wait for one of the advisory
+/// locks `$1` (an array) in this database: the waiting nodes that block on a lease's wake lock
 /// when an operator released the lease (its holder still holds the lock
 /// until it learns of the release).
-pub(super) const CANCEL_WAITERS: &str = "SELECT pg_cancel_backend(l.pid) FROM pg_locks AS l
+pub(super) const CANCEL_WAITERS: &str = "SELECT pg_cancel_backend(l.pid)
+     FROM pg_locks AS l JOIN unnest($1::int8[]) AS k
+       ON l.classid = ((k >> 32) & 4294967295)::oid AND l.objid = (k & 4294967295)::oid
      WHERE l.locktype = 'advisory' AND NOT l.granted AND l.objsubid = 1
-       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-       AND l.classid = (($1::int8 >> 32) & 4294967295)::oid
-       AND l.objid = ($1::int8 & 4294967295)::oid";
+       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())";
 
 /// A waiting node blocks until the lease's lock (`$1`) is free, at most
 /// `$2` (`lock_timeout`, as text: `'1500ms'`; then SQLSTATE 55P03). One
