@@ -266,7 +266,8 @@ pub async fn run(env: &Env, o: &Options, report: &mut Report) -> anyhow::Result<
             Unit::Count,
             default.held,
         )
-        .vs(base, sqlx.held),
+        .vs(base, sqlx.held)
+        .at_most(1.0, "1"),
     );
     report.push(
         Row::new(

@@ -489,7 +489,10 @@ async fn a_waiting_node_that_holds_no_lease_waits_on_one_connection_and_still_wa
         .expect("the holder's write ended the wait")
         .unwrap()
         .unwrap();
-    eprintln!("a data version ended a wait on the session {:?} later", written.elapsed());
+    eprintln!(
+        "a data version ended a wait on the session {:?} later",
+        written.elapsed()
+    );
     assert_eq!(connections(&client, app).await, 1);
     assert_eq!(checks(&statements(app)), 0, "{:#?}", statements(app));
     // The next wait, on the new stage, blocks again, and the release ends it.
@@ -546,8 +549,42 @@ async fn a_grant_ends_a_wait_blocked_on_the_session_so_the_holder_pings_answer()
         .expect("the grant ended the wait on the session")
         .unwrap()
         .unwrap();
-    eprintln!("a grant ended a wait on the session {:?} later", granted_at.elapsed());
+    eprintln!(
+        "a grant ended a wait on the session {:?} later",
+        granted_at.elapsed()
+    );
     // Several pings' worth of time: the lease is not lost.
+    let lost = tokio::time::timeout(4 * TIMEOUT, waiter.until_lost(&b)).await;
+    assert!(lost.is_err(), "the new lease was lost: {lost:?}");
+    waiter.release(&b).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_given_up_while_blocked_on_the_session_leaves_the_session_free() {
+    let schema = "lw_dropped";
+    let app = "lw dropped waiter";
+    let holder = node(options(schema, "lw dropped holder")).await;
+    let waiter = node(options(schema, app)).await;
+    waiter.prepare_wait("a").await.unwrap();
+    let (_lease, seen) = held_by_one(&holder, &waiter, "a").await;
+    let waiting = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move { waiter.wait("a", &seen, TTL).await })
+    };
+    until(Duration::from_secs(5), || async {
+        blocks(&statements(app)) == 1
+    })
+    .await;
+    // The caller gives up on the wait (as a runner that is shut down).
+    waiting.abort();
+    assert!(waiting.await.unwrap_err().is_cancelled());
+    // The session answers again: a lease tied to it keeps its pings.
+    let b = granted(
+        waiter
+            .try_acquire("b", &testing::holder(2), TTL)
+            .await
+            .unwrap(),
+    );
     let lost = tokio::time::timeout(4 * TIMEOUT, waiter.until_lost(&b)).await;
     assert!(lost.is_err(), "the new lease was lost: {lost:?}");
     waiter.release(&b).await.unwrap();

@@ -4,6 +4,7 @@
 //! lock, on a pooled connection that a task of its own owns, so that a
 //! notification ends the wait at once.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -99,21 +100,27 @@ impl PostgresBackend {
         let waiting = &self.inner.waiting;
         let _on_session = waiting.on_session.try_lock().ok()?;
         // The token first: a grant ties its lease, then cancels with it.
-        *lock(&waiting.on_session_cancel) = Some(CancelOnSession(session.client.cancel_token()));
+        let mut block = OnSession::start(&self.inner, session);
         let left = deadline.saturating_duration_since(Instant::now());
         if !self.inner.holding.is_empty() {
-            *lock(&waiting.on_session_cancel) = None;
+            block.ended();
             return None;
         }
-        if left.is_zero() || self.inner.wakeups.wait_since(service, since, Duration::ZERO).await {
-            *lock(&waiting.on_session_cancel) = None;
+        if left.is_zero()
+            || self
+                .inner
+                .wakeups
+                .wait_since(service, since, Duration::ZERO)
+                .await
+        {
+            block.ended();
             return Some(Blocked::Woken);
         }
         let timeout = format!("{}ms", left.as_micros().div_ceil(1000).max(1));
         let bound = left + self.inner.options.op_timeout;
         let params: [(&(dyn ToSql + Sync), Type); 2] = [(&key, Type::INT8), (&timeout, Type::TEXT)];
         let ended = tokio::time::timeout(bound, session.client.query_typed(BLOCK, &params)).await;
-        *lock(&waiting.on_session_cancel) = None;
+        block.ended();
         Some(match BlockEnd::of(ended) {
             BlockEnd::Granted => Blocked::Free,
             // The wait's end, or a grant of this node's that needs the session.
@@ -153,6 +160,48 @@ impl PostgresBackend {
                 debug!("a wait on the listening session did not end when cancelled; the lease's pings may find the session lost");
                 return;
             }
+        }
+    }
+}
+
+/// A wait blocking on the listening session: its statement's cancel token,
+/// kept where a grant finds it. A wait dropped before its statement ended
+/// (its caller gave up) cancels the statement, so that the session answers
+/// again.
+struct OnSession {
+    inner: Arc<Inner>,
+    running: bool,
+}
+
+impl OnSession {
+    fn start(inner: &Arc<Inner>, session: &Session) -> OnSession {
+        let token = CancelOnSession(session.client.cancel_token());
+        *lock(&inner.waiting.on_session_cancel) = Some(token);
+        OnSession {
+            inner: inner.clone(),
+            running: true,
+        }
+    }
+
+    fn ended(&mut self) {
+        self.running = false;
+        *lock(&self.inner.waiting.on_session_cancel) = None;
+    }
+}
+
+impl Drop for OnSession {
+    fn drop(&mut self) {
+        let token = lock(&self.inner.waiting.on_session_cancel).take();
+        let (Some(CancelOnSession(token)), true) = (token, self.running) else {
+            return;
+        };
+        let inner = self.inner.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = cancel(&inner, &token).await {
+                    debug!(error = %describe(&e), "cancelling an abandoned wait on the listening session failed");
+                }
+            });
         }
     }
 }

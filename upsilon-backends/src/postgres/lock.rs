@@ -108,7 +108,13 @@ impl PostgresBackend {
     /// own (the lock is taken: a lock from another lease of the same key,
     /// which a 64-bit hash makes unlikely), waiting nodes check the session
     /// periodically.
-    async fn take_lease_lock(&self, service: &str, fence: u64, stage: Stage, session: &Arc<Session>) {
+    async fn take_lease_lock(
+        &self,
+        service: &str,
+        fence: u64,
+        stage: Stage,
+        session: &Arc<Session>,
+    ) {
         let key = self.lease_key(service, fence);
         let wake = self.wake_keys(service, fence, &stage);
         let keys: Vec<i64> = std::iter::once(key).chain(wake.iter().copied()).collect();
@@ -131,7 +137,9 @@ impl PostgresBackend {
             .collect();
         let wake = wake_held.then_some((stage, wake));
         // Taken, or perhaps: let them go with the lease in either case.
-        self.inner.holding.locked(service, fence, session, held, wake);
+        self.inner
+            .holding
+            .locked(service, fence, session, held, wake);
     }
 
     /// Ends the waits of the nodes that block on their sessions on the wake
@@ -202,7 +210,10 @@ impl PostgresBackend {
         let found = LeaseRow::decode(row)?;
         let standing = self.standing(service, &found);
         if let Some(lease) = standing {
-            let stage = (found.state.data_version.clone(), found.state.baseline.clone());
+            let stage = (
+                found.state.data_version.clone(),
+                found.state.baseline.clone(),
+            );
             self.inner.waiting.saw_stage(service, lease.fence, stage);
         }
         let decision = decide_acquire(service, standing, found.now_ms, found.fences, holder, ttl)?;

@@ -126,7 +126,9 @@ impl Waiting {
             unlocked: false,
             stage: None,
         };
-        let entry = seen.entry(service.to_owned()).or_insert_with(|| fresh.clone());
+        let entry = seen
+            .entry(service.to_owned())
+            .or_insert_with(|| fresh.clone());
         if entry.fence != fence || entry.session != session {
             *entry = fresh;
         }
@@ -217,7 +219,9 @@ impl Waiting {
 /// lost) never stands in for another's, and session-level locks, which
 /// stack per call, are taken once per key.
 pub(super) fn lease_key(schema: &str, state_table: &str, service: &str, fence: u64) -> i64 {
-    fnv(&format!("upsilon lease\0{schema}\0{state_table}\0{service}\0{fence}"))
+    fnv(&format!(
+        "upsilon lease\0{schema}\0{state_table}\0{service}\0{fence}"
+    ))
 }
 
 /// The advisory locks a holder's session holds while the lease of `service`
