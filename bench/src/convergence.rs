@@ -394,6 +394,105 @@ pub async fn notify_floor(
     Ok((notified, read))
 }
 
+/// The floor of a wake that a waiting node on one connection can get: `n`
+/// connections that `LISTEN` and block on one of 16 shared advisory locks
+/// that another connection holds (as waiting nodes block on their sessions
+/// on a holder's wake locks); one `NOTIFY`, committed by a third
+/// connection, then the locks let go. Per repeat, ms from the NOTIFY's
+/// acknowledgement to the last delivery, which each blocked session sends
+/// once its statement has ended.
+pub async fn lock_floor(env: &Env, n: usize, repeats: usize) -> anyhow::Result<Vec<f64>> {
+    let keys: Vec<i64> = (0..16).map(|i| 0x7570_7369_6c6f_0000 + i).collect();
+    let delivered: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let mut clients = Vec::with_capacity(n);
+    for i in 0..n {
+        let (client, mut conn) = tokio_postgres::connect(&env.url, tokio_postgres::NoTls).await?;
+        let delivered = delivered.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(m)) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                if let tokio_postgres::AsyncMessage::Notification(_) = m {
+                    delivered
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(Instant::now());
+                }
+            }
+        });
+        client.batch_execute("LISTEN bench_lock_floor").await?;
+        clients.push((Arc::new(client), keys[i % keys.len()]));
+    }
+    let connect = || async {
+        let (client, conn) = tokio_postgres::connect(&env.url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        anyhow::Ok(client)
+    };
+    let (holder, sender, watcher) = (connect().await?, connect().await?, connect().await?);
+    let mut times = Vec::with_capacity(repeats);
+    for _ in 0..repeats {
+        holder
+            .query(
+                "SELECT pg_advisory_lock(k) FROM unnest($1::int8[]) AS k",
+                &[&keys],
+            )
+            .await?;
+        delivered.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let mut blocks = tokio::task::JoinSet::new();
+        for (client, key) in &clients {
+            let (client, key) = (client.clone(), *key);
+            blocks.spawn(async move {
+                client
+                    .query("SELECT pg_advisory_xact_lock_shared($1)", &[&key])
+                    .await
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let waiting: i64 = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                    &[],
+                )
+                .await?
+                .get(0);
+            if waiting as usize >= n {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "only {waiting} of {n} sessions blocked"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        sender.batch_execute("NOTIFY bench_lock_floor").await?;
+        let acked = Instant::now();
+        holder
+            .query(
+                "SELECT pg_advisory_unlock(k) FROM unnest($1::int8[]) AS k",
+                &[&keys],
+            )
+            .await?;
+        let last = loop {
+            {
+                let d = delivered.lock().unwrap_or_else(|p| p.into_inner());
+                if d.len() >= n {
+                    break d.iter().copied().max().unwrap_or(acked);
+                }
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "a NOTIFY reached only some blocked sessions"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        while let Some(done) = blocks.join_next().await {
+            done??;
+        }
+        times.push(signed_ms(last, acked));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(times)
+}
+
 /// How long the canary's ping may go unanswered, and the takeover grace
 /// that goes with it (above the ping's period of 100 ms plus this bound, as
 /// docs/POSTGRES.md requires). 200 waiting nodes, the canary and the server
@@ -415,7 +514,7 @@ async fn convergence_node(url: &str, pool: usize) -> anyhow::Result<Arc<dyn Back
 pub async fn run(env: &Env, o: &Options, report: &mut Report) -> anyhow::Result<()> {
     let task = Duration::from_millis(o.task_ms);
     let mut details = Vec::new();
-    let mut p50s = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut p50s = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for &n in &o.nodes {
         eprintln!("  2: {n} nodes, {} repeats", o.repeats);
         let url = env.url.clone();
@@ -442,6 +541,7 @@ pub async fn run(env: &Env, o: &Options, report: &mut Report) -> anyhow::Result<
         drop(nodes);
         drop(canary);
         let (floor, floor_read) = notify_floor(env, n, o.repeats).await?;
+        let floor_locked = lock_floor(env, n, o.repeats).await?;
 
         let mut sqlxs = Vec::new();
         for r in 0..o.repeats {
@@ -503,7 +603,23 @@ pub async fn run(env: &Env, o: &Options, report: &mut Report) -> anyhow::Result<
             )
             .ratio_at_most(2.0, "<= 2x"),
         );
+        let fl = summary(&floor_locked);
+        report.push(
+            Row::new(
+                "2",
+                format!("{n} nodes: canary's final commit to last node READY, p50"),
+                Unit::Ms,
+                u.p50,
+            )
+            .vs(
+                format!(
+                    "one NOTIFY to {n} connections blocked on 16 advisory locks, delivered as the locks are let go"
+                ),
+                fl.p50,
+            ),
+        );
         report.push(grants_row("2", &format!("{n} nodes: "), &grants));
+        p50s.4.push(fl.p50);
         p50s.0.push(n as f64);
         p50s.1.push(u.p50);
         p50s.2.push(s.p50);
@@ -515,6 +631,7 @@ pub async fn run(env: &Env, o: &Options, report: &mut Report) -> anyhow::Result<
             "upsilon_grants": grants,
             "notify_floor_ms": floor,
             "notify_then_select1_ms": floor_read,
+            "notify_to_blocked_sessions_ms": floor_locked,
             "sqlx_ms": sqlxs,
             "upsilon_each_node_ms": up_each,
         }));
@@ -540,6 +657,18 @@ pub async fn run(env: &Env, o: &Options, report: &mut Report) -> anyhow::Result<
             .vs(
                 "one NOTIFY to N LISTENing connections, each then one SELECT 1",
                 slope(&p50s.0, &p50s.3),
+            ),
+        );
+        report.push(
+            Row::new(
+                "2",
+                "growth per node (least-squares slope of the p50s)",
+                Unit::MsPerNode,
+                slope(&p50s.0, &p50s.1),
+            )
+            .vs(
+                "one NOTIFY to N connections blocked on 16 advisory locks",
+                slope(&p50s.0, &p50s.4),
             ),
         );
     }

@@ -519,11 +519,18 @@ async fn a_waiting_node_that_holds_no_lease_waits_on_one_connection_and_still_wa
     assert_eq!(checks(&statements(app)), 0, "{:#?}", statements(app));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_grant_ends_a_wait_blocked_on_the_session_so_the_holder_pings_answer() {
-    let schema = "lw_grant";
-    let app = "lw grant waiter";
-    let holder = node(options(schema, "lw grant holder")).await;
+/// A waiting node (application `app`) blocked on its listening session in a
+/// wait for the lease of `a`, which another node holds: the node, the holder
+/// and the wait.
+async fn blocked_on_its_session(
+    schema: &str,
+    app: &str,
+) -> (
+    PostgresBackend,
+    PostgresBackend,
+    tokio::task::JoinHandle<Result<(), upsilon::backend::BackendError>>,
+) {
+    let holder = node(options(schema, &format!("{app} holder"))).await;
     let waiter = node(options(schema, app)).await;
     waiter.prepare_wait("a").await.unwrap();
     let (_lease, seen) = held_by_one(&holder, &waiter, "a").await;
@@ -535,57 +542,46 @@ async fn a_grant_ends_a_wait_blocked_on_the_session_so_the_holder_pings_answer()
         blocks(&statements(app)) == 1
     })
     .await;
-    // The same node is granted another service's lease: its pings go on
-    // the session, so the wait on it ends (the runner asks again).
-    let granted_at = Instant::now();
+    (waiter, holder, waiting)
+}
+
+/// `waiter` is granted the lease of `b`, tied to its session, and keeps it
+/// for several pings' worth of time: the session answers them.
+async fn granted_and_kept(waiter: &PostgresBackend) {
     let b = granted(
         waiter
             .try_acquire("b", &testing::holder(2), TTL)
             .await
             .unwrap(),
     );
-    tokio::time::timeout(Duration::from_secs(2), waiting)
-        .await
-        .expect("the grant ended the wait on the session")
-        .unwrap()
-        .unwrap();
-    eprintln!(
-        "a grant ended a wait on the session {:?} later",
-        granted_at.elapsed()
-    );
-    // Several pings' worth of time: the lease is not lost.
     let lost = tokio::time::timeout(4 * TIMEOUT, waiter.until_lost(&b)).await;
     assert!(lost.is_err(), "the new lease was lost: {lost:?}");
     waiter.release(&b).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wait_given_up_while_blocked_on_the_session_leaves_the_session_free() {
-    let schema = "lw_dropped";
-    let app = "lw dropped waiter";
-    let holder = node(options(schema, "lw dropped holder")).await;
-    let waiter = node(options(schema, app)).await;
-    waiter.prepare_wait("a").await.unwrap();
-    let (_lease, seen) = held_by_one(&holder, &waiter, "a").await;
-    let waiting = {
+async fn a_grant_ends_a_wait_blocked_on_the_session_so_the_holder_pings_answer() {
+    let (waiter, _holder, waiting) = blocked_on_its_session("lw_grant", "lw grant waiter").await;
+    // The same node is granted another service's lease: its pings go on
+    // the session, so the wait on it ends (the runner asks again).
+    let granted = {
         let waiter = waiter.clone();
-        tokio::spawn(async move { waiter.wait("a", &seen, TTL).await })
+        tokio::spawn(async move { granted_and_kept(&waiter).await })
     };
-    until(Duration::from_secs(5), || async {
-        blocks(&statements(app)) == 1
-    })
-    .await;
+    tokio::time::timeout(Duration::from_secs(2), waiting)
+        .await
+        .expect("the grant ended the wait on the session")
+        .unwrap()
+        .unwrap();
+    granted.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_given_up_while_blocked_on_the_session_leaves_the_session_free() {
+    let (waiter, _holder, waiting) =
+        blocked_on_its_session("lw_dropped", "lw dropped waiter").await;
     // The caller gives up on the wait (as a runner that is shut down).
     waiting.abort();
     assert!(waiting.await.unwrap_err().is_cancelled());
-    // The session answers again: a lease tied to it keeps its pings.
-    let b = granted(
-        waiter
-            .try_acquire("b", &testing::holder(2), TTL)
-            .await
-            .unwrap(),
-    );
-    let lost = tokio::time::timeout(4 * TIMEOUT, waiter.until_lost(&b)).await;
-    assert!(lost.is_err(), "the new lease was lost: {lost:?}");
-    waiter.release(&b).await.unwrap();
+    granted_and_kept(&waiter).await;
 }
