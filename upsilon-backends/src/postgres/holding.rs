@@ -275,6 +275,21 @@ impl Holding {
         })
     }
 
+    /// The wake locks of the lease of `service` with `fence`, taken out of
+    /// it to be let go now: the lease's last write is next, and its
+    /// notification ends the waits of nodes that no statement holds up.
+    pub(super) fn wake_off(&self, service: &str, fence: u64) -> Option<LetGo> {
+        let mut ties = self.ties();
+        let tie = ties.get_mut(&(service.to_owned(), fence))?;
+        let (_, keys) = tie.wake.take()?;
+        let locked = tie.locked.as_mut()?;
+        locked.keys.retain(|k| !keys.contains(k));
+        Some(LetGo {
+            session: locked.session.clone(),
+            keys,
+        })
+    }
+
     /// The wake locks `keys` were taken (or may have been) for the lease of
     /// `service` with `fence`: they are let go with the lease.
     fn took(&self, service: &str, fence: u64, keys: &[i64]) {

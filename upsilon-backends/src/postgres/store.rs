@@ -140,13 +140,24 @@ impl PostgresBackend {
         // The store moves by this handle's own hand: not a move a later
         // request of this handle should be told of.
         self.inner.reads.forget(service);
-        // A write that moves the store's stage hands the lease's wake lock
-        // on: the new stage's is held before the write commits, the old
-        // one's let go once it has (see `takeover.rs`).
+        // A write that moves the store's stage hands the lease's wake locks
+        // on: the new stage's are held before the write commits, the old
+        // ones let go once it has (see `takeover.rs`). The last write of a
+        // finished plan (the one with the holder's notice) lets them go
+        // first instead: the nodes blocked on them then wait idle, and its
+        // notification reaches them as soon as it commits.
         let holding = &self.inner.holding;
-        let hand_off = holding.hand_off(service, fence, changes, |stage| {
-            self.wake_keys(service, fence, stage)
-        });
+        let hand_off = match notice {
+            Some(_) => {
+                if let Some(let_go) = holding.wake_off(service, fence) {
+                    let_go.run().await;
+                }
+                None
+            }
+            None => holding.hand_off(service, fence, changes, |stage| {
+                self.wake_keys(service, fence, stage)
+            }),
+        };
         if let Some(h) = &hand_off {
             h.take(holding, service, fence).await;
         }
