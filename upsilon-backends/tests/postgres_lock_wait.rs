@@ -585,3 +585,55 @@ async fn a_wait_given_up_while_blocked_on_the_session_leaves_the_session_free() 
     assert!(waiting.await.unwrap_err().is_cancelled());
     granted_and_kept(&waiter).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_write_of_a_plan_reaches_a_node_blocked_on_its_session_before_any_release() {
+    let schema = "lw_last";
+    let app = "lw last waiter";
+    let client = raw(&server().url()).await;
+    let holder = node(options(schema, "lw last holder")).await;
+    let waiter = node(options(schema, app)).await;
+    let lease = granted(
+        holder
+            .try_acquire("svc", &testing::holder(1), TTL)
+            .await
+            .unwrap(),
+    );
+    holder.claim("svc", lease.fence).await.unwrap();
+    waiter.load("svc").await.unwrap();
+    waiter.prepare_wait("svc").await.unwrap();
+    let seen = held(
+        waiter
+            .try_acquire("svc", &testing::holder(2), TTL)
+            .await
+            .unwrap(),
+    );
+    let waiting = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move { waiter.wait("svc", &seen, TTL).await })
+    };
+    until(Duration::from_secs(5), || async {
+        blocks(&statements(app)) == 1
+    })
+    .await;
+    assert_eq!(connections(&client, app).await, 1);
+    // The holder's last write, with its notice; the lease stays held.
+    let notice = upsilon::backend::Notice {
+        fence: lease.fence,
+        data_version: Some(upsilon::parse_version("1.1").unwrap()),
+        plan: upsilon::backend::PlanDigest(7),
+    };
+    let version = upsilon::parse_version("1.1").unwrap();
+    holder
+        .apply_with_notice("svc", lease.fence, &[Change::DataVersion(version)], &notice)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(2), waiting)
+        .await
+        .expect("the last write ended the wait")
+        .unwrap()
+        .unwrap();
+    assert_eq!(waiter.notice("svc"), Some(notice));
+    assert_eq!(checks(&statements(app)), 0, "{:#?}", statements(app));
+    holder.release(&lease).await.unwrap();
+}
