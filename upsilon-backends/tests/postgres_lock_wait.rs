@@ -436,12 +436,24 @@ async fn connections(client: &Client, app: &str) -> i64 {
         .get(0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_waiting_node_that_holds_no_lease_waits_on_one_connection_and_still_wakes_mid_plan() {
-    let schema = "lw_one";
-    let app = "lw one waiter";
+/// A waiting node (application `app`) started as the runner starts one:
+/// its start-up read leaves the pool's connection idle, its first request
+/// makes that the listening session, and it blocks there, on one
+/// connection, waiting for the lease of `svc`, which another node holds
+/// and has claimed. A raw client, the holder, the node, the lease and the
+/// wait.
+async fn waiting_as_a_node_starts(
+    schema: &str,
+    app: &str,
+) -> (
+    Client,
+    PostgresBackend,
+    PostgresBackend,
+    upsilon::backend::Lease,
+    tokio::task::JoinHandle<Result<(), upsilon::backend::BackendError>>,
+) {
     let client = raw(&server().url()).await;
-    let holder = node(options(schema, "lw one holder")).await;
+    let holder = node(options(schema, &format!("{app} holder"))).await;
     let waiter = node(options(schema, app)).await;
     let lease = granted(
         holder
@@ -450,8 +462,6 @@ async fn a_waiting_node_that_holds_no_lease_waits_on_one_connection_and_still_wa
             .unwrap(),
     );
     holder.claim("svc", lease.fence).await.unwrap();
-    // The start-up read leaves the pool's connection idle; the first
-    // request makes it the listening session.
     waiter.load("svc").await.unwrap();
     waiter.prepare_wait("svc").await.unwrap();
     let seen = held(
@@ -473,6 +483,13 @@ async fn a_waiting_node_that_holds_no_lease_waits_on_one_connection_and_still_wa
         1,
         "a waiting node blocks on its listening session"
     );
+    (client, holder, waiter, lease, waiting)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_node_that_holds_no_lease_waits_on_one_connection_and_still_wakes_mid_plan() {
+    let app = "lw one waiter";
+    let (client, holder, waiter, lease, waiting) = waiting_as_a_node_starts("lw_one", app).await;
     // Blocked in a statement, the session is sent no notification: the
     // holder's write hands its wake lock on, and that ends the block.
     let written = Instant::now();
@@ -588,35 +605,8 @@ async fn a_wait_given_up_while_blocked_on_the_session_leaves_the_session_free() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_last_write_of_a_plan_reaches_a_node_blocked_on_its_session_before_any_release() {
-    let schema = "lw_last";
     let app = "lw last waiter";
-    let client = raw(&server().url()).await;
-    let holder = node(options(schema, "lw last holder")).await;
-    let waiter = node(options(schema, app)).await;
-    let lease = granted(
-        holder
-            .try_acquire("svc", &testing::holder(1), TTL)
-            .await
-            .unwrap(),
-    );
-    holder.claim("svc", lease.fence).await.unwrap();
-    waiter.load("svc").await.unwrap();
-    waiter.prepare_wait("svc").await.unwrap();
-    let seen = held(
-        waiter
-            .try_acquire("svc", &testing::holder(2), TTL)
-            .await
-            .unwrap(),
-    );
-    let waiting = {
-        let waiter = waiter.clone();
-        tokio::spawn(async move { waiter.wait("svc", &seen, TTL).await })
-    };
-    until(Duration::from_secs(5), || async {
-        blocks(&statements(app)) == 1
-    })
-    .await;
-    assert_eq!(connections(&client, app).await, 1);
+    let (_client, holder, waiter, lease, waiting) = waiting_as_a_node_starts("lw_last", app).await;
     // The holder's last write, with its notice; the lease stays held.
     let notice = upsilon::backend::Notice {
         fence: lease.fence,

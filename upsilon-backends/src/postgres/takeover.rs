@@ -29,7 +29,9 @@
 //! stage it takes the new stage's lock, and after the write commits it lets
 //! the old one go: a node that read the old stage wakes, and finds the
 //! write's notification on its session; one that read the new stage blocks
-//! on a lock that is already held.
+//! on a lock that is already held. The last write of a finished plan lets
+//! the wake locks go before it is sent, so that its notification reaches
+//! idle sessions the moment it commits.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
