@@ -1,8 +1,8 @@
 //! A waiting node's block on an advisory lock of the lease it waits for
-//! (see `takeover.rs`): on its listening session, on the wake lock of the
-//! store's stage, when the node holds no lease; otherwise on the lease's own
-//! lock, on a pooled connection that a task of its own owns, so that a
-//! notification ends the wait at once.
+//! (see `takeover.rs`): on its listening session, on one of the wake locks
+//! of the store's stage, when the node holds no lease; otherwise on the
+//! lease's own lock, on a pooled connection that a task of its own owns, so
+//! that a notification ends the wait at once.
 
 use std::sync::Arc;
 use std::time::Duration;

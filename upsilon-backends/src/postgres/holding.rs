@@ -222,8 +222,8 @@ impl Holding {
     }
 
     /// `session` took (or may have taken) the advisory locks `keys` for the
-    /// lease of `service` with `fence`, which is tied to it; `wake`, one of
-    /// them, is the wake lock of the store's stage.
+    /// lease of `service` with `fence`, which is tied to it; `wake`, some of
+    /// them, are the wake locks of the store's stage.
     pub(super) fn locked(
         &self,
         service: &str,
@@ -386,8 +386,8 @@ impl Holding {
 }
 
 /// A write that moves the store's stage while this backend holds the lease
-/// with a wake lock: [`HandOff::take`] takes the new stage's lock before the
-/// write, [`HandOff::finish`] lets the old one go after it committed, so
+/// with wake locks: [`HandOff::take`] takes the new stage's locks before the
+/// write, [`HandOff::finish`] lets the old ones go after it committed, so
 /// that the waiting nodes that block on their sessions wake (see
 /// `takeover.rs`).
 #[derive(Debug)]

@@ -104,7 +104,7 @@ impl PostgresBackend {
 
     /// Has `session` take the advisory locks of the lease of `service` with
     /// `fence`, which is tied to it, before the grant commits: the lease's
-    /// own, and the wake lock of the store's `stage`. Without the lease's
+    /// own, and the wake locks of the store's `stage`. Without the lease's
     /// own (the lock is taken: a lock from another lease of the same key,
     /// which a 64-bit hash makes unlikely), waiting nodes check the session
     /// periodically.
@@ -152,7 +152,7 @@ impl PostgresBackend {
         let cancel = [Stmt::Typed(CANCEL_WAITERS, vec![int8_array(keys)])];
         if let Err(e) = first_error(c.pipeline(&cancel).await) {
             debug!(error = %super::error::describe(&e), %service,
-                "cancelling the waits on a released lease's wake lock failed; they end at the holder's next renewal");
+                "cancelling the waits on a released lease's wake locks failed; they end at the holder's next renewal");
         }
     }
 

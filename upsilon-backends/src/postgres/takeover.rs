@@ -24,12 +24,12 @@
 //! itself, so that it waits on one connection. A session blocked in a
 //! statement is sent no notification until the statement ends, so it blocks
 //! on a lock that also ends with each write that wakes waiters: the holder
-//! holds a second lock, named after the lease and the store's stage (its
-//! data version and baseline, [`wake_keys`]). Before a write that moves the
-//! stage it takes the new stage's lock, and after the write commits it lets
-//! the old one go: a node that read the old stage wakes, and finds the
-//! write's notification on its session; one that read the new stage blocks
-//! on a lock that is already held. The last write of a finished plan lets
+//! holds wake locks, named after the lease and the store's stage (its data
+//! version and baseline, [`wake_keys`]). Before a write that moves the stage
+//! it takes the new stage's locks, and after the write commits it lets the
+//! old ones go: a node that read the old stage wakes, and finds the write's
+//! notification on its session; one that read the new stage blocks on a
+//! lock that is already held. The last write of a finished plan lets
 //! the wake locks go before it is sent, so that its notification reaches
 //! idle sessions the moment it commits.
 
@@ -274,9 +274,9 @@ pub(super) const TAKE: &str = "SELECT pg_try_advisory_lock(k) FROM unnest($1::in
 pub(super) const LET_GO: &str = "SELECT pg_advisory_unlock(k) FROM unnest($1::int8[]) AS k";
 
 /// Cancels the statements of the sessions that wait for one of the advisory
-/// locks `$1` (an array) in this database: the waiting nodes that block on a lease's wake lock
-/// when an operator released the lease (its holder still holds the lock
-/// until it learns of the release).
+/// locks `$1` (an array) in this database: the waiting nodes that block on
+/// a lease's wake locks when an operator released the lease (its holder
+/// still holds them until it learns of the release).
 pub(super) const CANCEL_WAITERS: &str = "SELECT pg_cancel_backend(l.pid)
      FROM pg_locks AS l JOIN unnest($1::int8[]) AS k
        ON l.classid = ((k >> 32) & 4294967295)::oid AND l.objid = (k & 4294967295)::oid
