@@ -578,39 +578,29 @@ pub async fn run(env: &Env, o: &Options, report: &mut Report) -> anyhow::Result<
             .vs(base, s.p99),
         );
         let (f, fr) = (summary(&floor), summary(&floor_read));
-        report.push(
+        let p50_row = || {
             Row::new(
                 "2",
                 format!("{n} nodes: canary's final commit to last node READY, p50"),
                 Unit::Ms,
                 u.p50,
             )
-            .vs(
-                format!("the floor: one NOTIFY to {n} LISTENing connections"),
-                f.p50,
-            ),
-        );
+        };
+        report.push(p50_row().vs(
+            format!("the floor: one NOTIFY to {n} LISTENing connections"),
+            f.p50,
+        ));
         report.push(
-            Row::new(
-                "2",
-                format!("{n} nodes: canary's final commit to last node READY, p50"),
-                Unit::Ms,
-                u.p50,
-            )
-            .vs(
-                format!("one NOTIFY to {n} LISTENing connections, each then one SELECT 1"),
-                fr.p50,
-            )
-            .ratio_at_most(2.0, "<= 2x"),
+            p50_row()
+                .vs(
+                    format!("one NOTIFY to {n} LISTENing connections, each then one SELECT 1"),
+                    fr.p50,
+                )
+                .ratio_at_most(2.0, "<= 2x"),
         );
         let fl = summary(&floor_locked);
         report.push(
-            Row::new(
-                "2",
-                format!("{n} nodes: canary's final commit to last node READY, p50"),
-                Unit::Ms,
-                u.p50,
-            )
+            p50_row()
             .vs(
                 format!(
                     "one NOTIFY to {n} connections blocked on 16 advisory locks, delivered as the locks are let go"

@@ -267,20 +267,7 @@ async fn a_data_version_written_mid_plan_wakes_a_blocked_waiting_node_and_the_ne
     );
     holder.claim("svc", lease.fence).await.unwrap();
     for round in 1..=2 {
-        let seen = held(
-            waiter
-                .try_acquire("svc", &testing::holder(2), TTL)
-                .await
-                .unwrap(),
-        );
-        let waiting = {
-            let waiter = waiter.clone();
-            tokio::spawn(async move { waiter.wait("svc", &seen, TTL).await })
-        };
-        until(Duration::from_secs(5), || async {
-            blocks(&statements(app)) == round
-        })
-        .await;
+        let waiting = asks_then_blocks(&waiter, app, round).await;
         let written = Instant::now();
         let version = upsilon::parse_version(&format!("1.{round}")).unwrap();
         holder
@@ -436,6 +423,30 @@ async fn connections(client: &Client, app: &str) -> i64 {
         .get(0)
 }
 
+/// `waiter` (application `app`) asks for the lease of `svc`, finds it held,
+/// and waits: returns once its `blocks_so_far`th block is on the server.
+async fn asks_then_blocks(
+    waiter: &PostgresBackend,
+    app: &str,
+    blocks_so_far: usize,
+) -> tokio::task::JoinHandle<Result<(), upsilon::backend::BackendError>> {
+    let seen = held(
+        waiter
+            .try_acquire("svc", &testing::holder(2), TTL)
+            .await
+            .unwrap(),
+    );
+    let waiting = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move { waiter.wait("svc", &seen, TTL).await })
+    };
+    until(Duration::from_secs(5), || async {
+        blocks(&statements(app)) == blocks_so_far
+    })
+    .await;
+    waiting
+}
+
 /// A waiting node (application `app`) started as the runner starts one:
 /// its start-up read leaves the pool's connection idle, its first request
 /// makes that the listening session, and it blocks there, on one
@@ -464,20 +475,7 @@ async fn waiting_as_a_node_starts(
     holder.claim("svc", lease.fence).await.unwrap();
     waiter.load("svc").await.unwrap();
     waiter.prepare_wait("svc").await.unwrap();
-    let seen = held(
-        waiter
-            .try_acquire("svc", &testing::holder(2), TTL)
-            .await
-            .unwrap(),
-    );
-    let waiting = {
-        let waiter = waiter.clone();
-        tokio::spawn(async move { waiter.wait("svc", &seen, TTL).await })
-    };
-    until(Duration::from_secs(5), || async {
-        blocks(&statements(app)) == 1
-    })
-    .await;
+    let waiting = asks_then_blocks(&waiter, app, 1).await;
     assert_eq!(
         connections(&client, app).await,
         1,
@@ -513,20 +511,7 @@ async fn a_waiting_node_that_holds_no_lease_waits_on_one_connection_and_still_wa
     assert_eq!(connections(&client, app).await, 1);
     assert_eq!(checks(&statements(app)), 0, "{:#?}", statements(app));
     // The next wait, on the new stage, blocks again, and the release ends it.
-    let seen = held(
-        waiter
-            .try_acquire("svc", &testing::holder(2), TTL)
-            .await
-            .unwrap(),
-    );
-    let waiting = {
-        let waiter = waiter.clone();
-        tokio::spawn(async move { waiter.wait("svc", &seen, TTL).await })
-    };
-    until(Duration::from_secs(5), || async {
-        blocks(&statements(app)) == 2
-    })
-    .await;
+    let waiting = asks_then_blocks(&waiter, app, 2).await;
     holder.release(&lease).await.unwrap();
     tokio::time::timeout(Duration::from_secs(2), waiting)
         .await
