@@ -309,3 +309,78 @@ async fn deleting_the_fences_too_leaves_the_history_to_carry_the_fence() {
     }
     assert!(grant(&*h.backend, 2).await.fence > lease.fence);
 }
+
+/// A store of more tasks than a read on the caller's thread takes, beside
+/// a small one in the same file: each read returns the whole history of its
+/// service, the newest attempt of each task last, whichever thread read it.
+#[tokio::test]
+async fn large_and_small_stores_in_one_file_read_whole_on_every_read() {
+    let h = Sqlite::new().await;
+    let failed_once = Arc::new(Mutex::new(false));
+    let mut tasks: Vec<Task> = (1..=40)
+        .map(|order| {
+            Task::new(
+                "1.0",
+                order,
+                &format!("t{order:02}"),
+                |_ctx: &mut TaskContext| -> TaskFuture<'_> { Box::pin(async { Ok(()) }) },
+            )
+            .unwrap()
+        })
+        .collect();
+    let flag = failed_once.clone();
+    tasks.push(
+        Task::new(
+            "1.0",
+            41,
+            "flaky",
+            move |_ctx: &mut TaskContext| -> TaskFuture<'_> {
+                let first = !std::mem::replace(&mut *flag.lock().unwrap(), true);
+                Box::pin(async move {
+                    if first {
+                        Err("the first attempt fails".into())
+                    } else {
+                        Ok(())
+                    }
+                })
+            },
+        )
+        .unwrap(),
+    );
+    let node = |service: &str, tasks: Vec<Task>| {
+        Upsilon::builder()
+            .service(service)
+            .app_version("1.0")
+            .backend(h.backend.clone())
+            .tasks(tasks)
+            .build()
+            .unwrap()
+    };
+    assert!(
+        node("big", tasks.clone()).run().await.is_err(),
+        "the flaky task fails once"
+    );
+    let again = node("big", tasks.clone()).run().await.unwrap();
+    assert!(matches!(again, Outcome::Upgraded { .. }), "{again}");
+    let small = node("small", tasks[..2].to_vec()).run().await.unwrap();
+    assert!(matches!(small, Outcome::Upgraded { .. }), "{small}");
+    for _ in 0..3 {
+        for (service, count) in [("big", 41), ("small", 2), ("big", 41)] {
+            let snap = h.backend.load(service).await.unwrap();
+            assert_eq!(snap.tasks.len(), count, "{service}");
+            assert!(
+                snap.tasks.values().all(|t| t.completed),
+                "{service}: {snap:?}"
+            );
+            assert_eq!(
+                snap.data_version.map(|v| v.to_string()).as_deref(),
+                Some("1.0.0")
+            );
+        }
+        let flaky = &h.backend.load("big").await.unwrap().tasks;
+        let flaky = flaky.iter().find(|(k, _)| k.id == "flaky").unwrap().1;
+        assert_eq!((flaky.rows, flaky.last.attempt), (2, 2), "{flaky:?}");
+    }
+    let up = node("big", tasks).run().await.unwrap();
+    assert!(matches!(up, Outcome::UpToDate { .. }), "{up}");
+}

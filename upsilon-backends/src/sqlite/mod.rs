@@ -53,6 +53,7 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -97,6 +98,9 @@ struct Shared {
     session: Mutex<Session>,
     queue: Arc<worker::Queue>,
     path: PathBuf,
+    /// The last read of the store found it small enough to read on the
+    /// caller's thread ([`SqliteBackend::read_here`]).
+    read_here: AtomicBool,
 }
 
 impl Drop for Shared {
@@ -221,6 +225,7 @@ impl SqliteBackend {
                 session: Mutex::new(session),
                 queue: queue.clone(),
                 path: p,
+                read_here: AtomicBool::new(false),
             });
             let weak = Arc::downgrade(&shared);
             // Dropped here if the open was given up: the queue closes.
@@ -255,6 +260,35 @@ impl SqliteBackend {
             }),
         );
         result.await.map_err(|_| stopped())?
+    }
+
+    /// Runs the read `f` here, on the caller's thread, when that costs
+    /// less than handing it to the backend's thread: the connection is free,
+    /// no call waits for it, and the last read found a small store (at
+    /// most [`READ_HERE_TASKS`] tasks), so the read takes microseconds.
+    /// It does not wait for the file: with the busy timeout off for it, a
+    /// read that would wait, fails, or finds that it has to write (`None`)
+    /// is left to [`SqliteBackend::call`], which runs it as before. `None`
+    /// then; `Some(Err)` only when the busy timeout cannot be put back.
+    fn read_here<T>(&self, f: impl FnOnce(&mut Session) -> Result<Option<T>>) -> Option<Result<T>> {
+        if !self.shared.read_here.load(Ordering::Relaxed) || !self.shared.queue.is_empty() {
+            return None;
+        }
+        let mut session = self.shared.session.try_lock().ok()?;
+        session.conn.busy_timeout(Duration::ZERO).ok()?;
+        let value = guarded(|| f(&mut session));
+        if let Err(e) = session.conn.busy_timeout(BUSY_TIMEOUT) {
+            return Some(Err(driver(e)));
+        }
+        value.ok().flatten().map(Ok)
+    }
+
+    /// Lets the next reads run on the caller's thread if `snap`, the store
+    /// as just read, is small enough ([`READ_HERE_TASKS`]).
+    fn read_here_next(&self, snap: &upsilon::backend::Snapshot) {
+        self.shared
+            .read_here
+            .store(snap.tasks.len() <= READ_HERE_TASKS, Ordering::Relaxed);
     }
 
     /// Runs `f` in one `BEGIN IMMEDIATE` transaction ([`Session::write`]).
@@ -333,24 +367,6 @@ impl Session {
         tx.commit().map_err(driver)?;
         Ok(value)
     }
-
-    /// Runs `f` on the rows of `service` in a read transaction; if the
-    /// service has no rows yet, creates them in a write transaction of their
-    /// own and runs `f` there.
-    fn read_service<T>(
-        &mut self,
-        service: &str,
-        f: impl Fn(&Transaction<'_>, rows::StateRow) -> Result<T>,
-    ) -> Result<T> {
-        let found = self.read(|tx| match rows::find_state(tx, service)? {
-            Some(row) => f(tx, row).map(Some),
-            None => Ok(None),
-        })?;
-        match found {
-            Some(value) => Ok(value),
-            None => self.write(|tx, _| f(tx, rows::state(tx, service)?)),
-        }
-    }
 }
 
 /// Opens a connection to `path` as the backend uses every one: a busy
@@ -374,6 +390,11 @@ const STATEMENTS: usize = 32;
 
 /// How long a statement waits for another process's lock on the file.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The most tasks a store may hold for its reads to run on the caller's
+/// thread ([`SqliteBackend::read_here`]); a read folds about a microsecond
+/// of rows per task.
+const READ_HERE_TASKS: usize = 32;
 
 /// Why `path` could not be opened, said once: the path, then the reason.
 fn cannot_open(path: &Path, e: rusqlite::Error) -> BackendError {

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 
-use rusqlite::{params, OptionalExtension, Transaction};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use upsilon::backend::{
     BackendError, CheckpointColumns, Snapshot, StateColumns, StoredLease, SummaryColumns,
 };
@@ -83,6 +83,49 @@ pub(super) fn find_state(tx: &Transaction<'_>, service: &str) -> Result<Option<S
     }))
 }
 
+/// A service's whole store in one statement, outside any explicit
+/// transaction, so that SQLite reads it as one snapshot of the file: the
+/// stored format beside every row, the state row and its fences, and each
+/// history row (none: one row of `NULL`s, from the outer join) with its id.
+/// The rows come in the order of the history's index; [`load`] puts them in
+/// the order they were written, which costs less than SQLite's sorter.
+const LOAD: &str = "
+SELECT (SELECT value FROM upsilon_meta WHERE key = 'format'),
+       s.data_version, s.baseline, f.store_fence, h.id,
+       h.version, h.task_id, h.attempt, h.kind, h.state, h.fence, h.checkpoint,
+       h.checkpoint_saved_ms, h.checkpoint_done, h.checkpoint_total
+  FROM upsilon_state s JOIN upsilon_fence f ON f.service = s.service
+  LEFT JOIN upsilon_history h ON h.service = s.service
+ WHERE s.service = ?1";
+
+/// The snapshot of `service` in one statement ([`LOAD`]), or `None` when
+/// its rows are missing (a write creates them). Refuses a store of a format
+/// this build does not know, as [`super::schema::check_stored`] does.
+pub(super) fn load(conn: &Connection, service: &str) -> Result<Option<Snapshot>> {
+    let mut stmt = conn.prepare_cached(LOAD).map_err(driver)?;
+    let mut rows = stmt.query([service]).map_err(driver)?;
+    let Some(first) = rows.next().map_err(driver)? else {
+        return Ok(None);
+    };
+    let format: Option<String> = first.get(0).map_err(driver)?;
+    super::schema::check_format_column(format.as_deref())?;
+    let state = StateColumns {
+        data_version: first.get(1).map_err(driver)?,
+        baseline: first.get(2).map_err(driver)?,
+        store_fence: first.get(3).map_err(driver)?,
+    };
+    let mut history = Vec::new();
+    let mut row = Some(first);
+    while let Some(r) = row {
+        if let Some(id) = r.get::<_, Option<i64>>(4).map_err(driver)? {
+            history.push((id, summary_at(r, 5).map_err(driver)?));
+        }
+        row = rows.next().map_err(driver)?;
+    }
+    history.sort_unstable_by_key(|(id, _)| *id);
+    Snapshot::from_columns(state, history.into_iter().map(|(_, row)| row)).map(Some)
+}
+
 /// The summaries of a service's tasks, from every column of the history.
 pub(super) const HISTORY: &str = "
 SELECT version, task_id, attempt, kind, state, fence, checkpoint, checkpoint_saved_ms,
@@ -91,14 +134,25 @@ SELECT version, task_id, attempt, kind, state, fence, checkpoint, checkpoint_sav
   FROM upsilon_history WHERE service = ?1 ORDER BY id";
 
 pub(super) fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<SummaryColumns> {
+    summary_at(r, 0)
+}
+
+/// A task's summary from the ten columns of `r` from `at` on, in the order
+/// of [`HISTORY`].
+fn summary_at(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<SummaryColumns> {
     Ok(SummaryColumns {
-        version: r.get(0)?,
-        task_id: r.get(1)?,
-        attempt: r.get(2)?,
-        kind: r.get(3)?,
-        state: r.get(4)?,
-        fence: r.get(5)?,
-        checkpoint: CheckpointColumns::from_nullable(r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?),
+        version: r.get(at)?,
+        task_id: r.get(at + 1)?,
+        attempt: r.get(at + 2)?,
+        kind: r.get(at + 3)?,
+        state: r.get(at + 4)?,
+        fence: r.get(at + 5)?,
+        checkpoint: CheckpointColumns::from_nullable(
+            r.get(at + 6)?,
+            r.get(at + 7)?,
+            r.get(at + 8)?,
+            r.get(at + 9)?,
+        ),
     })
 }
 

@@ -209,9 +209,13 @@ fn set_format(tx: &Transaction<'_>) -> Result<()> {
 
 /// In every transaction: the file is still of this build's format.
 pub(super) fn check_stored(tx: &Transaction<'_>) -> Result<()> {
-    let format = stored_format(tx)?
-        .ok_or_else(|| BackendError::corrupt("upsilon_meta has no `format` row"))?;
-    check_format(&format)
+    check_format_column(stored_format(tx)?.as_deref())
+}
+
+/// Refuses a stored format this build does not know, or none.
+pub(super) fn check_format_column(format: Option<&str>) -> Result<()> {
+    let format = format.ok_or_else(|| BackendError::corrupt("upsilon_meta has no `format` row"))?;
+    check_format(format)
 }
 
 fn stored_format(tx: &Transaction<'_>) -> Result<Option<String>> {

@@ -9,17 +9,25 @@ use upsilon::backend::{
     Value, Write,
 };
 
-use super::rows::{snapshot, snapshot_of, snapshot_with, summary, HISTORY};
+use super::rows::{self, snapshot, snapshot_of, summary, HISTORY};
 use super::{driver, exec, Result, SqliteBackend};
 
 #[async_trait]
 impl Store for SqliteBackend {
     async fn load(&self, service: &str) -> Result<Snapshot> {
-        let service = service.to_owned();
-        self.call(move |session| {
-            session.read_service(&service, |tx, row| snapshot_with(tx, row, &service, None))
-        })
-        .await
+        let snap = match self.read_here(|session| rows::load(&session.conn, service)) {
+            Some(snap) => snap?,
+            None => {
+                let service = service.to_owned();
+                self.call(move |session| match rows::load(&session.conn, &service)? {
+                    Some(snap) => Ok(snap),
+                    None => session.write(|tx, _| snapshot(tx, &service)),
+                })
+                .await?
+            }
+        };
+        self.read_here_next(&snap);
+        Ok(snap)
     }
 
     async fn claim(&self, service: &str, fence: u64) -> Result<Snapshot> {

@@ -75,6 +75,11 @@ impl Queue {
         self.lock().serving = true;
     }
 
+    /// Whether no call waits for the thread.
+    pub(super) fn is_empty(&self) -> bool {
+        self.lock().calls.is_empty()
+    }
+
     /// The backend is gone: its thread leaves.
     pub(super) fn close(&self) {
         self.lock().closed = true;
