@@ -381,6 +381,15 @@ async fn large_and_small_stores_in_one_file_read_whole_on_every_read() {
         let flaky = flaky.iter().find(|(k, _)| k.id == "flaky").unwrap().1;
         assert_eq!((flaky.rows, flaky.last.attempt), (2, 2), "{flaky:?}");
     }
+    // A backend opened afresh has read nothing yet: its first read of the
+    // large store still returns every task.
+    for first in ["big", "small"] {
+        let reopened = SqliteBackend::open(&h.path).await.unwrap();
+        for (service, count) in [(first, if first == "big" { 41 } else { 2 }), ("big", 41)] {
+            let snap = reopened.load(service).await.unwrap();
+            assert_eq!(snap.tasks.len(), count, "{service} after a new open");
+        }
+    }
     let up = node("big", tasks).run().await.unwrap();
     assert!(matches!(up, Outcome::UpToDate { .. }), "{up}");
 }

@@ -22,12 +22,18 @@
 //!
 //! How it works (docs/SQLITE.md says more):
 //! - Every operation that may write is one `BEGIN IMMEDIATE` transaction,
-//!   so SQLite's file lock serialises them across processes. Reads (the
-//!   snapshot of a service whose rows exist, its history, the services) are
-//!   deferred transactions, which take no write lock; so is the check at
-//!   open of a file that is already set up.
+//!   so SQLite's file lock serialises them across processes. Reads take no
+//!   write lock: the snapshot of a service whose rows exist is one
+//!   statement (SQLite reads it as one snapshot of the file); its history
+//!   and the services are deferred transactions; so is the check at open
+//!   of a file that is already set up.
 //! - The connection belongs to one thread of the backend's, which runs its
-//!   calls in turn.
+//!   calls in turn. A snapshot read runs on the caller's thread instead
+//!   when the connection is free, no call waits for it and the last read
+//!   found at most 32 tasks: it then takes microseconds, less than the
+//!   hand-off to the backend's thread. It does not wait for the file there:
+//!   a read that would wait for a lock goes to the backend's thread, which
+//!   waits with the busy timeout.
 //! - The lease's expiry is judged by `CLOCK_MONOTONIC`, read once the
 //!   transaction holds the lock ([`Clock`]): it never steps and every process
 //!   on the host shares it, so a wall-clock step neither hands a live lease
@@ -98,8 +104,9 @@ struct Shared {
     session: Mutex<Session>,
     queue: Arc<worker::Queue>,
     path: PathBuf,
-    /// The last read of the store found it small enough to read on the
-    /// caller's thread ([`SqliteBackend::read_here`]).
+    /// Reads may run on the caller's thread ([`SqliteBackend::read_here`]):
+    /// no read has yet found the store too large for it, or the last one
+    /// found it small enough again.
     read_here: AtomicBool,
 }
 
@@ -207,6 +214,10 @@ impl SqliteBackend {
                 "the SQLite path is empty; give a file path like `sqlite:///var/lib/app/upsilon.db`",
             ));
         }
+        filesystem::check(&path, options.allow_network_filesystem)?;
+        if let Some(session) = Session::open_here(&path, &options) {
+            return Ok(SqliteBackend::serving(session, path, false));
+        }
         let (opened, open_result) = oneshot::channel();
         let p = path.clone();
         // The thread that opens the file goes on to take the backend's
@@ -219,21 +230,32 @@ impl SqliteBackend {
                     return;
                 }
             };
-            let queue = Arc::new(worker::Queue::default());
-            queue.serving();
-            let shared = Arc::new(Shared {
-                session: Mutex::new(session),
-                queue: queue.clone(),
-                path: p,
-                read_here: AtomicBool::new(false),
-            });
-            let weak = Arc::downgrade(&shared);
+            let backend = SqliteBackend::serving(session, p, true);
+            let queue = backend.shared.queue.clone();
+            let weak = Arc::downgrade(&backend.shared);
             // Dropped here if the open was given up: the queue closes.
-            let _ = opened.send(Ok(shared));
+            let _ = opened.send(Ok(backend));
             worker::serve(&queue, &weak);
         });
-        let shared = open_result.await.map_err(|_| stopped())??;
-        Ok(SqliteBackend { shared })
+        open_result.await.map_err(|_| stopped())?
+    }
+
+    /// The backend of the open `session`. Its queue is marked as served
+    /// if `here` is a thread that goes on to serve it; otherwise the first
+    /// call starts one.
+    fn serving(session: Session, path: PathBuf, here: bool) -> SqliteBackend {
+        let queue = Arc::new(worker::Queue::default());
+        if here {
+            queue.serving();
+        }
+        SqliteBackend {
+            shared: Arc::new(Shared {
+                session: Mutex::new(session),
+                queue,
+                path,
+                read_here: AtomicBool::new(true),
+            }),
+        }
     }
 
     /// The database file.
@@ -264,12 +286,13 @@ impl SqliteBackend {
 
     /// Runs the read `f` here, on the caller's thread, when that costs
     /// less than handing it to the backend's thread: the connection is free,
-    /// no call waits for it, and the last read found a small store (at
-    /// most [`READ_HERE_TASKS`] tasks), so the read takes microseconds.
-    /// It does not wait for the file: with the busy timeout off for it, a
-    /// read that would wait, fails, or finds that it has to write (`None`)
-    /// is left to [`SqliteBackend::call`], which runs it as before. `None`
-    /// then; `Some(Err)` only when the busy timeout cannot be put back.
+    /// no call waits for it, and no read since the last one that found a
+    /// small store has found a large one. `f` reads at most
+    /// [`READ_HERE_ROWS`] rows, so it takes microseconds. It does not wait
+    /// for the file: with the busy timeout off for it, a read that would
+    /// wait, fails, finds more rows, or finds that it has to write (`None`)
+    /// is left to [`SqliteBackend::call`], which runs it whole. `None` then;
+    /// `Some(Err)` only when the busy timeout cannot be put back.
     fn read_here<T>(&self, f: impl FnOnce(&mut Session) -> Result<Option<T>>) -> Option<Result<T>> {
         if !self.shared.read_here.load(Ordering::Relaxed) || !self.shared.queue.is_empty() {
             return None;
@@ -283,12 +306,12 @@ impl SqliteBackend {
         value.ok().flatten().map(Ok)
     }
 
-    /// Lets the next reads run on the caller's thread if `snap`, the store
-    /// as just read, is small enough ([`READ_HERE_TASKS`]).
-    fn read_here_next(&self, snap: &upsilon::backend::Snapshot) {
+    /// Lets the next reads run on the caller's thread if the store as just
+    /// read has at most [`READ_HERE_ROWS`] history rows (`rows`).
+    fn read_here_next(&self, rows: usize) {
         self.shared
             .read_here
-            .store(snap.tasks.len() <= READ_HERE_TASKS, Ordering::Relaxed);
+            .store(rows <= READ_HERE_ROWS, Ordering::Relaxed);
     }
 
     /// Runs `f` in one `BEGIN IMMEDIATE` transaction ([`Session::write`]).
@@ -324,16 +347,35 @@ fn stopped() -> BackendError {
 
 impl Session {
     /// Opens the connection and makes sure the file holds this build's
-    /// tables ([`schema::prepare`]).
+    /// tables ([`schema::prepare`]), waiting for the file's lock as long as
+    /// the busy timeout if another process holds it.
     fn open(path: &Path, options: SqliteOptions) -> Result<Session> {
-        filesystem::check(path, options.allow_network_filesystem)?;
-        let mut conn = connect(path)?;
+        let mut conn = connect(path, BUSY_TIMEOUT)?;
         // A clock that cannot be read fails the open, not the first lease.
         let now = Now::read(&*options.clock, options.judge_expiry_by_wall_clock)?;
         schema::prepare(&mut conn, &now)?;
         Ok(Session {
             conn,
             clock: options.clock,
+            by_wall_clock: options.judge_expiry_by_wall_clock,
+        })
+    }
+
+    /// [`Session::open`] of a file that is already set up, on the caller's
+    /// thread: one read, without waiting for the file. `None` if the file
+    /// needs a write (a new file, a migration), if the read would wait for
+    /// another process's lock, or if anything fails; [`Session::open`] then
+    /// does it all again on a blocking thread, and says what failed.
+    fn open_here(path: &Path, options: &SqliteOptions) -> Option<Session> {
+        let mut conn = connect(path, Duration::ZERO).ok()?;
+        Now::read(&*options.clock, options.judge_expiry_by_wall_clock).ok()?;
+        if !schema::set_up(&mut conn).ok()? {
+            return None;
+        }
+        conn.busy_timeout(BUSY_TIMEOUT).ok()?;
+        Some(Session {
+            conn,
+            clock: options.clock.clone(),
             by_wall_clock: options.judge_expiry_by_wall_clock,
         })
     }
@@ -375,9 +417,9 @@ impl Session {
 /// `NORMAL` (SQLite's WAL default) syncs only at checkpoints, so a power loss
 /// can take back the newest acknowledged commits: a lost grant would let the
 /// next grant reuse its fence while the first holder still works.
-fn connect(path: &Path) -> Result<Connection> {
+fn connect(path: &Path, busy_timeout: Duration) -> Result<Connection> {
     let conn = Connection::open(path).map_err(|e| cannot_open(path, e))?;
-    conn.busy_timeout(BUSY_TIMEOUT).map_err(driver)?;
+    conn.busy_timeout(busy_timeout).map_err(driver)?;
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(driver)?;
     // Room for every statement the backend runs, each prepared once.
@@ -391,10 +433,10 @@ const STATEMENTS: usize = 32;
 /// How long a statement waits for another process's lock on the file.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The most tasks a store may hold for its reads to run on the caller's
-/// thread ([`SqliteBackend::read_here`]); a read folds about a microsecond
-/// of rows per task.
-const READ_HERE_TASKS: usize = 32;
+/// The most history rows a read on the caller's thread reads
+/// ([`SqliteBackend::read_here`]); a read folds a row in about a
+/// microsecond.
+const READ_HERE_ROWS: usize = 32;
 
 /// Why `path` could not be opened, said once: the path, then the reason.
 fn cannot_open(path: &Path, e: rusqlite::Error) -> BackendError {

@@ -89,7 +89,7 @@ pub(super) fn find_state(tx: &Transaction<'_>, service: &str) -> Result<Option<S
 /// history row (none: one row of `NULL`s, from the outer join) with its id.
 /// The rows come in the order of the history's index; [`load`] puts them in
 /// the order they were written, which costs less than SQLite's sorter.
-const LOAD: &str = "
+pub(super) const LOAD: &str = "
 SELECT (SELECT value FROM upsilon_meta WHERE key = 'format'),
        s.data_version, s.baseline, f.store_fence, h.id,
        h.version, h.task_id, h.attempt, h.kind, h.state, h.fence, h.checkpoint,
@@ -98,10 +98,16 @@ SELECT (SELECT value FROM upsilon_meta WHERE key = 'format'),
   LEFT JOIN upsilon_history h ON h.service = s.service
  WHERE s.service = ?1";
 
-/// The snapshot of `service` in one statement ([`LOAD`]), or `None` when
-/// its rows are missing (a write creates them). Refuses a store of a format
-/// this build does not know, as [`super::schema::check_stored`] does.
-pub(super) fn load(conn: &Connection, service: &str) -> Result<Option<Snapshot>> {
+/// The snapshot of `service` in one statement ([`LOAD`]), with the number
+/// of history rows it folds; `None` when its rows are missing (a write
+/// creates them) or its history has more than `at_most` rows (read no
+/// further). Refuses a store of a format this build does not know, as
+/// [`super::schema::check_stored`] does.
+pub(super) fn load(
+    conn: &Connection,
+    service: &str,
+    at_most: usize,
+) -> Result<Option<(Snapshot, usize)>> {
     let mut stmt = conn.prepare_cached(LOAD).map_err(driver)?;
     let mut rows = stmt.query([service]).map_err(driver)?;
     let Some(first) = rows.next().map_err(driver)? else {
@@ -118,12 +124,17 @@ pub(super) fn load(conn: &Connection, service: &str) -> Result<Option<Snapshot>>
     let mut row = Some(first);
     while let Some(r) = row {
         if let Some(id) = r.get::<_, Option<i64>>(4).map_err(driver)? {
+            if history.len() == at_most {
+                return Ok(None);
+            }
             history.push((id, summary_at(r, 5).map_err(driver)?));
         }
         row = rows.next().map_err(driver)?;
     }
     history.sort_unstable_by_key(|(id, _)| *id);
-    Snapshot::from_columns(state, history.into_iter().map(|(_, row)| row)).map(Some)
+    let rows = history.len();
+    let snap = Snapshot::from_columns(state, history.into_iter().map(|(_, row)| row))?;
+    Ok(Some((snap, rows)))
 }
 
 /// The summaries of a service's tasks, from every column of the history.

@@ -95,10 +95,12 @@ pub(super) fn prepare(conn: &mut Connection, now: &Now) -> Result<()> {
 
 /// Whether the file needs nothing done: in WAL, with this build's format
 /// and every column of the history. Read in one deferred transaction; a
-/// newer format is an error. A table or a column missing fails a
-/// statement's preparation here, and anything else that fails leaves the
-/// file to [`upgrade`], which says what is wrong if something is.
-fn set_up(conn: &mut Connection) -> Result<bool> {
+/// newer format is an error. A table or a column missing fails the
+/// preparation of the start-up read ([`rows::LOAD`], which names every
+/// column a file of an earlier release may lack), and anything else that
+/// fails leaves the file to [`upgrade`], which says what is wrong if
+/// something is.
+pub(super) fn set_up(conn: &mut Connection) -> Result<bool> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Deferred)
         .map_err(driver)?;
@@ -112,8 +114,9 @@ fn set_up(conn: &mut Connection) -> Result<bool> {
         return Ok(false);
     }
     check_format(&format)?;
-    // Names every column of the history; prepared once for the connection.
-    let columns = tx.prepare_cached(rows::HISTORY).is_ok();
+    // Prepared once for the connection: the start-up read that follows
+    // finds it ready.
+    let columns = tx.prepare_cached(rows::LOAD).is_ok();
     tx.commit().map_err(driver)?;
     Ok(wal && columns)
 }

@@ -10,23 +10,26 @@ use upsilon::backend::{
 };
 
 use super::rows::{self, snapshot, snapshot_of, summary, HISTORY};
-use super::{driver, exec, Result, SqliteBackend};
+use super::{driver, exec, Result, Session, SqliteBackend, READ_HERE_ROWS};
 
 #[async_trait]
 impl Store for SqliteBackend {
     async fn load(&self, service: &str) -> Result<Snapshot> {
-        let snap = match self.read_here(|session| rows::load(&session.conn, service)) {
-            Some(snap) => snap?,
+        let here = |session: &mut Session| rows::load(&session.conn, service, READ_HERE_ROWS);
+        let (snap, rows) = match self.read_here(here) {
+            Some(loaded) => loaded?,
             None => {
                 let service = service.to_owned();
-                self.call(move |session| match rows::load(&session.conn, &service)? {
-                    Some(snap) => Ok(snap),
-                    None => session.write(|tx, _| snapshot(tx, &service)),
-                })
+                self.call(
+                    move |session| match rows::load(&session.conn, &service, usize::MAX)? {
+                        Some(loaded) => Ok(loaded),
+                        None => session.write(|tx, _| Ok((snapshot(tx, &service)?, 0))),
+                    },
+                )
                 .await?
             }
         };
-        self.read_here_next(&snap);
+        self.read_here_next(rows);
         Ok(snap)
     }
 
